@@ -1,0 +1,361 @@
+// main.go owns the command line: subcommand dispatch, the configuration read from the
+// environment and overridden by flags, the hand-written usage text, and every line the program
+// writes to standard output and standard error.
+//
+// Rules: main is the only function that calls os.Exit; every subcommand returns its exit status
+// (0 all good, 1 a runtime failure, 2 a usage or configuration error). Results go to stdout; log
+// lines go to stderr, one line per event, prefixed with a syslog priority (<3> error, <4> warning,
+// <6> info) so journald files them at the right level. Log text is lowercase with no trailing
+// period, names what failed and how to fix it, and never contains a secret.
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"runtime/debug"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+)
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Getenv, os.Stdout, os.Stderr))
+}
+
+const usage = `usage: webhook-auto-update <command> [flags]
+
+commands:
+  server         serve GitHub package webhooks and the manual API over HTTP
+  scheduler      start the auto-update unit on a fixed interval
+  trigger-units  restart the named units now
+  trigger-all    restart the auto-update unit and WEBHOOK_MANUAL_UNITS now
+  prune-state    drop old entries from the state directory
+  run-task       run one redeploy (started by the server through systemd-run)
+  version        print the version
+  help           print this text
+
+Every command reads its configuration from the environment (see README.md) and accepts
+--state-dir DIR and --db URL to override WEBHOOK_STATE_DIR and WEBHOOK_DB_URL.
+Run 'webhook-auto-update <command> -h' for the flags of one command.
+`
+
+// cli carries the process boundaries every subcommand uses, so a test can run the whole program
+// in-process with its own environment and output buffers.
+type cli struct {
+	getenv func(string) string
+	stdout io.Writer
+	stderr io.Writer
+	log    *logger
+}
+
+// commands maps a subcommand name to its implementation. It is filled in init to let commands
+// refer to the table (help) without an initialisation cycle.
+var commands map[string]func(c *cli, args []string) int
+
+func init() {
+	commands = map[string]func(c *cli, args []string) int{
+		"server":  cmdServer,
+		"version": cmdVersion,
+		"help":    cmdHelp,
+	}
+}
+
+// run is the whole program; main only exits with what it returns.
+func run(args []string, getenv func(string) string, stdout, stderr io.Writer) int {
+	c := &cli{getenv: getenv, stdout: stdout, stderr: stderr, log: newLogger(stderr)}
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return 2
+	}
+	// The original tool spelled subcommands as flags (--server); both spellings work.
+	name := strings.TrimLeft(args[0], "-")
+	if name == "h" {
+		name = "help"
+	}
+	cmd, ok := commands[name]
+	if !ok {
+		c.log.errorf("unknown command %q", args[0])
+		fmt.Fprint(stderr, usage)
+		return 2
+	}
+	return cmd(c, args[1:])
+}
+
+func cmdHelp(c *cli, args []string) int {
+	fmt.Fprint(c.stdout, usage)
+	return 0
+}
+
+func cmdVersion(c *cli, args []string) int {
+	fmt.Fprintf(c.stdout, "webhook-auto-update %s\n", buildVersion())
+	return 0
+}
+
+// buildVersion reports the module version and, for a build from a checkout, the commit.
+func buildVersion() string {
+	info, ok := debug.ReadBuildInfo()
+	if !ok {
+		return "unknown"
+	}
+	v := info.Main.Version
+	var rev, dirty string
+	for _, s := range info.Settings {
+		switch s.Key {
+		case "vcs.revision":
+			rev = s.Value
+		case "vcs.modified":
+			if s.Value == "true" {
+				dirty = "-dirty"
+			}
+		}
+	}
+	if len(rev) > 12 {
+		rev = rev[:12]
+	}
+	if rev != "" {
+		v += " " + rev + dirty
+	}
+	return strings.TrimSpace(v)
+}
+
+// window is a sliding-window rate limit: at most count events within span.
+type window struct {
+	count int
+	span  time.Duration
+}
+
+// config is every setting of the program. loadConfig fills it from the environment variables of
+// SPEC.md (the original tool's names), the subcommand's flags override it, and finish derives the
+// paths that depend on the state directory.
+type config struct {
+	stateDir         string
+	dbURL            string
+	dbPath           string
+	listen           string
+	secret           string
+	allowedEvents    []string // empty: every event
+	token            string
+	manualToken      string
+	manualUnits      []string
+	autoUpdateUnit   string
+	webDist          string
+	debugPayloadPath string
+	maxBodyBytes     int64
+
+	interval time.Duration
+	maxTicks int // 0: unbounded
+
+	autoUpdateLimits [2]window
+	imageLimit       window
+
+	pullAttempts   int
+	pullRetryDelay time.Duration
+	pullTimeout    time.Duration
+	commandTimeout time.Duration
+
+	readHeaderTimeout time.Duration
+	readTimeout       time.Duration
+	writeTimeout      time.Duration
+	idleTimeout       time.Duration
+	shutdownTimeout   time.Duration
+}
+
+const defaultStateDir = "/srv/pod-upgrade-trigger"
+
+// loadConfig reads the environment. An unparsable, negative or zero number is an error naming
+// the variable and its value: a typo must never silently become a default.
+func loadConfig(getenv func(string) string) (*config, error) {
+	p := &envParser{getenv: getenv}
+	cfg := &config{
+		stateDir:         p.str("WEBHOOK_STATE_DIR", defaultStateDir),
+		dbURL:            p.str("WEBHOOK_DB_URL", "sqlite://data/pod-upgrade-trigger.db"),
+		listen:           "127.0.0.1:8088",
+		secret:           strings.TrimSpace(getenv("GITHUB_WEBHOOK_SECRET")),
+		allowedEvents:    splitList(getenv("GITHUB_ALLOWED_EVENTS")),
+		token:            strings.TrimSpace(getenv("WEBHOOK_TOKEN")),
+		manualToken:      strings.TrimSpace(getenv("WEBHOOK_MANUAL_TOKEN")),
+		manualUnits:      splitList(getenv("WEBHOOK_MANUAL_UNITS")),
+		autoUpdateUnit:   p.str("MANUAL_AUTO_UPDATE_UNIT", "podman-auto-update.service"),
+		webDist:          strings.TrimSpace(getenv("WEBHOOK_WEB_DIST")),
+		debugPayloadPath: strings.TrimSpace(getenv("WEBHOOK_DEBUG_PAYLOAD_PATH")),
+		maxBodyBytes:     int64(p.positive("WEBHOOK_MAX_BODY_BYTES", 5<<20)),
+
+		interval: p.seconds("AUTO_UPDATE_INTERVAL_SECS", 900),
+		maxTicks: p.positive("WEBHOOK_SCHEDULER_MAX_TICKS", 0),
+
+		autoUpdateLimits: [2]window{
+			{p.positive("WEBHOOK_LIMIT1_COUNT", 2), p.seconds("WEBHOOK_LIMIT1_WINDOW", 600)},
+			{p.positive("WEBHOOK_LIMIT2_COUNT", 10), p.seconds("WEBHOOK_LIMIT2_WINDOW", 18000)},
+		},
+		imageLimit: window{p.positive("WEBHOOK_IMAGE_LIMIT_COUNT", 60), p.seconds("WEBHOOK_IMAGE_LIMIT_WINDOW", 3600)},
+
+		pullAttempts:   p.positive("WEBHOOK_PULL_ATTEMPTS", 3),
+		pullRetryDelay: p.seconds("WEBHOOK_PULL_RETRY_SECS", 5),
+		pullTimeout:    p.seconds("WEBHOOK_PULL_TIMEOUT_SECS", 600),
+		commandTimeout: p.seconds("WEBHOOK_COMMAND_TIMEOUT_SECS", 120),
+
+		readHeaderTimeout: 10 * time.Second,
+		readTimeout:       60 * time.Second,
+		writeTimeout:      60 * time.Second,
+		idleTimeout:       120 * time.Second,
+		shutdownTimeout:   25 * time.Second,
+	}
+	if cfg.manualToken == "" {
+		cfg.manualToken = cfg.token
+	}
+	return cfg, p.err
+}
+
+// finish resolves the settings that depend on the state directory, after flags have been read.
+func (cfg *config) finish() error {
+	if cfg.stateDir == "" {
+		return errors.New("the state directory is empty: set WEBHOOK_STATE_DIR or --state-dir")
+	}
+	dbPath, err := databasePath(cfg.dbURL, cfg.stateDir)
+	if err != nil {
+		return err
+	}
+	cfg.dbPath = dbPath
+	if cfg.webDist == "" {
+		cfg.webDist = filepath.Join(cfg.stateDir, "web", "dist")
+	}
+	if cfg.debugPayloadPath == "" {
+		cfg.debugPayloadPath = filepath.Join(cfg.stateDir, "last_payload.bin")
+	}
+	return nil
+}
+
+// ensureStateDir creates the state directory (0700) when it is missing.
+func ensureStateDir(dir string) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("cannot create the state directory %s: %w (set WEBHOOK_STATE_DIR or --state-dir to a writable directory)", dir, err)
+	}
+	return nil
+}
+
+// envParser reads typed environment variables and keeps the first error.
+type envParser struct {
+	getenv func(string) string
+	err    error
+}
+
+func (p *envParser) str(name, def string) string {
+	if v := strings.TrimSpace(p.getenv(name)); v != "" {
+		return v
+	}
+	return def
+}
+
+func (p *envParser) positive(name string, def int) int {
+	v := strings.TrimSpace(p.getenv(name))
+	if v == "" {
+		return def
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n <= 0 {
+		if p.err == nil {
+			p.err = fmt.Errorf("invalid %s=%q: want a whole number greater than zero", name, v)
+		}
+		return def
+	}
+	return n
+}
+
+func (p *envParser) seconds(name string, def int) time.Duration {
+	return time.Duration(p.positive(name, def)) * time.Second
+}
+
+// splitList splits a comma- or newline-separated list, dropping blanks.
+func splitList(s string) []string {
+	var out []string
+	for _, f := range strings.FieldsFunc(s, func(r rune) bool { return r == ',' || r == '\n' || r == '\r' }) {
+		if f = strings.TrimSpace(f); f != "" {
+			out = append(out, f)
+		}
+	}
+	return out
+}
+
+// setup reads the configuration and parses a subcommand's flags. define adds the command's own
+// flags; --state-dir and --db are common to all. Flags and positional arguments may be mixed.
+// It returns the positional arguments and, when the command must stop, an exit status >= 0.
+func (c *cli) setup(name, help string, args []string, define func(fs *flag.FlagSet, cfg *config)) (*config, []string, int) {
+	cfg, err := loadConfig(c.getenv)
+	if err != nil {
+		c.log.errorf("%v", err)
+		return nil, nil, 2
+	}
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	fs.StringVar(&cfg.stateDir, "state-dir", cfg.stateDir, "")
+	fs.StringVar(&cfg.dbURL, "db", cfg.dbURL, "")
+	if define != nil {
+		define(fs, cfg)
+	}
+	rest, err := parseInterspersed(fs, args)
+	if errors.Is(err, flag.ErrHelp) {
+		fmt.Fprint(c.stdout, help)
+		return nil, nil, 0
+	}
+	if err != nil {
+		c.log.errorf("%s: %v", name, err)
+		fmt.Fprint(c.stderr, help)
+		return nil, nil, 2
+	}
+	if err := cfg.finish(); err != nil {
+		c.log.errorf("%v", err)
+		return nil, nil, 2
+	}
+	return cfg, rest, -1
+}
+
+// parseInterspersed parses flags that may follow positional arguments; "--" ends the flags.
+func parseInterspersed(fs *flag.FlagSet, args []string) ([]string, error) {
+	var rest []string
+	for {
+		if err := fs.Parse(args); err != nil {
+			return nil, err
+		}
+		left := fs.Args()
+		if used := len(args) - len(left); used > 0 && args[used-1] == "--" {
+			return append(rest, left...), nil
+		}
+		if len(left) == 0 {
+			return rest, nil
+		}
+		rest = append(rest, left[0])
+		args = left[1:]
+	}
+}
+
+// logger writes one line per event to stderr with a syslog priority prefix.
+type logger struct {
+	mu sync.Mutex
+	w  io.Writer
+}
+
+func newLogger(w io.Writer) *logger { return &logger{w: w} }
+
+func (l *logger) infof(format string, a ...any)  { l.printf("<6>", format, a...) }
+func (l *logger) warnf(format string, a ...any)  { l.printf("<4>", format, a...) }
+func (l *logger) errorf(format string, a ...any) { l.printf("<3>", format, a...) }
+
+func (l *logger) printf(prio, format string, a ...any) {
+	msg := fmt.Sprintf(format, a...)
+	// One event, one line: a multi-line command output must not split the record in journald.
+	msg = strings.ReplaceAll(strings.TrimRight(msg, "\n"), "\n", `\n`)
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	fmt.Fprintf(l.w, "%swebhook-auto-update: %s\n", prio, msg)
+}
+
+// Write lets the logger stand behind a log.Logger (net/http's ErrorLog) as warnings.
+func (l *logger) Write(p []byte) (int, error) {
+	l.warnf("%s", strings.TrimSpace(string(p)))
+	return len(p), nil
+}
