@@ -295,23 +295,26 @@ func (l *eventLog) insert(ctx context.Context, evs []event) error {
 		return err
 	}
 	defer tx.Rollback()
-	stmt, err := tx.PrepareContext(ctx, `INSERT INTO event_log
-		(request_id, ts, method, path, status, action, duration_ms, meta) VALUES (?, ?, ?, ?, ?, ?, ?, ?)`)
-	if err != nil {
-		return err
-	}
-	defer stmt.Close()
 	for _, ev := range evs {
-		var path any
-		if ev.Path != "" {
-			path = ev.Path
-		}
-		if _, err := stmt.ExecContext(ctx, ev.RequestID, ev.TS.Unix(), ev.Method, path, ev.Status,
-			ev.Action, ev.Duration.Milliseconds(), ev.metaJSON()); err != nil {
+		if err := insertEvent(ctx, tx, ev); err != nil {
 			return err
 		}
 	}
 	return tx.Commit()
+}
+
+const insertEventSQL = `INSERT INTO event_log
+	(request_id, ts, method, path, status, action, duration_ms, meta) VALUES (?, ?, ?, ?, ?, ?, ?, ?)`
+
+// insertEvent writes one row inside tx; an empty path is stored as NULL, as the original did.
+func insertEvent(ctx context.Context, tx *sql.Tx, ev event) error {
+	var path any
+	if ev.Path != "" {
+		path = ev.Path
+	}
+	_, err := tx.ExecContext(ctx, insertEventSQL, ev.RequestID, ev.TS.Unix(), ev.Method, path, ev.Status,
+		ev.Action, ev.Duration.Milliseconds(), ev.metaJSON())
+	return err
 }
 
 // spill prints events that could not be written as JSON lines, so an operator can recover them
@@ -374,4 +377,46 @@ func redactQuery(raw string) string {
 		}
 	}
 	return strings.Join(parts, "&")
+}
+
+// staleClaim is how long a delivery may stay "dispatching" before a redelivery may take it over:
+// the server that claimed it died between the claim and systemd-run.
+const staleClaim = 2 * time.Minute
+
+// claimDelivery records a GitHub delivery id before its redeploy is dispatched. It reports false
+// when the id was already accepted, so the caller answers "duplicate delivery". A delivery whose
+// dispatch failed, or whose claim went stale, may be claimed again.
+func (l *eventLog) claimDelivery(ctx context.Context, id, unit, image, eventName, requestID string, now time.Time) (bool, error) {
+	res, err := l.db.ExecContext(ctx, `INSERT INTO github_deliveries
+		(delivery_id, unit, image, event, request_id, status, received_at, updated_at)
+		VALUES (?, ?, ?, ?, ?, 'dispatching', ?, ?)
+		ON CONFLICT (delivery_id) DO UPDATE SET unit = excluded.unit, image = excluded.image,
+			event = excluded.event, request_id = excluded.request_id, status = 'dispatching',
+			updated_at = excluded.updated_at
+		WHERE github_deliveries.status = 'dispatch-failed'
+			OR (github_deliveries.status = 'dispatching' AND github_deliveries.updated_at < ?)`,
+		id, unit, image, eventName, requestID, now.Unix(), now.Unix(), now.Add(-staleClaim).Unix())
+	if err != nil {
+		return false, fmt.Errorf("record delivery %s: %w", id, err)
+	}
+	n, err := res.RowsAffected()
+	return n == 1, err
+}
+
+// settleDelivery sets a claimed delivery's status and commits the request's event row in the
+// same transaction, so the answer to GitHub is sent only once both are durable.
+func (l *eventLog) settleDelivery(ctx context.Context, id, status string, ev event) error {
+	tx, err := l.db.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback()
+	if _, err := tx.ExecContext(ctx, `UPDATE github_deliveries SET status = ?, updated_at = ? WHERE delivery_id = ?`,
+		status, ev.TS.Unix(), id); err != nil {
+		return err
+	}
+	if err := insertEvent(ctx, tx, ev); err != nil {
+		return err
+	}
+	return tx.Commit()
 }

@@ -59,9 +59,10 @@ var commands map[string]func(c *cli, args []string) int
 
 func init() {
 	commands = map[string]func(c *cli, args []string) int{
-		"server":  cmdServer,
-		"version": cmdVersion,
-		"help":    cmdHelp,
+		"server":   cmdServer,
+		"run-task": cmdRunTask,
+		"version":  cmdVersion,
+		"help":     cmdHelp,
 	}
 }
 
@@ -157,6 +158,7 @@ type config struct {
 	pullRetryDelay time.Duration
 	pullTimeout    time.Duration
 	commandTimeout time.Duration
+	taskLockWait   time.Duration
 
 	readHeaderTimeout time.Duration
 	readTimeout       time.Duration
@@ -198,6 +200,7 @@ func loadConfig(getenv func(string) string) (*config, error) {
 		pullRetryDelay: p.seconds("WEBHOOK_PULL_RETRY_SECS", 5),
 		pullTimeout:    p.seconds("WEBHOOK_PULL_TIMEOUT_SECS", 600),
 		commandTimeout: p.seconds("WEBHOOK_COMMAND_TIMEOUT_SECS", 120),
+		taskLockWait:   p.seconds("WEBHOOK_TASK_LOCK_TIMEOUT_SECS", 3600),
 
 		readHeaderTimeout: 10 * time.Second,
 		readTimeout:       60 * time.Second,

@@ -10,9 +10,13 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"os"
+	"path/filepath"
+	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -127,4 +131,195 @@ func (n *notifier) Close() {
 	if n != nil && n.conn != nil {
 		n.conn.Close()
 	}
+}
+
+// maxUnitNameLen is UNIT_NAME_MAX from systemd's unit-name.h.
+const maxUnitNameLen = 255
+
+var reUnitName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9:_.@-]*\.service$`)
+
+// validUnitName accepts the service names this program may pass to systemctl: the characters
+// systemd.unit(5) allows in a name (no "\" escapes, no glob characters), at most 255 bytes,
+// never a leading "-" (it would read as a flag), and a template only with its instance.
+func validUnitName(name string) error {
+	switch {
+	case name == "":
+		return errors.New("empty unit name")
+	case len(name) > maxUnitNameLen:
+		return fmt.Errorf("unit name is %d bytes long, more than %d", len(name), maxUnitNameLen)
+	case !reUnitName.MatchString(name):
+		return fmt.Errorf("invalid unit name %q: want letters, digits and :_.@- ending in .service", name)
+	case strings.Contains(name, "@.service"):
+		return fmt.Errorf("invalid unit name %q: a template needs an instance (name@instance.service)", name)
+	}
+	return nil
+}
+
+// resolveUnit turns a unit identifier as operators and the original tool spell it into a
+// validated service name: "foo" and "foo.service" → "foo.service", and the webhook spellings
+// "foo/redeploy" and "github-package-update/foo" → "foo.service".
+func resolveUnit(id string) (string, error) {
+	u := strings.TrimSpace(id)
+	u = strings.TrimPrefix(u, "/")
+	u = strings.TrimPrefix(u, "github-package-update/")
+	u = strings.TrimSuffix(u, "/redeploy")
+	if u != "" && !strings.HasSuffix(u, ".service") {
+		u += ".service"
+	}
+	if err := validUnitName(u); err != nil {
+		return "", err
+	}
+	return u, nil
+}
+
+// systemctl runs "systemctl --user ARGS…".
+func systemctl(ctx context.Context, cfg *config, args ...string) cmdResult {
+	return runCommand(ctx, cfg.commandTimeout, append([]string{"systemctl", "--user"}, args...)...)
+}
+
+// restartUnit restarts a validated unit and waits for the job, as systemctl does by default.
+func restartUnit(ctx context.Context, cfg *config, unit string) cmdResult {
+	return systemctl(ctx, cfg, "restart", "--", unit)
+}
+
+// startUnit starts a validated unit.
+func startUnit(ctx context.Context, cfg *config, unit string) cmdResult {
+	return systemctl(ctx, cfg, "start", "--", unit)
+}
+
+// showUnit reads unit properties with "systemctl --user show -p P… -- UNIT".
+func showUnit(ctx context.Context, cfg *config, unit string, props ...string) (map[string]string, error) {
+	args := []string{"show"}
+	for _, p := range props {
+		args = append(args, "-p", p)
+	}
+	res := systemctl(ctx, cfg, append(args, "--", unit)...)
+	if res.err != nil {
+		return nil, res.err
+	}
+	out := map[string]string{}
+	for _, line := range strings.Split(res.stdout, "\n") {
+		if k, v, ok := strings.Cut(line, "="); ok {
+			out[k] = v
+		}
+	}
+	return out, nil
+}
+
+// errUnitNotFound reports a unit that systemd does not know.
+var errUnitNotFound = errors.New("unit not found")
+
+// configuredImage finds the image a unit is meant to run: the Image= of the Quadlet .container
+// file that generated it (its SourcePath), else of <name>.container under
+// $XDG_CONFIG_HOME/containers/systemd or ~/.config/containers/systemd. It returns "" when the unit
+// names no image.
+func configuredImage(ctx context.Context, cfg *config, getenv func(string) string, unit string) (image, source string, err error) {
+	props, err := showUnit(ctx, cfg, unit, "LoadState", "SourcePath", "FragmentPath")
+	if err != nil {
+		return "", "", err
+	}
+	if props["LoadState"] == "not-found" {
+		return "", "", fmt.Errorf("%s: %w", unit, errUnitNotFound)
+	}
+	var candidates []string
+	if sp := props["SourcePath"]; strings.HasSuffix(sp, ".container") {
+		candidates = append(candidates, sp)
+	}
+	base := strings.TrimSuffix(unit, ".service") + ".container"
+	if x := getenv("XDG_CONFIG_HOME"); x != "" {
+		candidates = append(candidates, filepath.Join(x, "containers", "systemd", base))
+	}
+	if h := getenv("HOME"); h != "" {
+		candidates = append(candidates, filepath.Join(h, ".config", "containers", "systemd", base))
+	}
+	for _, c := range candidates {
+		data, err := os.ReadFile(c)
+		if errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return "", c, err
+		}
+		return quadletImage(data), c, nil
+	}
+	return "", "", nil
+}
+
+// quadletImage returns the Image= of a Quadlet file's [Container] section (the last one wins, as
+// systemd.unit(5) parsing does), with line continuations joined, quotes and a docker:// prefix
+// removed. It returns "" when there is none.
+func quadletImage(data []byte) string {
+	var image, section, pending string
+	for _, raw := range strings.Split(string(data), "\n") {
+		line := strings.TrimRight(raw, "\r")
+		if pending != "" {
+			line = pending + " " + strings.TrimSpace(line)
+			pending = ""
+		}
+		trimmed := strings.TrimSpace(line)
+		if strings.HasPrefix(trimmed, "#") || strings.HasPrefix(trimmed, ";") {
+			continue
+		}
+		if strings.HasSuffix(trimmed, "\\") {
+			pending = strings.TrimSuffix(trimmed, "\\")
+			continue
+		}
+		if strings.HasPrefix(trimmed, "[") && strings.HasSuffix(trimmed, "]") {
+			section = trimmed[1 : len(trimmed)-1]
+			continue
+		}
+		k, v, ok := strings.Cut(trimmed, "=")
+		if !ok || section != "Container" || strings.TrimSpace(k) != "Image" {
+			continue
+		}
+		v = strings.TrimSpace(v)
+		if len(v) >= 2 && (v[0] == '"' && v[len(v)-1] == '"' || v[0] == '\'' && v[len(v)-1] == '\'') {
+			v = v[1 : len(v)-1]
+		}
+		image = strings.TrimPrefix(v, "docker://")
+	}
+	return image
+}
+
+// taskUnitName is the transient unit of one redeploy: webhook-task-<delivery>, with every
+// character systemd would reject replaced.
+func taskUnitName(deliveryID string) string {
+	b := []byte(deliveryID)
+	if len(b) > 64 {
+		b = b[:64]
+	}
+	for i, c := range b {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_') {
+			b[i] = '_'
+		}
+	}
+	return "webhook-task-" + string(b)
+}
+
+// taskEnvPrefixes name the variables a redeploy needs from the server's environment; transient
+// units do not inherit it. The GitHub secret and the tokens are deliberately not among them.
+var taskEnvNames = []string{"PATH", "HOME", "XDG_RUNTIME_DIR", "XDG_CONFIG_HOME",
+	"CONTAINERS_CONF", "CONTAINERS_REGISTRIES_CONF", "CONTAINERS_STORAGE_CONF", "REGISTRY_AUTH_FILE"}
+
+var taskEnvPrefixes = []string{"WEBHOOK_"}
+
+var taskEnvSecrets = map[string]bool{"WEBHOOK_TOKEN": true, "WEBHOOK_MANUAL_TOKEN": true, "WEBHOOK_METRICS_TOKEN": true}
+
+// dispatchArgv builds the systemd-run command line that runs one redeploy as a transient user
+// unit, so it outlives a restart of the server. Variables are passed as "-E NAME", which copies
+// the value from this process, so no value appears in argv.
+func dispatchArgv(exe string, cfg *config, environ []string, unit, image, eventName, deliveryID, reqPath string) []string {
+	argv := []string{"systemd-run", "--user", "--collect", "--quiet", "--unit=" + taskUnitName(deliveryID)}
+	for _, kv := range environ {
+		name, _, _ := strings.Cut(kv, "=")
+		pass := slices.Contains(taskEnvNames, name)
+		for _, p := range taskEnvPrefixes {
+			pass = pass || strings.HasPrefix(name, p)
+		}
+		if pass && !taskEnvSecrets[name] {
+			argv = append(argv, "-E", name)
+		}
+	}
+	return append(argv, "--", exe, "run-task", "--state-dir", cfg.stateDir, "--db", cfg.dbPath,
+		"--", unit, image, eventName, deliveryID, reqPath)
 }

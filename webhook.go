@@ -10,10 +10,14 @@ package main
 
 import (
 	"context"
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"io/fs"
 	"log"
 	"mime"
@@ -22,6 +26,9 @@ import (
 	"os"
 	"os/signal"
 	"path"
+	"regexp"
+	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -130,10 +137,20 @@ type server struct {
 	mux    *http.ServeMux
 	now    func() time.Time
 	tasks  sync.WaitGroup // background work started by handlers, waited for at shutdown
+
+	// Process boundaries, swapped in tests.
+	getenv  func(string) string
+	environ func() []string
+	exe     string // this binary, run by systemd-run as run-task
+	exec    func(ctx context.Context, timeout time.Duration, argv ...string) cmdResult
 }
 
 func newServer(cfg *config, lg *logger, events *eventLog) *server {
-	s := &server{cfg: cfg, log: lg, events: events, mux: http.NewServeMux(), now: time.Now}
+	s := &server{cfg: cfg, log: lg, events: events, mux: http.NewServeMux(), now: time.Now,
+		getenv: os.Getenv, environ: os.Environ, exec: runCommand}
+	s.exe, _ = os.Executable()
+	s.mux.HandleFunc("POST /github-package-update/{unit}", s.handleGitHub)
+	s.mux.HandleFunc("POST /github-package-update/{unit}/redeploy", s.handleGitHub)
 	s.mux.HandleFunc("GET /health", s.handleHealth)
 	s.mux.HandleFunc("GET /sse/hello", s.handleHello)
 	for _, p := range []string{"/{$}", "/index.html", "/assets/", "/favicon.ico", "/vite.svg"} {
@@ -339,4 +356,222 @@ func (s *server) handleStatic(w http.ResponseWriter, r *http.Request) {
 	}
 	w.Header().Set("X-Content-Type-Options", "nosniff")
 	http.ServeContent(w, r, name, st.ModTime(), f)
+}
+
+// verifySignature checks GitHub's X-Hub-Signature-256 header ("sha256=" and the hex HMAC-SHA256
+// of the raw body under the webhook secret) in constant time. The error says what was wrong with
+// the header, never what the signature should have been.
+func verifySignature(secret string, body []byte, header string) error {
+	header = strings.TrimSpace(header)
+	if header == "" {
+		return errors.New("missing X-Hub-Signature-256 header")
+	}
+	hexSig, ok := strings.CutPrefix(header, "sha256=")
+	if !ok {
+		return errors.New("X-Hub-Signature-256 is not a sha256= signature")
+	}
+	got, err := hex.DecodeString(hexSig)
+	if err != nil || len(got) != sha256.Size {
+		return errors.New("X-Hub-Signature-256 is not 64 hex digits")
+	}
+	mac := hmac.New(sha256.New, []byte(secret))
+	mac.Write(body)
+	if !hmac.Equal(got, mac.Sum(nil)) {
+		return errors.New("signature does not match the body")
+	}
+	return nil
+}
+
+// reDeliveryID accepts GitHub's delivery ids (GUIDs) and other plain ids; anything else could not
+// be shown or stored safely.
+var reDeliveryID = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)
+
+// reEventName accepts X-GitHub-Event values (package, registry_package, ping, …).
+var reEventName = regexp.MustCompile(`^[a-z][a-z_]{0,63}$`)
+
+// debugPayloadCap bounds the dump of a body whose signature failed.
+const debugPayloadCap = 1 << 20
+
+// reply answers with a plain-text body and notes the reason in the event row.
+func reply(w http.ResponseWriter, r *http.Request, status int, reason, text string) {
+	if reason != "" {
+		info(r).meta["reason"] = reason
+	}
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	w.Header().Set("X-Content-Type-Options", "nosniff")
+	w.WriteHeader(status)
+	fmt.Fprintln(w, text)
+}
+
+// handleGitHub receives a GitHub package delivery for the unit in the path. The checks run in
+// SPEC.md's order and the request path never pulls or restarts: GitHub gives up after 10 s, so
+// the redeploy is handed to a transient systemd unit (run-task).
+func (s *server) handleGitHub(w http.ResponseWriter, r *http.Request) {
+	ri := info(r)
+	ri.action = "github-webhook"
+	if s.cfg.secret == "" {
+		s.log.errorf("github delivery refused: GITHUB_WEBHOOK_SECRET is not set")
+		reply(w, r, http.StatusInternalServerError, "secret-unset", "server misconfigured")
+		return
+	}
+	body, err := io.ReadAll(r.Body)
+	if err != nil {
+		var tooLarge *http.MaxBytesError
+		if errors.As(err, &tooLarge) {
+			reply(w, r, http.StatusRequestEntityTooLarge, "body-too-large", "request body too large")
+			return
+		}
+		reply(w, r, http.StatusBadRequest, "body-unreadable", "cannot read request body")
+		return
+	}
+	if err := verifySignature(s.cfg.secret, body, r.Header.Get("X-Hub-Signature-256")); err != nil {
+		sum := sha256.Sum256(body)
+		ri.meta["body_bytes"] = len(body)
+		ri.meta["body_sha256"] = hex.EncodeToString(sum[:])
+		saved := min(len(body), debugPayloadCap)
+		if werr := writeFileAtomic(s.cfg.debugPayloadPath, body[:saved], 0o600); werr != nil {
+			s.log.warnf("cannot save the refused payload to %s: %v", s.cfg.debugPayloadPath, werr)
+		}
+		s.log.warnf("github delivery for %s refused: %v (body %d bytes, sha256 %x, saved to %s)",
+			r.URL.Path, err, len(body), sum, s.cfg.debugPayloadPath)
+		reply(w, r, http.StatusUnauthorized, "bad-signature", "invalid signature")
+		return
+	}
+
+	eventName := r.Header.Get("X-GitHub-Event")
+	ri.meta["event"] = eventName
+	if !reEventName.MatchString(eventName) {
+		reply(w, r, http.StatusBadRequest, "bad-event-header", "missing or invalid X-GitHub-Event header")
+		return
+	}
+	deliveryID := r.Header.Get("X-GitHub-Delivery")
+	if deliveryID == "" {
+		deliveryID = "req-" + ri.id // no id to de-duplicate on: this request stands alone
+	}
+	ri.meta["delivery"] = deliveryID
+	if !reDeliveryID.MatchString(deliveryID) {
+		ri.meta["delivery"] = "(invalid)"
+		reply(w, r, http.StatusBadRequest, "bad-delivery-header", "invalid X-GitHub-Delivery header")
+		return
+	}
+	if len(s.cfg.allowedEvents) > 0 && !slices.Contains(s.cfg.allowedEvents, eventName) {
+		reply(w, r, http.StatusAccepted, "event-not-allowed", "event ignored")
+		return
+	}
+	if eventName == "ping" {
+		ri.action = "github-ping"
+		reply(w, r, http.StatusOK, "", "pong")
+		return
+	}
+	unit, err := resolveUnit(r.PathValue("unit"))
+	if err != nil {
+		reply(w, r, http.StatusBadRequest, "invalid-unit", err.Error())
+		return
+	}
+	ri.meta["unit"] = unit
+
+	d, err := deliveryFromPayload(body)
+	var ign *ignoredError
+	if errors.As(err, &ign) {
+		reply(w, r, http.StatusAccepted, ign.reason, "ignored: "+ign.Error())
+		return
+	}
+	if err != nil {
+		reply(w, r, http.StatusBadRequest, "invalid-image", err.Error())
+		return
+	}
+	ri.meta["pushed"] = d.repo()
+	ri.meta["tags"] = d.tags
+	if d.digest != "" {
+		ri.meta["digest"] = d.digest
+	}
+
+	ref, status, reason, text := s.matchUnitImage(r.Context(), unit, d)
+	if status != 0 {
+		reply(w, r, status, reason, text)
+		return
+	}
+	image := ref.String()
+	ri.meta["image"] = image
+
+	lim, err := imageLimiter(s.cfg, image).check(r.Context())
+	if err != nil {
+		s.log.errorf("per-image limit for %s: %v", image, err)
+		reply(w, r, http.StatusInternalServerError, "limit-error", "cannot read the per-image limit")
+		return
+	}
+	if !lim.allowed {
+		w.Header().Set("Retry-After", strconv.Itoa(int(lim.retryAfter/time.Second)))
+		reply(w, r, http.StatusTooManyRequests, "image-rate-limited", "too many redeploys of "+image)
+		return
+	}
+	s.dispatchDelivery(w, r, unit, image, eventName, deliveryID)
+}
+
+// matchUnitImage picks the reference to pull. When the unit's Quadlet file names an Image=, the
+// delivery must be for the same registry host and repository and carry its tag; otherwise the
+// first pushed tag is used. A non-zero status is the answer to send instead.
+func (s *server) matchUnitImage(ctx context.Context, unit string, d delivery) (imageRef, int, string, string) {
+	configured, source, err := configuredImage(ctx, s.cfg, s.getenv, unit)
+	if errors.Is(err, errUnitNotFound) {
+		return imageRef{}, http.StatusNotFound, "unit-not-found", "unit " + unit + " not found"
+	}
+	if err != nil {
+		s.log.errorf("cannot read the definition of %s: %v", unit, err)
+		return imageRef{}, http.StatusInternalServerError, "unit-unreadable", "cannot read the unit definition"
+	}
+	if configured == "" {
+		return d.ref(d.tags[0]), 0, "", ""
+	}
+	want, err := parseImageRef(configured)
+	if err != nil {
+		s.log.warnf("%s names an image this program cannot match (%v): ignoring the delivery", source, err)
+		return imageRef{}, http.StatusAccepted, "tag-mismatch", "tag mismatch: the unit's Image= is not a full reference"
+	}
+	if want.host != d.host || want.path != d.path || !slices.Contains(d.tags, want.tag) {
+		return imageRef{}, http.StatusAccepted, "tag-mismatch", "tag mismatch: the unit runs " + want.String()
+	}
+	return d.ref(want.tag), 0, "", ""
+}
+
+// dispatchDelivery records the delivery id, starts run-task as a transient unit, and answers
+// 202 only after the delivery record and the request's row are committed.
+func (s *server) dispatchDelivery(w http.ResponseWriter, r *http.Request, unit, image, eventName, deliveryID string) {
+	ri := info(r)
+	ctx := r.Context()
+	start := s.now()
+	fresh, err := s.events.claimDelivery(ctx, deliveryID, unit, image, eventName, ri.id, start)
+	if err != nil {
+		s.log.errorf("%v", err)
+		reply(w, r, http.StatusInternalServerError, "record-failed", "cannot record the delivery")
+		return
+	}
+	if !fresh {
+		reply(w, r, http.StatusAccepted, "duplicate", "duplicate delivery")
+		return
+	}
+	taskUnit := taskUnitName(deliveryID)
+	ri.meta["task_unit"] = taskUnit
+	argv := dispatchArgv(s.exe, s.cfg, s.environ(), unit, image, eventName, deliveryID, r.URL.Path)
+	res := s.exec(context.WithoutCancel(ctx), s.cfg.commandTimeout, argv...)
+	status, settled, text := http.StatusAccepted, "queued", "auto-update queued"
+	if res.err != nil {
+		s.log.errorf("cannot dispatch the redeploy of %s: %v", unit, res.err)
+		ri.meta["reason"] = "dispatch-failed"
+		ri.meta["stderr"] = res.stderr
+		ri.meta["exit_code"] = res.exitCode
+		status, settled, text = http.StatusInternalServerError, "dispatch-failed", "cannot start the redeploy task"
+	} else {
+		ri.meta["reason"] = "queued"
+	}
+	ri.action = "github-webhook"
+	ev := s.requestEvent(r, ri, status, s.now().Sub(start))
+	if err := s.events.settleDelivery(context.WithoutCancel(ctx), deliveryID, settled, ev); err != nil {
+		s.log.errorf("cannot record the delivery %s as %s: %v", deliveryID, settled, err)
+		s.events.spill([]event{ev}, err)
+	}
+	ri.recorded = true
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	w.WriteHeader(status)
+	fmt.Fprintln(w, text)
 }

@@ -1,0 +1,485 @@
+// podman.go owns container images: turning a GitHub package payload into an image reference,
+// validating references, and the podman command lines (pull, image inspect, prune). It also owns
+// runCommand, the one way this program starts another program.
+//
+// Rules: a reference reaches podman's argv only after validImageRef accepted it against the
+// OCI distribution grammar (registry host required, lowercase path, tag or digest), and it is
+// always pulled as "docker://REF" after "--", so no other transport (dir:, docker-archive:,
+// containers-storage:) can ever be selected and no value can be read as a flag. Commands run with
+// an explicit argv, never a shell, and with a timeout.
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/url"
+	"os/exec"
+	"os/signal"
+	"regexp"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// cmdResult is what one finished command left behind.
+type cmdResult struct {
+	argv     []string
+	stdout   string
+	stderr   string
+	exitCode int // -1 when the command did not run or was killed
+	err      error
+}
+
+// runCommand runs argv with a timeout. A non-zero exit, a timeout or a missing program is an
+// error that names the command and carries the tail of its stderr.
+func runCommand(ctx context.Context, timeout time.Duration, argv ...string) cmdResult {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
+	cmd.WaitDelay = 5 * time.Second
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	res := cmdResult{argv: argv, stdout: stdout.String(), stderr: tail(stderr.String(), 2048), exitCode: -1}
+	if cmd.ProcessState != nil {
+		res.exitCode = cmd.ProcessState.ExitCode()
+	}
+	switch {
+	case err == nil:
+	case errors.Is(err, exec.ErrNotFound):
+		res.err = fmt.Errorf("%s is not installed or not on PATH", argv[0])
+	case ctx.Err() == context.DeadlineExceeded:
+		res.err = fmt.Errorf("%s timed out after %s and was killed%s", strings.Join(argv, " "), timeout, withOutput(res.stderr))
+	default:
+		res.err = fmt.Errorf("%s failed (exit %d)%s", strings.Join(argv, " "), res.exitCode, withOutput(res.stderr))
+	}
+	return res
+}
+
+func withOutput(s string) string {
+	if s = strings.TrimSpace(s); s != "" {
+		return ": " + s
+	}
+	return ""
+}
+
+// tail keeps the last n bytes of s, where the reason of a failure usually is.
+func tail(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return "…" + s[len(s)-n:]
+}
+
+// imageRef is a parsed image reference: host/path with a tag and/or a digest.
+type imageRef struct {
+	host   string
+	path   string
+	tag    string
+	digest string
+}
+
+// repo is the reference without tag or digest.
+func (r imageRef) repo() string { return r.host + "/" + r.path }
+
+func (r imageRef) String() string {
+	s := r.repo()
+	if r.tag != "" {
+		s += ":" + r.tag
+	}
+	if r.digest != "" {
+		s += "@" + r.digest
+	}
+	return s
+}
+
+// The OCI distribution reference grammar (distribution/reference, regexp.go), restricted to
+// references with an explicit registry host.
+var (
+	refDomainComponent = `(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])`
+	refDomain          = `(?:` + refDomainComponent + `(?:\.` + refDomainComponent + `)*|\[[a-fA-F0-9:]+\])(?::[0-9]+)?`
+	refPathComponent   = `[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*`
+	reDomain           = regexp.MustCompile(`^` + refDomain + `$`)
+	rePath             = regexp.MustCompile(`^` + refPathComponent + `(?:/` + refPathComponent + `)*$`)
+	reTag              = regexp.MustCompile(`^[\w][\w.-]{0,127}$`)
+	reDigest           = regexp.MustCompile(`^sha256:[a-f0-9]{64}$`)
+)
+
+// parseImageRef parses and validates "host/path[:tag][@digest]". The host is required (it must
+// contain "." or ":" or be "localhost", as the distribution grammar tells a host from a path),
+// and at least a tag or a digest is required, so a pull never guesses.
+func parseImageRef(s string) (imageRef, error) {
+	var r imageRef
+	if s == "" || len(s) > 512 || strings.HasPrefix(s, "-") || strings.ContainsAny(s, " \t\r\n\x00\\") {
+		return r, fmt.Errorf("invalid image reference %q", s)
+	}
+	rest := s
+	if i := strings.IndexByte(rest, '@'); i >= 0 {
+		r.digest = rest[i+1:]
+		rest = rest[:i]
+		if !reDigest.MatchString(r.digest) {
+			return r, fmt.Errorf("invalid image reference %q: bad digest", s)
+		}
+	}
+	host, p, ok := strings.Cut(rest, "/")
+	if !ok || !(strings.ContainsAny(host, ".:") || host == "localhost") {
+		return r, fmt.Errorf("invalid image reference %q: a registry host is required (e.g. ghcr.io/owner/name:tag)", s)
+	}
+	if i := strings.LastIndexByte(p, ':'); i >= 0 {
+		r.tag = p[i+1:]
+		p = p[:i]
+		if !reTag.MatchString(r.tag) {
+			return r, fmt.Errorf("invalid image reference %q: bad tag", s)
+		}
+	}
+	if !reDomain.MatchString(host) {
+		return r, fmt.Errorf("invalid image reference %q: bad registry host %q", s, host)
+	}
+	if !rePath.MatchString(p) || len(host)+1+len(p) > 255 {
+		return r, fmt.Errorf("invalid image reference %q: the repository must be lowercase path components", s)
+	}
+	if r.tag == "" && r.digest == "" {
+		return r, fmt.Errorf("invalid image reference %q: a tag or digest is required", s)
+	}
+	r.host, r.path = strings.ToLower(host), p
+	return r, nil
+}
+
+// delivery is what a GitHub package payload says was pushed.
+type delivery struct {
+	host   string
+	path   string   // owner/name, lowercased
+	tags   []string // every non-empty pushed tag, first the primary one
+	digest string   // manifest digest when the payload carries one
+	action string
+}
+
+// repo is the pushed repository, host/owner/name.
+func (d delivery) repo() string { return d.host + "/" + d.path }
+
+// ref is the reference to pull for one of the pushed tags.
+func (d delivery) ref(tag string) imageRef {
+	return imageRef{host: d.host, path: d.path, tag: tag}
+}
+
+// ignoredError is a payload the webhook acknowledges (202) but does not act on; reason is the
+// machine-readable word that goes into the response and the event row.
+type ignoredError struct{ reason, detail string }
+
+func (e *ignoredError) Error() string { return e.reason + ": " + e.detail }
+
+func ignored(reason, format string, a ...any) error {
+	return &ignoredError{reason: reason, detail: fmt.Sprintf(format, a...)}
+}
+
+// The payload fields this program reads, as documented for GitHub's "package" and
+// "registry_package" webhook events.
+type packagePayload struct {
+	Action          string       `json:"action"`
+	Package         *packageBody `json:"package"`
+	RegistryPackage *packageBody `json:"registry_package"`
+	Repository      *struct {
+		Owner *ghUser `json:"owner"`
+	} `json:"repository"`
+}
+
+type ghUser struct {
+	Login string `json:"login"`
+}
+
+type packageBody struct {
+	Name           string  `json:"name"`
+	Namespace      string  `json:"namespace"`
+	PackageType    string  `json:"package_type"`
+	Owner          *ghUser `json:"owner"`
+	PackageVersion *struct {
+		Version           string `json:"version"`
+		ContainerMetadata *struct {
+			Tag *struct {
+				Name   string `json:"name"`
+				Digest string `json:"digest"`
+			} `json:"tag"`
+		} `json:"container_metadata"`
+		Metadata *struct {
+			Container *struct {
+				Tags []string `json:"tags"`
+			} `json:"container"`
+		} `json:"metadata"`
+	} `json:"package_version"`
+	Registry *struct {
+		Host string `json:"host"`
+		URL  string `json:"url"`
+	} `json:"registry"`
+}
+
+// deliveryFromPayload extracts the pushed image from a package or registry_package payload.
+// Payloads that are fine but not for us return an *ignoredError.
+func deliveryFromPayload(body []byte) (delivery, error) {
+	var d delivery
+	var p packagePayload
+	if err := json.Unmarshal(body, &p); err != nil {
+		return d, ignored("invalid-json", "%v", err)
+	}
+	pkg := p.Package
+	if pkg == nil {
+		pkg = p.RegistryPackage
+	}
+	if pkg == nil {
+		return d, ignored("not-a-package", "the payload has neither package nor registry_package")
+	}
+	d.action = p.Action
+	switch strings.ToLower(strings.TrimSpace(pkg.PackageType)) {
+	case "container", "docker":
+	default:
+		return d, ignored("not-container", "package_type %q is not a container image", pkg.PackageType)
+	}
+
+	d.host = "ghcr.io"
+	if pkg.Registry != nil {
+		if h := strings.TrimSpace(pkg.Registry.Host); h != "" {
+			d.host = h
+		} else if u := strings.TrimSpace(pkg.Registry.URL); u != "" {
+			if !strings.Contains(u, "://") {
+				u = "https://" + u
+			}
+			if pu, err := url.Parse(u); err == nil && pu.Host != "" {
+				d.host = pu.Host
+			}
+		}
+	}
+	d.host = strings.ToLower(d.host)
+	// GitHub's registry object names itself https://CONTAINER.pkg.github.com/OWNER; images live
+	// on ghcr.io.
+	if strings.HasSuffix(d.host, ".pkg.github.com") || d.host == "pkg.github.com" {
+		d.host = "ghcr.io"
+	}
+
+	var owner string
+	switch {
+	case pkg.Owner != nil && pkg.Owner.Login != "":
+		owner = pkg.Owner.Login
+	case p.Repository != nil && p.Repository.Owner != nil && p.Repository.Owner.Login != "":
+		owner = p.Repository.Owner.Login
+	case pkg.Namespace != "":
+		owner, _, _ = strings.Cut(pkg.Namespace, "/")
+	}
+	owner = strings.ToLower(strings.TrimSpace(owner))
+	name := strings.ToLower(strings.TrimSpace(pkg.Name))
+	if owner == "" || name == "" {
+		return d, ignored("missing-name", "the payload names no package owner or name")
+	}
+	d.path = owner + "/" + name
+
+	if v := pkg.PackageVersion; v != nil {
+		seen := map[string]bool{}
+		add := func(t string) {
+			if t = strings.TrimSpace(t); t != "" && !seen[t] {
+				seen[t] = true
+				d.tags = append(d.tags, t)
+			}
+		}
+		if cm := v.ContainerMetadata; cm != nil && cm.Tag != nil {
+			add(cm.Tag.Name)
+			d.digest = cm.Tag.Digest
+		}
+		if md := v.Metadata; md != nil && md.Container != nil {
+			for _, t := range md.Container.Tags {
+				add(t)
+			}
+		}
+		if d.digest == "" && reDigest.MatchString(v.Version) {
+			d.digest = v.Version
+		}
+	}
+	if d.digest != "" && !reDigest.MatchString(d.digest) {
+		d.digest = ""
+	}
+	if len(d.tags) == 0 {
+		return d, ignored("missing-tag", "the pushed manifest has no tag (an untagged or per-platform manifest)")
+	}
+	// Every reference we could act on must pass the grammar, or the delivery is refused whole.
+	for _, t := range d.tags {
+		if _, err := parseImageRef(d.ref(t).String()); err != nil {
+			return d, fmt.Errorf("payload names an invalid image: %w", err)
+		}
+	}
+	return d, nil
+}
+
+// pullImage pulls ref with retries: cfg.pullAttempts attempts, cfg.pullRetryDelay apart, each
+// bounded by cfg.pullTimeout. It returns the last result and how many attempts were made.
+func pullImage(ctx context.Context, cfg *config, lg *logger, ref imageRef) (cmdResult, int) {
+	var res cmdResult
+	for attempt := 1; ; attempt++ {
+		res = runCommand(ctx, cfg.pullTimeout, "podman", "pull", "--quiet", "--", "docker://"+ref.String())
+		if res.err == nil || attempt >= cfg.pullAttempts || ctx.Err() != nil {
+			return res, attempt
+		}
+		lg.warnf("pull %s, attempt %d of %d: %v; retrying in %s", ref, attempt, cfg.pullAttempts, res.err, cfg.pullRetryDelay)
+		select {
+		case <-ctx.Done():
+			return res, attempt
+		case <-time.After(cfg.pullRetryDelay):
+		}
+	}
+}
+
+// localImageID is the ID of the local image that ref names, or "" when there is none.
+func localImageID(ctx context.Context, cfg *config, ref imageRef) (string, error) {
+	res := runCommand(ctx, cfg.commandTimeout, "podman", "image", "inspect", "--format", "{{.Id}}", "--", ref.String())
+	if res.err != nil {
+		if strings.Contains(res.stderr, "image not known") || strings.Contains(res.stderr, "no such image") {
+			return "", nil
+		}
+		return "", res.err
+	}
+	return strings.TrimSpace(res.stdout), nil
+}
+
+// pruneImages removes dangling images; callers only warn on failure.
+func pruneImages(ctx context.Context, cfg *config) cmdResult {
+	return runCommand(ctx, cfg.commandTimeout, "podman", "image", "prune", "-f")
+}
+
+const usageRunTask = `usage: webhook-auto-update run-task [--state-dir DIR] [--db URL] [--] <unit> <image> <event> <delivery> <path>
+
+Runs one redeploy: holds the image's lock, records it in the per-image limit, pulls the image,
+restarts the unit and prunes dangling images, writing an event_log row for every step. The server
+starts it as a transient unit with systemd-run; it is not meant to be run by hand.
+`
+
+func cmdRunTask(c *cli, args []string) int {
+	cfg, rest, code := c.setup("run-task", usageRunTask, args, nil)
+	if code >= 0 {
+		return code
+	}
+	if len(rest) != 5 {
+		c.log.errorf("run-task: want 5 arguments (unit image event delivery path), got %d", len(rest))
+		fmt.Fprint(c.stderr, usageRunTask)
+		return 2
+	}
+	t := &task{cfg: cfg, log: c.log, id: newRequestID(), unit: rest[0], image: rest[1],
+		event: rest[2], delivery: rest[3], path: rest[4], now: time.Now}
+	if err := ensureStateDir(cfg.stateDir); err != nil {
+		c.log.errorf("%v", err)
+		return 1
+	}
+	events, err := openEventLog(cfg.dbPath, c.log)
+	if err != nil {
+		// The redeploy still runs: its rows go to stderr (and so to the journal) instead.
+		c.log.errorf("event log unavailable, task events go to stderr: %v", err)
+	} else {
+		defer events.Close()
+		t.events = events
+	}
+	if err := validUnitName(t.unit); err != nil {
+		t.step("invalid", http.StatusBadRequest, nil, map[string]any{"error": err.Error()})
+		return 2
+	}
+	ref, err := parseImageRef(t.image)
+	if err != nil {
+		t.step("invalid", http.StatusBadRequest, nil, map[string]any{"error": err.Error()})
+		return 2
+	}
+	t.ref = ref
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	return t.run(ctx)
+}
+
+// task is one redeploy of one unit to one image, as run by run-task.
+type task struct {
+	cfg      *config
+	log      *logger
+	events   *eventLog // nil: rows go to stderr
+	id       string
+	unit     string
+	image    string
+	ref      imageRef
+	event    string
+	delivery string
+	path     string
+	now      func() time.Time
+	started  time.Time
+}
+
+// step writes the event_log row of one step (action github-task).
+func (t *task) step(name string, status int, res *cmdResult, extra map[string]any) {
+	meta := map[string]any{"delivery": t.delivery, "unit": t.unit, "image": t.image, "event": t.event, "step": name}
+	if res != nil {
+		meta["exit_code"] = res.exitCode
+		if res.stderr != "" {
+			meta["stderr"] = res.stderr
+		}
+		if res.err != nil {
+			meta["error"] = res.err.Error()
+		}
+	}
+	for k, v := range extra {
+		meta[k] = v
+	}
+	ev := event{RequestID: t.id, TS: t.now(), Method: "TASK", Path: t.path, Status: status,
+		Action: "github-task", Duration: t.now().Sub(t.started), Meta: meta}
+	if t.events == nil {
+		t.log.warnf("unwritten event: %s", marshalJSON(meta))
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*busyTimeout)
+	defer cancel()
+	t.events.Write(ctx, ev) // a failure is already on stderr
+}
+
+// run performs the redeploy and returns the exit status: 0 done (or refused by the per-image
+// limit, which is not a failure), 1 a step failed.
+func (t *task) run(ctx context.Context) int {
+	t.started = t.now()
+	t.step("started", http.StatusAccepted, nil, nil)
+	lock, err := lockFile(ctx, imageLockPath(t.cfg.stateDir, t.image), t.cfg.taskLockWait)
+	if err != nil {
+		t.log.errorf("redeploy of %s to %s: %v", t.unit, t.image, err)
+		t.step("lock-failed", http.StatusServiceUnavailable, nil, map[string]any{"error": err.Error()})
+		return 1
+	}
+	defer lock.Unlock()
+
+	lim, err := imageLimiter(t.cfg, t.image).take(ctx)
+	if err != nil {
+		t.log.errorf("redeploy of %s to %s: per-image limit: %v", t.unit, t.image, err)
+		t.step("limit-failed", http.StatusInternalServerError, nil, map[string]any{"error": err.Error()})
+		return 1
+	}
+	if !lim.allowed {
+		t.log.warnf("redeploy of %s to %s refused: more than %d redeploys of this image within %s",
+			t.unit, t.image, t.cfg.imageLimit.count, t.cfg.imageLimit.span)
+		t.step("rate-limited", http.StatusTooManyRequests, nil, map[string]any{"retry_after_secs": int(lim.retryAfter / time.Second)})
+		return 0
+	}
+
+	res, attempts := pullImage(ctx, t.cfg, t.log, t.ref)
+	if res.err != nil {
+		t.log.errorf("redeploy of %s: pull of %s failed after %d attempts: %v", t.unit, t.image, attempts, res.err)
+		t.step("pull-failed", http.StatusBadGateway, &res, map[string]any{"attempts": attempts})
+		return 1
+	}
+	t.step("pulled", http.StatusOK, &res, map[string]any{"attempts": attempts})
+
+	res = restartUnit(ctx, t.cfg, t.unit)
+	if res.err != nil {
+		t.log.errorf("redeploy of %s: restart failed: %v", t.unit, res.err)
+		t.step("restart-failed", http.StatusInternalServerError, &res, nil)
+		return 1
+	}
+	t.step("restarted", http.StatusOK, &res, nil)
+
+	if res := pruneImages(ctx, t.cfg); res.err != nil {
+		t.log.warnf("redeploy of %s: image prune failed (ignored): %v", t.unit, res.err)
+		t.step("prune-failed", http.StatusOK, &res, nil)
+	}
+	t.log.infof("redeployed %s with %s", t.unit, t.image)
+	t.step("completed", http.StatusOK, nil, nil)
+	return 0
+}
