@@ -14,6 +14,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"flag"
 	"fmt"
 	"net/http"
 	"net/url"
@@ -345,7 +346,7 @@ func pruneImages(ctx context.Context, cfg *config) cmdResult {
 	return runCommand(ctx, cfg.commandTimeout, "podman", "image", "prune", "-f")
 }
 
-const usageRunTask = `usage: webhook-auto-update run-task [--state-dir DIR] [--db URL] [--] <unit> <image> <event> <delivery> <path>
+const usageRunTask = `usage: webhook-auto-update run-task [--force] [--state-dir DIR] [--db URL] [--] <unit> <image> <event> <delivery> <path>
 
 Runs one redeploy: holds the image's lock, records it in the per-image limit, pulls the image,
 restarts the unit and prunes dangling images, writing an event_log row for every step. The server
@@ -353,7 +354,10 @@ starts it as a transient unit with systemd-run; it is not meant to be run by han
 `
 
 func cmdRunTask(c *cli, args []string) int {
-	cfg, rest, code := c.setup("run-task", usageRunTask, args, nil)
+	var force bool
+	cfg, rest, code := c.setup("run-task", usageRunTask, args, func(fs *flag.FlagSet, cfg *config) {
+		fs.BoolVar(&force, "force", false, "")
+	})
 	if code >= 0 {
 		return code
 	}
@@ -362,8 +366,8 @@ func cmdRunTask(c *cli, args []string) int {
 		fmt.Fprint(c.stderr, usageRunTask)
 		return 2
 	}
-	t := &task{cfg: cfg, log: c.log, id: newRequestID(), unit: rest[0], image: rest[1],
-		event: rest[2], delivery: rest[3], path: rest[4], now: time.Now}
+	t := &task{cfg: cfg, log: c.log, id: newRequestID(), now: time.Now, taskSpec: taskSpec{
+		unit: rest[0], image: rest[1], event: rest[2], delivery: rest[3], path: rest[4], force: force}}
 	if err := ensureStateDir(cfg.stateDir); err != nil {
 		c.log.errorf("%v", err)
 		return 1
@@ -393,18 +397,14 @@ func cmdRunTask(c *cli, args []string) int {
 
 // task is one redeploy of one unit to one image, as run by run-task.
 type task struct {
-	cfg      *config
-	log      *logger
-	events   *eventLog // nil: rows go to stderr
-	id       string
-	unit     string
-	image    string
-	ref      imageRef
-	event    string
-	delivery string
-	path     string
-	now      func() time.Time
-	started  time.Time
+	taskSpec
+	cfg     *config
+	log     *logger
+	events  *eventLog // nil: rows go to stderr
+	id      string
+	ref     imageRef
+	now     func() time.Time
+	started time.Time
 }
 
 // step writes the event_log row of one step (action github-task).

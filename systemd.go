@@ -308,8 +308,8 @@ var taskEnvSecrets = map[string]bool{"WEBHOOK_TOKEN": true, "WEBHOOK_MANUAL_TOKE
 // dispatchArgv builds the systemd-run command line that runs one redeploy as a transient user
 // unit, so it outlives a restart of the server. Variables are passed as "-E NAME", which copies
 // the value from this process, so no value appears in argv.
-func dispatchArgv(exe string, cfg *config, environ []string, unit, image, eventName, deliveryID, reqPath string) []string {
-	argv := []string{"systemd-run", "--user", "--collect", "--quiet", "--unit=" + taskUnitName(deliveryID)}
+func dispatchArgv(exe string, cfg *config, environ []string, t taskSpec) []string {
+	argv := []string{"systemd-run", "--user", "--collect", "--quiet", "--unit=" + taskUnitName(t.delivery)}
 	for _, kv := range environ {
 		name, _, _ := strings.Cut(kv, "=")
 		pass := slices.Contains(taskEnvNames, name)
@@ -320,6 +320,19 @@ func dispatchArgv(exe string, cfg *config, environ []string, unit, image, eventN
 			argv = append(argv, "-E", name)
 		}
 	}
-	return append(argv, "--", exe, "run-task", "--state-dir", cfg.stateDir, "--db", cfg.dbPath,
-		"--", unit, image, eventName, deliveryID, reqPath)
+	argv = append(argv, "--", exe, "run-task", "--state-dir", cfg.stateDir, "--db", cfg.dbPath)
+	if t.force {
+		argv = append(argv, "--force")
+	}
+	return append(argv, "--", t.unit, t.image, t.event, t.delivery, t.path)
+}
+
+// taskSpec is what one run-task is asked to do.
+type taskSpec struct {
+	unit     string // validated service name
+	image    string // validated image reference
+	event    string // X-GitHub-Event, or "manual"
+	delivery string // GitHub delivery id, or a generated one; names the transient unit
+	path     string // the request path that caused it
+	force    bool   // restart even when the pulled image is unchanged
 }

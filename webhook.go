@@ -552,7 +552,8 @@ func (s *server) dispatchDelivery(w http.ResponseWriter, r *http.Request, unit, 
 	}
 	taskUnit := taskUnitName(deliveryID)
 	ri.meta["task_unit"] = taskUnit
-	argv := dispatchArgv(s.exe, s.cfg, s.environ(), unit, image, eventName, deliveryID, r.URL.Path)
+	argv := dispatchArgv(s.exe, s.cfg, s.environ(), taskSpec{unit: unit, image: image, event: eventName,
+		delivery: deliveryID, path: r.URL.Path})
 	res := s.exec(context.WithoutCancel(ctx), s.cfg.commandTimeout, argv...)
 	status, settled, text := http.StatusAccepted, "queued", "auto-update queued"
 	if res.err != nil {
