@@ -552,9 +552,7 @@ func (s *server) dispatchDelivery(w http.ResponseWriter, r *http.Request, unit, 
 	}
 	taskUnit := taskUnitName(deliveryID)
 	ri.meta["task_unit"] = taskUnit
-	argv := dispatchArgv(s.exe, s.cfg, s.environ(), taskSpec{unit: unit, image: image, event: eventName,
-		delivery: deliveryID, path: r.URL.Path})
-	res := s.exec(context.WithoutCancel(ctx), s.cfg.commandTimeout, argv...)
+	res := s.dispatchTask(ctx, taskSpec{unit: unit, image: image, event: eventName, delivery: deliveryID, path: r.URL.Path})
 	status, settled, text := http.StatusAccepted, "queued", "auto-update queued"
 	if res.err != nil {
 		s.log.errorf("cannot dispatch the redeploy of %s: %v", unit, res.err)
@@ -575,4 +573,11 @@ func (s *server) dispatchDelivery(w http.ResponseWriter, r *http.Request, unit, 
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	w.WriteHeader(status)
 	fmt.Fprintln(w, text)
+}
+
+// dispatchTask starts run-task for spec as a transient user unit (systemd-run returns once the
+// unit is started). The request's cancellation does not cut it short.
+func (s *server) dispatchTask(ctx context.Context, spec taskSpec) cmdResult {
+	argv := dispatchArgv(s.exe, s.cfg, s.environ(), spec)
+	return s.exec(context.WithoutCancel(ctx), s.cfg.commandTimeout, argv...)
 }
