@@ -159,6 +159,8 @@ type config struct {
 	pullTimeout    time.Duration
 	commandTimeout time.Duration
 	taskLockWait   time.Duration
+	healthSettle   time.Duration
+	healthPoll     time.Duration
 
 	readHeaderTimeout time.Duration
 	readTimeout       time.Duration
@@ -201,6 +203,8 @@ func loadConfig(getenv func(string) string) (*config, error) {
 		pullTimeout:    p.seconds("WEBHOOK_PULL_TIMEOUT_SECS", 600),
 		commandTimeout: p.seconds("WEBHOOK_COMMAND_TIMEOUT_SECS", 120),
 		taskLockWait:   p.seconds("WEBHOOK_TASK_LOCK_TIMEOUT_SECS", 3600),
+		healthSettle:   p.seconds("WEBHOOK_HEALTH_SETTLE_SECS", 20),
+		healthPoll:     500 * time.Millisecond,
 
 		readHeaderTimeout: 10 * time.Second,
 		readTimeout:       60 * time.Second,

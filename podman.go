@@ -346,7 +346,7 @@ func pruneImages(ctx context.Context, cfg *config) cmdResult {
 	return runCommand(ctx, cfg.commandTimeout, "podman", "image", "prune", "-f")
 }
 
-const usageRunTask = `usage: webhook-auto-update run-task [--force] [--state-dir DIR] [--db URL] [--] <unit> <image> <event> <delivery> <path>
+const usageRunTask = `usage: webhook-auto-update run-task [--force] [--digest D] [--state-dir DIR] [--db URL] [--] <unit> <image> <event> <delivery> <path>
 
 Runs one redeploy: holds the image's lock, records it in the per-image limit, pulls the image,
 restarts the unit and prunes dangling images, writing an event_log row for every step. The server
@@ -355,8 +355,10 @@ starts it as a transient unit with systemd-run; it is not meant to be run by han
 
 func cmdRunTask(c *cli, args []string) int {
 	var force bool
+	var digest string
 	cfg, rest, code := c.setup("run-task", usageRunTask, args, func(fs *flag.FlagSet, cfg *config) {
 		fs.BoolVar(&force, "force", false, "")
+		fs.StringVar(&digest, "digest", "", "")
 	})
 	if code >= 0 {
 		return code
@@ -367,7 +369,7 @@ func cmdRunTask(c *cli, args []string) int {
 		return 2
 	}
 	t := &task{cfg: cfg, log: c.log, id: newRequestID(), now: time.Now, taskSpec: taskSpec{
-		unit: rest[0], image: rest[1], event: rest[2], delivery: rest[3], path: rest[4], force: force}}
+		unit: rest[0], image: rest[1], event: rest[2], delivery: rest[3], path: rest[4], force: force, digest: digest}}
 	if err := ensureStateDir(cfg.stateDir); err != nil {
 		c.log.errorf("%v", err)
 		return 1
@@ -390,6 +392,10 @@ func cmdRunTask(c *cli, args []string) int {
 		return 2
 	}
 	t.ref = ref
+	if t.digest != "" && !reDigest.MatchString(t.digest) {
+		t.step("invalid", http.StatusBadRequest, nil, map[string]any{"error": "invalid --digest"})
+		return 2
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	return t.run(ctx)
@@ -433,11 +439,11 @@ func (t *task) step(name string, status int, res *cmdResult, extra map[string]an
 	t.events.Write(ctx, ev) // a failure is already on stderr
 }
 
-// run performs the redeploy and returns the exit status: 0 done (or refused by the per-image
-// limit, which is not a failure), 1 a step failed.
+// run performs the redeploy and returns the exit status: 0 done, up to date, or refused by the
+// per-image limit (which is not a failure); 1 a step failed, whether or not it was rolled back.
 func (t *task) run(ctx context.Context) int {
 	t.started = t.now()
-	t.step("started", http.StatusAccepted, nil, nil)
+	t.step("started", http.StatusAccepted, nil, map[string]any{"force": t.force, "digest": t.digest})
 	lock, err := lockFile(ctx, imageLockPath(t.cfg.stateDir, t.image), t.cfg.taskLockWait)
 	if err != nil {
 		t.log.errorf("redeploy of %s to %s: %v", t.unit, t.image, err)
@@ -459,27 +465,210 @@ func (t *task) run(ctx context.Context) int {
 		return 0
 	}
 
+	before, err := localImageID(ctx, t.cfg, t.ref)
+	if err != nil {
+		t.log.warnf("redeploy of %s: cannot read the current image of %s: %v", t.unit, t.image, err)
+	}
 	res, attempts := pullImage(ctx, t.cfg, t.log, t.ref)
 	if res.err != nil {
 		t.log.errorf("redeploy of %s: pull of %s failed after %d attempts: %v", t.unit, t.image, attempts, res.err)
 		t.step("pull-failed", http.StatusBadGateway, &res, map[string]any{"attempts": attempts})
 		return 1
 	}
-	t.step("pulled", http.StatusOK, &res, map[string]any{"attempts": attempts})
-
-	res = restartUnit(ctx, t.cfg, t.unit)
-	if res.err != nil {
-		t.log.errorf("redeploy of %s: restart failed: %v", t.unit, res.err)
-		t.step("restart-failed", http.StatusInternalServerError, &res, nil)
-		return 1
+	after, err := localImageID(ctx, t.cfg, t.ref)
+	if err != nil || after == "" {
+		t.log.warnf("redeploy of %s: cannot read the pulled image of %s: %v", t.unit, t.image, err)
 	}
-	t.step("restarted", http.StatusOK, &res, nil)
+	t.step("pulled", http.StatusOK, &res, map[string]any{"attempts": attempts, "previous_image_id": before, "image_id": after})
 
+	pre, err := sampleUnit(ctx, t.cfg, t.unit)
+	if err != nil {
+		t.log.warnf("redeploy of %s: cannot read the unit state: %v", t.unit, err)
+	}
+	ctr := findUnitContainer(ctx, t.cfg, t.unit)
+	restart, why := decideRestart(restartFacts{before: before, after: after, running: ctr.imageID,
+		active: pre.activeState == "active", force: t.force})
+	if !restart {
+		t.log.infof("%s already runs %s (%s): not restarted", t.unit, t.image, why)
+		t.step("up-to-date", http.StatusOK, nil, map[string]any{"image_id": after, "reason": why})
+		return 0
+	}
+
+	verdict, interrupted := t.restartAndGate(ctx, pre)
+	if verdict != "" {
+		return t.rollback(ctx, before, after, verdict)
+	}
+	t.step("healthy", http.StatusOK, nil, t.verify(ctx, after, map[string]any{"reason": why, "settle_cut_short": interrupted}))
 	if res := pruneImages(ctx, t.cfg); res.err != nil {
 		t.log.warnf("redeploy of %s: image prune failed (ignored): %v", t.unit, res.err)
 		t.step("prune-failed", http.StatusOK, &res, nil)
 	}
 	t.log.infof("redeployed %s with %s", t.unit, t.image)
-	t.step("completed", http.StatusOK, nil, nil)
+	t.step("completed", http.StatusOK, nil, map[string]any{"image_id": after})
 	return 0
+}
+
+// restartAndGate restarts the unit and watches it for the settle window. It returns the gate's
+// verdict ("" healthy) and whether a stop request cut the window short.
+func (t *task) restartAndGate(ctx context.Context, pre unitSample) (string, bool) {
+	res := restartUnit(context.WithoutCancel(ctx), t.cfg, t.unit)
+	if res.err != nil {
+		t.log.errorf("redeploy of %s: restart failed: %v", t.unit, res.err)
+		t.step("restart-failed", http.StatusInternalServerError, &res, nil)
+		return "restart failed: " + res.err.Error(), false
+	}
+	t.step("restarted", http.StatusOK, &res, nil)
+	baseline := pre
+	if post, err := sampleUnit(context.WithoutCancel(ctx), t.cfg, t.unit); err == nil && post.nRestarts < baseline.nRestarts {
+		baseline = post // systemd reset NRestarts on the explicit restart
+	}
+	samples, interrupted := watchUnit(ctx, t.cfg, t.unit, baseline)
+	verdict := gateVerdict(baseline, samples)
+	if verdict == "" {
+		if ctr := findUnitContainer(context.WithoutCancel(ctx), t.cfg, t.unit); ctr.id != "" {
+			if h := containerHealth(context.WithoutCancel(ctx), t.cfg, ctr.id); strings.HasPrefix(h, "unhealthy") {
+				verdict = "podman healthcheck: " + h
+			}
+		}
+	}
+	if verdict != "" {
+		t.log.errorf("redeploy of %s: health gate failed: %s", t.unit, verdict)
+		t.step("health-failed", http.StatusInternalServerError, nil, map[string]any{"error": verdict, "settle_cut_short": interrupted})
+	}
+	return verdict, interrupted
+}
+
+// rollback puts the previous image back under the reference, restarts and gates again. The new
+// image is kept (nothing is pruned) so the operator can inspect it.
+func (t *task) rollback(ctx context.Context, before, after, why string) int {
+	switch plan := rollbackPlan(before, after, imageExists(context.WithoutCancel(ctx), t.cfg, before)); plan {
+	case "":
+	default:
+		t.log.errorf("redeploy of %s failed and cannot be rolled back: %s; the unit is left as it is", t.unit, plan)
+		t.step("rollback-impossible", http.StatusInternalServerError, nil, map[string]any{"error": why, "rollback_error": plan, "failed_image_id": after})
+		return 1
+	}
+	bg := context.WithoutCancel(ctx)
+	res := runCommand(bg, t.cfg.commandTimeout, "podman", "tag", before, t.ref.String())
+	if res.err != nil {
+		t.log.errorf("redeploy of %s: rollback failed: %v", t.unit, res.err)
+		t.step("rollback-failed", http.StatusInternalServerError, &res, map[string]any{"error": why, "rollback_error": res.err.Error()})
+		return 1
+	}
+	pre, _ := sampleUnit(bg, t.cfg, t.unit)
+	verdict, _ := t.restartAndGate(bg, pre)
+	if verdict != "" {
+		t.log.errorf("redeploy of %s: rollback to %s failed too: %s", t.unit, before, verdict)
+		t.step("rollback-failed", http.StatusInternalServerError, nil, map[string]any{"error": why, "rollback_error": verdict,
+			"failed_image_id": after, "previous_image_id": before})
+		return 1
+	}
+	t.log.warnf("redeploy of %s to %s failed (%s): rolled back to image %s", t.unit, t.image, why, before)
+	t.step("rolled-back", http.StatusInternalServerError, nil, map[string]any{"error": why, "failed_image_id": after, "image_id": before})
+	return 1
+}
+
+// verify adds to meta the digest that was pulled, the one the unit's container runs and, when the
+// delivery named one, that digest; a mismatch between pulled and running is a warning.
+func (t *task) verify(ctx context.Context, after string, meta map[string]any) map[string]any {
+	ctx = context.WithoutCancel(ctx)
+	if t.digest != "" {
+		meta["delivery_digest"] = t.digest
+	}
+	pulled := runCommand(ctx, t.cfg.commandTimeout, "podman", "image", "inspect", "--format", "{{.Digest}}", "--", t.ref.String())
+	if pulled.err == nil {
+		meta["pulled_digest"] = strings.TrimSpace(pulled.stdout)
+	}
+	ctr := findUnitContainer(ctx, t.cfg, t.unit)
+	if ctr.id == "" {
+		return meta
+	}
+	meta["container_id"] = ctr.id
+	running := runCommand(ctx, t.cfg.commandTimeout, "podman", "container", "inspect", "--format", "{{.ImageDigest}}", "--", ctr.id)
+	if running.err == nil {
+		meta["running_digest"] = strings.TrimSpace(running.stdout)
+	}
+	if ctr.imageID != "" && after != "" && ctr.imageID != after {
+		meta["warning"] = "the unit's container runs image " + ctr.imageID + ", not the pulled " + after
+	} else if p, r := meta["pulled_digest"], meta["running_digest"]; p != nil && r != nil && p != r {
+		meta["warning"] = fmt.Sprintf("pulled digest %v differs from the running container's %v", p, r)
+	}
+	return meta
+}
+
+// restartFacts is what decideRestart looks at.
+type restartFacts struct {
+	before  string // local image ID of the reference before the pull ("" none)
+	after   string // and after it
+	running string // image ID of the unit's container ("" not found)
+	active  bool   // the unit is active
+	force   bool
+}
+
+// decideRestart says whether a redeploy must restart the unit, and why. An unchanged image on an
+// active unit is a no-op; this also collapses the burst of per-manifest deliveries of one push.
+func decideRestart(f restartFacts) (bool, string) {
+	switch {
+	case f.force:
+		return true, "forced"
+	case !f.active:
+		return true, "the unit is not active"
+	case f.after == "":
+		return true, "the pulled image ID is unknown"
+	case f.running != "" && f.running != f.after:
+		return true, "the container runs another image"
+	case f.running == "" && f.before != f.after:
+		return true, "a new image was pulled"
+	}
+	return false, "up to date"
+}
+
+// rollbackPlan says why a rollback from after to before is impossible, or "" when it can run.
+func rollbackPlan(before, after string, beforeExists bool) string {
+	switch {
+	case before == "":
+		return "there was no previous image"
+	case before == after:
+		return "the previous image is the one that failed"
+	case !beforeExists:
+		return "the previous image " + before + " no longer exists (pruned)"
+	}
+	return ""
+}
+
+// unitContainer is the container a unit runs.
+type unitContainer struct{ id, imageID string }
+
+// findUnitContainer finds the running container of a unit: podman labels containers started
+// under systemd (Quadlet, podman generate systemd) with PODMAN_SYSTEMD_UNIT; Quadlet names them
+// systemd-<name> by default. A zero value means not found; the gate then relies on systemd alone.
+func findUnitContainer(ctx context.Context, cfg *config, unit string) unitContainer {
+	for _, filter := range []string{"label=PODMAN_SYSTEMD_UNIT=" + unit, "name=^systemd-" + strings.TrimSuffix(unit, ".service") + "$"} {
+		res := runCommand(ctx, cfg.commandTimeout, "podman", "ps", "--no-trunc", "--filter", filter, "--format", "{{.ID}} {{.ImageID}}")
+		if res.err != nil {
+			return unitContainer{}
+		}
+		if f := strings.Fields(res.stdout); len(f) >= 2 {
+			return unitContainer{id: f[0], imageID: strings.TrimPrefix(f[1], "sha256:")}
+		}
+	}
+	return unitContainer{}
+}
+
+// containerHealth runs the container's podman healthcheck: "healthy", "unhealthy: …", or "none"
+// when it has none or podman cannot tell.
+func containerHealth(ctx context.Context, cfg *config, id string) string {
+	res := runCommand(ctx, cfg.commandTimeout, "podman", "healthcheck", "run", "--", id)
+	switch {
+	case res.err == nil:
+		return "healthy"
+	case res.exitCode == 1:
+		return "unhealthy: " + strings.TrimSpace(res.stdout+" "+res.stderr)
+	}
+	return "none"
+}
+
+// imageExists reports whether a local image ID is still there.
+func imageExists(ctx context.Context, cfg *config, id string) bool {
+	return id != "" && runCommand(ctx, cfg.commandTimeout, "podman", "image", "exists", "--", id).err == nil
 }

@@ -324,6 +324,9 @@ func dispatchArgv(exe string, cfg *config, environ []string, t taskSpec) []strin
 	if t.force {
 		argv = append(argv, "--force")
 	}
+	if t.digest != "" {
+		argv = append(argv, "--digest", t.digest)
+	}
 	return append(argv, "--", t.unit, t.image, t.event, t.delivery, t.path)
 }
 
@@ -335,4 +338,84 @@ type taskSpec struct {
 	delivery string // GitHub delivery id, or a generated one; names the transient unit
 	path     string // the request path that caused it
 	force    bool   // restart even when the pulled image is unchanged
+	digest   string // manifest digest the delivery named, recorded for verification
+}
+
+// unitSample is one reading of a unit's state during the health gate.
+type unitSample struct {
+	activeState string // active, activating, deactivating, failed, inactive, reloading
+	subState    string
+	result      string // success, exit-code, signal, …
+	nRestarts   int    // automatic restarts by systemd (Restart=)
+	mainPID     string
+}
+
+var unitSampleProps = []string{"ActiveState", "SubState", "Result", "NRestarts", "MainPID"}
+
+func sampleUnit(ctx context.Context, cfg *config, unit string) (unitSample, error) {
+	p, err := showUnit(ctx, cfg, unit, unitSampleProps...)
+	if err != nil {
+		return unitSample{}, err
+	}
+	n, _ := strconv.Atoi(p["NRestarts"])
+	return unitSample{activeState: p["ActiveState"], subState: p["SubState"], result: p["Result"],
+		nRestarts: n, mainPID: p["MainPID"]}, nil
+}
+
+// sampleProblem says what is wrong with one sample, or "" when nothing is (yet).
+func sampleProblem(baseline, s unitSample) string {
+	switch {
+	case s.nRestarts > baseline.nRestarts:
+		return fmt.Sprintf("systemd restarted the unit on its own (NRestarts %d → %d, result %s)", baseline.nRestarts, s.nRestarts, s.result)
+	case s.activeState == "failed" || s.activeState == "inactive" || s.activeState == "deactivating":
+		return fmt.Sprintf("the unit became %s/%s (result %s)", s.activeState, s.subState, s.result)
+	}
+	return ""
+}
+
+// gateVerdict judges a unit after a restart from the samples taken over the settle window: it
+// must end active, must not have failed or stopped on the way, and systemd must not have restarted
+// it on its own (NRestarts above baseline). An empty verdict means healthy.
+func gateVerdict(baseline unitSample, samples []unitSample) string {
+	if len(samples) == 0 {
+		return "the unit was never observed after the restart"
+	}
+	for _, s := range samples {
+		if p := sampleProblem(baseline, s); p != "" {
+			return p
+		}
+	}
+	if last := samples[len(samples)-1]; last.activeState != "active" {
+		return fmt.Sprintf("the unit is %s/%s, not active, at the end of the settle window", last.activeState, last.subState)
+	}
+	return ""
+}
+
+// watchUnit samples the unit every cfg.healthPoll for cfg.healthSettle, stopping early on a
+// sample that already fails the gate. When ctx ends (the task's unit is being stopped) it takes
+// one last sample and returns, so the caller can still decide and record quickly.
+func watchUnit(ctx context.Context, cfg *config, unit string, baseline unitSample) ([]unitSample, bool) {
+	var samples []unitSample
+	deadline := time.Now().Add(cfg.healthSettle)
+	quick := context.WithoutCancel(ctx)
+	for {
+		s, err := sampleUnit(quick, cfg, unit)
+		if err == nil {
+			samples = append(samples, s)
+			if sampleProblem(baseline, s) != "" {
+				return samples, false
+			}
+		}
+		if !time.Now().Before(deadline) {
+			return samples, false
+		}
+		select {
+		case <-ctx.Done():
+			if s, err := sampleUnit(quick, cfg, unit); err == nil {
+				samples = append(samples, s)
+			}
+			return samples, true
+		case <-time.After(min(cfg.healthPoll, time.Until(deadline))):
+		}
+	}
 }

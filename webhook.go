@@ -505,7 +505,8 @@ func (s *server) handleGitHub(w http.ResponseWriter, r *http.Request) {
 		reply(w, r, http.StatusTooManyRequests, "image-rate-limited", "too many redeploys of "+image)
 		return
 	}
-	s.dispatchDelivery(w, r, unit, image, eventName, deliveryID)
+	s.dispatchDelivery(w, r, taskSpec{unit: unit, image: image, event: eventName, delivery: deliveryID,
+		path: r.URL.Path, digest: d.digest})
 }
 
 // matchUnitImage picks the reference to pull. When the unit's Quadlet file names an Image=, the
@@ -536,11 +537,11 @@ func (s *server) matchUnitImage(ctx context.Context, unit string, d delivery) (i
 
 // dispatchDelivery records the delivery id, starts run-task as a transient unit, and answers
 // 202 only after the delivery record and the request's row are committed.
-func (s *server) dispatchDelivery(w http.ResponseWriter, r *http.Request, unit, image, eventName, deliveryID string) {
+func (s *server) dispatchDelivery(w http.ResponseWriter, r *http.Request, spec taskSpec) {
 	ri := info(r)
 	ctx := r.Context()
 	start := s.now()
-	fresh, err := s.events.claimDelivery(ctx, deliveryID, unit, image, eventName, ri.id, start)
+	fresh, err := s.events.claimDelivery(ctx, spec.delivery, spec.unit, spec.image, spec.event, ri.id, start)
 	if err != nil {
 		s.log.errorf("%v", err)
 		reply(w, r, http.StatusInternalServerError, "record-failed", "cannot record the delivery")
@@ -550,12 +551,11 @@ func (s *server) dispatchDelivery(w http.ResponseWriter, r *http.Request, unit, 
 		reply(w, r, http.StatusAccepted, "duplicate", "duplicate delivery")
 		return
 	}
-	taskUnit := taskUnitName(deliveryID)
-	ri.meta["task_unit"] = taskUnit
-	res := s.dispatchTask(ctx, taskSpec{unit: unit, image: image, event: eventName, delivery: deliveryID, path: r.URL.Path})
+	ri.meta["task_unit"] = taskUnitName(spec.delivery)
+	res := s.dispatchTask(ctx, spec)
 	status, settled, text := http.StatusAccepted, "queued", "auto-update queued"
 	if res.err != nil {
-		s.log.errorf("cannot dispatch the redeploy of %s: %v", unit, res.err)
+		s.log.errorf("cannot dispatch the redeploy of %s: %v", spec.unit, res.err)
 		ri.meta["reason"] = "dispatch-failed"
 		ri.meta["stderr"] = res.stderr
 		ri.meta["exit_code"] = res.exitCode
@@ -565,8 +565,8 @@ func (s *server) dispatchDelivery(w http.ResponseWriter, r *http.Request, unit, 
 	}
 	ri.action = "github-webhook"
 	ev := s.requestEvent(r, ri, status, s.now().Sub(start))
-	if err := s.events.settleDelivery(context.WithoutCancel(ctx), deliveryID, settled, ev); err != nil {
-		s.log.errorf("cannot record the delivery %s as %s: %v", deliveryID, settled, err)
+	if err := s.events.settleDelivery(context.WithoutCancel(ctx), spec.delivery, settled, ev); err != nil {
+		s.log.errorf("cannot record the delivery %s as %s: %v", spec.delivery, settled, err)
 		s.events.spill([]event{ev}, err)
 	}
 	ri.recorded = true
