@@ -12,6 +12,7 @@ import (
 	"context"
 	"crypto/hmac"
 	"crypto/sha256"
+	"crypto/subtle"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -153,6 +154,10 @@ func newServer(cfg *config, lg *logger, events *eventLog) *server {
 	s.mux.HandleFunc("POST /github-package-update/{unit}/redeploy", s.handleGitHub)
 	s.mux.HandleFunc("GET /health", s.handleHealth)
 	s.mux.HandleFunc("GET /sse/hello", s.handleHello)
+	s.mux.HandleFunc("GET /auto-update", s.handleAutoUpdate)
+	s.mux.HandleFunc("POST /auto-update", s.handleAutoUpdate)
+	s.mux.HandleFunc("POST /api/manual/trigger", s.handleManualTrigger)
+	s.mux.HandleFunc("POST /api/manual/services/{name}", s.handleManualService)
 	for _, p := range []string{"/{$}", "/index.html", "/assets/", "/favicon.ico", "/vite.svg"} {
 		s.mux.HandleFunc("GET "+p, s.handleStatic)
 	}
@@ -486,7 +491,10 @@ func (s *server) handleGitHub(w http.ResponseWriter, r *http.Request) {
 		ri.meta["digest"] = d.digest
 	}
 
-	ref, status, reason, text := s.matchUnitImage(r.Context(), unit, d)
+	// GitHub waits 10 s at most: every command on the request path gets a share of that.
+	ctx, cancel := context.WithTimeout(r.Context(), requestCommandTimeout)
+	defer cancel()
+	ref, status, reason, text := s.matchUnitImage(ctx, unit, d)
 	if status != 0 {
 		reply(w, r, status, reason, text)
 		return
@@ -579,5 +587,300 @@ func (s *server) dispatchDelivery(w http.ResponseWriter, r *http.Request, spec t
 // unit is started). The request's cancellation does not cut it short.
 func (s *server) dispatchTask(ctx context.Context, spec taskSpec) cmdResult {
 	argv := dispatchArgv(s.exe, s.cfg, s.environ(), spec)
-	return s.exec(context.WithoutCancel(ctx), s.cfg.commandTimeout, argv...)
+	return s.exec(context.WithoutCancel(ctx), min(s.cfg.commandTimeout, requestCommandTimeout), argv...)
+}
+
+// requestCommandTimeout bounds a command run while a client waits (GitHub gives up after 10 s).
+const requestCommandTimeout = 4 * time.Second
+
+// Manual triggers: /auto-update and /api/manual/*. A token is compared in constant time and
+// never reaches a log line or an event row (the query is redacted by the middleware, and bodies
+// are never stored). Units reach systemctl only through triggerUnits (systemd.go), which
+// validates them; commands run detached from the request's cancellation, so a client that hangs
+// up cannot kill systemctl halfway through a restart.
+
+// manualTextMax caps the caller and reason a manual trigger stores.
+const manualTextMax = 200
+
+// manualUnitsMax caps the units one manual trigger may name.
+const manualUnitsMax = 256
+
+// tokenMatches compares a presented token with the configured one in constant time. Both sides
+// are hashed first, so neither the token's length nor a shared prefix shows in the timing. An
+// empty configured token matches nothing: the route is then closed.
+func tokenMatches(configured, presented string) bool {
+	if configured == "" || presented == "" {
+		return false
+	}
+	a, b := sha256.Sum256([]byte(configured)), sha256.Sum256([]byte(presented))
+	return subtle.ConstantTimeCompare(a[:], b[:]) == 1
+}
+
+// bearerToken returns the credentials of an "Authorization: Bearer" header (RFC 6750) and
+// whether the request carried one.
+func bearerToken(r *http.Request) (string, bool) {
+	scheme, token, ok := strings.Cut(strings.TrimSpace(r.Header.Get("Authorization")), " ")
+	if !ok || !strings.EqualFold(scheme, "Bearer") {
+		return "", false
+	}
+	return strings.TrimSpace(token), true
+}
+
+// extendWriteDeadline gives a handler that waits for systemctl the time to answer: the server's
+// WriteTimeout is shorter than a restart may take.
+func extendWriteDeadline(w http.ResponseWriter, d time.Duration) {
+	http.NewResponseController(w).SetWriteDeadline(time.Now().Add(d)) // unsupported: keep the default
+}
+
+// replyJSON answers with a JSON body.
+func replyJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("X-Content-Type-Options", "nosniff")
+	w.WriteHeader(status)
+	io.WriteString(w, marshalJSON(v)+"\n")
+}
+
+// manualError answers a manual API request with {"error": text} and notes code in the event row.
+func manualError(w http.ResponseWriter, r *http.Request, status int, code, text string) {
+	info(r).meta["error"] = code
+	replyJSON(w, status, map[string]string{"error": text})
+}
+
+// decodeStrict decodes one JSON object into v: unknown fields, wrong types and anything after the
+// object are errors. An empty body leaves every field at its default.
+func decodeStrict(body io.Reader, v any) error {
+	dec := json.NewDecoder(body)
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		return err
+	}
+	var extra json.RawMessage
+	if err := dec.Decode(&extra); !errors.Is(err, io.EOF) {
+		var tooLarge *http.MaxBytesError
+		if errors.As(err, &tooLarge) {
+			return err
+		}
+		return errors.New("unexpected data after the JSON object")
+	}
+	return nil
+}
+
+// manualRequest reads a manual API body into v and checks the manual token, taken from an
+// "Authorization: Bearer" header or else from the body's token field. It has answered the
+// request when it returns false. A wrong header is refused before the body is read.
+func (s *server) manualRequest(w http.ResponseWriter, r *http.Request, v any, bodyToken *string) bool {
+	if s.cfg.manualToken == "" {
+		s.log.warnf("%s refused: neither WEBHOOK_MANUAL_TOKEN nor WEBHOOK_TOKEN is set", r.URL.Path)
+	}
+	header, hasHeader := bearerToken(r)
+	if hasHeader && !tokenMatches(s.cfg.manualToken, header) {
+		manualError(w, r, http.StatusUnauthorized, "unauthorized", "unauthorized")
+		return false
+	}
+	if err := decodeStrict(r.Body, v); err != nil {
+		var tooLarge *http.MaxBytesError
+		if errors.As(err, &tooLarge) {
+			manualError(w, r, http.StatusRequestEntityTooLarge, "body-too-large", "request body too large")
+			return false
+		}
+		manualError(w, r, http.StatusBadRequest, "bad-json", "invalid request body: "+err.Error())
+		return false
+	}
+	if !hasHeader && !tokenMatches(s.cfg.manualToken, *bodyToken) {
+		manualError(w, r, http.StatusUnauthorized, "unauthorized", "unauthorized")
+		return false
+	}
+	*bodyToken = ""
+	return true
+}
+
+// handleAutoUpdate starts the auto-update unit: token (?token=, the original's way, or a Bearer
+// header), then the global two-window limit, then systemctl --user start.
+func (s *server) handleAutoUpdate(w http.ResponseWriter, r *http.Request) {
+	ri := info(r)
+	ri.action = "auto-update"
+	if r.Method == http.MethodHead {
+		w.Header().Set("Allow", "GET, POST")
+		reply(w, r, http.StatusMethodNotAllowed, "method-not-allowed", "method not allowed")
+		return
+	}
+	token, ok := bearerToken(r)
+	if !ok {
+		token = r.URL.Query().Get("token")
+	}
+	if !tokenMatches(s.cfg.token, token) {
+		if s.cfg.token == "" {
+			s.log.warnf("/auto-update refused: WEBHOOK_TOKEN is not set")
+		}
+		reply(w, r, http.StatusUnauthorized, "unauthorized", "unauthorized")
+		return
+	}
+	unit, err := resolveUnit(s.cfg.autoUpdateUnit)
+	if err != nil {
+		s.log.errorf("/auto-update: MANUAL_AUTO_UPDATE_UNIT: %v", err)
+		reply(w, r, http.StatusInternalServerError, "unit-invalid", "server misconfigured")
+		return
+	}
+	ri.meta["unit"] = unit
+	d, err := autoUpdateLimiter(s.cfg).take(r.Context())
+	switch {
+	case errors.Is(err, errLockTimeout):
+		w.Header().Set("Retry-After", "2")
+		reply(w, r, http.StatusTooManyRequests, "rate-limit-busy", "busy, retry shortly")
+		return
+	case err != nil:
+		s.log.errorf("/auto-update rate limit: %v", err)
+		reply(w, r, http.StatusInternalServerError, "limit-error", "cannot read the rate limit")
+		return
+	case !d.allowed:
+		ri.meta["counts"] = d.counts
+		w.Header().Set("Retry-After", strconv.Itoa(int(d.retryAfter/time.Second)))
+		reply(w, r, http.StatusTooManyRequests, "rate-limited", "too many requests")
+		return
+	}
+	extendWriteDeadline(w, s.cfg.commandTimeout+10*time.Second)
+	res := startUnit(context.WithoutCancel(r.Context()), s.cfg, unit)
+	if res.err != nil {
+		ri.meta["exit_code"] = res.exitCode
+		ri.meta["stderr"] = res.stderr
+		s.log.errorf("/auto-update: %v", res.err)
+		reply(w, r, http.StatusInternalServerError, "start-failed", res.err.Error())
+		return
+	}
+	reply(w, r, http.StatusAccepted, "started", "auto-update triggered")
+}
+
+// manualTriggerRequest is the body of POST /api/manual/trigger.
+type manualTriggerRequest struct {
+	Token  string   `json:"token"`
+	All    bool     `json:"all"`
+	Units  []string `json:"units"`
+	DryRun bool     `json:"dry_run"`
+	Caller string   `json:"caller"`
+	Reason string   `json:"reason"`
+}
+
+// manualTriggerResponse is its answer.
+type manualTriggerResponse struct {
+	Triggered []triggerResult `json:"triggered"`
+	DryRun    bool            `json:"dry_run"`
+	Caller    string          `json:"caller"`
+	Reason    string          `json:"reason"`
+}
+
+// handleManualTrigger restarts the named units (or, with all or no units, the auto-update unit and
+// WEBHOOK_MANUAL_UNITS): 202 when every unit was triggered, 207 when one failed, 400 when none
+// was valid.
+func (s *server) handleManualTrigger(w http.ResponseWriter, r *http.Request) {
+	ri := info(r)
+	ri.action = "manual-trigger"
+	var req manualTriggerRequest
+	if !s.manualRequest(w, r, &req, &req.Token) {
+		return
+	}
+	if len(req.Units) > manualUnitsMax {
+		manualError(w, r, http.StatusBadRequest, "too-many-units", fmt.Sprintf("at most %d units per request", manualUnitsMax))
+		return
+	}
+	resp := manualTriggerResponse{DryRun: req.DryRun,
+		Caller: cleanText(req.Caller, manualTextMax), Reason: cleanText(req.Reason, manualTextMax)}
+	ri.meta["caller"], ri.meta["reason"], ri.meta["dry_run"] = resp.Caller, resp.Reason, resp.DryRun
+	extendWriteDeadline(w, time.Duration(len(req.Units)+len(s.cfg.manualUnits)+1)*s.cfg.commandTimeout+10*time.Second)
+	resp.Triggered = triggerUnits(context.WithoutCancel(r.Context()), s.cfg, req.Units, req.All, req.DryRun)
+	ri.meta["units"] = resp.Triggered
+	status := http.StatusAccepted
+	switch valid, ok := triggerOutcome(resp.Triggered); {
+	case valid == 0:
+		status = http.StatusBadRequest
+	case !ok:
+		status = http.StatusMultiStatus
+	}
+	for _, t := range resp.Triggered {
+		if t.Status != triggerOK && t.Status != triggerDryRun {
+			s.log.warnf("manual trigger of %s by %q: %s: %s", t.Unit, resp.Caller, t.Status, t.Message)
+		}
+	}
+	replyJSON(w, status, resp)
+}
+
+// manualServiceRequest is the body of POST /api/manual/services/<name>.
+type manualServiceRequest struct {
+	Token  string `json:"token"`
+	Image  string `json:"image"`
+	DryRun bool   `json:"dry_run"`
+	Caller string `json:"caller"`
+	Reason string `json:"reason"`
+	Force  bool   `json:"force"`
+}
+
+// manualServiceResponse is its answer.
+type manualServiceResponse struct {
+	Unit     string `json:"unit"`
+	Image    string `json:"image,omitempty"`
+	Status   string `json:"status"` // triggered, queued, dry-run, failed, error
+	Message  string `json:"message"`
+	TaskUnit string `json:"task_unit,omitempty"`
+	DryRun   bool   `json:"dry_run"`
+	Caller   string `json:"caller"`
+	Reason   string `json:"reason"`
+}
+
+// handleManualService redeploys one service. With an image it dispatches the same run-task as a
+// GitHub delivery (pull, then restart) and answers 202 once the task unit started; without one
+// it restarts the unit and answers when systemctl is done.
+func (s *server) handleManualService(w http.ResponseWriter, r *http.Request) {
+	ri := info(r)
+	ri.action = "manual-service"
+	var req manualServiceRequest
+	if !s.manualRequest(w, r, &req, &req.Token) {
+		return
+	}
+	unit, err := resolveUnit(r.PathValue("name"))
+	if err != nil {
+		manualError(w, r, http.StatusBadRequest, "invalid-unit", err.Error())
+		return
+	}
+	resp := manualServiceResponse{Unit: unit, DryRun: req.DryRun,
+		Caller: cleanText(req.Caller, manualTextMax), Reason: cleanText(req.Reason, manualTextMax)}
+	ri.meta["unit"], ri.meta["caller"], ri.meta["reason"], ri.meta["dry_run"] = unit, resp.Caller, resp.Reason, resp.DryRun
+	if req.Image != "" {
+		ref, err := parseImageRef(strings.TrimSpace(req.Image))
+		if err != nil {
+			manualError(w, r, http.StatusBadRequest, "invalid-image", err.Error())
+			return
+		}
+		resp.Image = ref.String()
+		ri.meta["image"] = resp.Image
+	}
+	status := http.StatusAccepted
+	switch {
+	case req.DryRun && resp.Image != "":
+		resp.Status, resp.Message = triggerDryRun, "would pull "+resp.Image+" and restart "+unit
+	case resp.Image != "":
+		spec := taskSpec{unit: unit, image: resp.Image, event: "manual", delivery: "manual-" + ri.id,
+			path: r.URL.Path, force: req.Force}
+		resp.TaskUnit = taskUnitName(spec.delivery)
+		ri.meta["task_unit"], ri.meta["force"] = resp.TaskUnit, req.Force
+		res := s.dispatchTask(r.Context(), spec)
+		if res.err != nil {
+			s.log.errorf("cannot dispatch the manual redeploy of %s: %v", unit, res.err)
+			ri.meta["exit_code"], ri.meta["stderr"] = res.exitCode, res.stderr
+			resp.Status, resp.Message, status = triggerError, res.err.Error(), http.StatusInternalServerError
+			break
+		}
+		resp.Status, resp.Message = "queued", "redeploy queued as "+resp.TaskUnit
+	default:
+		extendWriteDeadline(w, s.cfg.commandTimeout+10*time.Second)
+		t := triggerUnits(context.WithoutCancel(r.Context()), s.cfg, []string{unit}, false, req.DryRun)[0]
+		resp.Status, resp.Message = t.Status, t.Message
+		if t.Status != triggerOK && t.Status != triggerDryRun {
+			s.log.warnf("manual restart of %s by %q: %s: %s", unit, resp.Caller, t.Status, t.Message)
+			status = http.StatusInternalServerError
+		}
+	}
+	ri.meta["status"] = resp.Status
+	replyJSON(w, status, resp)
 }
