@@ -19,10 +19,12 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"net/url"
 	"os"
 	"path/filepath"
+	"runtime"
 	"sort"
 	"strconv"
 	"strings"
@@ -419,4 +421,409 @@ func (l *eventLog) settleDelivery(ctx context.Context, id, status string, ev eve
 		return err
 	}
 	return tx.Commit()
+}
+
+// eventFilter selects event_log rows for the events command, /api/events and
+// /api/deliveries/<id>. Zero values select everything.
+type eventFilter struct {
+	limit    int
+	action   string
+	unit     string
+	delivery string
+	since    time.Time
+	status   int
+	beforeID int64 // keyset paging: only rows with a smaller id
+	afterID  int64 // --follow: only rows with a larger id, oldest first
+}
+
+// maxEventsLimit caps one page of /api/events.
+const maxEventsLimit = 500
+
+// parseEventFilter reads a filter from named string values (query parameters or flags): limit,
+// action, unit, delivery, since (a duration back from now such as 2h, or RFC 3339), status,
+// before_id. A unit is matched as the program resolves it ("foo" means "foo.service").
+func parseEventFilter(get func(string) string, now time.Time) (eventFilter, error) {
+	f := eventFilter{limit: 50, action: get("action"), delivery: get("delivery")}
+	if v := get("limit"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n <= 0 {
+			return f, fmt.Errorf("invalid limit %q: want a whole number greater than zero", v)
+		}
+		f.limit = min(n, maxEventsLimit)
+	}
+	if v := get("unit"); v != "" {
+		u, err := resolveUnit(v)
+		if err != nil {
+			return f, err
+		}
+		f.unit = u
+	}
+	if v := get("since"); v != "" {
+		if d, err := time.ParseDuration(v); err == nil && d > 0 {
+			f.since = now.Add(-d)
+		} else if t, err := time.Parse(time.RFC3339, v); err == nil {
+			f.since = t
+		} else {
+			return f, fmt.Errorf("invalid since %q: want a duration such as 90m or an RFC 3339 time", v)
+		}
+	}
+	if v := get("status"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 100 || n > 599 {
+			return f, fmt.Errorf("invalid status %q: want an HTTP status code", v)
+		}
+		f.status = n
+	}
+	if v := get("before_id"); v != "" {
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil || n <= 0 {
+			return f, fmt.Errorf("invalid before_id %q", v)
+		}
+		f.beforeID = n
+	}
+	return f, nil
+}
+
+// storedEvent is one event_log row as read back.
+type storedEvent struct {
+	ID         int64          `json:"id"`
+	RequestID  string         `json:"request_id"`
+	TS         int64          `json:"ts"`
+	Time       string         `json:"time"`
+	Method     string         `json:"method"`
+	Path       string         `json:"path"`
+	Status     int            `json:"status"`
+	Action     string         `json:"action"`
+	DurationMS int64          `json:"duration_ms"`
+	Meta       map[string]any `json:"meta"`
+}
+
+// queryEvents returns matching rows, newest first (oldest first with afterID).
+func queryEvents(ctx context.Context, db *sql.DB, f eventFilter) ([]storedEvent, error) {
+	var where []string
+	var args []any
+	add := func(cond string, v any) {
+		where = append(where, cond)
+		args = append(args, v)
+	}
+	if f.action != "" {
+		add("action = ?", f.action)
+	}
+	if f.unit != "" {
+		add("json_extract(meta, '$.unit') = ?", f.unit)
+	}
+	if f.delivery != "" {
+		add("json_extract(meta, '$.delivery') = ?", f.delivery)
+	}
+	if !f.since.IsZero() {
+		add("ts >= ?", f.since.Unix())
+	}
+	if f.status != 0 {
+		add("status = ?", f.status)
+	}
+	if f.beforeID > 0 {
+		add("id < ?", f.beforeID)
+	}
+	order := "DESC"
+	if f.afterID > 0 {
+		add("id > ?", f.afterID)
+		order = "ASC"
+	}
+	q := `SELECT id, request_id, ts, method, coalesce(path, ''), status, action, duration_ms, meta FROM event_log`
+	if len(where) > 0 {
+		q += " WHERE " + strings.Join(where, " AND ")
+	}
+	q += " ORDER BY id " + order
+	if f.limit > 0 {
+		q += " LIMIT " + strconv.Itoa(f.limit)
+	}
+	rows, err := db.QueryContext(ctx, q, args...)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	out := []storedEvent{}
+	for rows.Next() {
+		var e storedEvent
+		var meta string
+		if err := rows.Scan(&e.ID, &e.RequestID, &e.TS, &e.Method, &e.Path, &e.Status, &e.Action, &e.DurationMS, &meta); err != nil {
+			return nil, err
+		}
+		if json.Unmarshal([]byte(meta), &e.Meta) != nil {
+			e.Meta = map[string]any{"raw": meta}
+		}
+		redactMeta(e.Meta)
+		e.Time = time.Unix(e.TS, 0).UTC().Format(time.RFC3339)
+		out = append(out, e)
+	}
+	return out, rows.Err()
+}
+
+// redactMeta re-applies redaction on the way out, for rows written by older versions or the
+// original tool: a query's secret values and any secret-named key are masked.
+func redactMeta(m map[string]any) {
+	for k, v := range m {
+		if secretParams[strings.ToLower(k)] {
+			m[k] = "REDACTED"
+			continue
+		}
+		if s, ok := v.(string); ok && k == "query" {
+			m[k] = redactQuery(s)
+		}
+	}
+}
+
+// openEventReader opens an existing database read-only, for the events command.
+func openEventReader(path string) (*sql.DB, error) {
+	if _, err := os.Stat(path); err != nil {
+		return nil, fmt.Errorf("no event log at %s: %w (set WEBHOOK_DB_URL, --db or --state-dir)", path, err)
+	}
+	db, err := sql.Open("sqlite", "file:"+path+"?mode=ro&_pragma=busy_timeout("+strconv.Itoa(int(busyTimeout/time.Millisecond))+")")
+	if err != nil {
+		return nil, err
+	}
+	return db, db.Ping()
+}
+
+// eventColumns are the columns of the events table output.
+var eventColumns = []string{"TIME", "STATUS", "ACTION", "METHOD", "PATH", "UNIT", "IMAGE", "DURATION", "DETAILS"}
+
+// eventLine formats one row for the table; loc is the time zone to show.
+func eventLine(e storedEvent, loc *time.Location) []string {
+	str := func(k string) string {
+		if v, ok := e.Meta[k].(string); ok && v != "" {
+			return v
+		}
+		return "-"
+	}
+	var details []string
+	for _, k := range []string{"step", "reason", "delivery", "caller", "error", "warning"} {
+		if v, ok := e.Meta[k]; ok && v != "" && v != nil {
+			s := fmt.Sprint(v)
+			if len(s) > 60 {
+				s = s[:57] + "..."
+			}
+			details = append(details, k+"="+s)
+		}
+	}
+	if len(details) == 0 {
+		details = []string{"-"}
+	}
+	path := e.Path
+	if path == "" {
+		path = "-"
+	}
+	return []string{
+		time.Unix(e.TS, 0).In(loc).Format("2006-01-02 15:04:05"), strconv.Itoa(e.Status), e.Action, e.Method,
+		path, str("unit"), str("image"), (time.Duration(e.DurationMS) * time.Millisecond).String(), strings.Join(details, " "),
+	}
+}
+
+// stepCounts counts github-task rows by step, so redeploy outcomes survive the run-task
+// processes that wrote them.
+func stepCounts(ctx context.Context, db *sql.DB) (map[string]int64, error) {
+	rows, err := db.QueryContext(ctx, `SELECT coalesce(json_extract(meta, '$.step'), ''), count(*)
+		FROM event_log WHERE action = 'github-task' GROUP BY 1`)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	out := map[string]int64{}
+	for rows.Next() {
+		var step string
+		var n int64
+		if err := rows.Scan(&step, &n); err != nil {
+			return nil, err
+		}
+		out[step] = n
+	}
+	return out, rows.Err()
+}
+
+// stepDurations returns the values (milliseconds) of a meta key over github-task rows of a step.
+func stepDurations(ctx context.Context, db *sql.DB, step, key string) ([]float64, error) {
+	rows, err := db.QueryContext(ctx, `SELECT json_extract(meta, '$.'||?) FROM event_log
+		WHERE action = 'github-task' AND json_extract(meta, '$.step') = ? AND json_extract(meta, '$.'||?) IS NOT NULL`, key, step, key)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []float64
+	for rows.Next() {
+		var ms float64
+		if err := rows.Scan(&ms); err != nil {
+			return nil, err
+		}
+		out = append(out, ms)
+	}
+	return out, rows.Err()
+}
+
+// lastEvent returns the newest row of an action, or nil.
+func lastEvent(ctx context.Context, db *sql.DB, action string) (*storedEvent, error) {
+	evs, err := queryEvents(ctx, db, eventFilter{action: action, limit: 1})
+	if err != nil || len(evs) == 0 {
+		return nil, err
+	}
+	return &evs[0], nil
+}
+
+// metrics holds the server's in-process counters for /metrics. What run-task processes do is
+// counted from event_log instead, so it is not lost when they exit.
+type metrics struct {
+	mu         sync.Mutex
+	start      time.Time
+	requests   map[[2]string]int64 // route pattern, status
+	deliveries map[string]int64    // outcome of a GitHub delivery
+	rejections map[string]int64    // 429s by action
+}
+
+func newMetrics(now time.Time) *metrics {
+	return &metrics{start: now, requests: map[[2]string]int64{}, deliveries: map[string]int64{}, rejections: map[string]int64{}}
+}
+
+// observe counts one answered request. The route is the matched pattern, so labels stay few.
+func (m *metrics) observe(route string, status int, action string, reason any) {
+	if route == "" {
+		route = "unmatched"
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.requests[[2]string{route, strconv.Itoa(status)}]++
+	if action == "github-webhook" || action == "github-ping" {
+		outcome, _ := reason.(string)
+		if action == "github-ping" {
+			outcome = "ping"
+		}
+		if outcome == "" {
+			outcome = "other"
+		}
+		m.deliveries[outcome]++
+	}
+	if status == 429 {
+		m.rejections[action]++
+	}
+}
+
+// Histogram buckets, in seconds.
+var (
+	pullBuckets    = []float64{0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600}
+	restartBuckets = []float64{0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60}
+)
+
+// writeMetrics writes the Prometheus text exposition format, version 0.0.4.
+func (m *metrics) writeMetrics(ctx context.Context, w io.Writer, events *eventLog) error {
+	p := &promWriter{w: w}
+	m.mu.Lock()
+	p.family("webhook_http_requests_total", "counter", "HTTP requests answered, by route pattern and status.")
+	for _, k := range sortedKeys(m.requests, func(a, b [2]string) bool { return a[0] < b[0] || a[0] == b[0] && a[1] < b[1] }) {
+		p.sample("webhook_http_requests_total", []string{"route", k[0], "status", k[1]}, float64(m.requests[k]))
+	}
+	p.family("webhook_github_deliveries_total", "counter", "GitHub deliveries by outcome (queued, duplicate, ignored reasons, rate limits, refusals).")
+	for _, k := range sortedKeys(m.deliveries, func(a, b string) bool { return a < b }) {
+		p.sample("webhook_github_deliveries_total", []string{"outcome", k}, float64(m.deliveries[k]))
+	}
+	p.family("webhook_rate_limit_rejections_total", "counter", "Requests refused with 429, by action.")
+	for _, k := range sortedKeys(m.rejections, func(a, b string) bool { return a < b }) {
+		p.sample("webhook_rate_limit_rejections_total", []string{"action", k}, float64(m.rejections[k]))
+	}
+	start := m.start
+	m.mu.Unlock()
+
+	p.family("webhook_event_log_write_failures_total", "counter", "Event rows that could not be written and went to stderr.")
+	p.sample("webhook_event_log_write_failures_total", nil, float64(events.failures.Load()))
+	p.family("webhook_event_log_queue_depth", "gauge", "Event rows queued and not yet committed.")
+	p.sample("webhook_event_log_queue_depth", nil, float64(events.pending.Load()))
+	p.family("process_start_time_seconds", "gauge", "Start time of the process since the unix epoch in seconds.")
+	p.sample("process_start_time_seconds", nil, float64(start.Unix()))
+	p.family("webhook_build_info", "gauge", "Build information; the value is always 1.")
+	p.sample("webhook_build_info", []string{"version", buildVersion(), "goversion", runtime.Version()}, 1)
+
+	steps, err := stepCounts(ctx, events.db)
+	if err != nil {
+		return err
+	}
+	p.family("webhook_redeploy_steps_total", "counter", "Redeploy task steps recorded in event_log, by step (pulled, restarted, up-to-date, rolled-back, …).")
+	for _, k := range sortedKeys(steps, func(a, b string) bool { return a < b }) {
+		p.sample("webhook_redeploy_steps_total", []string{"step", k}, float64(steps[k]))
+	}
+	for _, h := range []struct {
+		name, help, step, key string
+		buckets               []float64
+	}{
+		{"webhook_pull_duration_seconds", "Duration of successful image pulls, retries included.", "pulled", "pull_ms", pullBuckets},
+		{"webhook_restart_duration_seconds", "Duration of systemctl restart of redeployed units.", "restarted", "restart_ms", restartBuckets},
+	} {
+		ms, err := stepDurations(ctx, events.db, h.step, h.key)
+		if err != nil {
+			return err
+		}
+		p.family(h.name, "histogram", h.help)
+		p.histogram(h.name, h.buckets, ms)
+	}
+	return p.err
+}
+
+func sortedKeys[K comparable, V any](m map[K]V, less func(a, b K) bool) []K {
+	keys := make([]K, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Slice(keys, func(i, j int) bool { return less(keys[i], keys[j]) })
+	return keys
+}
+
+// promWriter writes metric families in the text exposition format.
+type promWriter struct {
+	w   io.Writer
+	err error
+}
+
+func (p *promWriter) printf(format string, a ...any) {
+	if p.err == nil {
+		_, p.err = fmt.Fprintf(p.w, format, a...)
+	}
+}
+
+func (p *promWriter) family(name, typ, help string) {
+	p.printf("# HELP %s %s\n# TYPE %s %s\n", name, strings.NewReplacer(`\`, `\\`, "\n", `\n`).Replace(help), name, typ)
+}
+
+// sample writes one line; labels are name/value pairs.
+func (p *promWriter) sample(name string, labels []string, v float64) {
+	var b strings.Builder
+	b.WriteString(name)
+	if len(labels) > 0 {
+		b.WriteByte('{')
+		esc := strings.NewReplacer(`\`, `\\`, `"`, `\"`, "\n", `\n`)
+		for i := 0; i+1 < len(labels); i += 2 {
+			if i > 0 {
+				b.WriteByte(',')
+			}
+			fmt.Fprintf(&b, `%s="%s"`, labels[i], esc.Replace(labels[i+1]))
+		}
+		b.WriteByte('}')
+	}
+	p.printf("%s %s\n", b.String(), strconv.FormatFloat(v, 'g', -1, 64))
+}
+
+// histogram writes cumulative buckets of millisecond values as seconds.
+func (p *promWriter) histogram(name string, buckets []float64, ms []float64) {
+	var sum float64
+	counts := make([]int, len(buckets))
+	for _, v := range ms {
+		s := v / 1000
+		sum += s
+		for i, le := range buckets {
+			if s <= le {
+				counts[i]++
+			}
+		}
+	}
+	for i, le := range buckets {
+		p.sample(name+"_bucket", []string{"le", strconv.FormatFloat(le, 'g', -1, 64)}, float64(counts[i]))
+	}
+	p.sample(name+"_bucket", []string{"le", "+Inf"}, float64(len(ms)))
+	p.sample(name+"_sum", nil, sum)
+	p.sample(name+"_count", nil, float64(len(ms)))
 }

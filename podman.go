@@ -469,7 +469,9 @@ func (t *task) run(ctx context.Context) int {
 	if err != nil {
 		t.log.warnf("redeploy of %s: cannot read the current image of %s: %v", t.unit, t.image, err)
 	}
+	pullStart := t.now()
 	res, attempts := pullImage(ctx, t.cfg, t.log, t.ref)
+	pullMS := t.now().Sub(pullStart).Milliseconds()
 	if res.err != nil {
 		t.log.errorf("redeploy of %s: pull of %s failed after %d attempts: %v", t.unit, t.image, attempts, res.err)
 		t.step("pull-failed", http.StatusBadGateway, &res, map[string]any{"attempts": attempts})
@@ -479,7 +481,8 @@ func (t *task) run(ctx context.Context) int {
 	if err != nil || after == "" {
 		t.log.warnf("redeploy of %s: cannot read the pulled image of %s: %v", t.unit, t.image, err)
 	}
-	t.step("pulled", http.StatusOK, &res, map[string]any{"attempts": attempts, "previous_image_id": before, "image_id": after})
+	t.step("pulled", http.StatusOK, &res, map[string]any{"attempts": attempts, "previous_image_id": before,
+		"image_id": after, "pull_ms": pullMS})
 
 	pre, err := sampleUnit(ctx, t.cfg, t.unit)
 	if err != nil {
@@ -511,13 +514,15 @@ func (t *task) run(ctx context.Context) int {
 // restartAndGate restarts the unit and watches it for the settle window. It returns the gate's
 // verdict ("" healthy) and whether a stop request cut the window short.
 func (t *task) restartAndGate(ctx context.Context, pre unitSample) (string, bool) {
+	restartStart := t.now()
 	res := restartUnit(context.WithoutCancel(ctx), t.cfg, t.unit)
+	restartMS := t.now().Sub(restartStart).Milliseconds()
 	if res.err != nil {
 		t.log.errorf("redeploy of %s: restart failed: %v", t.unit, res.err)
 		t.step("restart-failed", http.StatusInternalServerError, &res, nil)
 		return "restart failed: " + res.err.Error(), false
 	}
-	t.step("restarted", http.StatusOK, &res, nil)
+	t.step("restarted", http.StatusOK, &res, map[string]any{"restart_ms": restartMS})
 	baseline := pre
 	if post, err := sampleUnit(context.WithoutCancel(ctx), t.cfg, t.unit); err == nil && post.nRestarts < baseline.nRestarts {
 		baseline = post // systemd reset NRestarts on the explicit restart
