@@ -18,11 +18,13 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"io/fs"
 	"net/url"
 	"os"
+	"os/signal"
 	"path/filepath"
 	"runtime"
 	"sort"
@@ -30,6 +32,8 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
+	"text/tabwriter"
 	"time"
 
 	_ "modernc.org/sqlite"
@@ -826,4 +830,98 @@ func (p *promWriter) histogram(name string, buckets []float64, ms []float64) {
 	p.sample(name+"_bucket", []string{"le", "+Inf"}, float64(len(ms)))
 	p.sample(name+"_sum", nil, sum)
 	p.sample(name+"_count", nil, float64(len(ms)))
+}
+
+const usageEvents = `usage: webhook-auto-update events [--limit N] [--action A] [--unit U] [--delivery ID]
+                                  [--since DURATION|RFC3339] [--status CODE] [--json] [--follow]
+
+Prints event_log rows, newest first, as a table in local time (or JSON lines with --json).
+--follow keeps printing new rows, oldest first, until interrupted.
+`
+
+func cmdEvents(c *cli, args []string) int {
+	vals := map[string]*string{}
+	var asJSON, follow bool
+	cfg, rest, code := c.setup("events", usageEvents, args, func(fs *flag.FlagSet, cfg *config) {
+		for _, name := range []string{"limit", "action", "unit", "delivery", "since", "status"} {
+			vals[name] = fs.String(name, "", "")
+		}
+		fs.BoolVar(&asJSON, "json", false, "")
+		fs.BoolVar(&follow, "follow", false, "")
+	})
+	if code >= 0 {
+		return code
+	}
+	if len(rest) > 0 {
+		c.log.errorf("events: unexpected argument %q", rest[0])
+		fmt.Fprint(c.stderr, usageEvents)
+		return 2
+	}
+	f, err := parseEventFilter(func(k string) string { return *vals[k] }, time.Now())
+	if err != nil {
+		c.log.errorf("events: %v", err)
+		return 2
+	}
+	db, err := openEventReader(cfg.dbPath)
+	if err != nil {
+		c.log.errorf("%v", err)
+		return 1
+	}
+	defer db.Close()
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	evs, err := queryEvents(ctx, db, f)
+	if err != nil {
+		c.log.errorf("read events from %s: %v", cfg.dbPath, err)
+		return 1
+	}
+	printEvents(c.stdout, evs, asJSON, true)
+	if !follow {
+		return 0
+	}
+	var last int64
+	for _, e := range evs {
+		last = max(last, e.ID)
+	}
+	if last == 0 {
+		db.QueryRowContext(ctx, `SELECT coalesce(max(id), 0) FROM event_log`).Scan(&last)
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return 0
+		case <-time.After(time.Second):
+		}
+		f.afterID, f.beforeID, f.limit = last, 0, maxEventsLimit
+		evs, err := queryEvents(ctx, db, f)
+		if err != nil {
+			if ctx.Err() != nil {
+				return 0
+			}
+			c.log.warnf("read events: %v", err)
+			continue
+		}
+		printEvents(c.stdout, evs, asJSON, false)
+		for _, e := range evs {
+			last = max(last, e.ID)
+		}
+	}
+}
+
+// printEvents writes rows as an aligned table (with a header when asked) or JSON lines.
+func printEvents(w io.Writer, evs []storedEvent, asJSON, header bool) {
+	if asJSON {
+		for _, e := range evs {
+			fmt.Fprintln(w, marshalJSON(e))
+		}
+		return
+	}
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	if header {
+		fmt.Fprintln(tw, strings.Join(eventColumns, "\t"))
+	}
+	for _, e := range evs {
+		fmt.Fprintln(tw, strings.Join(eventLine(e, time.Local), "\t"))
+	}
+	tw.Flush()
 }
