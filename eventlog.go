@@ -99,11 +99,11 @@ func databasePath(dbURL, stateDir string) (string, error) {
 // background writer. The caller must Close it to flush queued rows.
 func openEventLog(path string, lg *logger) (*eventLog, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
-		return nil, fmt.Errorf("cannot create the database directory: %w", err)
+		return nil, fmt.Errorf("cannot create the directory of database %s: %w (set WEBHOOK_DB_URL or --db)", path, err)
 	}
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
-		return nil, fmt.Errorf("cannot open database %s: %w", path, err)
+		return nil, fmt.Errorf("cannot open database %s: %w (set WEBHOOK_DB_URL or --db)", path, err)
 	}
 	f.Close()
 	dsn := "file:" + path + "?_pragma=busy_timeout(" + strconv.Itoa(int(busyTimeout/time.Millisecond)) + ")" +
@@ -366,23 +366,31 @@ func newRequestID() string {
 var secretParams = map[string]bool{"token": true, "access_token": true, "secret": true}
 
 // redactQuery replaces the values of secret parameters in a raw query string. It works on the
-// raw text, so a query that does not parse is still redacted rather than logged as it came.
+// raw text, splitting on "&" and ";" (which some parsers also accept) and keeping the separators,
+// so a query that does not parse is still redacted rather than logged as it came.
 func redactQuery(raw string) string {
 	if raw == "" {
 		return ""
 	}
-	parts := strings.Split(raw, "&")
-	for i, p := range parts {
-		k, _, hasValue := strings.Cut(p, "=")
+	var b strings.Builder
+	for raw != "" {
+		part, sep := raw, ""
+		if i := strings.IndexAny(raw, "&;"); i >= 0 {
+			part, sep, raw = raw[:i], raw[i:i+1], raw[i+1:]
+		} else {
+			raw = ""
+		}
+		k, _, hasValue := strings.Cut(part, "=")
 		name, err := url.QueryUnescape(k)
 		if err != nil {
 			name = k
 		}
 		if secretParams[strings.ToLower(strings.TrimSpace(name))] && hasValue {
-			parts[i] = k + "=REDACTED"
+			part = k + "=REDACTED"
 		}
+		b.WriteString(part + sep)
 	}
-	return strings.Join(parts, "&")
+	return b.String()
 }
 
 // staleClaim is how long a delivery may stay "dispatching" before a redelivery may take it over:

@@ -14,6 +14,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"math"
 	"os"
 	"path/filepath"
 	"runtime/debug"
@@ -59,10 +60,14 @@ var commands map[string]func(c *cli, args []string) int
 
 func init() {
 	commands = map[string]func(c *cli, args []string) int{
-		"server":   cmdServer,
-		"run-task": cmdRunTask,
-		"version":  cmdVersion,
-		"help":     cmdHelp,
+		"server":        cmdServer,
+		"run-task":      cmdRunTask,
+		"scheduler":     cmdScheduler,
+		"trigger-units": cmdTriggerUnits,
+		"trigger-all":   cmdTriggerAll,
+		"prune-state":   cmdPruneState,
+		"version":       cmdVersion,
+		"help":          cmdHelp,
 	}
 }
 
@@ -274,7 +279,14 @@ func (p *envParser) positive(name string, def int) int {
 }
 
 func (p *envParser) seconds(name string, def int) time.Duration {
-	return time.Duration(p.positive(name, def)) * time.Second
+	n := p.positive(name, def)
+	if int64(n) > math.MaxInt64/int64(time.Second) {
+		if p.err == nil {
+			p.err = fmt.Errorf("invalid %s=%q: too many seconds", name, p.getenv(name))
+		}
+		return time.Duration(def) * time.Second
+	}
+	return time.Duration(n) * time.Second
 }
 
 // splitList splits a comma- or newline-separated list, dropping blanks.
@@ -329,7 +341,7 @@ func parseInterspersed(fs *flag.FlagSet, args []string) ([]string, error) {
 			return nil, err
 		}
 		left := fs.Args()
-		if used := len(args) - len(left); used > 0 && args[used-1] == "--" {
+		if used := len(args) - len(left); used > 0 && args[used-1] == "--" && !isFlagValue(fs, args[:used-1]) {
 			return append(rest, left...), nil
 		}
 		if len(left) == 0 {
@@ -338,6 +350,44 @@ func parseInterspersed(fs *flag.FlagSet, args []string) ([]string, error) {
 		rest = append(rest, left[0])
 		args = left[1:]
 	}
+}
+
+// positiveInt is a flag.Value for a whole number greater than zero, so that "--interval 0" is a
+// usage error rather than a silent default.
+type positiveInt struct{ p *int }
+
+func (v positiveInt) String() string {
+	if v.p == nil {
+		return ""
+	}
+	return strconv.Itoa(*v.p)
+}
+
+func (v positiveInt) Set(s string) error {
+	n, err := strconv.Atoi(strings.TrimSpace(s))
+	if err != nil || n <= 0 {
+		return errors.New("want a whole number greater than zero")
+	}
+	*v.p = n
+	return nil
+}
+
+// isFlagValue reports whether the argument after before is the value of before's last flag
+// (as in "-caller --"), rather than a terminator.
+func isFlagValue(fs *flag.FlagSet, before []string) bool {
+	if len(before) == 0 {
+		return false
+	}
+	last := before[len(before)-1]
+	if !strings.HasPrefix(last, "-") || strings.Contains(last, "=") || last == "--" {
+		return false
+	}
+	f := fs.Lookup(strings.TrimLeft(last, "-"))
+	if f == nil {
+		return false
+	}
+	b, ok := f.Value.(interface{ IsBoolFlag() bool })
+	return !ok || !b.IsBoolFlag()
 }
 
 // logger writes one line per event to stderr with a syslog priority prefix.

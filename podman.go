@@ -205,11 +205,9 @@ type packageBody struct {
 				Digest string `json:"digest"`
 			} `json:"tag"`
 		} `json:"container_metadata"`
-		Metadata *struct {
-			Container *struct {
-				Tags []string `json:"tags"`
-			} `json:"container"`
-		} `json:"metadata"`
+		// GitHub documents metadata as an array (and sends []); older container deliveries
+		// carried {"container":{"tags":[…]}}. Decoded by hand so either shape is accepted.
+		Metadata json.RawMessage `json:"metadata"`
 	} `json:"package_version"`
 	Registry *struct {
 		Host string `json:"host"`
@@ -253,6 +251,9 @@ func deliveryFromPayload(body []byte) (delivery, error) {
 		}
 	}
 	d.host = strings.ToLower(d.host)
+	if !reDomain.MatchString(d.host) {
+		return d, fmt.Errorf("payload names an invalid registry host %q", d.host)
+	}
 	// GitHub's registry object names itself https://CONTAINER.pkg.github.com/OWNER; images live
 	// on ghcr.io.
 	if strings.HasSuffix(d.host, ".pkg.github.com") || d.host == "pkg.github.com" {
@@ -285,9 +286,16 @@ func deliveryFromPayload(body []byte) (delivery, error) {
 		}
 		if cm := v.ContainerMetadata; cm != nil && cm.Tag != nil {
 			add(cm.Tag.Name)
-			d.digest = cm.Tag.Digest
+			if reDigest.MatchString(cm.Tag.Digest) {
+				d.digest = cm.Tag.Digest
+			}
 		}
-		if md := v.Metadata; md != nil && md.Container != nil {
+		var md struct {
+			Container *struct {
+				Tags []string `json:"tags"`
+			} `json:"container"`
+		}
+		if bytes.HasPrefix(bytes.TrimSpace(v.Metadata), []byte("{")) && json.Unmarshal(v.Metadata, &md) == nil && md.Container != nil {
 			for _, t := range md.Container.Tags {
 				add(t)
 			}
@@ -295,9 +303,6 @@ func deliveryFromPayload(body []byte) (delivery, error) {
 		if d.digest == "" && reDigest.MatchString(v.Version) {
 			d.digest = v.Version
 		}
-	}
-	if d.digest != "" && !reDigest.MatchString(d.digest) {
-		d.digest = ""
 	}
 	if len(d.tags) == 0 {
 		return d, ignored("missing-tag", "the pushed manifest has no tag (an untagged or per-platform manifest)")
@@ -368,7 +373,7 @@ func cmdRunTask(c *cli, args []string) int {
 		fmt.Fprint(c.stderr, usageRunTask)
 		return 2
 	}
-	t := &task{cfg: cfg, log: c.log, id: newRequestID(), now: time.Now, taskSpec: taskSpec{
+	t := &task{cfg: cfg, log: c.log, id: newRequestID(), now: time.Now, started: time.Now(), taskSpec: taskSpec{
 		unit: rest[0], image: rest[1], event: rest[2], delivery: rest[3], path: rest[4], force: force, digest: digest}}
 	if err := ensureStateDir(cfg.stateDir); err != nil {
 		c.log.errorf("%v", err)
@@ -554,7 +559,7 @@ func (t *task) rollback(ctx context.Context, before, after, why string) int {
 		return 1
 	}
 	bg := context.WithoutCancel(ctx)
-	res := runCommand(bg, t.cfg.commandTimeout, "podman", "tag", before, t.ref.String())
+	res := runCommand(bg, t.cfg.commandTimeout, "podman", "tag", "--", before, t.ref.String())
 	if res.err != nil {
 		t.log.errorf("redeploy of %s: rollback failed: %v", t.unit, res.err)
 		t.step("rollback-failed", http.StatusInternalServerError, &res, map[string]any{"error": why, "rollback_error": res.err.Error()})

@@ -21,6 +21,7 @@ import (
 	"strings"
 	"syscall"
 	"time"
+	"unicode"
 )
 
 // firstListenFD is SD_LISTEN_FDS_START. It is a variable so that a test can hand in the fd of a
@@ -418,4 +419,117 @@ func watchUnit(ctx context.Context, cfg *config, unit string, baseline unitSampl
 		case <-time.After(min(cfg.healthPoll, time.Until(deadline))):
 		}
 	}
+}
+
+// Manual triggers. The HTTP API (/api/manual/*) and the trigger-units / trigger-all commands
+// share the code below, so both resolve, de-duplicate, run and report units the same way.
+
+// Statuses of one unit in a manual trigger, as SPEC.md names them.
+const (
+	triggerOK      = "triggered" // systemctl succeeded
+	triggerDryRun  = "dry-run"   // nothing was run
+	triggerFailed  = "failed"    // systemctl ran and exited non-zero
+	triggerError   = "error"     // systemctl could not be run (not on PATH, timed out, killed)
+	triggerInvalid = "invalid"   // the identifier is not a unit this program may touch
+)
+
+// triggerResult is what happened to one unit of a manual trigger.
+type triggerResult struct {
+	Unit    string `json:"unit"`
+	Status  string `json:"status"`
+	Message string `json:"message"`
+}
+
+// planTrigger resolves unit identifiers (see resolveUnit) in the order given. With all set, or
+// when ids is empty, the auto-update unit and WEBHOOK_MANUAL_UNITS come first. A unit named twice,
+// in any spelling, appears once; an identifier that does not resolve is reported invalid and
+// will never reach systemctl.
+func planTrigger(cfg *config, ids []string, all bool) []triggerResult {
+	if all || len(ids) == 0 {
+		ids = append(append([]string{cfg.autoUpdateUnit}, cfg.manualUnits...), ids...)
+	}
+	seen := map[string]bool{}
+	var plan []triggerResult
+	for _, id := range ids {
+		unit, err := resolveUnit(id)
+		if err != nil {
+			shown := cleanText(id, maxUnitNameLen)
+			if !seen["invalid:"+shown] {
+				seen["invalid:"+shown] = true
+				plan = append(plan, triggerResult{Unit: shown, Status: triggerInvalid, Message: err.Error()})
+			}
+			continue
+		}
+		if !seen[unit] {
+			seen[unit] = true
+			plan = append(plan, triggerResult{Unit: unit})
+		}
+	}
+	return plan
+}
+
+// triggerUnits plans a manual trigger and runs it, one unit after the other: the auto-update unit
+// is started (it is usually a oneshot that must not be interrupted), every other unit is
+// restarted. A failure is reported and the remaining units are still processed.
+func triggerUnits(ctx context.Context, cfg *config, ids []string, all, dryRun bool) []triggerResult {
+	plan := planTrigger(cfg, ids, all)
+	auto, _ := resolveUnit(cfg.autoUpdateUnit)
+	for i := range plan {
+		r := &plan[i]
+		if r.Status == triggerInvalid {
+			continue
+		}
+		run, verb := restartUnit, "restart"
+		if r.Unit == auto {
+			run, verb = startUnit, "start"
+		}
+		if dryRun {
+			r.Status, r.Message = triggerDryRun, "would "+verb+" "+r.Unit
+			continue
+		}
+		res := run(ctx, cfg, r.Unit)
+		switch {
+		case res.err == nil:
+			r.Status = triggerOK
+		case res.exitCode > 0:
+			r.Status, r.Message = triggerFailed, res.err.Error()
+		default:
+			r.Status, r.Message = triggerError, res.err.Error()
+		}
+	}
+	return plan
+}
+
+// triggerOutcome sums up a manual trigger: valid is how many units were valid, ok whether every
+// unit was triggered (or would be, on a dry run).
+func triggerOutcome(results []triggerResult) (valid int, ok bool) {
+	ok = true
+	for _, r := range results {
+		if r.Status != triggerInvalid {
+			valid++
+		}
+		if r.Status != triggerOK && r.Status != triggerDryRun {
+			ok = false
+		}
+	}
+	return valid, ok
+}
+
+// cleanText makes a caller-supplied string safe to print and store: invalid UTF-8 replaced,
+// control characters (newlines, escapes) dropped, surrounding space trimmed, at most max runes.
+func cleanText(s string, max int) string {
+	s = strings.ToValidUTF8(s, "\uFFFD")
+	var b strings.Builder
+	n := 0
+	for _, r := range s {
+		if unicode.IsControl(r) || r == '\u2028' || r == '\u2029' {
+			continue
+		}
+		if n == max {
+			break
+		}
+		b.WriteRune(r)
+		n++
+	}
+	return strings.TrimSpace(b.String())
 }

@@ -295,8 +295,8 @@ func TestE2EGitHubDelivery(t *testing.T) {
 				if row.step == "restarted" {
 					restarts++
 				}
-				if row.step == "pulled" {
-					sp.first = row.id
+				if row.step != "started" && sp.first == 0 {
+					sp.first = row.id // the first row written under the image lock
 				}
 				sp.last = row.id
 			}

@@ -1,0 +1,277 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"reflect"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// limiterBase is the fixed "now" of the limiter tables; offsets are seconds relative to it.
+var limiterBase = time.Unix(1_700_000_000, 0)
+
+func offsetsToLog(offsets []int64) []byte {
+	var ts []int64
+	for _, o := range offsets {
+		ts = append(ts, limiterBase.Unix()+o)
+	}
+	return formatTimestamps(ts)
+}
+
+func logOffsets(t *testing.T, path string) []int64 {
+	t.Helper()
+	ts, bad, err := readTimestamps(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bad != 0 {
+		t.Fatalf("%s has %d unreadable lines after a write", path, bad)
+	}
+	var out []int64
+	for _, v := range ts {
+		out = append(out, v-limiterBase.Unix())
+	}
+	return out
+}
+
+func TestLimiterWindows(t *testing.T) {
+	two := []window{{2, 600 * time.Second}, {10, 18000 * time.Second}}
+	// Ten events spread over the long window, none in the short one.
+	var tenLong []int64
+	for i := int64(0); i < 10; i++ {
+		tenLong = append(tenLong, -17000+i*1500) // -17000 … -3500
+	}
+	for _, tc := range []struct {
+		name       string
+		windows    []window
+		log        []int64
+		at         int64 // offset of the attempt
+		allowed    bool
+		counts     []int
+		retryAfter time.Duration
+		after      []int64 // the log afterwards
+	}{
+		{name: "empty log", windows: two, at: 0, allowed: true, counts: []int{0, 0}, after: []int64{0}},
+		{name: "short window has room", windows: two, log: []int64{-100}, allowed: true,
+			counts: []int{1, 1}, after: []int64{-100, 0}},
+		{name: "short window full", windows: two, log: []int64{-100, -50}, allowed: false,
+			counts: []int{2, 2}, retryAfter: 500 * time.Second, after: []int64{-100, -50}},
+		{name: "an event exactly one span old has left the window", windows: two, log: []int64{-600, -50},
+			allowed: true, counts: []int{1, 2}, after: []int64{-600, -50, 0}},
+		{name: "long window full", windows: two, log: tenLong, allowed: false,
+			counts: []int{0, 10}, retryAfter: 1000 * time.Second, after: tenLong},
+		{name: "both full: wait for the later of the two", windows: two,
+			log: append(append([]int64{}, tenLong[2:]...), -10, -5), allowed: false,
+			counts: []int{2, 10}, retryAfter: (-17000 + 3000 + 18000) * time.Second,
+			after: append(append([]int64{}, tenLong[2:]...), -10, -5)},
+		{name: "events no window counts are dropped on write", windows: two, log: []int64{-50000, -18000, -100},
+			allowed: true, counts: []int{1, 1}, after: []int64{-100, 0}},
+		{name: "future events (clock stepped back) are not counted", windows: two, log: []int64{30, 40},
+			allowed: true, counts: []int{0, 0}, after: []int64{30, 40, 0}},
+		{name: "single window of one", windows: []window{{1, time.Hour}}, log: []int64{-3599},
+			allowed: false, counts: []int{1}, retryAfter: time.Second, after: []int64{-3599}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			l := &limiter{logPath: filepath.Join(dir, "ratelimit.db"), lockPath: filepath.Join(dir, "ratelimit.lock"),
+				windows: tc.windows, lockTimeout: time.Second, now: func() time.Time { return limiterBase.Add(time.Duration(tc.at) * time.Second) }}
+			if tc.log != nil {
+				if err := os.WriteFile(l.logPath, offsetsToLog(tc.log), 0o600); err != nil {
+					t.Fatal(err)
+				}
+			}
+			// check must agree with take and change nothing.
+			c, err := l.check(context.Background())
+			if err != nil {
+				t.Fatal(err)
+			}
+			d, err := l.take(context.Background())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if c.allowed != d.allowed || !reflect.DeepEqual(c.counts, d.counts) {
+				t.Errorf("check = %+v, take = %+v: they must agree", c, d)
+			}
+			if d.allowed != tc.allowed || !reflect.DeepEqual(d.counts, tc.counts) || d.retryAfter != tc.retryAfter {
+				t.Errorf("take = allowed %v counts %v retry %s, want %v %v %s", d.allowed, d.counts, d.retryAfter, tc.allowed, tc.counts, tc.retryAfter)
+			}
+			if got := logOffsets(t, l.logPath); !reflect.DeepEqual(got, tc.after) {
+				t.Errorf("log afterwards = %v, want %v", got, tc.after)
+			}
+		})
+	}
+}
+
+// TestLimiterCorruptLines: unreadable lines are skipped (and counted), never fatal, and vanish
+// when the log is rewritten.
+func TestLimiterCorruptLines(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		content string
+		skipped int
+		counts  []int
+		allowed bool
+	}{
+		{"garbage around valid lines", "abc\n%d\n\n  12x \n-5\n%d\n", 3, []int{2}, false},
+		{"only garbage", "\x00\x01\nnot a number\n99999999999999999999999\n", 3, []int{0}, true},
+		{"no trailing newline, windows line endings", "%d\r\n%d", 0, []int{2}, false},
+		{"binary junk", "\xff\xfe\xfd", 1, []int{0}, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			path := filepath.Join(dir, "ratelimit.db")
+			content := tc.content
+			if strings.Contains(content, "%d") {
+				content = fmt.Sprintf(content, limiterBase.Unix()-10, limiterBase.Unix()-5)
+			}
+			if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			l := &limiter{logPath: path, lockPath: filepath.Join(dir, "ratelimit.lock"), windows: []window{{2, time.Minute}},
+				lockTimeout: time.Second, now: func() time.Time { return limiterBase }}
+			d, err := l.take(context.Background())
+			if err != nil {
+				t.Fatalf("take on a corrupt log: %v", err)
+			}
+			if d.skipped != tc.skipped || d.allowed != tc.allowed || !reflect.DeepEqual(d.counts, tc.counts) {
+				t.Errorf("take = %+v, want skipped %d allowed %v counts %v", d, tc.skipped, tc.allowed, tc.counts)
+			}
+			if tc.allowed {
+				logOffsets(t, path) // fails on any unreadable line left behind
+			}
+		})
+	}
+}
+
+// TestLimiterLockTimeout: a lock held elsewhere makes take give up after lockTimeout with
+// errLockTimeout (the /auto-update handler answers 429) and leaves the log alone.
+func TestLimiterLockTimeout(t *testing.T) {
+	dir := t.TempDir()
+	l := &limiter{logPath: filepath.Join(dir, "ratelimit.db"), lockPath: filepath.Join(dir, "ratelimit.lock"),
+		windows: []window{{5, time.Minute}}, lockTimeout: 50 * time.Millisecond, now: time.Now}
+	held := holdFlock(t, l.lockPath)
+	_, err := l.take(context.Background())
+	if !errors.Is(err, errLockTimeout) {
+		t.Fatalf("take with the lock held elsewhere: %v, want errLockTimeout", err)
+	}
+	if _, err := os.Stat(l.logPath); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the log was written without the lock: %v", err)
+	}
+	held()
+	if d, err := l.take(context.Background()); err != nil || !d.allowed {
+		t.Fatalf("take after the lock was released: %+v %v", d, err)
+	}
+}
+
+// holdFlock takes an exclusive flock on path through a separate open file description (so it
+// conflicts with any other open of the file, in this process too) and returns its release.
+func holdFlock(t *testing.T, path string) (release func()) {
+	t.Helper()
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		f.Close()
+		t.Fatalf("flock %s: %v", path, err)
+	}
+	done := false
+	release = func() {
+		if !done {
+			done = true
+			f.Close()
+		}
+	}
+	t.Cleanup(release)
+	return release
+}
+
+const limiterChildEnv = "WAU_TEST_LIMITER_CHILD"
+
+// TestLimiterAcrossProcesses runs the limiter from several processes at once, all released by
+// one signal: exactly count attempts are allowed, and the log holds exactly those, so no update
+// was lost and none was admitted twice.
+func TestLimiterAcrossProcesses(t *testing.T) {
+	const procs, attempts, limit = 6, 20, 50
+	dir := t.TempDir()
+	start := filepath.Join(dir, "go")
+	var cmds []*exec.Cmd
+	var outs []*strings.Builder
+	for i := 0; i < procs; i++ {
+		cmd := exec.Command(os.Args[0], "-test.run=^TestLimiterChild$", "-test.count=1")
+		cmd.Env = append(os.Environ(), fmt.Sprintf("%s=%s|%s|%d|%d", limiterChildEnv, dir, start, attempts, limit))
+		out := &strings.Builder{}
+		cmd.Stdout, cmd.Stderr = out, out
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		cmds, outs = append(cmds, cmd), append(outs, out)
+	}
+	if err := os.WriteFile(start, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	total := 0
+	for i, cmd := range cmds {
+		if err := cmd.Wait(); err != nil {
+			t.Fatalf("child %d: %v\n%s", i, err, outs[i])
+		}
+		var n int
+		for _, line := range strings.Split(outs[i].String(), "\n") {
+			if v, ok := strings.CutPrefix(line, "allowed="); ok {
+				n, _ = strconv.Atoi(v)
+			}
+		}
+		total += n
+	}
+	if total != limit {
+		t.Errorf("%d processes × %d attempts: %d allowed, want exactly %d", procs, attempts, total, limit)
+	}
+	ts, bad, err := readTimestamps(filepath.Join(dir, "ratelimit.db"))
+	if err != nil || bad != 0 || len(ts) != limit {
+		t.Errorf("the log holds %d timestamps (%d unreadable, %v), want %d", len(ts), bad, err, limit)
+	}
+}
+
+// TestLimiterChild is the child process of TestLimiterAcrossProcesses; it skips otherwise.
+func TestLimiterChild(t *testing.T) {
+	spec := os.Getenv(limiterChildEnv)
+	if spec == "" {
+		t.Skip("helper process of TestLimiterAcrossProcesses")
+	}
+	parts := strings.Split(spec, "|")
+	dir, start := parts[0], parts[1]
+	attempts, _ := strconv.Atoi(parts[2])
+	limit, _ := strconv.Atoi(parts[3])
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(time.Millisecond) {
+		if _, err := os.Stat(start); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("never told to start")
+		}
+	}
+	l := &limiter{logPath: filepath.Join(dir, "ratelimit.db"), lockPath: filepath.Join(dir, "ratelimit.lock"),
+		windows: []window{{limit, time.Hour}}, lockTimeout: time.Minute, now: time.Now}
+	allowed := 0
+	for i := 0; i < attempts; i++ {
+		d, err := l.take(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if d.allowed {
+			allowed++
+		}
+	}
+	fmt.Printf("allowed=%d\n", allowed)
+}

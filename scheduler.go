@@ -1,0 +1,330 @@
+// scheduler.go owns the commands that start units on the operator's behalf from the command
+// line: the scheduler loop, which starts the auto-update unit on a fixed interval, and
+// trigger-units / trigger-all, the command-line face of the manual API (both run triggerUnits in
+// systemd.go, so they resolve and report units exactly as the HTTP API does).
+//
+// Rules: ticks follow a fixed schedule (start + n·interval), so they never drift; a tick runs to
+// completion before the next one is scheduled, so two never overlap, and slots a long tick
+// overran are skipped rather than run in a burst. SIGTERM and SIGINT end the scheduler at once,
+// in the middle of a wait too, with exit status 0. Every tick and every CLI trigger writes an
+// event_log row; when the log cannot be opened the work still happens and the rows go to stderr.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"net/http"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// minSchedulerInterval is the shortest interval the scheduler accepts (SPEC.md: minimum 60 s);
+// a shorter one is raised to it with a warning. A variable so that tests can lower it.
+var minSchedulerInterval = 60 * time.Second
+
+const usageScheduler = `usage: webhook-auto-update scheduler [--interval SECS] [--max-iterations N] [--state-dir DIR] [--db URL]
+
+Starts MANUAL_AUTO_UPDATE_UNIT (default podman-auto-update.service) at once and then every
+--interval seconds (default AUTO_UPDATE_INTERVAL_SECS or 900; at least 60), until SIGTERM or
+SIGINT, or until --max-iterations ticks have run (default WEBHOOK_SCHEDULER_MAX_TICKS, unbounded).
+Each tick waits for systemctl and writes an event_log row (action "scheduler").
+
+Exit status: 0 when every tick succeeded or the scheduler was stopped by a signal, 1 when a tick
+failed in a run bounded by --max-iterations, 2 usage error.
+`
+
+func cmdScheduler(c *cli, args []string) int {
+	var intervalSecs, maxTicks int
+	cfg, rest, code := c.setup("scheduler", usageScheduler, args, func(fs *flag.FlagSet, cfg *config) {
+		intervalSecs, maxTicks = int(cfg.interval/time.Second), cfg.maxTicks
+		fs.Var(positiveInt{&intervalSecs}, "interval", "")
+		fs.Var(positiveInt{&maxTicks}, "max-iterations", "")
+	})
+	if code >= 0 {
+		return code
+	}
+	if len(rest) > 0 {
+		c.log.errorf("scheduler: unexpected argument %q", rest[0])
+		fmt.Fprint(c.stderr, usageScheduler)
+		return 2
+	}
+	unit, err := resolveUnit(cfg.autoUpdateUnit)
+	if err != nil {
+		c.log.errorf("invalid MANUAL_AUTO_UPDATE_UNIT: %v", err)
+		return 2
+	}
+	interval := time.Duration(intervalSecs) * time.Second
+	if interval < minSchedulerInterval {
+		c.log.warnf("interval %s is below the minimum: using %s", interval, minSchedulerInterval)
+		interval = minSchedulerInterval
+	}
+	// A tick waits for the unit's start job, which for a oneshot such as podman-auto-update lasts
+	// as long as the update; it may take up to the interval before systemctl is given up on.
+	tickCfg := *cfg
+	tickCfg.commandTimeout = max(cfg.commandTimeout, interval)
+
+	events := openCommandLog(c, cfg)
+	if events != nil {
+		defer events.Close()
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	s := &scheduler{
+		unit:     unit,
+		interval: interval,
+		maxTicks: maxTicks,
+		log:      c.log,
+		now:      time.Now,
+		sleep:    sleepContext,
+		tick:     func(ctx context.Context) cmdResult { return startUnit(ctx, &tickCfg, unit) },
+		record:   func(ev event) { writeCommandEvent(c.log, events, ev) },
+	}
+	bound := "until stopped"
+	if maxTicks > 0 {
+		bound = fmt.Sprintf("for %d iterations", maxTicks)
+	}
+	c.log.infof("scheduler: starting %s every %s, %s", unit, interval, bound)
+	return s.run(ctx)
+}
+
+// scheduler starts a unit on a fixed schedule. Its clock, sleep, tick and record are plain values
+// so a test can run it without waiting and without systemd.
+type scheduler struct {
+	unit     string
+	interval time.Duration
+	maxTicks int // 0: unbounded
+	log      *logger
+	now      func() time.Time
+	sleep    func(ctx context.Context, d time.Duration) error // returns early with ctx.Err()
+	tick     func(ctx context.Context) cmdResult
+	record   func(event)
+}
+
+// run ticks at start, start+interval, start+2·interval, … until ctx ends or maxTicks ticks have
+// run, and returns the exit status.
+func (s *scheduler) run(ctx context.Context) int {
+	start := s.now()
+	failed := 0
+	var slot int64 // the schedule slot of the current tick; slot n is due at start + n·interval
+	for iteration := 1; ; iteration++ {
+		if ctx.Err() != nil {
+			s.log.infof("scheduler: stopped after %d iterations", iteration-1)
+			return 0
+		}
+		began := s.now()
+		res := s.tick(ctx)
+		status, code := "ok", http.StatusAccepted
+		switch {
+		case res.err != nil && ctx.Err() != nil:
+			status, code = "interrupted", http.StatusServiceUnavailable
+		case res.err != nil && res.exitCode > 0:
+			status, code = triggerFailed, http.StatusInternalServerError
+		case res.err != nil:
+			status, code = triggerError, http.StatusInternalServerError
+		}
+		meta := map[string]any{"iteration": iteration, "slot": slot, "unit": s.unit, "status": status,
+			"interval_secs": int64(s.interval / time.Second)}
+		if res.err != nil {
+			meta["exit_code"] = res.exitCode
+			meta["stderr"] = res.stderr
+			meta["error"] = res.err.Error()
+		}
+		s.record(event{RequestID: newRequestID(), TS: s.now(), Method: "SCHEDULER", Status: code,
+			Action: "scheduler", Duration: s.now().Sub(began), Meta: meta})
+		switch status {
+		case "interrupted":
+			s.log.infof("scheduler: stopped during iteration %d", iteration)
+			return 0
+		case "ok":
+			s.log.infof("scheduler: iteration %d: started %s", iteration, s.unit)
+		default:
+			failed++
+			s.log.errorf("scheduler: iteration %d: %v", iteration, res.err)
+		}
+		if s.maxTicks > 0 && iteration >= s.maxTicks {
+			break
+		}
+
+		// The next slot is the first one not yet past: a tick that overran the interval skips
+		// the slots it missed instead of starting the unit again at once.
+		next := slot + 1
+		if elapsed := s.now().Sub(start); time.Duration(next)*s.interval < elapsed {
+			next = int64((elapsed + s.interval - 1) / s.interval)
+			s.log.warnf("scheduler: iteration %d overran its interval, skipping %d missed slots", iteration, next-slot-1)
+		}
+		slot = next
+		if err := s.sleep(ctx, start.Add(time.Duration(slot)*s.interval).Sub(s.now())); err != nil {
+			s.log.infof("scheduler: stopped after %d iterations", iteration)
+			return 0
+		}
+	}
+	if failed > 0 {
+		return 1
+	}
+	return 0
+}
+
+// sleepContext waits for d or until ctx ends, whichever comes first.
+func sleepContext(ctx context.Context, d time.Duration) error {
+	if d <= 0 {
+		return ctx.Err()
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
+	}
+}
+
+// openCommandLog opens the event log for a command-line run. When it cannot be opened the command
+// still does its work, and its rows go to stderr instead; it then returns nil.
+func openCommandLog(c *cli, cfg *config) *eventLog {
+	if err := ensureStateDir(cfg.stateDir); err != nil {
+		c.log.warnf("event log unavailable, events go to stderr: %v", err)
+		return nil
+	}
+	events, err := openEventLog(cfg.dbPath, c.log)
+	if err != nil {
+		c.log.warnf("event log unavailable, events go to stderr: %v", err)
+		return nil
+	}
+	return events
+}
+
+// writeCommandEvent commits one row before it returns, or prints it to stderr when there is no
+// event log (a failed write is printed by Write itself).
+func writeCommandEvent(lg *logger, events *eventLog, ev event) {
+	if events == nil {
+		lg.warnf("unwritten event: %s", marshalJSON(map[string]any{"request_id": ev.RequestID,
+			"ts": ev.TS.Unix(), "method": ev.Method, "path": ev.Path, "status": ev.Status,
+			"action": ev.Action, "duration_ms": ev.Duration.Milliseconds(), "meta": ev.Meta}))
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*busyTimeout)
+	defer cancel()
+	events.Write(ctx, ev)
+}
+
+const usageTriggerUnits = `usage: webhook-auto-update trigger-units [flags] <unit>...
+
+Restarts the named units now, one after the other (the auto-update unit is started instead, so a
+running update is never cut short), and prints one "unit -> status" line per unit, followed by an
+indented message when there is one. A unit is written foo, foo.service, foo/redeploy or
+github-package-update/foo.
+
+flags:
+  --units a,b      more units, comma-separated
+  --all            also the auto-update unit and WEBHOOK_MANUAL_UNITS
+  --dry-run        print what would be done and run nothing
+  --caller NAME    who asked, stored in the event log (default "cli")
+  --reason TEXT    why, stored in the event log
+  --state-dir DIR, --db URL
+
+Statuses: triggered, dry-run, failed (systemctl exited non-zero), error (systemctl could not
+run), invalid (not a unit name; never run).
+Exit status: 0 every unit triggered, 1 a unit failed, 2 usage error or nothing valid to trigger.
+`
+
+const usageTriggerAll = `usage: webhook-auto-update trigger-all [--dry-run] [--caller NAME] [--reason TEXT]
+
+Starts MANUAL_AUTO_UPDATE_UNIT and restarts every unit of WEBHOOK_MANUAL_UNITS now, and prints
+one "unit -> status" line per unit, as trigger-units does.
+Exit status: 0 every unit triggered, 1 a unit failed, 2 usage error or nothing valid to trigger.
+`
+
+// triggerFlags are the flags trigger-units and trigger-all share.
+type triggerFlags struct {
+	dryRun         bool
+	caller, reason string
+}
+
+func (f *triggerFlags) define(fs *flag.FlagSet) {
+	fs.BoolVar(&f.dryRun, "dry-run", false, "")
+	fs.StringVar(&f.caller, "caller", "cli", "")
+	fs.StringVar(&f.reason, "reason", "", "")
+}
+
+func cmdTriggerUnits(c *cli, args []string) int {
+	var f triggerFlags
+	var all bool
+	var more []string
+	cfg, rest, code := c.setup("trigger-units", usageTriggerUnits, args, func(fs *flag.FlagSet, cfg *config) {
+		f.define(fs)
+		fs.BoolVar(&all, "all", false, "")
+		fs.Func("units", "", func(s string) error { more = append(more, splitList(s)...); return nil })
+	})
+	if code >= 0 {
+		return code
+	}
+	ids := append(rest, more...)
+	if len(ids) == 0 && !all {
+		c.log.errorf("trigger-units: nothing to trigger: name units, or use --all or trigger-all")
+		fmt.Fprint(c.stderr, usageTriggerUnits)
+		return 2
+	}
+	return runTrigger(c, cfg, "trigger-units", ids, all, f)
+}
+
+func cmdTriggerAll(c *cli, args []string) int {
+	var f triggerFlags
+	cfg, rest, code := c.setup("trigger-all", usageTriggerAll, args, func(fs *flag.FlagSet, cfg *config) {
+		f.define(fs)
+	})
+	if code >= 0 {
+		return code
+	}
+	if len(rest) > 0 {
+		c.log.errorf("trigger-all: unexpected argument %q (use trigger-units to name units)", rest[0])
+		fmt.Fprint(c.stderr, usageTriggerAll)
+		return 2
+	}
+	return runTrigger(c, cfg, "trigger-all", nil, true, f)
+}
+
+// runTrigger triggers units for trigger-units and trigger-all, prints the results and writes the
+// cli-trigger row.
+func runTrigger(c *cli, cfg *config, command string, ids []string, all bool, f triggerFlags) int {
+	caller, reason := cleanText(f.caller, manualTextMax), cleanText(f.reason, manualTextMax)
+	events := openCommandLog(c, cfg)
+	if events != nil {
+		defer events.Close()
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	start := time.Now()
+	results := triggerUnits(ctx, cfg, ids, all, f.dryRun)
+	for _, r := range results {
+		fmt.Fprintf(c.stdout, "%s -> %s\n", r.Unit, r.Status)
+		if r.Message != "" {
+			fmt.Fprintf(c.stdout, "    %s\n", strings.ReplaceAll(strings.TrimSpace(r.Message), "\n", "\n    "))
+		}
+	}
+	status, exit := http.StatusAccepted, 0
+	switch valid, ok := triggerOutcome(results); {
+	case valid == 0:
+		status, exit = http.StatusBadRequest, 2
+		c.log.errorf("%s: nothing valid to trigger", command)
+	case !ok:
+		status, exit = http.StatusMultiStatus, 1
+	}
+	writeCommandEvent(c.log, events, event{RequestID: newRequestID(), TS: time.Now(), Method: "CLI",
+		Status: status, Action: "cli-trigger", Duration: time.Since(start), Meta: map[string]any{
+			"command": command, "caller": caller, "reason": reason, "dry_run": f.dryRun, "all": all,
+			"requested": cleanList(ids), "units": results}})
+	return exit
+}
+
+// cleanList applies cleanText to each requested identifier before it is stored.
+func cleanList(ids []string) []string {
+	out := make([]string, 0, len(ids))
+	for _, id := range ids {
+		out = append(out, cleanText(id, maxUnitNameLen))
+	}
+	return out
+}

@@ -1,0 +1,693 @@
+// systemd_test.go tests socket activation and sd_notify against real sockets (a TCP listener's fd
+// handed in through firstListenFD, datagrams received on a real unixgram socket), and checks the
+// unit files and the environment example under systemd/ against the code they describe.
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"reflect"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// rawListenerFD returns a fresh fd, owned by no *os.File, for a new loopback TCP listener, with
+// FD_CLOEXEC cleared as systemd passes it. The code under test takes ownership of the fd (it
+// closes it); the test keeps only the address.
+func rawListenerFD(t *testing.T) (int, string) {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	f, err := l.(*net.TCPListener).File()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	fd, err := syscall.Dup(int(f.Fd())) // plain dup: no close-on-exec, like an inherited fd
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cloexec(t, fd) {
+		t.Fatalf("setup: dup'ed fd %d already has FD_CLOEXEC", fd)
+	}
+	return fd, l.Addr().String()
+}
+
+// cloexec reports whether fd has FD_CLOEXEC set; a closed fd is reported as set (it cannot leak).
+func cloexec(t *testing.T, fd int) bool {
+	t.Helper()
+	flags, _, errno := syscall.Syscall(syscall.SYS_FCNTL, uintptr(fd), syscall.F_GETFD, 0)
+	if errno == syscall.EBADF {
+		return true
+	}
+	if errno != 0 {
+		t.Fatalf("fcntl(%d, F_GETFD): %v", fd, errno)
+	}
+	return flags&syscall.FD_CLOEXEC != 0
+}
+
+// listenerCloexec reports FD_CLOEXEC of the fd behind a listener returned by the code.
+func listenerCloexec(t *testing.T, l net.Listener) bool {
+	t.Helper()
+	sc, ok := l.(syscall.Conn)
+	if !ok {
+		t.Fatalf("listener %T has no SyscallConn", l)
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var set bool
+	if err := rc.Control(func(fd uintptr) { set = cloexec(t, int(fd)) }); err != nil {
+		t.Fatal(err)
+	}
+	return set
+}
+
+// setFirstListenFD points the code at fd for the duration of the test.
+func setFirstListenFD(t *testing.T, fd int) {
+	t.Helper()
+	old := firstListenFD
+	firstListenFD = fd
+	t.Cleanup(func() { firstListenFD = old })
+}
+
+// assertUnset fails the test when any of the variables is still in the environment.
+func assertUnset(t *testing.T, names ...string) {
+	t.Helper()
+	for _, n := range names {
+		if v, ok := os.LookupEnv(n); ok {
+			t.Errorf("%s=%q is still set: child processes would inherit it", n, v)
+		}
+	}
+}
+
+// assertServes accepts one real connection through l and exchanges a line over it.
+func assertServes(t *testing.T, l net.Listener, addr string) {
+	t.Helper()
+	if got := l.Addr().String(); got != addr {
+		t.Errorf("listener address = %s, want %s (the socket handed in)", got, addr)
+	}
+	accepted := make(chan error, 1)
+	go func() {
+		c, err := l.Accept()
+		if err != nil {
+			accepted <- err
+			return
+		}
+		defer c.Close()
+		_, err = io.WriteString(c, "hello\n")
+		accepted <- err
+	}()
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	line, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil {
+		t.Fatalf("reading through the activated listener: %v", err)
+	}
+	if line != "hello\n" {
+		t.Errorf("read %q through the activated listener, want %q", line, "hello\n")
+	}
+	if err := <-accepted; err != nil {
+		t.Fatalf("accept on the activated listener: %v", err)
+	}
+}
+
+var listenVars = []string{"LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"}
+
+func TestActivationListenerFromSystemd(t *testing.T) {
+	fd, addr := rawListenerFD(t)
+	setFirstListenFD(t, fd)
+	t.Setenv("LISTEN_PID", strconv.Itoa(os.Getpid()))
+	t.Setenv("LISTEN_FDS", "1")
+	t.Setenv("LISTEN_FDNAMES", "web")
+
+	ls, err := activationListeners(os.Getenv)
+	if err != nil {
+		t.Fatalf("activationListeners: %v", err)
+	}
+	defer func() {
+		for _, l := range ls {
+			l.Close()
+		}
+	}()
+	if len(ls) != 1 {
+		t.Fatalf("got %d listeners, want 1", len(ls))
+	}
+	assertUnset(t, listenVars...)
+	if !cloexec(t, fd) {
+		t.Errorf("passed fd %d is still open without FD_CLOEXEC: a child process would inherit it", fd)
+	}
+	if !listenerCloexec(t, ls[0]) {
+		t.Errorf("the returned listener's fd lacks FD_CLOEXEC")
+	}
+	assertServes(t, ls[0], addr)
+}
+
+// TestActivationSeveralListeners checks that every passed fd is served, not only the first.
+func TestActivationSeveralListeners(t *testing.T) {
+	a, addr1 := rawListenerFD(t)
+	b, addr2 := rawListenerFD(t)
+	// systemd passes consecutive fds: move both to a free pair.
+	fd1 := 100
+	for fdOpen(fd1) || fdOpen(fd1+1) {
+		fd1++
+	}
+	for i, fd := range []int{a, b} {
+		if err := syscall.Dup3(fd, fd1+i, 0); err != nil {
+			t.Fatal(err)
+		}
+		syscall.Close(fd)
+	}
+	setFirstListenFD(t, fd1)
+	t.Setenv("LISTEN_PID", strconv.Itoa(os.Getpid()))
+	t.Setenv("LISTEN_FDS", "2")
+	t.Setenv("LISTEN_FDNAMES", "web:other")
+
+	ls, err := activationListeners(os.Getenv)
+	if err != nil {
+		t.Fatalf("activationListeners: %v", err)
+	}
+	defer func() {
+		for _, l := range ls {
+			l.Close()
+		}
+	}()
+	if len(ls) != 2 {
+		t.Fatalf("got %d listeners, want 2", len(ls))
+	}
+	assertUnset(t, listenVars...)
+	for i, fd := range []int{fd1, fd1 + 1} {
+		if !cloexec(t, fd) {
+			t.Errorf("passed fd %d is still open without FD_CLOEXEC", fd)
+		}
+		if !listenerCloexec(t, ls[i]) {
+			t.Errorf("listener %d lacks FD_CLOEXEC", i)
+		}
+	}
+	assertServes(t, ls[0], addr1)
+	assertServes(t, ls[1], addr2)
+}
+
+func fdOpen(fd int) bool {
+	_, _, errno := syscall.Syscall(syscall.SYS_FCNTL, uintptr(fd), syscall.F_GETFD, 0)
+	return errno != syscall.EBADF
+}
+
+func TestActivationNotForThisProcess(t *testing.T) {
+	fd, _ := rawListenerFD(t)
+	defer syscall.Close(fd)
+	setFirstListenFD(t, fd)
+	for _, tc := range []struct {
+		name string
+		env  map[string]string
+	}{
+		{"another pid", map[string]string{"LISTEN_PID": strconv.Itoa(os.Getpid() + 1), "LISTEN_FDS": "1", "LISTEN_FDNAMES": "web"}},
+		{"pid not a number", map[string]string{"LISTEN_PID": "self", "LISTEN_FDS": "1"}},
+		{"no pid", map[string]string{"LISTEN_FDS": "1", "LISTEN_FDNAMES": "web"}},
+		{"no fds", map[string]string{"LISTEN_PID": strconv.Itoa(os.Getpid())}},
+		{"nothing set", map[string]string{}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			for _, v := range listenVars {
+				t.Setenv(v, "") // registers the restore
+				os.Unsetenv(v)
+			}
+			for k, v := range tc.env {
+				t.Setenv(k, v)
+			}
+			ls, err := activationListeners(os.Getenv)
+			if err != nil {
+				t.Fatalf("activationListeners: %v", err)
+			}
+			if len(ls) != 0 {
+				for _, l := range ls {
+					l.Close()
+				}
+				t.Fatalf("got %d listeners for a process that was not activated", len(ls))
+			}
+			assertUnset(t, listenVars...)
+			if !fdOpen(fd) {
+				t.Errorf("fd %d was closed although it was not passed to this process", fd)
+			}
+		})
+	}
+}
+
+func TestActivationInvalidFDCount(t *testing.T) {
+	for _, fds := range []string{"x", "-1", "1x", "0x1"} {
+		t.Run(fds, func(t *testing.T) {
+			t.Setenv("LISTEN_PID", strconv.Itoa(os.Getpid()))
+			t.Setenv("LISTEN_FDS", fds)
+			t.Setenv("LISTEN_FDNAMES", "web")
+			ls, err := activationListeners(os.Getenv)
+			for _, l := range ls {
+				l.Close()
+			}
+			if err == nil {
+				t.Fatalf("LISTEN_FDS=%q: no error, %d listeners", fds, len(ls))
+			}
+			if !strings.Contains(err.Error(), "LISTEN_FDS") {
+				t.Errorf("error %q does not name LISTEN_FDS", err)
+			}
+			assertUnset(t, listenVars...)
+		})
+	}
+}
+
+// TestActivationFDNotASocket hands in a regular file: an error naming the fd, not a panic.
+func TestActivationFDNotASocket(t *testing.T) {
+	f, err := os.Create(filepath.Join(t.TempDir(), "not-a-socket"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	fd, err := syscall.Dup(int(f.Fd()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	setFirstListenFD(t, fd)
+	t.Setenv("LISTEN_PID", strconv.Itoa(os.Getpid()))
+	t.Setenv("LISTEN_FDS", "1")
+	t.Setenv("LISTEN_FDNAMES", "web")
+	ls, err := activationListeners(os.Getenv)
+	for _, l := range ls {
+		l.Close()
+	}
+	if err == nil {
+		t.Fatal("a regular file was accepted as a listening socket")
+	}
+	if !strings.Contains(err.Error(), strconv.Itoa(fd)) {
+		t.Errorf("error %q does not name fd %d", err, fd)
+	}
+	if fdOpen(fd) {
+		syscall.Close(fd)
+	}
+}
+
+// notifySocket listens for sd_notify datagrams on name (a path, or "@..." for an abstract socket).
+func notifySocket(t *testing.T, name string) *net.UnixConn {
+	t.Helper()
+	c, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: name, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// receive reads one datagram, failing the test if none arrives in a generous time.
+func receive(t *testing.T, c *net.UnixConn) string {
+	t.Helper()
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	buf := make([]byte, 4096)
+	n, err := c.Read(buf)
+	if err != nil {
+		t.Fatalf("no notification received: %v", err)
+	}
+	return string(buf[:n])
+}
+
+func randomName(t *testing.T) string {
+	t.Helper()
+	var b [8]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		t.Fatal(err)
+	}
+	return hex.EncodeToString(b[:])
+}
+
+var notifyVars = []string{"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"}
+
+func TestNotify(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		socket string
+	}{
+		{"path", filepath.Join(t.TempDir(), "notify")},
+		{"abstract", "@webhook-test-" + randomName(t)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			sock := notifySocket(t, tc.socket)
+			t.Setenv("NOTIFY_SOCKET", tc.socket)
+			t.Setenv("WATCHDOG_USEC", "200000")
+			t.Setenv("WATCHDOG_PID", strconv.Itoa(os.Getpid()))
+
+			n, err := newNotifier(os.Getenv)
+			if err != nil {
+				t.Fatalf("newNotifier: %v", err)
+			}
+			defer n.Close()
+			assertUnset(t, notifyVars...)
+
+			for _, state := range []string{"READY=1", "STOPPING=1"} {
+				if err := n.notify(state); err != nil {
+					t.Fatalf("notify(%q): %v", state, err)
+				}
+				if got := receive(t, sock); got != state {
+					t.Errorf("received %q, want %q", got, state)
+				}
+			}
+
+			var logs strings.Builder
+			ctx, cancel := context.WithCancel(context.Background())
+			done := make(chan struct{})
+			go func() {
+				defer close(done)
+				n.runWatchdog(ctx, newLogger(&logs))
+			}()
+			for i := 0; i < 2; i++ {
+				if got := receive(t, sock); got != "WATCHDOG=1" {
+					t.Errorf("received %q, want WATCHDOG=1", got)
+				}
+			}
+			cancel()
+			select {
+			case <-done:
+			case <-time.After(10 * time.Second):
+				t.Fatal("runWatchdog did not return after its context ended")
+			}
+		})
+	}
+}
+
+func TestNotifyWithoutSocket(t *testing.T) {
+	t.Setenv("NOTIFY_SOCKET", "")
+	os.Unsetenv("NOTIFY_SOCKET")
+	t.Setenv("WATCHDOG_USEC", "200000")
+	n, err := newNotifier(os.Getenv)
+	if err != nil {
+		t.Fatalf("newNotifier: %v", err)
+	}
+	defer n.Close()
+	if err := n.notify("READY=1"); err != nil {
+		t.Errorf("notify without NOTIFY_SOCKET: %v", err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		n.runWatchdog(context.Background(), newLogger(io.Discard))
+	}()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("runWatchdog without NOTIFY_SOCKET did not return at once")
+	}
+	assertUnset(t, "WATCHDOG_USEC")
+
+	var nilNotifier *notifier
+	if err := nilNotifier.notify("READY=1"); err != nil {
+		t.Errorf("notify on a nil notifier: %v", err)
+	}
+	nilNotifier.Close()
+}
+
+// TestNotifyWatchdogSettings checks that WATCHDOG_USEC is only honoured for this process
+// (WATCHDOG_PID, sd_watchdog_enabled(3)) and only when it is a positive number.
+func TestNotifyWatchdogSettings(t *testing.T) {
+	socket := filepath.Join(t.TempDir(), "notify")
+	notifySocket(t, socket)
+	for _, tc := range []struct {
+		name string
+		usec string
+		pid  string
+		want time.Duration
+	}{
+		{"set", "200000", "", 200 * time.Millisecond},
+		{"this pid", "30000000", strconv.Itoa(os.Getpid()), 30 * time.Second},
+		{"another pid", "200000", strconv.Itoa(os.Getpid() + 1), 0},
+		{"zero", "0", "", 0},
+		{"negative", "-5", "", 0},
+		{"not a number", "soon", "", 0},
+		{"unset", "", "", 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Setenv("NOTIFY_SOCKET", socket)
+			t.Setenv("WATCHDOG_USEC", tc.usec)
+			t.Setenv("WATCHDOG_PID", tc.pid)
+			n, err := newNotifier(os.Getenv)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer n.Close()
+			if n.watchdog != tc.want {
+				t.Errorf("watchdog interval = %v, want %v", n.watchdog, tc.want)
+			}
+			assertUnset(t, notifyVars...)
+		})
+	}
+}
+
+func TestNotifySocketMissing(t *testing.T) {
+	t.Setenv("NOTIFY_SOCKET", filepath.Join(t.TempDir(), "nobody-listens"))
+	n, err := newNotifier(os.Getenv)
+	if err == nil {
+		t.Error("newNotifier: no error for a socket nobody listens on")
+	} else if !strings.Contains(err.Error(), "NOTIFY_SOCKET") {
+		t.Errorf("error %q does not name NOTIFY_SOCKET", err)
+	}
+	// The server only warns: the notifier it got back must still be usable as a no-op.
+	if err := n.notify("READY=1"); err != nil {
+		t.Errorf("notify on the fallback notifier: %v", err)
+	}
+	n.Close()
+	assertUnset(t, "NOTIFY_SOCKET")
+}
+
+// unit files and the environment example
+
+// unitDirectives parses a systemd unit or environment file into section → key → values.
+func unitDirectives(t *testing.T, name string) map[string]map[string][]string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join("systemd", name))
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]map[string][]string{}
+	section := ""
+	for i, line := range strings.Split(string(b), "\n") {
+		line = strings.TrimSpace(line)
+		switch {
+		case line == "" || strings.HasPrefix(line, "#") || strings.HasPrefix(line, ";"):
+		case strings.HasPrefix(line, "[") && strings.HasSuffix(line, "]"):
+			section = line[1 : len(line)-1]
+		default:
+			k, v, ok := strings.Cut(line, "=")
+			if !ok {
+				t.Fatalf("systemd/%s:%d: %q is not KEY=VALUE", name, i+1, line)
+			}
+			if out[section] == nil {
+				out[section] = map[string][]string{}
+			}
+			k = strings.TrimSpace(k)
+			out[section][k] = append(out[section][k], strings.TrimSpace(v))
+		}
+	}
+	return out
+}
+
+func TestUnitFiles(t *testing.T) {
+	cfg, err := loadConfig(func(string) string { return "" })
+	if err != nil {
+		t.Fatal(err)
+	}
+	units := map[string]map[string]map[string][]string{
+		"socket":  unitDirectives(t, "webhook-auto-update.socket"),
+		"service": unitDirectives(t, "webhook-auto-update.service"),
+	}
+	for _, tc := range []struct {
+		unit, section, key, want string
+	}{
+		// The socket listens where the server listens by default, so both ways reach the same port.
+		{"socket", "Socket", "ListenStream", cfg.listen},
+		{"socket", "Socket", "Accept", "no"},
+		{"socket", "Install", "WantedBy", "sockets.target"},
+		{"service", "Unit", "Requires", "webhook-auto-update.socket"},
+		{"service", "Unit", "After", "webhook-auto-update.socket"},
+		{"service", "Service", "Type", "notify"},
+		{"service", "Service", "NotifyAccess", "main"},
+		{"service", "Service", "ExecStart", "%h/.local/bin/webhook-auto-update server"},
+		{"service", "Service", "EnvironmentFile", "-%h/.config/webhook-auto-update/webhook-auto-update.env"},
+		{"service", "Service", "Restart", "on-failure"},
+		{"service", "Service", "WatchdogSec", "60"},
+		{"service", "Service", "UMask", "0077"},
+		{"service", "Install", "WantedBy", "default.target"},
+	} {
+		got := units[tc.unit][tc.section][tc.key]
+		if !reflect.DeepEqual(got, []string{tc.want}) {
+			t.Errorf("webhook-auto-update.%s [%s] %s = %q, want %q", tc.unit, tc.section, tc.key, got, tc.want)
+		}
+	}
+	// The server's graceful shutdown must fit inside the stop timeout systemd grants it.
+	stop := units["service"]["Service"]["TimeoutStopSec"]
+	if len(stop) != 1 {
+		t.Fatalf("TimeoutStopSec = %q, want one value", stop)
+	}
+	secs, err := strconv.Atoi(stop[0])
+	if err != nil || time.Duration(secs)*time.Second <= cfg.shutdownTimeout {
+		t.Errorf("TimeoutStopSec=%s must be a number of seconds above the shutdown timeout %s", stop[0], cfg.shutdownTimeout)
+	}
+	// A user unit's sandboxing options that imply NoNewPrivileges break the setuid newuidmap
+	// that rootless podman needs.
+	for _, k := range []string{"NoNewPrivileges", "PrivateUsers", "PrivateTmp", "ProtectSystem", "ProtectHome"} {
+		if v, ok := units["service"]["Service"][k]; ok {
+			t.Errorf("webhook-auto-update.service sets %s=%q: it breaks rootless podman (newuidmap) or fails in a user manager", k, v)
+		}
+	}
+}
+
+// TestSystemdAnalyzeVerify runs systemd's own parser over the user units. systemd-analyze
+// reports a bad directive on stderr but still exits 0, so any output fails the test.
+func TestSystemdAnalyzeVerify(t *testing.T) {
+	sa, err := exec.LookPath("systemd-analyze")
+	if err != nil {
+		t.Skip("systemd-analyze not installed")
+	}
+	home, runtimeDir := t.TempDir(), t.TempDir()
+	unitDir := filepath.Join(home, ".config", "systemd", "user")
+	// verify checks that ExecStart= (%h/.local/bin/webhook-auto-update) is executable.
+	bin := filepath.Join(home, ".local", "bin", "webhook-auto-update")
+	if err := os.MkdirAll(filepath.Dir(bin), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(bin, []byte("#!/bin/sh\n"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(unitDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	var units []string
+	for _, name := range []string{"webhook-auto-update.socket", "webhook-auto-update.service"} {
+		b, err := os.ReadFile(filepath.Join("systemd", name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		p := filepath.Join(unitDir, name)
+		if err := os.WriteFile(p, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		units = append(units, p)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), hangGuard)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, sa, append([]string{"--user", "verify"}, units...)...)
+	cmd.Env = []string{"HOME=" + home, "XDG_RUNTIME_DIR=" + runtimeDir, "PATH=" + os.Getenv("PATH")}
+	out, err := cmd.CombinedOutput()
+	if err != nil || len(bytes.TrimSpace(out)) != 0 {
+		t.Errorf("systemd-analyze --user verify: %v\n%s", err, out)
+	}
+}
+
+var envLine = regexp.MustCompile(`^#([A-Z][A-Z0-9_]*)=(.*)$`)
+
+// TestEnvExampleDocumentsEveryVariable reads the example environment file and checks that it
+// names every variable loadConfig reads, with the default loadConfig uses (an empty value stands
+// for a default derived at run time, such as the state directory's web/dist).
+func TestEnvExampleDocumentsEveryVariable(t *testing.T) {
+	b, err := os.ReadFile(filepath.Join("systemd", "webhook-auto-update.env.example"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	documented := map[string]string{}
+	for _, line := range strings.Split(string(b), "\n") {
+		if m := envLine.FindStringSubmatch(strings.TrimSpace(line)); m != nil {
+			if _, dup := documented[m[1]]; dup {
+				t.Errorf("%s is documented twice", m[1])
+			}
+			documented[m[1]] = m[2]
+		} else if k, _, ok := strings.Cut(line, "="); ok && !strings.HasPrefix(strings.TrimSpace(line), "#") {
+			t.Errorf("%q is set, not commented out: the example must not change any default", k)
+		}
+	}
+
+	read := map[string]bool{}
+	base, err := loadConfig(func(name string) string { read[name] = true; return "" })
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for n := range read {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	for _, name := range names {
+		def, ok := documented[name]
+		if !ok {
+			t.Errorf("loadConfig reads %s but webhook-auto-update.env.example does not document it", name)
+			continue
+		}
+		cfg, err := loadConfig(func(n string) string {
+			if n == name {
+				return def
+			}
+			return ""
+		})
+		if err != nil {
+			t.Errorf("the documented default %s=%s is refused: %v", name, def, err)
+			continue
+		}
+		if !reflect.DeepEqual(cfg, base) {
+			t.Errorf("the documented default %s=%s is not the default loadConfig uses", name, def)
+		}
+	}
+	for name := range documented {
+		if !read[name] {
+			t.Errorf("webhook-auto-update.env.example documents %s, which loadConfig never reads", name)
+		}
+	}
+}
+
+// TestNotifyReadyAfterListening runs the built binary with NOTIFY_SOCKET and checks that when
+// READY=1 arrives /health already answers, and that STOPPING=1 follows SIGTERM.
+func TestNotifyReadyAfterListening(t *testing.T) {
+	bin := buildServerBinary(t)
+	dir := t.TempDir()
+	sockPath := filepath.Join(dir, "notify")
+	sock := notifySocket(t, sockPath)
+	addr := freeLoopbackAddr(t)
+	p := startServerProc(t, bin, []string{"--listen", addr, "--state-dir", filepath.Join(dir, "state")},
+		[]string{"NOTIFY_SOCKET=" + sockPath}, nil)
+
+	if got := receive(t, sock); got != "READY=1" {
+		t.Fatalf("first notification %q, want READY=1", got)
+	}
+	// No polling: READY=1 promises the listener is up and the database migrated.
+	resp, err := http.Get("http://" + addr + "/health")
+	if err != nil {
+		t.Fatalf("/health right after READY=1: %v", err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("/health right after READY=1: %s", resp.Status)
+	}
+	if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if got := receive(t, sock); got != "STOPPING=1" {
+		t.Errorf("notification after SIGTERM %q, want STOPPING=1", got)
+	}
+	if err := p.wait(); err != nil {
+		t.Fatalf("server exit: %v\nstderr:\n%s", err, p.stderr())
+	}
+}
