@@ -537,8 +537,8 @@ func queryEvents(ctx context.Context, db *sql.DB, f eventFilter) ([]storedEvent,
 		add("id < ?", f.beforeID)
 	}
 	order := "DESC"
-	if f.afterID > 0 {
-		add("id > ?", f.afterID)
+	if f.afterID != 0 { // a negative afterID asks for every row, oldest first
+		add("id > ?", max(f.afterID, 0))
 		order = "ASC"
 	}
 	q := `SELECT id, request_id, ts, method, coalesce(path, ''), status, action, duration_ms, meta FROM event_log`

@@ -36,6 +36,7 @@ commands:
   trigger-units  restart the named units now
   trigger-all    restart the auto-update unit and WEBHOOK_MANUAL_UNITS now
   prune-state    drop old entries from the state directory
+  events         show what happened, from the event log
   run-task       run one redeploy (started by the server through systemd-run)
   version        print the version
   help           print this text
@@ -66,6 +67,7 @@ func init() {
 		"trigger-units": cmdTriggerUnits,
 		"trigger-all":   cmdTriggerAll,
 		"prune-state":   cmdPruneState,
+		"events":        cmdEvents,
 		"version":       cmdVersion,
 		"help":          cmdHelp,
 	}
@@ -147,6 +149,7 @@ type config struct {
 	allowedEvents    []string // empty: every event
 	token            string
 	manualToken      string
+	metricsToken     string
 	manualUnits      []string
 	autoUpdateUnit   string
 	webDist          string
@@ -188,6 +191,7 @@ func loadConfig(getenv func(string) string) (*config, error) {
 		allowedEvents:    splitList(getenv("GITHUB_ALLOWED_EVENTS")),
 		token:            strings.TrimSpace(getenv("WEBHOOK_TOKEN")),
 		manualToken:      strings.TrimSpace(getenv("WEBHOOK_MANUAL_TOKEN")),
+		metricsToken:     strings.TrimSpace(getenv("WEBHOOK_METRICS_TOKEN")),
 		manualUnits:      splitList(getenv("WEBHOOK_MANUAL_UNITS")),
 		autoUpdateUnit:   p.str("MANUAL_AUTO_UPDATE_UNIT", "podman-auto-update.service"),
 		webDist:          strings.TrimSpace(getenv("WEBHOOK_WEB_DIST")),

@@ -132,12 +132,13 @@ func cmdServer(c *cli, args []string) int {
 // server is the HTTP handler: a ServeMux for routing (it answers 404 and 405 with Allow) wrapped
 // by ServeHTTP for the cross-cutting rules.
 type server struct {
-	cfg    *config
-	log    *logger
-	events *eventLog
-	mux    *http.ServeMux
-	now    func() time.Time
-	tasks  sync.WaitGroup // background work started by handlers, waited for at shutdown
+	cfg     *config
+	log     *logger
+	events  *eventLog
+	metrics *metrics
+	mux     *http.ServeMux
+	now     func() time.Time
+	tasks   sync.WaitGroup // background work started by handlers, waited for at shutdown
 
 	// Process boundaries, swapped in tests.
 	getenv  func(string) string
@@ -147,13 +148,16 @@ type server struct {
 }
 
 func newServer(cfg *config, lg *logger, events *eventLog) *server {
-	s := &server{cfg: cfg, log: lg, events: events, mux: http.NewServeMux(), now: time.Now,
+	s := &server{cfg: cfg, log: lg, events: events, metrics: newMetrics(time.Now()), mux: http.NewServeMux(), now: time.Now,
 		getenv: os.Getenv, environ: os.Environ, exec: runCommand}
 	s.exe, _ = os.Executable()
 	s.mux.HandleFunc("POST /github-package-update/{unit}", s.handleGitHub)
 	s.mux.HandleFunc("POST /github-package-update/{unit}/redeploy", s.handleGitHub)
 	s.mux.HandleFunc("GET /health", s.handleHealth)
 	s.mux.HandleFunc("GET /sse/hello", s.handleHello)
+	s.mux.HandleFunc("GET /metrics", s.handleMetrics)
+	s.mux.HandleFunc("GET /api/events", s.handleEvents)
+	s.mux.HandleFunc("GET /api/deliveries/{id}", s.handleDelivery)
 	s.mux.HandleFunc("GET /auto-update", s.handleAutoUpdate)
 	s.mux.HandleFunc("POST /auto-update", s.handleAutoUpdate)
 	s.mux.HandleFunc("POST /api/manual/trigger", s.handleManualTrigger)
@@ -232,6 +236,11 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if sw.status == 0 {
 		sw.status = http.StatusOK
 	}
+	action := ri.action
+	if action == "" {
+		action = defaultAction(r.Pattern, sw.status)
+	}
+	s.metrics.observe(r.Pattern, sw.status, action, ri.meta["reason"])
 	if ri.recorded {
 		return
 	}
@@ -283,11 +292,6 @@ func hasDotDot(p string) bool {
 		}
 	}
 	return false
-}
-
-func (s *server) handleHealth(w http.ResponseWriter, r *http.Request) {
-	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-	w.Write([]byte("ok"))
 }
 
 // handleHello sends one server-sent event, as the original tool's UI expects.
@@ -883,4 +887,135 @@ func (s *server) handleManualService(w http.ResponseWriter, r *http.Request) {
 	}
 	ri.meta["status"] = resp.Status
 	replyJSON(w, status, resp)
+}
+
+// Observability: /health?verbose=1, /metrics, /api/events and /api/deliveries/<id>. The event
+// rows themselves are read and formatted by eventlog.go.
+
+// handleHealth answers "ok" for probes; with ?verbose=1 or "Accept: application/json" it checks
+// the database, the state directory and the configuration, and answers 503 naming what failed.
+func (s *server) handleHealth(w http.ResponseWriter, r *http.Request) {
+	if r.URL.Query().Get("verbose") == "" && !strings.Contains(r.Header.Get("Accept"), "application/json") {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		w.Write([]byte("ok"))
+		return
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), 5*time.Second)
+	defer cancel()
+	var failing []string
+	db := map[string]any{"path": s.cfg.dbPath, "pending_writes": s.events.pending.Load(), "write_failures": s.events.failures.Load()}
+	if v, err := s.events.schemaVersion(ctx); err == nil {
+		db["schema_version"] = v
+	}
+	if tx, err := s.events.db.BeginTx(ctx, nil); err != nil { // BEGIN IMMEDIATE: takes the write lock
+		db["writable"], db["error"] = false, err.Error()
+		failing = append(failing, "database")
+	} else {
+		tx.Rollback()
+		db["writable"] = true
+	}
+	state := map[string]any{"path": s.cfg.stateDir, "writable": true}
+	if f, err := os.CreateTemp(s.cfg.stateDir, ".health-*"); err != nil {
+		state["writable"], state["error"] = false, err.Error()
+		failing = append(failing, "state_dir")
+	} else {
+		f.Close()
+		os.Remove(f.Name())
+	}
+	body := map[string]any{
+		"status":   "ok",
+		"database": db, "state_dir": state,
+		"github_secret_configured": s.cfg.secret != "",
+		"token_configured":         s.cfg.token != "",
+		"manual_token_configured":  s.cfg.manualToken != "",
+		"metrics_token_configured": s.cfg.metricsToken != "",
+		"version":                  buildVersion(),
+	}
+	if tick, err := lastEvent(ctx, s.events.db, "scheduler"); err == nil && tick != nil {
+		body["last_scheduler_tick"] = map[string]any{"time": tick.Time, "status": tick.Status}
+	}
+	status := http.StatusOK
+	if len(failing) > 0 {
+		body["status"], body["failing"] = "fail", failing
+		status = http.StatusServiceUnavailable
+	}
+	replyJSON(w, status, body)
+}
+
+// readToken checks a token presented as "Authorization: Bearer" or as ?token= on a GET route.
+func readToken(r *http.Request, configured string) bool {
+	if t, ok := bearerToken(r); ok {
+		return tokenMatches(configured, t)
+	}
+	return tokenMatches(configured, r.URL.Query().Get("token"))
+}
+
+// handleMetrics serves the Prometheus text format; WEBHOOK_METRICS_TOKEN, when set, is required.
+func (s *server) handleMetrics(w http.ResponseWriter, r *http.Request) {
+	info(r).action = "metrics"
+	if s.cfg.metricsToken != "" && !readToken(r, s.cfg.metricsToken) {
+		reply(w, r, http.StatusUnauthorized, "unauthorized", "unauthorized")
+		return
+	}
+	var buf strings.Builder
+	if err := s.metrics.writeMetrics(r.Context(), &buf, s.events); err != nil {
+		s.log.errorf("metrics: %v", err)
+		reply(w, r, http.StatusInternalServerError, "metrics-failed", "cannot read the event log")
+		return
+	}
+	w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+	io.WriteString(w, buf.String())
+}
+
+// handleEvents lists event rows, newest first, with the events command's filters as query
+// parameters and keyset paging: pass next_before_id back as before_id for the next page.
+func (s *server) handleEvents(w http.ResponseWriter, r *http.Request) {
+	info(r).action = "events-api"
+	if !readToken(r, s.cfg.manualToken) {
+		manualError(w, r, http.StatusUnauthorized, "unauthorized", "unauthorized")
+		return
+	}
+	q := r.URL.Query()
+	f, err := parseEventFilter(q.Get, s.now())
+	if err != nil {
+		manualError(w, r, http.StatusBadRequest, "bad-filter", err.Error())
+		return
+	}
+	evs, err := queryEvents(r.Context(), s.events.db, f)
+	if err != nil {
+		s.log.errorf("events api: %v", err)
+		manualError(w, r, http.StatusInternalServerError, "query-failed", "cannot read the event log")
+		return
+	}
+	var next any
+	if len(evs) == f.limit {
+		next = evs[len(evs)-1].ID
+	}
+	replyJSON(w, http.StatusOK, map[string]any{"events": evs, "next_before_id": next})
+}
+
+// handleDelivery returns every row of one GitHub delivery in order: the request, then each step
+// of its redeploy.
+func (s *server) handleDelivery(w http.ResponseWriter, r *http.Request) {
+	info(r).action = "events-api"
+	if !readToken(r, s.cfg.manualToken) {
+		manualError(w, r, http.StatusUnauthorized, "unauthorized", "unauthorized")
+		return
+	}
+	id := r.PathValue("id")
+	if !reDeliveryID.MatchString(id) {
+		manualError(w, r, http.StatusBadRequest, "bad-delivery", "invalid delivery id")
+		return
+	}
+	evs, err := queryEvents(r.Context(), s.events.db, eventFilter{delivery: id, afterID: -1})
+	if err != nil {
+		s.log.errorf("deliveries api: %v", err)
+		manualError(w, r, http.StatusInternalServerError, "query-failed", "cannot read the event log")
+		return
+	}
+	if len(evs) == 0 {
+		manualError(w, r, http.StatusNotFound, "not-found", "no events for delivery "+id)
+		return
+	}
+	replyJSON(w, http.StatusOK, map[string]any{"delivery": id, "events": evs})
 }
