@@ -232,6 +232,12 @@ func (cfg *config) finish() error {
 	if cfg.stateDir == "" {
 		return errors.New("the state directory is empty: set WEBHOOK_STATE_DIR or --state-dir")
 	}
+	// Absolute, because redeploys run as transient units whose working directory is not ours.
+	abs, err := filepath.Abs(cfg.stateDir)
+	if err != nil {
+		return fmt.Errorf("state directory %s: %w", cfg.stateDir, err)
+	}
+	cfg.stateDir = abs
 	dbPath, err := databasePath(cfg.dbURL, cfg.stateDir)
 	if err != nil {
 		return err
