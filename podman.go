@@ -682,3 +682,42 @@ func containerHealth(ctx context.Context, cfg *config, id string) string {
 func imageExists(ctx context.Context, cfg *config, id string) bool {
 	return id != "" && runCommand(ctx, cfg.commandTimeout, "podman", "image", "exists", "--", id).err == nil
 }
+
+// planRedeploy describes, without changing anything, what run-task would do to redeploy unit to
+// ref: the dry run of the manual services API. It only reads (image inspect, podman ps,
+// systemctl show); what it cannot read it says it cannot.
+func planRedeploy(ctx context.Context, cfg *config, unit string, ref imageRef, force bool) []string {
+	plan := []string{fmt.Sprintf("pull %s (podman pull -- docker://%s, %d attempts %s apart)", ref, ref, cfg.pullAttempts, cfg.pullRetryDelay)}
+	before, err := localImageID(ctx, cfg, ref)
+	ctr := findUnitContainer(ctx, cfg, unit)
+	pre, perr := sampleUnit(ctx, cfg, unit)
+	switch {
+	case force:
+		plan = append(plan, "restart "+unit+" even if the image is unchanged (force)")
+	case perr != nil:
+		plan = append(plan, "restart "+unit+" if the pulled image differs (its state cannot be read: "+perr.Error()+")")
+	case pre.activeState != "active":
+		plan = append(plan, "restart "+unit+": it is "+pre.activeState+", not active")
+	case ctr.imageID != "":
+		plan = append(plan, "restart "+unit+" only if the pulled image differs from the one its container runs ("+ctr.imageID+"), else record up-to-date")
+	default:
+		plan = append(plan, "restart "+unit+" only if the pulled image differs from the local one ("+orNone(before)+"), else record up-to-date")
+	}
+	plan = append(plan, fmt.Sprintf("after a restart, require %s to stay active for %s without systemd restarting it, and its podman healthcheck (if any) to pass", unit, cfg.healthSettle))
+	switch reason := rollbackPlan(before, "", before != ""); {
+	case err != nil:
+		plan = append(plan, "on a failed gate, roll back to the current local image if it can be read (it cannot now: "+err.Error()+")")
+	case reason != "":
+		plan = append(plan, "on a failed gate, no rollback is possible: "+reason)
+	default:
+		plan = append(plan, "on a failed gate, tag "+before+" back as "+ref.String()+", restart and check again; keep the new image for inspection")
+	}
+	return append(plan, "after a healthy result, podman image prune -f")
+}
+
+func orNone(s string) string {
+	if s == "" {
+		return "none"
+	}
+	return s
+}

@@ -1234,3 +1234,39 @@ func TestE2ESchedulerOnce(t *testing.T) {
 		t.Errorf("scheduler rows %+v", rows)
 	}
 }
+
+// TestE2ESchedulerUnit runs the shipped systemd/webhook-auto-update-scheduler.service (with the
+// built binary in ExecStart) under the user manager: it ticks at once, and systemctl stop ends it
+// cleanly (Result=success, exit 0).
+func TestE2ESchedulerUnit(t *testing.T) {
+	r := needRig(t)
+	bin := buildBinary(t)
+	shipped, err := os.ReadFile(filepath.Join("systemd", "webhook-auto-update-scheduler.service"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	target := rigUniqueName(t, "sched-target") + ".service"
+	marker := filepath.Join(t.TempDir(), "ticks")
+	r.InstallUnit(t, target, fmt.Sprintf("[Unit]\nDescription=scheduler target\n\n[Service]\nType=oneshot\nExecStart=/bin/sh -c 'echo tick >> %s'\n", marker))
+	state := t.TempDir()
+	const execStart = "ExecStart=%h/.local/bin/webhook-auto-update scheduler"
+	if !strings.Contains(string(shipped), execStart+"\n") {
+		t.Fatalf("the shipped unit has no %q line", execStart)
+	}
+	unit := strings.Replace(string(shipped), execStart+"\n", fmt.Sprintf("ExecStart=%s scheduler --state-dir %s\nEnvironment=MANUAL_AUTO_UPDATE_UNIT=%s\n", bin, state, target), 1)
+	name := rigUniqueName(t, "scheduler") + ".service"
+	r.InstallUnit(t, name, unit)
+	if _, err := r.Systemctl(t, "start", name); err != nil {
+		t.Fatal(err)
+	}
+	r.WaitFor(t, time.Minute, func() bool { b, _ := os.ReadFile(marker); return string(b) == "tick\n" }, "the first tick of "+name)
+	if _, err := r.Systemctl(t, "stop", name); err != nil {
+		t.Fatal(err)
+	}
+	if got := r.Show(t, name, "Result", "ExecMainStatus", "ActiveState"); got["Result"] != "success" || got["ExecMainStatus"] != "0" || got["ActiveState"] != "inactive" {
+		t.Errorf("%s after stop: %v, want Result=success ExecMainStatus=0 inactive", name, got)
+	}
+	if rows := actionRows(t, filepath.Join(state, "data", "pod-upgrade-trigger.db"), "scheduler"); len(rows) != 1 || rows[0].Status != 202 {
+		t.Errorf("scheduler rows %+v, want one tick", rows)
+	}
+}
