@@ -933,3 +933,26 @@ func printEvents(w io.Writer, evs []storedEvent, asJSON, header bool) {
 	}
 	tw.Flush()
 }
+
+// deleteOlderThan deletes event_log rows older than cutoff in batches of 1000, each its own short
+// transaction, so a large delete never holds the write lock for long. A dry run only counts.
+func (l *eventLog) deleteOlderThan(ctx context.Context, cutoff time.Time, dryRun bool) (int64, error) {
+	if dryRun {
+		var n int64
+		err := l.db.QueryRowContext(ctx, `SELECT count(*) FROM event_log WHERE ts < ?`, cutoff.Unix()).Scan(&n)
+		return n, err
+	}
+	var total int64
+	for {
+		res, err := l.db.ExecContext(ctx, `DELETE FROM event_log WHERE id IN
+			(SELECT id FROM event_log WHERE ts < ? ORDER BY id LIMIT 1000)`, cutoff.Unix())
+		if err != nil {
+			return total, err
+		}
+		n, err := res.RowsAffected()
+		total += n
+		if err != nil || n == 0 {
+			return total, err
+		}
+	}
+}

@@ -10,17 +10,28 @@ import (
 	"context"
 	"database/sql"
 	"encoding/json"
+	"errors"
+	"flag"
 	"fmt"
+	"io"
+	"math"
+	"net/http"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"reflect"
+	"regexp"
+	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
+	"unicode/utf8"
 )
 
 // openTestLog opens an event log at path whose log lines go to buf.
@@ -682,4 +693,1736 @@ func TestNewRequestIDIsUnique(t *testing.T) {
 		}
 		seen[id] = true
 	}
+}
+
+// Reading the log: filters, the events command, the events API, /metrics and /health details.
+
+// update rewrites the golden files under testdata/events instead of comparing with them.
+var update = flag.Bool("update", false, "rewrite the golden files under testdata/events")
+
+// fixtureNow is the "now" the filter tests resolve relative times against.
+var fixtureNow = time.Date(2024, 3, 1, 15, 0, 0, 0, time.UTC)
+
+// fixtureToken is a token that reached a stored query before redaction existed; it must never
+// come back out.
+const fixtureToken = "tok-abc-123"
+
+// fixtureEvents are the rows of the reading tests; written in one Write to a fresh database they
+// get ids 1 to 15 in this order. Two days: a failed pull on 28 February, and on 1 March a
+// scheduler tick, a refused push, a redeploy of delivery d-1 with every step, an ignored npm
+// push, a manual trigger and a 404.
+func fixtureEvents() []event {
+	day1 := time.Date(2024, 2, 28, 9, 0, 0, 0, time.UTC)
+	day2 := time.Date(2024, 3, 1, 0, 0, 0, 0, time.UTC)
+	at := func(base time.Time, h, m, s int) time.Time {
+		return base.Add(time.Duration(h)*time.Hour + time.Duration(m)*time.Minute + time.Duration(s)*time.Second)
+	}
+	task := func(ts time.Time, delivery, unit, image, step string, status int, d time.Duration, extra map[string]any) event {
+		meta := map[string]any{"delivery": delivery, "unit": unit, "image": image, "event": "package", "step": step}
+		for k, v := range extra {
+			meta[k] = v
+		}
+		return event{RequestID: "task-" + delivery, TS: ts, Method: "TASK", Path: "/github-package-update/" + strings.TrimSuffix(unit, ".service"),
+			Status: status, Action: "github-task", Duration: d, Meta: meta}
+	}
+	const web, demo = "ghcr.io/acme/web:stable", "ghcr.io/acme/demo:latest"
+	return []event{
+		/* 1 */ {RequestID: "req-health", TS: day1, Method: "GET", Path: "/health", Status: 200, Action: "health",
+			Duration: 2 * time.Millisecond, Meta: map[string]any{"path": "/health", "remote_addr": "127.0.0.1:40000"}},
+		/* 2 */ {RequestID: "req-web", TS: at(day1, 0, 5, 0), Method: "POST", Path: "/github-package-update/web", Status: 202,
+			Action: "github-webhook", Duration: 41 * time.Millisecond, Meta: map[string]any{"delivery": "d-old", "unit": "web.service",
+				"image": web, "reason": "queued", "event": "package", "task_unit": "webhook-task-d-old.service"}},
+		/* 3 */ task(at(day1, 0, 5, 1), "d-old", "web.service", web, "started", 202, 0, map[string]any{"force": false}),
+		/* 4 */ task(at(day1, 0, 5, 9), "d-old", "web.service", web, "pull-failed", 502, 8200*time.Millisecond, map[string]any{
+			"attempts": 3, "exit_code": 125,
+			"error": "podman pull --quiet -- " + web + " failed (exit 125): Error: initializing source docker://" + web + ": manifest unknown"}),
+		/* 5 */ {RequestID: "req-tick", TS: at(day2, 13, 30, 0), Method: "SCHEDULER", Status: 202, Action: "scheduler",
+			Duration: 310 * time.Millisecond, Meta: map[string]any{"unit": "podman-auto-update.service", "iteration": 7}},
+		/* 6 */ {RequestID: "req-badsig", TS: at(day2, 14, 2, 0), Method: "POST", Path: "/github-package-update/demo", Status: 401,
+			Action: "github-webhook", Duration: time.Millisecond, Meta: map[string]any{"reason": "bad-signature", "body_bytes": 1234}},
+		/* 7 */ {RequestID: "req-push", TS: at(day2, 14, 2, 3), Method: "POST", Path: "/github-package-update/demo", Status: 202,
+			Action: "github-webhook", Duration: 38 * time.Millisecond, Meta: map[string]any{"delivery": "d-1", "unit": "demo.service",
+				"image": demo, "reason": "queued", "event": "package", "query": "token=" + fixtureToken + "&x=1"}},
+		/* 8 */ task(at(day2, 14, 2, 3), "d-1", "demo.service", demo, "started", 202, 0, map[string]any{"force": false}),
+		/* 9 */ task(at(day2, 14, 2, 5), "d-1", "demo.service", demo, "pulled", 200, 2100*time.Millisecond, map[string]any{
+			"attempts": 1, "exit_code": 0, "pull_ms": 1500, "previous_image_id": "1111", "image_id": "2222"}),
+		/* 10 */ task(at(day2, 14, 2, 6), "d-1", "demo.service", demo, "restarted", 200, 3*time.Second, map[string]any{"exit_code": 0, "restart_ms": 800}),
+		/* 11 */ task(at(day2, 14, 2, 26), "d-1", "demo.service", demo, "healthy", 200, 23*time.Second, map[string]any{"reason": "new image"}),
+		/* 12 */ task(at(day2, 14, 2, 26), "d-1", "demo.service", demo, "completed", 200, 23*time.Second, map[string]any{"image_id": "2222"}),
+		/* 13 */ {RequestID: "req-npm", TS: at(day2, 14, 10, 0), Method: "POST", Path: "/github-package-update/demo", Status: 202,
+			Action: "github-webhook", Duration: 3 * time.Millisecond, Meta: map[string]any{"delivery": "d-2", "unit": "demo.service",
+				"reason": "not-container", "event": "package"}},
+		/* 14 */ {RequestID: "req-manual", TS: at(day2, 14, 30, 0), Method: "POST", Path: "/api/manual/trigger", Status: 202,
+			Action: "manual-trigger", Duration: 1200 * time.Millisecond, Meta: map[string]any{"caller": "ops", "reason": "hotfix", "dry_run": false}},
+		/* 15 */ {RequestID: "req-404", TS: at(day2, 14, 45, 0), Method: "GET", Path: "/nope", Status: 404, Action: "not-found",
+			Meta: map[string]any{"path": "/nope"}},
+	}
+}
+
+// writeFixture writes fixtureEvents through l and fails unless they got ids 1 to 15.
+func writeFixture(t *testing.T, l *eventLog) {
+	t.Helper()
+	if err := l.Write(context.Background(), fixtureEvents()...); err != nil {
+		t.Fatalf("write the fixture rows: %v", err)
+	}
+	var lo, hi int64
+	if err := l.db.QueryRow(`SELECT min(id), max(id) FROM event_log`).Scan(&lo, &hi); err != nil || lo != 1 || hi != int64(len(fixtureEvents())) {
+		t.Fatalf("fixture ids %d..%d (%v), want 1..%d: the database was not fresh", lo, hi, err, len(fixtureEvents()))
+	}
+}
+
+// fixtureDB writes the fixture rows into a new database file and returns its path.
+func fixtureDB(t *testing.T, path string) string {
+	t.Helper()
+	l, err := openEventLog(path, newLogger(&syncBuffer{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	writeFixture(t, l)
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+func eventIDs(evs []storedEvent) []int64 {
+	ids := []int64{}
+	for _, e := range evs {
+		ids = append(ids, e.ID)
+	}
+	return ids
+}
+
+// idRange returns from, from-1 … to (or ascending when from < to).
+func idRange(from, to int64) []int64 {
+	ids := []int64{}
+	step := int64(-1)
+	if from < to {
+		step = 1
+	}
+	for i := from; ; i += step {
+		ids = append(ids, i)
+		if i == to {
+			return ids
+		}
+	}
+}
+
+func TestParseEventFilter(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		q       map[string]string
+		want    eventFilter
+		wantErr string // the error must name this
+	}{
+		{name: "defaults", want: eventFilter{limit: 50}},
+		{name: "limit", q: map[string]string{"limit": "10"}, want: eventFilter{limit: 10}},
+		{name: "limit 1", q: map[string]string{"limit": "1"}, want: eventFilter{limit: 1}},
+		{name: "limit at the cap", q: map[string]string{"limit": "500"}, want: eventFilter{limit: 500}},
+		{name: "limit over the cap", q: map[string]string{"limit": "501"}, want: eventFilter{limit: 500}},
+		{name: "limit far over the cap", q: map[string]string{"limit": "1000000"}, want: eventFilter{limit: 500}},
+		{name: "limit 0", q: map[string]string{"limit": "0"}, wantErr: "limit"},
+		{name: "limit -1", q: map[string]string{"limit": "-1"}, wantErr: "limit"},
+		{name: "limit abc", q: map[string]string{"limit": "abc"}, wantErr: "limit"},
+		{name: "limit fraction", q: map[string]string{"limit": "1.5"}, wantErr: "limit"},
+		{name: "limit overflows", q: map[string]string{"limit": "99999999999999999999"}, wantErr: "limit"},
+		{name: "action", q: map[string]string{"action": "github-task"}, want: eventFilter{limit: 50, action: "github-task"}},
+		{name: "delivery", q: map[string]string{"delivery": "d-1"}, want: eventFilter{limit: 50, delivery: "d-1"}},
+		{name: "unit short", q: map[string]string{"unit": "foo"}, want: eventFilter{limit: 50, unit: "foo.service"}},
+		{name: "unit full", q: map[string]string{"unit": "foo.service"}, want: eventFilter{limit: 50, unit: "foo.service"}},
+		{name: "unit webhook spelling", q: map[string]string{"unit": "github-package-update/foo"}, want: eventFilter{limit: 50, unit: "foo.service"}},
+		{name: "unit instance", q: map[string]string{"unit": "app@blue"}, want: eventFilter{limit: 50, unit: "app@blue.service"}},
+		{name: "unit with a space", q: map[string]string{"unit": "a b"}, wantErr: "unit"},
+		{name: "unit traversal", q: map[string]string{"unit": "../etc/passwd"}, wantErr: "unit"},
+		{name: "unit template", q: map[string]string{"unit": "app@"}, wantErr: "unit"},
+		{name: "since hours", q: map[string]string{"since": "2h"}, want: eventFilter{limit: 50, since: fixtureNow.Add(-2 * time.Hour)}},
+		{name: "since minutes", q: map[string]string{"since": "90m"}, want: eventFilter{limit: 50, since: fixtureNow.Add(-90 * time.Minute)}},
+		{name: "since RFC 3339", q: map[string]string{"since": "2024-02-28T10:00:00Z"},
+			want: eventFilter{limit: 50, since: time.Date(2024, 2, 28, 10, 0, 0, 0, time.UTC)}},
+		{name: "since RFC 3339 with offset", q: map[string]string{"since": "2024-03-01T12:00:00+02:00"},
+			want: eventFilter{limit: 50, since: time.Date(2024, 3, 1, 10, 0, 0, 0, time.UTC)}},
+		{name: "since a word", q: map[string]string{"since": "yesterday"}, wantErr: "since"},
+		{name: "since a date only", q: map[string]string{"since": "2024-03-01"}, wantErr: "since"},
+		{name: "since zero", q: map[string]string{"since": "0s"}, wantErr: "since"},
+		{name: "since negative", q: map[string]string{"since": "-1h"}, wantErr: "since"},
+		{name: "since a bare number", q: map[string]string{"since": "90"}, wantErr: "since"},
+		{name: "status 202", q: map[string]string{"status": "202"}, want: eventFilter{limit: 50, status: 202}},
+		{name: "status 100", q: map[string]string{"status": "100"}, want: eventFilter{limit: 50, status: 100}},
+		{name: "status 599", q: map[string]string{"status": "599"}, want: eventFilter{limit: 50, status: 599}},
+		{name: "status 42", q: map[string]string{"status": "42"}, wantErr: "status"},
+		{name: "status 600", q: map[string]string{"status": "600"}, wantErr: "status"},
+		{name: "status abc", q: map[string]string{"status": "abc"}, wantErr: "status"},
+		{name: "before_id", q: map[string]string{"before_id": "17"}, want: eventFilter{limit: 50, beforeID: 17}},
+		{name: "before_id 0", q: map[string]string{"before_id": "0"}, wantErr: "before_id"},
+		{name: "before_id -5", q: map[string]string{"before_id": "-5"}, wantErr: "before_id"},
+		{name: "before_id abc", q: map[string]string{"before_id": "abc"}, wantErr: "before_id"},
+		{name: "everything", q: map[string]string{"limit": "7", "action": "github-task", "unit": "demo", "delivery": "d-1",
+			"since": "30m", "status": "200", "before_id": "12"},
+			want: eventFilter{limit: 7, action: "github-task", unit: "demo.service", delivery: "d-1",
+				since: fixtureNow.Add(-30 * time.Minute), status: 200, beforeID: 12}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := parseEventFilter(func(k string) string { return tc.q[k] }, fixtureNow)
+			if tc.wantErr != "" {
+				if err == nil {
+					t.Fatalf("parseEventFilter(%v) = %+v, want an error", tc.q, got)
+				}
+				if !strings.Contains(err.Error(), tc.wantErr) {
+					t.Errorf("error %q does not name %q", err, tc.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("parseEventFilter(%v): %v", tc.q, err)
+			}
+			if !got.since.Equal(tc.want.since) {
+				t.Errorf("since = %v, want %v", got.since, tc.want.since)
+			}
+			got.since, tc.want.since = time.Time{}, time.Time{}
+			if got != tc.want {
+				t.Errorf("parseEventFilter(%v) = %+v, want %+v", tc.q, got, tc.want)
+			}
+		})
+	}
+}
+
+func TestQueryEvents(t *testing.T) {
+	path := fixtureDB(t, filepath.Join(t.TempDir(), "events.db"))
+	// A row as an older version or the original tool stored it: secrets in the clear.
+	db := rawDB(t, path)
+	if _, err := db.Exec(`INSERT INTO event_log (request_id, ts, method, path, status, action, duration_ms, meta)
+		VALUES ('legacy', 1709305200, 'GET', '/auto-update', 202, 'legacy', 5,
+		'{"query":"token=abc&x=1","token":"s3cret","Access_Token":"s3cret2","secret":"s3cret3","unit":"legacy.service"}')`); err != nil {
+		t.Fatal(err)
+	}
+	const legacyID = 16
+	ctx := context.Background()
+	for _, tc := range []struct {
+		name string
+		f    eventFilter
+		want []int64
+	}{
+		{name: "everything, newest first", f: eventFilter{}, want: idRange(legacyID, 1)},
+		{name: "limit", f: eventFilter{limit: 3}, want: []int64{16, 15, 14}},
+		{name: "action", f: eventFilter{action: "github-task"}, want: []int64{12, 11, 10, 9, 8, 4, 3}},
+		{name: "action without rows", f: eventFilter{action: "nothing"}, want: []int64{}},
+		{name: "unit demo", f: eventFilter{unit: "demo.service"}, want: []int64{13, 12, 11, 10, 9, 8, 7}},
+		{name: "unit web", f: eventFilter{unit: "web.service"}, want: []int64{4, 3, 2}},
+		{name: "unit is not a prefix match", f: eventFilter{unit: "demo"}, want: []int64{}},
+		{name: "delivery", f: eventFilter{delivery: "d-1"}, want: []int64{12, 11, 10, 9, 8, 7}},
+		{name: "delivery is exact", f: eventFilter{delivery: "d"}, want: []int64{}},
+		{name: "since two hours", f: eventFilter{since: fixtureNow.Add(-2 * time.Hour)}, want: idRange(legacyID, 5)},
+		{name: "since is inclusive", f: eventFilter{since: time.Date(2024, 3, 1, 14, 2, 3, 0, time.UTC)}, want: idRange(legacyID, 7)},
+		{name: "status", f: eventFilter{status: 202}, want: []int64{16, 14, 13, 8, 7, 5, 3, 2}},
+		{name: "before_id", f: eventFilter{beforeID: 8}, want: idRange(7, 1)},
+		{name: "before_id and limit", f: eventFilter{beforeID: 8, limit: 2}, want: []int64{7, 6}},
+		{name: "filters combine", f: eventFilter{action: "github-webhook", unit: "demo.service", status: 202}, want: []int64{13, 7}},
+		{name: "afterID ascending", f: eventFilter{afterID: 10}, want: idRange(11, legacyID)},
+		{name: "afterID and limit", f: eventFilter{afterID: 10, limit: 2}, want: []int64{11, 12}},
+		{name: "afterID -1 is every row ascending", f: eventFilter{afterID: -1, delivery: "d-1"}, want: idRange(7, 12)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			evs, err := queryEvents(ctx, db, tc.f)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if evs == nil {
+				t.Error("no rows came back as nil; the events API would answer null instead of []")
+			}
+			if got := eventIDs(evs); !reflect.DeepEqual(got, tc.want) {
+				t.Errorf("ids %v, want %v", got, tc.want)
+			}
+		})
+	}
+
+	t.Run("fields", func(t *testing.T) {
+		evs, err := queryEvents(ctx, db, eventFilter{beforeID: 8, limit: 3})
+		if err != nil || len(evs) != 3 {
+			t.Fatalf("%d rows, %v", len(evs), err)
+		}
+		want := storedEvent{ID: 7, RequestID: "req-push", TS: 1709301723, Time: "2024-03-01T14:02:03Z", Method: "POST",
+			Path: "/github-package-update/demo", Status: 202, Action: "github-webhook", DurationMS: 38,
+			Meta: map[string]any{"delivery": "d-1", "unit": "demo.service", "image": "ghcr.io/acme/demo:latest",
+				"reason": "queued", "event": "package", "query": "token=REDACTED&x=1"}}
+		if !reflect.DeepEqual(evs[0], want) {
+			t.Errorf("row 7\n got %+v\nwant %+v", evs[0], want)
+		}
+		// Row 5 was written with no path: NULL reads back as "".
+		if evs[2].ID != 5 || evs[2].Path != "" || evs[2].Method != "SCHEDULER" || evs[2].Meta["iteration"] != 7.0 {
+			t.Errorf("row 5 = %+v", evs[2])
+		}
+	})
+
+	t.Run("redaction on the way out", func(t *testing.T) {
+		evs, err := queryEvents(ctx, db, eventFilter{action: "legacy"})
+		if err != nil || len(evs) != 1 {
+			t.Fatalf("%d rows, %v", len(evs), err)
+		}
+		want := map[string]any{"query": "token=REDACTED&x=1", "token": "REDACTED", "Access_Token": "REDACTED",
+			"secret": "REDACTED", "unit": "legacy.service"}
+		if !reflect.DeepEqual(evs[0].Meta, want) {
+			t.Errorf("meta %v, want %v", evs[0].Meta, want)
+		}
+		b, _ := json.Marshal(evs[0])
+		if s := string(b); strings.Contains(s, "abc") || strings.Contains(s, "s3cret") {
+			t.Errorf("a secret came back: %s", s)
+		}
+		all, err := queryEvents(ctx, db, eventFilter{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if b, _ := json.Marshal(all); strings.Contains(string(b), fixtureToken) {
+			t.Errorf("the fixture's stored token came back out of queryEvents")
+		}
+	})
+}
+
+// runEvents runs `events args…` in-process with local time set to UTC, so the table's times do
+// not depend on the machine.
+func runEvents(t *testing.T, env map[string]string, args ...string) (code int, stdout, stderr string) {
+	t.Helper()
+	old := time.Local
+	time.Local = time.UTC
+	defer func() { time.Local = old }()
+	var out, errb bytes.Buffer
+	func() {
+		// A panic fails this case instead of killing the whole test binary.
+		defer func() {
+			if p := recover(); p != nil {
+				t.Errorf("events %q panicked: %v", args, p)
+				code = -1
+			}
+		}()
+		code = run(append([]string{"events"}, args...), mapEnv(env), &out, &errb)
+	}()
+	return code, out.String(), errb.String()
+}
+
+// checkGolden compares got with testdata/events/name, or rewrites it under -update.
+func checkGolden(t *testing.T, name, got string) {
+	t.Helper()
+	path := filepath.Join("testdata", "events", name)
+	if *update {
+		if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(path, []byte(got), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return
+	}
+	want, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatalf("%v (run go test -run %s -update to create it)", err, t.Name())
+	}
+	if got != string(want) {
+		t.Errorf("output differs from %s (go test -run '%s' -update rewrites it)\n--- got\n%s\n--- want\n%s", path, t.Name(), got, want)
+	}
+}
+
+func TestEventsCommandGolden(t *testing.T) {
+	state := t.TempDir()
+	dbPath := fixtureDB(t, filepath.Join(state, "data", "pod-upgrade-trigger.db"))
+	other := t.TempDir()
+	for _, tc := range []struct {
+		name   string
+		env    map[string]string
+		args   []string
+		golden string
+	}{
+		{name: "table", args: []string{"--db", dbPath}, golden: "all.table.golden"},
+		{name: "json", args: []string{"--db", dbPath, "--json"}, golden: "all.jsonl.golden"},
+		{name: "delivery", args: []string{"--db", dbPath, "--delivery", "d-1"}, golden: "delivery-d-1.table.golden"},
+		{name: "delivery json", args: []string{"--delivery", "d-1", "--json", "--db", dbPath}, golden: "delivery-d-1.jsonl.golden"},
+		{name: "filters", args: []string{"--db", dbPath, "--since", "2024-03-01T14:00:00Z", "--status", "202", "--unit", "demo", "--limit", "2"},
+			golden: "filtered.table.golden"},
+		{name: "no rows", args: []string{"--db", dbPath, "--action", "nothing"}, golden: "empty.table.golden"},
+		// The same table, found through the state directory and through WEBHOOK_DB_URL.
+		{name: "state dir", args: []string{"--state-dir", state}, golden: "all.table.golden"},
+		{name: "state dir from the environment", env: map[string]string{"WEBHOOK_STATE_DIR": state}, golden: "all.table.golden"},
+		{name: "database url", env: map[string]string{"WEBHOOK_STATE_DIR": other, "WEBHOOK_DB_URL": "sqlite://" + dbPath + "?mode=rwc"},
+			golden: "all.table.golden"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			code, stdout, stderr := runEvents(t, tc.env, tc.args...)
+			if code != 0 || stderr != "" {
+				t.Fatalf("exit %d, stderr %q", code, stderr)
+			}
+			if *update && (tc.name == "state dir" || tc.name == "state dir from the environment" || tc.name == "database url") {
+				return // these compare with a golden file another case writes
+			}
+			checkGolden(t, tc.golden, stdout)
+		})
+	}
+	// The JSON lines are the API's rows: each parses back to exactly what queryEvents returns.
+	_, stdout, _ := runEvents(t, nil, "--db", dbPath, "--json")
+	want, err := queryEvents(context.Background(), rawDB(t, dbPath), eventFilter{limit: 50})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []storedEvent
+	for _, line := range strings.Split(strings.TrimSuffix(stdout, "\n"), "\n") {
+		var e storedEvent
+		if err := json.Unmarshal([]byte(line), &e); err != nil {
+			t.Fatalf("line %q: %v", line, err)
+		}
+		got = append(got, e)
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("--json rows differ from queryEvents:\n got %+v\nwant %+v", got, want)
+	}
+}
+
+// TestEventsTableOneLinePerRow checks that whatever a row holds, the table prints it on one line
+// of valid UTF-8: the DETAILS column shows error texts that carry a command's stderr and callers
+// typed by people.
+func TestEventsTableOneLinePerRow(t *testing.T) {
+	base := storedEvent{ID: 1, RequestID: "r", TS: 1709301723, Method: "TASK", Path: "/github-package-update/demo", Status: 500,
+		Action: "github-task"}
+	for _, tc := range []struct {
+		name string
+		meta map[string]any
+	}{
+		{name: "plain", meta: map[string]any{"step": "restart-failed", "unit": "demo.service"}},
+		{name: "newline in an error", meta: map[string]any{"step": "restart-failed",
+			"error": "systemctl failed (exit 1): Job failed.\nSee journalctl"}},
+		{name: "tab in an error", meta: map[string]any{"step": "pull-failed", "error": "podman pull failed:\tmanifest unknown"}},
+		{name: "carriage return", meta: map[string]any{"error": "progress\roverwritten"}},
+		{name: "multibyte at the cut", meta: map[string]any{"caller": strings.Repeat("ö", 40)}},
+		{name: "ellipsis at the cut", meta: map[string]any{"error": strings.Repeat("x", 56) + "…" + strings.Repeat("y", 10)}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := base
+			e.Meta = tc.meta
+			var b bytes.Buffer
+			printEvents(&b, []storedEvent{e, base}, false, true)
+			out := b.String()
+			if lines := strings.Split(strings.TrimSuffix(out, "\n"), "\n"); len(lines) != 3 {
+				t.Errorf("2 rows printed as %d lines:\n%s", len(lines)-1, out)
+			}
+			if !utf8.ValidString(out) {
+				t.Errorf("the table is not valid UTF-8: %q", out)
+			}
+			if strings.ContainsAny(out, "\t\r") {
+				t.Errorf("the table holds a tab or carriage return: %q", out)
+			}
+		})
+	}
+}
+
+func TestEventsCommandErrors(t *testing.T) {
+	dir := t.TempDir()
+	dbPath := fixtureDB(t, filepath.Join(dir, "events.db"))
+	missing := filepath.Join(dir, "nowhere", "missing.db")
+	for _, tc := range []struct {
+		name   string
+		args   []string
+		code   int
+		stderr string // substring
+	}{
+		{name: "missing database", args: []string{"--db", missing}, code: 1, stderr: missing},
+		{name: "missing database in a state dir", args: []string{"--state-dir", filepath.Join(dir, "empty")}, code: 1,
+			stderr: filepath.Join(dir, "empty", "data", "pod-upgrade-trigger.db")},
+		{name: "limit abc", args: []string{"--db", dbPath, "--limit", "abc"}, code: 2, stderr: "limit"},
+		{name: "limit 0", args: []string{"--db", dbPath, "--limit", "0"}, code: 2, stderr: "limit"},
+		{name: "since a word", args: []string{"--db", dbPath, "--since", "yesterday"}, code: 2, stderr: "since"},
+		{name: "status 42", args: []string{"--db", dbPath, "--status", "42"}, code: 2, stderr: "status"},
+		{name: "invalid unit", args: []string{"--db", dbPath, "--unit", "a b"}, code: 2, stderr: "unit"},
+		{name: "flag without its value", args: []string{"--db", dbPath, "--limit"}, code: 2, stderr: "limit"},
+		{name: "unknown flag", args: []string{"--db", dbPath, "--bogus"}, code: 2, stderr: "usage: webhook-auto-update events"},
+		{name: "extra argument", args: []string{"--db", dbPath, "extra"}, code: 2, stderr: `"extra"`},
+		{name: "bad value wins over a missing database", args: []string{"--db", missing, "--limit", "abc"}, code: 2, stderr: "limit"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			code, stdout, stderr := runEvents(t, map[string]string{"WEBHOOK_STATE_DIR": dir}, tc.args...)
+			if code != tc.code {
+				t.Errorf("exit %d, want %d; stderr %q", code, tc.code, stderr)
+			}
+			if !strings.Contains(stderr, tc.stderr) {
+				t.Errorf("stderr %q does not contain %q", stderr, tc.stderr)
+			}
+			if stdout != "" {
+				t.Errorf("a failing command wrote to stdout: %q", stdout)
+			}
+		})
+	}
+	if _, err := os.Stat(missing); !os.IsNotExist(err) {
+		t.Errorf("events created the missing database %s (%v); it must only read", missing, err)
+	}
+}
+
+// The exposition format, parsed back.
+
+// promSample is one sample line.
+type promSample struct {
+	name   string
+	labels map[string]string
+	value  float64
+}
+
+// promFamily is one metric family with its HELP, TYPE and samples in order.
+type promFamily struct {
+	name, typ, help string
+	samples         []promSample
+}
+
+var (
+	rePromName  = regexp.MustCompile(`^[a-zA-Z_:][a-zA-Z0-9_:]*$`)
+	rePromLabel = regexp.MustCompile(`^[a-zA-Z_][a-zA-Z0-9_]*$`)
+)
+
+// parseExposition parses the Prometheus text format 0.0.4 strictly enough to catch a malformed
+// line: names, quoted and escaped label values, float values, one HELP and TYPE per family before
+// its samples, families not interleaved, no repeated series, and histograms with cumulative
+// buckets whose +Inf bucket equals _count.
+func parseExposition(text string) (map[string]*promFamily, error) {
+	if text == "" || !strings.HasSuffix(text, "\n") {
+		return nil, errors.New("the exposition must end with a newline")
+	}
+	fams := map[string]*promFamily{}
+	var cur *promFamily
+	done := map[string]bool{} // families that ended: they may not come back
+	series := map[string]bool{}
+	enter := func(name string) (*promFamily, error) {
+		if cur != nil && cur.name == name {
+			return cur, nil
+		}
+		if done[name] {
+			return nil, fmt.Errorf("family %s interleaved with another", name)
+		}
+		if cur != nil {
+			done[cur.name] = true
+		}
+		if fams[name] == nil {
+			fams[name] = &promFamily{name: name}
+		}
+		cur = fams[name]
+		return cur, nil
+	}
+	for n, line := range strings.Split(strings.TrimSuffix(text, "\n"), "\n") {
+		fail := func(format string, a ...any) error {
+			return fmt.Errorf("line %d %q: %s", n+1, line, fmt.Sprintf(format, a...))
+		}
+		switch {
+		case line == "":
+			continue
+		case strings.HasPrefix(line, "#"):
+			fields := strings.SplitN(line, " ", 4)
+			if len(fields) < 3 || fields[0] != "#" || (fields[1] != "HELP" && fields[1] != "TYPE") {
+				continue // a plain comment
+			}
+			if !rePromName.MatchString(fields[2]) {
+				return nil, fail("bad metric name")
+			}
+			f, err := enter(fields[2])
+			if err != nil {
+				return nil, fail("%v", err)
+			}
+			rest := ""
+			if len(fields) == 4 {
+				rest = fields[3]
+			}
+			if fields[1] == "HELP" {
+				if f.help != "" {
+					return nil, fail("second HELP")
+				}
+				for i := 0; i < len(rest); i++ {
+					if rest[i] == '\\' {
+						if i+1 == len(rest) || (rest[i+1] != '\\' && rest[i+1] != 'n') {
+							return nil, fail("bad escape in HELP")
+						}
+						i++
+					}
+				}
+				f.help = rest
+				continue
+			}
+			if f.typ != "" {
+				return nil, fail("second TYPE")
+			}
+			if len(f.samples) > 0 {
+				return nil, fail("TYPE after samples")
+			}
+			switch rest {
+			case "counter", "gauge", "histogram", "summary", "untyped":
+				f.typ = rest
+			default:
+				return nil, fail("unknown type %q", rest)
+			}
+		default:
+			s, err := parseSample(line)
+			if err != nil {
+				return nil, fail("%v", err)
+			}
+			famName := s.name
+			if cur != nil && cur.typ == "histogram" {
+				for _, suf := range []string{"_bucket", "_sum", "_count"} {
+					if strings.TrimSuffix(s.name, suf) == cur.name && s.name != cur.name {
+						famName = cur.name
+					}
+				}
+			}
+			f, err := enter(famName)
+			if err != nil {
+				return nil, fail("%v", err)
+			}
+			if f.typ == "" {
+				return nil, fail("sample without a TYPE line")
+			}
+			if f.typ == "histogram" && famName == s.name {
+				return nil, fail("histogram sample without _bucket, _sum or _count")
+			}
+			if f.typ == "histogram" && strings.HasSuffix(s.name, "_bucket") && s.labels["le"] == "" {
+				return nil, fail("bucket without le")
+			}
+			key := s.name + "{"
+			for _, k := range sortedKeys(s.labels, func(a, b string) bool { return a < b }) {
+				key += k + "=" + strconv.Quote(s.labels[k]) + ","
+			}
+			if series[key] {
+				return nil, fail("repeated series")
+			}
+			series[key] = true
+			f.samples = append(f.samples, s)
+		}
+	}
+	for _, f := range fams {
+		if f.typ == "" {
+			return nil, fmt.Errorf("family %s has no TYPE", f.name)
+		}
+		if f.typ == "histogram" {
+			if err := checkHistogram(f); err != nil {
+				return nil, err
+			}
+		}
+	}
+	return fams, nil
+}
+
+// parseSample reads `name{label="value",…} value [timestamp]`.
+func parseSample(line string) (promSample, error) {
+	s := promSample{labels: map[string]string{}}
+	i := strings.IndexAny(line, "{ ")
+	if i < 0 {
+		return s, errors.New("no value")
+	}
+	s.name = line[:i]
+	if !rePromName.MatchString(s.name) {
+		return s, errors.New("bad metric name")
+	}
+	rest := line[i:]
+	if rest[0] == '{' {
+		rest = rest[1:]
+		for {
+			if strings.HasPrefix(rest, "}") {
+				rest = rest[1:]
+				break
+			}
+			eq := strings.IndexByte(rest, '=')
+			if eq < 0 {
+				return s, errors.New("label without =")
+			}
+			name := rest[:eq]
+			if !rePromLabel.MatchString(name) {
+				return s, fmt.Errorf("bad label name %q", name)
+			}
+			if _, dup := s.labels[name]; dup {
+				return s, fmt.Errorf("label %s twice", name)
+			}
+			rest = rest[eq+1:]
+			if !strings.HasPrefix(rest, `"`) {
+				return s, fmt.Errorf("label %s: value not quoted", name)
+			}
+			var v strings.Builder
+			closed := false
+			j := 1
+			for ; j < len(rest); j++ {
+				c := rest[j]
+				if c == '"' {
+					closed = true
+					break
+				}
+				if c == '\n' {
+					return s, errors.New("raw newline in a label value")
+				}
+				if c == '\\' {
+					if j+1 == len(rest) {
+						return s, errors.New("dangling backslash")
+					}
+					j++
+					switch rest[j] {
+					case '\\':
+						v.WriteByte('\\')
+					case '"':
+						v.WriteByte('"')
+					case 'n':
+						v.WriteByte('\n')
+					default:
+						return s, fmt.Errorf("bad escape \\%c", rest[j])
+					}
+					continue
+				}
+				v.WriteByte(c)
+			}
+			if !closed {
+				return s, fmt.Errorf("label %s: unterminated value", name)
+			}
+			s.labels[name] = v.String()
+			rest = rest[j+1:]
+			switch {
+			case strings.HasPrefix(rest, ","):
+				rest = rest[1:]
+			case strings.HasPrefix(rest, "}"):
+			default:
+				return s, errors.New("labels not separated by a comma")
+			}
+		}
+	}
+	if !strings.HasPrefix(rest, " ") {
+		return s, errors.New("no space before the value")
+	}
+	fields := strings.Split(rest[1:], " ")
+	if len(fields) > 2 || fields[0] == "" {
+		return s, errors.New("want a value and an optional timestamp")
+	}
+	switch fields[0] {
+	case "+Inf":
+		s.value = math.Inf(1)
+	case "-Inf":
+		s.value = math.Inf(-1)
+	case "NaN":
+		s.value = math.NaN()
+	default:
+		v, err := strconv.ParseFloat(fields[0], 64)
+		if err != nil || strings.ContainsAny(fields[0], "_xXpP") || strings.EqualFold(fields[0], "inf") ||
+			strings.EqualFold(fields[0], "infinity") || strings.EqualFold(fields[0], "nan") {
+			return s, fmt.Errorf("bad value %q", fields[0])
+		}
+		s.value = v
+	}
+	if len(fields) == 2 {
+		if _, err := strconv.ParseInt(fields[1], 10, 64); err != nil {
+			return s, fmt.Errorf("bad timestamp %q", fields[1])
+		}
+	}
+	return s, nil
+}
+
+// checkHistogram checks that the buckets of f rise with le, are cumulative, and end in +Inf
+// equal to _count, and that _sum is there.
+func checkHistogram(f *promFamily) error {
+	var les, counts []float64
+	var count, sum *float64
+	for i := range f.samples {
+		s := &f.samples[i]
+		switch s.name {
+		case f.name + "_bucket":
+			le, err := strconv.ParseFloat(s.labels["le"], 64)
+			if s.labels["le"] == "+Inf" {
+				le, err = math.Inf(1), nil
+			}
+			if err != nil {
+				return fmt.Errorf("%s: bad le %q", f.name, s.labels["le"])
+			}
+			les, counts = append(les, le), append(counts, s.value)
+		case f.name + "_count":
+			count = &s.value
+		case f.name + "_sum":
+			sum = &s.value
+		}
+	}
+	if count == nil || sum == nil || len(les) == 0 {
+		return fmt.Errorf("%s: histogram without _count, _sum or buckets", f.name)
+	}
+	for i := 1; i < len(les); i++ {
+		if les[i] <= les[i-1] || counts[i] < counts[i-1] {
+			return fmt.Errorf("%s: buckets not ascending and cumulative at le=%v", f.name, les[i])
+		}
+	}
+	if !math.IsInf(les[len(les)-1], 1) || counts[len(counts)-1] != *count {
+		return fmt.Errorf("%s: the last bucket must be +Inf and equal _count", f.name)
+	}
+	return nil
+}
+
+// TestParseExposition makes sure the parser the /metrics tests rely on refuses what it must.
+func TestParseExposition(t *testing.T) {
+	good := "# HELP m_total Help with a \\\\ and a \\n.\n# TYPE m_total counter\n" +
+		`m_total{a="x\"y",b="back\\slash",c="new\nline",} 3` + "\nm_total 1e3 1700000000000\n" +
+		"# TYPE h histogram\nh_bucket{le=\"1\"} 1\nh_bucket{le=\"+Inf\"} 2\nh_sum 3.5\nh_count 2\n"
+	fams, err := parseExposition(good)
+	if err != nil {
+		t.Fatalf("valid exposition refused: %v", err)
+	}
+	if s := fams["m_total"].samples[0]; !reflect.DeepEqual(s.labels, map[string]string{"a": `x"y`, "b": `back\slash`, "c": "new\nline"}) || s.value != 3 {
+		t.Errorf("escaped labels parsed as %+v", s)
+	}
+	if v := fams["m_total"].samples[1].value; v != 1000 {
+		t.Errorf("1e3 parsed as %v", v)
+	}
+	const typ = "# TYPE m counter\n"
+	for _, bad := range []string{
+		"",
+		typ + "m 1",                        // no final newline
+		typ + "m{a=\"b\" 1\n",              // unclosed labels
+		typ + "m{a=b} 1\n",                 // unquoted value
+		typ + "m{a=\"\\q\"} 1\n",           // unknown escape
+		typ + "m{a=\"x} 1\n",               // unterminated value
+		typ + "m{a=\"1\"b=\"2\"} 1\n",      // no comma
+		typ + "m{1a=\"x\"} 1\n",            // bad label name
+		typ + "m{a=\"1\",a=\"2\"} 1\n",     // repeated label
+		typ + "m 1x\n",                     // bad value
+		typ + "m\n",                        // no value
+		typ + "m  1\n",                     // two spaces
+		typ + "m 1 2 3\n",                  // too many fields
+		typ + "m 1 soon\n",                 // bad timestamp
+		"# TYPE 1m counter\n1m 1\n",        // bad name
+		"# TYPE m countr\nm 1\n",           // unknown type
+		typ + typ + "m 1\n",                // TYPE twice
+		"m 1\n",                            // no TYPE
+		typ + "m 1\n" + typ,                // TYPE after samples
+		typ + "m 1\nm 2\n",                 // repeated series
+		typ + "# TYPE n gauge\nn 1\nm 1\n", // interleaved
+		"# HELP m bad \\t escape\n" + typ + "m 1\n",
+		"# TYPE h histogram\nh 1\n",                                                               // no suffix
+		"# TYPE h histogram\nh_bucket 1\nh_sum 1\nh_count 1\n",                                    // no le
+		"# TYPE h histogram\nh_bucket{le=\"1\"} 2\nh_bucket{le=\"+Inf\"} 1\nh_sum 1\nh_count 1\n", // not cumulative
+		"# TYPE h histogram\nh_bucket{le=\"1\"} 1\nh_bucket{le=\"+Inf\"} 2\nh_sum 1\nh_count 3\n", // +Inf != count
+		"# TYPE h histogram\nh_bucket{le=\"1\"} 1\nh_sum 1\nh_count 1\n",                          // no +Inf
+		"# TYPE h histogram\nh_bucket{le=\"+Inf\"} 1\nh_count 1\n",                                // no _sum
+	} {
+		if _, err := parseExposition(bad); err == nil {
+			t.Errorf("parseExposition accepted %q", bad)
+		}
+	}
+}
+
+// samples returns the samples of a family named name, keyed by the values of the given labels
+// joined with "|".
+func samplesBy(t *testing.T, fams map[string]*promFamily, name, sampleName string, labels ...string) map[string]float64 {
+	t.Helper()
+	f := fams[name]
+	if f == nil {
+		t.Fatalf("no family %s", name)
+	}
+	out := map[string]float64{}
+	for _, s := range f.samples {
+		if s.name != sampleName {
+			continue
+		}
+		var key []string
+		for _, l := range labels {
+			key = append(key, s.labels[l])
+		}
+		out[strings.Join(key, "|")] = s.value
+	}
+	return out
+}
+
+// obsClient bounds every request of these tests; a hang is a failure, not a measurement.
+var obsClient = &http.Client{Timeout: hangGuard}
+
+// obsGet sends a GET with headers to the test server.
+func obsGet(t *testing.T, ts *testServer, target string, hdr map[string]string) (*http.Response, string) {
+	t.Helper()
+	req, err := http.NewRequest("GET", ts.URL+target, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for k, v := range hdr {
+		req.Header.Set(k, v)
+	}
+	resp, err := obsClient.Do(req)
+	if err != nil {
+		t.Fatalf("GET %s: %v", target, err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp, string(b)
+}
+
+// scrape fetches and parses /metrics.
+func scrape(t *testing.T, ts *testServer, hdr map[string]string) map[string]*promFamily {
+	t.Helper()
+	resp, body := obsGet(t, ts, "/metrics", hdr)
+	if resp.StatusCode != 200 {
+		t.Fatalf("GET /metrics = %d %q", resp.StatusCode, body)
+	}
+	if ct := resp.Header.Get("Content-Type"); ct != "text/plain; version=0.0.4; charset=utf-8" {
+		t.Errorf("Content-Type %q, want the 0.0.4 text format", ct)
+	}
+	fams, err := parseExposition(body)
+	if err != nil {
+		t.Fatalf("malformed /metrics: %v\n%s", err, body)
+	}
+	return fams
+}
+
+// seedTaskRows writes github-task rows as run-task processes do, for the counters and
+// histograms /metrics derives from event_log.
+func seedTaskRows(t *testing.T, l *eventLog) {
+	t.Helper()
+	ts := time.Date(2024, 3, 1, 12, 0, 0, 0, time.UTC)
+	row := func(delivery, step string, extra map[string]any) event {
+		meta := map[string]any{"delivery": delivery, "unit": "demo.service", "image": "ghcr.io/acme/demo:latest", "step": step}
+		for k, v := range extra {
+			meta[k] = v
+		}
+		return event{RequestID: "task-" + delivery, TS: ts, Method: "TASK", Path: "/github-package-update/demo", Status: 200,
+			Action: "github-task", Meta: meta}
+	}
+	evs := []event{
+		row("a", "started", nil), row("a", "pulled", map[string]any{"pull_ms": 250}),
+		row("a", "restarted", map[string]any{"restart_ms": 125}), row("a", "healthy", nil), row("a", "completed", nil),
+		row("b", "started", nil), row("b", "pulled", map[string]any{"pull_ms": 1500}), row("b", "up-to-date", nil),
+		row("c", "started", nil), row("c", "pulled", map[string]any{"pull_ms": 4000}),
+		row("c", "restarted", map[string]any{"restart_ms": 3000}), row("c", "health-failed", nil), row("c", "rolled-back", nil),
+		// An older task row without pull_ms counts as a step but not in the histogram.
+		row("d", "started", nil), row("d", "pulled", nil),
+		// Not a task row: a step key elsewhere counts for nothing.
+		{RequestID: "m", TS: ts, Method: "POST", Status: 202, Action: "manual-service", Meta: map[string]any{"step": "pulled", "pull_ms": 99999}},
+	}
+	if err := l.Write(context.Background(), evs...); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestMetrics drives a scripted sequence of requests that run no command, seeds task rows, and
+// checks /metrics sample by sample.
+func TestMetrics(t *testing.T) {
+	const secret = "metrics test secret"
+	ts := newTestServer(t, map[string]string{"GITHUB_WEBHOOK_SECRET": secret}, nil)
+	seedTaskRows(t, ts.events)
+	gh := &e2eServer{url: ts.URL} // its deliver signs and sends a GitHub delivery
+	ping := []byte(`{"zen":"Keep it logically awesome.","hook_id":1}`)
+	npm := loadPayload(t, "package-published-npm.json")
+	for _, step := range []struct {
+		name string
+		do   func() int
+		want int
+	}{
+		{"health", func() int { r, _ := ts.do(t, "GET", "/health", nil); return r.StatusCode }, 200},
+		{"health", func() int { r, _ := ts.do(t, "GET", "/health", nil); return r.StatusCode }, 200},
+		{"health", func() int { r, _ := ts.do(t, "GET", "/health?verbose=1", nil); return r.StatusCode }, 200},
+		{"unknown path", func() int { r, _ := ts.do(t, "GET", "/nope", nil); return r.StatusCode }, 404},
+		{"unknown path", func() int { r, _ := ts.do(t, "GET", "/api/nope?token=x", nil); return r.StatusCode }, 404},
+		{"POST /health", func() int { r, _ := ts.do(t, "POST", "/health", nil); return r.StatusCode }, 405},
+		{"bad signature", func() int { c, _ := gh.deliver(t, "demo", "package", "bad-1", npm, "wrong"); return c }, 401},
+		{"bad signature", func() int { c, _ := gh.deliver(t, "demo", "package", "bad-2", npm, ""); return c }, 401},
+		{"ping", func() int { c, _ := gh.deliver(t, "demo", "ping", "ping-1", ping, secret); return c }, 200},
+		{"npm ignored", func() int { c, _ := gh.deliver(t, "demo", "package", "npm-1", npm, secret); return c }, 202},
+		{"npm ignored, redeploy route", func() int { c, _ := gh.deliver(t, "demo/redeploy", "package", "npm-2", npm, secret); return c }, 202},
+		{"events api without a token", func() int { r, _ := ts.do(t, "GET", "/api/events", nil); return r.StatusCode }, 401},
+	} {
+		if got := step.do(); got != step.want {
+			t.Fatalf("%s: status %d, want %d", step.name, got, step.want)
+		}
+	}
+
+	fams := scrape(t, ts, nil)
+	wantTypes := map[string]string{
+		"webhook_http_requests_total": "counter", "webhook_github_deliveries_total": "counter",
+		"webhook_rate_limit_rejections_total": "counter", "webhook_event_log_write_failures_total": "counter",
+		"webhook_event_log_queue_depth": "gauge", "process_start_time_seconds": "gauge", "webhook_build_info": "gauge",
+		"webhook_redeploy_steps_total": "counter", "webhook_pull_duration_seconds": "histogram",
+		"webhook_restart_duration_seconds": "histogram",
+	}
+	gotTypes := map[string]string{}
+	for name, f := range fams {
+		gotTypes[name] = f.typ
+		if f.help == "" {
+			t.Errorf("%s has no HELP", name)
+		}
+	}
+	if !reflect.DeepEqual(gotTypes, wantTypes) {
+		t.Errorf("families and types\n got %v\nwant %v", gotTypes, wantTypes)
+	}
+	check := func(name string, got, want map[string]float64) {
+		t.Helper()
+		if !reflect.DeepEqual(got, want) {
+			t.Errorf("%s\n got %v\nwant %v", name, got, want)
+		}
+	}
+	check("webhook_http_requests_total", samplesBy(t, fams, "webhook_http_requests_total", "webhook_http_requests_total", "route", "status"),
+		map[string]float64{
+			"GET /health|200": 3, "unmatched|404": 2, "unmatched|405": 1,
+			"POST /github-package-update/{unit}|401": 2, "POST /github-package-update/{unit}|200": 1,
+			"POST /github-package-update/{unit}|202": 1, "POST /github-package-update/{unit}/redeploy|202": 1,
+			"GET /api/events|401": 1,
+		})
+	check("webhook_github_deliveries_total", samplesBy(t, fams, "webhook_github_deliveries_total", "webhook_github_deliveries_total", "outcome"),
+		map[string]float64{"bad-signature": 2, "ping": 1, "not-container": 2})
+	check("webhook_rate_limit_rejections_total", samplesBy(t, fams, "webhook_rate_limit_rejections_total", "webhook_rate_limit_rejections_total", "action"),
+		map[string]float64{})
+	check("webhook_redeploy_steps_total", samplesBy(t, fams, "webhook_redeploy_steps_total", "webhook_redeploy_steps_total", "step"),
+		map[string]float64{"started": 4, "pulled": 4, "restarted": 2, "healthy": 1, "completed": 1, "up-to-date": 1,
+			"health-failed": 1, "rolled-back": 1})
+	// Pulls of 0.25 s, 1.5 s and 4 s; restarts of 0.125 s and 3 s. A value on a bound is in it.
+	check("webhook_pull_duration_seconds_bucket", samplesBy(t, fams, "webhook_pull_duration_seconds", "webhook_pull_duration_seconds_bucket", "le"),
+		map[string]float64{"0.1": 0, "0.25": 1, "0.5": 1, "1": 1, "2.5": 2, "5": 3, "10": 3, "30": 3, "60": 3, "120": 3,
+			"300": 3, "600": 3, "+Inf": 3})
+	check("webhook_pull_duration_seconds sum and count", map[string]float64{
+		"sum":   samplesBy(t, fams, "webhook_pull_duration_seconds", "webhook_pull_duration_seconds_sum")[""],
+		"count": samplesBy(t, fams, "webhook_pull_duration_seconds", "webhook_pull_duration_seconds_count")[""],
+	}, map[string]float64{"sum": 5.75, "count": 3})
+	check("webhook_restart_duration_seconds_bucket", samplesBy(t, fams, "webhook_restart_duration_seconds", "webhook_restart_duration_seconds_bucket", "le"),
+		map[string]float64{"0.05": 0, "0.1": 0, "0.25": 1, "0.5": 1, "1": 1, "2.5": 1, "5": 2, "10": 2, "30": 2, "60": 2, "+Inf": 2})
+	check("webhook_restart_duration_seconds sum and count", map[string]float64{
+		"sum":   samplesBy(t, fams, "webhook_restart_duration_seconds", "webhook_restart_duration_seconds_sum")[""],
+		"count": samplesBy(t, fams, "webhook_restart_duration_seconds", "webhook_restart_duration_seconds_count")[""],
+	}, map[string]float64{"sum": 3.125, "count": 2})
+	check("webhook_event_log_write_failures_total", samplesBy(t, fams, "webhook_event_log_write_failures_total", "webhook_event_log_write_failures_total"),
+		map[string]float64{"": 0})
+	if q := samplesBy(t, fams, "webhook_event_log_queue_depth", "webhook_event_log_queue_depth"); len(q) != 1 || q[""] < 0 {
+		t.Errorf("webhook_event_log_queue_depth = %v, want one sample >= 0", q)
+	}
+	start := samplesBy(t, fams, "process_start_time_seconds", "process_start_time_seconds")
+	if len(start) != 1 || start[""] <= 0 || start[""] > float64(time.Now().Unix()) {
+		t.Errorf("process_start_time_seconds = %v, want one sample of a past unix time", start)
+	}
+	if bi := fams["webhook_build_info"].samples; len(bi) != 1 || bi[0].value != 1 || bi[0].labels["goversion"] != runtime.Version() {
+		t.Errorf("webhook_build_info = %+v, want one sample of value 1 with goversion %s", bi, runtime.Version())
+	} else if _, ok := bi[0].labels["version"]; !ok {
+		t.Errorf("webhook_build_info has no version label: %v", bi[0].labels)
+	}
+
+	// A scrape is itself counted, by the next one.
+	fams = scrape(t, ts, nil)
+	if got := samplesBy(t, fams, "webhook_http_requests_total", "webhook_http_requests_total", "route", "status")["GET /metrics|200"]; got != 1 {
+		t.Errorf("after one scrape, GET /metrics|200 = %v, want 1", got)
+	}
+
+	// The run-task counters come from event_log: a task row written now shows in the next scrape.
+	if err := ts.events.Write(context.Background(), event{RequestID: "e", TS: time.Now(), Method: "TASK", Status: 200,
+		Action: "github-task", Meta: map[string]any{"step": "restarted", "restart_ms": 20000}}); err != nil {
+		t.Fatal(err)
+	}
+	fams = scrape(t, ts, nil)
+	if got := samplesBy(t, fams, "webhook_redeploy_steps_total", "webhook_redeploy_steps_total", "step")["restarted"]; got != 3 {
+		t.Errorf("restarted steps = %v after one more row, want 3", got)
+	}
+	if got := samplesBy(t, fams, "webhook_restart_duration_seconds", "webhook_restart_duration_seconds_bucket", "le"); got["10"] != 2 || got["30"] != 3 {
+		t.Errorf("restart buckets after a 20 s restart: %v", got)
+	}
+}
+
+func TestMetricsToken(t *testing.T) {
+	const token = "metrics-token-4f1e"
+	ts := newTestServer(t, map[string]string{"WEBHOOK_METRICS_TOKEN": token, "WEBHOOK_TOKEN": "other-token"}, nil)
+	var ids []string
+	for _, tc := range []struct {
+		name   string
+		target string
+		hdr    map[string]string
+		want   int
+	}{
+		{name: "no token", target: "/metrics", want: 401},
+		{name: "wrong bearer", target: "/metrics", hdr: map[string]string{"Authorization": "Bearer nope"}, want: 401},
+		{name: "wrong query token", target: "/metrics?token=nope", want: 401},
+		{name: "another route's token", target: "/metrics?token=other-token", want: 401},
+		{name: "bearer", target: "/metrics", hdr: map[string]string{"Authorization": "Bearer " + token}, want: 200},
+		{name: "query token", target: "/metrics?token=" + token, want: 200},
+	} {
+		resp, body := obsGet(t, ts, tc.target, tc.hdr)
+		if resp.StatusCode != tc.want {
+			t.Errorf("%s: %d %q, want %d", tc.name, resp.StatusCode, body, tc.want)
+		}
+		if resp.StatusCode == 401 && strings.Contains(body, "webhook_") {
+			t.Errorf("%s: a refused scrape returned metrics", tc.name)
+		}
+		ids = append(ids, resp.Header.Get("X-Request-Id"))
+	}
+	rows := ts.rows(t)
+	for _, id := range ids {
+		r, ok := rows[id]
+		if !ok {
+			t.Errorf("no row for request %s", id)
+			continue
+		}
+		if r.action != "metrics" || strings.Contains(r.meta, token) {
+			t.Errorf("row %+v: want action metrics and no token", r)
+		}
+	}
+	if strings.Contains(ts.logs.String(), token) {
+		t.Errorf("the log holds the metrics token:\n%s", ts.logs.String())
+	}
+}
+
+// eventsPage is the answer of /api/events and /api/deliveries/<id>.
+type eventsPage struct {
+	Events       []storedEvent `json:"events"`
+	NextBeforeID *int64        `json:"next_before_id"`
+	Delivery     string        `json:"delivery"`
+	Error        string        `json:"error"`
+}
+
+// getPage sends GET target with the bearer token (none when "") and decodes the answer.
+func getPage(t *testing.T, ts *testServer, target, bearer string) (int, eventsPage, string) {
+	t.Helper()
+	hdr := map[string]string{}
+	if bearer != "" {
+		hdr["Authorization"] = "Bearer " + bearer
+	}
+	resp, body := obsGet(t, ts, target, hdr)
+	var p eventsPage
+	if err := json.Unmarshal([]byte(body), &p); err != nil {
+		t.Fatalf("GET %s: %d, body %q is not JSON: %v", target, resp.StatusCode, body, err)
+	}
+	if ct := resp.Header.Get("Content-Type"); ct != "application/json" {
+		t.Errorf("GET %s: Content-Type %q", target, ct)
+	}
+	return resp.StatusCode, p, body
+}
+
+const apiToken = "api-token-9c2d"
+
+func TestEventsAPIAuth(t *testing.T) {
+	ts := newTestServer(t, map[string]string{"WEBHOOK_MANUAL_TOKEN": apiToken, "WEBHOOK_TOKEN": "plain-token-77"}, nil)
+	writeFixture(t, ts.events)
+	var ids []string
+	for _, tc := range []struct {
+		name, target string
+		hdr          map[string]string
+		want         int
+	}{
+		{name: "no token", target: "/api/events", want: 401},
+		{name: "empty query token", target: "/api/events?token=", want: 401},
+		{name: "wrong bearer", target: "/api/events", hdr: map[string]string{"Authorization": "Bearer wrong"}, want: 401},
+		{name: "wrong query token", target: "/api/events?token=wrong", want: 401},
+		{name: "WEBHOOK_TOKEN is not the manual token", target: "/api/events?token=plain-token-77", want: 401},
+		{name: "basic auth", target: "/api/events", hdr: map[string]string{"Authorization": "Basic " + apiToken}, want: 401},
+		{name: "wrong bearer beats a right query token", target: "/api/events?token=" + apiToken,
+			hdr: map[string]string{"Authorization": "Bearer wrong"}, want: 401},
+		{name: "bearer", target: "/api/events", hdr: map[string]string{"Authorization": "Bearer " + apiToken}, want: 200},
+		{name: "bearer in lower case", target: "/api/events", hdr: map[string]string{"Authorization": "bearer " + apiToken}, want: 200},
+		{name: "query token", target: "/api/events?limit=2&token=" + apiToken, want: 200},
+		{name: "deliveries without a token", target: "/api/deliveries/d-1", want: 401},
+		{name: "deliveries with a wrong token", target: "/api/deliveries/d-1?token=wrong", want: 401},
+		{name: "deliveries with the query token", target: "/api/deliveries/d-1?token=" + apiToken, want: 200},
+		{name: "deliveries with bearer", target: "/api/deliveries/d-1", hdr: map[string]string{"Authorization": "Bearer " + apiToken}, want: 200},
+	} {
+		resp, body := obsGet(t, ts, tc.target, tc.hdr)
+		if resp.StatusCode != tc.want {
+			t.Errorf("%s: %d %q, want %d", tc.name, resp.StatusCode, body, tc.want)
+		}
+		if tc.want == 401 && body != "{\"error\":\"unauthorized\"}\n" {
+			t.Errorf("%s: refused with body %q", tc.name, body)
+		}
+		if strings.Contains(body, fixtureToken) {
+			t.Errorf("%s: the stored token came back: %s", tc.name, body)
+		}
+		ids = append(ids, resp.Header.Get("X-Request-Id"))
+	}
+	ts.shutdown() // flushes the log
+	rows := map[string]eventRow{}
+	for _, r := range readRows(t, rawDB(t, ts.cfg.dbPath), `WHERE action = 'events-api'`) {
+		rows[r.requestID] = r
+	}
+	if len(rows) != len(ids) {
+		t.Errorf("%d events-api rows for %d requests", len(rows), len(ids))
+	}
+	for _, id := range ids {
+		r, ok := rows[id]
+		if !ok {
+			t.Errorf("no row for request %s", id)
+			continue
+		}
+		if r.action != "events-api" {
+			t.Errorf("request %s: action %q, want events-api", id, r.action)
+		}
+	}
+	for _, tok := range []string{apiToken, "plain-token-77"} {
+		for id, r := range rows {
+			if strings.Contains(r.meta, tok) {
+				t.Errorf("row %s stores a token: %s", id, r.meta)
+			}
+		}
+		if strings.Contains(ts.logs.String(), tok) {
+			t.Errorf("the log holds a token:\n%s", ts.logs.String())
+		}
+	}
+}
+
+func TestEventsAPIFilters(t *testing.T) {
+	ts := newTestServer(t, map[string]string{"WEBHOOK_MANUAL_TOKEN": apiToken}, nil)
+	writeFixture(t, ts.events)
+	null := func() *int64 { return nil }
+	id := func(n int64) *int64 { return &n }
+	for _, tc := range []struct {
+		name  string
+		query string
+		want  []int64
+		next  *int64
+	}{
+		{name: "action", query: "action=github-task", want: []int64{12, 11, 10, 9, 8, 4, 3}, next: null()},
+		{name: "unit", query: "unit=web", want: []int64{4, 3, 2}, next: null()},
+		{name: "unit full name", query: "unit=web.service&limit=2", want: []int64{4, 3}, next: id(3)},
+		{name: "delivery", query: "delivery=d-1", want: idRange(12, 7), next: null()},
+		{name: "status", query: "status=202&before_id=16", want: []int64{14, 13, 8, 7, 5, 3, 2}, next: null()},
+		{name: "since RFC 3339", query: "since=" + url.QueryEscape("2024-03-01T14:02:03Z") + "&before_id=16", want: idRange(15, 7), next: null()},
+		{name: "since with an offset", query: "since=" + url.QueryEscape("2024-03-01T16:02:03+02:00") + "&before_id=16", want: idRange(15, 7), next: null()},
+		{name: "before_id", query: "before_id=4", want: []int64{3, 2, 1}, next: null()},
+		{name: "limit exactly the rest", query: "before_id=4&limit=3", want: []int64{3, 2, 1}, next: id(1)},
+		{name: "limit and before_id", query: "before_id=10&limit=4", want: []int64{9, 8, 7, 6}, next: id(6)},
+		{name: "combined", query: "action=github-webhook&unit=demo&status=202", want: []int64{13, 7}, next: null()},
+		{name: "nothing matches", query: "action=nothing", want: []int64{}, next: null()},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			code, p, body := getPage(t, ts, "/api/events?"+tc.query, apiToken)
+			if code != 200 {
+				t.Fatalf("%d %s", code, body)
+			}
+			if got := eventIDs(p.Events); !reflect.DeepEqual(got, tc.want) {
+				t.Errorf("ids %v, want %v", got, tc.want)
+			}
+			if !reflect.DeepEqual(p.NextBeforeID, tc.next) {
+				t.Errorf("next_before_id %v, want %v", p.NextBeforeID, tc.next)
+			}
+			if !strings.Contains(body, `"events":[`) {
+				t.Errorf("events is not a JSON array: %s", body)
+			}
+			if strings.Contains(body, fixtureToken) {
+				t.Errorf("a stored token came back: %s", body)
+			}
+		})
+	}
+	for _, q := range []string{"limit=0", "limit=-1", "limit=abc", "since=yesterday", "status=42", "status=abc",
+		"unit=a%20b", "unit=..%2Fx", "before_id=abc", "before_id=0"} {
+		t.Run("bad "+q, func(t *testing.T) {
+			code, p, body := getPage(t, ts, "/api/events?"+q, apiToken)
+			param, _, _ := strings.Cut(q, "=")
+			if code != 400 || !strings.Contains(p.Error, param) || len(p.Events) != 0 {
+				t.Errorf("%d %s, want 400 naming %s", code, body, param)
+			}
+		})
+	}
+	t.Run("limit capped at 500", func(t *testing.T) {
+		var evs []event
+		for i := 0; i < 600; i++ {
+			evs = append(evs, event{RequestID: fmt.Sprintf("bulk-%d", i), TS: fixtureNow, Method: "GET", Status: 200, Action: "bulk"})
+		}
+		if err := ts.events.Write(context.Background(), evs...); err != nil {
+			t.Fatal(err)
+		}
+		code, p, _ := getPage(t, ts, "/api/events?action=bulk&limit=100000", apiToken)
+		if code != 200 || len(p.Events) != 500 || p.NextBeforeID == nil || *p.NextBeforeID != p.Events[499].ID {
+			t.Fatalf("%d, %d rows, next %v; want 200, 500 rows and a next_before_id", code, len(p.Events), p.NextBeforeID)
+		}
+	})
+}
+
+// walkEvents pages through /api/events with before_id until next_before_id is null and returns
+// every id in the order received.
+func walkEvents(t *testing.T, ts *testServer, query string) ([]int64, int) {
+	t.Helper()
+	var ids []int64
+	pages := 0
+	before := ""
+	for {
+		code, p, body := getPage(t, ts, "/api/events?"+query+before, apiToken)
+		if code != 200 {
+			t.Fatalf("page %d: %d %s", pages+1, code, body)
+		}
+		pages++
+		ids = append(ids, eventIDs(p.Events)...)
+		if p.NextBeforeID == nil {
+			return ids, pages
+		}
+		if len(p.Events) == 0 || *p.NextBeforeID != p.Events[len(p.Events)-1].ID {
+			t.Fatalf("page %d: next_before_id %d is not the last id of %v", pages, *p.NextBeforeID, eventIDs(p.Events))
+		}
+		if pages > 10000 {
+			t.Fatal("paging does not end")
+		}
+		before = "&before_id=" + strconv.FormatInt(*p.NextBeforeID, 10)
+	}
+}
+
+func TestEventsAPIPaging(t *testing.T) {
+	ts := newTestServer(t, map[string]string{"WEBHOOK_MANUAL_TOKEN": apiToken}, nil)
+	writeFixture(t, ts.events)
+	var seed []event
+	for i := 0; i < 285; i++ {
+		seed = append(seed, event{RequestID: fmt.Sprintf("seed-%d", i), TS: fixtureNow, Method: "GET", Path: "/health",
+			Status: 200, Action: "health"})
+	}
+	if err := ts.events.Write(context.Background(), seed...); err != nil {
+		t.Fatal(err)
+	}
+	db := rawDB(t, ts.cfg.dbPath)
+
+	t.Run("every row exactly once", func(t *testing.T) {
+		ids, pages := walkEvents(t, ts, "action=health&limit=7")
+		// The seeded rows 16 to 300 and the fixture's one health row, 1.
+		if want := append(idRange(300, 16), 1); !reflect.DeepEqual(ids, want) {
+			t.Errorf("walked %d ids in %d pages, want 300 down to 16 and 1, once each: %v", len(ids), pages, ids)
+		}
+		if pages != (286+6)/7 {
+			t.Errorf("%d pages of 7 for 286 rows, want %d", pages, (286+6)/7)
+		}
+	})
+
+	t.Run("while rows are being inserted", func(t *testing.T) {
+		stop := make(chan struct{})
+		var inserted atomic.Int64
+		errc := make(chan error, 1)
+		go func() {
+			defer close(errc)
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				batch := []event{
+					{RequestID: fmt.Sprintf("live-%d-a", i), TS: time.Now(), Method: "GET", Status: 200, Action: "live"},
+					{RequestID: fmt.Sprintf("live-%d-b", i), TS: time.Now(), Method: "GET", Status: 200, Action: "live"},
+				}
+				if err := ts.events.Write(context.Background(), batch...); err != nil {
+					errc <- err
+					return
+				}
+				inserted.Add(int64(len(batch)))
+			}
+		}()
+		// Let the writer get going, so that inserts interleave with the whole walk.
+		for deadline := time.Now().Add(hangGuard); inserted.Load() < 20; {
+			if time.Now().After(deadline) {
+				t.Fatal("the inserting goroutine wrote nothing")
+			}
+			time.Sleep(time.Millisecond)
+		}
+		var atStart int64
+		if err := db.QueryRow(`SELECT max(id) FROM event_log`).Scan(&atStart); err != nil {
+			t.Fatal(err)
+		}
+		before := inserted.Load()
+		ids, pages := walkEvents(t, ts, "limit=9")
+		during := inserted.Load() - before
+		close(stop)
+		if err := <-errc; err != nil {
+			t.Fatalf("inserting: %v", err)
+		}
+		if during == 0 {
+			t.Fatal("no row was inserted while paging; the test proved nothing")
+		}
+		seen := map[int64]bool{}
+		for i, id := range ids {
+			if seen[id] {
+				t.Fatalf("id %d repeated (position %d)", id, i)
+			}
+			seen[id] = true
+			if i > 0 && id >= ids[i-1] {
+				t.Fatalf("ids not strictly decreasing at position %d: %d after %d", i, id, ids[i-1])
+			}
+		}
+		for id := int64(1); id <= atStart; id++ {
+			if !seen[id] {
+				t.Fatalf("row %d existed when paging began and was skipped", id)
+			}
+		}
+		if ids[0] < atStart {
+			t.Fatalf("the first page started at %d, below the %d rows that existed", ids[0], atStart)
+		}
+		// Nothing skipped at all: from the first id down, every id is there.
+		if want := idRange(ids[0], 1); !reflect.DeepEqual(ids, want) {
+			t.Errorf("ids are not every id from %d down to 1", ids[0])
+		}
+		t.Logf("%d pages, %d ids; %d rows inserted during the walk", pages, len(ids), during)
+	})
+}
+
+func TestDeliveryAPI(t *testing.T) {
+	ts := newTestServer(t, map[string]string{"WEBHOOK_MANUAL_TOKEN": apiToken}, nil)
+	writeFixture(t, ts.events)
+	// A later delivery whose id extends d-1's, and a row for d-1 written after it: exact match,
+	// and order by id.
+	if err := ts.events.Write(context.Background(),
+		event{RequestID: "req-d10", TS: fixtureNow, Method: "POST", Path: "/github-package-update/demo", Status: 202,
+			Action: "github-webhook", Meta: map[string]any{"delivery": "d-10"}},
+		event{RequestID: "task-d-1", TS: fixtureNow, Method: "TASK", Status: 200, Action: "github-task",
+			Meta: map[string]any{"delivery": "d-1", "step": "prune-failed"}},
+	); err != nil {
+		t.Fatal(err)
+	}
+	code, p, body := getPage(t, ts, "/api/deliveries/d-1", apiToken)
+	if code != 200 || p.Delivery != "d-1" {
+		t.Fatalf("%d %s", code, body)
+	}
+	if got := eventIDs(p.Events); !reflect.DeepEqual(got, []int64{7, 8, 9, 10, 11, 12, 17}) {
+		t.Errorf("ids %v, want 7 to 12 and 17 in ascending order", got)
+	}
+	var story []string
+	for _, e := range p.Events {
+		s, _ := e.Meta["step"].(string)
+		story = append(story, e.Action+":"+s)
+	}
+	if want := "github-webhook:,github-task:started,github-task:pulled,github-task:restarted,github-task:healthy,github-task:completed,github-task:prune-failed"; strings.Join(story, ",") != want {
+		t.Errorf("story %s, want %s", strings.Join(story, ","), want)
+	}
+	if strings.Contains(body, fixtureToken) {
+		t.Errorf("the request row's stored token came back: %s", body)
+	}
+
+	for _, tc := range []struct {
+		name, target string
+		raw          bool
+		want         []int // any of
+	}{
+		{name: "unknown id", target: "/api/deliveries/d-999", want: []int{404}},
+		{name: "space", target: "/api/deliveries/a%20b", want: []int{400}},
+		{name: "leading dash", target: "/api/deliveries/-x", want: []int{400}},
+		{name: "NUL", target: "/api/deliveries/a%00b", want: []int{400}},
+		{name: "quote", target: "/api/deliveries/a%22b", want: []int{400}},
+		{name: "too long", target: "/api/deliveries/" + strings.Repeat("a", 129), want: []int{400}},
+		{name: "encoded slash", target: "/api/deliveries/a%2Fb", want: []int{400, 404}},
+		{name: "dot dot", target: "/api/deliveries/..", raw: true, want: []int{400, 404}},
+		{name: "encoded dot dot", target: "/api/deliveries/%2e%2e", raw: true, want: []int{400, 404}},
+		{name: "dot dot then more", target: "/api/deliveries/../events", raw: true, want: []int{400, 404}},
+		{name: "empty", target: "/api/deliveries/", want: []int{400, 404}},
+		{name: "sql wildcard", target: "/api/deliveries/d-%25", want: []int{400}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var resp *http.Response
+			var body string
+			if tc.raw {
+				resp, body = ts.raw(t, "GET", tc.target+"?token="+apiToken)
+			} else {
+				resp, body = obsGet(t, ts, tc.target, map[string]string{"Authorization": "Bearer " + apiToken})
+			}
+			if !slices.Contains(tc.want, resp.StatusCode) {
+				t.Errorf("%s: %d %q, want one of %v", tc.target, resp.StatusCode, body, tc.want)
+			}
+			if strings.Contains(body, `"events"`) {
+				t.Errorf("%s answered rows: %s", tc.target, body)
+			}
+		})
+	}
+	if strings.Contains(ts.logs.String(), "panic") {
+		t.Errorf("the server panicked:\n%s", ts.logs.String())
+	}
+}
+
+// healthBody is the verbose /health answer.
+type healthBody struct {
+	Status   string   `json:"status"`
+	Failing  []string `json:"failing"`
+	Database struct {
+		Path          string `json:"path"`
+		Writable      bool   `json:"writable"`
+		SchemaVersion *int   `json:"schema_version"`
+		PendingWrites *int64 `json:"pending_writes"`
+		Error         string `json:"error"`
+	} `json:"database"`
+	StateDir struct {
+		Path     string `json:"path"`
+		Writable bool   `json:"writable"`
+		Error    string `json:"error"`
+	} `json:"state_dir"`
+	GitHubSecret  *bool `json:"github_secret_configured"`
+	Token         *bool `json:"token_configured"`
+	ManualToken   *bool `json:"manual_token_configured"`
+	MetricsToken  *bool `json:"metrics_token_configured"`
+	SchedulerTick *struct {
+		Time   string `json:"time"`
+		Status int    `json:"status"`
+	} `json:"last_scheduler_tick"`
+}
+
+// getHealth sends GET target (with Accept when accept is set) and decodes a JSON answer.
+func getHealth(t *testing.T, ts *testServer, target, accept string) (int, healthBody, string) {
+	t.Helper()
+	hdr := map[string]string{}
+	if accept != "" {
+		hdr["Accept"] = accept
+	}
+	resp, body := obsGet(t, ts, target, hdr)
+	var h healthBody
+	if err := json.Unmarshal([]byte(body), &h); err != nil {
+		t.Fatalf("GET %s: %d, body %q is not JSON: %v", target, resp.StatusCode, body, err)
+	}
+	if ct := resp.Header.Get("Content-Type"); ct != "application/json" {
+		t.Errorf("GET %s: Content-Type %q", target, ct)
+	}
+	return resp.StatusCode, h, body
+}
+
+func TestHealthVerbose(t *testing.T) {
+	ms, err := loadMigrations()
+	if err != nil {
+		t.Fatal(err)
+	}
+	latest := ms[len(ms)-1].version
+	secrets := map[string]string{
+		"GITHUB_WEBHOOK_SECRET": "gh-secret-VALUE-1",
+		"WEBHOOK_TOKEN":         "plain-token-VALUE-2",
+		"WEBHOOK_MANUAL_TOKEN":  "manual-token-VALUE-3",
+		"WEBHOOK_METRICS_TOKEN": "metrics-token-VALUE-4",
+	}
+	for _, tc := range []struct {
+		name                           string
+		env                            []string // which of secrets to set
+		secret, token, manual, metrics bool
+	}{
+		{name: "everything configured", env: []string{"GITHUB_WEBHOOK_SECRET", "WEBHOOK_TOKEN", "WEBHOOK_MANUAL_TOKEN", "WEBHOOK_METRICS_TOKEN"},
+			secret: true, token: true, manual: true, metrics: true},
+		{name: "nothing configured"},
+		{name: "only WEBHOOK_TOKEN, which the manual API falls back to", env: []string{"WEBHOOK_TOKEN"}, token: true, manual: true},
+		{name: "secret and metrics token", env: []string{"GITHUB_WEBHOOK_SECRET", "WEBHOOK_METRICS_TOKEN"}, secret: true, metrics: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			env := map[string]string{}
+			for _, k := range tc.env {
+				env[k] = secrets[k]
+			}
+			ts := newTestServer(t, env, nil)
+			tick := func(ts time.Time, status int) event {
+				return event{RequestID: "tick", TS: ts, Method: "SCHEDULER", Status: status, Action: "scheduler",
+					Meta: map[string]any{"unit": "podman-auto-update.service"}}
+			}
+			if err := ts.events.Write(context.Background(), tick(fixtureNow.Add(-time.Hour), 202),
+				tick(fixtureNow, 500), event{RequestID: "x", TS: fixtureNow.Add(time.Hour), Method: "GET", Status: 200, Action: "health"}); err != nil {
+				t.Fatal(err)
+			}
+			for _, ask := range []struct{ target, accept string }{
+				{"/health?verbose=1", ""},
+				{"/health", "application/json"},
+				{"/health", "text/html, application/json;q=0.9"},
+			} {
+				code, h, body := getHealth(t, ts, ask.target, ask.accept)
+				if code != 200 || h.Status != "ok" || len(h.Failing) != 0 {
+					t.Errorf("%s (Accept %q): %d %s", ask.target, ask.accept, code, body)
+				}
+				if !h.Database.Writable || h.Database.SchemaVersion == nil || *h.Database.SchemaVersion != latest ||
+					h.Database.PendingWrites == nil || h.Database.Path != ts.cfg.dbPath {
+					t.Errorf("database %+v, want writable, schema version %d, pending writes, path %s", h.Database, latest, ts.cfg.dbPath)
+				}
+				if !h.StateDir.Writable || h.StateDir.Path != ts.cfg.stateDir {
+					t.Errorf("state_dir %+v", h.StateDir)
+				}
+				for _, c := range []struct {
+					name string
+					got  *bool
+					want bool
+				}{
+					{"github_secret_configured", h.GitHubSecret, tc.secret}, {"token_configured", h.Token, tc.token},
+					{"manual_token_configured", h.ManualToken, tc.manual}, {"metrics_token_configured", h.MetricsToken, tc.metrics},
+				} {
+					if c.got == nil || *c.got != c.want {
+						t.Errorf("%s = %v, want %v", c.name, c.got, c.want)
+					}
+				}
+				if h.SchedulerTick == nil || h.SchedulerTick.Time != "2024-03-01T15:00:00Z" || h.SchedulerTick.Status != 500 {
+					t.Errorf("last_scheduler_tick %+v, want the newest scheduler row (15:00, 500)", h.SchedulerTick)
+				}
+				for _, v := range secrets {
+					if strings.Contains(body, v) {
+						t.Errorf("the body holds a secret value: %s", body)
+					}
+				}
+			}
+			// Probes still get the two bytes they expect.
+			for _, target := range []string{"/health", "/health?verbose=", "/health?x=1"} {
+				resp, body := obsGet(t, ts, target, nil)
+				if resp.StatusCode != 200 || body != "ok" {
+					t.Errorf("GET %s = %d %q, want 200 \"ok\"", target, resp.StatusCode, body)
+				}
+			}
+		})
+	}
+	t.Run("no scheduler tick yet", func(t *testing.T) {
+		ts := newTestServer(t, nil, nil)
+		code, h, body := getHealth(t, ts, "/health?verbose=1", "")
+		if code != 200 || h.SchedulerTick != nil || strings.Contains(body, "last_scheduler_tick") {
+			t.Errorf("%d %s, want 200 without last_scheduler_tick", code, body)
+		}
+	})
+}
+
+func TestHealthVerboseFailures(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "file")
+	if err := os.WriteFile(file, []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name  string
+		state string
+	}{
+		{name: "state dir under a regular file", state: filepath.Join(file, "state")},
+		{name: "state dir removed", state: filepath.Join(t.TempDir(), "gone")},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ts := newTestServer(t, nil, func(cfg *config) { cfg.stateDir = tc.state })
+			code, h, body := getHealth(t, ts, "/health?verbose=1", "")
+			if code != 503 || h.Status != "fail" || !reflect.DeepEqual(h.Failing, []string{"state_dir"}) ||
+				h.StateDir.Writable || h.StateDir.Error == "" || !h.Database.Writable {
+				t.Errorf("%d %s, want 503 failing [state_dir] only", code, body)
+			}
+			if resp, body := obsGet(t, ts, "/health", nil); resp.StatusCode != 200 || body != "ok" {
+				t.Errorf("plain /health = %d %q, want 200 ok: probes must not depend on the details", resp.StatusCode, body)
+			}
+		})
+	}
+
+	t.Run("database write lock held elsewhere", func(t *testing.T) {
+		ts := newTestServer(t, nil, nil)
+		db := rawDB(t, ts.cfg.dbPath)
+		ctx := context.Background()
+		conn, err := db.Conn(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		if _, err := conn.ExecContext(ctx, "BEGIN IMMEDIATE"); err != nil {
+			t.Fatal(err)
+		}
+		locked := true
+		release := func() {
+			if locked {
+				locked = false
+				if _, err := conn.ExecContext(ctx, "ROLLBACK"); err != nil {
+					t.Error(err)
+				}
+			}
+		}
+		defer release()
+		begun := time.Now()
+		code, h, body := getHealth(t, ts, "/health?verbose=1", "")
+		took := time.Since(begun)
+		release()
+		// Not an assertion on time: the handler bounds its checks with a 5 s context, and this
+		// shows whether that bound holds against busy_timeout (10 s).
+		t.Logf("verbose /health with the write lock held elsewhere answered %d after %s (handler context 5s, busy_timeout %s)",
+			code, took.Round(100*time.Millisecond), busyTimeout)
+		if code != 503 || h.Status != "fail" || !slices.Contains(h.Failing, "database") || h.Database.Writable || h.Database.Error == "" {
+			t.Errorf("%d %s, want 503 failing database", code, body)
+		}
+		if slices.Contains(h.Failing, "state_dir") {
+			t.Errorf("state_dir reported failing while only the database was locked: %s", body)
+		}
+		// Once the lock is gone, the same question is answered 200 again.
+		if code, _, body := getHealth(t, ts, "/health?verbose=1", ""); code != 200 {
+			t.Errorf("after the lock was released: %d %s", code, body)
+		}
+	})
+}
+
+// TestE2EEventsOfADelivery runs one real redeploy on the rig and reads its story back through
+// the built binary's events command and through /api/deliveries/<id>, as an operator would.
+func TestE2EEventsOfADelivery(t *testing.T) {
+	r := needRig(t)
+	const token = "e2e-events-token"
+	s := startE2EServer(t, "WEBHOOK_MANUAL_TOKEN="+token)
+	name := rigUniqueName(t, "demo")
+	ref, id1 := r.PushImage(t, "e2e/"+name, "latest", "v1")
+	unit, ctr := e2eContainerUnit(t, r, ref, id1)
+	_, id2 := r.PushImage(t, "e2e/"+name, "latest", "v2")
+	r.TagLocal(t, id1, ref)
+	delivery := rigUniqueName(t, "delivery")
+	body := githubPackagePayload(r.Registry(), "e2e", name, "latest", "")
+	if code, text := s.deliver(t, unit, "package", delivery, body, s.secret); code != http.StatusAccepted {
+		t.Fatalf("delivery: %d %q; server log:\n%s", code, text, s.log)
+	}
+	rows := s.waitTask(t, r, delivery)
+	if got := strings.Join(steps(rows), ","); got != "started,pulled,restarted,healthy,completed" {
+		t.Fatalf("task steps %s; server log:\n%s", got, s.log)
+	}
+	if got := r.ContainerImage(t, ctr); got != id2 {
+		t.Fatalf("%s runs %s, want v2 %s", ctr, got, id2)
+	}
+
+	bin := buildBinary(t)
+	events := func(args ...string) string {
+		t.Helper()
+		cmd := exec.Command(bin, append([]string{"events", "--state-dir", s.state, "--delivery", delivery}, args...)...)
+		cmd.Env = append(os.Environ(), "TZ=UTC")
+		var stderr bytes.Buffer
+		cmd.Stderr = &stderr
+		out, err := cmd.Output()
+		if err != nil || stderr.Len() > 0 {
+			t.Fatalf("events %v: %v; stderr %s", args, err, stderr.String())
+		}
+		return string(out)
+	}
+	table := events()
+	lines := strings.Split(strings.TrimSuffix(table, "\n"), "\n")
+	if len(lines) != 7 || !strings.HasPrefix(lines[0], "TIME") {
+		t.Fatalf("events --delivery %s printed %d lines, want a header and 6 rows:\n%s", delivery, len(lines), table)
+	}
+	// Newest first: the last step on top, the request at the bottom.
+	for i, want := range []string{"step=completed", "step=healthy", "step=restarted", "step=pulled", "step=started", "reason=queued"} {
+		line := lines[i+1]
+		if !strings.Contains(line, want) || !strings.Contains(line, "delivery="+delivery) || !strings.Contains(line, unit) {
+			t.Errorf("row %d %q, want %s for %s on %s", i+1, line, want, delivery, unit)
+		}
+	}
+	if req := lines[6]; !strings.Contains(req, " 202 ") || !strings.Contains(req, "github-webhook") || !strings.Contains(req, "POST") {
+		t.Errorf("request row %q, want POST 202 github-webhook", req)
+	}
+	var cli []storedEvent
+	for _, line := range strings.Split(strings.TrimSuffix(events("--json"), "\n"), "\n") {
+		var e storedEvent
+		if err := json.Unmarshal([]byte(line), &e); err != nil {
+			t.Fatalf("events --json line %q: %v", line, err)
+		}
+		cli = append(cli, e)
+	}
+	slices.Reverse(cli)
+
+	req, _ := http.NewRequest("GET", s.url+"/api/deliveries/"+delivery, nil)
+	req.Header.Set("Authorization", "Bearer "+token)
+	resp, err := obsClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var api eventsPage
+	err = json.NewDecoder(resp.Body).Decode(&api)
+	resp.Body.Close()
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("/api/deliveries/%s: %d %v", delivery, resp.StatusCode, err)
+	}
+	if !reflect.DeepEqual(api.Events, cli) {
+		t.Errorf("/api/deliveries/%s rows differ from the events command's:\n api %+v\n cli %+v", delivery, api.Events, cli)
+	}
+	if ids := eventIDs(api.Events); !slices.IsSorted(ids) || len(ids) != 6 {
+		t.Errorf("/api/deliveries ids %v, want 6 ascending", ids)
+	}
+
+	resp, err = obsClient.Get(s.url + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	mb, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	fams, err := parseExposition(string(mb))
+	if err != nil {
+		t.Fatalf("/metrics: %v\n%s", err, mb)
+	}
+	st := samplesBy(t, fams, "webhook_redeploy_steps_total", "webhook_redeploy_steps_total", "step")
+	for _, step := range []string{"started", "pulled", "restarted", "healthy", "completed"} {
+		if st[step] < 1 {
+			t.Errorf("webhook_redeploy_steps_total{step=%q} = %v after the redeploy", step, st[step])
+		}
+	}
+	if q := samplesBy(t, fams, "webhook_github_deliveries_total", "webhook_github_deliveries_total", "outcome")["queued"]; q != 1 {
+		t.Errorf("webhook_github_deliveries_total{outcome=\"queued\"} = %v, want 1", q)
+	}
+	if c := samplesBy(t, fams, "webhook_pull_duration_seconds", "webhook_pull_duration_seconds_count")[""]; c != 1 {
+		t.Errorf("webhook_pull_duration_seconds_count = %v, want 1", c)
+	}
+	t.Logf("webhook-auto-update events --delivery %s:\n%s", delivery, table)
+	var excerpt []string
+	for _, line := range strings.Split(string(mb), "\n") {
+		for _, p := range []string{"webhook_http_requests_total", "webhook_github_deliveries_total", "webhook_redeploy_steps_total",
+			"webhook_pull_duration_seconds", "webhook_restart_duration_seconds"} {
+			if strings.HasPrefix(line, p) || strings.HasPrefix(line, "# TYPE "+p) {
+				excerpt = append(excerpt, line)
+				break
+			}
+		}
+	}
+	t.Logf("/metrics excerpt:\n%s", strings.Join(excerpt, "\n"))
 }

@@ -18,6 +18,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/url"
+	"os"
 	"os/exec"
 	"os/signal"
 	"regexp"
@@ -449,13 +450,17 @@ func (t *task) step(name string, status int, res *cmdResult, extra map[string]an
 func (t *task) run(ctx context.Context) int {
 	t.started = t.now()
 	t.step("started", http.StatusAccepted, nil, map[string]any{"force": t.force, "digest": t.digest})
-	lock, err := lockFile(ctx, imageLockPath(t.cfg.stateDir, t.image), t.cfg.taskLockWait)
+	lockPath := imageLockPath(t.cfg.stateDir, t.image)
+	lock, err := lockFile(ctx, lockPath, t.cfg.taskLockWait)
 	if err != nil {
 		t.log.errorf("redeploy of %s to %s: %v", t.unit, t.image, err)
 		t.step("lock-failed", http.StatusServiceUnavailable, nil, map[string]any{"error": err.Error()})
 		return 1
 	}
 	defer lock.Unlock()
+	// A used lock is a fresh lock: prune-state deletes only those idle for its whole retention.
+	now := time.Now()
+	os.Chtimes(lockPath, now, now)
 
 	lim, err := imageLimiter(t.cfg, t.image).take(ctx)
 	if err != nil {

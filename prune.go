@@ -30,7 +30,8 @@ import (
 // defaultRetentionHours is prune-state's retention, the original tool's (86 400 s).
 const defaultRetentionHours = 24
 
-const usagePruneState = `usage: webhook-auto-update prune-state [--max-age-hours N] [--dry-run] [--state-dir DIR] [--db URL]
+const usagePruneState = `usage: webhook-auto-update prune-state [--max-age-hours N] [--dry-run] [--events-max-age-days N]
+                                       [--state-dir DIR] [--db URL]
 
 Drops timestamps older than --max-age-hours (default 24) from ratelimit.db and from every
 github-image-limits/*.db, deletes the logs left empty, and deletes github-image-locks/*.lock
@@ -42,15 +43,19 @@ Prints one line:
 
 where entries counts dropped timestamps and unreadable lines. --dry-run reports what a real run
 would do and changes nothing in the state directory.
+
+--events-max-age-days N also deletes event_log rows older than N days, in batches, and prints
+"Deleted events=N older_than=TIME dry_run=BOOL" (default: keep every row).
 Exit status: 0 done (files a redeploy holds are skipped, not an error), 1 a file could not be
 pruned, 2 usage error.
 `
 
 func cmdPruneState(c *cli, args []string) int {
-	hours, dryRun := defaultRetentionHours, false
+	hours, dryRun, eventDays := defaultRetentionHours, false, 0
 	cfg, rest, code := c.setup("prune-state", usagePruneState, args, func(fs *flag.FlagSet, cfg *config) {
 		fs.Var(positiveInt{&hours}, "max-age-hours", "")
 		fs.BoolVar(&dryRun, "dry-run", false, "")
+		fs.Var(positiveInt{&eventDays}, "events-max-age-days", "")
 	})
 	if code >= 0 {
 		return code
@@ -76,14 +81,29 @@ func cmdPruneState(c *cli, args []string) int {
 	fmt.Fprintf(c.stdout, "Trimmed entries=%d removed_dbs=%d removed_locks=%d dry_run=%t\n",
 		rep.entries, rep.removedDBs, rep.removedLocks, dryRun)
 	status, exit := http.StatusOK, 0
+	var deleted int64
+	if eventDays > 0 {
+		if events == nil {
+			rep.errs = append(rep.errs, "event log unavailable: old events not deleted")
+		} else {
+			cutoff := start.Add(-time.Duration(eventDays) * 24 * time.Hour)
+			var err error
+			if deleted, err = events.deleteOlderThan(context.Background(), cutoff, dryRun); err != nil {
+				rep.errs = append(rep.errs, "delete old events: "+err.Error())
+			}
+			fmt.Fprintf(c.stdout, "Deleted events=%d older_than=%s dry_run=%t\n", deleted, cutoff.UTC().Format(time.RFC3339), dryRun)
+		}
+	}
 	if len(rep.errs) > 0 {
+		c.log.errorf("prune-state: %s", strings.Join(rep.errs, "; "))
 		status, exit = http.StatusInternalServerError, 1
 	}
 	writeCommandEvent(c.log, events, event{RequestID: newRequestID(), TS: time.Now(), Method: "CLI",
 		Status: status, Action: "prune-state", Duration: time.Since(start), Meta: map[string]any{
 			"max_age_hours": hours, "dry_run": dryRun, "entries": rep.entries,
 			"removed_dbs": rep.removedDBs, "removed_locks": rep.removedLocks,
-			"removed_temp": rep.removedTemp, "busy": rep.busy, "errors": rep.errs}})
+			"removed_temp": rep.removedTemp, "busy": rep.busy, "errors": rep.errs,
+			"events_max_age_days": eventDays, "deleted_events": deleted}})
 	return exit
 }
 

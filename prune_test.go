@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"os/exec"
@@ -415,5 +416,57 @@ func TestE2EPruneLeavesRunningTaskLock(t *testing.T) {
 	case err := <-done:
 		t.Fatalf("run-task ended during the test (%v); its output:\n%s", err, taskErr.String())
 	default:
+	}
+}
+
+// TestPruneOldEvents checks --events-max-age-days: a dry run counts the rows it would delete and
+// deletes none; a real run deletes exactly the rows older than the cutoff, across batches.
+func TestPruneOldEvents(t *testing.T) {
+	state := t.TempDir()
+	dbPath := filepath.Join(state, "data", "pod-upgrade-trigger.db")
+	events, err := openEventLog(dbPath, newLogger(io.Discard))
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now()
+	var evs []event
+	for i := 0; i < 2500; i++ { // more than one 1000-row batch
+		evs = append(evs, event{RequestID: fmt.Sprint("old-", i), TS: now.Add(-72 * time.Hour), Method: "GET", Status: 200, Action: "health"})
+	}
+	for i := 0; i < 7; i++ {
+		evs = append(evs, event{RequestID: fmt.Sprint("new-", i), TS: now.Add(-time.Hour), Method: "GET", Status: 200, Action: "health"})
+	}
+	if err := events.Write(context.Background(), evs...); err != nil {
+		t.Fatal(err)
+	}
+	events.Close()
+	count := func() int {
+		return len(actionRows(t, dbPath, "health"))
+	}
+	env := envFunc(map[string]string{"WEBHOOK_STATE_DIR": state})
+	for _, tc := range []struct {
+		args     []string
+		wantLine string
+		wantLeft int
+	}{
+		{[]string{"--dry-run", "--events-max-age-days", "2"}, "Deleted events=2500 ", 2507},
+		{[]string{"--events-max-age-days", "4"}, "Deleted events=0 ", 2507},
+		{[]string{"--events-max-age-days", "2"}, "Deleted events=2500 ", 7},
+		{[]string{"--events-max-age-days", "2"}, "Deleted events=0 ", 7},
+	} {
+		var out, errb logBuffer
+		if code := run(append([]string{"prune-state"}, tc.args...), env, &out, &errb); code != 0 {
+			t.Fatalf("%v: exit %d\n%s", tc.args, code, errb.String())
+		}
+		if !strings.Contains(out.String(), tc.wantLine) {
+			t.Errorf("%v: stdout %q, want %q", tc.args, out.String(), tc.wantLine)
+		}
+		if got := count(); got != tc.wantLeft {
+			t.Errorf("%v: %d health rows left, want %d", tc.args, got, tc.wantLeft)
+		}
+	}
+	var out, errb logBuffer
+	if code := run([]string{"prune-state", "--events-max-age-days", "0"}, env, &out, &errb); code != 2 {
+		t.Errorf("--events-max-age-days 0: exit %d, want 2", code)
 	}
 }

@@ -128,20 +128,32 @@ func formatTimestamps(ts []int64) []byte {
 type fileLock struct{ f *os.File }
 
 // lockFile waits up to timeout (or until ctx ends) for an exclusive lock on path, creating the
-// file and its directory when missing.
+// file and its directory when missing. prune-state may delete a lock file that nobody holds; a
+// waiter that then gets the lock on the deleted file notices (the path no longer names the file
+// it locked) and starts over on the new one.
 func lockFile(ctx context.Context, path string, timeout time.Duration) (*fileLock, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return nil, err
 	}
+	deadline := time.Now().Add(timeout)
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
 		return nil, err
 	}
-	deadline := time.Now().Add(timeout)
 	for wait := time.Millisecond; ; wait = min(wait*2, 50*time.Millisecond) {
 		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
 		if err == nil {
-			return &fileLock{f: f}, nil
+			held, statErr := f.Stat()
+			named, pathErr := os.Stat(path)
+			if statErr == nil && pathErr == nil && os.SameFile(held, named) {
+				return &fileLock{f: f}, nil
+			}
+			// Deleted (or replaced) while we waited: lock the file the path names now.
+			f.Close()
+			if f, err = os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600); err != nil {
+				return nil, err
+			}
+			continue
 		}
 		if !errors.Is(err, syscall.EWOULDBLOCK) && !errors.Is(err, syscall.EINTR) {
 			f.Close()

@@ -275,3 +275,42 @@ func TestLimiterChild(t *testing.T) {
 	}
 	fmt.Printf("allowed=%d\n", allowed)
 }
+
+// TestLockFileSurvivesDeletion: prune-state may delete an idle lock file. A process that was
+// waiting on it must then lock the file the path names now, not the deleted one, or two
+// redeploys of one image could run at once.
+func TestLockFileSurvivesDeletion(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "locks", "img.lock")
+	first, err := lockFile(context.Background(), path, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make(chan *fileLock, 1)
+	go func() {
+		l, err := lockFile(context.Background(), path, 10*time.Second)
+		if err != nil {
+			t.Error(err)
+		}
+		got <- l
+	}()
+	// Let the waiter open the old file, then delete it (as prune-state does, holding the lock).
+	time.Sleep(50 * time.Millisecond)
+	if err := os.Remove(path); err != nil {
+		t.Fatal(err)
+	}
+	first.Unlock()
+	second := <-got
+	if second == nil {
+		t.Fatal("no lock")
+	}
+	defer second.Unlock()
+	held, _ := second.f.Stat()
+	named, err := os.Stat(path)
+	if err != nil || !os.SameFile(held, named) {
+		t.Fatalf("the waiter holds a lock on a file the path no longer names (stat: %v)", err)
+	}
+	if third, err := lockFile(context.Background(), path, 100*time.Millisecond); err == nil {
+		third.Unlock()
+		t.Fatal("a third process got the lock while the waiter held it")
+	}
+}

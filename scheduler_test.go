@@ -750,8 +750,9 @@ func TestManualService(t *testing.T) {
 			wantStatus: "queued", wantDispatch: true},
 		{name: "force reaches run-task", target: "/api/manual/services/web", body: `{"image":"` + image + `","force":true}`, want: 202,
 			wantStatus: "queued", wantDispatch: true, wantForce: true},
+		// A dry run only reads the unit's state, for its plan.
 		{name: "image dry run dispatches nothing", target: "/api/manual/services/web", body: `{"image":"` + image + `","dry_run":true}`,
-			want: 202, wantStatus: "dry-run"},
+			want: 202, wantStatus: "dry-run", wantCalls: []string{"--user show -p ActiveState -p SubState -p Result -p NRestarts -p MainPID -- web.service"}},
 		{name: "dispatch failure", target: "/api/manual/services/web", body: `{"image":"` + image + `"}`, dispatchFail: true,
 			want: 500, wantStatus: "error", wantDispatch: true},
 		{name: "invalid image", target: "/api/manual/services/web", body: `{"image":"app:latest"}`, want: 400},
@@ -772,6 +773,9 @@ func TestManualService(t *testing.T) {
 			json.Unmarshal(rec.Body.Bytes(), &resp)
 			if tc.want != 400 && resp.Status != tc.wantStatus {
 				t.Errorf("status %q, want %q (%s)", resp.Status, tc.wantStatus, rec.Body)
+			}
+			if wantPlan := resp.DryRun && resp.Image != ""; wantPlan != (len(resp.Plan) > 0) {
+				t.Errorf("plan %q for dry_run=%v image=%q", resp.Plan, resp.DryRun, resp.Image)
 			}
 			if calls := h.fake.calls(t); !reflect.DeepEqual(calls, tc.wantCalls) {
 				t.Errorf("systemctl calls %q, want %q", calls, tc.wantCalls)

@@ -822,14 +822,15 @@ type manualServiceRequest struct {
 
 // manualServiceResponse is its answer.
 type manualServiceResponse struct {
-	Unit     string `json:"unit"`
-	Image    string `json:"image,omitempty"`
-	Status   string `json:"status"` // triggered, queued, dry-run, failed, error
-	Message  string `json:"message"`
-	TaskUnit string `json:"task_unit,omitempty"`
-	DryRun   bool   `json:"dry_run"`
-	Caller   string `json:"caller"`
-	Reason   string `json:"reason"`
+	Unit     string   `json:"unit"`
+	Image    string   `json:"image,omitempty"`
+	Status   string   `json:"status"` // triggered, queued, dry-run, failed, error
+	Message  string   `json:"message"`
+	TaskUnit string   `json:"task_unit,omitempty"`
+	Plan     []string `json:"plan,omitempty"` // dry run with an image: what the redeploy would do
+	DryRun   bool     `json:"dry_run"`
+	Caller   string   `json:"caller"`
+	Reason   string   `json:"reason"`
 }
 
 // handleManualService redeploys one service. With an image it dispatches the same run-task as a
@@ -862,7 +863,11 @@ func (s *server) handleManualService(w http.ResponseWriter, r *http.Request) {
 	status := http.StatusAccepted
 	switch {
 	case req.DryRun && resp.Image != "":
-		resp.Status, resp.Message = triggerDryRun, "would pull "+resp.Image+" and restart "+unit
+		ref, _ := parseImageRef(resp.Image)
+		ctx, cancel := context.WithTimeout(r.Context(), requestCommandTimeout)
+		resp.Plan = planRedeploy(ctx, s.cfg, unit, ref, req.Force)
+		cancel()
+		resp.Status, resp.Message = triggerDryRun, "would pull "+resp.Image+" and restart "+unit+" as the plan says"
 	case resp.Image != "":
 		spec := taskSpec{unit: unit, image: resp.Image, event: "manual", delivery: "manual-" + ri.id,
 			path: r.URL.Path, force: req.Force}
