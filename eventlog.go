@@ -865,7 +865,12 @@ func cmdEvents(c *cli, args []string) int {
 		fmt.Fprint(c.stderr, usageEvents)
 		return 2
 	}
-	f, err := parseEventFilter(func(k string) string { return *vals[k] }, time.Now())
+	f, err := parseEventFilter(func(k string) string {
+		if v := vals[k]; v != nil {
+			return *v
+		}
+		return "" // before_id is for the API's paging only
+	}, time.Now())
 	if err != nil {
 		c.log.errorf("events: %v", err)
 		return 2
