@@ -35,6 +35,8 @@ import (
 	"syscall"
 	"text/tabwriter"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	_ "modernc.org/sqlite"
 )
@@ -611,11 +613,11 @@ func eventLine(e storedEvent, loc *time.Location) []string {
 	var details []string
 	for _, k := range []string{"step", "reason", "delivery", "caller", "error", "warning"} {
 		if v, ok := e.Meta[k]; ok && v != "" && v != nil {
-			s := fmt.Sprint(v)
+			s := []rune(fmt.Sprint(v))
 			if len(s) > 60 {
-				s = s[:57] + "..."
+				s = append(s[:57], []rune("...")...)
 			}
-			details = append(details, k+"="+s)
+			details = append(details, k+"="+string(s))
 		}
 	}
 	if len(details) == 0 {
@@ -625,10 +627,28 @@ func eventLine(e storedEvent, loc *time.Location) []string {
 	if path == "" {
 		path = "-"
 	}
-	return []string{
+	cells := []string{
 		time.Unix(e.TS, 0).In(loc).Format("2006-01-02 15:04:05"), strconv.Itoa(e.Status), e.Action, e.Method,
 		path, str("unit"), str("image"), (time.Duration(e.DurationMS) * time.Millisecond).String(), strings.Join(details, " "),
 	}
+	for i, c := range cells {
+		cells[i] = oneLine(c)
+	}
+	return cells
+}
+
+// oneLine makes a table cell safe: one line, no tabs, valid UTF-8, no control characters (a
+// stored stderr could otherwise break the table or the terminal).
+func oneLine(s string) string {
+	return strings.Map(func(r rune) rune {
+		switch {
+		case r == utf8.RuneError:
+			return '?'
+		case unicode.IsControl(r):
+			return ' '
+		}
+		return r
+	}, strings.ToValidUTF8(s, "?"))
 }
 
 // stepCounts counts github-task rows by step, so redeploy outcomes survive the run-task
