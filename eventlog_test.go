@@ -1110,6 +1110,78 @@ func TestEventsTableOneLinePerRow(t *testing.T) {
 	}
 }
 
+// TestEventsFollow runs the built binary's `events --follow`: it prints the newest rows, then
+// only new rows that match its filters, oldest first, and exits 0 on SIGINT.
+func TestEventsFollow(t *testing.T) {
+	bin := buildServerBinary(t)
+	dbPath := fixtureDB(t, filepath.Join(t.TempDir(), "events.db"))
+	cmd := exec.Command(bin, "events", "--follow", "--db", dbPath, "--unit", "demo", "--limit", "2")
+	cmd.Env = []string{"TZ=UTC", "PATH=" + os.Getenv("PATH"), "WEBHOOK_STATE_DIR=" + t.TempDir()}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	lines := make(chan string, 100)
+	go func() {
+		sc := bufio.NewScanner(stdout)
+		for sc.Scan() {
+			lines <- sc.Text()
+		}
+		close(lines)
+		exited <- cmd.Wait()
+	}()
+	defer cmd.Process.Kill()
+	next := func(what string) string {
+		t.Helper()
+		select {
+		case l, ok := <-lines:
+			if !ok {
+				t.Fatalf("events --follow ended while waiting for %s; stderr %s", what, stderr.String())
+			}
+			return l
+		case <-time.After(hangGuard):
+			t.Fatalf("no line for %s; stderr %s", what, stderr.String())
+		}
+		return ""
+	}
+	for _, want := range []string{"TIME", "reason=not-container delivery=d-2", "step=completed delivery=d-1"} {
+		if l := next(want); !strings.Contains(l, want) {
+			t.Fatalf("line %q, want %s", l, want)
+		}
+	}
+	l := openTestLog(t, filepath.Join(filepath.Dir(dbPath), "events.db"), &syncBuffer{})
+	row := func(unit, delivery string) event {
+		return event{RequestID: delivery, TS: fixtureNow, Method: "TASK", Status: 200, Action: "github-task",
+			Meta: map[string]any{"unit": unit, "delivery": delivery, "step": "started"}}
+	}
+	if err := l.Write(context.Background(), row("web.service", "f-web"), row("demo.service", "f-1"), row("demo.service", "f-2")); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"delivery=f-1", "delivery=f-2"} {
+		if l := next(want); !strings.Contains(l, want) || !strings.HasPrefix(l, "2024-03-01 15:00:00") {
+			t.Fatalf("followed line %q, want %s at 2024-03-01 15:00:00 (UTC)", l, want)
+		}
+	}
+	if err := cmd.Process.Signal(os.Interrupt); err != nil {
+		t.Fatal(err)
+	}
+	for l := range lines {
+		t.Errorf("unexpected line after the matching rows: %q", l)
+	}
+	if err := <-exited; err != nil {
+		t.Errorf("events --follow after SIGINT: %v; stderr %s", err, stderr.String())
+	}
+	if stderr.Len() > 0 {
+		t.Errorf("stderr: %s", stderr.String())
+	}
+}
+
 func TestEventsCommandErrors(t *testing.T) {
 	dir := t.TempDir()
 	dbPath := fixtureDB(t, filepath.Join(dir, "events.db"))
@@ -1460,6 +1532,29 @@ func TestParseExposition(t *testing.T) {
 	if v := fams["m_total"].samples[1].value; v != 1000 {
 		t.Errorf("1e3 parsed as %v", v)
 	}
+	// What promWriter writes parses back to what it was given, escapes included.
+	var b strings.Builder
+	p := &promWriter{w: &b}
+	p.family("x_total", "counter", "Help with a \\ backslash\nand a newline.")
+	labels := []string{"a", `quote " here`, "b", `back\slash`, "c", "new\nline", "d", ""}
+	p.sample("x_total", labels, 2.5)
+	p.family("y_seconds", "histogram", "A histogram.")
+	p.histogram("y_seconds", []float64{0.5, 1}, []float64{500, 700, 2000})
+	if p.err != nil {
+		t.Fatal(p.err)
+	}
+	fams, err = parseExposition(b.String())
+	if err != nil {
+		t.Fatalf("promWriter output does not parse: %v\n%s", err, b.String())
+	}
+	want := map[string]string{"a": `quote " here`, "b": `back\slash`, "c": "new\nline", "d": ""}
+	if s := fams["x_total"].samples; len(s) != 1 || !reflect.DeepEqual(s[0].labels, want) || s[0].value != 2.5 {
+		t.Errorf("promWriter sample read back as %+v, want labels %v and 2.5", s, want)
+	}
+	if h := samplesBy(t, fams, "y_seconds", "y_seconds_bucket", "le"); !reflect.DeepEqual(h, map[string]float64{"0.5": 1, "1": 2, "+Inf": 3}) {
+		t.Errorf("promWriter buckets %v", h)
+	}
+
 	const typ = "# TYPE m counter\n"
 	for _, bad := range []string{
 		"",

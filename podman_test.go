@@ -1339,3 +1339,220 @@ func TestTaskUnitName(t *testing.T) {
 		})
 	}
 }
+
+// Proof suites (issue 7): the fake systemd-run, a pull recorder for the one-redeploy-at-a-time
+// check, payload fuzzing, and the pull faults of a whole run-task. The pull faults of pullImage
+// alone (fails then succeeds, hangs and is killed, fails for good) are TestPullImage's cases, and
+// "pull fails for good: no restart" is a TestRunTaskFlow case; the tests below add the same
+// faults seen through a whole run-task.
+
+const (
+	// fakeSystemdRunDirEnv names the state directory of the fake systemd-run; newFakeHostWithRun
+	// points it at the podman/systemctl one, so one argv.log lists every program run.
+	fakeSystemdRunDirEnv = "FAKE_SYSTEMD_RUN_DIR"
+	// fakePullIntervalsEnv names a file to which the fake podman appends "START END PID" (unix
+	// nanoseconds) for every pull, so a test can check that pulls never overlapped.
+	fakePullIntervalsEnv = "FAKE_PULL_INTERVALS"
+	// keySystemdRun is the runFake key of systemd-run: its first argument is always --user.
+	keySystemdRun = "systemd-run---user"
+)
+
+func init() {
+	// systemd-run only records (and obeys systemd-run---user.{exit,fails,sleep,...}); a test that
+	// wants the transient unit's work done runs the recorded command itself.
+	chainFake("systemd-run", fakeSystemdRunDirEnv)
+	prev := fakePrograms["podman"]
+	fakePrograms["podman"] = func() int {
+		path := os.Getenv(fakePullIntervalsEnv)
+		if path == "" || len(os.Args) < 2 || os.Args[1] != "pull" {
+			return prev()
+		}
+		start := time.Now().UnixNano()
+		code := prev()
+		if f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600); err == nil {
+			fmt.Fprintf(f, "%d %d %d\n", start, time.Now().UnixNano(), os.Getpid())
+			f.Close()
+		}
+		return code
+	}
+}
+
+// newFakeHostWithRun is newFakeHost plus the fake systemd-run on PATH, recording into the same
+// state directory. It returns the PATH that holds the three fakes.
+func newFakeHostWithRun(t *testing.T) (*fakeHost, string) {
+	t.Helper()
+	h := newFakeHost(t)
+	path := installFakes(t, "systemd-run") + string(os.PathListSeparator) + os.Getenv("PATH")
+	t.Setenv("PATH", path)
+	t.Setenv(fakeSystemdRunDirEnv, h.dir)
+	return h, path
+}
+
+// pullInterval is one recorded pull.
+type pullInterval struct{ start, end, pid int64 }
+
+// readPullIntervals reads what the fake podman recorded, sorted by start.
+func readPullIntervals(t *testing.T, path string) []pullInterval {
+	t.Helper()
+	data, err := os.ReadFile(path)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		t.Fatal(err)
+	}
+	var out []pullInterval
+	for _, line := range strings.Fields(strings.ReplaceAll(string(data), " ", ",")) {
+		var p pullInterval
+		if _, err := fmt.Sscanf(line, "%d,%d,%d", &p.start, &p.end, &p.pid); err != nil {
+			t.Fatalf("pull interval %q: %v", line, err)
+		}
+		out = append(out, p)
+	}
+	slices.SortFunc(out, func(a, b pullInterval) int { return cmp.Compare(a.start, b.start) })
+	return out
+}
+
+// overlapping returns the first pair of recorded pulls that overlapped, or nil.
+func overlapping(ps []pullInterval) []pullInterval {
+	for i := 1; i < len(ps); i++ {
+		if ps[i].start < ps[i-1].end {
+			return ps[i-1 : i+1]
+		}
+	}
+	return nil
+}
+
+func TestOverlapping(t *testing.T) {
+	if got := overlapping([]pullInterval{{1, 2, 1}, {2, 3, 2}, {5, 9, 3}}); got != nil {
+		t.Errorf("back-to-back pulls reported as overlapping: %v", got)
+	}
+	if got := overlapping([]pullInterval{{1, 4, 1}, {3, 5, 2}}); len(got) != 2 {
+		t.Errorf("overlapping pulls not reported: %v", got)
+	}
+}
+
+// FuzzDeliveryFromPayload feeds raw payloads (seeded with testdata/payloads) and GitHub-shaped
+// payloads built from fuzzed host, owner, name and tag. Whatever is accepted must be a delivery
+// whose every tag forms a reference parseImageRef accepts unchanged, that cannot start with "-".
+func FuzzDeliveryFromPayload(f *testing.F) {
+	files, _ := filepath.Glob(filepath.Join("testdata", "payloads", "*.json"))
+	for _, name := range files {
+		data, err := os.ReadFile(name)
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(data, "ghcr.io", "Octo-Org", "hello-world", "v1.2.3")
+	}
+	for _, s := range [][4]string{
+		{"127.0.0.1:5000", "o", "n", "latest"},
+		{"ghcr.io", "-q", "n", "1"},
+		{"ghcr.io", "o", "--authfile=x", "1"},
+		{"ghcr.io", "o", "n", "--tls-verify=false"},
+		{"docker-archive:", "o", "n", "1"},
+		{"dir:", "o", "/tmp/x", "1"},
+		{"ghcr.io", "O", "N", "T"},
+		{"ghcr.io", "o", "..", "1"},
+		{"ghcr.io", "o", "%2e%2e", "1"},
+		{"ghcr.io", "o", "n\x00", "1\n-q"},
+		{"[::1]:5000", "o", "n", strings.Repeat("t", 128)},
+	} {
+		f.Add([]byte(`{"package":{"package_type":"container"}}`), s[0], s[1], s[2], s[3])
+	}
+	f.Fuzz(func(t *testing.T, body []byte, host, owner, name, tag string) {
+		checkDelivery(t, body)
+		checkDelivery(t, githubPackagePayload(host, owner, name, tag, ""))
+	})
+}
+
+// checkDelivery runs deliveryFromPayload and checks the invariants of an accepted delivery.
+func checkDelivery(t *testing.T, body []byte) {
+	t.Helper()
+	d, err := deliveryFromPayload(body)
+	if err != nil {
+		return
+	}
+	if len(d.tags) == 0 {
+		t.Fatalf("accepted a delivery without tags: %+v", d)
+	}
+	if !reDomain.MatchString(d.host) || d.host != strings.ToLower(d.host) || d.path != strings.ToLower(d.path) {
+		t.Errorf("accepted host %q path %q: not a lowercase registry host and repository", d.host, d.path)
+	}
+	if d.digest != "" && !reDigest.MatchString(d.digest) {
+		t.Errorf("accepted digest %q", d.digest)
+	}
+	seen := map[string]bool{}
+	for _, tag := range d.tags {
+		if seen[tag] {
+			t.Errorf("tag %q listed twice in %q", tag, d.tags)
+		}
+		seen[tag] = true
+		ref := d.ref(tag)
+		got, err := parseImageRef(ref.String())
+		if err != nil {
+			t.Fatalf("accepted tag %q gives %q, which parseImageRef refuses: %v", tag, ref, err)
+		}
+		if got != ref {
+			t.Errorf("reference %q parses back as %+v, not %+v", ref, got, ref)
+		}
+		if strings.HasPrefix(ref.String(), "-") {
+			t.Errorf("accepted reference %q starts with -", ref)
+		}
+		checkRefInvariants(t, got)
+	}
+}
+
+// TestRunTaskPullFaults runs whole redeploys through pull faults: a pull that fails twice and
+// then succeeds goes on to restart the unit; a pull that hangs is killed at
+// WEBHOOK_PULL_TIMEOUT_SECS on every attempt and nothing is restarted.
+func TestRunTaskPullFaults(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		files    map[string]string
+		env      map[string]string
+		steps    []string
+		code     int
+		attempts float64
+		restarts int
+		errHas   string
+	}{
+		{name: "fails twice, then succeeds", files: map[string]string{"podman-pull.fails": "2"},
+			steps: []string{"started", "pulled", "restarted", "healthy", "completed"}, attempts: 3, restarts: 1},
+		{name: "hangs: killed at the timeout on each attempt, no restart", files: map[string]string{"podman-pull.sleep": "60s"},
+			env:   map[string]string{"WEBHOOK_PULL_TIMEOUT_SECS": "1", "WEBHOOK_PULL_ATTEMPTS": "2"},
+			steps: []string{"started", "pull-failed"}, code: 1, attempts: 2, restarts: 0, errHas: "timed out"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := newFakeHost(t)
+			h.set("image.id", oldImageID)
+			h.set("image.next", newImageID)
+			for k, v := range tc.files {
+				h.set(k, v)
+			}
+			state := t.TempDir()
+			env := map[string]string{"WEBHOOK_HEALTH_SETTLE_SECS": "1", "WEBHOOK_PULL_RETRY_SECS": "1"}
+			for k, v := range tc.env {
+				env[k] = v
+			}
+			code, stderr := runTaskInProcess(t, env, "run-task", "--state-dir", state, "--",
+				flowUnit, flowImage, "package", "d-fault", "/github-package-update/hello-world")
+			rows := githubTaskRows(t, state, "d-fault")
+			if got := stepsOf(rows); code != tc.code || !slices.Equal(got, tc.steps) {
+				t.Fatalf("exit %d, steps %q; want %d, %q\nstderr:\n%s\ncalls:\n%s", code, got, tc.code, tc.steps, stderr, fakeCallLines(h.calls()))
+			}
+			last := rows[1].meta
+			if last["attempts"] != tc.attempts {
+				t.Errorf("%s row: attempts %v, want %v", rows[1].step(), last["attempts"], tc.attempts)
+			}
+			if n := len(h.callsOf("podman-pull")); float64(n) != tc.attempts {
+				t.Errorf("%d pulls ran, want %v", n, tc.attempts)
+			}
+			if n := len(h.callsOf("systemctl-restart")); n != tc.restarts {
+				t.Errorf("%d restarts, want %d", n, tc.restarts)
+			}
+			if tc.errHas != "" && !strings.Contains(fmt.Sprint(last["error"]), tc.errHas) {
+				t.Errorf("%s row error %v, want %q", rows[1].step(), last["error"], tc.errHas)
+			}
+			if h.has("podman-pull.woke") {
+				t.Error("a hanging pull finished its sleep: it was not killed")
+			}
+		})
+	}
+}

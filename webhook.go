@@ -31,7 +31,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 )
@@ -122,7 +121,6 @@ func cmdServer(c *cli, args []string) int {
 	if err := hs.Shutdown(sctx); err != nil {
 		c.log.warnf("in-flight requests did not finish within %s: %v", cfg.shutdownTimeout, err)
 	}
-	srv.wait()
 	if err := events.Close(); err != nil {
 		c.log.warnf("closing the event log: %v", err)
 	}
@@ -138,7 +136,6 @@ type server struct {
 	metrics *metrics
 	mux     *http.ServeMux
 	now     func() time.Time
-	tasks   sync.WaitGroup // background work started by handlers, waited for at shutdown
 
 	// Process boundaries, swapped in tests.
 	getenv  func(string) string
@@ -167,8 +164,6 @@ func newServer(cfg *config, lg *logger, events *eventLog) *server {
 	}
 	return s
 }
-
-func (s *server) wait() { s.tasks.Wait() }
 
 // requestInfo travels with a request so handlers can name the action and add to the row's meta.
 type requestInfo struct {

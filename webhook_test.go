@@ -87,7 +87,6 @@ func (ts *testServer) shutdown() {
 	}
 	ts.closed = true
 	ts.Server.Close()
-	ts.srv.wait()
 	ts.events.Close()
 }
 
