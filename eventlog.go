@@ -399,11 +399,18 @@ func redactQuery(raw string) string {
 // the server that claimed it died between the claim and systemd-run.
 const staleClaim = 2 * time.Minute
 
-// claimDelivery records a GitHub delivery id before its redeploy is dispatched. It reports false
-// when the id was already accepted, so the caller answers "duplicate delivery". A delivery whose
-// dispatch failed, or whose claim went stale, may be claimed again.
-func (l *eventLog) claimDelivery(ctx context.Context, id, unit, image, eventName, requestID string, now time.Time) (bool, error) {
-	res, err := l.db.ExecContext(ctx, `INSERT INTO github_deliveries
+// claimDelivery records a GitHub delivery id before its redeploy is dispatched, together with
+// the request's event row (ev, as "dispatching"), in one transaction: the row is written before
+// the task can write its first step, so a delivery's rows read in the order things happened. It
+// returns the row's id, or 0 when the id was already accepted and the caller answers "duplicate
+// delivery". A delivery whose dispatch failed, or whose claim went stale, may be claimed again.
+func (l *eventLog) claimDelivery(ctx context.Context, id, unit, image, eventName string, ev event) (int64, error) {
+	tx, err := l.db.BeginTx(ctx, nil)
+	if err != nil {
+		return 0, fmt.Errorf("record delivery %s: %w", id, err)
+	}
+	defer tx.Rollback()
+	res, err := tx.ExecContext(ctx, `INSERT INTO github_deliveries
 		(delivery_id, unit, image, event, request_id, status, received_at, updated_at)
 		VALUES (?, ?, ?, ?, ?, 'dispatching', ?, ?)
 		ON CONFLICT (delivery_id) DO UPDATE SET unit = excluded.unit, image = excluded.image,
@@ -411,17 +418,26 @@ func (l *eventLog) claimDelivery(ctx context.Context, id, unit, image, eventName
 			updated_at = excluded.updated_at
 		WHERE github_deliveries.status = 'dispatch-failed'
 			OR (github_deliveries.status = 'dispatching' AND github_deliveries.updated_at < ?)`,
-		id, unit, image, eventName, requestID, now.Unix(), now.Unix(), now.Add(-staleClaim).Unix())
+		id, unit, image, eventName, ev.RequestID, ev.TS.Unix(), ev.TS.Unix(), ev.TS.Add(-staleClaim).Unix())
 	if err != nil {
-		return false, fmt.Errorf("record delivery %s: %w", id, err)
+		return 0, fmt.Errorf("record delivery %s: %w", id, err)
 	}
-	n, err := res.RowsAffected()
-	return n == 1, err
+	if n, err := res.RowsAffected(); err != nil || n != 1 {
+		return 0, err
+	}
+	if err := insertEvent(ctx, tx, ev); err != nil {
+		return 0, fmt.Errorf("record delivery %s: %w", id, err)
+	}
+	var rowID int64
+	if err := tx.QueryRowContext(ctx, `SELECT last_insert_rowid()`).Scan(&rowID); err != nil {
+		return 0, err
+	}
+	return rowID, tx.Commit()
 }
 
-// settleDelivery sets a claimed delivery's status and commits the request's event row in the
-// same transaction, so the answer to GitHub is sent only once both are durable.
-func (l *eventLog) settleDelivery(ctx context.Context, id, status string, ev event) error {
+// settleDelivery sets a claimed delivery's status and completes its request row (status,
+// duration, meta) in one transaction, so the answer to GitHub is sent only once both are durable.
+func (l *eventLog) settleDelivery(ctx context.Context, id, status string, rowID int64, ev event) error {
 	tx, err := l.db.BeginTx(ctx, nil)
 	if err != nil {
 		return err
@@ -431,7 +447,8 @@ func (l *eventLog) settleDelivery(ctx context.Context, id, status string, ev eve
 		status, ev.TS.Unix(), id); err != nil {
 		return err
 	}
-	if err := insertEvent(ctx, tx, ev); err != nil {
+	if _, err := tx.ExecContext(ctx, `UPDATE event_log SET status = ?, duration_ms = ?, meta = ? WHERE id = ?`,
+		ev.Status, ev.Duration.Milliseconds(), ev.metaJSON(), rowID); err != nil {
 		return err
 	}
 	return tx.Commit()

@@ -16,6 +16,7 @@ import (
 	"io"
 	"math"
 	"net/http"
+	"net/http/httptest"
 	"net/url"
 	"os"
 	"os/exec"
@@ -2201,6 +2202,43 @@ func TestDeliveryAPI(t *testing.T) {
 	}
 }
 
+// TestDeliveryStoryStartsWithTheRequest checks the order of /api/deliveries/<id> when run-task
+// is fast: systemd-run returns once the task unit started, and the task writes its "started" row
+// at once. The fake systemd-run here does exactly that before returning, deterministically.
+func TestDeliveryStoryStartsWithTheRequest(t *testing.T) {
+	ts := newTestServer(t, map[string]string{"WEBHOOK_MANUAL_TOKEN": apiToken, "GITHUB_WEBHOOK_SECRET": "s"}, nil)
+	const delivery = "fast-task-1"
+	ts.srv.exec = func(ctx context.Context, timeout time.Duration, argv ...string) cmdResult {
+		if err := ts.events.Write(ctx, event{RequestID: "task", TS: time.Now(), Method: "TASK", Status: 202, Action: "github-task",
+			Meta: map[string]any{"delivery": delivery, "step": "started"}}); err != nil {
+			t.Error(err)
+		}
+		return cmdResult{argv: argv}
+	}
+	w := httptest.NewRecorder()
+	r := httptest.NewRequest("POST", "/github-package-update/demo", nil)
+	// As handleGitHub leaves it before dispatching.
+	r = r.WithContext(context.WithValue(r.Context(), requestInfoKey{}, &requestInfo{id: "req-fast",
+		action: "github-webhook", meta: map[string]any{"delivery": delivery, "unit": "demo.service"}}))
+	ts.srv.dispatchDelivery(w, r, taskSpec{unit: "demo.service", image: "ghcr.io/acme/demo:latest", event: "package",
+		delivery: delivery, path: "/github-package-update/demo"})
+	if w.Code != http.StatusAccepted {
+		t.Fatalf("dispatch: %d %s", w.Code, w.Body.String())
+	}
+	code, p, body := getPage(t, ts, "/api/deliveries/"+delivery, apiToken)
+	if code != 200 || len(p.Events) != 2 {
+		t.Fatalf("%d %s, want the request and the started row", code, body)
+	}
+	var story []string
+	for _, e := range p.Events {
+		s, _ := e.Meta["step"].(string)
+		story = append(story, e.Action+":"+s)
+	}
+	if got := strings.Join(story, ","); got != "github-webhook:,github-task:started" {
+		t.Errorf("the story of delivery %s reads %s: the request that caused the task must come first", delivery, got)
+	}
+}
+
 // healthBody is the verbose /health answer.
 type healthBody struct {
 	Status   string   `json:"status"`
@@ -2447,15 +2485,29 @@ func TestE2EEventsOfADelivery(t *testing.T) {
 	if len(lines) != 7 || !strings.HasPrefix(lines[0], "TIME") {
 		t.Fatalf("events --delivery %s printed %d lines, want a header and 6 rows:\n%s", delivery, len(lines), table)
 	}
-	// Newest first: the last step on top, the request at the bottom.
-	for i, want := range []string{"step=completed", "step=healthy", "step=restarted", "step=pulled", "step=started", "reason=queued"} {
-		line := lines[i+1]
-		if !strings.Contains(line, want) || !strings.Contains(line, "delivery="+delivery) || !strings.Contains(line, unit) {
-			t.Errorf("row %d %q, want %s for %s on %s", i+1, line, want, delivery, unit)
+	// Newest first. The request row is committed after systemd-run returns, so a fast task's
+	// "started" row may come before it (TestDeliveryStoryStartsWithTheRequest); here only the
+	// task steps' order is checked, and that the request row is there.
+	var taskSteps []string
+	var requests []string
+	for _, line := range lines[1:] {
+		if !strings.Contains(line, "delivery="+delivery) || !strings.Contains(line, unit) {
+			t.Errorf("row %q is not of %s on %s", line, delivery, unit)
 		}
+		if strings.Contains(line, " github-webhook ") {
+			requests = append(requests, line)
+			continue
+		}
+		_, step, _ := strings.Cut(line, "step=")
+		step, _, _ = strings.Cut(step, " ")
+		taskSteps = append([]string{step}, taskSteps...)
 	}
-	if req := lines[6]; !strings.Contains(req, " 202 ") || !strings.Contains(req, "github-webhook") || !strings.Contains(req, "POST") {
-		t.Errorf("request row %q, want POST 202 github-webhook", req)
+	if got := strings.Join(taskSteps, ","); got != "started,pulled,restarted,healthy,completed" {
+		t.Errorf("events --delivery shows the steps %s, want started,pulled,restarted,healthy,completed:\n%s", got, table)
+	}
+	if len(requests) != 1 || !strings.Contains(requests[0], " 202 ") || !strings.Contains(requests[0], " POST ") ||
+		!strings.Contains(requests[0], "reason=queued") {
+		t.Errorf("request rows %q, want one POST 202 github-webhook reason=queued", requests)
 	}
 	var cli []storedEvent
 	for _, line := range strings.Split(strings.TrimSuffix(events("--json"), "\n"), "\n") {

@@ -691,3 +691,82 @@ func TestNotifyReadyAfterListening(t *testing.T) {
 		t.Fatalf("server exit: %v\nstderr:\n%s", err, p.stderr())
 	}
 }
+
+// Fuzzing (issue 7): unit identifiers and Quadlet files. Seeds are below and under
+// testdata/fuzz/<target>; `go test -fuzz` explores from there.
+
+// checkUnitInvariants holds for every name this program may hand to systemctl.
+func checkUnitInvariants(t *testing.T, from, u string) {
+	t.Helper()
+	if err := validUnitName(u); err != nil {
+		t.Fatalf("%q was accepted as %q, which validUnitName refuses: %v", from, u, err)
+	}
+	if strings.HasPrefix(u, "-") || !strings.HasSuffix(u, ".service") || len(u) > maxUnitNameLen {
+		t.Errorf("%q was accepted as %q: a flag, not a service, or too long", from, u)
+	}
+	if strings.ContainsAny(u, "*?[]/\\ \t\r\n\x00%\"'$;|&") {
+		t.Errorf("%q was accepted as %q, which holds a glob, path, quote or control character", from, u)
+	}
+	if again, err := resolveUnit(u); err != nil || again != u {
+		t.Errorf("resolveUnit(%q) = %q, %v: a resolved name must resolve to itself", u, again, err)
+	}
+}
+
+// FuzzResolveUnit: whatever resolveUnit or validUnitName accepts passes validUnitName, cannot
+// start with "-", and is stable; the transient unit name of any delivery id is valid too.
+func FuzzResolveUnit(f *testing.F) {
+	for _, s := range []string{"foo", "foo.service", "foo/redeploy", "github-package-update/foo", "/foo",
+		"--authfile=x", "-q", "-.slice", "foo@*.service", "../x", "%2e%2e", "a\x00", "a\nb", strings.Repeat("a", 256),
+		"a@.service", "a@b.service", "github-package-update/-q", "/-x", " foo ", "foo.service.service", "x:y_z.service"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, id string) {
+		if u, err := resolveUnit(id); err == nil {
+			checkUnitInvariants(t, id, u)
+		}
+		if validUnitName(id) == nil {
+			checkUnitInvariants(t, id, id)
+		}
+		task := taskUnitName(id) + ".service"
+		if err := validUnitName(task); err != nil {
+			t.Errorf("taskUnitName(%q) gives the invalid unit %q: %v", id, task, err)
+		}
+	})
+}
+
+// FuzzQuadletImage: any file parses without a panic to a single-line value; what a pull could
+// use of it passes parseImageRef's invariants; and a plain Image= value written into a
+// [Container] section (LF or CRLF) is read back exactly.
+func FuzzQuadletImage(f *testing.F) {
+	for _, s := range []struct{ data, value string }{
+		{"[Unit]\nDescription=x\n\n[Container]\nImage=ghcr.io/o/n:1\n", "ghcr.io/o/n:1"},
+		{"[Container]\nImage=\"docker://ghcr.io/o/n:1\"\n", "127.0.0.1:5000/demo:v2"},
+		{"[Container]\r\nImage=a \\\r\n  b\r\n", "ghcr.io/o/n@sha256:" + strings.Repeat("a", 64)},
+		{"[Container]\nImage=x\n[Service]\nImage=y\n#Image=z\n[Container]\n;Image=w\n", "-q"},
+		{"[Container]\nImage='--authfile=x'\n", "docker-archive:/tmp/x.tar"},
+		{"\\\n\\\\\n[Container]\nImage=\\", "a=b c"},
+		{"", ""},
+	} {
+		f.Add([]byte(s.data), s.value)
+	}
+	f.Fuzz(func(t *testing.T, data []byte, value string) {
+		img := quadletImage(data)
+		if strings.ContainsRune(img, '\n') {
+			t.Errorf("quadletImage returned a multi-line value %q", img)
+		}
+		if ref, err := parseImageRef(img); err == nil {
+			checkRefInvariants(t, ref)
+		}
+		plain := !strings.ContainsRune(value, '\n') && value == strings.TrimSpace(value) &&
+			!strings.HasSuffix(value, "\\") && !strings.HasPrefix(value, "docker://") &&
+			!(len(value) >= 2 && (value[0] == '"' || value[0] == '\'') && value[len(value)-1] == value[0])
+		if !plain {
+			return
+		}
+		for _, file := range []string{"[Container]\nImage=" + value + "\n", "[Unit]\r\nX=1\r\n[Container]\r\nImage=" + value + "\r\n"} {
+			if got := quadletImage([]byte(file)); got != value {
+				t.Errorf("quadletImage(%q) = %q, want %q", file, got, value)
+			}
+		}
+	})
+}

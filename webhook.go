@@ -548,17 +548,22 @@ func (s *server) dispatchDelivery(w http.ResponseWriter, r *http.Request, spec t
 	ri := info(r)
 	ctx := r.Context()
 	start := s.now()
-	fresh, err := s.events.claimDelivery(ctx, spec.delivery, spec.unit, spec.image, spec.event, ri.id, start)
+	ri.action = "github-webhook"
+	ri.meta["task_unit"] = taskUnitName(spec.delivery)
+	ri.meta["reason"] = "dispatching"
+	rowID, err := s.events.claimDelivery(ctx, spec.delivery, spec.unit, spec.image, spec.event,
+		s.requestEvent(r, ri, http.StatusAccepted, 0))
 	if err != nil {
 		s.log.errorf("%v", err)
+		delete(ri.meta, "task_unit")
 		reply(w, r, http.StatusInternalServerError, "record-failed", "cannot record the delivery")
 		return
 	}
-	if !fresh {
+	if rowID == 0 {
+		delete(ri.meta, "task_unit")
 		reply(w, r, http.StatusAccepted, "duplicate", "duplicate delivery")
 		return
 	}
-	ri.meta["task_unit"] = taskUnitName(spec.delivery)
 	res := s.dispatchTask(ctx, spec)
 	status, settled, text := http.StatusAccepted, "queued", "auto-update queued"
 	if res.err != nil {
@@ -570,9 +575,8 @@ func (s *server) dispatchDelivery(w http.ResponseWriter, r *http.Request, spec t
 	} else {
 		ri.meta["reason"] = "queued"
 	}
-	ri.action = "github-webhook"
 	ev := s.requestEvent(r, ri, status, s.now().Sub(start))
-	if err := s.events.settleDelivery(context.WithoutCancel(ctx), spec.delivery, settled, ev); err != nil {
+	if err := s.events.settleDelivery(context.WithoutCancel(ctx), spec.delivery, settled, rowID, ev); err != nil {
 		s.log.errorf("cannot record the delivery %s as %s: %v", spec.delivery, settled, err)
 		s.events.spill([]event{ev}, err)
 	}

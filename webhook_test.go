@@ -7,7 +7,9 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"crypto/hmac"
+	"crypto/sha1"
 	"crypto/sha256"
 	"database/sql"
 	"encoding/hex"
@@ -16,6 +18,8 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"log"
+	"math"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -23,10 +27,13 @@ import (
 	"os/exec"
 	"path/filepath"
 	"reflect"
+	"runtime"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -1365,4 +1372,1213 @@ func TestE2EGitHubDelivery(t *testing.T) {
 			t.Fatalf("MainPID unchanged (%s): not restarted", pid)
 		}
 	})
+}
+
+// Proof suites (issue 7): fuzzing of the request path's parsers, an adversarial table against
+// the running server, faults, load and benchmarks. Fake podman, systemctl and systemd-run are
+// podman_test.go's (newFakeHostWithRun): every program the server runs is recorded, and PATH
+// holds nothing real.
+
+// hubSignature is GitHub's X-Hub-Signature-256 value for body under secret.
+func hubSignature(secret string, body []byte) string {
+	mac := hmac.New(sha256.New, []byte(secret))
+	mac.Write(body)
+	return "sha256=" + hex.EncodeToString(mac.Sum(nil))
+}
+
+// TestVerifySignatureGitHubVector checks the example GitHub documents for validating webhook
+// deliveries, and the header shapes around it. Hex digits are accepted in either case: they
+// encode the same 32 bytes, which are compared in constant time, so accepting "ABCD" as well as
+// "abcd" gives an attacker nothing. The "sha256=" prefix itself must be lowercase, as GitHub
+// sends it.
+func TestVerifySignatureGitHubVector(t *testing.T) {
+	const (
+		secret = "It's a Secret to Everybody"
+		body   = "Hello, World!"
+		sig    = "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17"
+	)
+	if got := hubSignature(secret, []byte(body)); got != sig {
+		t.Fatalf("hubSignature = %s, want GitHub's %s", got, sig)
+	}
+	for _, tc := range []struct {
+		name, secret, body, header string
+		ok                         bool
+	}{
+		{"GitHub's example", secret, body, sig, true},
+		{"surrounding spaces", secret, body, "  " + sig + "\t", true},
+		{"uppercase hex digits", secret, body, "sha256=" + strings.ToUpper(strings.TrimPrefix(sig, "sha256=")), true},
+		{"uppercase prefix", secret, body, "SHA256=" + strings.TrimPrefix(sig, "sha256="), false},
+		{"another body", secret, body + "\n", sig, false},
+		{"another secret", secret + " ", body, sig, false},
+		{"one digit changed", secret, body, sig[:len(sig)-1] + "f", false},
+		{"truncated", secret, body, sig[:len(sig)-2], false},
+		{"odd length", secret, body, sig[:len(sig)-1], false},
+		{"doubled", secret, body, sig + strings.TrimPrefix(sig, "sha256="), false},
+		{"sha1 form", secret, body, "sha1=" + strings.TrimPrefix(sig, "sha256=")[:40], false},
+		{"no prefix", secret, body, strings.TrimPrefix(sig, "sha256="), false},
+		{"empty", secret, body, "", false},
+		{"prefix only", secret, body, "sha256=", false},
+		{"two signatures", secret, body, sig + "," + sig, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := verifySignature(tc.secret, []byte(tc.body), tc.header)
+			if (err == nil) != tc.ok {
+				t.Fatalf("verifySignature(%q) = %v, want ok %v", tc.header, err, tc.ok)
+			}
+			if err != nil && strings.Contains(err.Error(), hubSignature(tc.secret, []byte(tc.body))[7:]) {
+				t.Errorf("the error %q tells the expected signature", err)
+			}
+		})
+	}
+}
+
+// FuzzVerifySignature: a header is accepted only when it is "sha256=" and the hex of the body's
+// HMAC (in either case, with surrounding space); the right signature is always accepted; an
+// error never tells the expected signature.
+func FuzzVerifySignature(f *testing.F) {
+	f.Add("It's a Secret to Everybody", []byte("Hello, World!"), "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17")
+	f.Add("s", []byte("{}"), "sha1=0123456789abcdef0123456789abcdef01234567")
+	f.Add("s", []byte(""), "sha256=0")
+	f.Add("", []byte("x"), "sha256="+strings.Repeat("zz", 32))
+	f.Add("k", []byte("body"), " SHA256= ")
+	f.Fuzz(func(t *testing.T, secret string, body []byte, header string) {
+		want := hubSignature(secret, body)
+		err := verifySignature(secret, body, header)
+		if err == nil {
+			h := strings.TrimSpace(header)
+			hexSig, ok := strings.CutPrefix(h, "sha256=")
+			if !ok || !strings.EqualFold(hexSig, want[len("sha256="):]) {
+				t.Fatalf("header %q accepted for a body whose signature is %s", header, want)
+			}
+		} else if strings.Contains(err.Error(), want[len("sha256="):]) {
+			t.Errorf("error %q tells the expected signature", err)
+		}
+		if err := verifySignature(secret, body, want); err != nil {
+			t.Errorf("the right signature %s was refused: %v", want, err)
+		}
+	})
+}
+
+// FuzzDecodeManual decodes manual API bodies the way the handlers do (decodeStrict into the
+// request structs) and follows the values to where they would reach a command: what decodes
+// strictly also decodes with encoding/json to the same value (one object, no trailing data;
+// duplicate keys take the last value, as encoding/json does), every unit planTrigger would run
+// passes validUnitName and cannot start with "-", and an image parseImageRef accepts keeps its
+// invariants.
+func FuzzDecodeManual(f *testing.F) {
+	for _, s := range []string{
+		`{"token":"t","units":["a","b.service"],"all":true,"dry_run":true,"caller":"ci","reason":"r"}`,
+		`{"token":"t","image":"ghcr.io/o/n:1","force":true}`,
+		`{"token":"wrong","token":"t"}`,
+		`{"token":123}`,
+		`{"TOKEN":"t","Units":["-q"]}`,
+		`{"units":["--authfile=x","-.slice","foo@*.service","../x","%2e%2e","a\u0000","a\nb"]}`,
+		`{"image":"docker-archive:/tmp/x.tar"}`,
+		`{"image":" containers-storage:ghcr.io/o/n:1 "}`,
+		`{"token":"t"} {"units":["x"]}`,
+		`{"token":"t"}garbage`,
+		`null`, `[]`, ``, `  `, `{`,
+	} {
+		f.Add([]byte(s))
+	}
+	cfg := &config{autoUpdateUnit: "podman-auto-update.service", manualUnits: []string{"extra", "-bad"}}
+	f.Fuzz(func(t *testing.T, body []byte) {
+		var tr manualTriggerRequest
+		if decodeStrict(bytes.NewReader(body), &tr) == nil {
+			sameAsUnmarshal(t, body, &tr, &manualTriggerRequest{})
+			for _, p := range planTrigger(cfg, tr.Units, tr.All) {
+				if p.Status != triggerInvalid {
+					checkUnitInvariants(t, p.Unit, p.Unit)
+				}
+			}
+			for _, s := range []string{cleanText(tr.Caller, manualTextMax), cleanText(tr.Reason, manualTextMax)} {
+				if strings.ContainsAny(s, "\n\r\x00\x1b") || len([]rune(s)) > manualTextMax {
+					t.Errorf("cleanText left %q", s)
+				}
+			}
+		}
+		var sr manualServiceRequest
+		if decodeStrict(bytes.NewReader(body), &sr) == nil {
+			sameAsUnmarshal(t, body, &sr, &manualServiceRequest{})
+			if ref, err := parseImageRef(strings.TrimSpace(sr.Image)); err == nil {
+				checkRefInvariants(t, ref)
+			}
+		}
+	})
+}
+
+// sameAsUnmarshal checks that encoding/json reads a body decodeStrict accepted the same way;
+// decodeStrict also accepts an empty body, which encoding/json refuses.
+func sameAsUnmarshal(t *testing.T, body []byte, strict, plain any) {
+	t.Helper()
+	if len(bytes.TrimSpace(body)) == 0 {
+		return
+	}
+	if err := json.Unmarshal(body, plain); err != nil {
+		t.Fatalf("decodeStrict accepted %q, encoding/json refuses it: %v", body, err)
+	}
+	if !reflect.DeepEqual(strict, plain) {
+		t.Errorf("%q decodes as %+v strictly, %+v plainly", body, strict, plain)
+	}
+}
+
+// Adversarial requests against the running server.
+
+const (
+	advSecret      = "adv webhook secret"
+	advToken       = "adv-TOKEN-5f1e2d3c"
+	advManualToken = "adv-MANUAL-9a8b7c6d"
+	advWrongToken  = "adv-WRONG-0c0c0c0c"
+	advMaxBody     = 64 << 10
+	sigRight       = "<sign>" // advCase.sig: the right signature of the case's body
+	advUnitPath    = "/github-package-update/web"
+)
+
+// rawExchange writes one request by hand, so target and headers reach the server exactly as
+// written; the body goes with a Content-Length or, when chunked, as chunks without one. The body
+// is written while the answer is read, so a server that answers early (413) cannot deadlock it.
+func rawExchange(addr, method, target string, header [][2]string, body []byte, chunked bool) (*http.Response, string, error) {
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		return nil, "", err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(hangGuard))
+	var head strings.Builder
+	fmt.Fprintf(&head, "%s %s HTTP/1.1\r\nHost: test\r\nConnection: close\r\n", method, target)
+	for _, h := range header {
+		fmt.Fprintf(&head, "%s: %s\r\n", h[0], h[1])
+	}
+	switch {
+	case chunked:
+		head.WriteString("Transfer-Encoding: chunked\r\n")
+	case body != nil:
+		fmt.Fprintf(&head, "Content-Length: %d\r\n", len(body))
+	}
+	head.WriteString("\r\n")
+	go func() {
+		w := bufio.NewWriter(c)
+		w.WriteString(head.String())
+		if !chunked {
+			w.Write(body)
+		} else {
+			for i := 0; i < len(body); i += 4096 {
+				chunk := body[i:min(i+4096, len(body))]
+				fmt.Fprintf(w, "%x\r\n%s\r\n", len(chunk), chunk)
+			}
+			w.WriteString("0\r\n\r\n")
+		}
+		w.Flush() // an error means the server answered and closed early
+	}()
+	resp, err := http.ReadResponse(bufio.NewReader(c), &http.Request{Method: method})
+	if err != nil {
+		return nil, "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return resp, string(b), err
+}
+
+// advCase is one adversarial request and what must come of it.
+type advCase struct {
+	name     string
+	method   string // default POST
+	target   string // default advUnitPath
+	event    string // X-GitHub-Event on GitHub routes: default "package", "-" none
+	delivery string // X-GitHub-Delivery on GitHub routes: default a fresh id
+	sig      string // X-Hub-Signature-256 on GitHub routes: sigRight, a literal value, or "" none
+	header   [][2]string
+	body     []byte
+	chunked  bool
+
+	status   int
+	text     string   // part of the answer
+	action   string   // the row's action
+	reason   string   // the row's meta reason (or error code, on the manual API)
+	calls    []string // programs run, as runFake keys, in order
+	readOnly bool     // instead of calls: only commands that read (a dry run's plan) may run
+	argvHas  string   // part of the last systemd-run command line
+}
+
+// readOnlyCommands are the runFake keys of commands that change nothing.
+var readOnlyCommands = map[string]bool{"podman-image-inspect": true, "podman-image-exists": true, "podman-ps": true, "systemctl-show": true}
+
+// advServer is the server under attack with recording fakes for everything it may run.
+type advServer struct {
+	*testServer
+	h *fakeHost
+}
+
+func newAdvServer(t *testing.T, env map[string]string) *advServer {
+	t.Helper()
+	h, _ := newFakeHostWithRun(t)
+	full := map[string]string{
+		"GITHUB_WEBHOOK_SECRET":  advSecret,
+		"WEBHOOK_TOKEN":          advToken,
+		"WEBHOOK_MANUAL_TOKEN":   advManualToken,
+		"GITHUB_ALLOWED_EVENTS":  "package,registry_package,ping",
+		"WEBHOOK_MAX_BODY_BYTES": strconv.Itoa(advMaxBody),
+	}
+	for k, v := range env {
+		full[k] = v
+	}
+	ts := newTestServer(t, full, nil)
+	// No Quadlet file of the operator's may steer the match.
+	ts.srv.getenv = mapEnv(map[string]string{"HOME": t.TempDir()})
+	return &advServer{testServer: ts, h: h}
+}
+
+// runAdvCases sends every case, checks its answer and what ran, then closes the server and
+// checks that each request left its row. It returns the number of cases.
+func runAdvCases(t *testing.T, s *advServer, cases []advCase) int {
+	t.Helper()
+	ids := make([]string, len(cases))
+	for i := range cases {
+		c := &cases[i]
+		if c.method == "" {
+			c.method = "POST"
+		}
+		if c.target == "" {
+			c.target = advUnitPath
+		}
+		header := slices.Clone(c.header)
+		if strings.HasPrefix(c.target, "/github-package-update/") {
+			if c.event == "" {
+				c.event = "package"
+			}
+			if c.event != "-" {
+				header = append(header, [2]string{"X-GitHub-Event", c.event})
+			}
+			if c.delivery == "" {
+				c.delivery = fmt.Sprintf("adv-%d", i)
+			}
+			header = append(header, [2]string{"X-GitHub-Delivery", c.delivery})
+			switch c.sig {
+			case "":
+			case sigRight:
+				header = append(header, [2]string{"X-Hub-Signature-256", hubSignature(advSecret, c.body)})
+			default:
+				header = append(header, [2]string{"X-Hub-Signature-256", c.sig})
+			}
+		}
+		before := len(s.h.calls())
+		resp, body, err := rawExchange(s.Listener.Addr().String(), c.method, c.target, header, c.body, c.chunked)
+		if err != nil {
+			t.Errorf("%s: %s %s: %v", c.name, c.method, c.target, err)
+			continue
+		}
+		ids[i] = resp.Header.Get("X-Request-Id")
+		if resp.StatusCode != c.status || !strings.Contains(body, c.text) {
+			t.Errorf("%s: %s %s = %d %q, want %d containing %q", c.name, c.method, c.target, resp.StatusCode, body, c.status, c.text)
+		}
+		if c.status == http.StatusMethodNotAllowed && resp.Header.Get("Allow") == "" {
+			t.Errorf("%s: 405 without an Allow header", c.name)
+		}
+		calls := s.h.calls()[before:]
+		var keys []string
+		for _, call := range calls {
+			keys = append(keys, call[0]+"-"+fakeVerb(call[0], call[1:]))
+		}
+		switch {
+		case c.readOnly:
+			for _, k := range keys {
+				if !readOnlyCommands[k] {
+					t.Errorf("%s: ran %s, which is not read-only:\n%s", c.name, k, fakeCallLines(calls))
+				}
+			}
+		case !slices.Equal(keys, c.calls):
+			t.Errorf("%s: ran %q, want %q:\n%s", c.name, keys, c.calls, fakeCallLines(calls))
+		}
+		if c.argvHas != "" {
+			run := s.h.callsOf(keySystemdRun)
+			if len(run) == 0 || !strings.Contains(strings.Join(run[len(run)-1], " "), c.argvHas) {
+				t.Errorf("%s: the last systemd-run call lacks %q:\n%s", c.name, c.argvHas, fakeCallLines(run))
+			}
+		}
+	}
+	rows := s.rows(t)
+	for i, c := range cases {
+		if ids[i] == "" {
+			continue
+		}
+		r, ok := rows[ids[i]]
+		if !ok {
+			t.Errorf("%s: no event row for request %s", c.name, ids[i])
+			continue
+		}
+		var meta map[string]any
+		json.Unmarshal([]byte(r.meta), &meta)
+		if r.status != c.status || (c.action != "" && r.action != c.action) {
+			t.Errorf("%s: row status %d action %s, want %d %s", c.name, r.status, r.action, c.status, c.action)
+		}
+		if c.reason != "" && meta["reason"] != c.reason && meta["error"] != c.reason {
+			t.Errorf("%s: row reason %v error %v, want %s", c.name, meta["reason"], meta["error"], c.reason)
+		}
+	}
+	return len(cases)
+}
+
+// TestAdversarialRequests sends every request shape the issue lists, and more, to the running
+// server. Each case names its status, the programs it may run (nothing, for every refusal) and
+// its event row. Decisions this table documents:
+//   - hex digits of the signature are accepted in either case (the same 32 bytes); the
+//     "sha256=" prefix must be lowercase; when the header comes twice, the first one counts;
+//   - an unreadable or unparsable body that is correctly signed is acknowledged 202 "ignored":
+//     GitHub signed it, so it is not an attack, just nothing to act on;
+//   - the manual API reads JSON with encoding/json: a duplicated key takes the last value, keys
+//     match case-insensitively ("TOKEN" is "token"), a value of the wrong type is 400 before the
+//     token is checked, and anything after the object is 400;
+//   - a token is taken from "Authorization: Bearer" or the JSON body on the manual API, never
+//     from its query string; /auto-update and the GET routes also take ?token=;
+//   - owner and name in a payload are lowercased (GitHub's names are case-insensitive, OCI
+//     paths are lowercase), but an image given to the manual API must already be a valid
+//     reference: nothing there is rewritten.
+func TestAdversarialRequests(t *testing.T) {
+	s := newAdvServer(t, nil)
+	pkg := func(owner, name, tag string) []byte { return githubPackagePayload("ghcr.io", owner, name, tag, "") }
+	pkgHost := func(host string) []byte { return githubPackagePayload(host, "octo-org", "web", "v1", "") }
+	ok := pkg("octo-org", "web", "v1")
+	hexOK := hubSignature(advSecret, ok)[len("sha256="):]
+	sha1Sig := func(body []byte) string {
+		mac := hmac.New(sha1.New, []byte(advSecret))
+		mac.Write(body)
+		return "sha1=" + hex.EncodeToString(mac.Sum(nil))
+	}
+	queued := []string{"systemctl-show", keySystemdRun}
+	bearer := func(tok string) [][2]string { return [][2]string{{"Authorization", "Bearer " + tok}} }
+	trigger := func(body string) []byte { return []byte(body) }
+	service := func(image string) []byte {
+		b, _ := json.Marshal(map[string]any{"image": image})
+		return b
+	}
+	long := strings.Repeat("a", 256)
+
+	cases := []advCase{
+		// The delivery that works, as the control.
+		{name: "valid delivery", body: ok, sig: sigRight, status: 202, text: "auto-update queued", action: "github-webhook",
+			reason: "queued", calls: queued, argvHas: " -- web.service ghcr.io/octo-org/web:v1 package adv-0 " + advUnitPath},
+
+		// Every shape of a bad signature: 401, nothing run, the refusal recorded.
+		{name: "no signature header", body: ok, status: 401, reason: "bad-signature"},
+		{name: "empty signature header", body: ok, sig: " ", status: 401, reason: "bad-signature"},
+		{name: "sha1 signature only", body: ok, header: [][2]string{{"X-Hub-Signature", sha1Sig(ok)}}, status: 401, reason: "bad-signature"},
+		{name: "sha1 value in the sha256 header", body: ok, sig: sha1Sig(ok), status: 401, reason: "bad-signature"},
+		{name: "prefix only", body: ok, sig: "sha256=", status: 401, reason: "bad-signature"},
+		{name: "odd-length hex", body: ok, sig: "sha256=" + hexOK[:63], status: 401, reason: "bad-signature"},
+		{name: "non-hex digits", body: ok, sig: "sha256=" + strings.Repeat("zz", 32), status: 401, reason: "bad-signature"},
+		{name: "wrong signature", body: ok, sig: "sha256=" + strings.Repeat("0", 64), status: 401, reason: "bad-signature"},
+		{name: "right signature of another body", body: ok, sig: hubSignature(advSecret, pkg("octo-org", "web", "v2")), status: 401, reason: "bad-signature"},
+		{name: "signature under another secret", body: ok, sig: hubSignature(advSecret+"x", ok), status: 401, reason: "bad-signature"},
+		{name: "right signature, one more byte of body", body: append(slices.Clone(ok), ' '), sig: hubSignature(advSecret, ok), status: 401, reason: "bad-signature"},
+		{name: "uppercase prefix", body: ok, sig: "SHA256=" + hexOK, status: 401, reason: "bad-signature"},
+		{name: "no prefix", body: ok, sig: hexOK, status: 401, reason: "bad-signature"},
+		{name: "signature twice in one header", body: ok, sig: "sha256=" + hexOK + ",sha256=" + hexOK, status: 401, reason: "bad-signature"},
+		{name: "twice as long", body: ok, sig: "sha256=" + hexOK + hexOK, status: 401, reason: "bad-signature"},
+		{name: "two headers, the wrong one first", body: ok, header: [][2]string{{"X-Hub-Signature-256", "sha256=" + strings.Repeat("0", 64)},
+			{"X-Hub-Signature-256", "sha256=" + hexOK}}, status: 401, reason: "bad-signature"},
+		{name: "two headers, the right one first", body: ok, header: [][2]string{{"X-Hub-Signature-256", "sha256=" + hexOK},
+			{"X-Hub-Signature-256", "sha256=" + strings.Repeat("0", 64)}}, status: 202, reason: "queued", calls: queued},
+		{name: "uppercase hex digits are the same signature", body: ok, sig: "sha256=" + strings.ToUpper(hexOK), status: 202, reason: "queued", calls: queued},
+		{name: "bad signature with a ping", event: "ping", body: []byte(`{"zen":"x"}`), sig: "sha256=" + hexOK, status: 401, reason: "bad-signature"},
+
+		// Bodies over the cap, announced or not.
+		{name: "oversize body with Content-Length", body: bytes.Repeat([]byte("x"), advMaxBody+1), sig: sigRight, status: 413, action: "body-too-large"},
+		{name: "oversize chunked body", body: bytes.Repeat([]byte("x"), 4*advMaxBody), sig: sigRight, chunked: true, status: 413,
+			action: "github-webhook", reason: "body-too-large"},
+		{name: "chunked body under the cap", body: ok, sig: sigRight, chunked: true, status: 202, reason: "queued", calls: queued},
+		{name: "oversize chunked body to the manual API", target: "/api/manual/trigger", header: bearer(advManualToken),
+			body: bytes.Repeat([]byte(" "), 4*advMaxBody), chunked: true, status: 413, action: "manual-trigger", reason: "body-too-large"},
+
+		// Events and delivery ids.
+		{name: "ping", event: "ping", body: []byte(`{"zen":"Design for failure.","hook_id":1}`), sig: sigRight, status: 200, text: "pong", action: "github-ping"},
+		{name: "event not allowed", event: "push", body: ok, sig: sigRight, status: 202, text: "event ignored", reason: "event-not-allowed"},
+		{name: "no event header", event: "-", body: ok, sig: sigRight, status: 400, reason: "bad-event-header"},
+		{name: "event header in capitals", event: "Package", body: ok, sig: sigRight, status: 400, reason: "bad-event-header"},
+		{name: "push payload as a package event", body: []byte(`{"ref":"refs/heads/main","repository":{"owner":{"login":"o"}}}`), sig: sigRight,
+			status: 202, reason: "not-a-package"},
+		{name: "signed body that is not JSON", body: []byte("payload=%7B%7D"), sig: sigRight, status: 202, reason: "invalid-json"},
+		{name: "npm package", body: loadPayload(t, "package-published-npm.json"), sig: sigRight, status: 202, reason: "not-container"},
+		{name: "untagged manifest", body: loadPayload(t, "package-published-untagged.json"), sig: sigRight, status: 202, reason: "missing-tag"},
+		{name: "empty tag", body: pkg("octo-org", "web", ""), sig: sigRight, status: 202, reason: "missing-tag"},
+		{name: "registry_package event", event: "registry_package", body: loadPayload(t, "registry-package-published-container.json"), sig: sigRight,
+			status: 202, reason: "queued", calls: queued, argvHas: " ghcr.io/octo-org/hello-world:v1.2.3 registry_package "},
+		{name: "uppercase owner and name are lowercased", body: pkg("Octo-ORG", "Web", "v1"), sig: sigRight, status: 202, reason: "queued",
+			calls: queued, argvHas: " -- web.service ghcr.io/octo-org/web:v1 package "},
+		{name: "delivery id with a path", delivery: "../../x", body: ok, sig: sigRight, status: 400, reason: "bad-delivery-header"},
+		{name: "delivery id that reads as a flag", delivery: "-rf", body: ok, sig: sigRight, status: 400, reason: "bad-delivery-header"},
+		{name: "delivery id of 200 characters", delivery: strings.Repeat("d", 200), body: ok, sig: sigRight, status: 400, reason: "bad-delivery-header"},
+		{name: "first copy of a delivery", delivery: "adv-dup", body: ok, sig: sigRight, status: 202, reason: "queued", calls: queued},
+		{name: "second copy of a delivery", delivery: "adv-dup", body: ok, sig: sigRight, status: 202, text: "duplicate delivery",
+			reason: "duplicate", calls: []string{"systemctl-show"}},
+
+		// Unit values in the path: refused before anything runs.
+		{name: "unit --authfile=x", target: "/github-package-update/--authfile=x", body: ok, sig: sigRight, status: 400, reason: "invalid-unit"},
+		{name: "unit -q", target: "/github-package-update/-q", body: ok, sig: sigRight, status: 400, reason: "invalid-unit"},
+		{name: "unit -.slice", target: "/github-package-update/-.slice", body: ok, sig: sigRight, status: 400, reason: "invalid-unit"},
+		{name: "unit foo@*.service", target: "/github-package-update/foo@*.service", body: ok, sig: sigRight, status: 400, reason: "invalid-unit"},
+		{name: "unit template without instance", target: "/github-package-update/foo@.service", body: ok, sig: sigRight, status: 400, reason: "invalid-unit"},
+		{name: "unit ../x", target: "/github-package-update/../x", body: ok, sig: sigRight, status: 404, action: "not-found"},
+		{name: "unit %2e%2e", target: "/github-package-update/%2e%2e", body: ok, sig: sigRight, status: 404, action: "not-found"},
+		{name: "unit %2e%2e%2fx", target: "/github-package-update/%2e%2e%2fx", body: ok, sig: sigRight, status: 404, action: "not-found"},
+		{name: "unit with NUL", target: "/github-package-update/foo%00", body: ok, sig: sigRight, status: 400, reason: "invalid-unit"},
+		{name: "unit with newline", target: "/github-package-update/foo%0a-q", body: ok, sig: sigRight, status: 400, reason: "invalid-unit"},
+		{name: "unit with CRLF", target: "/github-package-update/foo%0d%0aX-Evil:%201", body: ok, sig: sigRight, status: 400, reason: "invalid-unit"},
+		{name: "unit with an encoded slash", target: "/github-package-update/foo%2f-q", body: ok, sig: sigRight, status: 400, reason: "invalid-unit"},
+		{name: "unit prefix then a flag", target: "/github-package-update/github-package-update%2f-q", body: ok, sig: sigRight, status: 400, reason: "invalid-unit"},
+		{name: "unit leading slash then a flag", target: "/github-package-update/%2f-x", body: ok, sig: sigRight, status: 400, reason: "invalid-unit"},
+		{name: "unit with a backslash", target: "/github-package-update/foo%5cx", body: ok, sig: sigRight, status: 400, reason: "invalid-unit"},
+		{name: "unit with a space", target: "/github-package-update/foo%20bar", body: ok, sig: sigRight, status: 400, reason: "invalid-unit"},
+		{name: "unit of 256 bytes", target: "/github-package-update/" + strings.Repeat("a", 248), body: ok, sig: sigRight, status: 400, reason: "invalid-unit"},
+		{name: "unit of 255 bytes is fine", target: "/github-package-update/" + strings.Repeat("a", 247), body: ok, sig: sigRight, status: 202,
+			reason: "queued", calls: queued},
+		{name: "unit through /redeploy", target: "/github-package-update/-q/redeploy", body: ok, sig: sigRight, status: 400, reason: "invalid-unit"},
+
+		// Image values in the payload: refused whole before anything runs.
+		{name: "name -q", body: pkg("octo-org", "-q", "v1"), sig: sigRight, status: 400, reason: "invalid-image"},
+		{name: "name --authfile=x", body: pkg("octo-org", "--authfile=x", "v1"), sig: sigRight, status: 400, reason: "invalid-image"},
+		{name: "owner -q", body: pkg("-q", "web", "v1"), sig: sigRight, status: 400, reason: "invalid-image"},
+		{name: "tag --authfile=x", body: pkg("octo-org", "web", "--authfile=x"), sig: sigRight, status: 400, reason: "invalid-image"},
+		{name: "tag -q", body: pkg("octo-org", "web", "-q"), sig: sigRight, status: 400, reason: "invalid-image"},
+		{name: "name ../x", body: pkg("octo-org", "../x", "v1"), sig: sigRight, status: 400, reason: "invalid-image"},
+		{name: "name %2e%2e", body: pkg("octo-org", "%2e%2e", "v1"), sig: sigRight, status: 400, reason: "invalid-image"},
+		{name: "name with NUL", body: pkg("octo-org", "a\x00b", "v1"), sig: sigRight, status: 400, reason: "invalid-image"},
+		{name: "tag with a newline", body: pkg("octo-org", "web", "v1\n--tls-verify=false"), sig: sigRight, status: 400, reason: "invalid-image"},
+		{name: "name of 256 characters", body: pkg("octo-org", long, "v1"), sig: sigRight, status: 400, reason: "invalid-image"},
+		{name: "tag of 129 characters", body: pkg("octo-org", "web", strings.Repeat("t", 129)), sig: sigRight, status: 400, reason: "invalid-image"},
+		{name: "name is a transport", body: pkg("octo-org", "docker-archive:/tmp/x.tar", "v1"), sig: sigRight, status: 400, reason: "invalid-image"},
+		{name: "registry docker-archive:", body: pkgHost("docker-archive:"), sig: sigRight, status: 400, reason: "invalid-image"},
+		{name: "registry dir:", body: pkgHost("dir:"), sig: sigRight, status: 400, reason: "invalid-image"},
+		{name: "registry containers-storage:", body: pkgHost("containers-storage:"), sig: sigRight, status: 400, reason: "invalid-image"},
+
+		// Manual API: tokens and JSON.
+		{name: "trigger without a token", target: "/api/manual/trigger", body: trigger(`{"units":["a"]}`), status: 401, action: "manual-trigger", reason: "unauthorized"},
+		{name: "trigger with an empty body", target: "/api/manual/trigger", status: 401, reason: "unauthorized"},
+		{name: "trigger token too short", target: "/api/manual/trigger", body: trigger(`{"token":"` + advManualToken[:8] + `"}`), status: 401, reason: "unauthorized"},
+		{name: "trigger token too long", target: "/api/manual/trigger", body: trigger(`{"token":"` + advManualToken + `x"}`), status: 401, reason: "unauthorized"},
+		{name: "trigger with the webhook token", target: "/api/manual/trigger", body: trigger(`{"token":"` + advToken + `"}`), status: 401, reason: "unauthorized"},
+		{name: "token of the wrong JSON type", target: "/api/manual/trigger", body: trigger(`{"token":12345}`), status: 400, reason: "bad-json"},
+		{name: "token as a list", target: "/api/manual/trigger", body: trigger(`{"token":["` + advManualToken + `"]}`), status: 400, reason: "bad-json"},
+		{name: "token null", target: "/api/manual/trigger", body: trigger(`{"token":null,"units":["a"]}`), status: 401, reason: "unauthorized"},
+		{name: "duplicated token key, the right one last", target: "/api/manual/trigger",
+			body: trigger(`{"token":"` + advWrongToken + `","token":"` + advManualToken + `","units":["a"],"dry_run":true}`), status: 202},
+		{name: "duplicated token key, the right one first", target: "/api/manual/trigger",
+			body: trigger(`{"token":"` + advManualToken + `","token":"` + advWrongToken + `","units":["a"],"dry_run":true}`), status: 401, reason: "unauthorized"},
+		{name: "token key in capitals", target: "/api/manual/trigger", body: trigger(`{"TOKEN":"` + advManualToken + `","units":["a"],"dry_run":true}`), status: 202},
+		{name: "trailing object", target: "/api/manual/trigger", body: trigger(`{"token":"` + advManualToken + `","units":["a"]} {"units":["b"]}`), status: 400, reason: "bad-json"},
+		{name: "trailing garbage", target: "/api/manual/trigger", body: trigger(`{"token":"` + advManualToken + `","units":["a"]}x`), status: 400, reason: "bad-json"},
+		{name: "unknown field", target: "/api/manual/trigger", body: trigger(`{"token":"` + advManualToken + `","unit":"a"}`), status: 400, reason: "bad-json"},
+		{name: "wrong bearer, right body token", target: "/api/manual/trigger", header: bearer(advWrongToken),
+			body: trigger(`{"token":"` + advManualToken + `","units":["a"]}`), status: 401, reason: "unauthorized"},
+		{name: "token in the query of the manual API", target: "/api/manual/trigger?token=" + advManualToken, body: trigger(`{"units":["a"]}`), status: 401, reason: "unauthorized"},
+		{name: "only hostile units", target: "/api/manual/trigger", header: bearer(advManualToken),
+			body: trigger(`{"units":["--authfile=x","-q","-.slice","foo@*.service","../x","%2e%2e","a\u0000","a\nb","` + long + `"]}`), status: 400},
+		{name: "a hostile unit beside a good one", target: "/api/manual/trigger", header: bearer(advManualToken),
+			body: trigger(`{"units":["-q","good"]}`), status: 207, calls: []string{"systemctl-restart"}},
+
+		// Manual services API: unit names and images.
+		{name: "service -q", target: "/api/manual/services/-q", header: bearer(advManualToken), body: []byte(`{}`), status: 400, reason: "invalid-unit"},
+		{name: "service foo@*", target: "/api/manual/services/foo@*", header: bearer(advManualToken), body: []byte(`{}`), status: 400, reason: "invalid-unit"},
+		{name: "service with NUL", target: "/api/manual/services/a%00", header: bearer(advManualToken), body: []byte(`{}`), status: 400, reason: "invalid-unit"},
+		{name: "service %2e%2e", target: "/api/manual/services/%2e%2e", header: bearer(advManualToken), body: []byte(`{}`), status: 404, action: "not-found"},
+		{name: "service without a token", target: "/api/manual/services/web", body: service("ghcr.io/o/n:1"), status: 401, reason: "unauthorized"},
+		{name: "service image, valid", target: "/api/manual/services/web", header: bearer(advManualToken), body: service("ghcr.io/o/n:1"), status: 202,
+			calls: []string{keySystemdRun}, argvHas: " -- web.service ghcr.io/o/n:1 manual "},
+		{name: "service image, dry run", target: "/api/manual/services/web", header: bearer(advManualToken),
+			body: []byte(`{"image":"ghcr.io/o/n:1","dry_run":true}`), status: 202, readOnly: true},
+	}
+	for _, img := range []string{"--authfile=x", "-q", "docker-archive:/tmp/x.tar", "docker-archive:ghcr.io/o/n:1", "dir:/tmp/x",
+		"containers-storage:ghcr.io/o/n:1", "oci-archive:/tmp/x.tar", "docker://ghcr.io/o/n:1", "docker-daemon:ghcr.io/o/n:1",
+		"ghcr.io/o/n:1\n--tls-verify=false", "ghcr.io/o/n:1\x00", "../x:1", "ghcr.io/%2e%2e/n:1", "ghcr.io/O/N:1", "ghcr.io/o/" + long + ":1", "nginx:latest"} {
+		cases = append(cases, advCase{name: "service image " + strconv.Quote(img), target: "/api/manual/services/web",
+			header: bearer(advManualToken), body: service(img), status: 400, reason: "invalid-image"})
+	}
+	cases = append(cases, []advCase{
+		// Tokens in query strings, and the GET routes that take them.
+		{name: "auto-update with the query token", method: "GET", target: "/auto-update?token=" + advToken, status: 202, action: "auto-update",
+			calls: []string{"systemctl-start"}},
+		{name: "auto-update with a wrong query token", method: "GET", target: "/auto-update?token=" + advWrongToken, status: 401, reason: "unauthorized"},
+		{name: "auto-update with the manual token", method: "POST", target: "/auto-update?token=" + advManualToken, status: 401, reason: "unauthorized"},
+		{name: "auto-update token hidden in a second parameter", method: "GET", target: "/auto-update?x=1&token=" + advWrongToken + "&token=" + advToken, status: 401},
+		{name: "events with the query token", method: "GET", target: "/api/events?limit=1&token=" + advManualToken, status: 200, action: "events-api"},
+		{name: "events with a wrong query token", method: "GET", target: "/api/events?token=" + advWrongToken, status: 401},
+		{name: "health with a token in the query", method: "GET", target: "/health?token=" + advToken, status: 200, action: "health"},
+
+		// GET and other methods on POST routes.
+		{name: "GET a delivery route", method: "GET", target: advUnitPath, status: 405, action: "method-not-allowed"},
+		{name: "GET a redeploy route", method: "GET", target: advUnitPath + "/redeploy", status: 405, action: "method-not-allowed"},
+		{name: "GET the manual trigger", method: "GET", target: "/api/manual/trigger?token=" + advManualToken, status: 405, action: "method-not-allowed"},
+		{name: "GET a manual service", method: "GET", target: "/api/manual/services/web", status: 405, action: "method-not-allowed"},
+		{name: "PUT a delivery route", method: "PUT", target: advUnitPath, body: ok, status: 405, action: "method-not-allowed"},
+		{name: "DELETE the manual trigger", method: "DELETE", target: "/api/manual/trigger", status: 405, action: "method-not-allowed"},
+		{name: "PUT auto-update", method: "PUT", target: "/auto-update?token=" + advToken, status: 405, action: "method-not-allowed"},
+		{name: "HEAD auto-update", method: "HEAD", target: "/auto-update?token=" + advToken, status: 405, action: "auto-update"},
+		{name: "POST the events API", method: "POST", target: "/api/events", status: 405, action: "method-not-allowed"},
+	}...)
+	n := runAdvCases(t, s, cases)
+
+	// No token, secret or wrong token reaches a log line or a row, whatever the route.
+	var stored strings.Builder
+	for _, r := range readRows(t, rawDB(t, s.cfg.dbPath), "") {
+		fmt.Fprintf(&stored, "%s %s %s\n", r.path.String, r.action, r.meta)
+	}
+	for _, secret := range []string{advToken, advManualToken, advWrongToken, advManualToken[:8], advSecret} {
+		if strings.Contains(stored.String(), secret) {
+			t.Errorf("%q reached an event row", secret)
+		}
+		if strings.Contains(s.logs.String(), secret) {
+			t.Errorf("%q reached the log:\n%s", secret, s.logs)
+		}
+	}
+	if !strings.Contains(stored.String(), "token=REDACTED") {
+		t.Errorf("no row shows a redacted query token; rows:\n%s", stored.String())
+	}
+	t.Logf("%d adversarial requests", n)
+}
+
+// TestAdversarialSecretUnset: with no GITHUB_WEBHOOK_SECRET every delivery, signed or not, is
+// refused with 500 and nothing runs.
+func TestAdversarialSecretUnset(t *testing.T) {
+	s := newAdvServer(t, map[string]string{"GITHUB_WEBHOOK_SECRET": ""})
+	ok := githubPackagePayload("ghcr.io", "octo-org", "web", "v1", "")
+	runAdvCases(t, s, []advCase{
+		{name: "signed with the empty secret", body: ok, sig: hubSignature("", ok), status: 500, text: "server misconfigured", reason: "secret-unset"},
+		{name: "unsigned", body: ok, status: 500, reason: "secret-unset"},
+		{name: "ping", event: "ping", body: []byte(`{}`), sig: hubSignature("", []byte(`{}`)), status: 500, reason: "secret-unset"},
+	})
+}
+
+// slowServer serves s's handler with cmdServer's http.Server settings but 1 s read timeouts.
+func slowServer(t *testing.T, s *advServer) (addr string, stop func()) {
+	t.Helper()
+	cfg := *s.cfg
+	cfg.readHeaderTimeout, cfg.readTimeout = time.Second, time.Second
+	hs := &http.Server{Handler: s.srv, ReadHeaderTimeout: cfg.readHeaderTimeout, ReadTimeout: cfg.readTimeout,
+		WriteTimeout: cfg.writeTimeout, IdleTimeout: cfg.idleTimeout, ErrorLog: log.New(s.srv.log, "", 0)}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go hs.Serve(l)
+	t.Cleanup(func() { hs.Close() })
+	return l.Addr().String(), func() { hs.Close() }
+}
+
+// trickle writes head, then one byte of more every 100 ms until the connection fails or stop is
+// closed. It reports how many bytes of more it wrote.
+func trickle(c net.Conn, head, more string, stop <-chan struct{}) <-chan int {
+	wrote := make(chan int, 1)
+	go func() {
+		n := 0
+		defer func() { wrote <- n }()
+		if _, err := io.WriteString(c, head); err != nil {
+			return
+		}
+		for i := 0; i < len(more); i++ {
+			select {
+			case <-stop:
+				return
+			case <-time.After(100 * time.Millisecond):
+			}
+			if _, err := c.Write([]byte{more[i]}); err != nil {
+				return
+			}
+			n++
+		}
+	}()
+	return wrote
+}
+
+// waitClosed reads from c until the server closes it, failing the test after hangGuard: a
+// server without read timeouts keeps a trickling client forever. It returns what was read.
+func waitClosed(t *testing.T, c net.Conn) string {
+	t.Helper()
+	c.SetReadDeadline(time.Now().Add(hangGuard))
+	got, err := io.ReadAll(c)
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		t.Fatalf("the slow connection was still open after %s", hangGuard)
+	}
+	return string(got)
+}
+
+// TestSlowClients: a client that trickles its headers (slowloris) or its body is cut off at the
+// server's read timeouts while another client is served meanwhile. A trickled body reaches the
+// handler, which answers 400 and leaves a row; trickled headers never become a request, so
+// net/http closes the connection without an answer and there is no row to write.
+func TestSlowClients(t *testing.T) {
+	s := newAdvServer(t, nil)
+	addr, stop := slowServer(t, s)
+	body := githubPackagePayload("ghcr.io", "octo-org", "web", "v1", "")
+	cases := []struct {
+		name, head, more string
+		status           int // 0: no answer at all
+	}{
+		{"slowloris headers", "POST " + advUnitPath + " HTTP/1.1\r\nHost: test\r\n", strings.Repeat("X-Slow: 1\r\n", 100), 0},
+		{"trickled body", fmt.Sprintf("POST %s HTTP/1.1\r\nHost: test\r\nX-GitHub-Event: package\r\nX-GitHub-Delivery: slow-1\r\n"+
+			"X-Hub-Signature-256: %s\r\nContent-Length: %d\r\n\r\n", advUnitPath, hubSignature(advSecret, body), len(body)), string(body), 400},
+	}
+	var ids []string
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := net.Dial("tcp", addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			done := make(chan struct{})
+			wrote := trickle(c, tc.head, tc.more, done)
+			// Another client is served while the slow one holds its connection.
+			resp, text, err := rawExchange(addr, "GET", "/health", nil, nil, false)
+			if err != nil || resp.StatusCode != 200 || text != "ok" {
+				t.Fatalf("another client during the slow one: %v %v %q", resp, err, text)
+			}
+			got := waitClosed(t, c)
+			close(done)
+			if n := <-wrote; n >= len(tc.more) {
+				t.Fatalf("the whole request was sent (%d bytes): the close proves nothing", n)
+			}
+			if tc.status == 0 {
+				if got != "" {
+					t.Errorf("slow headers got an answer: %q", got)
+				}
+				return
+			}
+			resp, err = http.ReadResponse(bufio.NewReader(strings.NewReader(got)), nil)
+			if err != nil || resp.StatusCode != tc.status {
+				t.Fatalf("answer to the slow client %q (%v), want status %d", got, err, tc.status)
+			}
+			ids = append(ids, resp.Header.Get("X-Request-Id"))
+		})
+	}
+	stop()
+	rows := s.rows(t)
+	for _, id := range ids {
+		if r, ok := rows[id]; !ok || r.status != 400 || !strings.Contains(r.meta, "body-unreadable") {
+			t.Errorf("row of the trickled body: %+v (found %v), want status 400 body-unreadable", r, ok)
+		}
+	}
+	if calls := s.h.calls(); len(calls) != 0 {
+		t.Errorf("slow clients ran commands:\n%s", fakeCallLines(calls))
+	}
+	if n := len(rows); n != 2+len(ids) {
+		t.Errorf("%d rows, want %d (two /health requests and the trickled body)", n, 2+len(ids))
+	}
+}
+
+// TestSlowlorisBinary checks that cmdServer itself sets the header timeout: the built server
+// closes a connection whose headers never end (after its 10 s ReadHeaderTimeout) while it keeps
+// answering others.
+func TestSlowlorisBinary(t *testing.T) {
+	bin := buildServerBinary(t)
+	addr := freeLoopbackAddr(t)
+	p := startServerProc(t, bin, []string{"--listen", addr, "--state-dir", t.TempDir()}, nil, nil)
+	p.waitLog(t, "listening on")
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	done := make(chan struct{})
+	defer close(done)
+	wrote := trickle(c, "GET /health HTTP/1.1\r\nHost: test\r\n", strings.Repeat("X-Slow: 1\r\n", 1000), done)
+	if resp, _, err := rawExchange(addr, "GET", "/health", nil, nil, false); err != nil || resp.StatusCode != 200 {
+		t.Fatalf("another client during the slowloris: %v %v", resp, err)
+	}
+	if got := waitClosed(t, c); got != "" {
+		t.Errorf("slow headers got an answer: %q", got)
+	}
+	if n := <-wrote; n >= 11000 {
+		t.Fatal("the headers were all sent")
+	}
+	if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.wait(); err != nil {
+		t.Fatalf("server exit: %v\n%s", err, p.stderr())
+	}
+}
+
+// Faults of the event log under a running server.
+
+// signedDelivery sends a signed package delivery through the test server's client and returns
+// the response and its text.
+func (s *advServer) signedDelivery(t *testing.T, unit, delivery string, body []byte) (*http.Response, string) {
+	t.Helper()
+	req, _ := http.NewRequest("POST", s.URL+"/github-package-update/"+unit, bytes.NewReader(body))
+	req.Header.Set("X-Hub-Signature-256", hubSignature(advSecret, body))
+	req.Header.Set("X-GitHub-Event", "package")
+	req.Header.Set("X-GitHub-Delivery", delivery)
+	resp, err := s.Client().Do(req)
+	if err != nil {
+		t.Fatalf("delivery %s: %v", delivery, err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp, strings.TrimSpace(string(b))
+}
+
+// TestFaultDatabaseLocked: another process holds the database's write lock for 3 s. A delivery
+// that arrives meanwhile waits for it (the busy timeout is 10 s), is then recorded and answered
+// 202; no row is lost or spilled.
+func TestFaultDatabaseLocked(t *testing.T) {
+	s := newAdvServer(t, nil)
+	body := githubPackagePayload("ghcr.io", "octo-org", "web", "v1", "")
+	ctx := context.Background()
+	conn, err := rawDB(t, s.cfg.dbPath).Conn(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if _, err := conn.ExecContext(ctx, "BEGIN IMMEDIATE"); err != nil {
+		t.Fatal(err)
+	}
+	var released atomic.Bool
+	go func() {
+		time.Sleep(3 * time.Second)
+		released.Store(true) // before the lock goes: a write that finishes has waited for it
+		conn.ExecContext(ctx, "ROLLBACK")
+	}()
+	health, _ := s.getHealth(t)
+	resp, text := s.signedDelivery(t, "web", "locked-1", body)
+	if resp.StatusCode != 202 || text != "auto-update queued" {
+		t.Fatalf("delivery while the database is locked: %d %q, want 202 auto-update queued\nlog:\n%s", resp.StatusCode, text, s.logs)
+	}
+	if !released.Load() {
+		t.Fatal("the delivery was answered while another writer held the lock: its record cannot be committed")
+	}
+	id := resp.Header.Get("X-Request-Id")
+	rows := s.rows(t)
+	if r, ok := rows[id]; !ok || r.status != 202 {
+		t.Errorf("row of the delivery: %+v %v", r, ok)
+	}
+	if _, ok := rows[health]; !ok {
+		t.Errorf("no row for the /health answered during the lock")
+	}
+	db := rawDB(t, s.cfg.dbPath)
+	if n := queryInt(t, db, `SELECT count(*) FROM github_deliveries WHERE delivery_id = 'locked-1' AND status = 'queued'`); n != 1 {
+		t.Errorf("github_deliveries has %d queued rows for locked-1, want 1", n)
+	}
+	if strings.Contains(s.logs.String(), "unwritten event") {
+		t.Errorf("rows were spilled:\n%s", s.logs)
+	}
+	if n := len(s.h.callsOf(keySystemdRun)); n != 1 {
+		t.Errorf("%d dispatches, want 1", n)
+	}
+}
+
+// getHealth asks for /health and returns its request id and status.
+func (s *advServer) getHealth(t *testing.T) (string, int) {
+	t.Helper()
+	resp, err := s.Client().Get(s.URL + "/health")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Errorf("/health = %d", resp.StatusCode)
+	}
+	return resp.Header.Get("X-Request-Id"), resp.StatusCode
+}
+
+// TestFaultDatabaseUnwritable puts the database on a small tmpfs and fills it after the server
+// started: every request is still answered (a delivery that cannot be recorded is 500, so GitHub
+// shows it failed and it can be redelivered), every row that cannot be written is on stderr as
+// a JSON line, and once space is back rows are written again. (A read-only directory cannot
+// stand in: root ignores file modes, and SQLite keeps writing through its open files.)
+func TestFaultDatabaseUnwritable(t *testing.T) {
+	if os.Geteuid() != 0 {
+		rigSkipOrFail(t, "mounting a tmpfs needs root")
+	}
+	state := t.TempDir()
+	mnt := filepath.Join(state, "data")
+	if err := os.Mkdir(mnt, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Mount("tmpfs", mnt, "tmpfs", 0, "size=2m,mode=0700"); err != nil {
+		rigSkipOrFail(t, "cannot mount a tmpfs: %v", err)
+	}
+	t.Cleanup(func() { syscall.Unmount(mnt, syscall.MNT_DETACH) })
+	s := newAdvServer(t, map[string]string{"WEBHOOK_STATE_DIR": state})
+	s.cfg.stateDir = state
+	if _, code := s.getHealth(t); code != 200 {
+		t.Fatal("no /health before the fault")
+	}
+	waitPending(t, s.events)
+
+	filler, err := os.Create(filepath.Join(mnt, "filler"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	chunk := make([]byte, 64<<10)
+	for {
+		if _, err := filler.Write(chunk); err != nil {
+			if !errors.Is(err, syscall.ENOSPC) {
+				t.Fatal(err)
+			}
+			break
+		}
+	}
+	filler.Close()
+
+	body := githubPackagePayload("ghcr.io", "octo-org", "web", "v1", "")
+	var ids []string
+	for _, c := range []struct {
+		name   string
+		do     func() *http.Response
+		status int
+	}{
+		{"health", func() *http.Response { r, _ := s.Client().Get(s.URL + "/health"); return r }, 200},
+		{"not found", func() *http.Response { r, _ := s.Client().Get(s.URL + "/nope?token=" + advToken); return r }, 404},
+		{"bad signature", func() *http.Response {
+			r, _ := s.Client().Post(s.URL+advUnitPath, "application/json", bytes.NewReader(body))
+			return r
+		}, 401},
+		{"delivery", func() *http.Response { r, _ := s.signedDelivery(t, "web", "full-1", body); return r }, 500},
+	} {
+		resp := c.do()
+		if resp == nil {
+			t.Fatalf("%s: no answer while the database is unwritable", c.name)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != c.status {
+			t.Errorf("%s: %d, want %d", c.name, resp.StatusCode, c.status)
+		}
+		ids = append(ids, resp.Header.Get("X-Request-Id"))
+	}
+	waitPending(t, s.events)
+	spilt := map[string]bool{}
+	for _, e := range spilled(t, s.logs.String()) {
+		spilt[fmt.Sprint(e["request_id"])] = true
+	}
+	for _, id := range ids {
+		if !spilt[id] {
+			t.Errorf("request %s was neither written nor spilled to stderr; log:\n%s", id, s.logs)
+		}
+	}
+	if n := len(s.h.callsOf(keySystemdRun)); n != 0 {
+		t.Errorf("a delivery that could not be recorded was dispatched %d times", n)
+	}
+	if strings.Contains(s.logs.String(), advToken) {
+		t.Errorf("a spilled row carries the token:\n%s", s.logs)
+	}
+
+	// Space again: the next request is written.
+	if err := os.Remove(filepath.Join(mnt, "filler")); err != nil {
+		t.Fatal(err)
+	}
+	after, _ := s.getHealth(t)
+	rows := s.rows(t)
+	if _, ok := rows[after]; !ok {
+		t.Errorf("the event log did not recover once space was back; log:\n%s", s.logs)
+	}
+}
+
+// waitPending waits until the event log's writer has handled everything queued.
+func waitPending(t *testing.T, l *eventLog) {
+	t.Helper()
+	deadline := time.Now().Add(hangGuard)
+	for l.pending.Load() > 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d events still queued after %s", l.pending.Load(), hangGuard)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// Load.
+
+// burstReq is one delivery of a burst; burstResult what came of it.
+type burstReq struct {
+	unit, delivery string
+	body           []byte
+}
+
+type burstResult struct {
+	burstReq
+	status int
+	text   string
+	took   time.Duration
+	err    error
+}
+
+// burst sends every delivery at once, each on its own connection, and waits for every answer.
+func (s *advServer) burst(client *http.Client, reqs []burstReq) []burstResult {
+	out := make([]burstResult, len(reqs))
+	start := make(chan struct{})
+	var wg sync.WaitGroup
+	for i, r := range reqs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			req, _ := http.NewRequest("POST", s.URL+"/github-package-update/"+r.unit, bytes.NewReader(r.body))
+			req.Header.Set("X-Hub-Signature-256", hubSignature(advSecret, r.body))
+			req.Header.Set("X-GitHub-Event", "package")
+			req.Header.Set("X-GitHub-Delivery", r.delivery)
+			<-start
+			t0 := time.Now()
+			res := burstResult{burstReq: r}
+			resp, err := client.Do(req)
+			if err == nil {
+				b, rerr := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				res.status, res.text, err = resp.StatusCode, strings.TrimSpace(string(b)), rerr
+			}
+			res.took, res.err = time.Since(t0), err
+			out[i] = res
+		}()
+	}
+	close(start)
+	wg.Wait()
+	return out
+}
+
+// boundHit are the answers of a delivery whose request-path command (systemctl show, or
+// systemd-run) ran into requestCommandTimeout.
+var boundHit = map[string]bool{"cannot read the unit definition": true, "cannot start the redeploy task": true}
+
+// summarize fails the test for a request that got no answer, or an answer other than 2xx, 429
+// or the 500 of a request-path command that ran into its bound; it returns the answers counted
+// by text, and the median and maximum answer times.
+func summarize(t *testing.T, name string, res []burstResult) (map[string]int, time.Duration, time.Duration) {
+	t.Helper()
+	texts := map[string]int{}
+	var took []time.Duration
+	for _, r := range res {
+		switch {
+		case r.err != nil:
+			t.Errorf("%s: delivery %s got no answer: %v", name, r.delivery, r.err)
+		case r.status/100 != 2 && r.status != 429 && !(r.status == 500 && boundHit[r.text]):
+			t.Errorf("%s: delivery %s: %d %q, want 2xx or 429", name, r.delivery, r.status, r.text)
+		}
+		texts[r.text]++
+		took = append(took, r.took)
+	}
+	slices.Sort(took)
+	return texts, took[len(took)/2], took[len(took)-1]
+}
+
+func openFDs(t *testing.T) int {
+	t.Helper()
+	fds, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(fds)
+}
+
+// settle waits until the process has at most maxG goroutines and maxFD descriptors, and returns
+// what it has then; it fails the test when that does not happen within hangGuard.
+func settle(t *testing.T, what string, maxG, maxFD int) (int, int) {
+	t.Helper()
+	deadline := time.Now().Add(hangGuard)
+	for {
+		runtime.GC()
+		g, fd := runtime.NumGoroutine(), openFDs(t)
+		if g <= maxG && fd <= maxFD {
+			return g, fd
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s, after %s idle: %d goroutines (at most %d expected), %d descriptors (at most %d)", what, hangGuard, g, maxG, fd, maxFD)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// deliveryStatuses counts github_deliveries rows by status for delivery ids with prefix.
+func deliveryStatuses(t *testing.T, db *sql.DB, prefix string) map[string]int {
+	t.Helper()
+	rows, err := db.Query(`SELECT status, count(*) FROM github_deliveries WHERE delivery_id LIKE ? GROUP BY 1`, prefix+"%")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rows.Close()
+	out := map[string]int{}
+	for rows.Next() {
+		var st string
+		var n int
+		if err := rows.Scan(&st, &n); err != nil {
+			t.Fatal(err)
+		}
+		out[st] = n
+	}
+	return out
+}
+
+// TestLoadBursts sends 200 concurrent signed deliveries for one image (different delivery ids),
+// then a mixed burst over 20 images with duplicate copies, against the server with recording
+// fakes (fake systemctl answers its show; fake systemd-run records the dispatch). Every request
+// must be answered; the answer times are logged, not judged, and so is a request whose
+// request-path command ran into its 4 s bound (500) under the burst. The accounting must be
+// exact: every "queued" answer is a queued record and a recorded dispatch. The request path only
+// checks the per-image limit; run-task takes it. So the recorded tasks of the one-image burst
+// then run as real run-task processes of the built binary, all at once as systemd would start
+// them, with a pull that takes a while and records when it ran: the pulls never overlap (one
+// redeploy per image at a time), exactly WEBHOOK_IMAGE_LIMIT_COUNT of them pull and the rest
+// stop rate-limited, the per-image log holds exactly that many timestamps, and the next delivery
+// is refused with 429 before anything is dispatched. Between and after the bursts the server
+// goes back to its goroutines and descriptors (a small slack covers SQLite's pooled connections).
+func TestLoadBursts(t *testing.T) {
+	if testing.Short() {
+		t.Skip("load test")
+	}
+	const n, limit, images = 200, 20, 20
+	bin := buildServerBinary(t) // before the fakes replace PATH
+	s := newAdvServer(t, map[string]string{"WEBHOOK_IMAGE_LIMIT_COUNT": strconv.Itoa(limit)})
+	s.srv.exe = bin
+	s.h.set("image.id", oldImageID)
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 2 * n}, Timeout: 2 * hangGuard}
+	defer client.CloseIdleConnections()
+	image := "ghcr.io/octo-org/web:v1"
+	body := githubPackagePayload("ghcr.io", "octo-org", "web", "v1", "")
+	db := rawDB(t, s.cfg.dbPath)
+
+	// Warm up, then take the baseline.
+	s.burst(client, []burstReq{{"web", "warm", githubPackagePayload("ghcr.io", "octo-org", "warm", "v1", "")}})
+	client.CloseIdleConnections()
+	waitPending(t, s.events)
+	g0, fd0 := settle(t, "before the bursts", math.MaxInt, math.MaxInt)
+
+	var same []burstReq
+	for i := 0; i < n; i++ {
+		same = append(same, burstReq{"web", fmt.Sprintf("load-%03d", i), body})
+	}
+	start := time.Now()
+	texts, median, slowest := summarize(t, "one image", s.burst(client, same))
+	t.Logf("one image: %d concurrent deliveries answered in %s: %v; answer time median %s, max %s",
+		n, time.Since(start).Round(time.Millisecond), texts, median.Round(time.Millisecond), slowest.Round(time.Millisecond))
+	var dispatched [][]string
+	for _, c := range s.h.callsOf(keySystemdRun) {
+		if strings.HasPrefix(c[len(c)-2], "load-") {
+			dispatched = append(dispatched, c)
+		}
+	}
+	st := deliveryStatuses(t, db, "load-")
+	queued, failed := texts["auto-update queued"], texts["cannot start the redeploy task"]
+	if st["queued"] != queued || st["dispatch-failed"] != failed || queued+failed+texts["cannot read the unit definition"] != n {
+		t.Errorf("one image: answers %v, records %v: every queued answer must be a queued record", texts, st)
+	}
+	if len(dispatched) < queued || len(dispatched) > queued+failed {
+		t.Errorf("one image: %d dispatches recorded for %d queued and %d failed dispatches", len(dispatched), queued, failed)
+	}
+	client.CloseIdleConnections()
+	g1, fd1 := settle(t, "after the first burst", g0+5, fd0+8)
+
+	var mixed []burstReq
+	for i := 0; i < n; i++ {
+		name := fmt.Sprintf("app-%02d", i%images)
+		r := burstReq{name, fmt.Sprintf("mixed-%03d", i), githubPackagePayload("ghcr.io", "octo-org", name, "v1", "")}
+		mixed = append(mixed, r)
+		if i%10 == 0 {
+			mixed = append(mixed, r) // a second copy of the same delivery, at the same moment
+		}
+	}
+	start = time.Now()
+	res := s.burst(client, mixed)
+	texts, median, slowest = summarize(t, "mixed", res)
+	t.Logf("%d images: %d concurrent deliveries (%d of them twice) answered in %s: %v; answer time median %s, max %s",
+		images, len(mixed), len(mixed)-n, time.Since(start).Round(time.Millisecond), texts, median.Round(time.Millisecond), slowest.Round(time.Millisecond))
+	queuedIDs := map[string]int{}
+	perImage := map[string]int{}
+	for _, r := range res {
+		if r.text == "auto-update queued" {
+			queuedIDs[r.delivery]++
+			perImage[r.unit]++
+		}
+	}
+	for id, c := range queuedIDs {
+		if c > 1 {
+			t.Errorf("mixed: delivery %s was queued %d times", id, c)
+		}
+	}
+	if st := deliveryStatuses(t, db, "mixed-"); st["queued"] != len(queuedIDs) {
+		t.Errorf("mixed: %d deliveries queued, %v recorded", len(queuedIDs), st)
+	}
+	dispatchedPer := map[string]int{}
+	for _, c := range s.h.callsOf(keySystemdRun) {
+		if strings.HasPrefix(c[len(c)-2], "mixed-") {
+			dispatchedPer[strings.TrimSuffix(c[len(c)-5], ".service")]++
+		}
+	}
+	for unit, q := range perImage {
+		if dispatchedPer[unit] < q {
+			t.Errorf("mixed: %s queued %d times, dispatched %d times", unit, q, dispatchedPer[unit])
+		}
+	}
+	if len(perImage) != images {
+		t.Errorf("mixed: deliveries of %d images queued, want %d", len(perImage), images)
+	}
+	client.CloseIdleConnections()
+	g2, fd2 := settle(t, "after the second burst", g1+2, fd1+2)
+	t.Logf("goroutines %d → %d → %d, descriptors %d → %d → %d", g0, g1, g2, fd0, fd1, fd2)
+
+	// The tasks of the one-image burst, as systemd would run them.
+	intervals := filepath.Join(t.TempDir(), "pulls")
+	s.h.set("podman-pull.sleep", "100ms")
+	var cmds []*exec.Cmd
+	var outs []*syncBuffer
+	for _, argv := range dispatched {
+		first := slices.Index(argv, "--")
+		cmd := exec.Command(argv[first+1], argv[first+2:]...)
+		cmd.Env = append(os.Environ(), fakePullIntervalsEnv+"="+intervals, "WEBHOOK_IMAGE_LIMIT_COUNT="+strconv.Itoa(limit))
+		out := &syncBuffer{}
+		cmd.Stdout, cmd.Stderr = out, out
+		cmds, outs = append(cmds, cmd), append(outs, out)
+	}
+	start = time.Now()
+	for _, cmd := range cmds {
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i, cmd := range cmds {
+		if err := cmd.Wait(); err != nil {
+			t.Errorf("run-task %d: %v\n%s", i, err, outs[i])
+		}
+	}
+	t.Logf("%d run-task processes started at once finished in %s", len(cmds), time.Since(start).Round(time.Millisecond))
+	steps := map[string]int{}
+	rows, err := db.Query(`SELECT json_extract(meta, '$.step'), count(*) FROM event_log WHERE action = 'github-task'
+		AND json_extract(meta, '$.delivery') LIKE 'load-%' GROUP BY 1`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for rows.Next() {
+		var step string
+		var c int
+		rows.Scan(&step, &c)
+		steps[step] = c
+	}
+	rows.Close()
+	tasks := len(cmds)
+	took := min(limit, tasks)
+	want := map[string]int{"started": tasks, "pulled": took, "up-to-date": took}
+	if tasks > limit {
+		want["rate-limited"] = tasks - limit
+	}
+	if !reflect.DeepEqual(steps, want) {
+		t.Errorf("task steps %v, want %v", steps, want)
+	}
+	pulls := readPullIntervals(t, intervals)
+	if len(pulls) != took {
+		t.Errorf("%d pulls, want exactly %d", len(pulls), took)
+	}
+	if o := overlapping(pulls); o != nil {
+		t.Errorf("two redeploys of one image pulled at once: %v", o)
+	}
+	if ts, bad, err := readTimestamps(imageLimitPath(s.cfg.stateDir, image)); err != nil || len(ts) != took || bad != 0 {
+		t.Errorf("per-image log: %d timestamps, %d bad, %v; want exactly %d", len(ts), bad, err, took)
+	}
+	if strings.Contains(s.logs.String(), "unwritten event") {
+		t.Errorf("rows were spilled:\n%s", s.logs)
+	}
+
+	// The limit is used up: the next delivery is refused on the request path.
+	before := len(s.h.callsOf(keySystemdRun))
+	resp, text := s.signedDelivery(t, "web", "load-after", body)
+	if ra := resp.Header.Get("Retry-After"); resp.StatusCode != 429 || ra == "" || ra == "0" {
+		t.Errorf("delivery after %d redeploys: %d %q Retry-After %q, want 429 with a Retry-After", took, resp.StatusCode, text, ra)
+	}
+	if len(s.h.callsOf(keySystemdRun)) != before {
+		t.Error("a rate-limited delivery was dispatched")
+	}
 }
