@@ -1,7 +1,8 @@
-// scheduler.go owns the commands that start units on the operator's behalf from the command
-// line: the scheduler loop, which starts the auto-update unit on a fixed interval, and
-// trigger-units / trigger-all, the command-line face of the manual API (both run triggerUnits in
-// systemd.go, so they resolve and report units exactly as the HTTP API does).
+// scheduler.go owns every trigger on the operator's behalf rather than GitHub's: the scheduler
+// loop, which starts the auto-update unit on a fixed interval; trigger-units / trigger-all on the
+// command line; and their HTTP faces, /auto-update and /api/manual/* (the server routes them
+// here). The CLI and the HTTP API both run triggerUnits in systemd.go, so they resolve and report
+// units exactly alike.
 //
 // Rules: ticks follow a fixed schedule (start + n·interval), so they never drift; a tick runs to
 // completion before the next one is scheduled, so two never overlap, and slots a long tick
@@ -12,10 +13,12 @@ package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"net/http"
 	"os/signal"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -327,4 +330,238 @@ func cleanList(ids []string) []string {
 		out = append(out, cleanText(id, maxUnitNameLen))
 	}
 	return out
+}
+
+// Manual triggers: /auto-update and /api/manual/*. A token is compared in constant time and
+// never reaches a log line or an event row (the query is redacted by the middleware, and bodies
+// are never stored). Units reach systemctl only through triggerUnits (systemd.go), which
+// validates them; commands run detached from the request's cancellation, so a client that hangs
+// up cannot kill systemctl halfway through a restart.
+
+// manualTextMax caps the caller and reason a manual trigger stores.
+const manualTextMax = 200
+
+// manualUnitsMax caps the units one manual trigger may name.
+const manualUnitsMax = 256
+
+// manualRequest reads a manual API body into v and checks the manual token, taken from an
+// "Authorization: Bearer" header or else from the body's token field. It has answered the
+// request when it returns false. A wrong header is refused before the body is read.
+func (s *server) manualRequest(w http.ResponseWriter, r *http.Request, v any, bodyToken *string) bool {
+	if s.cfg.manualToken == "" {
+		s.log.warnf("%s refused: neither WEBHOOK_MANUAL_TOKEN nor WEBHOOK_TOKEN is set", r.URL.Path)
+	}
+	header, hasHeader := bearerToken(r)
+	if hasHeader && !tokenMatches(s.cfg.manualToken, header) {
+		manualError(w, r, http.StatusUnauthorized, "unauthorized", "unauthorized")
+		return false
+	}
+	if err := decodeStrict(r.Body, v); err != nil {
+		var tooLarge *http.MaxBytesError
+		if errors.As(err, &tooLarge) {
+			manualError(w, r, http.StatusRequestEntityTooLarge, "body-too-large", "request body too large")
+			return false
+		}
+		manualError(w, r, http.StatusBadRequest, "bad-json", "invalid request body: "+err.Error())
+		return false
+	}
+	if !hasHeader && !tokenMatches(s.cfg.manualToken, *bodyToken) {
+		manualError(w, r, http.StatusUnauthorized, "unauthorized", "unauthorized")
+		return false
+	}
+	*bodyToken = ""
+	return true
+}
+
+// handleAutoUpdate starts the auto-update unit: token (?token=, the original's way, or a Bearer
+// header), then the global two-window limit, then systemctl --user start.
+func (s *server) handleAutoUpdate(w http.ResponseWriter, r *http.Request) {
+	ri := info(r)
+	ri.action = "auto-update"
+	if r.Method == http.MethodHead {
+		w.Header().Set("Allow", "GET, POST")
+		reply(w, r, http.StatusMethodNotAllowed, "method-not-allowed", "method not allowed")
+		return
+	}
+	token, ok := bearerToken(r)
+	if !ok {
+		token = r.URL.Query().Get("token")
+	}
+	if !tokenMatches(s.cfg.token, token) {
+		if s.cfg.token == "" {
+			s.log.warnf("/auto-update refused: WEBHOOK_TOKEN is not set")
+		}
+		reply(w, r, http.StatusUnauthorized, "unauthorized", "unauthorized")
+		return
+	}
+	unit, err := resolveUnit(s.cfg.autoUpdateUnit)
+	if err != nil {
+		s.log.errorf("/auto-update: MANUAL_AUTO_UPDATE_UNIT: %v", err)
+		reply(w, r, http.StatusInternalServerError, "unit-invalid", "server misconfigured")
+		return
+	}
+	ri.meta["unit"] = unit
+	d, err := autoUpdateLimiter(s.cfg).take(r.Context())
+	switch {
+	case errors.Is(err, errLockTimeout):
+		w.Header().Set("Retry-After", "2")
+		reply(w, r, http.StatusTooManyRequests, "rate-limit-busy", "busy, retry shortly")
+		return
+	case err != nil:
+		s.log.errorf("/auto-update rate limit: %v", err)
+		reply(w, r, http.StatusInternalServerError, "limit-error", "cannot read the rate limit")
+		return
+	case !d.allowed:
+		ri.meta["counts"] = d.counts
+		w.Header().Set("Retry-After", strconv.Itoa(int(d.retryAfter/time.Second)))
+		reply(w, r, http.StatusTooManyRequests, "rate-limited", "too many requests")
+		return
+	}
+	extendWriteDeadline(w, s.cfg.commandTimeout+10*time.Second)
+	res := startUnit(context.WithoutCancel(r.Context()), s.cfg, unit)
+	if res.err != nil {
+		ri.meta["exit_code"] = res.exitCode
+		ri.meta["stderr"] = res.stderr
+		s.log.errorf("/auto-update: %v", res.err)
+		reply(w, r, http.StatusInternalServerError, "start-failed", res.err.Error())
+		return
+	}
+	reply(w, r, http.StatusAccepted, "started", "auto-update triggered")
+}
+
+// manualTriggerRequest is the body of POST /api/manual/trigger.
+type manualTriggerRequest struct {
+	Token  string   `json:"token"`
+	All    bool     `json:"all"`
+	Units  []string `json:"units"`
+	DryRun bool     `json:"dry_run"`
+	Caller string   `json:"caller"`
+	Reason string   `json:"reason"`
+}
+
+// manualTriggerResponse is its answer.
+type manualTriggerResponse struct {
+	Triggered []triggerResult `json:"triggered"`
+	DryRun    bool            `json:"dry_run"`
+	Caller    string          `json:"caller"`
+	Reason    string          `json:"reason"`
+}
+
+// handleManualTrigger restarts the named units (or, with all or no units, the auto-update unit and
+// WEBHOOK_MANUAL_UNITS): 202 when every unit was triggered, 207 when one failed, 400 when none
+// was valid.
+func (s *server) handleManualTrigger(w http.ResponseWriter, r *http.Request) {
+	ri := info(r)
+	ri.action = "manual-trigger"
+	var req manualTriggerRequest
+	if !s.manualRequest(w, r, &req, &req.Token) {
+		return
+	}
+	if len(req.Units) > manualUnitsMax {
+		manualError(w, r, http.StatusBadRequest, "too-many-units", fmt.Sprintf("at most %d units per request", manualUnitsMax))
+		return
+	}
+	resp := manualTriggerResponse{DryRun: req.DryRun,
+		Caller: cleanText(req.Caller, manualTextMax), Reason: cleanText(req.Reason, manualTextMax)}
+	ri.meta["caller"], ri.meta["reason"], ri.meta["dry_run"] = resp.Caller, resp.Reason, resp.DryRun
+	extendWriteDeadline(w, time.Duration(len(req.Units)+len(s.cfg.manualUnits)+1)*s.cfg.commandTimeout+10*time.Second)
+	resp.Triggered = triggerUnits(context.WithoutCancel(r.Context()), s.cfg, req.Units, req.All, req.DryRun)
+	ri.meta["units"] = resp.Triggered
+	status := http.StatusAccepted
+	switch valid, ok := triggerOutcome(resp.Triggered); {
+	case valid == 0:
+		status = http.StatusBadRequest
+	case !ok:
+		status = http.StatusMultiStatus
+	}
+	for _, t := range resp.Triggered {
+		if t.Status != triggerOK && t.Status != triggerDryRun {
+			s.log.warnf("manual trigger of %s by %q: %s: %s", t.Unit, resp.Caller, t.Status, t.Message)
+		}
+	}
+	replyJSON(w, status, resp)
+}
+
+// manualServiceRequest is the body of POST /api/manual/services/<name>.
+type manualServiceRequest struct {
+	Token  string `json:"token"`
+	Image  string `json:"image"`
+	DryRun bool   `json:"dry_run"`
+	Caller string `json:"caller"`
+	Reason string `json:"reason"`
+	Force  bool   `json:"force"`
+}
+
+// manualServiceResponse is its answer.
+type manualServiceResponse struct {
+	Unit     string   `json:"unit"`
+	Image    string   `json:"image,omitempty"`
+	Status   string   `json:"status"` // triggered, queued, dry-run, failed, error
+	Message  string   `json:"message"`
+	TaskUnit string   `json:"task_unit,omitempty"`
+	Plan     []string `json:"plan,omitempty"` // dry run with an image: what the redeploy would do
+	DryRun   bool     `json:"dry_run"`
+	Caller   string   `json:"caller"`
+	Reason   string   `json:"reason"`
+}
+
+// handleManualService redeploys one service. With an image it dispatches the same run-task as a
+// GitHub delivery (pull, then restart) and answers 202 once the task unit started; without one
+// it restarts the unit and answers when systemctl is done.
+func (s *server) handleManualService(w http.ResponseWriter, r *http.Request) {
+	ri := info(r)
+	ri.action = "manual-service"
+	var req manualServiceRequest
+	if !s.manualRequest(w, r, &req, &req.Token) {
+		return
+	}
+	unit, err := resolveUnit(r.PathValue("name"))
+	if err != nil {
+		manualError(w, r, http.StatusBadRequest, "invalid-unit", err.Error())
+		return
+	}
+	resp := manualServiceResponse{Unit: unit, DryRun: req.DryRun,
+		Caller: cleanText(req.Caller, manualTextMax), Reason: cleanText(req.Reason, manualTextMax)}
+	ri.meta["unit"], ri.meta["caller"], ri.meta["reason"], ri.meta["dry_run"] = unit, resp.Caller, resp.Reason, resp.DryRun
+	if req.Image != "" {
+		ref, err := parseImageRef(strings.TrimSpace(req.Image))
+		if err != nil {
+			manualError(w, r, http.StatusBadRequest, "invalid-image", err.Error())
+			return
+		}
+		resp.Image = ref.String()
+		ri.meta["image"] = resp.Image
+	}
+	status := http.StatusAccepted
+	switch {
+	case req.DryRun && resp.Image != "":
+		ref, _ := parseImageRef(resp.Image)
+		ctx, cancel := context.WithTimeout(r.Context(), requestCommandTimeout)
+		resp.Plan = planRedeploy(ctx, s.cfg, unit, ref, req.Force)
+		cancel()
+		resp.Status, resp.Message = triggerDryRun, "would pull "+resp.Image+" and restart "+unit+" as the plan says"
+	case resp.Image != "":
+		spec := taskSpec{unit: unit, image: resp.Image, event: "manual", delivery: "manual-" + ri.id,
+			path: r.URL.Path, force: req.Force}
+		resp.TaskUnit = taskUnitName(spec.delivery)
+		ri.meta["task_unit"], ri.meta["force"] = resp.TaskUnit, req.Force
+		res := s.dispatchTask(r.Context(), spec)
+		if res.err != nil {
+			s.log.errorf("cannot dispatch the manual redeploy of %s: %v", unit, res.err)
+			ri.meta["exit_code"], ri.meta["stderr"] = res.exitCode, res.stderr
+			resp.Status, resp.Message, status = triggerError, res.err.Error(), http.StatusInternalServerError
+			break
+		}
+		resp.Status, resp.Message = "queued", "redeploy queued as "+resp.TaskUnit
+	default:
+		extendWriteDeadline(w, s.cfg.commandTimeout+10*time.Second)
+		t := triggerUnits(context.WithoutCancel(r.Context()), s.cfg, []string{unit}, false, req.DryRun)[0]
+		resp.Status, resp.Message = t.Status, t.Message
+		if t.Status != triggerOK && t.Status != triggerDryRun {
+			s.log.warnf("manual restart of %s by %q: %s: %s", unit, resp.Caller, t.Status, t.Message)
+			status = http.StatusInternalServerError
+		}
+	}
+	ri.meta["status"] = resp.Status
+	replyJSON(w, status, resp)
 }
