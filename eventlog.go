@@ -435,6 +435,19 @@ func (l *eventLog) claimDelivery(ctx context.Context, id, unit, image, eventName
 	return rowID, tx.Commit()
 }
 
+// releaseStaleClaims marks every delivery still "dispatching" as "dispatch-failed", so that
+// GitHub's redelivery runs it. Called when the server starts: one server serves a state
+// directory, so such a claim belongs to a server that died between the claim and systemd-run,
+// and GitHub never got its 202.
+func (l *eventLog) releaseStaleClaims(ctx context.Context) (int64, error) {
+	res, err := l.db.ExecContext(ctx, `UPDATE github_deliveries SET status = 'dispatch-failed', updated_at = ?
+		WHERE status = 'dispatching'`, time.Now().Unix())
+	if err != nil {
+		return 0, err
+	}
+	return res.RowsAffected()
+}
+
 // settleDelivery sets a claimed delivery's status and completes its request row (status,
 // duration, meta) in one transaction, so the answer to GitHub is sent only once both are durable.
 func (l *eventLog) settleDelivery(ctx context.Context, id, status string, rowID int64, ev event) error {

@@ -2573,3 +2573,52 @@ func TestE2EEventsOfADelivery(t *testing.T) {
 	}
 	t.Logf("/metrics excerpt:\n%s", strings.Join(excerpt, "\n"))
 }
+
+// Benchmarks of the event log (issue 7): rows queued through the batching writer, and rows
+// committed one at a time with Write.
+
+func benchEvent(i int) event {
+	return event{RequestID: newRequestID(), TS: time.Now(), Method: "GET", Path: "/health", Status: 200, Action: "health",
+		Duration: time.Millisecond, Meta: map[string]any{"path": "/health", "query": "token=REDACTED", "n": i}}
+}
+
+// BenchmarkEventLogRecord queues b.N rows and closes the log, which returns once every row is
+// committed: the figure is one row through the batching writer.
+func BenchmarkEventLogRecord(b *testing.B) {
+	logs := &syncBuffer{}
+	l, err := openEventLog(filepath.Join(b.TempDir(), "events.db"), newLogger(logs))
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		l.Record(benchEvent(i))
+	}
+	if err := l.Close(); err != nil {
+		b.Fatal(err)
+	}
+	b.StopTimer()
+	if n := l.failures.Load(); n != 0 {
+		b.Fatalf("%d rows spilled:\n%s", n, logs)
+	}
+}
+
+// BenchmarkEventLogWrite commits one row per transaction, as a redeploy step does.
+func BenchmarkEventLogWrite(b *testing.B) {
+	logs := &syncBuffer{}
+	l, err := openEventLog(filepath.Join(b.TempDir(), "events.db"), newLogger(logs))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer l.Close()
+	ctx := context.Background()
+	b.ReportAllocs()
+	i := 0
+	for b.Loop() {
+		i++
+		if err := l.Write(ctx, benchEvent(i)); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

@@ -314,3 +314,74 @@ func TestLockFileSurvivesDeletion(t *testing.T) {
 		t.Fatal("a third process got the lock while the waiter held it")
 	}
 }
+
+// Fuzzing and benchmarks (issue 7).
+
+// FuzzParseTimestamps: any file parses without a panic; every line that is not blank is either a
+// timestamp or counted as skipped; what is kept is never negative and survives a rewrite.
+func FuzzParseTimestamps(f *testing.F) {
+	for _, s := range []string{"1700000000\n1700000600\n", "", "\n\n", "-1\nx\n 42 \r\n", "99999999999999999999\n",
+		"1700000000", "+5\n0x10\n1e3\n\x00\n"} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		ts, bad := parseTimestamps(data)
+		lines := 0
+		for _, l := range strings.Split(string(data), "\n") {
+			if strings.TrimSpace(l) != "" {
+				lines++
+			}
+		}
+		if len(ts)+bad != lines {
+			t.Errorf("%d timestamps and %d skipped from %d lines", len(ts), bad, lines)
+		}
+		for _, v := range ts {
+			if v < 0 {
+				t.Errorf("kept the negative timestamp %d", v)
+			}
+		}
+		again, bad2 := parseTimestamps(formatTimestamps(ts))
+		if bad2 != 0 || len(again) != len(ts) || len(ts) > 0 && !reflect.DeepEqual(again, ts) {
+			t.Errorf("rewritten %v reads back as %v (%d skipped)", ts, again, bad2)
+		}
+	})
+}
+
+// BenchmarkLimiterCheck reads a full per-image log (60 redeploys within the hour), as the
+// request path does for every delivery.
+func BenchmarkLimiterCheck(b *testing.B) {
+	dir := b.TempDir()
+	l := &limiter{logPath: filepath.Join(dir, "x.db"), windows: []window{{60, time.Hour}}, now: func() time.Time { return limiterBase }}
+	var offsets []int64
+	for i := int64(0); i < 59; i++ {
+		offsets = append(offsets, -i*60)
+	}
+	if err := os.WriteFile(l.logPath, offsetsToLog(offsets), 0o600); err != nil {
+		b.Fatal(err)
+	}
+	ctx := context.Background()
+	b.ReportAllocs()
+	for b.Loop() {
+		if d, err := l.check(ctx); err != nil || !d.allowed {
+			b.Fatal(d, err)
+		}
+	}
+}
+
+// BenchmarkLimiterTake records an event under the lock file and rewrites the log (temp file,
+// fsync, rename, fsync of the directory), as run-task and /auto-update do; the clock moves a
+// minute per take so the log stays at its steady size.
+func BenchmarkLimiterTake(b *testing.B) {
+	dir := b.TempDir()
+	now := limiterBase
+	l := &limiter{logPath: filepath.Join(dir, "x.db"), lockPath: filepath.Join(dir, "x.lock"), windows: []window{{60, time.Hour}},
+		lockTimeout: time.Second, now: func() time.Time { return now }}
+	ctx := context.Background()
+	b.ReportAllocs()
+	for b.Loop() {
+		now = now.Add(time.Minute)
+		if d, err := l.take(ctx); err != nil || !d.allowed {
+			b.Fatal(d, err)
+		}
+	}
+}

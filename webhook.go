@@ -64,6 +64,11 @@ func cmdServer(c *cli, args []string) int {
 		return 1
 	}
 	defer events.Close()
+	if n, err := events.releaseStaleClaims(context.Background()); err != nil {
+		c.log.warnf("cannot release deliveries left dispatching: %v", err)
+	} else if n > 0 {
+		c.log.warnf("%d deliveries were left dispatching by a server that stopped: a redelivery will run them", n)
+	}
 
 	listeners, err := activationListeners(c.getenv)
 	if err != nil {
@@ -566,6 +571,11 @@ func (s *server) dispatchDelivery(w http.ResponseWriter, r *http.Request, spec t
 		return
 	}
 	res := s.dispatchTask(ctx, spec)
+	if res.err != nil && s.taskUnitStarted(ctx, spec.delivery) {
+		// systemd-run was cut short (by its time bound) after the unit started: it is queued.
+		s.log.warnf("systemd-run for %s failed (%v), but %s is running", spec.unit, res.err, taskUnitName(spec.delivery))
+		res.err = nil
+	}
 	status, settled, text := http.StatusAccepted, "queued", "auto-update queued"
 	if res.err != nil {
 		s.log.errorf("cannot dispatch the redeploy of %s: %v", spec.unit, res.err)
@@ -592,6 +602,19 @@ func (s *server) dispatchDelivery(w http.ResponseWriter, r *http.Request, spec t
 func (s *server) dispatchTask(ctx context.Context, spec taskSpec) cmdResult {
 	argv := dispatchArgv(s.exe, s.cfg, s.environ(), spec)
 	return s.exec(context.WithoutCancel(ctx), min(s.cfg.commandTimeout, requestCommandTimeout), argv...)
+}
+
+// taskUnitStarted reports whether the task of a delivery started after all: its transient unit
+// is running, or it already wrote a row (a finished unit is collected and unknown to systemd).
+func (s *server) taskUnitStarted(ctx context.Context, delivery string) bool {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), requestCommandTimeout)
+	defer cancel()
+	if p, err := showUnit(ctx, s.cfg, taskUnitName(delivery)+".service", "ActiveState"); err == nil &&
+		(p["ActiveState"] == "active" || p["ActiveState"] == "activating") {
+		return true
+	}
+	rows, err := queryEvents(ctx, s.events.db, eventFilter{action: "github-task", delivery: delivery, limit: 1})
+	return err == nil && len(rows) > 0
 }
 
 // requestCommandTimeout bounds a command run while a client waits (GitHub gives up after 10 s).
