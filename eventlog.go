@@ -303,8 +303,13 @@ func (l *eventLog) insert(ctx context.Context, evs []event) error {
 		return err
 	}
 	defer tx.Rollback()
+	stmt, err := tx.PrepareContext(ctx, insertEventSQL) // once per batch, not once per row
+	if err != nil {
+		return err
+	}
+	defer stmt.Close()
 	for _, ev := range evs {
-		if err := insertEvent(ctx, tx, ev); err != nil {
+		if _, err := stmt.ExecContext(ctx, ev.insertArgs()...); err != nil {
 			return err
 		}
 	}
@@ -316,13 +321,17 @@ const insertEventSQL = `INSERT INTO event_log
 
 // insertEvent writes one row inside tx; an empty path is stored as NULL, as the original did.
 func insertEvent(ctx context.Context, tx *sql.Tx, ev event) error {
+	_, err := tx.ExecContext(ctx, insertEventSQL, ev.insertArgs()...)
+	return err
+}
+
+// insertArgs are the values of insertEventSQL for ev.
+func (ev event) insertArgs() []any {
 	var path any
 	if ev.Path != "" {
 		path = ev.Path
 	}
-	_, err := tx.ExecContext(ctx, insertEventSQL, ev.RequestID, ev.TS.Unix(), ev.Method, path, ev.Status,
-		ev.Action, ev.Duration.Milliseconds(), ev.metaJSON())
-	return err
+	return []any{ev.RequestID, ev.TS.Unix(), ev.Method, path, ev.Status, ev.Action, ev.Duration.Milliseconds(), ev.metaJSON()}
 }
 
 // spill prints events that could not be written as JSON lines, so an operator can recover them
