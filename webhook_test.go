@@ -1251,7 +1251,17 @@ func TestE2EGitHubDelivery(t *testing.T) {
 	if got != "started,pulled,restarted,healthy,completed" {
 		t.Fatalf("task steps %s; server log:\n%s", got, s.log)
 	}
-	t.Logf("delivery answered in %s; container on v2 after %s; task rows %s", answered, running, got)
+	var pullMS, restartMS any
+	for _, row := range rows {
+		switch row.step {
+		case "pulled":
+			pullMS = row.meta["pull_ms"]
+		case "restarted":
+			restartMS = row.meta["restart_ms"]
+		}
+	}
+	t.Logf("delivery answered in %s; container on v2 after %s (podman pull %v ms, systemctl restart %v ms); task rows %s",
+		answered, running, pullMS, restartMS, got)
 	if n := len(s.taskRows(t, "mismatch-1")); n != 0 {
 		t.Errorf("tag mismatch ran a task: %d rows", n)
 	}
