@@ -34,6 +34,8 @@ type cmdResult struct {
 	stderr   string
 	exitCode int // -1 when the command did not run or was killed
 	err      error
+	timedOut bool   // killed at its time limit
+	note     string // a remark on a success, e.g. that systemctl stopped waiting for a running job
 }
 
 // runCommand runs argv with a timeout. A non-zero exit, a timeout or a missing program is an
@@ -55,6 +57,7 @@ func runCommand(ctx context.Context, timeout time.Duration, argv ...string) cmdR
 	case errors.Is(err, exec.ErrNotFound):
 		res.err = fmt.Errorf("%s is not installed or not on PATH", argv[0])
 	case ctx.Err() == context.DeadlineExceeded:
+		res.timedOut = true
 		res.err = fmt.Errorf("%s timed out after %s and was killed%s", strings.Join(argv, " "), timeout, withOutput(res.stderr))
 	default:
 		res.err = fmt.Errorf("%s failed (exit %d)%s", strings.Join(argv, " "), res.exitCode, withOutput(res.stderr))

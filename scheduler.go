@@ -419,6 +419,9 @@ func (s *server) handleAutoUpdate(w http.ResponseWriter, r *http.Request) {
 	}
 	extendWriteDeadline(w, s.cfg.commandTimeout+10*time.Second)
 	res := startUnit(context.WithoutCancel(r.Context()), s.cfg, unit)
+	if res.note != "" {
+		ri.meta["note"] = res.note
+	}
 	if res.err != nil {
 		ri.meta["exit_code"] = res.exitCode
 		ri.meta["stderr"] = res.stderr

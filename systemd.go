@@ -180,12 +180,28 @@ func systemctl(ctx context.Context, cfg *config, args ...string) cmdResult {
 
 // restartUnit restarts a validated unit and waits for the job, as systemctl does by default.
 func restartUnit(ctx context.Context, cfg *config, unit string) cmdResult {
-	return systemctl(ctx, cfg, "restart", "--", unit)
+	return stillRunning(ctx, cfg, unit, systemctl(ctx, cfg, "restart", "--", unit))
 }
 
 // startUnit starts a validated unit.
 func startUnit(ctx context.Context, cfg *config, unit string) cmdResult {
-	return systemctl(ctx, cfg, "start", "--", unit)
+	return stillRunning(ctx, cfg, unit, systemctl(ctx, cfg, "start", "--", unit))
+}
+
+// stillRunning turns a systemctl that was killed at its time limit while the unit's job went on
+// (a long podman auto-update, say) into a success with a note: systemd keeps running the job, and
+// reporting it as failed would be untrue. A unit that is not starting or running stays an error.
+func stillRunning(ctx context.Context, cfg *config, unit string, res cmdResult) cmdResult {
+	if !res.timedOut {
+		return res
+	}
+	s, err := sampleUnit(context.WithoutCancel(ctx), cfg, unit)
+	if err != nil || (s.activeState != "activating" && s.activeState != "active" && s.activeState != "reloading") {
+		return res
+	}
+	res.err = nil
+	res.note = fmt.Sprintf("systemctl stopped waiting after %s; %s is %s/%s and systemd carries on", cfg.commandTimeout, unit, s.activeState, s.subState)
+	return res
 }
 
 // showUnit reads unit properties with "systemctl --user show -p P… -- UNIT".
@@ -490,7 +506,7 @@ func triggerUnits(ctx context.Context, cfg *config, ids []string, all, dryRun bo
 		res := run(ctx, cfg, r.Unit)
 		switch {
 		case res.err == nil:
-			r.Status = triggerOK
+			r.Status, r.Message = triggerOK, res.note
 		case res.exitCode > 0:
 			r.Status, r.Message = triggerFailed, res.err.Error()
 		default:

@@ -770,3 +770,37 @@ func FuzzQuadletImage(f *testing.F) {
 		}
 	})
 }
+
+// TestStartStillRunning: when systemctl is killed at its time limit while the unit's job goes on
+// (a long podman auto-update), the start is reported as triggered with a note, not as failed; a
+// unit that is not starting stays an error.
+func TestStartStillRunning(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		state   string
+		wantErr bool
+	}{
+		{"job still running", "ActiveState=activating\nSubState=start\nResult=success\nNRestarts=0\nMainPID=42\nLoadState=loaded\n", false},
+		{"unit running", "ActiveState=active\nSubState=running\nResult=success\nNRestarts=0\nMainPID=42\nLoadState=loaded\n", false},
+		{"unit failed", "ActiveState=failed\nSubState=failed\nResult=exit-code\nNRestarts=0\nMainPID=0\nLoadState=loaded\n", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := newFakeHost(t)
+			h.set("systemctl-start.sleep", "5s")
+			h.set("unit.state", tc.state)
+			cfg := &config{commandTimeout: 300 * time.Millisecond}
+			res := startUnit(context.Background(), cfg, "podman-auto-update.service")
+			if (res.err != nil) != tc.wantErr {
+				t.Fatalf("err %v, want error %v", res.err, tc.wantErr)
+			}
+			if !tc.wantErr && !strings.Contains(res.note, "stopped waiting") {
+				t.Errorf("note %q, want it to say systemctl stopped waiting", res.note)
+			}
+			results := triggerUnits(context.Background(), &config{commandTimeout: 300 * time.Millisecond,
+				autoUpdateUnit: "podman-auto-update.service"}, nil, true, false)
+			if got := results[0].Status; (got == triggerOK) == tc.wantErr {
+				t.Errorf("trigger status %q (%s)", got, results[0].Message)
+			}
+		})
+	}
+}
