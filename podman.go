@@ -154,6 +154,16 @@ func parseImageRef(s string) (imageRef, error) {
 	return r, nil
 }
 
+// withDefaultTag adds ":latest" to a reference that names neither a tag nor a digest, as podman
+// reads "Image=ghcr.io/me/app" in a Quadlet file.
+func withDefaultTag(s string) string {
+	last := s[strings.LastIndexByte(s, '/')+1:]
+	if s == "" || strings.Contains(last, ":") || strings.Contains(s, "@") || !strings.Contains(s, "/") {
+		return s
+	}
+	return s + ":latest"
+}
+
 // delivery is what a GitHub package payload says was pushed.
 type delivery struct {
 	host   string

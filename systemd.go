@@ -17,6 +17,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"slices"
+	"sort"
 	"strconv"
 	"strings"
 	"syscall"
@@ -257,7 +258,18 @@ func configuredImage(ctx context.Context, cfg *config, getenv func(string) strin
 		if err != nil {
 			return "", c, err
 		}
-		return quadletImage(data), c, nil
+		image, source = quadletImage(data), c
+		// Drop-ins (NAME.container.d/*.conf, in lexical order) override the file, as in systemd.
+		dropins, _ := filepath.Glob(c + ".d/*.conf")
+		sort.Strings(dropins)
+		for _, d := range dropins {
+			if data, err := os.ReadFile(d); err == nil {
+				if img := quadletImage(data); img != "" {
+					image, source = img, d
+				}
+			}
+		}
+		return image, source, nil
 	}
 	return "", "", nil
 }

@@ -804,3 +804,46 @@ func TestStartStillRunning(t *testing.T) {
 		})
 	}
 }
+
+// TestConfiguredImageQuadlet: the unit's Quadlet file names the image; a drop-in overrides it; an
+// untagged Image= means :latest, as podman reads it.
+func TestConfiguredImageQuadlet(t *testing.T) {
+	h := newFakeHost(t)
+	dir := t.TempDir()
+	file := filepath.Join(dir, "web.container")
+	h.set("unit.state", "ActiveState=active\nLoadState=loaded\nSourcePath="+file+"\n")
+	cfg := &config{commandTimeout: 5 * time.Second}
+	getenv := func(string) string { return "" }
+	write := func(p, s string) {
+		t.Helper()
+		os.MkdirAll(filepath.Dir(p), 0o755)
+		if err := os.WriteFile(p, []byte(s), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write(file, "[Container]\nImage=ghcr.io/me/web\n")
+	img, src, err := configuredImage(context.Background(), cfg, getenv, "web.service")
+	if err != nil || img != "ghcr.io/me/web" || src != file {
+		t.Fatalf("configuredImage = %q %q %v", img, src, err)
+	}
+	write(filepath.Join(file+".d", "10-pin.conf"), "[Container]\nImage=ghcr.io/me/web:v2\n")
+	write(filepath.Join(file+".d", "05-other.conf"), "[Container]\nImage=ghcr.io/me/old:v1\n")
+	write(filepath.Join(file+".d", "20-env.conf"), "[Container]\nEnvironment=A=1\n")
+	img, src, err = configuredImage(context.Background(), cfg, getenv, "web.service")
+	if err != nil || img != "ghcr.io/me/web:v2" || !strings.HasSuffix(src, "10-pin.conf") {
+		t.Fatalf("with drop-ins: %q %q %v, want the last drop-in naming an image", img, src, err)
+	}
+	for in, want := range map[string]string{
+		"ghcr.io/me/web":            "ghcr.io/me/web:latest",
+		"ghcr.io/me/web:v1":         "ghcr.io/me/web:v1",
+		"127.0.0.1:5000/me/web":     "127.0.0.1:5000/me/web:latest",
+		"127.0.0.1:5000/me/web:v1":  "127.0.0.1:5000/me/web:v1",
+		"ghcr.io/me/web@sha256:abc": "ghcr.io/me/web@sha256:abc",
+		"web.image":                 "web.image", // a Quadlet .image unit: not a reference, refused later
+		"":                          "",
+	} {
+		if got := withDefaultTag(in); got != want {
+			t.Errorf("withDefaultTag(%q) = %q, want %q", in, got, want)
+		}
+	}
+}

@@ -537,10 +537,13 @@ func (s *server) matchUnitImage(ctx context.Context, unit string, d delivery) (i
 	if configured == "" {
 		return d.ref(d.tags[0]), 0, "", ""
 	}
-	want, err := parseImageRef(configured)
+	want, err := parseImageRef(withDefaultTag(configured))
 	if err != nil {
-		s.log.warnf("%s names an image this program cannot match (%v): ignoring the delivery", source, err)
-		return imageRef{}, http.StatusAccepted, "tag-mismatch", "tag mismatch: the unit's Image= is not a full reference"
+		// Not a "tag mismatch": nothing this unit names could ever match, and the operator must
+		// see that in GitHub's delivery log, not find a 202.
+		s.log.errorf("%s names an image this program cannot match (%v): refusing the delivery", source, err)
+		return imageRef{}, http.StatusInternalServerError, "unit-image-unreadable",
+			"the unit's Image= is not a full image reference (registry/owner/name[:tag])"
 	}
 	if want.host != d.host || want.path != d.path || !slices.Contains(d.tags, want.tag) {
 		return imageRef{}, http.StatusAccepted, "tag-mismatch", "tag mismatch: the unit runs " + want.String()

@@ -3099,3 +3099,40 @@ func TestDispatchFailureIsRetryable(t *testing.T) {
 		t.Errorf("retry-1 is %q in github_deliveries, want queued", status)
 	}
 }
+
+// TestUntaggedQuadletImage: a unit whose Image= has no tag runs :latest, so a push of :latest
+// redeploys it; an Image= that is no reference at all is a visible failure (500), not a 202.
+func TestUntaggedQuadletImage(t *testing.T) {
+	h := newFakeHost(t)
+	quadlet := filepath.Join(t.TempDir(), "web.container")
+	h.set("unit.state", "ActiveState=active\nLoadState=loaded\nSourcePath="+quadlet+"\n")
+	ts := newTestServer(t, map[string]string{"GITHUB_WEBHOOK_SECRET": advSecret}, nil)
+	ts.srv.exec = func(ctx context.Context, timeout time.Duration, argv ...string) cmdResult { return cmdResult{argv: argv} }
+	for i, tc := range []struct {
+		image, tag string
+		want       int
+		wantText   string
+	}{
+		{"ghcr.io/octo-org/web", "latest", 202, "auto-update queued"},
+		{"ghcr.io/octo-org/web", "v1", 202, "tag mismatch: the unit runs ghcr.io/octo-org/web:latest"},
+		{"web.image", "latest", 500, "the unit's Image= is not a full image reference (registry/owner/name[:tag])"},
+	} {
+		if err := os.WriteFile(quadlet, []byte("[Container]\nImage="+tc.image+"\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		body := githubPackagePayload("ghcr.io", "octo-org", "web", tc.tag, "")
+		req, _ := http.NewRequest("POST", ts.URL+"/github-package-update/web", bytes.NewReader(body))
+		req.Header.Set("X-GitHub-Event", "package")
+		req.Header.Set("X-GitHub-Delivery", fmt.Sprintf("untagged-%d", i))
+		req.Header.Set("X-Hub-Signature-256", hubSignature(advSecret, body))
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != tc.want || strings.TrimSpace(string(b)) != tc.wantText {
+			t.Errorf("Image=%s, pushed :%s: %d %q, want %d %q", tc.image, tc.tag, resp.StatusCode, b, tc.want, tc.wantText)
+		}
+	}
+}
