@@ -3107,7 +3107,9 @@ func TestUntaggedQuadletImage(t *testing.T) {
 	quadlet := filepath.Join(t.TempDir(), "web.container")
 	h.set("unit.state", "ActiveState=active\nLoadState=loaded\nSourcePath="+quadlet+"\n")
 	ts := newTestServer(t, map[string]string{"GITHUB_WEBHOOK_SECRET": advSecret}, nil)
-	ts.srv.exec = func(ctx context.Context, timeout time.Duration, argv ...string) cmdResult { return cmdResult{argv: argv} }
+	ts.srv.exec = func(ctx context.Context, timeout time.Duration, argv ...string) cmdResult {
+		return cmdResult{argv: argv}
+	}
 	for i, tc := range []struct {
 		image, tag string
 		want       int
