@@ -29,9 +29,11 @@ import (
 	"os/signal"
 	"path"
 	"regexp"
+	"runtime/debug"
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 )
@@ -125,7 +127,16 @@ func cmdServer(c *cli, args []string) int {
 	sctx, cancel := context.WithTimeout(context.Background(), cfg.shutdownTimeout)
 	defer cancel()
 	if err := hs.Shutdown(sctx); err != nil {
-		c.log.warnf("in-flight requests did not finish within %s: %v", cfg.shutdownTimeout, err)
+		// A handler may be waiting for systemctl (bounded by the command timeout): its unit
+		// was started or restarted, and its row must not be lost, so wait for it, bounded too.
+		c.log.warnf("in-flight requests did not finish within %s: waiting up to %s more", cfg.shutdownTimeout, cfg.commandTimeout+10*time.Second)
+		done := make(chan struct{})
+		go func() { srv.inflight.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(cfg.commandTimeout + 10*time.Second):
+			c.log.errorf("requests still in flight at exit: their rows are lost")
+		}
 	}
 	if err := events.Close(); err != nil {
 		c.log.warnf("closing the event log: %v", err)
@@ -142,6 +153,8 @@ type server struct {
 	metrics *metrics
 	mux     *http.ServeMux
 	now     func() time.Time
+
+	inflight sync.WaitGroup // handlers running, waited for at shutdown
 
 	// Process boundaries, swapped in tests.
 	getenv  func(string) string
@@ -217,12 +230,28 @@ func (w *statusWriter) Flush() {
 }
 
 func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	s.inflight.Add(1)
+	defer s.inflight.Done()
 	start := s.now()
 	ri := &requestInfo{id: newRequestID(), meta: map[string]any{}}
 	sw := &statusWriter{ResponseWriter: w}
 	sw.Header().Set("X-Request-Id", ri.id)
 	r = r.WithContext(context.WithValue(r.Context(), requestInfoKey{}, ri))
 	r.Body = http.MaxBytesReader(sw, r.Body, s.cfg.maxBodyBytes)
+	// The row is written whatever happens, a panicking handler included (answered 500 here).
+	defer func() {
+		if p := recover(); p != nil {
+			if p == http.ErrAbortHandler {
+				panic(p)
+			}
+			s.log.errorf("panic serving %s %s: %v\n%s", r.Method, r.URL.Path, p, debug.Stack())
+			ri.meta["panic"] = fmt.Sprint(p)
+			if sw.status == 0 {
+				http.Error(sw, "internal error", http.StatusInternalServerError)
+			}
+			s.finish(r, ri, sw.status, start)
+		}
+	}()
 
 	switch {
 	case hasDotDot(r.URL.Path):
@@ -237,15 +266,20 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if sw.status == 0 {
 		sw.status = http.StatusOK
 	}
+	s.finish(r, ri, sw.status, start)
+}
+
+// finish counts an answered request and records its row, unless the handler committed it.
+func (s *server) finish(r *http.Request, ri *requestInfo, status int, start time.Time) {
 	action := ri.action
 	if action == "" {
-		action = defaultAction(r.Pattern, sw.status)
+		action = defaultAction(r.Pattern, status)
 	}
-	s.metrics.observe(r.Pattern, sw.status, action, ri.meta["reason"])
+	s.metrics.observe(r.Pattern, status, action, ri.meta["reason"])
 	if ri.recorded {
 		return
 	}
-	s.events.Record(s.requestEvent(r, ri, sw.status, s.now().Sub(start)))
+	s.events.Record(s.requestEvent(r, ri, status, s.now().Sub(start)))
 }
 
 // requestEvent builds the event_log row of a request.

@@ -3138,3 +3138,33 @@ func TestUntaggedQuadletImage(t *testing.T) {
 		}
 	}
 }
+
+// TestPanickingHandlerKeepsItsRow: a handler that panics is answered 500 and still leaves its
+// event row; the server keeps serving.
+func TestPanickingHandlerKeepsItsRow(t *testing.T) {
+	ts := newTestServer(t, nil, nil)
+	ts.srv.mux.HandleFunc("GET /test-panic", func(w http.ResponseWriter, r *http.Request) { panic("boom") })
+	resp, err := http.Get(ts.URL + "/test-panic")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusInternalServerError {
+		t.Fatalf("status %d, want 500", resp.StatusCode)
+	}
+	if resp, err := http.Get(ts.URL + "/health"); err != nil || resp.StatusCode != 200 {
+		t.Fatalf("server stopped serving after a panic: %v", err)
+	}
+	ts.shutdown()
+	var status int
+	var meta string
+	if err := rawDB(t, ts.cfg.dbPath).QueryRow(`SELECT status, meta FROM event_log WHERE path = '/test-panic'`).Scan(&status, &meta); err != nil {
+		t.Fatalf("no row for the panicking request: %v", err)
+	}
+	if status != 500 || !strings.Contains(meta, `"panic":"boom"`) {
+		t.Fatalf("row status %d meta %s", status, meta)
+	}
+	if !strings.Contains(ts.logs.String(), "panic serving GET /test-panic: boom") {
+		t.Errorf("the panic is not in the log:\n%s", ts.logs.String())
+	}
+}
