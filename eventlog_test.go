@@ -2220,7 +2220,7 @@ func TestDeliveryStoryStartsWithTheRequest(t *testing.T) {
 	// As handleGitHub leaves it before dispatching.
 	r = r.WithContext(context.WithValue(r.Context(), requestInfoKey{}, &requestInfo{id: "req-fast",
 		action: "github-webhook", meta: map[string]any{"delivery": delivery, "unit": "demo.service"}}))
-	ts.srv.dispatchDelivery(w, r, taskSpec{unit: "demo.service", image: "ghcr.io/acme/demo:latest", event: "package",
+	ts.srv.dispatchDelivery(r.Context(), w, r, taskSpec{unit: "demo.service", image: "ghcr.io/acme/demo:latest", event: "package",
 		delivery: delivery, path: "/github-package-update/demo"})
 	if w.Code != http.StatusAccepted {
 		t.Fatalf("dispatch: %d %s", w.Code, w.Body.String())

@@ -777,7 +777,16 @@ func TestManualService(t *testing.T) {
 			if wantPlan := resp.DryRun && resp.Image != ""; wantPlan != (len(resp.Plan) > 0) {
 				t.Errorf("plan %q for dry_run=%v image=%q", resp.Plan, resp.DryRun, resp.Image)
 			}
-			if calls := h.fake.calls(t); !reflect.DeepEqual(calls, tc.wantCalls) {
+			calls := h.fake.calls(t)
+			if tc.dispatchFail {
+				// After a failed systemd-run the handler checks (read-only) whether the task unit
+				// started anyway.
+				if len(calls) != 1 || !strings.HasPrefix(calls[0], "--user show -p ActiveState -- webhook-task-manual-") {
+					t.Errorf("systemctl calls %q, want one read of the task unit's state", calls)
+				}
+				calls = nil
+			}
+			if !reflect.DeepEqual(calls, tc.wantCalls) {
 				t.Errorf("systemctl calls %q, want %q", calls, tc.wantCalls)
 			}
 			if got := len(h.dispatched) > 0; got != tc.wantDispatch {

@@ -426,9 +426,9 @@ func verifySignature(secret string, body []byte, header string) error {
 	return nil
 }
 
-// reDeliveryID accepts GitHub's delivery ids (GUIDs) and other plain ids; anything else could not
-// be shown or stored safely.
-var reDeliveryID = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)
+// reDeliveryID accepts GitHub's delivery ids (GUIDs) and other plain ids. It admits only what
+// taskUnitName keeps as it is (no replacement, no truncation), so two ids never share a task unit.
+var reDeliveryID = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$`)
 
 // reEventName accepts X-GitHub-Event values (package, registry_package, ping, …).
 var reEventName = regexp.MustCompile(`^[a-z][a-z_]{0,63}$`)
@@ -530,10 +530,13 @@ func (s *server) handleGitHub(w http.ResponseWriter, r *http.Request) {
 		ri.meta["digest"] = d.digest
 	}
 
-	// GitHub waits 10 s at most: every command on the request path gets a share of that.
-	ctx, cancel := context.WithTimeout(r.Context(), requestCommandTimeout)
+	// GitHub waits 10 s at most: the rest of the request shares one budget below that, and no
+	// single command may take more than requestCommandTimeout of it.
+	ctx, cancel := context.WithTimeout(r.Context(), requestBudget)
 	defer cancel()
-	ref, status, reason, text := s.matchUnitImage(ctx, unit, d)
+	mctx, mcancel := context.WithTimeout(ctx, requestCommandTimeout)
+	ref, status, reason, text := s.matchUnitImage(mctx, unit, d)
+	mcancel()
 	if status != 0 {
 		reply(w, r, status, reason, text)
 		return
@@ -541,7 +544,7 @@ func (s *server) handleGitHub(w http.ResponseWriter, r *http.Request) {
 	image := ref.String()
 	ri.meta["image"] = image
 
-	lim, err := imageLimiter(s.cfg, image).check(r.Context())
+	lim, err := imageLimiter(s.cfg, image).check(ctx)
 	if err != nil {
 		s.log.errorf("per-image limit for %s: %v", image, err)
 		reply(w, r, http.StatusInternalServerError, "limit-error", "cannot read the per-image limit")
@@ -552,7 +555,7 @@ func (s *server) handleGitHub(w http.ResponseWriter, r *http.Request) {
 		reply(w, r, http.StatusTooManyRequests, "image-rate-limited", "too many redeploys of "+image)
 		return
 	}
-	s.dispatchDelivery(w, r, taskSpec{unit: unit, image: image, event: eventName, delivery: deliveryID,
+	s.dispatchDelivery(ctx, w, r, taskSpec{unit: unit, image: image, event: eventName, delivery: deliveryID,
 		path: r.URL.Path, digest: d.digest})
 }
 
@@ -587,9 +590,8 @@ func (s *server) matchUnitImage(ctx context.Context, unit string, d delivery) (i
 
 // dispatchDelivery records the delivery id, starts run-task as a transient unit, and answers
 // 202 only after the delivery record and the request's row are committed.
-func (s *server) dispatchDelivery(w http.ResponseWriter, r *http.Request, spec taskSpec) {
+func (s *server) dispatchDelivery(ctx context.Context, w http.ResponseWriter, r *http.Request, spec taskSpec) {
 	ri := info(r)
-	ctx := r.Context()
 	start := s.now()
 	ri.action = "github-webhook"
 	ri.meta["task_unit"] = taskUnitName(spec.delivery)
@@ -624,7 +626,14 @@ func (s *server) dispatchDelivery(w http.ResponseWriter, r *http.Request, spec t
 		ri.meta["reason"] = "queued"
 	}
 	ev := s.requestEvent(r, ri, status, s.now().Sub(start))
-	if err := s.events.settleDelivery(context.WithoutCancel(ctx), spec.delivery, settled, rowID, ev); err != nil {
+	// Recorded even past the budget: the task may be running, and the claim must say so.
+	sctx, scancel := context.WithTimeout(context.WithoutCancel(ctx), 2*busyTimeout)
+	defer scancel()
+	err = s.events.settleDelivery(sctx, spec.delivery, settled, rowID, ev)
+	if err != nil { // once more: a claim left "dispatching" would answer redeliveries "duplicate"
+		err = s.events.settleDelivery(sctx, spec.delivery, settled, rowID, ev)
+	}
+	if err != nil {
 		s.log.errorf("cannot record the delivery %s as %s: %v", spec.delivery, settled, err)
 		s.events.spill([]event{ev}, err)
 	}
@@ -638,13 +647,24 @@ func (s *server) dispatchDelivery(w http.ResponseWriter, r *http.Request, spec t
 // unit is started). The request's cancellation does not cut it short.
 func (s *server) dispatchTask(ctx context.Context, spec taskSpec) cmdResult {
 	argv := dispatchArgv(s.exe, s.cfg, s.environ(), spec)
-	return s.exec(context.WithoutCancel(ctx), min(s.cfg.commandTimeout, requestCommandTimeout), argv...)
+	return s.exec(context.WithoutCancel(ctx), commandShare(ctx, s.cfg.commandTimeout), argv...)
+}
+
+// commandShare is how long a command may run within ctx's budget: at most requestCommandTimeout
+// and what is left of the budget, but never less than a second, since a command cut off at
+// once would be reported as failed although it may well have succeeded.
+func commandShare(ctx context.Context, limit time.Duration) time.Duration {
+	d := min(limit, requestCommandTimeout)
+	if dl, ok := ctx.Deadline(); ok {
+		d = min(d, time.Until(dl))
+	}
+	return max(d, time.Second)
 }
 
 // taskUnitStarted reports whether the task of a delivery started after all: its transient unit
 // is running, or it already wrote a row (a finished unit is collected and unknown to systemd).
 func (s *server) taskUnitStarted(ctx context.Context, delivery string) bool {
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), requestCommandTimeout)
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), commandShare(ctx, requestCommandTimeout))
 	defer cancel()
 	if p, err := showUnit(ctx, s.cfg, taskUnitName(delivery)+".service", "ActiveState"); err == nil &&
 		(p["ActiveState"] == "active" || p["ActiveState"] == "activating") {
@@ -656,6 +676,10 @@ func (s *server) taskUnitStarted(ctx context.Context, delivery string) bool {
 
 // requestCommandTimeout bounds a command run while a client waits (GitHub gives up after 10 s).
 const requestCommandTimeout = 4 * time.Second
+
+// requestBudget bounds the whole handling of a GitHub delivery after its body is read, so the
+// answer comes before GitHub's 10 s limit (the rows are committed even past it).
+const requestBudget = 8 * time.Second
 
 // Tokens and JSON answers, shared by the manual-trigger routes (scheduler.go) and the
 // observability routes below. A token is compared in constant time and never reaches a log line
