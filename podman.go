@@ -45,6 +45,7 @@ func runCommand(ctx context.Context, timeout time.Duration, argv ...string) cmdR
 	defer cancel()
 	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
 	cmd.WaitDelay = 5 * time.Second
+	cmd.Env = childEnv() // no secret reaches podman, systemctl or systemd-run
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	err := cmd.Run()

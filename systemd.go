@@ -325,14 +325,42 @@ func taskUnitName(deliveryID string) string {
 	return "webhook-task-" + string(b)
 }
 
-// taskEnvPrefixes name the variables a redeploy needs from the server's environment; transient
-// units do not inherit it. The GitHub secret and the tokens are deliberately not among them.
+// taskEnvNames and taskEnvPrefixes name the variables a redeploy needs from the server's
+// environment; transient units do not inherit it. Secrets are never among them (isSecretEnv).
 var taskEnvNames = []string{"PATH", "HOME", "XDG_RUNTIME_DIR", "XDG_CONFIG_HOME",
 	"CONTAINERS_CONF", "CONTAINERS_REGISTRIES_CONF", "CONTAINERS_STORAGE_CONF", "REGISTRY_AUTH_FILE"}
 
 var taskEnvPrefixes = []string{"WEBHOOK_"}
 
-var taskEnvSecrets = map[string]bool{"WEBHOOK_TOKEN": true, "WEBHOOK_MANUAL_TOKEN": true, "WEBHOOK_METRICS_TOKEN": true}
+// isSecretEnv reports whether a variable of this program holds a secret: the GitHub secret and
+// any WEBHOOK_ setting whose name says token, secret, password or key — today's tokens and any
+// added later. Such variables reach no child process.
+func isSecretEnv(name string) bool {
+	if name == "GITHUB_WEBHOOK_SECRET" {
+		return true
+	}
+	if !strings.HasPrefix(name, "WEBHOOK_") {
+		return false
+	}
+	for _, w := range []string{"TOKEN", "SECRET", "PASSWORD", "KEY"} {
+		if strings.Contains(name, w) {
+			return true
+		}
+	}
+	return false
+}
+
+// childEnv is this process's environment without its secrets, for every command it runs.
+func childEnv() []string {
+	env := os.Environ()
+	out := env[:0:0]
+	for _, kv := range env {
+		if name, _, _ := strings.Cut(kv, "="); !isSecretEnv(name) {
+			out = append(out, kv)
+		}
+	}
+	return out
+}
 
 // dispatchArgv builds the systemd-run command line that runs one redeploy as a transient user
 // unit, so it outlives a restart of the server. Variables are passed as "-E NAME", which copies
@@ -345,7 +373,7 @@ func dispatchArgv(exe string, cfg *config, environ []string, t taskSpec) []strin
 		for _, p := range taskEnvPrefixes {
 			pass = pass || strings.HasPrefix(name, p)
 		}
-		if pass && !taskEnvSecrets[name] {
+		if pass && !isSecretEnv(name) {
 			argv = append(argv, "-E", name)
 		}
 	}

@@ -847,3 +847,25 @@ func TestConfiguredImageQuadlet(t *testing.T) {
 		}
 	}
 }
+
+// TestChildEnvHasNoSecrets: commands the program runs never inherit the GitHub secret or a token.
+func TestChildEnvHasNoSecrets(t *testing.T) {
+	t.Setenv("GITHUB_WEBHOOK_SECRET", "gh-secret-value")
+	t.Setenv("WEBHOOK_TOKEN", "token-value")
+	t.Setenv("WEBHOOK_MANUAL_TOKEN", "manual-value")
+	t.Setenv("WEBHOOK_FUTURE_API_KEY", "future-value")
+	t.Setenv("WEBHOOK_STATE_DIR", "/state")
+	env := strings.Join(childEnv(), "\n")
+	for _, secret := range []string{"gh-secret-value", "token-value", "manual-value", "future-value"} {
+		if strings.Contains(env, secret) {
+			t.Errorf("child environment carries %q", secret)
+		}
+	}
+	if !strings.Contains(env, "WEBHOOK_STATE_DIR=/state") {
+		t.Error("child environment lost WEBHOOK_STATE_DIR")
+	}
+	out := runCommand(context.Background(), 5*time.Second, "/usr/bin/env")
+	if out.err != nil || strings.Contains(out.stdout, "gh-secret-value") || strings.Contains(out.stdout, "token-value") {
+		t.Fatalf("a command saw a secret (err %v):\n%s", out.err, out.stdout)
+	}
+}
