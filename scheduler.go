@@ -549,11 +549,6 @@ func (s *server) handleManualService(w http.ResponseWriter, r *http.Request) {
 		resp.TaskUnit = taskUnitName(spec.delivery)
 		ri.meta["task_unit"], ri.meta["force"] = resp.TaskUnit, req.Force
 		res := s.dispatchTask(r.Context(), spec)
-		if res.err != nil && s.taskUnitStarted(r.Context(), spec.delivery) {
-			// systemd-run was cut short after the unit started: the redeploy is queued.
-			s.log.warnf("systemd-run for %s failed (%v), but %s is running", unit, res.err, resp.TaskUnit)
-			res.err = nil
-		}
 		if res.err != nil {
 			s.log.errorf("cannot dispatch the manual redeploy of %s: %v", unit, res.err)
 			ri.meta["exit_code"], ri.meta["stderr"] = res.exitCode, res.stderr

@@ -986,48 +986,6 @@ func TestTriggerCommands(t *testing.T) {
 
 // System tests on the rig (E2E.md): the built binary against the real user manager.
 
-// triggerE2EServer runs the built binary's server on a free loopback port with env added to this
-// process's environment, and stops it with SIGTERM at cleanup. It returns the base URL.
-func triggerE2EServer(t *testing.T, bin string, env ...string) string {
-	t.Helper()
-	port, err := rigFreePort()
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := fmt.Sprintf("127.0.0.1:%d", port)
-	cmd := exec.Command(bin, "server", "--listen", addr)
-	cmd.Env = append(os.Environ(), env...)
-	var logs logBuffer
-	cmd.Stdout, cmd.Stderr = &logs, &logs
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
-	t.Cleanup(func() {
-		cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-done:
-		case <-time.After(30 * time.Second):
-			cmd.Process.Kill()
-			t.Errorf("server did not stop within 30s of SIGTERM; its output:\n%s", logs.String())
-		}
-		if t.Failed() {
-			t.Logf("server output:\n%s", logs.String())
-		}
-	})
-	client := &http.Client{Timeout: 2 * time.Second}
-	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(50 * time.Millisecond) {
-		if resp, err := client.Get("http://" + addr + "/health"); err == nil {
-			resp.Body.Close()
-			return "http://" + addr
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("server not answering on %s; its output:\n%s", addr, logs.String())
-		}
-	}
-}
-
 // triggerE2EPost sends a JSON body with a Bearer token and returns the status and body.
 func triggerE2EPost(t *testing.T, url, token, body string) (int, string) {
 	t.Helper()
@@ -1121,9 +1079,8 @@ func TestE2ETriggerUnits(t *testing.T) {
 // TestE2EManualAPI drives the running server's /api/manual routes against real units.
 func TestE2EManualAPI(t *testing.T) {
 	r := needRig(t)
-	bin := buildBinary(t)
 	a, b, failing := triggerE2EUnits(t, r)
-	base := triggerE2EServer(t, bin, "WEBHOOK_STATE_DIR="+t.TempDir(), "WEBHOOK_MANUAL_TOKEN="+testManualToken)
+	base := startE2EServer(t, "WEBHOOK_MANUAL_TOKEN="+testManualToken).url
 
 	pa, pb := triggerMainPID(t, r, a), triggerMainPID(t, r, b)
 	code, body := triggerE2EPost(t, base+"/api/manual/trigger", testManualToken, `{"units":["`+a+`","`+b+`"],"caller":"e2e"}`)
@@ -1163,7 +1120,6 @@ func TestE2EAutoUpdate(t *testing.T) {
 	if link, _ := os.Readlink(rigSystemPrivate); link != filepath.Join(r.runtimeDir, "systemd", "private") {
 		rigSkipOrFail(t, "%s does not point at the user manager: podman auto-update would talk to the system manager", rigSystemPrivate)
 	}
-	bin := buildBinary(t)
 	repo := rigUniqueName(t, "au")
 	ref, v1 := r.PushImage(t, repo, "latest", "v1")
 	_, v2 := r.PushImage(t, repo, "latest", "v2")
@@ -1183,8 +1139,8 @@ func TestE2EAutoUpdate(t *testing.T) {
 
 	updater := rigUniqueName(t, "au-updater") + ".service"
 	r.InstallUnit(t, updater, "[Unit]\nDescription=podman auto-update for the e2e test\n\n[Service]\nType=oneshot\nExecStart="+r.podman+" auto-update\n")
-	base := triggerE2EServer(t, bin, "WEBHOOK_STATE_DIR="+t.TempDir(), "WEBHOOK_TOKEN="+testToken,
-		"MANUAL_AUTO_UPDATE_UNIT="+updater, "WEBHOOK_LIMIT1_COUNT=1")
+	base := startE2EServer(t, "WEBHOOK_TOKEN="+testToken,
+		"MANUAL_AUTO_UPDATE_UNIT="+updater, "WEBHOOK_LIMIT1_COUNT=1").url
 
 	client := &http.Client{Timeout: 5 * time.Minute}
 	resp, err := client.Get(base + "/auto-update?token=" + testToken)

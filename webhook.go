@@ -610,11 +610,6 @@ func (s *server) dispatchDelivery(ctx context.Context, w http.ResponseWriter, r 
 		return
 	}
 	res := s.dispatchTask(ctx, spec)
-	if res.err != nil && s.taskUnitStarted(ctx, spec.delivery) {
-		// systemd-run was cut short (by its time bound) after the unit started: it is queued.
-		s.log.warnf("systemd-run for %s failed (%v), but %s is running", spec.unit, res.err, taskUnitName(spec.delivery))
-		res.err = nil
-	}
 	status, settled, text := http.StatusAccepted, "queued", "auto-update queued"
 	if res.err != nil {
 		s.log.errorf("cannot dispatch the redeploy of %s: %v", spec.unit, res.err)
@@ -644,10 +639,16 @@ func (s *server) dispatchDelivery(ctx context.Context, w http.ResponseWriter, r 
 }
 
 // dispatchTask starts run-task for spec as a transient user unit (systemd-run returns once the
-// unit is started). The request's cancellation does not cut it short.
+// unit is started). The request's cancellation does not cut it short. When systemd-run fails but the task started anyway (its time bound cut it short after the
+// unit was up), the dispatch counts as done: reporting a failure would invite a second redeploy.
 func (s *server) dispatchTask(ctx context.Context, spec taskSpec) cmdResult {
 	argv := dispatchArgv(s.exe, s.cfg, s.environ(), spec)
-	return s.exec(context.WithoutCancel(ctx), commandShare(ctx, s.cfg.commandTimeout), argv...)
+	res := s.exec(context.WithoutCancel(ctx), commandShare(ctx, s.cfg.commandTimeout), argv...)
+	if res.err != nil && s.taskUnitStarted(ctx, spec.delivery) {
+		s.log.warnf("systemd-run for %s failed (%v), but %s has started", spec.unit, res.err, taskUnitName(spec.delivery))
+		res.err = nil
+	}
+	return res
 }
 
 // commandShare is how long a command may run within ctx's budget: at most requestCommandTimeout
