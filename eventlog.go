@@ -771,6 +771,9 @@ type metrics struct {
 	requests   map[[2]string]int64 // route pattern, status
 	deliveries map[string]int64    // outcome of a GitHub delivery
 	rejections map[string]int64    // 429s by action
+
+	dispatching atomic.Int64 // deliveries holding a dispatch slot (see server.admit)
+	waiting     atomic.Int64 // deliveries waiting for one
 }
 
 func newMetrics(now time.Time) *metrics {
@@ -829,6 +832,10 @@ func (m *metrics) writeMetrics(ctx context.Context, w io.Writer, events *eventLo
 	p.sample("webhook_event_log_write_failures_total", nil, float64(events.failures.Load()))
 	p.family("webhook_event_log_queue_depth", "gauge", "Event rows queued and not yet committed.")
 	p.sample("webhook_event_log_queue_depth", nil, float64(events.pending.Load()))
+	p.family("webhook_deliveries_dispatching", "gauge", "GitHub deliveries recording and starting their redeploy now.")
+	p.sample("webhook_deliveries_dispatching", nil, float64(m.dispatching.Load()))
+	p.family("webhook_deliveries_waiting", "gauge", "GitHub deliveries waiting for a dispatch slot; beyond the budget they are refused with 503.")
+	p.sample("webhook_deliveries_waiting", nil, float64(m.waiting.Load()))
 	p.family("process_start_time_seconds", "gauge", "Start time of the process since the unix epoch in seconds.")
 	p.sample("process_start_time_seconds", nil, float64(start.Unix()))
 	p.family("webhook_build_info", "gauge", "Build information; the value is always 1.")

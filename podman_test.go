@@ -163,7 +163,20 @@ func runFake(prog, env, dir string, args []string) int {
 		if state == "" {
 			state = activeUnit
 		}
+		// A redeploy's transient unit exists only once the fake systemd-run has started it.
+		if last := args[len(args)-1]; strings.HasPrefix(last, "webhook-task-") {
+			state = "LoadState=not-found\nActiveState=inactive\nSubState=dead\n"
+			if exists("started." + strings.TrimSuffix(last, ".service")) {
+				state = activeUnit
+			}
+		}
 		fmt.Print(state)
+	case keySystemdRun:
+		for _, a := range args {
+			if name, ok := strings.CutPrefix(a, "--unit="); ok {
+				write("started."+name, "")
+			}
+		}
 	case "systemctl-restart":
 		if s := read(fmt.Sprintf("restart.after.%d", n)); s != "" {
 			write("unit.state", s)

@@ -20,6 +20,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 	"unicode"
@@ -224,15 +225,64 @@ func showUnit(ctx context.Context, cfg *config, unit string, props ...string) (m
 	return out, nil
 }
 
+// sharedShows coalesces concurrent "systemctl show" calls for the same unit and properties: a
+// caller that arrives while one is running waits for its answer instead of starting another
+// process. A burst of 200 deliveries for one unit then costs one systemctl, not 200, which on a
+// small host is the difference between answering within GitHub's 10 s and not. Nothing is kept
+// after a call returns, so an answer is never older than the call in flight when it was asked
+// for. The zero value is ready to use.
+type sharedShows struct {
+	mu    sync.Mutex
+	calls map[string]*showCall
+}
+
+type showCall struct {
+	done  chan struct{}
+	props map[string]string // read-only once done is closed: every waiter shares it
+	err   error
+}
+
+// show is showUnit, shared with concurrent callers. The call itself is bounded by timeout, not
+// by any one caller's ctx, so a caller that gives up does not fail the others; ctx bounds only
+// how long this caller waits.
+func (g *sharedShows) show(ctx context.Context, cfg *config, timeout time.Duration, unit string, props ...string) (map[string]string, error) {
+	key := strings.Join(append([]string{unit}, props...), "\x00")
+	g.mu.Lock()
+	c, ok := g.calls[key]
+	if !ok {
+		if g.calls == nil {
+			g.calls = map[string]*showCall{}
+		}
+		c = &showCall{done: make(chan struct{})}
+		g.calls[key] = c
+		go func() {
+			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), timeout)
+			c.props, c.err = showUnit(cctx, cfg, unit, props...)
+			cancel()
+			g.mu.Lock()
+			delete(g.calls, key)
+			g.mu.Unlock()
+			close(c.done)
+		}()
+	}
+	g.mu.Unlock()
+	select {
+	case <-c.done:
+		return c.props, c.err
+	case <-ctx.Done():
+		return nil, context.Cause(ctx)
+	}
+}
+
 // errUnitNotFound reports a unit that systemd does not know.
 var errUnitNotFound = errors.New("unit not found")
 
 // configuredImage finds the image a unit is meant to run: the Image= of the Quadlet .container
 // file that generated it (its SourcePath), else of <name>.container under
 // $XDG_CONFIG_HOME/containers/systemd or ~/.config/containers/systemd. It returns "" when the unit
-// names no image.
-func configuredImage(ctx context.Context, cfg *config, getenv func(string) string, unit string) (image, source string, err error) {
-	props, err := showUnit(ctx, cfg, unit, "LoadState", "SourcePath", "FragmentPath")
+// names no image. The unit's properties come through shows; only the files are read per call.
+func configuredImage(ctx context.Context, shows *sharedShows, cfg *config, getenv func(string) string, unit string) (image, source string, err error) {
+	props, err := shows.show(ctx, cfg, requestCommandTimeout, unit, "LoadState", "SourcePath", "FragmentPath")
 	if err != nil {
 		return "", "", err
 	}

@@ -9,6 +9,8 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -822,14 +824,14 @@ func TestConfiguredImageQuadlet(t *testing.T) {
 		}
 	}
 	write(file, "[Container]\nImage=ghcr.io/me/web\n")
-	img, src, err := configuredImage(context.Background(), cfg, getenv, "web.service")
+	img, src, err := configuredImage(context.Background(), &sharedShows{}, cfg, getenv, "web.service")
 	if err != nil || img != "ghcr.io/me/web" || src != file {
 		t.Fatalf("configuredImage = %q %q %v", img, src, err)
 	}
 	write(filepath.Join(file+".d", "10-pin.conf"), "[Container]\nImage=ghcr.io/me/web:v2\n")
 	write(filepath.Join(file+".d", "05-other.conf"), "[Container]\nImage=ghcr.io/me/old:v1\n")
 	write(filepath.Join(file+".d", "20-env.conf"), "[Container]\nEnvironment=A=1\n")
-	img, src, err = configuredImage(context.Background(), cfg, getenv, "web.service")
+	img, src, err = configuredImage(context.Background(), &sharedShows{}, cfg, getenv, "web.service")
 	if err != nil || img != "ghcr.io/me/web:v2" || !strings.HasSuffix(src, "10-pin.conf") {
 		t.Fatalf("with drop-ins: %q %q %v, want the last drop-in naming an image", img, src, err)
 	}
@@ -867,5 +869,62 @@ func TestChildEnvHasNoSecrets(t *testing.T) {
 	out := runCommand(context.Background(), 5*time.Second, "/usr/bin/env")
 	if out.err != nil || strings.Contains(out.stdout, "gh-secret-value") || strings.Contains(out.stdout, "token-value") {
 		t.Fatalf("a command saw a secret (err %v):\n%s", out.err, out.stdout)
+	}
+}
+
+// TestSharedShows: callers asking for the same unit while its systemctl show runs share that one
+// process and its answer; a caller that gives up does not fail the others; nothing is kept once
+// the call returns, so the next caller runs systemctl again; other units or properties run
+// their own.
+func TestSharedShows(t *testing.T) {
+	h := newFakeHost(t)
+	h.set("systemctl-show.sleep", "1s")
+	cfg := &config{commandTimeout: 5 * time.Second}
+	var g sharedShows
+	const n = 10
+	results := make(chan error, n)
+	for range n {
+		go func() {
+			props, err := g.show(context.Background(), cfg, hangGuard, "web.service", "LoadState")
+			if err == nil && props["LoadState"] != "loaded" {
+				err = fmt.Errorf("LoadState %q", props["LoadState"])
+			}
+			results <- err
+		}()
+	}
+	// One more caller joins and gives up; the call goes on for the others.
+	deadline := time.Now().Add(hangGuard)
+	for len(h.callsOf("systemctl-show")) == 0 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	if _, err := g.show(ctx, cfg, hangGuard, "web.service", "LoadState"); !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("a caller that gives up: %v, want context.DeadlineExceeded", err)
+	}
+	for range n {
+		if err := <-results; err != nil {
+			t.Errorf("shared show: %v", err)
+		}
+	}
+	if c := len(h.callsOf("systemctl-show")); c != 1 {
+		t.Fatalf("%d concurrent shows of one unit ran systemctl %d times, want once", n, c)
+	}
+	if !h.has("systemctl-show.woke") {
+		t.Error("the shared call was cut short")
+	}
+
+	// Nothing is cached: later callers, another unit and other properties each run systemctl.
+	h.set("systemctl-show.sleep", "0s")
+	for _, c := range []struct{ unit, prop string }{{"web.service", "LoadState"}, {"db.service", "LoadState"}, {"web.service", "SourcePath"}} {
+		if _, err := g.show(context.Background(), cfg, hangGuard, c.unit, c.prop); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if c := len(h.callsOf("systemctl-show")); c != 4 {
+		t.Errorf("systemctl show ran %d times, want 4 (one shared, then three of their own)", c)
+	}
+	if len(g.calls) != 0 {
+		t.Errorf("%d calls left in the group", len(g.calls))
 	}
 }

@@ -14,6 +14,7 @@ import (
 	"crypto/hmac"
 	"crypto/sha256"
 	"crypto/subtle"
+	"database/sql"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -29,6 +30,7 @@ import (
 	"os/signal"
 	"path"
 	"regexp"
+	"runtime"
 	"runtime/debug"
 	"slices"
 	"strconv"
@@ -155,6 +157,8 @@ type server struct {
 	now     func() time.Time
 
 	inflight sync.WaitGroup // handlers running, waited for at shutdown
+	work     chan struct{}  // deliveries doing their commands and writes now (see admit)
+	shows    sharedShows    // concurrent deliveries for one unit share its systemctl show
 
 	// Process boundaries, swapped in tests.
 	getenv  func(string) string
@@ -165,7 +169,7 @@ type server struct {
 
 func newServer(cfg *config, lg *logger, events *eventLog) *server {
 	s := &server{cfg: cfg, log: lg, events: events, metrics: newMetrics(time.Now()), mux: http.NewServeMux(), now: time.Now,
-		getenv: os.Getenv, environ: os.Environ, exec: runCommand}
+		getenv: os.Getenv, environ: os.Environ, exec: runCommand, work: make(chan struct{}, deliverySlots())}
 	s.exe, _ = os.Executable()
 	s.mux.HandleFunc("POST /github-package-update/{unit}", s.handleGitHub)
 	s.mux.HandleFunc("POST /github-package-update/{unit}/redeploy", s.handleGitHub)
@@ -555,15 +559,71 @@ func (s *server) handleGitHub(w http.ResponseWriter, r *http.Request) {
 		reply(w, r, http.StatusTooManyRequests, "image-rate-limited", "too many redeploys of "+image)
 		return
 	}
+	release, waited := s.admit(ctx)
+	if release == nil {
+		w.Header().Set("Retry-After", "10")
+		s.log.warnf("github delivery %s for %s refused: %d deliveries were in progress for %s",
+			deliveryID, unit, cap(s.work), waited.Round(time.Millisecond))
+		reply(w, r, http.StatusServiceUnavailable, "busy", "too many deliveries in progress; redeliver it later")
+		return
+	}
+	defer release()
+	if waited >= time.Millisecond {
+		ri.meta["queued_ms"] = waited.Milliseconds()
+	}
 	s.dispatchDelivery(ctx, w, r, taskSpec{unit: unit, image: image, event: eventName, delivery: deliveryID,
 		path: r.URL.Path, digest: d.digest})
+}
+
+// dispatchReserve is the part of requestBudget a delivery keeps for its claim, systemd-run and
+// settle: it waits for a slot (see admit) only while more than this is left.
+const dispatchReserve = 2 * time.Second
+
+// deliverySlots is how many deliveries dispatch at once: enough to keep the CPUs busy while
+// systemd-run waits on systemd, few enough that the process stays responsive.
+func deliverySlots() int { return max(4, 4*runtime.GOMAXPROCS(0)) }
+
+// admit waits for a dispatch slot while more than dispatchReserve of ctx's budget is left. A
+// burst beyond the slots queues in arrival order: on a 2-CPU host, 200 deliveries starting their
+// processes at once all shared the CPU and all finished late, some past the budget; queued, the
+// early ones are answered at once and the late ones still in time. It returns the slot's
+// release, or nil with the time waited when no slot came free: the delivery is then refused
+// before anything is recorded, so a redelivery runs it normally.
+func (s *server) admit(ctx context.Context) (release func(), waited time.Duration) {
+	start := time.Now()
+	release = func() {
+		s.metrics.dispatching.Add(-1)
+		<-s.work
+	}
+	select {
+	case s.work <- struct{}{}:
+		s.metrics.dispatching.Add(1)
+		return release, 0
+	default:
+	}
+	wait := dispatchReserve // no deadline: wait as long as one dispatch may take
+	if dl, ok := ctx.Deadline(); ok {
+		wait = time.Until(dl) - dispatchReserve
+	}
+	t := time.NewTimer(max(wait, 0))
+	defer t.Stop()
+	s.metrics.waiting.Add(1)
+	defer s.metrics.waiting.Add(-1)
+	select {
+	case s.work <- struct{}{}:
+		s.metrics.dispatching.Add(1)
+		return release, time.Since(start)
+	case <-t.C:
+	case <-ctx.Done():
+	}
+	return nil, time.Since(start)
 }
 
 // matchUnitImage picks the reference to pull. When the unit's Quadlet file names an Image=, the
 // delivery must be for the same registry host and repository and carry its tag; otherwise the
 // first pushed tag is used. A non-zero status is the answer to send instead.
 func (s *server) matchUnitImage(ctx context.Context, unit string, d delivery) (imageRef, int, string, string) {
-	configured, source, err := configuredImage(ctx, s.cfg, s.getenv, unit)
+	configured, source, err := configuredImage(ctx, &s.shows, s.cfg, s.getenv, unit)
 	if errors.Is(err, errUnitNotFound) {
 		return imageRef{}, http.StatusNotFound, "unit-not-found", "unit " + unit + " not found"
 	}
@@ -767,11 +827,12 @@ func (s *server) handleHealth(w http.ResponseWriter, r *http.Request) {
 	if v, err := s.events.schemaVersion(ctx); err == nil {
 		db["schema_version"] = v
 	}
-	if tx, err := s.events.db.BeginTx(ctx, nil); err != nil { // BEGIN IMMEDIATE: takes the write lock
+	// An empty write transaction: BEGIN IMMEDIATE takes the write lock, so this fails when the
+	// database cannot be written.
+	if err := s.events.write(ctx, func(*sql.Tx) error { return nil }); err != nil {
 		db["writable"], db["error"] = false, err.Error()
 		failing = append(failing, "database")
 	} else {
-		tx.Rollback()
 		db["writable"] = true
 	}
 	state := map[string]any{"path": s.cfg.stateDir, "writable": true}
