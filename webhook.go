@@ -577,7 +577,7 @@ func (s *server) handleGitHub(w http.ResponseWriter, r *http.Request) {
 
 // dispatchReserve is the part of requestBudget a delivery keeps for its claim, systemd-run and
 // settle: it waits for a slot (see admit) only while more than this is left.
-const dispatchReserve = 2 * time.Second
+const dispatchReserve = time.Second
 
 // deliverySlots is how many deliveries dispatch at once: enough to keep the CPUs busy while
 // systemd-run waits on systemd, few enough that the process stays responsive.
