@@ -21,6 +21,7 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"syscall"
@@ -368,7 +369,7 @@ func pruneImages(ctx context.Context, cfg *config) cmdResult {
 
 const usageRunTask = `usage: webhook-auto-update run-task [--force] [--digest D] [--state-dir DIR] [--db URL] [--] <unit> <image> <event> <delivery> <path>
 
-Runs one redeploy: holds the image's lock, records it in the per-image limit, pulls the image,
+Runs one redeploy: holds the image's lock and the unit's, records it in the per-image limit, pulls the image,
 restarts the unit and prunes dangling images, writing an event_log row for every step. The server
 starts it as a transient unit with systemd-run; it is not meant to be run by hand.
 `
@@ -464,17 +465,22 @@ func (t *task) step(name string, status int, res *cmdResult, extra map[string]an
 func (t *task) run(ctx context.Context) int {
 	t.started = t.now()
 	t.step("started", http.StatusAccepted, nil, map[string]any{"force": t.force, "digest": t.digest})
-	lockPath := imageLockPath(t.cfg.stateDir, t.image)
-	lock, err := lockFile(ctx, lockPath, t.cfg.taskLockWait)
-	if err != nil {
-		t.log.errorf("redeploy of %s to %s: %v", t.unit, t.image, err)
-		t.step("lock-failed", http.StatusServiceUnavailable, nil, map[string]any{"error": err.Error()})
-		return 1
+	// One redeploy of an image at a time, and one of a unit: two tags pushed for one unit must not
+	// restart it at once, or one's rollback could undo the other's restart. Every task takes the
+	// image's lock first, so no two tasks can each hold a lock the other waits for.
+	deadline := time.Now().Add(t.cfg.taskLockWait)
+	for _, path := range []string{imageLockPath(t.cfg.stateDir, t.image), unitLockPath(t.cfg.stateDir, t.unit)} {
+		lock, err := lockFile(ctx, path, time.Until(deadline))
+		if err != nil {
+			t.log.errorf("redeploy of %s to %s: %v", t.unit, t.image, err)
+			t.step("lock-failed", http.StatusServiceUnavailable, nil, map[string]any{"error": err.Error(), "lock": filepath.Base(path)})
+			return 1
+		}
+		defer lock.Unlock()
+		// A used lock is a fresh lock: prune-state deletes only those idle for its whole retention.
+		now := time.Now()
+		os.Chtimes(path, now, now)
 	}
-	defer lock.Unlock()
-	// A used lock is a fresh lock: prune-state deletes only those idle for its whole retention.
-	now := time.Now()
-	os.Chtimes(lockPath, now, now)
 
 	lim, err := imageLimiter(t.cfg, t.image).take(ctx)
 	if err != nil {

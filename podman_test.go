@@ -1159,40 +1159,107 @@ func TestRunTaskPerImageLimit(t *testing.T) {
 	}
 }
 
-func TestRunTaskImageLock(t *testing.T) {
-	h := newFakeHost(t)
-	h.set("image.id", oldImageID)
-	h.set("image.next", newImageID)
-	state := t.TempDir()
-	lockPath := filepath.Join(state, "github-image-locks", imageKey(flowImage)+".lock")
-	if lockPath != imageLockPath(state, flowImage) {
-		t.Fatalf("lock path %s, want the seed layout %s", imageLockPath(state, flowImage), lockPath)
-	}
-	held, err := lockFile(context.Background(), lockPath, time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer held.Unlock()
-	env := map[string]string{"WEBHOOK_TASK_LOCK_TIMEOUT_SECS": "1", "WEBHOOK_HEALTH_SETTLE_SECS": "1"}
-	code, stderr := runTaskInProcess(t, env, "run-task", "--state-dir", state, "--",
-		flowUnit, flowImage, "package", "d-1", "/github-package-update/hello-world")
-	rows := githubTaskRows(t, state, "d-1")
-	if got := stepsOf(rows); code != 1 || !slices.Equal(got, []string{"started", "lock-failed"}) {
-		t.Fatalf("exit %d, steps %q; want exit 1, [started lock-failed]\nstderr:\n%s", code, got, stderr)
-	}
-	if calls := h.calls(); len(calls) != 0 {
-		t.Errorf("commands ran without the image lock:\n%s", fakeCallLines(calls))
-	}
-	if _, err := os.Stat(imageLimitPath(state, flowImage)); !errors.Is(err, os.ErrNotExist) {
-		t.Errorf("the per-image limit was charged without the lock: %v", err)
-	}
+// TestRunTaskLocks: a redeploy holds its image's lock and its unit's lock. While another
+// process holds either, a task for that image (another unit) or that unit (another image) waits,
+// then stops lock-failed having run nothing and charged no limit; a lock on another image and
+// unit does not hold it up; once the lock is free the task goes through.
+func TestRunTaskLocks(t *testing.T) {
+	const otherImage, otherUnit = "ghcr.io/octo-org/hello-world:v2", "other.service"
+	for _, c := range []struct {
+		name        string
+		held        string // the lock another process holds
+		unit, image string // the task's
+		blocked     bool
+	}{
+		{"image lock, another unit", imageLockPath("STATE", flowImage), otherUnit, flowImage, true},
+		{"unit lock, another tag", unitLockPath("STATE", flowUnit), flowUnit, otherImage, true},
+		{"another image and unit", imageLockPath("STATE", otherImage), flowUnit, flowImage, false},
+		{"another unit's lock", unitLockPath("STATE", otherUnit), flowUnit, flowImage, false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			h := newFakeHost(t)
+			h.set("image.id", oldImageID)
+			h.set("image.next", newImageID)
+			state := t.TempDir()
+			held, err := lockFile(context.Background(), strings.Replace(c.held, "STATE", state, 1), time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer held.Unlock()
+			env := map[string]string{"WEBHOOK_TASK_LOCK_TIMEOUT_SECS": "1", "WEBHOOK_HEALTH_SETTLE_SECS": "1"}
+			run := func(delivery string) (int, []string, string) {
+				code, stderr := runTaskInProcess(t, env, "run-task", "--state-dir", state, "--",
+					c.unit, c.image, "package", delivery, "/github-package-update/hello-world")
+				return code, stepsOf(githubTaskRows(t, state, delivery)), stderr
+			}
+			done := []string{"started", "pulled", "restarted", "healthy", "completed"}
+			code, steps, stderr := run("d-1")
+			if !c.blocked {
+				if code != 0 || !slices.Equal(steps, done) {
+					t.Fatalf("exit %d, steps %q; want exit 0, %q\nstderr:\n%s", code, steps, done, stderr)
+				}
+				return
+			}
+			if code != 1 || !slices.Equal(steps, []string{"started", "lock-failed"}) {
+				t.Fatalf("exit %d, steps %q; want exit 1, [started lock-failed]\nstderr:\n%s", code, steps, stderr)
+			}
+			if calls := h.calls(); len(calls) != 0 {
+				t.Errorf("commands ran without the lock:\n%s", fakeCallLines(calls))
+			}
+			if _, err := os.Stat(imageLimitPath(state, c.image)); !errors.Is(err, os.ErrNotExist) {
+				t.Errorf("the per-image limit was charged without the lock: %v", err)
+			}
+			if !strings.Contains(stderr, filepath.Base(strings.Replace(c.held, "STATE", state, 1))) {
+				t.Errorf("the log does not name the lock that was held:\n%s", stderr)
+			}
 
-	// Once the lock is free the same delivery goes through.
-	held.Unlock()
-	code, stderr = runTaskInProcess(t, env, "run-task", "--state-dir", state, "--",
-		flowUnit, flowImage, "package", "d-2", "/github-package-update/hello-world")
-	if got := stepsOf(githubTaskRows(t, state, "d-2")); code != 0 || !slices.Equal(got, []string{"started", "pulled", "restarted", "healthy", "completed"}) {
-		t.Errorf("after release: exit %d, steps %q\nstderr:\n%s", code, got, stderr)
+			// Once the lock is free the task goes through.
+			held.Unlock()
+			if code, steps, stderr := run("d-2"); code != 0 || !slices.Equal(steps, done) {
+				t.Errorf("after release: exit %d, steps %q\nstderr:\n%s", code, steps, stderr)
+			}
+		})
+	}
+}
+
+// TestStateFileKeys: image keys keep the seed layout, and a key that would not fit in a file
+// name (a valid reference may be 400 bytes, a unit name 255) ends in a hash instead, so that two
+// such references still get two files and a lock can be taken on them.
+func TestStateFileKeys(t *testing.T) {
+	if got := imageLockPath("/s", flowImage); got != "/s/github-image-locks/ghcr.io_octo-org_hello-world_v1.2.3.lock" {
+		t.Errorf("image lock path %s, want the seed layout", got)
+	}
+	if got := unitLockPath("/s", "web@1.service"); got != "/s/github-image-locks/unit@web@1.service.lock" {
+		t.Errorf("unit lock path %s", got)
+	}
+	long := "ghcr.io/" + strings.Repeat("a", 200) + "/" + strings.Repeat("b", 40) + ":" + strings.Repeat("t", 128)
+	if _, err := parseImageRef(long); err != nil {
+		t.Fatalf("the long reference is not valid, so it tests nothing: %v", err)
+	}
+	longUnit := strings.Repeat("u", 247) + ".service"
+	if _, err := resolveUnit(longUnit); err != nil {
+		t.Fatalf("the long unit name is not valid, so it tests nothing: %v", err)
+	}
+	state := t.TempDir()
+	paths := []string{imageLockPath(state, long), imageLockPath(state, long[:len(long)-1]+"u"),
+		imageLimitPath(state, long), unitLockPath(state, longUnit), unitLockPath(state, "v"+longUnit[1:])}
+	seen := map[string]bool{}
+	for _, p := range paths {
+		if n := len(filepath.Base(p)); n > 255 {
+			t.Errorf("%s: file name of %d bytes", p, n)
+		}
+		if seen[p] {
+			t.Errorf("two keys share %s", p)
+		}
+		seen[p] = true
+	}
+	for _, p := range []string{paths[0], paths[3]} {
+		lk, err := lockFile(context.Background(), p, time.Second)
+		if err != nil {
+			t.Errorf("lock on a long key: %v", err)
+			continue
+		}
+		lk.Unlock()
 	}
 }
 

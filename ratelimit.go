@@ -12,6 +12,8 @@ package main
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"os"
@@ -27,7 +29,8 @@ import (
 var errLockTimeout = errors.New("timed out waiting for the lock")
 
 // imageKey turns an image reference into a file name: lowercased, and every character outside
-// [a-z0-9._-] replaced by "_", as the original tool named its per-image files.
+// [a-z0-9._-] replaced by "_", as the original tool named its per-image files. A valid reference
+// can be longer than a file name may be (255 bytes): see fitKey.
 func imageKey(image string) string {
 	b := []byte(strings.ToLower(image))
 	for i, c := range b {
@@ -35,7 +38,20 @@ func imageKey(image string) string {
 			b[i] = '_'
 		}
 	}
-	return string(b)
+	return fitKey(string(b), strings.ToLower(image))
+}
+
+// maxKeyLen bounds a state file's key, leaving room in a 255-byte file name for its suffix.
+const maxKeyLen = 200
+
+// fitKey returns key when it is at most maxKeyLen bytes; a longer key keeps its first part and
+// ends in the SHA-256 of whole (what the key was made from), so it stays unique.
+func fitKey(key, whole string) string {
+	if len(key) <= maxKeyLen {
+		return key
+	}
+	sum := sha256.Sum256([]byte(whole))
+	return key[:maxKeyLen-1-2*len(sum)] + "_" + hex.EncodeToString(sum[:])
 }
 
 func imageLimitPath(stateDir, image string) string {
@@ -44,6 +60,14 @@ func imageLimitPath(stateDir, image string) string {
 
 func imageLockPath(stateDir, image string) string {
 	return filepath.Join(stateDir, "github-image-locks", imageKey(image)+".lock")
+}
+
+// unitLockPath is the lock that keeps redeploys of one unit one at a time, whatever image or tag
+// each pulls. It sits with the image locks, so prune-state treats it like them; no image key
+// contains "@", so the names never meet. A unit name is at most 255 bytes, hence the hash when
+// the file name would be longer.
+func unitLockPath(stateDir, unit string) string {
+	return filepath.Join(stateDir, "github-image-locks", fitKey("unit@"+unit, unit)+".lock")
 }
 
 // parseTimestamps reads a timestamp log; it returns the valid timestamps in file order and how
