@@ -562,7 +562,7 @@ func (s *server) handleGitHub(w http.ResponseWriter, r *http.Request) {
 	release, waited := s.admit(ctx)
 	if release == nil {
 		w.Header().Set("Retry-After", "10")
-		s.log.warnf("github delivery %s for %s refused: %d deliveries were in progress for %s",
+		s.log.warnf("github delivery %s for %s refused: no dispatch slot (of %d) came free in %s",
 			deliveryID, unit, cap(s.work), waited.Round(time.Millisecond))
 		reply(w, r, http.StatusServiceUnavailable, "busy", "too many deliveries in progress; redeliver it later")
 		return
