@@ -369,9 +369,9 @@ func pruneImages(ctx context.Context, cfg *config) cmdResult {
 
 const usageRunTask = `usage: webhook-auto-update run-task [--force] [--digest D] [--state-dir DIR] [--db URL] [--] <unit> <image> <event> <delivery> <path>
 
-Runs one redeploy: holds the image's lock and the unit's, records it in the per-image limit, pulls the image,
-restarts the unit and prunes dangling images, writing an event_log row for every step. The server
-starts it as a transient unit with systemd-run; it is not meant to be run by hand.
+Runs one redeploy: holds the image's lock and the unit's, records it in the per-image limit,
+pulls the image, restarts the unit and prunes dangling images, writing an event_log row for every
+step. The server starts it as a transient unit with systemd-run; it is not meant to be run by hand.
 `
 
 func cmdRunTask(c *cli, args []string) int {
