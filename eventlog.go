@@ -439,7 +439,8 @@ const staleClaim = 2 * time.Minute
 // the request's event row (ev, as "dispatching"), in one transaction: the row is written before
 // the task can write its first step, so a delivery's rows read in the order things happened. It
 // returns the row's id, or 0 when the id was already accepted and the caller answers "duplicate
-// delivery". A delivery whose dispatch failed, or whose claim went stale, may be claimed again.
+// delivery". A delivery whose dispatch failed, that was refused busy, or whose claim went stale,
+// may be claimed again. The statuses: dispatching, then queued, busy or dispatch-failed.
 func (l *eventLog) claimDelivery(ctx context.Context, id, unit, image, eventName string, ev event) (int64, error) {
 	var rowID int64
 	err := l.write(ctx, func(tx *sql.Tx) error {
@@ -449,7 +450,7 @@ func (l *eventLog) claimDelivery(ctx context.Context, id, unit, image, eventName
 			ON CONFLICT (delivery_id) DO UPDATE SET unit = excluded.unit, image = excluded.image,
 				event = excluded.event, request_id = excluded.request_id, status = 'dispatching',
 				updated_at = excluded.updated_at
-			WHERE github_deliveries.status = 'dispatch-failed'
+			WHERE github_deliveries.status IN ('dispatch-failed', 'busy')
 				OR (github_deliveries.status = 'dispatching' AND github_deliveries.updated_at < ?)`,
 			id, unit, image, eventName, ev.RequestID, ev.TS.Unix(), ev.TS.Unix(), ev.TS.Add(-staleClaim).Unix())
 		if err != nil {
@@ -774,6 +775,7 @@ type metrics struct {
 
 	dispatching atomic.Int64 // deliveries holding a dispatch slot (see server.admit)
 	waiting     atomic.Int64 // deliveries waiting for one
+	coalesced   atomic.Int64 // deliveries that joined another delivery's task (see server.dispatchBatch)
 }
 
 func newMetrics(now time.Time) *metrics {
@@ -836,6 +838,8 @@ func (m *metrics) writeMetrics(ctx context.Context, w io.Writer, events *eventLo
 	p.sample("webhook_deliveries_dispatching", nil, float64(m.dispatching.Load()))
 	p.family("webhook_deliveries_waiting", "gauge", "GitHub deliveries waiting for a dispatch slot; beyond the budget they are refused with 503.")
 	p.sample("webhook_deliveries_waiting", nil, float64(m.waiting.Load()))
+	p.family("webhook_deliveries_coalesced_total", "counter", "GitHub deliveries queued with the task of an earlier delivery of the same unit and image that was still waiting for a slot.")
+	p.sample("webhook_deliveries_coalesced_total", nil, float64(m.coalesced.Load()))
 	p.family("process_start_time_seconds", "gauge", "Start time of the process since the unix epoch in seconds.")
 	p.sample("process_start_time_seconds", nil, float64(start.Unix()))
 	p.family("webhook_build_info", "gauge", "Build information; the value is always 1.")

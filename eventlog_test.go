@@ -1724,7 +1724,8 @@ func TestMetrics(t *testing.T) {
 		"webhook_rate_limit_rejections_total": "counter", "webhook_event_log_write_failures_total": "counter",
 		"webhook_event_log_queue_depth": "gauge", "process_start_time_seconds": "gauge", "webhook_build_info": "gauge",
 		"webhook_deliveries_dispatching": "gauge", "webhook_deliveries_waiting": "gauge",
-		"webhook_redeploy_steps_total": "counter", "webhook_pull_duration_seconds": "histogram",
+		"webhook_deliveries_coalesced_total": "counter",
+		"webhook_redeploy_steps_total":       "counter", "webhook_pull_duration_seconds": "histogram",
 		"webhook_restart_duration_seconds": "histogram",
 	}
 	gotTypes := map[string]string{}
@@ -1853,6 +1854,7 @@ type eventsPage struct {
 	Events       []storedEvent `json:"events"`
 	NextBeforeID *int64        `json:"next_before_id"`
 	Delivery     string        `json:"delivery"`
+	TaskDelivery string        `json:"task_delivery"`
 	Error        string        `json:"error"`
 }
 
@@ -2162,6 +2164,30 @@ func TestDeliveryAPI(t *testing.T) {
 	}
 	if strings.Contains(body, fixtureToken) {
 		t.Errorf("the request row's stored token came back: %s", body)
+	}
+	if p.TaskDelivery != "" {
+		t.Errorf("d-1 ran its own task, yet task_delivery is %q", p.TaskDelivery)
+	}
+
+	// A delivery that joined d-1's task: its story goes on with d-1's task steps, not d-1's
+	// request, and the answer names d-1.
+	if err := ts.events.Write(context.Background(),
+		event{RequestID: "req-d20", TS: fixtureNow, Method: "POST", Path: "/github-package-update/demo", Status: 202,
+			Action: "github-webhook", Meta: map[string]any{"delivery": "d-20", "reason": "queued", "coalesced_into": "d-1"}},
+	); err != nil {
+		t.Fatal(err)
+	}
+	code, p, body = getPage(t, ts, "/api/deliveries/d-20", apiToken)
+	if code != 200 || p.Delivery != "d-20" || p.TaskDelivery != "d-1" {
+		t.Fatalf("coalesced delivery: %d %s", code, body)
+	}
+	story = nil
+	for _, e := range p.Events {
+		s, _ := e.Meta["step"].(string)
+		story = append(story, e.Action+":"+s+":"+e.Meta["delivery"].(string))
+	}
+	if want := "github-task:started:d-1,github-task:pulled:d-1,github-task:restarted:d-1,github-task:healthy:d-1,github-task:completed:d-1,github-task:prune-failed:d-1,github-webhook::d-20"; strings.Join(story, ",") != want {
+		t.Errorf("story of the coalesced delivery %s, want %s", strings.Join(story, ","), want)
 	}
 
 	for _, tc := range []struct {

@@ -10,6 +10,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"crypto/hmac"
 	"crypto/sha256"
@@ -159,6 +160,7 @@ type server struct {
 	inflight sync.WaitGroup // handlers running, waited for at shutdown
 	work     chan struct{}  // deliveries doing their commands and writes now (see admit)
 	shows    sharedShows    // concurrent deliveries for one unit share its systemctl show
+	batches  batches        // deliveries waiting for a slot, by what their task would do
 
 	// Process boundaries, swapped in tests.
 	getenv  func(string) string
@@ -559,24 +561,12 @@ func (s *server) handleGitHub(w http.ResponseWriter, r *http.Request) {
 		reply(w, r, http.StatusTooManyRequests, "image-rate-limited", "too many redeploys of "+image)
 		return
 	}
-	release, waited := s.admit(ctx)
-	if release == nil {
-		w.Header().Set("Retry-After", "10")
-		s.log.warnf("github delivery %s for %s refused: no dispatch slot (of %d) came free in %s",
-			deliveryID, unit, cap(s.work), waited.Round(time.Millisecond))
-		reply(w, r, http.StatusServiceUnavailable, "busy", "too many deliveries in progress; redeliver it later")
-		return
-	}
-	defer release()
-	if waited >= time.Millisecond {
-		ri.meta["queued_ms"] = waited.Milliseconds()
-	}
 	s.dispatchDelivery(ctx, w, r, taskSpec{unit: unit, image: image, event: eventName, delivery: deliveryID,
 		path: r.URL.Path, digest: d.digest})
 }
 
-// dispatchReserve is the part of requestBudget a delivery keeps for its claim, systemd-run and
-// settle: it waits for a slot (see admit) only while more than this is left.
+// dispatchReserve is the part of requestBudget a delivery keeps for its systemd-run and settle:
+// it waits for a slot (see admit) only while more than this is left.
 const dispatchReserve = time.Second
 
 // deliverySlots is how many deliveries dispatch at once: enough to keep the CPUs busy while
@@ -587,8 +577,8 @@ func deliverySlots() int { return max(4, 4*runtime.GOMAXPROCS(0)) }
 // burst beyond the slots queues in arrival order: on a 2-CPU host, 200 deliveries starting their
 // processes at once all shared the CPU and all finished late, some past the budget; queued, the
 // early ones are answered at once and the late ones still in time. It returns the slot's
-// release, or nil with the time waited when no slot came free: the delivery is then refused
-// before anything is recorded, so a redelivery runs it normally.
+// release, or nil with the time waited when no slot came free: the delivery's batch is then
+// refused, its claims settled "busy", which a redelivery takes over.
 func (s *server) admit(ctx context.Context) (release func(), waited time.Duration) {
 	start := time.Now()
 	release = func() {
@@ -648,54 +638,156 @@ func (s *server) matchUnitImage(ctx context.Context, unit string, d delivery) (i
 	return d.ref(want.tag), 0, "", ""
 }
 
-// dispatchDelivery records the delivery id, starts run-task as a transient unit, and answers
-// 202 only after the delivery record and the request's row are committed.
+// dispatchDelivery claims the delivery id, has a task dispatched for it (its own, or the one of
+// the delivery it joins: see dispatchBatch), and answers only after the delivery's record and
+// the request's row are committed.
 func (s *server) dispatchDelivery(ctx context.Context, w http.ResponseWriter, r *http.Request, spec taskSpec) {
 	ri := info(r)
 	start := s.now()
-	ri.action = "github-webhook"
-	ri.meta["task_unit"] = taskUnitName(spec.delivery)
 	ri.meta["reason"] = "dispatching"
 	rowID, err := s.events.claimDelivery(ctx, spec.delivery, spec.unit, spec.image, spec.event,
 		s.requestEvent(r, ri, http.StatusAccepted, 0))
 	if err != nil {
 		s.log.errorf("%v", err)
-		delete(ri.meta, "task_unit")
 		reply(w, r, http.StatusInternalServerError, "record-failed", "cannot record the delivery")
 		return
 	}
 	if rowID == 0 {
-		delete(ri.meta, "task_unit")
 		reply(w, r, http.StatusAccepted, "duplicate", "duplicate delivery")
 		return
 	}
-	res := s.dispatchTask(ctx, spec)
-	status, settled, text := http.StatusAccepted, "queued", "auto-update queued"
-	if res.err != nil {
-		s.log.errorf("cannot dispatch the redeploy of %s: %v", spec.unit, res.err)
-		ri.meta["reason"] = "dispatch-failed"
-		ri.meta["stderr"] = res.stderr
-		ri.meta["exit_code"] = res.exitCode
-		status, settled, text = http.StatusInternalServerError, "dispatch-failed", "cannot start the redeploy task"
-	} else {
-		ri.meta["reason"] = "queued"
+	b, waited := s.dispatchBatch(ctx, spec)
+	out := b.out
+	if waited >= time.Millisecond {
+		ri.meta["queued_ms"] = waited.Milliseconds()
 	}
-	ev := s.requestEvent(r, ri, status, s.now().Sub(start))
+	if b.carrier != spec.delivery {
+		ri.meta["coalesced_into"] = b.carrier
+	}
+	ri.meta["reason"] = out.settled
+	switch out.settled {
+	case "queued":
+		ri.meta["task_unit"] = taskUnitName(b.carrier)
+	case "busy":
+		w.Header().Set("Retry-After", "10")
+		s.log.warnf("github delivery %s for %s refused: no dispatch slot (of %d) came free in %s",
+			spec.delivery, spec.unit, cap(s.work), b.waited.Round(time.Millisecond))
+	default:
+		s.log.errorf("cannot dispatch the redeploy of %s: %v", spec.unit, out.res.err)
+		ri.meta["stderr"] = out.res.stderr
+		ri.meta["exit_code"] = out.res.exitCode
+	}
+	ev := s.requestEvent(r, ri, out.status, s.now().Sub(start))
 	// Recorded even past the budget: the task may be running, and the claim must say so.
 	sctx, scancel := context.WithTimeout(context.WithoutCancel(ctx), 2*busyTimeout)
 	defer scancel()
-	err = s.events.settleDelivery(sctx, spec.delivery, settled, rowID, ev)
+	err = s.events.settleDelivery(sctx, spec.delivery, out.settled, rowID, ev)
 	if err != nil { // once more: a claim left "dispatching" would answer redeliveries "duplicate"
-		err = s.events.settleDelivery(sctx, spec.delivery, settled, rowID, ev)
+		err = s.events.settleDelivery(sctx, spec.delivery, out.settled, rowID, ev)
 	}
 	if err != nil {
-		s.log.errorf("cannot record the delivery %s as %s: %v", spec.delivery, settled, err)
+		s.log.errorf("cannot record the delivery %s as %s: %v", spec.delivery, out.settled, err)
 		s.events.spill([]event{ev}, err)
 	}
 	ri.recorded = true
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-	w.WriteHeader(status)
-	fmt.Fprintln(w, text)
+	w.WriteHeader(out.status)
+	fmt.Fprintln(w, out.text)
+}
+
+// batchKey is what one task does: redeploy this unit from this image reference, pushed with
+// this digest. Deliveries with equal keys may share a task.
+type batchKey struct{ unit, image, digest string }
+
+// batch is a delivery waiting for a dispatch slot (the carrier) and the deliveries with its key
+// that arrive while it waits. One task, the carrier's, covers them all: it is dispatched after
+// the last of them arrived, and GitHub sends a delivery only once its push is done, so the
+// task's pull fetches what each of their pushes put in the registry. Once the carrier has a
+// slot the batch closes, before systemd-run starts: a later delivery gets a task of its own.
+type batch struct {
+	carrier string        // the delivery whose task unit runs
+	done    chan struct{} // closed once out is set
+	waited  time.Duration // the carrier's wait for a slot
+	out     batchOutcome
+}
+
+// batchOutcome is the answer every delivery of a batch gets.
+type batchOutcome struct {
+	status  int
+	settled string // the deliveries' status: queued, busy or dispatch-failed
+	text    string
+	res     cmdResult // systemd-run's result, when it failed
+}
+
+var (
+	outcomeQueued = batchOutcome{status: http.StatusAccepted, settled: "queued", text: "auto-update queued"}
+	outcomeBusy   = batchOutcome{status: http.StatusServiceUnavailable, settled: "busy",
+		text: "too many deliveries in progress; redeliver it later"}
+	outcomeFailed = batchOutcome{status: http.StatusInternalServerError, settled: "dispatch-failed",
+		text: "cannot start the redeploy task"}
+)
+
+// batches holds the batches whose carrier is still waiting for a slot.
+type batches struct {
+	mu   sync.Mutex
+	open map[batchKey]*batch
+}
+
+// join returns the open batch for k, or opens one with delivery as its carrier.
+func (bs *batches) join(k batchKey, delivery string) (b *batch, carrier bool) {
+	bs.mu.Lock()
+	defer bs.mu.Unlock()
+	if b := bs.open[k]; b != nil {
+		return b, false
+	}
+	if bs.open == nil {
+		bs.open = map[batchKey]*batch{}
+	}
+	b = &batch{carrier: delivery, done: make(chan struct{}), out: outcomeFailed}
+	bs.open[k] = b
+	return b, true
+}
+
+// close stops b from taking more deliveries.
+func (bs *batches) close(k batchKey, b *batch) {
+	bs.mu.Lock()
+	defer bs.mu.Unlock()
+	if bs.open[k] == b {
+		delete(bs.open, k)
+	}
+}
+
+// dispatchBatch joins spec's delivery to the open batch of its key, or opens one and, as its
+// carrier, waits for a dispatch slot and starts the task. It returns the finished batch and how
+// long the delivery waited for it. A batch whose carrier got no slot is answered busy as a
+// whole; one whose systemd-run failed, dispatch-failed as a whole: the deliveries are settled
+// so, and their redeliveries run normally.
+func (s *server) dispatchBatch(ctx context.Context, spec taskSpec) (*batch, time.Duration) {
+	start := time.Now()
+	key := batchKey{spec.unit, spec.image, spec.digest}
+	b, carrier := s.batches.join(key, spec.delivery)
+	if !carrier {
+		s.metrics.coalesced.Add(1)
+		<-b.done // the carrier's wait and dispatch are bounded by its budget
+		return b, time.Since(start)
+	}
+	defer close(b.done)
+	defer s.batches.close(key, b) // also when a panic unwinds: never leave a finished batch open
+	release, waited := s.admit(ctx)
+	s.batches.close(key, b)
+	b.waited = waited
+	if release == nil {
+		b.out = outcomeBusy
+		return b, waited
+	}
+	defer release()
+	if res := s.dispatchTask(ctx, spec); res.err != nil {
+		b.out = outcomeFailed
+		b.out.res = res
+	} else {
+		b.out = outcomeQueued
+	}
+	return b, waited
 }
 
 // dispatchTask starts run-task for spec as a transient user unit (systemd-run returns once the
@@ -938,5 +1030,30 @@ func (s *server) handleDelivery(w http.ResponseWriter, r *http.Request) {
 		manualError(w, r, http.StatusNotFound, "not-found", "no events for delivery "+id)
 		return
 	}
-	replyJSON(w, http.StatusOK, map[string]any{"delivery": id, "events": evs})
+	answer := map[string]any{"delivery": id, "events": evs}
+	// A delivery that joined another's task: that task's steps are the rest of its story.
+	if carrier := taskDelivery(evs); carrier != "" {
+		steps, err := queryEvents(r.Context(), s.events.db, eventFilter{action: "github-task", delivery: carrier, afterID: -1})
+		if err != nil {
+			s.log.errorf("deliveries api: %v", err)
+			manualError(w, r, http.StatusInternalServerError, "query-failed", "cannot read the event log")
+			return
+		}
+		evs = append(evs, steps...)
+		slices.SortFunc(evs, func(a, b storedEvent) int { return cmp.Compare(a.ID, b.ID) })
+		answer["events"], answer["task_delivery"] = evs, carrier
+	}
+	replyJSON(w, http.StatusOK, answer)
+}
+
+// taskDelivery returns the delivery whose task a delivery's rows say it was queued with, when
+// that is another delivery's (see dispatchBatch), or "".
+func taskDelivery(evs []storedEvent) string {
+	for _, e := range slices.Backward(evs) {
+		into, _ := e.Meta["coalesced_into"].(string)
+		if e.Action == "github-webhook" && e.Meta["reason"] == "queued" && reDeliveryID.MatchString(into) {
+			return into
+		}
+	}
+	return ""
 }

@@ -7,6 +7,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/hmac"
 	"crypto/sha1"
@@ -143,6 +144,13 @@ func (ts *testServer) raw(t *testing.T, method, target string) (*http.Response, 
 func (ts *testServer) rows(t *testing.T) map[string]eventRow {
 	t.Helper()
 	ts.shutdown()
+	return ts.rowsSoFar(t)
+}
+
+// rowsSoFar returns the event_log rows by request id with the server still running: the rows of
+// the requests answered so far (a delivery is answered after its row is committed).
+func (ts *testServer) rowsSoFar(t *testing.T) map[string]eventRow {
+	t.Helper()
 	out := map[string]eventRow{}
 	for _, r := range readRows(t, rawDB(t, ts.cfg.dbPath), "") {
 		if _, dup := out[r.requestID]; dup {
@@ -2114,17 +2122,27 @@ func TestSlowlorisBinary(t *testing.T) {
 // the response and its text.
 func (s *advServer) signedDelivery(t *testing.T, unit, delivery string, body []byte) (*http.Response, string) {
 	t.Helper()
+	resp, text, err := s.postDelivery(unit, delivery, body)
+	if err != nil {
+		t.Fatalf("delivery %s: %v", delivery, err)
+	}
+	return resp, text
+}
+
+// postDelivery sends a signed package delivery and returns the response (its body read and
+// closed) and its text. It may run outside the test's goroutine.
+func (s *advServer) postDelivery(unit, delivery string, body []byte) (*http.Response, string, error) {
 	req, _ := http.NewRequest("POST", s.URL+"/github-package-update/"+unit, bytes.NewReader(body))
 	req.Header.Set("X-Hub-Signature-256", hubSignature(advSecret, body))
 	req.Header.Set("X-GitHub-Event", "package")
 	req.Header.Set("X-GitHub-Delivery", delivery)
 	resp, err := s.Client().Do(req)
 	if err != nil {
-		t.Fatalf("delivery %s: %v", delivery, err)
+		return nil, "", err
 	}
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
-	return resp, strings.TrimSpace(string(b))
+	return resp, strings.TrimSpace(string(b)), nil
 }
 
 // TestFaultDatabaseLocked: another process holds the database's write lock for 3 s. A delivery
@@ -2409,20 +2427,80 @@ func deliveryStatuses(t *testing.T, db *sql.DB, prefix string) map[string]int {
 	return out
 }
 
+// checkCoverage checks that every delivery with prefix answered "auto-update queued" is covered
+// by exactly one dispatched task: its own, or that of the delivery its row names in
+// coalesced_into, which must itself be queued with its own task for the same unit and image.
+// dispatches counts the recorded
+// systemd-run calls by delivery id. It returns how many deliveries were queued, and how many of
+// them rode on another's task.
+func checkCoverage(t *testing.T, db *sql.DB, prefix string, dispatches map[string]int) (queued, riders int) {
+	t.Helper()
+	rows, err := db.Query(`SELECT json_extract(meta, '$.delivery'), coalesce(json_extract(meta, '$.coalesced_into'), ''),
+		coalesce(json_extract(meta, '$.task_unit'), ''), json_extract(meta, '$.unit') || ' ' || json_extract(meta, '$.image')
+		FROM event_log
+		WHERE action = 'github-webhook' AND json_extract(meta, '$.reason') = 'queued' AND json_extract(meta, '$.delivery') LIKE ?`, prefix+"%")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rows.Close()
+	carrierOf, target := map[string]string{}, map[string]string{}
+	for rows.Next() {
+		var id, into, taskUnit, unitImage string
+		if err := rows.Scan(&id, &into, &taskUnit, &unitImage); err != nil {
+			t.Fatal(err)
+		}
+		if _, dup := carrierOf[id]; dup {
+			t.Errorf("%s: delivery %s has two queued rows", prefix, id)
+		}
+		carrier := cmp.Or(into, id)
+		carrierOf[id], target[id] = carrier, unitImage
+		if taskUnit != taskUnitName(carrier) {
+			t.Errorf("%s: delivery %s names task unit %q, want its task's %q", prefix, id, taskUnit, taskUnitName(carrier))
+		}
+		if into != "" && dispatches[id] != 0 {
+			t.Errorf("%s: delivery %s rode on %s's task and was dispatched too", prefix, id, into)
+		}
+	}
+	if err := rows.Err(); err != nil {
+		t.Fatal(err)
+	}
+	for id, carrier := range carrierOf {
+		if carrierOf[carrier] != carrier || dispatches[carrier] != 1 {
+			t.Errorf("%s: delivery %s is covered by %s's task, which was dispatched %d times and is carried by %q",
+				prefix, id, carrier, dispatches[carrier], carrierOf[carrier])
+		}
+		if carrier != id {
+			riders++
+			if target[id] != target[carrier] {
+				t.Errorf("%s: delivery %s for %s rode on the task for %s", prefix, id, target[id], target[carrier])
+			}
+		}
+	}
+	for id, n := range dispatches {
+		if carrierOf[id] != id || n != 1 {
+			t.Errorf("%s: delivery %s was dispatched %d times; queued as %q", prefix, id, n, carrierOf[id])
+		}
+	}
+	return len(carrierOf), riders
+}
+
 // TestLoadBursts sends 200 concurrent signed deliveries for one image (different delivery ids),
 // then a mixed burst over 20 images with duplicate copies, against the server with recording
 // fakes (fake systemctl answers its show; fake systemd-run records the dispatch). Every request
 // must be answered 2xx or 429: neither a command bound (500) nor a full queue (503 "busy") may
 // be hit by these bursts. The answer times are logged, not judged. The accounting must be
-// exact: every "queued" answer is a queued record and a recorded dispatch. The request path only
-// checks the per-image limit; run-task takes it. So the recorded tasks of the one-image burst
-// then run as real run-task processes of the built binary, all at once as systemd would start
-// them, with a pull that takes a while and records when it ran: the pulls never overlap (one
-// redeploy per image at a time), exactly WEBHOOK_IMAGE_LIMIT_COUNT of them pull and the rest
-// stop rate-limited, the per-image log holds exactly that many timestamps, and the next delivery
-// is refused with 429 before anything is dispatched. Between and after the bursts the server
-// goes back to its goroutines and descriptors; the slack covers SQLite's pool, which may keep
-// up to 3 more connections of 2 descriptors each.
+// exact: every "queued" answer is a queued record and is covered by exactly one recorded
+// dispatch, its own or that of the delivery it was coalesced into (see checkCoverage). The
+// request path only checks the per-image limit; run-task takes it. So the recorded tasks of the
+// one-image burst, and copies of them under other delivery ids up to 200 (as deliveries spread
+// over time would have dispatched), then run as real run-task processes of the built binary,
+// all at once as systemd would start them, with a pull that takes a while and records when it
+// ran: the pulls never overlap (one redeploy per image at a time), exactly
+// WEBHOOK_IMAGE_LIMIT_COUNT of them pull and the rest stop rate-limited, the per-image log holds
+// exactly that many timestamps, and the next delivery is refused with 429 before anything is
+// dispatched. Between and after the bursts the server goes back to its goroutines and
+// descriptors; the slack covers SQLite's pool, which may keep up to 3 more connections of 2
+// descriptors each.
 func TestLoadBursts(t *testing.T) {
 	if testing.Short() {
 		t.Skip("load test")
@@ -2453,9 +2531,11 @@ func TestLoadBursts(t *testing.T) {
 	t.Logf("one image: %d concurrent deliveries answered in %s: %v; answer time median %s, max %s",
 		n, time.Since(start).Round(time.Millisecond), texts, median.Round(time.Millisecond), slowest.Round(time.Millisecond))
 	var dispatched [][]string
+	dispatches := map[string]int{}
 	for _, c := range s.h.callsOf(keySystemdRun) {
-		if strings.HasPrefix(c[len(c)-2], "load-") {
+		if id := c[len(c)-2]; strings.HasPrefix(id, "load-") {
 			dispatched = append(dispatched, c)
+			dispatches[id]++
 		}
 	}
 	st := deliveryStatuses(t, db, "load-")
@@ -2463,9 +2543,11 @@ func TestLoadBursts(t *testing.T) {
 	if st["queued"] != queued || queued != n || len(st) != 1 {
 		t.Errorf("one image: answers %v, records %v: every delivery must be queued, and recorded so", texts, st)
 	}
-	if len(dispatched) != queued {
-		t.Errorf("one image: %d dispatches recorded for %d queued deliveries", len(dispatched), queued)
+	covered, riders := checkCoverage(t, db, "load-", dispatches)
+	if covered != queued {
+		t.Errorf("one image: %d queued rows for %d queued answers", covered, queued)
 	}
+	t.Logf("one image: %d tasks dispatched for %d queued deliveries (%d coalesced)", len(dispatched), queued, riders)
 	client.CloseIdleConnections()
 	g1, fd1 := settle(t, "after the first burst", g0+5, fd0+8)
 
@@ -2499,17 +2581,24 @@ func TestLoadBursts(t *testing.T) {
 	if st := deliveryStatuses(t, db, "mixed-"); st["queued"] != len(queuedIDs) {
 		t.Errorf("mixed: %d deliveries queued, %v recorded", len(queuedIDs), st)
 	}
-	dispatchedPer := map[string]int{}
+	mixedDispatches := map[string]int{}
+	unitOf := map[string]string{}
 	for _, c := range s.h.callsOf(keySystemdRun) {
-		if strings.HasPrefix(c[len(c)-2], "mixed-") {
-			dispatchedPer[strings.TrimSuffix(c[len(c)-5], ".service")]++
+		if id := c[len(c)-2]; strings.HasPrefix(id, "mixed-") {
+			mixedDispatches[id]++
+			unitOf[id] = strings.TrimSuffix(c[len(c)-5], ".service")
 		}
 	}
-	for unit, q := range perImage {
-		if dispatchedPer[unit] != q {
-			t.Errorf("mixed: %s queued %d times, dispatched %d times", unit, q, dispatchedPer[unit])
+	covered, riders = checkCoverage(t, db, "mixed-", mixedDispatches)
+	if covered != len(queuedIDs) {
+		t.Errorf("mixed: %d queued rows for %d queued deliveries", covered, len(queuedIDs))
+	}
+	for _, r := range res {
+		if r.text == "auto-update queued" && mixedDispatches[r.delivery] == 1 && unitOf[r.delivery] != r.unit {
+			t.Errorf("mixed: delivery %s for %s was dispatched for %s", r.delivery, r.unit, unitOf[r.delivery])
 		}
 	}
+	t.Logf("mixed: %d tasks dispatched for %d queued deliveries (%d coalesced)", len(mixedDispatches), len(queuedIDs), riders)
 	if len(perImage) != images {
 		t.Errorf("mixed: deliveries of %d images queued, want %d", len(perImage), images)
 	}
@@ -2522,6 +2611,11 @@ func TestLoadBursts(t *testing.T) {
 	s.h.set("podman-pull.sleep", "100ms")
 	var cmds []*exec.Cmd
 	var outs []*syncBuffer
+	for i := len(dispatched); i < n; i++ {
+		argv := slices.Clone(dispatched[0])
+		argv[len(argv)-2] = fmt.Sprintf("load-run-%03d", i)
+		dispatched = append(dispatched, argv)
+	}
 	for _, argv := range dispatched {
 		first := slices.Index(argv, "--")
 		cmd := exec.Command(argv[first+1], argv[first+2:]...)
@@ -2589,61 +2683,79 @@ func TestLoadBursts(t *testing.T) {
 	}
 }
 
-// TestDeliveriesQueueForDispatchSlots: with every dispatch slot taken, a delivery waits in line
-// (the waiting gauge shows it) and nothing is recorded or started until a slot frees; it is then
-// queued as usual, its row noting that it waited. When no slot frees while enough of the budget
-// is left, the delivery is refused 503 "busy" with a Retry-After before anything is recorded,
-// and its redelivery, once slots are free, is accepted.
-func TestDeliveriesQueueForDispatchSlots(t *testing.T) {
-	s := newAdvServer(t, nil)
-	body := githubPackagePayload("ghcr.io", "octo-org", "web", "v1", "")
+// asyncAnswer is a delivery's answer, as sendAsync reports it.
+type asyncAnswer struct {
+	status int
+	text   string
+	id     string // X-Request-Id
+	retry  string // Retry-After
+	err    error
+}
+
+// sendAsync sends a signed package delivery for unit in the background.
+func (s *advServer) sendAsync(unit, delivery string, body []byte) <-chan asyncAnswer {
+	ch := make(chan asyncAnswer, 1)
+	go func() {
+		resp, text, err := s.postDelivery(unit, delivery, body)
+		if err != nil {
+			ch <- asyncAnswer{err: err}
+			return
+		}
+		ch <- asyncAnswer{resp.StatusCode, text, resp.Header.Get("X-Request-Id"), resp.Header.Get("Retry-After"), nil}
+	}()
+	return ch
+}
+
+// waitFor polls cond until it holds, failing the test after hangGuard.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(hangGuard)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting until %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// takeSlots takes every dispatch slot of s, as deliveries dispatching would.
+func (s *advServer) takeSlots() {
 	for range cap(s.srv.work) {
 		s.srv.work <- struct{}{}
 	}
-	type answer struct {
-		status int
-		text   string
-		id     string
-		retry  string
-		err    error
+}
+
+// freeSlots gives back the slots takeSlots took. It takes exactly that many tokens back: a
+// waiting delivery's token may be among them, which balances out when it releases its slot.
+func (s *advServer) freeSlots() {
+	for range cap(s.srv.work) {
+		<-s.srv.work
 	}
-	send := func(delivery string) <-chan answer {
-		ch := make(chan answer, 1)
-		go func() {
-			req, _ := http.NewRequest("POST", s.URL+"/github-package-update/web", bytes.NewReader(body))
-			req.Header.Set("X-Hub-Signature-256", hubSignature(advSecret, body))
-			req.Header.Set("X-GitHub-Event", "package")
-			req.Header.Set("X-GitHub-Delivery", delivery)
-			resp, err := s.Client().Do(req)
-			if err != nil {
-				ch <- answer{err: err}
-				return
-			}
-			b, _ := io.ReadAll(resp.Body)
-			resp.Body.Close()
-			ch <- answer{resp.StatusCode, strings.TrimSpace(string(b)), resp.Header.Get("X-Request-Id"), resp.Header.Get("Retry-After"), nil}
-		}()
-		return ch
-	}
+}
+
+// TestDeliveriesQueueForDispatchSlots: with every dispatch slot taken, a delivery's claim is
+// recorded "dispatching" and it waits in line (the waiting gauge shows it), with nothing started
+// until a slot frees; it is then queued as usual, its row noting that it waited. When no slot
+// frees while enough of the budget is left, the delivery, and the one that joined it meanwhile,
+// are refused 503 "busy" with a Retry-After, nothing started, and settled "busy"; their
+// redeliveries, once slots are free, are accepted.
+func TestDeliveriesQueueForDispatchSlots(t *testing.T) {
+	s := newAdvServer(t, nil)
+	body := githubPackagePayload("ghcr.io", "octo-org", "web", "v1", "")
+	s.takeSlots()
 	waitWaiting := func(n int64) {
 		t.Helper()
-		deadline := time.Now().Add(hangGuard)
-		for s.srv.metrics.waiting.Load() != n {
-			if time.Now().After(deadline) {
-				t.Fatalf("%d deliveries waiting for a slot, want %d", s.srv.metrics.waiting.Load(), n)
-			}
-			time.Sleep(5 * time.Millisecond)
-		}
+		waitFor(t, fmt.Sprintf("%d deliveries wait for a slot", n), func() bool { return s.srv.metrics.waiting.Load() == n })
 	}
 
 	// A slot frees while the delivery waits: it goes through.
-	first := send("slots-1")
+	first := s.sendAsync("web", "slots-1", body)
 	waitWaiting(1)
 	if n := len(s.h.callsOf(keySystemdRun)); n != 0 {
 		t.Fatalf("%d dispatches while every slot was taken", n)
 	}
-	if st := deliveryStatuses(t, rawDB(t, s.cfg.dbPath), "slots-"); len(st) != 0 {
-		t.Fatalf("a waiting delivery was recorded: %v", st)
+	if st := deliveryStatuses(t, rawDB(t, s.cfg.dbPath), "slots-"); !reflect.DeepEqual(st, map[string]int{"dispatching": 1}) {
+		t.Fatalf("the waiting delivery's claim: %v, want one dispatching", st)
 	}
 	fams := scrape(t, s.testServer, nil)
 	if w := samplesBy(t, fams, "webhook_deliveries_waiting", "webhook_deliveries_waiting"); w[""] != 1 {
@@ -2656,41 +2768,183 @@ func TestDeliveriesQueueForDispatchSlots(t *testing.T) {
 	}
 	queuedID := a.id
 
-	// No slot frees within the budget: refused before anything is recorded or started.
+	// No slot frees within the budget: refused, nothing started.
 	s.srv.work <- struct{}{}
-	a = <-send("slots-2")
-	if a.err != nil || a.status != 503 || !strings.Contains(a.text, "too many deliveries in progress") || a.retry == "" {
-		t.Fatalf("delivery with every slot taken: %d %q (Retry-After %q) %v, want 503 busy with a Retry-After", a.status, a.text, a.retry, a.err)
+	carrier := s.sendAsync("web", "slots-2", body)
+	waitWaiting(1)
+	rider := s.sendAsync("web", "slots-3", body)
+	waitFor(t, "the second delivery joins the first", func() bool { return s.srv.metrics.coalesced.Load() == 1 })
+	busyIDs := map[string]string{}
+	for id, ch := range map[string]<-chan asyncAnswer{"slots-2": carrier, "slots-3": rider} {
+		var a asyncAnswer
+		select {
+		case a = <-ch:
+		case <-time.After(hangGuard):
+			t.Fatalf("%s: no answer", id)
+		}
+		if a.err != nil || a.status != 503 || !strings.Contains(a.text, "too many deliveries in progress") || a.retry == "" {
+			t.Fatalf("%s with every slot taken: %d %q (Retry-After %q) %v, want 503 busy with a Retry-After", id, a.status, a.text, a.retry, a.err)
+		}
+		busyIDs[id] = a.id
 	}
-	busyID := a.id
 	if n := len(s.h.callsOf(keySystemdRun)); n != 1 {
 		t.Errorf("%d dispatches, want only the first delivery's", n)
 	}
-	if st := deliveryStatuses(t, rawDB(t, s.cfg.dbPath), "slots-2"); len(st) != 0 {
-		t.Errorf("a refused delivery was recorded: %v", st)
+	if st := deliveryStatuses(t, rawDB(t, s.cfg.dbPath), "slots-"); !reflect.DeepEqual(st, map[string]int{"queued": 1, "busy": 2}) {
+		t.Errorf("deliveries after the refusal: %v, want 1 queued and 2 busy", st)
 	}
-	// Its redelivery once the slots are free is accepted.
-	for len(s.srv.work) > 0 {
-		<-s.srv.work
+	// Their redeliveries once the slots are free are accepted.
+	s.freeSlots()
+	for _, id := range []string{"slots-2", "slots-3"} {
+		resp, text := s.signedDelivery(t, "web", id, body)
+		if resp.StatusCode != 202 || text != "auto-update queued" {
+			t.Errorf("redelivery of the refused %s: %d %q, want 202 auto-update queued", id, resp.StatusCode, text)
+		}
+		if resp.Header.Get("Retry-After") != "" {
+			t.Errorf("an accepted delivery carries Retry-After")
+		}
 	}
-	resp, text := s.signedDelivery(t, "web", "slots-2", body)
-	if resp.StatusCode != 202 || text != "auto-update queued" {
-		t.Errorf("redelivery of the refused delivery: %d %q, want 202 auto-update queued", resp.StatusCode, text)
-	}
-	if resp.Header.Get("Retry-After") != "" {
-		t.Errorf("an accepted delivery carries Retry-After")
+	if n := len(s.h.callsOf(keySystemdRun)); n != 3 {
+		t.Errorf("%d dispatches, want 3: the first delivery and the two redeliveries", n)
 	}
 
 	rows := s.rows(t)
 	if m := rows[queuedID].meta; !strings.Contains(m, `"queued_ms":`) || !strings.Contains(m, `"reason":"queued"`) {
 		t.Errorf("row of the delivery that waited: %s, want queued_ms and reason queued", m)
 	}
-	if r := rows[busyID]; r.status != 503 || !strings.Contains(r.meta, `"reason":"busy"`) {
-		t.Errorf("row of the refused delivery: %d %s, want 503 with reason busy", r.status, r.meta)
+	for id, rid := range busyIDs {
+		if r := rows[rid]; r.status != 503 || !strings.Contains(r.meta, `"reason":"busy"`) || strings.Contains(r.meta, "task_unit") {
+			t.Errorf("row of the refused %s: %d %s, want 503 with reason busy and no task unit", id, r.status, r.meta)
+		}
 	}
-	if !strings.Contains(s.logs.String(), "github delivery slots-2 for web.service refused") {
-		t.Errorf("the refusal is not in the log:\n%s", s.logs)
+	if m := rows[busyIDs["slots-3"]].meta; !strings.Contains(m, `"coalesced_into":"slots-2"`) {
+		t.Errorf("row of the delivery that joined the refused one: %s, want coalesced_into slots-2", m)
 	}
+	for _, id := range []string{"slots-2", "slots-3"} {
+		if !strings.Contains(s.logs.String(), "github delivery "+id+" for web.service refused") {
+			t.Errorf("the refusal of %s is not in the log:\n%s", id, s.logs)
+		}
+	}
+}
+
+// TestDeliveriesCoalesce: deliveries for the unit and image (and digest) of a delivery that is
+// waiting for a dispatch slot join it: they get no task of their own, are answered and recorded
+// as its task's, and a copy of the waiting delivery is still a duplicate. A different digest
+// waits on its own. Once a delivery has its slot and is starting its task, a later delivery for
+// the same image gets its own task, since the running one may have pulled before that push.
+// When the carrier's systemd-run fails, every delivery that joined it fails with it and stays
+// redeliverable.
+func TestDeliveriesCoalesce(t *testing.T) {
+	s := newAdvServer(t, nil)
+	body := githubPackagePayload("ghcr.io", "octo-org", "web", "v1", "")
+	other := githubPackagePayload("ghcr.io", "octo-org", "web", "v1", "sha256:"+strings.Repeat("e", 64))
+	db := rawDB(t, s.cfg.dbPath)
+	dispatchedIDs := func() []string {
+		var ids []string
+		for _, c := range s.h.callsOf(keySystemdRun) {
+			ids = append(ids, c[len(c)-2])
+		}
+		return ids
+	}
+	answer := func(what string, ch <-chan asyncAnswer, status int, text string) asyncAnswer {
+		t.Helper()
+		var a asyncAnswer
+		select {
+		case a = <-ch:
+		case <-time.After(hangGuard):
+			t.Fatalf("%s: no answer", what)
+		}
+		if a.err != nil || a.status != status || a.text != text {
+			t.Fatalf("%s: %d %q %v, want %d %q", what, a.status, a.text, a.err, status, text)
+		}
+		return a
+	}
+
+	// Joined while the carrier waits.
+	s.takeSlots()
+	carrier := s.sendAsync("web", "co-a", body)
+	waitFor(t, "co-a waits for a slot", func() bool { return s.srv.metrics.waiting.Load() == 1 })
+	riders := []<-chan asyncAnswer{s.sendAsync("web", "co-b", body), s.sendAsync("web", "co-c", body)}
+	waitFor(t, "co-b and co-c join co-a", func() bool { return s.srv.metrics.coalesced.Load() == 2 })
+	digest := s.sendAsync("web", "co-d", other)
+	waitFor(t, "co-d waits for a slot of its own", func() bool { return s.srv.metrics.waiting.Load() == 2 })
+	answer("a copy of the waiting co-a", s.sendAsync("web", "co-a", body), 202, "duplicate delivery")
+	if ids := dispatchedIDs(); len(ids) != 0 {
+		t.Fatalf("dispatched while every slot was taken: %v", ids)
+	}
+	s.freeSlots()
+	a := answer("co-a", carrier, 202, "auto-update queued")
+	b := answer("co-b", riders[0], 202, "auto-update queued")
+	c := answer("co-c", riders[1], 202, "auto-update queued")
+	answer("co-d", digest, 202, "auto-update queued")
+	if ids := dispatchedIDs(); !reflect.DeepEqual(sorted(ids), []string{"co-a", "co-d"}) {
+		t.Fatalf("dispatched %v, want co-a's and co-d's tasks only", ids)
+	}
+	rows := s.rowsSoFar(t)
+	if m := rows[a.id].meta; strings.Contains(m, "coalesced_into") || !strings.Contains(m, `"task_unit":"`+taskUnitName("co-a")+`"`) {
+		t.Errorf("row of co-a: %s, want its own task unit", m)
+	}
+	for _, r := range []asyncAnswer{b, c} {
+		m := rows[r.id].meta
+		if rows[r.id].status != 202 || !strings.Contains(m, `"coalesced_into":"co-a"`) || !strings.Contains(m, `"task_unit":"`+taskUnitName("co-a")+`"`) ||
+			!strings.Contains(m, `"reason":"queued"`) {
+			t.Errorf("row of a delivery that joined co-a: %d %s, want 202 queued with co-a's task unit", rows[r.id].status, m)
+		}
+	}
+	if st := deliveryStatuses(t, db, "co-"); !reflect.DeepEqual(st, map[string]int{"queued": 4}) {
+		t.Errorf("deliveries: %v, want 4 queued", st)
+	}
+	fams := scrape(t, s.testServer, nil)
+	if got := samplesBy(t, fams, "webhook_deliveries_coalesced_total", "webhook_deliveries_coalesced_total"); got[""] != 2 {
+		t.Errorf("webhook_deliveries_coalesced_total = %v, want 2", got)
+	}
+
+	// A delivery arriving while the previous one starts its task gets its own.
+	s.h.set(keySystemdRun+".sleep", "500ms")
+	starting := s.sendAsync("web", "co-e", body)
+	waitFor(t, "co-e's systemd-run runs", func() bool { return slices.Contains(dispatchedIDs(), "co-e") })
+	later := s.sendAsync("web", "co-f", body)
+	answer("co-e", starting, 202, "auto-update queued")
+	f := answer("co-f", later, 202, "auto-update queued")
+	if ids := dispatchedIDs(); !slices.Contains(ids, "co-f") {
+		t.Errorf("co-f arrived after co-e's task was starting and got no task of its own: dispatched %v", ids)
+	}
+	if m := s.rowsSoFar(t)[f.id].meta; strings.Contains(m, "coalesced_into") {
+		t.Errorf("row of co-f: %s, want no coalesced_into", m)
+	}
+	os.Remove(filepath.Join(s.h.dir, keySystemdRun+".sleep"))
+
+	// The carrier's systemd-run fails: the deliveries that joined it fail too.
+	s.takeSlots()
+	s.h.set(keySystemdRun+".fails", "1")
+	carrier = s.sendAsync("web", "co-g", body)
+	waitFor(t, "co-g waits for a slot", func() bool { return s.srv.metrics.waiting.Load() == 1 })
+	rider := s.sendAsync("web", "co-h", body)
+	waitFor(t, "co-h joins co-g", func() bool { return s.srv.metrics.coalesced.Load() == 3 })
+	s.freeSlots()
+	answer("co-g", carrier, 500, "cannot start the redeploy task")
+	h := answer("co-h", rider, 500, "cannot start the redeploy task")
+	if m := s.rowsSoFar(t)[h.id].meta; !strings.Contains(m, `"reason":"dispatch-failed"`) || !strings.Contains(m, `"coalesced_into":"co-g"`) ||
+		strings.Contains(m, "task_unit") {
+		t.Errorf("row of co-h: %s, want dispatch-failed, coalesced into co-g, no task unit", m)
+	}
+	if st := deliveryStatuses(t, db, "co-g"); !reflect.DeepEqual(st, map[string]int{"dispatch-failed": 1}) {
+		t.Errorf("co-g: %v, want dispatch-failed", st)
+	}
+	if st := deliveryStatuses(t, db, "co-h"); !reflect.DeepEqual(st, map[string]int{"dispatch-failed": 1}) {
+		t.Errorf("co-h: %v, want dispatch-failed", st)
+	}
+	resp, text := s.signedDelivery(t, "web", "co-h", body)
+	if resp.StatusCode != 202 || text != "auto-update queued" || !slices.Contains(dispatchedIDs(), "co-h") {
+		t.Errorf("redelivery of co-h: %d %q, dispatched %v; want 202 queued with its own task", resp.StatusCode, text, dispatchedIDs())
+	}
+}
+
+// sorted returns a sorted copy of ss.
+func sorted(ss []string) []string {
+	ss = slices.Clone(ss)
+	slices.Sort(ss)
+	return ss
 }
 
 // TestRedeliveryAfterCrashBeforeDispatch: a server killed after it recorded a delivery's claim
@@ -2937,9 +3191,13 @@ StandardError=append:%s
 		if slices.Contains(orphans, id) {
 			continue
 		}
-		rows := e2e.waitTask(t, r, id)
+		// A delivery that joined a waiting one is covered by that one's task.
+		task := id
+		e2e.db.QueryRow(`SELECT json_extract(meta, '$.coalesced_into') FROM event_log WHERE action = 'github-webhook'
+			AND json_extract(meta, '$.delivery') = ? AND json_extract(meta, '$.coalesced_into') IS NOT NULL`, id).Scan(&task)
+		rows := e2e.waitTask(t, r, task)
 		if last := rows[len(rows)-1].step; last != "up-to-date" && last != "completed" {
-			t.Errorf("task of %s: steps %v", id, steps(rows))
+			t.Errorf("task of %s (run by %s): steps %v", id, task, steps(rows))
 		}
 	}
 	// Every task dispatched before the kill has run by now: they share one image lock with the
