@@ -673,7 +673,11 @@ func (s *server) dispatchDelivery(ctx context.Context, w http.ResponseWriter, r 
 		s.log.warnf("github delivery %s for %s refused: no dispatch slot (of %d) came free in %s",
 			spec.delivery, spec.unit, cap(s.work), b.waited.Round(time.Millisecond))
 	default:
-		s.log.errorf("cannot dispatch the redeploy of %s: %v", spec.unit, out.res.err)
+		if b.carrier == spec.delivery {
+			s.log.errorf("cannot dispatch the redeploy of %s: %v", spec.unit, out.res.err)
+		} else {
+			s.log.errorf("github delivery %s for %s failed with the task of %s, which it joined", spec.delivery, spec.unit, b.carrier)
+		}
 		ri.meta["stderr"] = out.res.stderr
 		ri.meta["exit_code"] = out.res.exitCode
 	}

@@ -2928,6 +2928,9 @@ func TestDeliveriesCoalesce(t *testing.T) {
 		strings.Contains(m, "task_unit") {
 		t.Errorf("row of co-h: %s, want dispatch-failed, coalesced into co-g, no task unit", m)
 	}
+	if !strings.Contains(s.logs.String(), "github delivery co-h for web.service failed with the task of co-g") {
+		t.Errorf("the failure of co-h with co-g's task is not in the log:\n%s", s.logs)
+	}
 	if st := deliveryStatuses(t, db, "co-g"); !reflect.DeepEqual(st, map[string]int{"dispatch-failed": 1}) {
 		t.Errorf("co-g: %v, want dispatch-failed", st)
 	}
