@@ -563,6 +563,9 @@ func (s *server) handleManualService(w http.ResponseWriter, r *http.Request) {
 		if t.Status != triggerOK && t.Status != triggerDryRun {
 			s.log.warnf("manual restart of %s by %q: %s: %s", unit, resp.Caller, t.Status, t.Message)
 			status = http.StatusInternalServerError
+			if t.busy {
+				status = http.StatusConflict
+			}
 		}
 	}
 	ri.meta["status"] = resp.Status

@@ -733,6 +733,7 @@ func TestManualService(t *testing.T) {
 		body         string
 		failing      []string
 		dispatchFail bool
+		lockHeld     bool // a redeploy of web.service holds its unit lock
 		want         int
 		wantStatus   string
 		wantCalls    []string
@@ -746,6 +747,9 @@ func TestManualService(t *testing.T) {
 		{name: "failing restart", target: "/api/manual/services/web", body: `{}`, failing: []string{"web.service"}, want: 500,
 			wantStatus: "failed", wantCalls: []string{"--user restart -- web.service"}},
 		{name: "dry run", target: "/api/manual/services/web", body: `{"dry_run":true}`, want: 202, wantStatus: "dry-run"},
+		// A restart in the middle of a redeploy could fail its health gate and roll it back.
+		{name: "restart while a redeploy runs", target: "/api/manual/services/web", body: `{}`, lockHeld: true, want: 409,
+			wantStatus: "error"},
 		{name: "image dispatches run-task", target: "/api/manual/services/web", body: `{"image":"` + image + `"}`, want: 202,
 			wantStatus: "queued", wantDispatch: true},
 		{name: "force reaches run-task", target: "/api/manual/services/web", body: `{"image":"` + image + `","force":true}`, want: 202,
@@ -765,6 +769,13 @@ func TestManualService(t *testing.T) {
 			if tc.dispatchFail {
 				h.dispatch = cmdResult{exitCode: 1, stderr: "Unit webhook-task-x already exists", err: errors.New("systemd-run failed (exit 1)")}
 			}
+			if tc.lockHeld {
+				lock, err := lockFile(context.Background(), unitLockPath(h.cfg.stateDir, "web.service"), time.Second)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer lock.Unlock()
+			}
 			rec := h.do("POST", tc.target, testToken, tc.body)
 			if rec.Code != tc.want {
 				t.Fatalf("%d %s, want %d", rec.Code, rec.Body, tc.want)
@@ -773,6 +784,9 @@ func TestManualService(t *testing.T) {
 			json.Unmarshal(rec.Body.Bytes(), &resp)
 			if tc.want != 400 && resp.Status != tc.wantStatus {
 				t.Errorf("status %q, want %q (%s)", resp.Status, tc.wantStatus, rec.Body)
+			}
+			if tc.lockHeld && !strings.Contains(resp.Message, "a redeploy of web.service is running") {
+				t.Errorf("message %q does not say a redeploy is running", resp.Message)
 			}
 			if wantPlan := resp.DryRun && resp.Image != ""; wantPlan != (len(resp.Plan) > 0) {
 				t.Errorf("plan %q for dry_run=%v image=%q", resp.Plan, resp.DryRun, resp.Image)
@@ -907,6 +921,7 @@ func TestTriggerCommands(t *testing.T) {
 		failing   []string
 		noPath    bool
 		badDB     bool
+		locked    string // a unit whose redeploy holds its unit lock
 		want      int
 		wantOut   string
 		wantCalls []string
@@ -932,6 +947,9 @@ func TestTriggerCommands(t *testing.T) {
 			wantOut: "-x -> invalid\n    invalid unit name \"-x.service\": want letters, digits and :_.@- ending in .service\n", wantErr: "nothing valid to trigger"},
 		{name: "no units", args: []string{"trigger-units", "--caller", "x"}, want: 2, wantErr: "nothing to trigger"},
 		{name: "dry run", args: []string{"trigger-units", "a", "--dry-run"}, want: 0, wantOut: "a.service -> dry-run\n    would restart a.service\n"},
+		{name: "a unit being redeployed is left alone", args: []string{"trigger-units", "a", "b"}, locked: "b.service", want: 1,
+			wantOut:   "a.service -> triggered\nb.service -> error\n    a redeploy of b.service is running: not restarted; try again once it is done\n",
+			wantCalls: []string{"--user restart -- a.service"}},
 		{name: "systemctl missing", args: []string{"trigger-units", "a"}, noPath: true, want: 1,
 			wantOut: "a.service -> error\n    systemctl is not installed or not on PATH\n"},
 		{name: "trigger-all", args: []string{"--trigger-all", "--reason", "nightly"}, env: map[string]string{"WEBHOOK_MANUAL_UNITS": "m,n"}, want: 0,
@@ -953,6 +971,13 @@ func TestTriggerCommands(t *testing.T) {
 			env := map[string]string{"WEBHOOK_STATE_DIR": state}
 			for k, v := range tc.env {
 				env[k] = v
+			}
+			if tc.locked != "" {
+				lock, err := lockFile(context.Background(), unitLockPath(state, tc.locked), time.Second)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer lock.Unlock()
 			}
 			var out, errb logBuffer
 			got := run(tc.args, envFunc(env), &out, &errb)

@@ -544,6 +544,7 @@ type triggerResult struct {
 	Unit    string `json:"unit"`
 	Status  string `json:"status"`
 	Message string `json:"message"`
+	busy    bool   // an error because a redeploy of the unit is running (see triggerUnits)
 }
 
 // planTrigger resolves unit identifiers (see resolveUnit) in the order given. With all set, or
@@ -576,7 +577,10 @@ func planTrigger(cfg *config, ids []string, all bool) []triggerResult {
 
 // triggerUnits plans a manual trigger and runs it, one unit after the other: the auto-update unit
 // is started (it is usually a oneshot that must not be interrupted), every other unit is
-// restarted. A failure is reported and the remaining units are still processed.
+// restarted. A failure is reported and the remaining units are still processed. A unit is
+// restarted while holding its unit lock, the one run-task holds for a whole redeploy: a restart
+// in the middle of one could fail its health gate and roll a good image back. So a unit whose
+// redeploy is running is not restarted but reported as an error, to be retried once it is done.
 func triggerUnits(ctx context.Context, cfg *config, ids []string, all, dryRun bool) []triggerResult {
 	plan := planTrigger(cfg, ids, all)
 	auto, _ := resolveUnit(cfg.autoUpdateUnit)
@@ -593,7 +597,19 @@ func triggerUnits(ctx context.Context, cfg *config, ids []string, all, dryRun bo
 			r.Status, r.Message = triggerDryRun, "would "+verb+" "+r.Unit
 			continue
 		}
+		var lock *fileLock
+		if r.Unit != auto {
+			var err error
+			if lock, err = lockFile(ctx, unitLockPath(cfg.stateDir, r.Unit), 0); err != nil {
+				r.Status, r.Message = triggerError, "cannot take the unit's lock: "+err.Error()
+				if errors.Is(err, errLockTimeout) {
+					r.Message, r.busy = "a redeploy of "+r.Unit+" is running: not restarted; try again once it is done", true
+				}
+				continue
+			}
+		}
 		res := run(ctx, cfg, r.Unit)
+		lock.Unlock()
 		switch {
 		case res.err == nil:
 			r.Status, r.Message = triggerOK, res.note
