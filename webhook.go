@@ -37,6 +37,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -161,6 +162,7 @@ type server struct {
 	work     chan struct{}  // deliveries doing their commands and writes now (see admit)
 	shows    sharedShows    // concurrent deliveries for one unit share its systemctl show
 	batches  batches        // deliveries waiting for a slot, by what their task would do
+	handling handling       // the delivery ids being handled, so a copy waits for the first
 
 	// Process boundaries, swapped in tests.
 	getenv  func(string) string
@@ -640,10 +642,19 @@ func (s *server) matchUnitImage(ctx context.Context, unit string, d delivery) (i
 
 // dispatchDelivery claims the delivery id, has a task dispatched for it (its own, or the one of
 // the delivery it joins: see dispatchBatch), and answers only after the delivery's record and
-// the request's row are committed.
+// the request's row are committed. A second copy of a delivery this process is still handling
+// waits for the first to end and then goes through the claim as a redelivery would: answered
+// "duplicate" when the first was queued, taking it over when the first was refused.
 func (s *server) dispatchDelivery(ctx context.Context, w http.ResponseWriter, r *http.Request, spec taskSpec) {
 	ri := info(r)
 	start := s.now()
+	handled, ok := s.handling.hold(ctx, spec.delivery)
+	if !ok {
+		w.Header().Set("Retry-After", "10")
+		reply(w, r, http.StatusServiceUnavailable, "busy", "a copy of this delivery is still being handled; redeliver it later")
+		return
+	}
+	defer handled()
 	ri.meta["reason"] = "dispatching"
 	rowID, err := s.events.claimDelivery(ctx, spec.delivery, spec.unit, spec.image, spec.event,
 		s.requestEvent(r, ri, http.StatusAccepted, 0))
@@ -656,47 +667,116 @@ func (s *server) dispatchDelivery(ctx context.Context, w http.ResponseWriter, r 
 		reply(w, r, http.StatusAccepted, "duplicate", "duplicate delivery")
 		return
 	}
-	b, waited := s.dispatchBatch(ctx, spec)
-	out := b.out
-	if waited >= time.Millisecond {
-		ri.meta["queued_ms"] = waited.Milliseconds()
+	// The claim must be settled whatever happens: one left "dispatching" answers redeliveries
+	// "duplicate" until it goes stale.
+	settled := false
+	settle := func(status string, ev event) {
+		settled = true
+		sctx, scancel := context.WithTimeout(context.WithoutCancel(ctx), 2*busyTimeout)
+		defer scancel()
+		err := s.events.settleDelivery(sctx, spec.delivery, status, rowID, ev)
+		if err != nil { // once more
+			err = s.events.settleDelivery(sctx, spec.delivery, status, rowID, ev)
+		}
+		if err != nil {
+			s.log.errorf("cannot record the delivery %s as %s: %v", spec.delivery, status, err)
+			s.events.spill([]event{ev}, err)
+		}
+		ri.recorded = true
 	}
-	if b.carrier != spec.delivery {
-		ri.meta["coalesced_into"] = b.carrier
+	defer func() {
+		if settled {
+			return
+		}
+		p := recover() // the handler panicked: ServeHTTP logs it and answers 500
+		ri.meta["reason"] = outcomeFailed.settled
+		if p != nil {
+			ri.meta["panic"] = fmt.Sprint(p)
+		}
+		settle(outcomeFailed.settled, s.requestEvent(r, ri, http.StatusInternalServerError, s.now().Sub(start)))
+		if p != nil {
+			panic(p)
+		}
+	}()
+
+	res := s.dispatchBatch(ctx, spec)
+	out := res.out
+	if res.waited >= time.Millisecond {
+		ri.meta["queued_ms"] = res.waited.Milliseconds()
+	}
+	if res.carrier != spec.delivery {
+		ri.meta["coalesced_into"] = res.carrier
+	} else if res.riders > 0 {
+		ri.meta["joined"] = res.riders
 	}
 	ri.meta["reason"] = out.settled
 	switch out.settled {
 	case "queued":
-		ri.meta["task_unit"] = taskUnitName(b.carrier)
+		ri.meta["task_unit"] = taskUnitName(res.carrier)
+		if res.carrier != spec.delivery {
+			s.metrics.coalesced.Add(1)
+		}
 	case "busy":
 		w.Header().Set("Retry-After", "10")
-		s.log.warnf("github delivery %s for %s refused: no dispatch slot (of %d) came free in %s",
-			spec.delivery, spec.unit, cap(s.work), b.waited.Round(time.Millisecond))
+		how := ""
+		if res.carrier != spec.delivery {
+			how = " (it had joined " + res.carrier + ")"
+		}
+		s.log.warnf("github delivery %s for %s refused: no dispatch slot (of %d) came free in %s%s",
+			spec.delivery, spec.unit, cap(s.work), res.waited.Round(time.Millisecond), how)
 	default:
-		if b.carrier == spec.delivery {
+		if res.carrier == spec.delivery {
 			s.log.errorf("cannot dispatch the redeploy of %s: %v", spec.unit, out.res.err)
 		} else {
-			s.log.errorf("github delivery %s for %s failed with the task of %s, which it joined", spec.delivery, spec.unit, b.carrier)
+			s.log.errorf("github delivery %s for %s failed with the task of %s, which it joined", spec.delivery, spec.unit, res.carrier)
 		}
 		ri.meta["stderr"] = out.res.stderr
 		ri.meta["exit_code"] = out.res.exitCode
 	}
-	ev := s.requestEvent(r, ri, out.status, s.now().Sub(start))
 	// Recorded even past the budget: the task may be running, and the claim must say so.
-	sctx, scancel := context.WithTimeout(context.WithoutCancel(ctx), 2*busyTimeout)
-	defer scancel()
-	err = s.events.settleDelivery(sctx, spec.delivery, out.settled, rowID, ev)
-	if err != nil { // once more: a claim left "dispatching" would answer redeliveries "duplicate"
-		err = s.events.settleDelivery(sctx, spec.delivery, out.settled, rowID, ev)
-	}
-	if err != nil {
-		s.log.errorf("cannot record the delivery %s as %s: %v", spec.delivery, out.settled, err)
-		s.events.spill([]event{ev}, err)
-	}
-	ri.recorded = true
+	settle(out.settled, s.requestEvent(r, ri, out.status, s.now().Sub(start)))
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	w.WriteHeader(out.status)
 	fmt.Fprintln(w, out.text)
+}
+
+// handling holds the delivery ids this process is handling now (see dispatchDelivery).
+type handling struct {
+	mu      sync.Mutex
+	ids     map[string]chan struct{} // closed when that delivery's handling ends
+	waiting atomic.Int64             // copies waiting for the first to end
+}
+
+// hold waits until no other request of this process handles id, then marks it handled until
+// the returned release is called. It gives up when ctx ends first.
+func (h *handling) hold(ctx context.Context, id string) (release func(), ok bool) {
+	for {
+		h.mu.Lock()
+		busy, taken := h.ids[id]
+		if !taken {
+			if h.ids == nil {
+				h.ids = map[string]chan struct{}{}
+			}
+			done := make(chan struct{})
+			h.ids[id] = done
+			h.mu.Unlock()
+			return func() {
+				h.mu.Lock()
+				delete(h.ids, id)
+				h.mu.Unlock()
+				close(done)
+			}, true
+		}
+		h.mu.Unlock()
+		h.waiting.Add(1)
+		select {
+		case <-busy:
+			h.waiting.Add(-1)
+		case <-ctx.Done():
+			h.waiting.Add(-1)
+			return nil, false
+		}
+	}
 }
 
 // batchKey is what one task does: redeploy this unit from this image reference, pushed with
@@ -704,15 +784,24 @@ func (s *server) dispatchDelivery(ctx context.Context, w http.ResponseWriter, r 
 type batchKey struct{ unit, image, digest string }
 
 // batch is a delivery waiting for a dispatch slot (the carrier) and the deliveries with its key
-// that arrive while it waits. One task, the carrier's, covers them all: it is dispatched after
-// the last of them arrived, and GitHub sends a delivery only once its push is done, so the
-// task's pull fetches what each of their pushes put in the registry. Once the carrier has a
-// slot the batch closes, before systemd-run starts: a later delivery gets a task of its own.
+// that arrive while it waits (its riders). One task, the carrier's, covers them all: it is
+// dispatched after the last of them arrived, and GitHub sends a delivery only once its push is
+// done, so the task's pull fetches what each of their pushes put in the registry. Once the
+// carrier has a slot the batch closes, before systemd-run starts: a later delivery gets a task
+// of its own. A carrier whose budget runs out hands the batch to the rider with the most budget
+// left, which waits on; only when none has any left is the batch refused busy.
 type batch struct {
-	carrier string        // the delivery whose task unit runs
+	carrier string        // guarded by batches.mu
+	riders  []*batchRider // guarded by batches.mu: the deliveries waiting on the carrier
 	done    chan struct{} // closed once out is set
-	waited  time.Duration // the carrier's wait for a slot
-	out     batchOutcome
+	out     batchOutcome  // what every delivery still in the batch gets
+}
+
+// batchRider is a delivery waiting on its batch's carrier.
+type batchRider struct {
+	delivery string
+	deadline time.Time     // when it must stop waiting for a slot
+	promoted chan struct{} // closed when it becomes the carrier
 }
 
 // batchOutcome is the answer every delivery of a batch gets.
@@ -737,61 +826,134 @@ type batches struct {
 	open map[batchKey]*batch
 }
 
-// join returns the open batch for k, or opens one with delivery as its carrier.
-func (bs *batches) join(k batchKey, delivery string) (b *batch, carrier bool) {
+// join adds delivery to the open batch for k as a rider, or opens one with delivery as its
+// carrier (rider nil).
+func (bs *batches) join(k batchKey, delivery string, deadline time.Time) (*batch, *batchRider) {
 	bs.mu.Lock()
 	defer bs.mu.Unlock()
 	if b := bs.open[k]; b != nil {
-		return b, false
+		r := &batchRider{delivery: delivery, deadline: deadline, promoted: make(chan struct{})}
+		b.riders = append(b.riders, r)
+		return b, r
 	}
 	if bs.open == nil {
 		bs.open = map[batchKey]*batch{}
 	}
-	b = &batch{carrier: delivery, done: make(chan struct{}), out: outcomeFailed}
+	b := &batch{carrier: delivery, done: make(chan struct{}), out: outcomeFailed}
 	bs.open[k] = b
-	return b, true
+	return b, nil
 }
 
-// close stops b from taking more deliveries.
-func (bs *batches) close(k batchKey, b *batch) {
+// close stops b from taking riders and returns those it has.
+func (bs *batches) close(k batchKey, b *batch) []*batchRider {
 	bs.mu.Lock()
 	defer bs.mu.Unlock()
 	if bs.open[k] == b {
 		delete(bs.open, k)
 	}
+	return b.riders
 }
 
-// dispatchBatch joins spec's delivery to the open batch of its key, or opens one and, as its
-// carrier, waits for a dispatch slot and starts the task. It returns the finished batch and how
-// long the delivery waited for it. A batch whose carrier got no slot is answered busy as a
-// whole; one whose systemd-run failed, dispatch-failed as a whole: the deliveries are settled
-// so, and their redeliveries run normally.
-func (s *server) dispatchBatch(ctx context.Context, spec taskSpec) (*batch, time.Duration) {
-	start := time.Now()
-	key := batchKey{spec.unit, spec.image, spec.digest}
-	b, carrier := s.batches.join(key, spec.delivery)
-	if !carrier {
-		s.metrics.coalesced.Add(1)
-		<-b.done // the carrier's wait and dispatch are bounded by its budget
-		return b, time.Since(start)
+// handOff makes the rider of b with the most time left to wait the carrier, when one has more
+// than dispatchReserve left, and reports whether it did. When it did not, b is closed in the
+// same step, so no delivery joins a batch that is being refused.
+func (bs *batches) handOff(k batchKey, b *batch) bool {
+	bs.mu.Lock()
+	defer bs.mu.Unlock()
+	best := -1
+	for i, r := range b.riders {
+		if time.Until(r.deadline) > dispatchReserve && (best < 0 || r.deadline.After(b.riders[best].deadline)) {
+			best = i
+		}
 	}
-	defer close(b.done)
-	defer s.batches.close(key, b) // also when a panic unwinds: never leave a finished batch open
-	release, waited := s.admit(ctx)
-	s.batches.close(key, b)
-	b.waited = waited
+	if best < 0 {
+		if bs.open[k] == b {
+			delete(bs.open, k)
+		}
+		return false
+	}
+	next := b.riders[best]
+	b.riders = slices.Delete(b.riders, best, best+1)
+	b.carrier = next.delivery
+	close(next.promoted)
+	return true
+}
+
+// riderCount is how many deliveries wait on another's slot now.
+func (bs *batches) riderCount() int {
+	bs.mu.Lock()
+	defer bs.mu.Unlock()
+	n := 0
+	for _, b := range bs.open {
+		n += len(b.riders)
+	}
+	return n
+}
+
+// batchResult is what dispatchBatch did for one delivery.
+type batchResult struct {
+	out     batchOutcome
+	carrier string        // the delivery whose task covers this one (itself, unless it rode)
+	riders  int           // for a carrier whose task started: how many rode on it
+	waited  time.Duration // this delivery's wait
+}
+
+// dispatchBatch joins spec's delivery to the open batch of its key as a rider, or opens one and,
+// as its carrier, waits for a dispatch slot and starts the task. A carrier whose client hangs up
+// waits on: its riders depend on it. A batch refused busy, or whose systemd-run failed, is
+// answered so as a whole; the deliveries are settled so, and their redeliveries run normally.
+func (s *server) dispatchBatch(ctx context.Context, spec taskSpec) batchResult {
+	start := time.Now()
+	deadline, ok := ctx.Deadline()
+	if !ok {
+		deadline = start.Add(requestBudget)
+	}
+	key := batchKey{spec.unit, spec.image, spec.digest}
+	b, me := s.batches.join(key, spec.delivery, deadline)
+	if me != nil {
+		select {
+		case <-b.done:
+			return batchResult{out: b.out, carrier: b.carrier, waited: time.Since(start)}
+		case <-me.promoted: // the carrier ran out of time before a slot came free
+		}
+	}
+	res := s.carry(ctx, deadline, key, b, spec)
+	res.waited = time.Since(start)
+	return res
+}
+
+// carry is the carrier's part of dispatchBatch.
+func (s *server) carry(ctx context.Context, deadline time.Time, key batchKey, b *batch, spec taskSpec) batchResult {
+	handedOff := false
+	defer func() {
+		if !handedOff { // also when a panic unwinds: the riders are answered, the batch is gone
+			s.batches.close(key, b)
+			close(b.done)
+		}
+	}()
+	actx, cancel := context.WithDeadline(context.WithoutCancel(ctx), deadline)
+	defer cancel()
+	release, _ := s.admit(actx)
+	res := batchResult{carrier: spec.delivery}
 	if release == nil {
+		if handedOff = s.batches.handOff(key, b); handedOff {
+			res.out = outcomeBusy
+			return res
+		}
 		b.out = outcomeBusy
-		return b, waited
+		res.out = b.out
+		return res
 	}
 	defer release()
-	if res := s.dispatchTask(ctx, spec); res.err != nil {
+	res.riders = len(s.batches.close(key, b))
+	if r := s.dispatchTask(ctx, spec); r.err != nil {
 		b.out = outcomeFailed
-		b.out.res = res
+		b.out.res = r
 	} else {
 		b.out = outcomeQueued
 	}
-	return b, waited
+	res.out = b.out
+	return res
 }
 
 // dispatchTask starts run-task for spec as a transient user unit (systemd-run returns once the

@@ -2132,7 +2132,12 @@ func (s *advServer) signedDelivery(t *testing.T, unit, delivery string, body []b
 // postDelivery sends a signed package delivery and returns the response (its body read and
 // closed) and its text. It may run outside the test's goroutine.
 func (s *advServer) postDelivery(unit, delivery string, body []byte) (*http.Response, string, error) {
-	req, _ := http.NewRequest("POST", s.URL+"/github-package-update/"+unit, bytes.NewReader(body))
+	return s.postDeliveryCtx(context.Background(), unit, delivery, body)
+}
+
+// postDeliveryCtx is postDelivery with a context that can hang up on the server.
+func (s *advServer) postDeliveryCtx(ctx context.Context, unit, delivery string, body []byte) (*http.Response, string, error) {
+	req, _ := http.NewRequestWithContext(ctx, "POST", s.URL+"/github-package-update/"+unit, bytes.NewReader(body))
 	req.Header.Set("X-Hub-Signature-256", hubSignature(advSecret, body))
 	req.Header.Set("X-GitHub-Event", "package")
 	req.Header.Set("X-GitHub-Delivery", delivery)
@@ -2694,9 +2699,14 @@ type asyncAnswer struct {
 
 // sendAsync sends a signed package delivery for unit in the background.
 func (s *advServer) sendAsync(unit, delivery string, body []byte) <-chan asyncAnswer {
+	return s.sendAsyncCtx(context.Background(), unit, delivery, body)
+}
+
+// sendAsyncCtx is sendAsync with a context that can hang up on the server.
+func (s *advServer) sendAsyncCtx(ctx context.Context, unit, delivery string, body []byte) <-chan asyncAnswer {
 	ch := make(chan asyncAnswer, 1)
 	go func() {
-		resp, text, err := s.postDelivery(unit, delivery, body)
+		resp, text, err := s.postDeliveryCtx(ctx, unit, delivery, body)
 		if err != nil {
 			ch <- asyncAnswer{err: err}
 			return
@@ -2736,9 +2746,9 @@ func (s *advServer) freeSlots() {
 // TestDeliveriesQueueForDispatchSlots: with every dispatch slot taken, a delivery's claim is
 // recorded "dispatching" and it waits in line (the waiting gauge shows it), with nothing started
 // until a slot frees; it is then queued as usual, its row noting that it waited. When no slot
-// frees while enough of the budget is left, the delivery, and the one that joined it meanwhile,
-// are refused 503 "busy" with a Retry-After, nothing started, and settled "busy"; their
-// redeliveries, once slots are free, are accepted.
+// frees while enough of its budget is left, the delivery is refused 503 "busy" with a
+// Retry-After, nothing started, and settled "busy"; a delivery that joined it with more budget
+// left waits on in its place, and a redelivery of the refused one is accepted.
 func TestDeliveriesQueueForDispatchSlots(t *testing.T) {
 	s := newAdvServer(t, nil)
 	body := githubPackagePayload("ghcr.io", "octo-org", "web", "v1", "")
@@ -2768,72 +2778,82 @@ func TestDeliveriesQueueForDispatchSlots(t *testing.T) {
 	}
 	queuedID := a.id
 
-	// No slot frees within the budget: refused, nothing started.
+	// No slot frees within the budget of slots-2: it is refused, nothing started. slots-3,
+	// which joined it 1.5 s later, has budget left and takes over the wait; a copy of slots-2
+	// sent meanwhile is held back until slots-2 is answered, then takes the refused claim over
+	// as a redelivery would and joins slots-3. A slot frees: one task covers both.
 	s.srv.work <- struct{}{}
-	carrier := s.sendAsync("web", "slots-2", body)
+	first2 := s.sendAsync("web", "slots-2", body)
 	waitWaiting(1)
-	rider := s.sendAsync("web", "slots-3", body)
-	waitFor(t, "the second delivery joins the first", func() bool { return s.srv.metrics.coalesced.Load() == 1 })
-	busyIDs := map[string]string{}
-	for id, ch := range map[string]<-chan asyncAnswer{"slots-2": carrier, "slots-3": rider} {
-		var a asyncAnswer
-		select {
-		case a = <-ch:
-		case <-time.After(hangGuard):
-			t.Fatalf("%s: no answer", id)
-		}
-		if a.err != nil || a.status != 503 || !strings.Contains(a.text, "too many deliveries in progress") || a.retry == "" {
-			t.Fatalf("%s with every slot taken: %d %q (Retry-After %q) %v, want 503 busy with a Retry-After", id, a.status, a.text, a.retry, a.err)
-		}
-		busyIDs[id] = a.id
+	copy2 := s.sendAsync("web", "slots-2", body)
+	time.Sleep(1500 * time.Millisecond) // slots-3's budget ends 1.5 s after slots-2's
+	later := s.sendAsync("web", "slots-3", body)
+	waitFor(t, "slots-3 joins slots-2", func() bool { return s.srv.batches.riderCount() == 1 })
+	a = await(t, "slots-2", first2)
+	if a.err != nil || a.status != 503 || !strings.Contains(a.text, "too many deliveries in progress") || a.retry == "" {
+		t.Fatalf("slots-2 with every slot taken: %d %q (Retry-After %q) %v, want 503 busy with a Retry-After", a.status, a.text, a.retry, a.err)
 	}
+	busyID := a.id
 	if n := len(s.h.callsOf(keySystemdRun)); n != 1 {
 		t.Errorf("%d dispatches, want only the first delivery's", n)
 	}
-	if st := deliveryStatuses(t, rawDB(t, s.cfg.dbPath), "slots-"); !reflect.DeepEqual(st, map[string]int{"queued": 1, "busy": 2}) {
-		t.Errorf("deliveries after the refusal: %v, want 1 queued and 2 busy", st)
-	}
-	// Their redeliveries once the slots are free are accepted.
-	s.freeSlots()
-	for _, id := range []string{"slots-2", "slots-3"} {
-		resp, text := s.signedDelivery(t, "web", id, body)
-		if resp.StatusCode != 202 || text != "auto-update queued" {
-			t.Errorf("redelivery of the refused %s: %d %q, want 202 auto-update queued", id, resp.StatusCode, text)
-		}
-		if resp.Header.Get("Retry-After") != "" {
-			t.Errorf("an accepted delivery carries Retry-After")
+	waitFor(t, "the copy of slots-2 joins slots-3, which waits on", func() bool {
+		return s.srv.batches.riderCount() == 1 && s.srv.metrics.waiting.Load() == 1
+	})
+	<-s.srv.work
+	b := await(t, "slots-3", later)
+	c := await(t, "the copy of slots-2", copy2)
+	for _, x := range []asyncAnswer{b, c} {
+		if x.err != nil || x.status != 202 || x.text != "auto-update queued" || x.retry != "" {
+			t.Fatalf("after a slot freed: %d %q (Retry-After %q) %v, want 202 auto-update queued", x.status, x.text, x.retry, x.err)
 		}
 	}
-	if n := len(s.h.callsOf(keySystemdRun)); n != 3 {
-		t.Errorf("%d dispatches, want 3: the first delivery and the two redeliveries", n)
+	if calls := s.h.callsOf(keySystemdRun); len(calls) != 2 || calls[1][len(calls[1])-2] != "slots-3" {
+		t.Errorf("dispatches %v, want the first delivery's and slots-3's", calls)
+	}
+	if st := deliveryStatuses(t, rawDB(t, s.cfg.dbPath), "slots-"); !reflect.DeepEqual(st, map[string]int{"queued": 3}) {
+		t.Errorf("deliveries: %v, want 3 queued", st)
 	}
 
 	rows := s.rows(t)
 	if m := rows[queuedID].meta; !strings.Contains(m, `"queued_ms":`) || !strings.Contains(m, `"reason":"queued"`) {
 		t.Errorf("row of the delivery that waited: %s, want queued_ms and reason queued", m)
 	}
-	for id, rid := range busyIDs {
-		if r := rows[rid]; r.status != 503 || !strings.Contains(r.meta, `"reason":"busy"`) || strings.Contains(r.meta, "task_unit") {
-			t.Errorf("row of the refused %s: %d %s, want 503 with reason busy and no task unit", id, r.status, r.meta)
-		}
+	if r := rows[busyID]; r.status != 503 || !strings.Contains(r.meta, `"reason":"busy"`) || strings.Contains(r.meta, "task_unit") {
+		t.Errorf("row of the refused slots-2: %d %s, want 503 with reason busy and no task unit", r.status, r.meta)
 	}
-	if m := rows[busyIDs["slots-3"]].meta; !strings.Contains(m, `"coalesced_into":"slots-2"`) {
-		t.Errorf("row of the delivery that joined the refused one: %s, want coalesced_into slots-2", m)
+	if r := rows[b.id]; r.status != 202 || strings.Contains(r.meta, "coalesced_into") || !strings.Contains(r.meta, `"joined":1`) ||
+		!strings.Contains(r.meta, `"task_unit":"`+taskUnitName("slots-3")+`"`) {
+		t.Errorf("row of slots-3: %d %s, want 202 with its own task unit and one delivery joined", r.status, r.meta)
 	}
-	for _, id := range []string{"slots-2", "slots-3"} {
-		if !strings.Contains(s.logs.String(), "github delivery "+id+" for web.service refused") {
-			t.Errorf("the refusal of %s is not in the log:\n%s", id, s.logs)
-		}
+	if r := rows[c.id]; r.status != 202 || !strings.Contains(r.meta, `"coalesced_into":"slots-3"`) {
+		t.Errorf("row of the copy of slots-2: %d %s, want 202 coalesced into slots-3", r.status, r.meta)
+	}
+	if !strings.Contains(s.logs.String(), "github delivery slots-2 for web.service refused") {
+		t.Errorf("the refusal of slots-2 is not in the log:\n%s", s.logs)
+	}
+}
+
+// await waits for a delivery's answer, failing the test after hangGuard.
+func await(t *testing.T, what string, ch <-chan asyncAnswer) asyncAnswer {
+	t.Helper()
+	select {
+	case a := <-ch:
+		return a
+	case <-time.After(hangGuard):
+		t.Fatalf("%s: no answer", what)
+		return asyncAnswer{}
 	}
 }
 
 // TestDeliveriesCoalesce: deliveries for the unit and image (and digest) of a delivery that is
 // waiting for a dispatch slot join it: they get no task of their own, are answered and recorded
-// as its task's, and a copy of the waiting delivery is still a duplicate. A different digest
+// as its task's, and a copy of the waiting delivery, held back until it is answered, is then a
+// duplicate. A different digest
 // waits on its own. Once a delivery has its slot and is starting its task, a later delivery for
 // the same image gets its own task, since the running one may have pulled before that push.
 // When the carrier's systemd-run fails, every delivery that joined it fails with it and stays
-// redeliverable.
+// redeliverable. A carrier whose client hangs up still waits for a slot for its riders.
 func TestDeliveriesCoalesce(t *testing.T) {
 	s := newAdvServer(t, nil)
 	body := githubPackagePayload("ghcr.io", "octo-org", "web", "v1", "")
@@ -2848,12 +2868,7 @@ func TestDeliveriesCoalesce(t *testing.T) {
 	}
 	answer := func(what string, ch <-chan asyncAnswer, status int, text string) asyncAnswer {
 		t.Helper()
-		var a asyncAnswer
-		select {
-		case a = <-ch:
-		case <-time.After(hangGuard):
-			t.Fatalf("%s: no answer", what)
-		}
+		a := await(t, what, ch)
 		if a.err != nil || a.status != status || a.text != text {
 			t.Fatalf("%s: %d %q %v, want %d %q", what, a.status, a.text, a.err, status, text)
 		}
@@ -2865,15 +2880,18 @@ func TestDeliveriesCoalesce(t *testing.T) {
 	carrier := s.sendAsync("web", "co-a", body)
 	waitFor(t, "co-a waits for a slot", func() bool { return s.srv.metrics.waiting.Load() == 1 })
 	riders := []<-chan asyncAnswer{s.sendAsync("web", "co-b", body), s.sendAsync("web", "co-c", body)}
-	waitFor(t, "co-b and co-c join co-a", func() bool { return s.srv.metrics.coalesced.Load() == 2 })
+	waitFor(t, "co-b and co-c join co-a", func() bool { return s.srv.batches.riderCount() == 2 })
 	digest := s.sendAsync("web", "co-d", other)
 	waitFor(t, "co-d waits for a slot of its own", func() bool { return s.srv.metrics.waiting.Load() == 2 })
-	answer("a copy of the waiting co-a", s.sendAsync("web", "co-a", body), 202, "duplicate delivery")
+	// A copy of co-a waits until co-a is answered: co-a might yet be refused.
+	copyA := s.sendAsync("web", "co-a", body)
+	waitFor(t, "the copy of co-a is held back", func() bool { return s.srv.handling.waiting.Load() == 1 })
 	if ids := dispatchedIDs(); len(ids) != 0 {
 		t.Fatalf("dispatched while every slot was taken: %v", ids)
 	}
 	s.freeSlots()
 	a := answer("co-a", carrier, 202, "auto-update queued")
+	answer("the copy of co-a", copyA, 202, "duplicate delivery")
 	b := answer("co-b", riders[0], 202, "auto-update queued")
 	c := answer("co-c", riders[1], 202, "auto-update queued")
 	answer("co-d", digest, 202, "auto-update queued")
@@ -2900,10 +2918,16 @@ func TestDeliveriesCoalesce(t *testing.T) {
 	}
 
 	// A delivery arriving while the previous one starts its task gets its own.
-	s.h.set(keySystemdRun+".sleep", "500ms")
+	woke := filepath.Join(s.h.dir, keySystemdRun+".woke")
+	os.Remove(woke)
+	s.h.set(keySystemdRun+".sleep", "3s")
 	starting := s.sendAsync("web", "co-e", body)
 	waitFor(t, "co-e's systemd-run runs", func() bool { return slices.Contains(dispatchedIDs(), "co-e") })
 	later := s.sendAsync("web", "co-f", body)
+	waitFor(t, "co-f is claimed", func() bool { return len(deliveryStatuses(t, db, "co-f")) == 1 })
+	if _, err := os.Stat(woke); err == nil {
+		t.Fatal("co-e's systemd-run was done before co-f arrived: the check below would prove nothing")
+	}
 	answer("co-e", starting, 202, "auto-update queued")
 	f := answer("co-f", later, 202, "auto-update queued")
 	if ids := dispatchedIDs(); !slices.Contains(ids, "co-f") {
@@ -2920,7 +2944,7 @@ func TestDeliveriesCoalesce(t *testing.T) {
 	carrier = s.sendAsync("web", "co-g", body)
 	waitFor(t, "co-g waits for a slot", func() bool { return s.srv.metrics.waiting.Load() == 1 })
 	rider := s.sendAsync("web", "co-h", body)
-	waitFor(t, "co-h joins co-g", func() bool { return s.srv.metrics.coalesced.Load() == 3 })
+	waitFor(t, "co-h joins co-g", func() bool { return s.srv.batches.riderCount() == 1 })
 	s.freeSlots()
 	answer("co-g", carrier, 500, "cannot start the redeploy task")
 	h := answer("co-h", rider, 500, "cannot start the redeploy task")
@@ -2940,6 +2964,29 @@ func TestDeliveriesCoalesce(t *testing.T) {
 	resp, text := s.signedDelivery(t, "web", "co-h", body)
 	if resp.StatusCode != 202 || text != "auto-update queued" || !slices.Contains(dispatchedIDs(), "co-h") {
 		t.Errorf("redelivery of co-h: %d %q, dispatched %v; want 202 queued with its own task", resp.StatusCode, text, dispatchedIDs())
+	}
+
+	// The carrier's client hangs up while it waits: it waits on for the delivery that joined it,
+	// and its own claim is settled as what happened (queued), not left dispatching.
+	s.takeSlots()
+	hangup, cancel := context.WithCancel(context.Background())
+	gone := s.sendAsyncCtx(hangup, "web", "co-i", body)
+	waitFor(t, "co-i waits for a slot", func() bool { return s.srv.metrics.waiting.Load() == 1 })
+	rider = s.sendAsync("web", "co-j", body)
+	waitFor(t, "co-j joins co-i", func() bool { return s.srv.batches.riderCount() == 1 })
+	cancel()
+	if a := await(t, "co-i", gone); a.err == nil {
+		t.Fatalf("co-i's client hung up, yet it got %d %q", a.status, a.text)
+	}
+	time.Sleep(100 * time.Millisecond) // a server that gave up on co-i would answer co-j now
+	s.freeSlots()
+	j := answer("co-j", rider, 202, "auto-update queued")
+	if m := s.rowsSoFar(t)[j.id].meta; !strings.Contains(m, `"coalesced_into":"co-i"`) {
+		t.Errorf("row of co-j: %s, want coalesced into co-i", m)
+	}
+	waitFor(t, "co-i is settled", func() bool { return deliveryStatuses(t, db, "co-i")["queued"] == 1 })
+	if !slices.Contains(dispatchedIDs(), "co-i") {
+		t.Errorf("co-i's task was not dispatched: %v", dispatchedIDs())
 	}
 }
 
@@ -3496,6 +3543,47 @@ func TestUntaggedQuadletImage(t *testing.T) {
 		if resp.StatusCode != tc.want || strings.TrimSpace(string(b)) != tc.wantText {
 			t.Errorf("Image=%s, pushed :%s: %d %q, want %d %q", tc.image, tc.tag, resp.StatusCode, b, tc.want, tc.wantText)
 		}
+	}
+}
+
+// TestPanicInDispatchSettlesTheClaim: a delivery whose handler panics after its claim is settled
+// "dispatch-failed" (not left "dispatching", which would answer its redelivery "duplicate"), with
+// one 500 row that names the panic; the redelivery is dispatched.
+func TestPanicInDispatchSettlesTheClaim(t *testing.T) {
+	s := newAdvServer(t, nil)
+	body := githubPackagePayload("ghcr.io", "octo-org", "web", "v1", "")
+	run := s.srv.exec
+	var panicked atomic.Bool
+	s.srv.exec = func(ctx context.Context, timeout time.Duration, argv ...string) cmdResult {
+		if panicked.CompareAndSwap(false, true) {
+			panic("boom in dispatch")
+		}
+		return run(ctx, timeout, argv...)
+	}
+	resp, _ := s.signedDelivery(t, "web", "pan-1", body)
+	if resp.StatusCode != 500 {
+		t.Fatalf("delivery whose dispatch panicked: %d, want 500", resp.StatusCode)
+	}
+	if st := deliveryStatuses(t, rawDB(t, s.cfg.dbPath), "pan-1"); !reflect.DeepEqual(st, map[string]int{"dispatch-failed": 1}) {
+		t.Errorf("claim after the panic: %v, want dispatch-failed", st)
+	}
+	resp, text := s.signedDelivery(t, "web", "pan-1", body)
+	if resp.StatusCode != 202 || text != "auto-update queued" {
+		t.Errorf("redelivery: %d %q, want 202 auto-update queued", resp.StatusCode, text)
+	}
+	var rows []string
+	for _, r := range s.rows(t) {
+		if strings.Contains(r.meta, `"delivery":"pan-1"`) {
+			rows = append(rows, fmt.Sprintf("%d %s", r.status, r.meta))
+		}
+	}
+	sort.Strings(rows)
+	if len(rows) != 2 || !strings.HasPrefix(rows[1], "500 ") || !strings.Contains(rows[1], `"panic":"boom in dispatch"`) ||
+		!strings.Contains(rows[1], `"reason":"dispatch-failed"`) || !strings.HasPrefix(rows[0], "202 ") {
+		t.Errorf("rows of pan-1:\n%s\nwant one 500 dispatch-failed naming the panic, and one 202", strings.Join(rows, "\n"))
+	}
+	if !strings.Contains(s.logs.String(), "panic serving POST /github-package-update/web: boom in dispatch") {
+		t.Errorf("the panic is not in the log:\n%s", s.logs)
 	}
 }
 
