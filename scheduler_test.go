@@ -785,8 +785,8 @@ func TestManualService(t *testing.T) {
 			if tc.want != 400 && resp.Status != tc.wantStatus {
 				t.Errorf("status %q, want %q (%s)", resp.Status, tc.wantStatus, rec.Body)
 			}
-			if tc.lockHeld && !strings.Contains(resp.Message, "a redeploy of web.service is running") {
-				t.Errorf("message %q does not say a redeploy is running", resp.Message)
+			if tc.lockHeld && !strings.Contains(resp.Message, "web.service is busy (a redeploy or another restart holds its lock)") {
+				t.Errorf("message %q does not say the unit is busy", resp.Message)
 			}
 			if wantPlan := resp.DryRun && resp.Image != ""; wantPlan != (len(resp.Plan) > 0) {
 				t.Errorf("plan %q for dry_run=%v image=%q", resp.Plan, resp.DryRun, resp.Image)
@@ -948,7 +948,7 @@ func TestTriggerCommands(t *testing.T) {
 		{name: "no units", args: []string{"trigger-units", "--caller", "x"}, want: 2, wantErr: "nothing to trigger"},
 		{name: "dry run", args: []string{"trigger-units", "a", "--dry-run"}, want: 0, wantOut: "a.service -> dry-run\n    would restart a.service\n"},
 		{name: "a unit being redeployed is left alone", args: []string{"trigger-units", "a", "b"}, locked: "b.service", want: 1,
-			wantOut:   "a.service -> triggered\nb.service -> error\n    a redeploy of b.service is running: not restarted; try again once it is done\n",
+			wantOut:   "a.service -> triggered\nb.service -> error\n    b.service is busy (a redeploy or another restart holds its lock): not restarted; try again once it is done\n",
 			wantCalls: []string{"--user restart -- a.service"}},
 		{name: "systemctl missing", args: []string{"trigger-units", "a"}, noPath: true, want: 1,
 			wantOut: "a.service -> error\n    systemctl is not installed or not on PATH\n"},

@@ -589,27 +589,21 @@ func triggerUnits(ctx context.Context, cfg *config, ids []string, all, dryRun bo
 		if r.Status == triggerInvalid {
 			continue
 		}
-		run, verb := restartUnit, "restart"
+		verb := "restart"
 		if r.Unit == auto {
-			run, verb = startUnit, "start"
+			verb = "start"
 		}
 		if dryRun {
 			r.Status, r.Message = triggerDryRun, "would "+verb+" "+r.Unit
 			continue
 		}
-		var lock *fileLock
-		if r.Unit != auto {
-			var err error
-			if lock, err = lockFile(ctx, unitLockPath(cfg.stateDir, r.Unit), 0); err != nil {
-				r.Status, r.Message = triggerError, "cannot take the unit's lock: "+err.Error()
-				if errors.Is(err, errLockTimeout) {
-					r.Message, r.busy = "a redeploy of "+r.Unit+" is running: not restarted; try again once it is done", true
-				}
-				continue
-			}
+		var res cmdResult
+		if r.Unit == auto {
+			res = startUnit(ctx, cfg, r.Unit)
+		} else if res, r.busy = restartLocked(ctx, cfg, r.Unit); r.busy {
+			r.Status, r.Message = triggerError, r.Unit+" is busy (a redeploy or another restart holds its lock): not restarted; try again once it is done"
+			continue
 		}
-		res := run(ctx, cfg, r.Unit)
-		lock.Unlock()
 		switch {
 		case res.err == nil:
 			r.Status, r.Message = triggerOK, res.note
@@ -620,6 +614,20 @@ func triggerUnits(ctx context.Context, cfg *config, ids []string, all, dryRun bo
 		}
 	}
 	return plan
+}
+
+// restartLocked restarts unit while holding its unit lock, without waiting for it: busy when
+// another holds it. A lock that cannot be taken for another reason is reported as the result.
+func restartLocked(ctx context.Context, cfg *config, unit string) (res cmdResult, busy bool) {
+	lock, err := lockFile(ctx, unitLockPath(cfg.stateDir, unit), 0)
+	if errors.Is(err, errLockTimeout) {
+		return cmdResult{}, true
+	}
+	if err != nil {
+		return cmdResult{exitCode: -1, err: fmt.Errorf("cannot take the unit's lock: %w", err)}, false
+	}
+	defer lock.Unlock()
+	return restartUnit(ctx, cfg, unit), false
 }
 
 // triggerOutcome sums up a manual trigger: valid is how many units were valid, ok whether every

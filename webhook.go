@@ -789,10 +789,12 @@ type batchKey struct{ unit, image, digest string }
 // done, so the task's pull fetches what each of their pushes put in the registry. Once the
 // carrier has a slot the batch closes, before systemd-run starts: a later delivery gets a task
 // of its own. A carrier whose budget runs out hands the batch to the rider with the most budget
-// left, which waits on; only when none has any left is the batch refused busy.
+// left, which waits on; only when none has any left is the batch refused busy. A rider whose
+// own budget runs out first leaves the batch and is refused busy on its own.
 type batch struct {
 	carrier string        // guarded by batches.mu
 	riders  []*batchRider // guarded by batches.mu: the deliveries waiting on the carrier
+	closed  bool          // guarded by batches.mu: its riders are now the task's
 	done    chan struct{} // closed once out is set
 	out     batchOutcome  // what every delivery still in the batch gets
 }
@@ -851,7 +853,20 @@ func (bs *batches) close(k batchKey, b *batch) []*batchRider {
 	if bs.open[k] == b {
 		delete(bs.open, k)
 	}
+	b.closed = true
 	return b.riders
+}
+
+// leave takes rider r out of b, unless b is closed or r was promoted, and returns b's carrier.
+func (bs *batches) leave(b *batch, r *batchRider) (left bool, carrier string) {
+	bs.mu.Lock()
+	defer bs.mu.Unlock()
+	i := slices.Index(b.riders, r)
+	if b.closed || i < 0 {
+		return false, b.carrier
+	}
+	b.riders = slices.Delete(b.riders, i, i+1)
+	return true, b.carrier
 }
 
 // handOff makes the rider of b with the most time left to wait the carrier, when one has more
@@ -870,6 +885,7 @@ func (bs *batches) handOff(k batchKey, b *batch) bool {
 		if bs.open[k] == b {
 			delete(bs.open, k)
 		}
+		b.closed = true
 		return false
 	}
 	next := b.riders[best]
@@ -911,10 +927,23 @@ func (s *server) dispatchBatch(ctx context.Context, spec taskSpec) batchResult {
 	key := batchKey{spec.unit, spec.image, spec.digest}
 	b, me := s.batches.join(key, spec.delivery, deadline)
 	if me != nil {
+		// A rider waits as long as it would for a slot of its own: a carrier handed the batch
+		// may have a later deadline than this rider.
+		t := time.NewTimer(max(time.Until(deadline)-dispatchReserve, 0))
+		defer t.Stop()
 		select {
 		case <-b.done:
 			return batchResult{out: b.out, carrier: b.carrier, waited: time.Since(start)}
 		case <-me.promoted: // the carrier ran out of time before a slot came free
+		case <-t.C:
+			if left, carrier := s.batches.leave(b, me); left {
+				return batchResult{out: outcomeBusy, carrier: carrier, waited: time.Since(start)}
+			}
+			select { // too late to leave: the task is being started, or this rider carries
+			case <-b.done:
+				return batchResult{out: b.out, carrier: b.carrier, waited: time.Since(start)}
+			case <-me.promoted:
+			}
 		}
 	}
 	res := s.carry(ctx, deadline, key, b, spec)

@@ -2747,8 +2747,9 @@ func (s *advServer) freeSlots() {
 // recorded "dispatching" and it waits in line (the waiting gauge shows it), with nothing started
 // until a slot frees; it is then queued as usual, its row noting that it waited. When no slot
 // frees while enough of its budget is left, the delivery is refused 503 "busy" with a
-// Retry-After, nothing started, and settled "busy"; a delivery that joined it with more budget
-// left waits on in its place, and a redelivery of the refused one is accepted.
+// Retry-After, nothing started, and settled "busy"; the delivery that joined it with the most
+// budget left waits on in its place, one that joined it with less is refused when its own
+// budget ends, and a redelivery of the refused one is accepted.
 func TestDeliveriesQueueForDispatchSlots(t *testing.T) {
 	s := newAdvServer(t, nil)
 	body := githubPackagePayload("ghcr.io", "octo-org", "web", "v1", "")
@@ -2785,15 +2786,27 @@ func TestDeliveriesQueueForDispatchSlots(t *testing.T) {
 	s.srv.work <- struct{}{}
 	first2 := s.sendAsync("web", "slots-2", body)
 	waitWaiting(1)
+	early := s.sendAsync("web", "slots-2b", body)
+	waitFor(t, "slots-2b joins slots-2", func() bool { return s.srv.batches.riderCount() == 1 })
 	copy2 := s.sendAsync("web", "slots-2", body)
 	time.Sleep(1500 * time.Millisecond) // slots-3's budget ends 1.5 s after slots-2's
 	later := s.sendAsync("web", "slots-3", body)
-	waitFor(t, "slots-3 joins slots-2", func() bool { return s.srv.batches.riderCount() == 1 })
-	a = await(t, "slots-2", first2)
-	if a.err != nil || a.status != 503 || !strings.Contains(a.text, "too many deliveries in progress") || a.retry == "" {
-		t.Fatalf("slots-2 with every slot taken: %d %q (Retry-After %q) %v, want 503 busy with a Retry-After", a.status, a.text, a.retry, a.err)
+	waitFor(t, "slots-3 joins slots-2", func() bool { return s.srv.batches.riderCount() == 2 })
+	busyIDs := map[string]string{}
+	for _, d := range []struct {
+		id string
+		ch <-chan asyncAnswer
+	}{{"slots-2", first2}, {"slots-2b", early}} {
+		a = await(t, d.id, d.ch)
+		if a.err != nil || a.status != 503 || !strings.Contains(a.text, "too many deliveries in progress") || a.retry == "" {
+			t.Fatalf("%s with every slot taken: %d %q (Retry-After %q) %v, want 503 busy with a Retry-After", d.id, a.status, a.text, a.retry, a.err)
+		}
+		busyIDs[d.id] = a.id
 	}
-	busyID := a.id
+	// slots-2b was refused at the end of its own budget, not kept waiting for slots-3's.
+	if n := s.srv.metrics.waiting.Load(); n != 1 {
+		t.Fatalf("%d deliveries wait for a slot once slots-2b is answered; want slots-3 still waiting", n)
+	}
 	if n := len(s.h.callsOf(keySystemdRun)); n != 1 {
 		t.Errorf("%d dispatches, want only the first delivery's", n)
 	}
@@ -2811,16 +2824,18 @@ func TestDeliveriesQueueForDispatchSlots(t *testing.T) {
 	if calls := s.h.callsOf(keySystemdRun); len(calls) != 2 || calls[1][len(calls[1])-2] != "slots-3" {
 		t.Errorf("dispatches %v, want the first delivery's and slots-3's", calls)
 	}
-	if st := deliveryStatuses(t, rawDB(t, s.cfg.dbPath), "slots-"); !reflect.DeepEqual(st, map[string]int{"queued": 3}) {
-		t.Errorf("deliveries: %v, want 3 queued", st)
+	if st := deliveryStatuses(t, rawDB(t, s.cfg.dbPath), "slots-"); !reflect.DeepEqual(st, map[string]int{"queued": 3, "busy": 1}) {
+		t.Errorf("deliveries: %v, want 3 queued and slots-2b busy", st)
 	}
 
 	rows := s.rows(t)
 	if m := rows[queuedID].meta; !strings.Contains(m, `"queued_ms":`) || !strings.Contains(m, `"reason":"queued"`) {
 		t.Errorf("row of the delivery that waited: %s, want queued_ms and reason queued", m)
 	}
-	if r := rows[busyID]; r.status != 503 || !strings.Contains(r.meta, `"reason":"busy"`) || strings.Contains(r.meta, "task_unit") {
-		t.Errorf("row of the refused slots-2: %d %s, want 503 with reason busy and no task unit", r.status, r.meta)
+	for id, rid := range busyIDs {
+		if r := rows[rid]; r.status != 503 || !strings.Contains(r.meta, `"reason":"busy"`) || strings.Contains(r.meta, "task_unit") {
+			t.Errorf("row of the refused %s: %d %s, want 503 with reason busy and no task unit", id, r.status, r.meta)
+		}
 	}
 	if r := rows[b.id]; r.status != 202 || strings.Contains(r.meta, "coalesced_into") || !strings.Contains(r.meta, `"joined":1`) ||
 		!strings.Contains(r.meta, `"task_unit":"`+taskUnitName("slots-3")+`"`) {
@@ -2829,8 +2844,10 @@ func TestDeliveriesQueueForDispatchSlots(t *testing.T) {
 	if r := rows[c.id]; r.status != 202 || !strings.Contains(r.meta, `"coalesced_into":"slots-3"`) {
 		t.Errorf("row of the copy of slots-2: %d %s, want 202 coalesced into slots-3", r.status, r.meta)
 	}
-	if !strings.Contains(s.logs.String(), "github delivery slots-2 for web.service refused") {
-		t.Errorf("the refusal of slots-2 is not in the log:\n%s", s.logs)
+	for _, id := range []string{"slots-2", "slots-2b"} {
+		if !strings.Contains(s.logs.String(), "github delivery "+id+" for web.service refused") {
+			t.Errorf("the refusal of %s is not in the log:\n%s", id, s.logs)
+		}
 	}
 }
 
