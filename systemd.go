@@ -544,7 +544,7 @@ type triggerResult struct {
 	Unit    string `json:"unit"`
 	Status  string `json:"status"`
 	Message string `json:"message"`
-	busy    bool   // an error because a redeploy of the unit is running (see triggerUnits)
+	busy    bool   // an error because the unit's lock is held (see triggerUnits)
 }
 
 // planTrigger resolves unit identifiers (see resolveUnit) in the order given. With all set, or
@@ -580,7 +580,8 @@ func planTrigger(cfg *config, ids []string, all bool) []triggerResult {
 // restarted. A failure is reported and the remaining units are still processed. A unit is
 // restarted while holding its unit lock, the one run-task holds for a whole redeploy: a restart
 // in the middle of one could fail its health gate and roll a good image back. So a unit whose
-// redeploy is running is not restarted but reported as an error, to be retried once it is done.
+// lock is held (by a redeploy, or another restart) is not restarted but reported as an error, to
+// be retried once it is free.
 func triggerUnits(ctx context.Context, cfg *config, ids []string, all, dryRun bool) []triggerResult {
 	plan := planTrigger(cfg, ids, all)
 	auto, _ := resolveUnit(cfg.autoUpdateUnit)
