@@ -953,6 +953,28 @@ func TestRigSmoke(t *testing.T) {
 	r.WaitFor(t, 30*time.Second, func() bool { return r.ContainerImage(t, "rig-smoke") == v2 }, "rig-smoke to run v2 "+v2+" after podman-auto-update.service")
 }
 
+// installSocketServer installs the built server as it is deployed: a Type=notify service behind a
+// socket unit on 127.0.0.1:port, with extra [Service] lines and its output appended to logPath.
+// The service is installed before the socket, so cleanup stops the socket first. It returns the
+// two unit names; the caller starts the socket.
+func (r *rig) installSocketServer(t *testing.T, bin, state, logPath string, port int, extra ...string) (service, socket string) {
+	t.Helper()
+	name := rigUniqueName(t, "webhook")
+	service, socket = name+".service", name+".socket"
+	r.InstallUnit(t, service, fmt.Sprintf(`[Unit]
+Description=webhook-auto-update e2e server
+
+[Service]
+Type=notify
+NotifyAccess=main
+ExecStart=%s server --state-dir %s
+%sStandardOutput=append:%s
+StandardError=append:%s
+`, bin, state, strings.Join(append(extra, ""), "\n"), logPath, logPath))
+	r.InstallUnit(t, socket, fmt.Sprintf("[Socket]\nListenStream=127.0.0.1:%d\nAccept=no\n", port))
+	return service, socket
+}
+
 // TestE2ESocketActivation runs the built server under the user manager behind
 // a socket unit, as deployed, and checks it answers, stops cleanly on SIGTERM
 // and logged the request.
@@ -965,20 +987,7 @@ func TestE2ESocketActivation(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	name := rigUniqueName(t, "webhook")
-	service, socket := name+".service", name+".socket"
-	// Installed before the socket, so cleanup stops the socket first.
-	r.InstallUnit(t, service, fmt.Sprintf(`[Unit]
-Description=webhook-auto-update e2e server
-
-[Service]
-Type=notify
-NotifyAccess=main
-ExecStart=%s server --state-dir %s
-StandardOutput=append:%s
-StandardError=append:%s
-`, bin, state, logPath, logPath))
-	r.InstallUnit(t, socket, fmt.Sprintf("[Socket]\nListenStream=127.0.0.1:%d\nAccept=no\n", port))
+	service, socket := r.installSocketServer(t, bin, state, logPath, port)
 	serverLog := func() string {
 		b, _ := os.ReadFile(logPath)
 		return strings.TrimSpace(string(b))

@@ -3113,23 +3113,8 @@ func TestE2EKillServerMidBurst(t *testing.T) {
 	if _, err := r.Systemctl(t, "start", app); err != nil {
 		t.Fatal(err)
 	}
-	name := rigUniqueName(t, "webhook")
-	service, socket := name+".service", name+".socket"
-	r.InstallUnit(t, service, fmt.Sprintf(`[Unit]
-Description=webhook-auto-update kill -9 e2e server
-
-[Service]
-Type=notify
-NotifyAccess=main
-ExecStart=%s server --state-dir %s
-Environment=GITHUB_WEBHOOK_SECRET=%s
-Environment=WEBHOOK_HEALTH_SETTLE_SECS=1
-Restart=on-failure
-RestartSec=1
-StandardOutput=append:%s
-StandardError=append:%s
-`, bin, state, secret, logPath, logPath))
-	r.InstallUnit(t, socket, fmt.Sprintf("[Socket]\nListenStream=127.0.0.1:%d\nAccept=no\n", port))
+	service, socket := r.installSocketServer(t, bin, state, logPath, port, "Environment=GITHUB_WEBHOOK_SECRET="+secret,
+		"Environment=WEBHOOK_HEALTH_SETTLE_SECS=1", "Restart=on-failure", "RestartSec=1")
 	if _, err := r.Systemctl(t, "start", socket); err != nil {
 		t.Fatal(err)
 	}
