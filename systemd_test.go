@@ -141,19 +141,10 @@ var listenVars = []string{"LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"}
 func TestActivationListenerFromSystemd(t *testing.T) {
 	fd, addr := rawListenerFD(t)
 	setFirstListenFD(t, fd)
-	t.Setenv("LISTEN_PID", strconv.Itoa(os.Getpid()))
-	t.Setenv("LISTEN_FDS", "1")
-	t.Setenv("LISTEN_FDNAMES", "web")
-
-	ls, err := activationListeners(os.Getenv)
+	ls, err := activateAsSystemd(t, "1", "web")
 	if err != nil {
 		t.Fatalf("activationListeners: %v", err)
 	}
-	defer func() {
-		for _, l := range ls {
-			l.Close()
-		}
-	}()
 	if len(ls) != 1 {
 		t.Fatalf("got %d listeners, want 1", len(ls))
 	}
@@ -183,19 +174,10 @@ func TestActivationSeveralListeners(t *testing.T) {
 		syscall.Close(fd)
 	}
 	setFirstListenFD(t, fd1)
-	t.Setenv("LISTEN_PID", strconv.Itoa(os.Getpid()))
-	t.Setenv("LISTEN_FDS", "2")
-	t.Setenv("LISTEN_FDNAMES", "web:other")
-
-	ls, err := activationListeners(os.Getenv)
+	ls, err := activateAsSystemd(t, "2", "web:other")
 	if err != nil {
 		t.Fatalf("activationListeners: %v", err)
 	}
-	defer func() {
-		for _, l := range ls {
-			l.Close()
-		}
-	}()
 	if len(ls) != 2 {
 		t.Fatalf("got %d listeners, want 2", len(ls))
 	}
@@ -210,6 +192,23 @@ func TestActivationSeveralListeners(t *testing.T) {
 	}
 	assertServes(t, ls[0], addr1)
 	assertServes(t, ls[1], addr2)
+}
+
+// activateAsSystemd sets LISTEN_PID (this process), LISTEN_FDS and LISTEN_FDNAMES as systemd
+// does for an activated service, and returns what activationListeners makes of them; the
+// listeners are closed when the test ends.
+func activateAsSystemd(t *testing.T, fds, names string) ([]net.Listener, error) {
+	t.Helper()
+	t.Setenv("LISTEN_PID", strconv.Itoa(os.Getpid()))
+	t.Setenv("LISTEN_FDS", fds)
+	t.Setenv("LISTEN_FDNAMES", names)
+	ls, err := activationListeners(os.Getenv)
+	t.Cleanup(func() {
+		for _, l := range ls {
+			l.Close()
+		}
+	})
+	return ls, err
 }
 
 func fdOpen(fd int) bool {
@@ -260,13 +259,7 @@ func TestActivationNotForThisProcess(t *testing.T) {
 func TestActivationInvalidFDCount(t *testing.T) {
 	for _, fds := range []string{"x", "-1", "1x", "0x1"} {
 		t.Run(fds, func(t *testing.T) {
-			t.Setenv("LISTEN_PID", strconv.Itoa(os.Getpid()))
-			t.Setenv("LISTEN_FDS", fds)
-			t.Setenv("LISTEN_FDNAMES", "web")
-			ls, err := activationListeners(os.Getenv)
-			for _, l := range ls {
-				l.Close()
-			}
+			ls, err := activateAsSystemd(t, fds, "web")
 			if err == nil {
 				t.Fatalf("LISTEN_FDS=%q: no error, %d listeners", fds, len(ls))
 			}
@@ -290,13 +283,7 @@ func TestActivationFDNotASocket(t *testing.T) {
 		t.Fatal(err)
 	}
 	setFirstListenFD(t, fd)
-	t.Setenv("LISTEN_PID", strconv.Itoa(os.Getpid()))
-	t.Setenv("LISTEN_FDS", "1")
-	t.Setenv("LISTEN_FDNAMES", "web")
-	ls, err := activationListeners(os.Getenv)
-	for _, l := range ls {
-		l.Close()
-	}
+	_, err = activateAsSystemd(t, "1", "web")
 	if err == nil {
 		t.Fatal("a regular file was accepted as a listening socket")
 	}
