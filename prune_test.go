@@ -135,14 +135,7 @@ func (f *pruneFixture) config(t *testing.T, env map[string]string) *config {
 	for k, v := range env {
 		full[k] = v
 	}
-	cfg, err := loadConfig(envFunc(full))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cfg.finish(); err != nil {
-		t.Fatal(err)
-	}
-	return cfg
+	return testConfig(t, full)
 }
 
 // counts is the comparable part of a report.
@@ -312,7 +305,7 @@ func TestPruneStateCommand(t *testing.T) {
 				state = filepath.Join(t.TempDir(), "nowhere")
 			}
 			var out, errb logBuffer
-			got := run(append([]string{"prune-state"}, tc.args...), envFunc(map[string]string{"WEBHOOK_STATE_DIR": state}), &out, &errb)
+			got := run(append([]string{"prune-state"}, tc.args...), mapEnv(map[string]string{"WEBHOOK_STATE_DIR": state}), &out, &errb)
 			if got != tc.want || out.String() != tc.wantOut || !strings.Contains(errb.String(), tc.wantErr) {
 				t.Fatalf("exit %d stdout %q, want %d %q; stderr (want %q):\n%s", got, out.String(), tc.want, tc.wantOut, tc.wantErr, errb.String())
 			}
@@ -443,7 +436,7 @@ func TestPruneOldEvents(t *testing.T) {
 	count := func() int {
 		return len(actionRows(t, dbPath, "health"))
 	}
-	env := envFunc(map[string]string{"WEBHOOK_STATE_DIR": state})
+	env := mapEnv(map[string]string{"WEBHOOK_STATE_DIR": state})
 	for _, tc := range []struct {
 		args     []string
 		wantLine string

@@ -147,11 +147,6 @@ func (l *logBuffer) String() string {
 	return l.b.String()
 }
 
-// envFunc turns a map into a getenv.
-func envFunc(m map[string]string) func(string) string {
-	return func(k string) string { return m[k] }
-}
-
 // The scheduler
 
 // schedClock is a fake clock: ticks and sleeps advance it instead of waiting.
@@ -318,7 +313,7 @@ func TestSchedulerCommand(t *testing.T) {
 				env[k] = v
 			}
 			var out, errb logBuffer
-			exit := run(append([]string{"scheduler"}, tc.args...), envFunc(env), &out, &errb)
+			exit := run(append([]string{"scheduler"}, tc.args...), mapEnv(env), &out, &errb)
 			if exit != tc.wantExit {
 				t.Fatalf("exit %d, want %d; stderr:\n%s", exit, tc.wantExit, errb.String())
 			}
@@ -424,17 +419,7 @@ type manualHarness struct {
 func newManualHarness(t *testing.T, env map[string]string, failing ...string) *manualHarness {
 	t.Helper()
 	h := &manualHarness{logs: &logBuffer{}, fake: useFakeSystemctl(t, failing...)}
-	full := map[string]string{"WEBHOOK_STATE_DIR": t.TempDir()}
-	for k, v := range env {
-		full[k] = v
-	}
-	cfg, err := loadConfig(envFunc(full))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cfg.finish(); err != nil {
-		t.Fatal(err)
-	}
+	cfg := testConfig(t, env)
 	lg := newLogger(h.logs)
 	events, err := openEventLog(cfg.dbPath, lg)
 	if err != nil {
@@ -980,7 +965,7 @@ func TestTriggerCommands(t *testing.T) {
 				defer lock.Unlock()
 			}
 			var out, errb logBuffer
-			got := run(tc.args, envFunc(env), &out, &errb)
+			got := run(tc.args, mapEnv(env), &out, &errb)
 			if got != tc.want || out.String() != tc.wantOut || !strings.Contains(errb.String(), tc.wantErr) {
 				t.Fatalf("exit %d, stdout:\n%s\nwant exit %d, stdout:\n%s\nstderr (want %q):\n%s", got, out.String(), tc.want, tc.wantOut, tc.wantErr, errb.String())
 			}

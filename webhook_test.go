@@ -48,6 +48,24 @@ func mapEnv(m map[string]string) func(string) string {
 	return func(k string) string { return m[k] }
 }
 
+// testConfig loads the configuration from env and finishes it as cmdServer does, with the state
+// directory in a temp dir unless env names one.
+func testConfig(t testing.TB, env map[string]string) *config {
+	t.Helper()
+	full := map[string]string{"WEBHOOK_STATE_DIR": t.TempDir()}
+	for k, v := range env {
+		full[k] = v
+	}
+	cfg, err := loadConfig(mapEnv(full))
+	if err != nil {
+		t.Fatalf("loadConfig: %v", err)
+	}
+	if err := cfg.finish(); err != nil {
+		t.Fatalf("finish: %v", err)
+	}
+	return cfg
+}
+
 // testServer is a server on an httptest listener with its event log.
 type testServer struct {
 	*httptest.Server
@@ -62,16 +80,7 @@ type testServer struct {
 // edit may change the configuration before the server is built.
 func newTestServer(t testing.TB, env map[string]string, edit func(cfg *config)) *testServer {
 	t.Helper()
-	cfg, err := loadConfig(mapEnv(env))
-	if err != nil {
-		t.Fatalf("loadConfig: %v", err)
-	}
-	if env["WEBHOOK_STATE_DIR"] == "" {
-		cfg.stateDir = t.TempDir()
-	}
-	if err := cfg.finish(); err != nil {
-		t.Fatalf("finish: %v", err)
-	}
+	cfg := testConfig(t, env)
 	if edit != nil {
 		edit(cfg)
 	}
