@@ -431,74 +431,200 @@ func redactQuery(raw string) string {
 	return b.String()
 }
 
-// staleClaim is how long a delivery may stay "dispatching" before a redelivery may take it over:
-// the server that claimed it died between the claim and systemd-run.
-const staleClaim = 2 * time.Minute
+// The delivery queue. A GitHub delivery's claim row in github_deliveries (migrations/0003) is
+// its place in the queue: claimDelivery commits it as 'pending' together with the request's
+// row, the server answers 202, and the dispatcher (webhook.go) later takes it with nextTask.
+// Every change of a claim's status is one transaction that also writes the rows saying so, so
+// the event log tells each delivery's story in order: queued, dispatched (or retried, or
+// failed), then the task's steps.
 
-// claimDelivery records a GitHub delivery id before its redeploy is dispatched, together with
-// the request's event row (ev, as "dispatching"), in one transaction: the row is written before
-// the task can write its first step, so a delivery's rows read in the order things happened. It
-// returns the row's id, or 0 when the id was already accepted and the caller answers "duplicate
-// delivery". A delivery whose dispatch failed, that was refused busy, or whose claim went stale,
-// may be claimed again. The statuses: dispatching, then queued, busy or dispatch-failed.
-func (l *eventLog) claimDelivery(ctx context.Context, id, unit, image, eventName string, ev event) (int64, error) {
-	var rowID int64
+// claimDelivery records a delivery as pending, with the request's row ev, in one transaction.
+// It reports false, writing nothing, when the delivery id is already claimed: a copy of a
+// delivery is a duplicate through the table's primary key alone. A claim whose dispatch failed
+// for good is taken over, because only a person redelivers on GitHub.
+func (l *eventLog) claimDelivery(ctx context.Context, t taskSpec, ev event) (bool, error) {
+	claimed := false
 	err := l.write(ctx, func(tx *sql.Tx) error {
+		now := ev.TS
 		res, err := tx.ExecContext(ctx, `INSERT INTO github_deliveries
-			(delivery_id, unit, image, event, request_id, status, received_at, updated_at)
-			VALUES (?, ?, ?, ?, ?, 'dispatching', ?, ?)
+			(delivery_id, unit, image, event, request_id, status, received_at, updated_at, path, digest, claimed_at)
+			VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?)
 			ON CONFLICT (delivery_id) DO UPDATE SET unit = excluded.unit, image = excluded.image,
-				event = excluded.event, request_id = excluded.request_id, status = 'dispatching',
-				updated_at = excluded.updated_at
-			WHERE github_deliveries.status IN ('dispatch-failed', 'busy')
-				OR (github_deliveries.status = 'dispatching' AND github_deliveries.updated_at < ?)`,
-			id, unit, image, eventName, ev.RequestID, ev.TS.Unix(), ev.TS.Unix(), ev.TS.Add(-staleClaim).Unix())
+				event = excluded.event, request_id = excluded.request_id, status = 'pending',
+				updated_at = excluded.updated_at, path = excluded.path, digest = excluded.digest,
+				claimed_at = excluded.claimed_at, attempts = 0, next_attempt_at = 0,
+				covered_by = NULL, task_unit = NULL, error = NULL
+			WHERE github_deliveries.status = 'failed'`,
+			t.delivery, t.unit, t.image, t.event, ev.RequestID, now.Unix(), now.Unix(), t.path, t.digest, now.UnixMilli())
 		if err != nil {
 			return err
 		}
 		if n, err := res.RowsAffected(); err != nil || n != 1 {
-			return err // n == 0: already accepted; rowID stays 0 and nothing is written
+			return err // n == 0: already claimed; nothing is written
 		}
-		if err := insertEvent(ctx, tx, ev); err != nil {
-			return err
-		}
-		return tx.QueryRowContext(ctx, `SELECT last_insert_rowid()`).Scan(&rowID)
+		claimed = true
+		return insertEvent(ctx, tx, ev)
 	})
 	if err != nil {
-		return 0, fmt.Errorf("record delivery %s: %w", id, err)
+		return false, fmt.Errorf("record delivery %s: %w", t.delivery, err)
 	}
-	return rowID, nil
+	return claimed, nil
 }
 
-// releaseStaleClaims marks every delivery still "dispatching" as "dispatch-failed", so that
-// GitHub's redelivery runs it. Called when the server starts: one server serves a state
-// directory, so such a claim belongs to a server that died between the claim and systemd-run,
-// and GitHub never got its 202.
-func (l *eventLog) releaseStaleClaims(ctx context.Context) (int64, error) {
-	var n int64
-	err := l.write(ctx, func(tx *sql.Tx) error {
-		res, err := tx.ExecContext(ctx, `UPDATE github_deliveries SET status = 'dispatch-failed', updated_at = ?
-			WHERE status = 'dispatching'`, time.Now().Unix())
-		if err == nil {
-			n, err = res.RowsAffected()
+// queuedTask is one task the dispatcher starts: the first pending claim in arrival order whose
+// unit runs no task, and every other pending claim of the same unit and image, which the task
+// covers. The pull fetches the tag as it is when the task runs, which includes every push
+// announced before, whatever its digest.
+type queuedTask struct {
+	taskSpec           // the first claim's; digest is the newest claim's
+	covered  []string  // the deliveries whose claims the task covers, the first one first
+	attempts int       // systemd-runs that failed before
+	claimed  time.Time // when the first claim arrived
+}
+
+// nextTask takes the next task off the queue, marking its claims 'dispatching' with the task
+// unit's name and writing the rows that rows makes of it, and returns it; ok is false when no
+// claim is due. pending counts the claims left waiting (for their unit's running task, or for a
+// retry).
+func (l *eventLog) nextTask(ctx context.Context, now time.Time, rows func(queuedTask) []event) (qt queuedTask, ok bool, pending int, err error) {
+	err = l.write(ctx, func(tx *sql.Tx) error {
+		var claimedMS int64
+		err := tx.QueryRowContext(ctx, `SELECT delivery_id, unit, image, event, path, attempts, claimed_at
+			FROM github_deliveries
+			WHERE status = 'pending' AND next_attempt_at <= ?
+				AND unit NOT IN (SELECT unit FROM github_deliveries WHERE status IN ('dispatching', 'dispatched'))
+			ORDER BY claimed_at, rowid LIMIT 1`, now.UnixMilli()).
+			Scan(&qt.delivery, &qt.unit, &qt.image, &qt.event, &qt.path, &qt.attempts, &claimedMS)
+		if errors.Is(err, sql.ErrNoRows) {
+			return tx.QueryRowContext(ctx, `SELECT count(*) FROM github_deliveries WHERE status = 'pending'`).Scan(&pending)
 		}
-		return err
-	})
-	return n, err
-}
-
-// settleDelivery sets a claimed delivery's status and completes its request row (status,
-// duration, meta) in one transaction, so the answer to GitHub is sent only once both are durable.
-func (l *eventLog) settleDelivery(ctx context.Context, id, status string, rowID int64, ev event) error {
-	return l.write(ctx, func(tx *sql.Tx) error {
-		if _, err := tx.ExecContext(ctx, `UPDATE github_deliveries SET status = ?, updated_at = ? WHERE delivery_id = ?`,
-			status, ev.TS.Unix(), id); err != nil {
+		if err != nil {
 			return err
 		}
-		_, err := tx.ExecContext(ctx, `UPDATE event_log SET status = ?, duration_ms = ?, meta = ? WHERE id = ?`,
-			ev.Status, ev.Duration.Milliseconds(), ev.metaJSON(), rowID)
+		qt.claimed = time.UnixMilli(claimedMS)
+		taken, err := tx.QueryContext(ctx, `UPDATE github_deliveries
+			SET status = 'dispatching', covered_by = ?, task_unit = ?, updated_at = ?
+			WHERE status = 'pending' AND unit = ? AND image = ?
+			RETURNING delivery_id, digest, claimed_at`,
+			qt.delivery, taskUnitName(qt.delivery), now.Unix(), qt.unit, qt.image)
+		if err != nil {
+			return err
+		}
+		defer taken.Close()
+		var newest int64 = -1
+		for taken.Next() {
+			var id, digest string
+			var at int64
+			if err := taken.Scan(&id, &digest, &at); err != nil {
+				return err
+			}
+			if id == qt.delivery {
+				qt.covered = append([]string{id}, qt.covered...)
+			} else {
+				qt.covered = append(qt.covered, id)
+			}
+			if at > newest && digest != "" {
+				qt.digest, newest = digest, at
+			}
+		}
+		if err := taken.Err(); err != nil {
+			return err
+		}
+		taken.Close()
+		for _, ev := range rows(qt) {
+			if err := insertEvent(ctx, tx, ev); err != nil {
+				return err
+			}
+		}
+		ok = true
+		return nil
+	})
+	return qt, ok, pending, err
+}
+
+// settleDispatch records what became of a task's systemd-run: status 'dispatched', 'pending'
+// (retry at retryAt) or 'failed', with errText, for every claim the task covers, and writes
+// their rows (evs) in the same transaction.
+func (l *eventLog) settleDispatch(ctx context.Context, taskUnit, status, errText string, retryAt time.Time, evs []event) error {
+	return l.write(ctx, func(tx *sql.Tx) error {
+		var err error
+		now := time.Now().Unix()
+		switch status {
+		case "pending":
+			_, err = tx.ExecContext(ctx, `UPDATE github_deliveries SET status = 'pending', attempts = attempts + 1,
+				next_attempt_at = ?, error = ?, covered_by = NULL, task_unit = NULL, updated_at = ?
+				WHERE task_unit = ? AND status = 'dispatching'`, retryAt.UnixMilli(), errText, now, taskUnit)
+		default:
+			_, err = tx.ExecContext(ctx, `UPDATE github_deliveries SET status = ?, error = nullif(?, ''), updated_at = ?
+				WHERE task_unit = ? AND status = 'dispatching'`, status, errText, now, taskUnit)
+		}
+		if err != nil {
+			return err
+		}
+		for _, ev := range evs {
+			if err := insertEvent(ctx, tx, ev); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+// finishTask marks the claims a task covered 'done'. run-task calls it as it ends; the
+// dispatcher calls it for a task whose unit is gone without having done so (killed), with why.
+func (l *eventLog) finishTask(ctx context.Context, taskUnit, why string) error {
+	return l.write(ctx, func(tx *sql.Tx) error {
+		_, err := tx.ExecContext(ctx, `UPDATE github_deliveries SET status = 'done', error = nullif(?, ''), updated_at = ?
+			WHERE task_unit = ? AND status IN ('dispatching', 'dispatched')`, why, time.Now().Unix(), taskUnit)
 		return err
 	})
+}
+
+// claimedTask is a task unit whose claims are in status (dispatching or dispatched), with the
+// first claim it covers.
+type claimedTask struct{ taskUnit, delivery, unit string }
+
+// tasksIn lists the task units whose claims are in status and were last updated before
+// before.
+func (l *eventLog) tasksIn(ctx context.Context, status string, before time.Time) ([]claimedTask, error) {
+	rows, err := l.db.QueryContext(ctx, `SELECT DISTINCT task_unit, covered_by, unit FROM github_deliveries
+		WHERE status = ? AND updated_at < ? AND task_unit IS NOT NULL`, status, before.Unix())
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []claimedTask
+	for rows.Next() {
+		var c claimedTask
+		var leader sql.NullString
+		if err := rows.Scan(&c.taskUnit, &leader, &c.unit); err != nil {
+			return nil, err
+		}
+		c.delivery = leader.String
+		out = append(out, c)
+	}
+	return out, rows.Err()
+}
+
+// touchTask notes that a dispatched task was seen running, so it is not looked at again soon.
+func (l *eventLog) touchTask(ctx context.Context, taskUnit string) error {
+	return l.write(ctx, func(tx *sql.Tx) error {
+		_, err := tx.ExecContext(ctx, `UPDATE github_deliveries SET updated_at = ? WHERE task_unit = ? AND status = 'dispatched'`,
+			time.Now().Unix(), taskUnit)
+		return err
+	})
+}
+
+// queueStats counts the pending claims and returns when the oldest of them arrived (zero when
+// there is none), for /metrics and the status page.
+func (l *eventLog) queueStats(ctx context.Context) (pending int, oldest time.Time, err error) {
+	var first sql.NullInt64
+	err = l.db.QueryRowContext(ctx, `SELECT count(*), min(claimed_at) FROM github_deliveries WHERE status = 'pending'`).
+		Scan(&pending, &first)
+	if first.Valid {
+		oldest = time.UnixMilli(first.Int64)
+	}
+	return pending, oldest, err
 }
 
 // eventFilter selects event_log rows for the events command, /api/events and
@@ -772,14 +898,19 @@ type metrics struct {
 	requests   map[[2]string]int64 // route pattern, status
 	deliveries map[string]int64    // outcome of a GitHub delivery
 	rejections map[string]int64    // 429s by action
-
-	dispatching atomic.Int64 // deliveries holding a dispatch slot (see server.admit)
-	waiting     atomic.Int64 // deliveries waiting for one
-	coalesced   atomic.Int64 // deliveries that joined another delivery's task (see server.dispatchBatch)
+	dispatches map[string]int64    // systemd-runs of queued tasks by result
 }
 
 func newMetrics(now time.Time) *metrics {
-	return &metrics{start: now, requests: map[[2]string]int64{}, deliveries: map[string]int64{}, rejections: map[string]int64{}}
+	return &metrics{start: now, requests: map[[2]string]int64{}, deliveries: map[string]int64{}, rejections: map[string]int64{},
+		dispatches: map[string]int64{}}
+}
+
+// dispatched counts one systemd-run of a queued task: dispatched, dispatch-retry or dispatch-failed.
+func (m *metrics) dispatched(result string) {
+	m.mu.Lock()
+	m.dispatches[result]++
+	m.mu.Unlock()
 }
 
 // observe counts one answered request. The route is the matched pattern, so labels stay few.
@@ -827,6 +958,10 @@ func (m *metrics) writeMetrics(ctx context.Context, w io.Writer, events *eventLo
 	for _, k := range sortedKeys(m.rejections, func(a, b string) bool { return a < b }) {
 		p.sample("webhook_rate_limit_rejections_total", []string{"action", k}, float64(m.rejections[k]))
 	}
+	p.family("webhook_dispatches_total", "counter", "systemd-runs of queued redeploy tasks, by result (dispatched, dispatch-retry, dispatch-failed).")
+	for _, k := range sortedKeys(m.dispatches, func(a, b string) bool { return a < b }) {
+		p.sample("webhook_dispatches_total", []string{"result", k}, float64(m.dispatches[k]))
+	}
 	start := m.start
 	m.mu.Unlock()
 
@@ -834,12 +969,18 @@ func (m *metrics) writeMetrics(ctx context.Context, w io.Writer, events *eventLo
 	p.sample("webhook_event_log_write_failures_total", nil, float64(events.failures.Load()))
 	p.family("webhook_event_log_queue_depth", "gauge", "Event rows queued and not yet committed.")
 	p.sample("webhook_event_log_queue_depth", nil, float64(events.pending.Load()))
-	p.family("webhook_deliveries_dispatching", "gauge", "GitHub deliveries recording and starting their redeploy now.")
-	p.sample("webhook_deliveries_dispatching", nil, float64(m.dispatching.Load()))
-	p.family("webhook_deliveries_waiting", "gauge", "GitHub deliveries waiting for a dispatch slot; beyond the budget they are refused with 503.")
-	p.sample("webhook_deliveries_waiting", nil, float64(m.waiting.Load()))
-	p.family("webhook_deliveries_coalesced_total", "counter", "GitHub deliveries queued with the task of an earlier delivery of the same unit and image that was still waiting for a slot.")
-	p.sample("webhook_deliveries_coalesced_total", nil, float64(m.coalesced.Load()))
+	pending, oldest, err := events.queueStats(ctx)
+	if err != nil {
+		return err
+	}
+	p.family("webhook_delivery_queue_pending", "gauge", "Deliveries recorded and waiting for their redeploy task to be started.")
+	p.sample("webhook_delivery_queue_pending", nil, float64(pending))
+	age := 0.0
+	if !oldest.IsZero() {
+		age = max(time.Since(oldest).Seconds(), 0)
+	}
+	p.family("webhook_delivery_queue_oldest_age_seconds", "gauge", "Age of the oldest pending delivery; 0 when none waits.")
+	p.sample("webhook_delivery_queue_oldest_age_seconds", nil, age)
 	p.family("process_start_time_seconds", "gauge", "Start time of the process since the unix epoch in seconds.")
 	p.sample("process_start_time_seconds", nil, float64(start.Unix()))
 	p.family("webhook_build_info", "gauge", "Build information; the value is always 1.")

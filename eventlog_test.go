@@ -1723,9 +1723,9 @@ func TestMetrics(t *testing.T) {
 		"webhook_http_requests_total": "counter", "webhook_github_deliveries_total": "counter",
 		"webhook_rate_limit_rejections_total": "counter", "webhook_event_log_write_failures_total": "counter",
 		"webhook_event_log_queue_depth": "gauge", "process_start_time_seconds": "gauge", "webhook_build_info": "gauge",
-		"webhook_deliveries_dispatching": "gauge", "webhook_deliveries_waiting": "gauge",
-		"webhook_deliveries_coalesced_total": "counter",
-		"webhook_redeploy_steps_total":       "counter", "webhook_pull_duration_seconds": "histogram",
+		"webhook_delivery_queue_pending": "gauge", "webhook_delivery_queue_oldest_age_seconds": "gauge",
+		"webhook_dispatches_total":     "counter",
+		"webhook_redeploy_steps_total": "counter", "webhook_pull_duration_seconds": "histogram",
 		"webhook_restart_duration_seconds": "histogram",
 	}
 	gotTypes := map[string]string{}
@@ -1834,8 +1834,14 @@ func TestMetricsToken(t *testing.T) {
 		ids = append(ids, resp.Header.Get("X-Request-Id"))
 	}
 	rows := ts.rows(t)
-	for _, id := range ids {
+	for i, id := range ids {
 		r, ok := rows[id]
+		if i >= 4 { // the two scrapes that succeeded are counted in the probe summary
+			if ok || probeCount(t, rows) != 2 {
+				t.Errorf("scrape %d: own row %v, probe summaries count %d; want it counted there", i, ok, probeCount(t, rows))
+			}
+			continue
+		}
 		if !ok {
 			t.Errorf("no row for request %s", id)
 			continue
@@ -2169,25 +2175,27 @@ func TestDeliveryAPI(t *testing.T) {
 		t.Errorf("d-1 ran its own task, yet task_delivery is %q", p.TaskDelivery)
 	}
 
-	// A delivery that joined d-1's task: its story goes on with d-1's task steps, not d-1's
-	// request, and the answer names d-1.
+	// A delivery covered by d-1's task: its story goes on with its dispatch row, then d-1's
+	// task steps, not d-1's request, and the answer names d-1.
 	if err := ts.events.Write(context.Background(),
 		event{RequestID: "req-d20", TS: fixtureNow, Method: "POST", Path: "/github-package-update/demo", Status: 202,
-			Action: "github-webhook", Meta: map[string]any{"delivery": "d-20", "reason": "queued", "coalesced_into": "d-1"}},
+			Action: "github-webhook", Meta: map[string]any{"delivery": "d-20", "reason": "queued"}},
+		event{RequestID: "req-d20", TS: fixtureNow, Method: "QUEUE", Path: "/github-package-update/demo", Status: 202,
+			Action: "github-dispatch", Meta: map[string]any{"delivery": "d-20", "reason": "dispatching", "covered_by": "d-1"}},
 	); err != nil {
 		t.Fatal(err)
 	}
 	code, p, body = getPage(t, ts, "/api/deliveries/d-20", apiToken)
 	if code != 200 || p.Delivery != "d-20" || p.TaskDelivery != "d-1" {
-		t.Fatalf("coalesced delivery: %d %s", code, body)
+		t.Fatalf("covered delivery: %d %s", code, body)
 	}
 	story = nil
 	for _, e := range p.Events {
 		s, _ := e.Meta["step"].(string)
 		story = append(story, e.Action+":"+s+":"+e.Meta["delivery"].(string))
 	}
-	if want := "github-task:started:d-1,github-task:pulled:d-1,github-task:restarted:d-1,github-task:healthy:d-1,github-task:completed:d-1,github-task:prune-failed:d-1,github-webhook::d-20"; strings.Join(story, ",") != want {
-		t.Errorf("story of the coalesced delivery %s, want %s", strings.Join(story, ","), want)
+	if want := "github-task:started:d-1,github-task:pulled:d-1,github-task:restarted:d-1,github-task:healthy:d-1,github-task:completed:d-1,github-task:prune-failed:d-1,github-webhook::d-20,github-dispatch::d-20"; strings.Join(story, ",") != want {
+		t.Errorf("story of the covered delivery %s, want %s", strings.Join(story, ","), want)
 	}
 
 	for _, tc := range []struct {
@@ -2244,24 +2252,28 @@ func TestDeliveryStoryStartsWithTheRequest(t *testing.T) {
 	}
 	w := httptest.NewRecorder()
 	r := httptest.NewRequest("POST", "/github-package-update/demo", nil)
-	// As handleGitHub leaves it before dispatching.
+	// As handleGitHub leaves it before enqueueing.
 	r = r.WithContext(context.WithValue(r.Context(), requestInfoKey{}, &requestInfo{id: "req-fast",
 		action: "github-webhook", meta: map[string]any{"delivery": delivery, "unit": "demo.service"}}))
-	ts.srv.dispatchDelivery(r.Context(), w, r, taskSpec{unit: "demo.service", image: "ghcr.io/acme/demo:latest", event: "package",
+	ts.srv.enqueue(w, r, taskSpec{unit: "demo.service", image: "ghcr.io/acme/demo:latest", event: "package",
 		delivery: delivery, path: "/github-package-update/demo"})
 	if w.Code != http.StatusAccepted {
-		t.Fatalf("dispatch: %d %s", w.Code, w.Body.String())
+		t.Fatalf("enqueue: %d %s", w.Code, w.Body.String())
 	}
+	ts.drain(t)
 	code, p, body := getPage(t, ts, "/api/deliveries/"+delivery, apiToken)
-	if code != 200 || len(p.Events) != 2 {
-		t.Fatalf("%d %s, want the request and the started row", code, body)
+	if code != 200 || len(p.Events) != 3 {
+		t.Fatalf("%d %s, want the request, the dispatch and the started row", code, body)
 	}
 	var story []string
 	for _, e := range p.Events {
-		s, _ := e.Meta["step"].(string)
+		s, _ := e.Meta["reason"].(string)
+		if step, ok := e.Meta["step"].(string); ok {
+			s = step
+		}
 		story = append(story, e.Action+":"+s)
 	}
-	if got := strings.Join(story, ","); got != "github-webhook:,github-task:started" {
+	if got := strings.Join(story, ","); got != "github-webhook:queued,github-dispatch:dispatching,github-task:started" {
 		t.Errorf("the story of delivery %s reads %s: the request that caused the task must come first", delivery, got)
 	}
 }

@@ -402,6 +402,14 @@ func cmdRunTask(c *cli, args []string) int {
 	} else {
 		defer events.Close()
 		t.events = events
+		// The server's queue runs the unit's next task once this one's claims are done.
+		defer func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 3*busyTimeout)
+			defer cancel()
+			if err := events.finishTask(ctx, taskUnitName(t.delivery), ""); err != nil {
+				c.log.errorf("cannot mark the deliveries of %s done (the server will find it ended): %v", taskUnitName(t.delivery), err)
+			}
+		}()
 	}
 	if err := validUnitName(t.unit); err != nil {
 		t.step("invalid", http.StatusBadRequest, nil, map[string]any{"error": err.Error()})

@@ -539,7 +539,7 @@ func (s *server) handleManualService(w http.ResponseWriter, r *http.Request) {
 	switch {
 	case req.DryRun && resp.Image != "":
 		ref, _ := parseImageRef(resp.Image)
-		ctx, cancel := context.WithTimeout(r.Context(), requestCommandTimeout)
+		ctx, cancel := context.WithTimeout(r.Context(), dispatchTimeout)
 		resp.Plan = planRedeploy(ctx, s.cfg, unit, ref, req.Force)
 		cancel()
 		resp.Status, resp.Message = triggerDryRun, "would pull "+resp.Image+" and restart "+unit+" as the plan says"
@@ -548,7 +548,7 @@ func (s *server) handleManualService(w http.ResponseWriter, r *http.Request) {
 			path: r.URL.Path, force: req.Force}
 		resp.TaskUnit = taskUnitName(spec.delivery)
 		ri.meta["task_unit"], ri.meta["force"] = resp.TaskUnit, req.Force
-		res := s.dispatchTask(r.Context(), spec)
+		res := s.runTask(context.WithoutCancel(r.Context()), spec)
 		if res.err != nil {
 			s.log.errorf("cannot dispatch the manual redeploy of %s: %v", unit, res.err)
 			ri.meta["exit_code"], ri.meta["stderr"] = res.exitCode, res.stderr

@@ -780,7 +780,7 @@ func TestManualService(t *testing.T) {
 			if tc.dispatchFail {
 				// After a failed systemd-run the handler checks (read-only) whether the task unit
 				// started anyway.
-				if len(calls) != 1 || !strings.HasPrefix(calls[0], "--user show -p ActiveState -- webhook-task-manual-") {
+				if len(calls) != 1 || !strings.HasPrefix(calls[0], "--user show -p LoadState -p ActiveState -- webhook-task-manual-") {
 					t.Errorf("systemctl calls %q, want one read of the task unit's state", calls)
 				}
 				calls = nil

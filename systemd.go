@@ -225,53 +225,60 @@ func showUnit(ctx context.Context, cfg *config, unit string, props ...string) (m
 	return out, nil
 }
 
-// sharedShows coalesces concurrent "systemctl show" calls for the same unit and properties: a
-// caller that arrives while one is running waits for its answer instead of starting another
-// process. A burst of 200 deliveries for one unit then costs one systemctl, not 200, which on a
-// small host is the difference between answering within GitHub's 10 s and not. Nothing is kept
-// after a call returns, so an answer is never older than the call in flight when it was asked
-// for. The zero value is ready to use.
-type sharedShows struct {
-	mu    sync.Mutex
-	calls map[string]*showCall
+// unitLookupTTL is how long the unit lookup of a delivery is reused: long enough that a burst
+// of deliveries for one unit costs one systemctl, short enough that a unit file changed and
+// daemon-reload'ed is seen within seconds.
+const unitLookupTTL = 2 * time.Second
+
+// unitLookups caches, per unit, the "systemctl show" a delivery needs (LoadState, SourcePath,
+// FragmentPath) for unitLookupTTL, so that no delivery starts a process in steady state. A
+// caller that finds an entry being refreshed waits on that entry's mutex for the same answer.
+// The nil cache looks every unit up afresh (run-task and the CLI, which ask once).
+type unitLookups struct {
+	ttl     time.Duration // unitLookupTTL; 0 in tests that count every systemctl
+	mu      sync.Mutex
+	entries map[string]*unitLookup
 }
 
-type showCall struct {
-	done  chan struct{}
-	props map[string]string // read-only once done is closed: every waiter shares it
+type unitLookup struct {
+	mu    sync.Mutex // held while the lookup runs
+	at    time.Time
+	props map[string]string // read-only once stored
 	err   error
 }
 
-// show is showUnit, shared with concurrent callers. The call itself is bounded by timeout, not
-// by any one caller's ctx, so a caller that gives up does not fail the others; ctx bounds only
-// how long this caller waits.
-func (g *sharedShows) show(ctx context.Context, cfg *config, timeout time.Duration, unit string, props ...string) (map[string]string, error) {
-	key := strings.Join(append([]string{unit}, props...), "\x00")
-	g.mu.Lock()
-	c, ok := g.calls[key]
-	if !ok {
-		if g.calls == nil {
-			g.calls = map[string]*showCall{}
+// unitLookupTimeout bounds one lookup.
+const unitLookupTimeout = 5 * time.Second
+
+// maxUnitLookups bounds the cache; past it, entries are dropped rather than kept forever.
+const maxUnitLookups = 1024
+
+// props returns the unit's LoadState, SourcePath and FragmentPath, from the cache when fresh.
+func (c *unitLookups) props(ctx context.Context, cfg *config, unit string) (map[string]string, error) {
+	if c == nil {
+		return showUnit(ctx, cfg, unit, "LoadState", "SourcePath", "FragmentPath")
+	}
+	c.mu.Lock()
+	e := c.entries[unit]
+	if e == nil {
+		if c.entries == nil || len(c.entries) >= maxUnitLookups {
+			c.entries = map[string]*unitLookup{}
 		}
-		c = &showCall{done: make(chan struct{})}
-		g.calls[key] = c
-		go func() {
-			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), timeout)
-			c.props, c.err = showUnit(cctx, cfg, unit, props...)
-			cancel()
-			g.mu.Lock()
-			delete(g.calls, key)
-			g.mu.Unlock()
-			close(c.done)
-		}()
+		e = &unitLookup{}
+		c.entries[unit] = e
 	}
-	g.mu.Unlock()
-	select {
-	case <-c.done:
-		return c.props, c.err
-	case <-ctx.Done():
-		return nil, context.Cause(ctx)
+	c.mu.Unlock()
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if time.Since(e.at) >= c.ttl {
+		// Not cut short by the asking client: the answer is shared, and a request must not wait
+		// past GitHub's 10 s for systemd.
+		lctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), unitLookupTimeout)
+		e.props, e.err = showUnit(lctx, cfg, unit, "LoadState", "SourcePath", "FragmentPath")
+		cancel()
+		e.at = time.Now()
 	}
+	return e.props, e.err
 }
 
 // errUnitNotFound reports a unit that systemd does not know.
@@ -280,9 +287,10 @@ var errUnitNotFound = errors.New("unit not found")
 // configuredImage finds the image a unit is meant to run: the Image= of the Quadlet .container
 // file that generated it (its SourcePath), else of <name>.container under
 // $XDG_CONFIG_HOME/containers/systemd or ~/.config/containers/systemd. It returns "" when the unit
-// names no image. The unit's properties come through shows; only the files are read per call.
-func configuredImage(ctx context.Context, shows *sharedShows, cfg *config, getenv func(string) string, unit string) (image, source string, err error) {
-	props, err := shows.show(ctx, cfg, requestCommandTimeout, unit, "LoadState", "SourcePath", "FragmentPath")
+// names no image. The unit's properties come through units (nil: asked afresh); only the files
+// are read per call.
+func configuredImage(ctx context.Context, units *unitLookups, cfg *config, getenv func(string) string, unit string) (image, source string, err error) {
+	props, err := units.props(ctx, cfg, unit)
 	if err != nil {
 		return "", "", err
 	}

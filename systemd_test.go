@@ -9,7 +9,6 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -19,6 +18,7 @@ import (
 	"path/filepath"
 	"reflect"
 	"regexp"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -811,14 +811,14 @@ func TestConfiguredImageQuadlet(t *testing.T) {
 		}
 	}
 	write(file, "[Container]\nImage=ghcr.io/me/web\n")
-	img, src, err := configuredImage(context.Background(), &sharedShows{}, cfg, getenv, "web.service")
+	img, src, err := configuredImage(context.Background(), nil, cfg, getenv, "web.service")
 	if err != nil || img != "ghcr.io/me/web" || src != file {
 		t.Fatalf("configuredImage = %q %q %v", img, src, err)
 	}
 	write(filepath.Join(file+".d", "10-pin.conf"), "[Container]\nImage=ghcr.io/me/web:v2\n")
 	write(filepath.Join(file+".d", "05-other.conf"), "[Container]\nImage=ghcr.io/me/old:v1\n")
 	write(filepath.Join(file+".d", "20-env.conf"), "[Container]\nEnvironment=A=1\n")
-	img, src, err = configuredImage(context.Background(), &sharedShows{}, cfg, getenv, "web.service")
+	img, src, err = configuredImage(context.Background(), nil, cfg, getenv, "web.service")
 	if err != nil || img != "ghcr.io/me/web:v2" || !strings.HasSuffix(src, "10-pin.conf") {
 		t.Fatalf("with drop-ins: %q %q %v, want the last drop-in naming an image", img, src, err)
 	}
@@ -859,59 +859,58 @@ func TestChildEnvHasNoSecrets(t *testing.T) {
 	}
 }
 
-// TestSharedShows: callers asking for the same unit while its systemctl show runs share that one
-// process and its answer; a caller that gives up does not fail the others; nothing is kept once
-// the call returns, so the next caller runs systemctl again; other units or properties run
-// their own.
-func TestSharedShows(t *testing.T) {
+// TestUnitLookups: concurrent lookups of one unit share one systemctl show; an answer is reused
+// for the cache's ttl, then asked again, so a daemon-reload'ed change is seen; another unit has
+// its own entry; a caller whose context ends does not cut the shared lookup short; the nil
+// cache asks every time.
+func TestUnitLookups(t *testing.T) {
 	h := newFakeHost(t)
 	h.set("systemctl-show.sleep", "1s")
 	cfg := &config{commandTimeout: 5 * time.Second}
-	var g sharedShows
+	now := time.Now()
+	c := &unitLookups{ttl: time.Hour}
 	const n = 10
 	results := make(chan error, n)
 	for range n {
 		go func() {
-			props, err := g.show(context.Background(), cfg, hangGuard, "web.service", "LoadState")
+			props, err := c.props(context.Background(), cfg, "web.service")
 			if err == nil && props["LoadState"] != "loaded" {
 				err = fmt.Errorf("LoadState %q", props["LoadState"])
 			}
 			results <- err
 		}()
 	}
-	// One more caller joins and gives up; the call goes on for the others.
-	deadline := time.Now().Add(hangGuard)
-	for len(h.callsOf("systemctl-show")) == 0 && time.Now().Before(deadline) {
-		time.Sleep(5 * time.Millisecond)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
-	defer cancel()
-	if _, err := g.show(ctx, cfg, hangGuard, "web.service", "LoadState"); !errors.Is(err, context.DeadlineExceeded) {
-		t.Errorf("a caller that gives up: %v, want context.DeadlineExceeded", err)
-	}
 	for range n {
 		if err := <-results; err != nil {
-			t.Errorf("shared show: %v", err)
+			t.Errorf("shared lookup: %v", err)
 		}
 	}
-	if c := len(h.callsOf("systemctl-show")); c != 1 {
-		t.Fatalf("%d concurrent shows of one unit ran systemctl %d times, want once", n, c)
+	if got := len(h.callsOf("systemctl-show")); got != 1 {
+		t.Fatalf("%d concurrent lookups of one unit ran systemctl %d times, want once", n, got)
 	}
-	if !h.has("systemctl-show.woke") {
-		t.Error("the shared call was cut short")
-	}
-
-	// Nothing is cached: later callers, another unit and other properties each run systemctl.
 	h.set("systemctl-show.sleep", "0s")
-	for _, c := range []struct{ unit, prop string }{{"web.service", "LoadState"}, {"db.service", "LoadState"}, {"web.service", "SourcePath"}} {
-		if _, err := g.show(context.Background(), cfg, hangGuard, c.unit, c.prop); err != nil {
-			t.Fatal(err)
-		}
+	h.set("unit.state", "LoadState=not-found\n")
+	if p, _ := c.props(context.Background(), cfg, "web.service"); p["LoadState"] != "loaded" {
+		t.Errorf("within the ttl: LoadState %q, want the cached loaded", p["LoadState"])
 	}
-	if c := len(h.callsOf("systemctl-show")); c != 4 {
-		t.Errorf("systemctl show ran %d times, want 4 (one shared, then three of their own)", c)
+	c.entries["web.service"].at = now.Add(-2 * time.Hour) // as if the ttl had passed
+	if p, _ := c.props(context.Background(), cfg, "web.service"); p["LoadState"] != "not-found" {
+		t.Errorf("after the ttl: LoadState %q, want the new not-found", p["LoadState"])
 	}
-	if len(g.calls) != 0 {
-		t.Errorf("%d calls left in the group", len(g.calls))
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if p, err := c.props(ctx, cfg, "db.service"); err != nil || p["LoadState"] != "not-found" {
+		t.Errorf("a lookup asked with an ended context: %v %v, want it run to its end", p, err)
+	}
+	var none *unitLookups
+	before := len(h.callsOf("systemctl-show"))
+	for range 2 {
+		none.props(context.Background(), cfg, "web.service")
+	}
+	if got := len(h.callsOf("systemctl-show")) - before; got != 2 {
+		t.Errorf("the nil cache ran systemctl %d times for 2 lookups, want 2", got)
+	}
+	if want := []string{"show", "-p", "LoadState", "-p", "SourcePath", "-p", "FragmentPath", "--", "web.service"}; !slices.Equal(h.callsOf("systemctl-show")[0][2:], want) {
+		t.Errorf("lookup argv %q, want systemctl --user %q", h.callsOf("systemctl-show")[0], want)
 	}
 }

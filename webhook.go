@@ -31,13 +31,11 @@ import (
 	"os/signal"
 	"path"
 	"regexp"
-	"runtime"
 	"runtime/debug"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -70,11 +68,6 @@ func cmdServer(c *cli, args []string) int {
 		return 1
 	}
 	defer events.Close()
-	if n, err := events.releaseStaleClaims(context.Background()); err != nil {
-		c.log.warnf("cannot release deliveries left dispatching: %v", err)
-	} else if n > 0 {
-		c.log.warnf("%d deliveries were left dispatching by a server that stopped: a redelivery will run them", n)
-	}
 
 	listeners, err := activationListeners(c.getenv)
 	if err != nil {
@@ -118,6 +111,9 @@ func cmdServer(c *cli, args []string) int {
 		c.log.warnf("readiness notification failed: %v", err)
 	}
 	go sd.runWatchdog(ctx, c.log)
+	dctx, stopDispatcher := context.WithCancel(context.Background())
+	dispatcherDone := make(chan struct{})
+	go func() { defer close(dispatcherDone); srv.runDispatcher(dctx) }()
 
 	status := 0
 	select {
@@ -142,6 +138,13 @@ func cmdServer(c *cli, args []string) int {
 			c.log.errorf("requests still in flight at exit: their rows are lost")
 		}
 	}
+	// Claims not yet dispatched stay pending for the next start; a systemd-run under way is
+	// finished and recorded (bounded by dispatchTimeout).
+	stopDispatcher()
+	<-dispatcherDone
+	if ev := srv.probes.take(time.Now(), true); ev != nil {
+		events.Record(*ev)
+	}
 	if err := events.Close(); err != nil {
 		c.log.warnf("closing the event log: %v", err)
 	}
@@ -159,10 +162,9 @@ type server struct {
 	now     func() time.Time
 
 	inflight sync.WaitGroup // handlers running, waited for at shutdown
-	work     chan struct{}  // deliveries doing their commands and writes now (see admit)
-	shows    sharedShows    // concurrent deliveries for one unit share its systemctl show
-	batches  batches        // deliveries waiting for a slot, by what their task would do
-	handling handling       // the delivery ids being handled, so a copy waits for the first
+	units    unitLookups    // the unit lookups of deliveries, reused for seconds
+	wake     chan struct{}  // a claim was queued: the dispatcher looks at once (see enqueue)
+	probes   probeSummary   // successful health and metrics probes, one row a minute
 
 	// Process boundaries, swapped in tests.
 	getenv  func(string) string
@@ -173,7 +175,7 @@ type server struct {
 
 func newServer(cfg *config, lg *logger, events *eventLog) *server {
 	s := &server{cfg: cfg, log: lg, events: events, metrics: newMetrics(time.Now()), mux: http.NewServeMux(), now: time.Now,
-		getenv: os.Getenv, environ: os.Environ, exec: runCommand, work: make(chan struct{}, deliverySlots())}
+		getenv: os.Getenv, environ: os.Environ, exec: runCommand, wake: make(chan struct{}, 1), units: unitLookups{ttl: unitLookupTTL}}
 	s.exe, _ = os.Executable()
 	s.mux.HandleFunc("POST /github-package-update/{unit}", s.handleGitHub)
 	s.mux.HandleFunc("POST /github-package-update/{unit}/redeploy", s.handleGitHub)
@@ -195,6 +197,7 @@ func newServer(cfg *config, lg *logger, events *eventLog) *server {
 // requestInfo travels with a request so handlers can name the action and add to the row's meta.
 type requestInfo struct {
 	id       string
+	start    time.Time
 	action   string
 	meta     map[string]any
 	recorded bool // the handler committed the row itself
@@ -241,7 +244,7 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	s.inflight.Add(1)
 	defer s.inflight.Done()
 	start := s.now()
-	ri := &requestInfo{id: newRequestID(), meta: map[string]any{}}
+	ri := &requestInfo{id: newRequestID(), start: start, meta: map[string]any{}}
 	sw := &statusWriter{ResponseWriter: w}
 	sw.Header().Set("X-Request-Id", ri.id)
 	r = r.WithContext(context.WithValue(r.Context(), requestInfoKey{}, ri))
@@ -287,7 +290,14 @@ func (s *server) finish(r *http.Request, ri *requestInfo, status int, start time
 	if ri.recorded {
 		return
 	}
-	s.events.Record(s.requestEvent(r, ri, status, s.now().Sub(start)))
+	d := s.now().Sub(start)
+	if status == http.StatusOK && (r.Pattern == "GET /health" || r.Pattern == "GET /metrics") {
+		if ev := s.probes.add(r.Pattern, d, s.now()); ev != nil {
+			s.events.Record(*ev)
+		}
+		return
+	}
+	s.events.Record(s.requestEvent(r, ri, status, d))
 }
 
 // requestEvent builds the event_log row of a request.
@@ -538,13 +548,7 @@ func (s *server) handleGitHub(w http.ResponseWriter, r *http.Request) {
 		ri.meta["digest"] = d.digest
 	}
 
-	// GitHub waits 10 s at most: the rest of the request shares one budget below that, and no
-	// single command may take more than requestCommandTimeout of it.
-	ctx, cancel := context.WithTimeout(r.Context(), requestBudget)
-	defer cancel()
-	mctx, mcancel := context.WithTimeout(ctx, requestCommandTimeout)
-	ref, status, reason, text := s.matchUnitImage(mctx, unit, d)
-	mcancel()
+	ref, status, reason, text := s.matchUnitImage(r.Context(), unit, d)
 	if status != 0 {
 		reply(w, r, status, reason, text)
 		return
@@ -552,7 +556,7 @@ func (s *server) handleGitHub(w http.ResponseWriter, r *http.Request) {
 	image := ref.String()
 	ri.meta["image"] = image
 
-	lim, err := imageLimiter(s.cfg, image).check(ctx)
+	lim, err := imageLimiter(s.cfg, image).check(r.Context())
 	if err != nil {
 		s.log.errorf("per-image limit for %s: %v", image, err)
 		reply(w, r, http.StatusInternalServerError, "limit-error", "cannot read the per-image limit")
@@ -563,59 +567,15 @@ func (s *server) handleGitHub(w http.ResponseWriter, r *http.Request) {
 		reply(w, r, http.StatusTooManyRequests, "image-rate-limited", "too many redeploys of "+image)
 		return
 	}
-	s.dispatchDelivery(ctx, w, r, taskSpec{unit: unit, image: image, event: eventName, delivery: deliveryID,
+	s.enqueue(w, r, taskSpec{unit: unit, image: image, event: eventName, delivery: deliveryID,
 		path: r.URL.Path, digest: d.digest})
-}
-
-// dispatchReserve is the part of requestBudget a delivery keeps for its systemd-run and settle:
-// it waits for a slot (see admit) only while more than this is left.
-const dispatchReserve = time.Second
-
-// deliverySlots is how many deliveries dispatch at once: enough to keep the CPUs busy while
-// systemd-run waits on systemd, few enough that the process stays responsive.
-func deliverySlots() int { return max(4, 4*runtime.GOMAXPROCS(0)) }
-
-// admit waits for a dispatch slot while more than dispatchReserve of ctx's budget is left. A
-// burst beyond the slots queues in arrival order: on a 2-CPU host, 200 deliveries starting their
-// processes at once all shared the CPU and all finished late, some past the budget; queued, the
-// early ones are answered at once and the late ones still in time. It returns the slot's
-// release, or nil with the time waited when no slot came free: the delivery's batch is then
-// refused, its claims settled "busy", which a redelivery takes over.
-func (s *server) admit(ctx context.Context) (release func(), waited time.Duration) {
-	start := time.Now()
-	release = func() {
-		s.metrics.dispatching.Add(-1)
-		<-s.work
-	}
-	select {
-	case s.work <- struct{}{}:
-		s.metrics.dispatching.Add(1)
-		return release, 0
-	default:
-	}
-	wait := dispatchReserve // no deadline: wait as long as one dispatch may take
-	if dl, ok := ctx.Deadline(); ok {
-		wait = time.Until(dl) - dispatchReserve
-	}
-	t := time.NewTimer(max(wait, 0))
-	defer t.Stop()
-	s.metrics.waiting.Add(1)
-	defer s.metrics.waiting.Add(-1)
-	select {
-	case s.work <- struct{}{}:
-		s.metrics.dispatching.Add(1)
-		return release, time.Since(start)
-	case <-t.C:
-	case <-ctx.Done():
-	}
-	return nil, time.Since(start)
 }
 
 // matchUnitImage picks the reference to pull. When the unit's Quadlet file names an Image=, the
 // delivery must be for the same registry host and repository and carry its tag; otherwise the
 // first pushed tag is used. A non-zero status is the answer to send instead.
 func (s *server) matchUnitImage(ctx context.Context, unit string, d delivery) (imageRef, int, string, string) {
-	configured, source, err := configuredImage(ctx, &s.shows, s.cfg, s.getenv, unit)
+	configured, source, err := configuredImage(ctx, &s.units, s.cfg, s.getenv, unit)
 	if errors.Is(err, errUnitNotFound) {
 		return imageRef{}, http.StatusNotFound, "unit-not-found", "unit " + unit + " not found"
 	}
@@ -640,394 +600,305 @@ func (s *server) matchUnitImage(ctx context.Context, unit string, d delivery) (i
 	return d.ref(want.tag), 0, "", ""
 }
 
-// dispatchDelivery claims the delivery id, has a task dispatched for it (its own, or the one of
-// the delivery it joins: see dispatchBatch), and answers only after the delivery's record and
-// the request's row are committed. A second copy of a delivery this process is still handling
-// waits for the first to end and then goes through the claim as a redelivery would: answered
-// "duplicate" when the first was queued, taking it over when the first was refused.
-func (s *server) dispatchDelivery(ctx context.Context, w http.ResponseWriter, r *http.Request, spec taskSpec) {
+// enqueue claims the delivery and answers 202 as soon as the claim and the request's row are
+// committed: nothing on the request path waits for systemd-run. The dispatcher starts the task.
+func (s *server) enqueue(w http.ResponseWriter, r *http.Request, spec taskSpec) {
 	ri := info(r)
-	start := s.now()
-	handled, ok := s.handling.hold(ctx, spec.delivery)
-	if !ok {
-		w.Header().Set("Retry-After", "10")
-		reply(w, r, http.StatusServiceUnavailable, "busy", "a copy of this delivery is still being handled; redeliver it later")
-		return
-	}
-	defer handled()
-	ri.meta["reason"] = "dispatching"
-	rowID, err := s.events.claimDelivery(ctx, spec.delivery, spec.unit, spec.image, spec.event,
-		s.requestEvent(r, ri, http.StatusAccepted, 0))
-	if err != nil {
+	ri.meta["reason"] = "queued"
+	// Once its body is read, a delivery is recorded even if its client hangs up now.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), busyTimeout)
+	defer cancel()
+	claimed, err := s.events.claimDelivery(ctx, spec, s.requestEvent(r, ri, http.StatusAccepted, s.now().Sub(ri.start)))
+	switch {
+	case err != nil:
 		s.log.errorf("%v", err)
 		reply(w, r, http.StatusInternalServerError, "record-failed", "cannot record the delivery")
-		return
-	}
-	if rowID == 0 {
+	case !claimed:
 		reply(w, r, http.StatusAccepted, "duplicate", "duplicate delivery")
-		return
-	}
-	// The claim must be settled whatever happens: one left "dispatching" answers redeliveries
-	// "duplicate" until it goes stale.
-	settled := false
-	settle := func(status string, ev event) {
-		settled = true
-		sctx, scancel := context.WithTimeout(context.WithoutCancel(ctx), 2*busyTimeout)
-		defer scancel()
-		err := s.events.settleDelivery(sctx, spec.delivery, status, rowID, ev)
-		if err != nil { // once more
-			err = s.events.settleDelivery(sctx, spec.delivery, status, rowID, ev)
-		}
-		if err != nil {
-			s.log.errorf("cannot record the delivery %s as %s: %v", spec.delivery, status, err)
-			s.events.spill([]event{ev}, err)
-		}
-		ri.recorded = true
-	}
-	defer func() {
-		if settled {
-			return
-		}
-		p := recover() // the handler panicked: ServeHTTP logs it and answers 500
-		ri.meta["reason"] = outcomeFailed.settled
-		if p != nil {
-			ri.meta["panic"] = fmt.Sprint(p)
-		}
-		settle(outcomeFailed.settled, s.requestEvent(r, ri, http.StatusInternalServerError, s.now().Sub(start)))
-		if p != nil {
-			panic(p)
-		}
-	}()
-
-	res := s.dispatchBatch(ctx, spec)
-	out := res.out
-	if res.waited >= time.Millisecond {
-		ri.meta["queued_ms"] = res.waited.Milliseconds()
-	}
-	if res.carrier != spec.delivery {
-		ri.meta["coalesced_into"] = res.carrier
-	} else if res.riders > 0 {
-		ri.meta["joined"] = res.riders
-	}
-	ri.meta["reason"] = out.settled
-	switch out.settled {
-	case "queued":
-		ri.meta["task_unit"] = taskUnitName(res.carrier)
-		if res.carrier != spec.delivery {
-			s.metrics.coalesced.Add(1)
-		}
-	case "busy":
-		w.Header().Set("Retry-After", "10")
-		how := ""
-		if res.carrier != spec.delivery {
-			how = " (it had joined " + res.carrier + ")"
-		}
-		s.log.warnf("github delivery %s for %s refused: no dispatch slot (of %d) came free in %s%s",
-			spec.delivery, spec.unit, cap(s.work), res.waited.Round(time.Millisecond), how)
 	default:
-		if res.carrier == spec.delivery {
-			s.log.errorf("cannot dispatch the redeploy of %s: %v", spec.unit, out.res.err)
-		} else {
-			s.log.errorf("github delivery %s for %s failed with the task of %s, which it joined", spec.delivery, spec.unit, res.carrier)
+		ri.recorded = true
+		select { // wake the dispatcher; a wake-up already pending covers this claim too
+		case s.wake <- struct{}{}:
+		default:
 		}
-		ri.meta["stderr"] = out.res.stderr
-		ri.meta["exit_code"] = out.res.exitCode
-	}
-	// Recorded even past the budget: the task may be running, and the claim must say so.
-	settle(out.settled, s.requestEvent(r, ri, out.status, s.now().Sub(start)))
-	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-	w.WriteHeader(out.status)
-	fmt.Fprintln(w, out.text)
-}
-
-// handling holds the delivery ids this process is handling now (see dispatchDelivery).
-type handling struct {
-	mu      sync.Mutex
-	ids     map[string]chan struct{} // closed when that delivery's handling ends
-	waiting atomic.Int64             // copies waiting for the first to end
-}
-
-// hold waits until no other request of this process handles id, then marks it handled until
-// the returned release is called. It gives up when ctx ends first.
-func (h *handling) hold(ctx context.Context, id string) (release func(), ok bool) {
-	for {
-		h.mu.Lock()
-		busy, taken := h.ids[id]
-		if !taken {
-			if h.ids == nil {
-				h.ids = map[string]chan struct{}{}
-			}
-			done := make(chan struct{})
-			h.ids[id] = done
-			h.mu.Unlock()
-			return func() {
-				h.mu.Lock()
-				delete(h.ids, id)
-				h.mu.Unlock()
-				close(done)
-			}, true
-		}
-		h.mu.Unlock()
-		h.waiting.Add(1)
-		select {
-		case <-busy:
-			h.waiting.Add(-1)
-		case <-ctx.Done():
-			h.waiting.Add(-1)
-			return nil, false
-		}
+		reply(w, r, http.StatusAccepted, "queued", "auto-update queued")
 	}
 }
 
-// batchKey is what one task does: redeploy this unit from this image reference, pushed with
-// this digest. Deliveries with equal keys may share a task.
-type batchKey struct{ unit, image, digest string }
-
-// batch is a delivery waiting for a dispatch slot (the carrier) and the deliveries with its key
-// that arrive while it waits (its riders). One task, the carrier's, covers them all: it is
-// dispatched after the last of them arrived, and GitHub sends a delivery only once its push is
-// done, so the task's pull fetches what each of their pushes put in the registry. Once the
-// carrier has a slot the batch closes, before systemd-run starts: a later delivery gets a task
-// of its own. A carrier whose budget runs out hands the batch to the rider with the most budget
-// left, which waits on; only when none has any left is the batch refused busy. A rider whose
-// own budget runs out first leaves the batch and is refused busy on its own.
-type batch struct {
-	carrier string        // guarded by batches.mu
-	riders  []*batchRider // guarded by batches.mu: the deliveries waiting on the carrier
-	closed  bool          // guarded by batches.mu: its riders are now the task's
-	done    chan struct{} // closed once out is set
-	out     batchOutcome  // what every delivery still in the batch gets
-}
-
-// batchRider is a delivery waiting on its batch's carrier.
-type batchRider struct {
-	delivery string
-	deadline time.Time     // when it must stop waiting for a slot
-	promoted chan struct{} // closed when it becomes the carrier
-}
-
-// batchOutcome is the answer every delivery of a batch gets.
-type batchOutcome struct {
-	status  int
-	settled string // the deliveries' status: queued, busy or dispatch-failed
-	text    string
-	res     cmdResult // systemd-run's result, when it failed
-}
-
-var (
-	outcomeQueued = batchOutcome{status: http.StatusAccepted, settled: "queued", text: "auto-update queued"}
-	outcomeBusy   = batchOutcome{status: http.StatusServiceUnavailable, settled: "busy",
-		text: "too many deliveries in progress; redeliver it later"}
-	outcomeFailed = batchOutcome{status: http.StatusInternalServerError, settled: "dispatch-failed",
-		text: "cannot start the redeploy task"}
+// The dispatcher: one goroutine takes the queue's claims in arrival order and starts a task for
+// each unit and image (see queuedTask), one unit at a time: while a unit's task runs, its later
+// claims wait, so a burst of deliveries starts at most one task per unit plus one after it. One
+// consumer of a durable queue needs no lock of its own; a delivery only wakes it (s.wake).
+const (
+	dispatchTimeout  = 30 * time.Second // bounds one systemd-run, which returns once the unit started
+	dispatchAttempts = 5                // systemd-runs tried for one task before its claims fail
+	dispatchMaxAge   = 10 * time.Minute // no retry for a claim queued longer than this
+	dispatchPoll     = time.Second      // how often a queue waiting for running tasks is read
+	dispatchIdle     = 30 * time.Second // and an idle one (probe summaries, tasks that died)
+	taskCheckAfter   = 10 * time.Second // a dispatched task not heard of for this long is looked up
 )
 
-// batches holds the batches whose carrier is still waiting for a slot.
-type batches struct {
-	mu   sync.Mutex
-	open map[batchKey]*batch
-}
+// retryDelay is the wait before the next systemd-run of a task that failed attempts times.
+func retryDelay(attempts int) time.Duration { return min(time.Second<<min(attempts, 6), time.Minute) }
 
-// join adds delivery to the open batch for k as a rider, or opens one with delivery as its
-// carrier (rider nil).
-func (bs *batches) join(k batchKey, delivery string, deadline time.Time) (*batch, *batchRider) {
-	bs.mu.Lock()
-	defer bs.mu.Unlock()
-	if b := bs.open[k]; b != nil {
-		r := &batchRider{delivery: delivery, deadline: deadline, promoted: make(chan struct{})}
-		b.riders = append(b.riders, r)
-		return b, r
-	}
-	if bs.open == nil {
-		bs.open = map[batchKey]*batch{}
-	}
-	b := &batch{carrier: delivery, done: make(chan struct{}), out: outcomeFailed}
-	bs.open[k] = b
-	return b, nil
-}
-
-// close stops b from taking riders and returns those it has.
-func (bs *batches) close(k batchKey, b *batch) []*batchRider {
-	bs.mu.Lock()
-	defer bs.mu.Unlock()
-	if bs.open[k] == b {
-		delete(bs.open, k)
-	}
-	b.closed = true
-	return b.riders
-}
-
-// leave takes rider r out of b, unless b is closed or r was promoted, and returns b's carrier.
-func (bs *batches) leave(b *batch, r *batchRider) (left bool, carrier string) {
-	bs.mu.Lock()
-	defer bs.mu.Unlock()
-	i := slices.Index(b.riders, r)
-	if b.closed || i < 0 {
-		return false, b.carrier
-	}
-	b.riders = slices.Delete(b.riders, i, i+1)
-	return true, b.carrier
-}
-
-// handOff makes the rider of b with the most time left to wait the carrier, when one has more
-// than dispatchReserve left, and reports whether it did. When it did not, b is closed in the
-// same step, so no delivery joins a batch that is being refused.
-func (bs *batches) handOff(k batchKey, b *batch) bool {
-	bs.mu.Lock()
-	defer bs.mu.Unlock()
-	best := -1
-	for i, r := range b.riders {
-		if time.Until(r.deadline) > dispatchReserve && (best < 0 || r.deadline.After(b.riders[best].deadline)) {
-			best = i
+// runDispatcher dispatches until ctx ends. It first settles what a previous server left
+// half-done, so claims pending at a crash run once the server is back.
+func (s *server) runDispatcher(ctx context.Context) {
+	s.reconcile(ctx, "dispatching", s.now().Add(time.Second))
+	for ctx.Err() == nil {
+		wait := s.dispatchNext(ctx)
+		if ev := s.probes.take(s.now(), false); ev != nil {
+			s.events.Record(*ev)
 		}
-	}
-	if best < 0 {
-		if bs.open[k] == b {
-			delete(bs.open, k)
+		if wait == 0 {
+			continue
 		}
-		b.closed = true
-		return false
-	}
-	next := b.riders[best]
-	b.riders = slices.Delete(b.riders, best, best+1)
-	b.carrier = next.delivery
-	close(next.promoted)
-	return true
-}
-
-// riderCount is how many deliveries wait on another's slot now.
-func (bs *batches) riderCount() int {
-	bs.mu.Lock()
-	defer bs.mu.Unlock()
-	n := 0
-	for _, b := range bs.open {
-		n += len(b.riders)
-	}
-	return n
-}
-
-// batchResult is what dispatchBatch did for one delivery.
-type batchResult struct {
-	out     batchOutcome
-	carrier string        // the delivery whose task covers this one (itself, unless it rode)
-	riders  int           // for a carrier whose task started: how many rode on it
-	waited  time.Duration // this delivery's wait
-}
-
-// dispatchBatch joins spec's delivery to the open batch of its key as a rider, or opens one and,
-// as its carrier, waits for a dispatch slot and starts the task. A carrier whose client hangs up
-// waits on: its riders depend on it. A batch refused busy, or whose systemd-run failed, is
-// answered so as a whole; the deliveries are settled so, and their redeliveries run normally.
-func (s *server) dispatchBatch(ctx context.Context, spec taskSpec) batchResult {
-	start := time.Now()
-	deadline, ok := ctx.Deadline()
-	if !ok {
-		deadline = start.Add(requestBudget)
-	}
-	key := batchKey{spec.unit, spec.image, spec.digest}
-	b, me := s.batches.join(key, spec.delivery, deadline)
-	if me != nil {
-		// A rider waits as long as it would for a slot of its own: a carrier handed the batch
-		// may have a later deadline than this rider.
-		t := time.NewTimer(max(time.Until(deadline)-dispatchReserve, 0))
-		defer t.Stop()
+		t := time.NewTimer(wait)
 		select {
-		case <-b.done:
-			return batchResult{out: b.out, carrier: b.carrier, waited: time.Since(start)}
-		case <-me.promoted: // the carrier ran out of time before a slot came free
+		case <-ctx.Done():
+		case <-s.wake:
 		case <-t.C:
-			if left, carrier := s.batches.leave(b, me); left {
-				return batchResult{out: outcomeBusy, carrier: carrier, waited: time.Since(start)}
-			}
-			select { // too late to leave: the task is being started, or this rider carries
-			case <-b.done:
-				return batchResult{out: b.out, carrier: b.carrier, waited: time.Since(start)}
-			case <-me.promoted:
-			}
 		}
+		t.Stop()
 	}
-	res := s.carry(ctx, deadline, key, b, spec)
-	res.waited = time.Since(start)
-	return res
 }
 
-// carry is the carrier's part of dispatchBatch.
-func (s *server) carry(ctx context.Context, deadline time.Time, key batchKey, b *batch, spec taskSpec) batchResult {
-	handedOff := false
-	defer func() {
-		if !handedOff { // also when a panic unwinds: the riders are answered, the batch is gone
-			s.batches.close(key, b)
-			close(b.done)
+// dispatchNext starts the next task that is due and returns how long to wait before looking
+// again (0: at once).
+func (s *server) dispatchNext(ctx context.Context) time.Duration {
+	s.reconcile(ctx, "dispatching", s.now().Add(-2*dispatchTimeout)) // a settle that failed
+	s.reconcile(ctx, "dispatched", s.now().Add(-taskCheckAfter))
+	qt, ok, pending, err := s.events.nextTask(ctx, s.now(), func(qt queuedTask) []event {
+		return dispatchRows(qt, "dispatching", http.StatusAccepted, s.now(), cmdResult{}, time.Time{})
+	})
+	switch {
+	case err != nil:
+		if ctx.Err() == nil {
+			s.log.errorf("delivery queue: %v", err)
 		}
-	}()
-	actx, cancel := context.WithDeadline(context.WithoutCancel(ctx), deadline)
+		return dispatchPoll
+	case ok:
+		s.startTask(ctx, qt)
+		return 0
+	case pending > 0:
+		return dispatchPoll
+	}
+	return dispatchIdle
+}
+
+// startTask runs systemd-run for qt and records the outcome for every claim it covers:
+// dispatched, pending again for a retry with backoff, or failed once the attempts or the
+// claim's age are used up. A started systemd-run is finished and recorded also at shutdown.
+func (s *server) startTask(ctx context.Context, qt queuedTask) {
+	bg := context.WithoutCancel(ctx)
+	res := s.runTask(bg, qt.taskSpec)
+	now := s.now()
+	status, reason, code, retryAt := "dispatched", "dispatched", http.StatusAccepted, time.Time{}
+	switch {
+	case res.err == nil:
+		s.log.infof("dispatched %s for %s (%s), covering %d deliveries", taskUnitName(qt.delivery), qt.unit, qt.image, len(qt.covered))
+	case qt.attempts+1 < dispatchAttempts && now.Sub(qt.claimed) < dispatchMaxAge:
+		status, reason, code, retryAt = "pending", "dispatch-retry", http.StatusServiceUnavailable, now.Add(retryDelay(qt.attempts))
+		s.log.warnf("cannot dispatch the redeploy of %s (attempt %d of %d), retrying in %s: %v",
+			qt.unit, qt.attempts+1, dispatchAttempts, retryDelay(qt.attempts), res.err)
+	default:
+		status, reason, code = "failed", "dispatch-failed", http.StatusInternalServerError
+		s.log.errorf("cannot dispatch the redeploy of %s after %d attempts, giving up on deliveries %s: %v",
+			qt.unit, qt.attempts+1, claimList(qt.covered), res.err)
+	}
+	s.metrics.dispatched(reason)
+	if res.err == nil {
+		// The claims' "dispatching" rows, written as they were taken, and the task's own rows
+		// tell the rest: only the status changes.
+		status, reason = "dispatched", ""
+	}
+	wctx, cancel := context.WithTimeout(bg, 3*busyTimeout)
 	defer cancel()
-	release, _ := s.admit(actx)
-	res := batchResult{carrier: spec.delivery}
-	if release == nil {
-		if handedOff = s.batches.handOff(key, b); handedOff {
-			res.out = outcomeBusy
-			return res
+	evs := dispatchRows(qt, reason, code, now, res, retryAt)
+	if err := s.events.settleDispatch(wctx, taskUnitName(qt.delivery), status, errString(res.err), retryAt, evs); err != nil {
+		s.log.errorf("cannot record the dispatch of %s (checked again later): %v", taskUnitName(qt.delivery), err)
+		s.events.spill(evs, err)
+	}
+}
+
+// dispatchRows are the rows of the claims qt covers saying reason ("dispatching",
+// "dispatch-retry", "dispatch-failed"; "" none), with the command's result when it failed.
+func dispatchRows(qt queuedTask, reason string, code int, now time.Time, res cmdResult, retryAt time.Time) []event {
+	if reason == "" {
+		return nil
+	}
+	evs := make([]event, 0, len(qt.covered))
+	id := newRequestID() // the rows of one dispatch share an id, as a task's do
+	for _, c := range qt.covered {
+		meta := map[string]any{"delivery": c, "unit": qt.unit, "image": qt.image, "event": qt.event,
+			"reason": reason, "attempt": qt.attempts + 1, "task_unit": taskUnitName(qt.delivery)}
+		if c != qt.delivery {
+			meta["covered_by"] = qt.delivery
+		} else if len(qt.covered) > 1 {
+			meta["covers"] = len(qt.covered)
 		}
-		b.out = outcomeBusy
-		res.out = b.out
-		return res
+		if res.err != nil {
+			meta["error"], meta["exit_code"] = res.err.Error(), res.exitCode
+			if res.stderr != "" {
+				meta["stderr"] = res.stderr
+			}
+		}
+		if !retryAt.IsZero() {
+			meta["retry_in_ms"] = retryAt.Sub(now).Milliseconds()
+		}
+		evs = append(evs, event{RequestID: id, TS: now, Method: "QUEUE", Path: qt.path, Status: code,
+			Action: "github-dispatch", Duration: now.Sub(qt.claimed), Meta: meta})
 	}
-	defer release()
-	res.riders = len(s.batches.close(key, b))
-	if r := s.dispatchTask(ctx, spec); r.err != nil {
-		b.out = outcomeFailed
-		b.out.res = r
-	} else {
-		b.out = outcomeQueued
+	return evs
+}
+
+// errString is err's text, or "" for nil.
+func errString(err error) string {
+	if err == nil {
+		return ""
 	}
-	res.out = b.out
+	return err.Error()
+}
+
+// claimList names up to five deliveries, for a log line.
+func claimList(ids []string) string {
+	if len(ids) > 5 {
+		return strings.Join(ids[:5], ", ") + fmt.Sprintf(" and %d more", len(ids)-5)
+	}
+	return strings.Join(ids, ", ")
+}
+
+// runTask starts run-task for spec as a transient user unit (systemd-run returns once the unit
+// started). A systemd-run that failed although the task started (cut off at its time bound
+// after the unit was up) counts as done: a second task would redeploy twice.
+func (s *server) runTask(ctx context.Context, spec taskSpec) cmdResult {
+	res := s.exec(ctx, dispatchTimeout, dispatchArgv(s.exe, s.cfg, s.environ(), spec)...)
+	if res.err != nil {
+		if st := s.taskState(ctx, spec.delivery); st == taskRunning || st == taskEnded {
+			s.log.warnf("systemd-run for %s failed (%v), but %s has started", spec.unit, res.err, taskUnitName(spec.delivery))
+			res.err = nil
+		}
+	}
 	return res
 }
 
-// dispatchTask starts run-task for spec as a transient user unit (systemd-run returns once the
-// unit is started). The request's cancellation does not cut it short. When systemd-run fails but the task started anyway (its time bound cut it short after the
-// unit was up), the dispatch counts as done: reporting a failure would invite a second redeploy.
-func (s *server) dispatchTask(ctx context.Context, spec taskSpec) cmdResult {
-	argv := dispatchArgv(s.exe, s.cfg, s.environ(), spec)
-	res := s.exec(context.WithoutCancel(ctx), commandShare(ctx, s.cfg.commandTimeout), argv...)
-	if res.err != nil && s.taskUnitStarted(ctx, spec.delivery) {
-		s.log.warnf("systemd-run for %s failed (%v), but %s has started", spec.unit, res.err, taskUnitName(spec.delivery))
-		res.err = nil
-	}
-	return res
-}
+// taskState is what is known of a task unit.
+type taskState int
 
-// commandShare is how long a command may run within ctx's budget: at most requestCommandTimeout
-// and what is left of the budget, but never less than a second, since a command cut off at
-// once would be reported as failed although it may well have succeeded.
-func commandShare(ctx context.Context, limit time.Duration) time.Duration {
-	d := min(limit, requestCommandTimeout)
-	if dl, ok := ctx.Deadline(); ok {
-		d = min(d, time.Until(dl))
-	}
-	return max(d, time.Second)
-}
+const (
+	taskUnknown    taskState = iota // systemd could not be asked
+	taskNotStarted                  // systemd does not know it and it wrote no row
+	taskRunning
+	taskEnded // it ran: systemd reports it ended, or it is collected and its rows are there
+)
 
-// taskUnitStarted reports whether the task of a delivery started after all: its transient unit
-// is running, or it already wrote a row (a finished unit is collected and unknown to systemd).
-func (s *server) taskUnitStarted(ctx context.Context, delivery string) bool {
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), commandShare(ctx, requestCommandTimeout))
+// taskState asks systemd about the task unit of a delivery; a finished task unit is collected
+// (--collect) and unknown to systemd, so the task's own rows tell whether it ran.
+func (s *server) taskState(ctx context.Context, delivery string) taskState {
+	ctx, cancel := context.WithTimeout(ctx, unitLookupTimeout)
 	defer cancel()
-	if p, err := showUnit(ctx, s.cfg, taskUnitName(delivery)+".service", "ActiveState"); err == nil &&
-		(p["ActiveState"] == "active" || p["ActiveState"] == "activating") {
-		return true
+	p, err := showUnit(ctx, s.cfg, taskUnitName(delivery)+".service", "LoadState", "ActiveState")
+	if err != nil {
+		return taskUnknown
+	}
+	if p["LoadState"] == "loaded" {
+		switch p["ActiveState"] {
+		case "active", "activating", "deactivating", "reloading":
+			return taskRunning
+		}
+		return taskEnded
 	}
 	rows, err := queryEvents(ctx, s.events.db, eventFilter{action: "github-task", delivery: delivery, limit: 1})
-	return err == nil && len(rows) > 0
+	switch {
+	case err != nil:
+		return taskUnknown
+	case len(rows) > 0:
+		return taskEnded
+	}
+	return taskNotStarted
 }
 
-// requestCommandTimeout bounds a command run while a client waits (GitHub gives up after 10 s).
-const requestCommandTimeout = 4 * time.Second
+// reconcile settles the claims left in status since before. Claims left 'dispatching' (the
+// server stopped, or could not record, while systemd-run ran) become dispatched when their task
+// started, else pending again; running it again is harmless, as an unchanged image is
+// up-to-date. Claims 'dispatched' whose task unit is gone without run-task having marked them
+// done (it was killed) become done, so their unit's queue moves on.
+func (s *server) reconcile(ctx context.Context, status string, before time.Time) {
+	tasks, err := s.events.tasksIn(ctx, status, before)
+	if err != nil {
+		if ctx.Err() == nil {
+			s.log.errorf("delivery queue: %v", err)
+		}
+		return
+	}
+	for _, t := range tasks {
+		st := s.taskState(ctx, t.delivery)
+		var err error
+		switch {
+		case st == taskUnknown:
+			continue // asked again next time
+		case status == "dispatched" && st == taskRunning:
+			err = s.events.touchTask(ctx, t.taskUnit)
+		case status == "dispatched":
+			s.log.warnf("%s for %s ended without recording its end (killed?)", t.taskUnit, t.unit)
+			err = s.events.finishTask(ctx, t.taskUnit, "the task ended without recording its end")
+		case st == taskNotStarted:
+			s.log.warnf("%s for %s was being dispatched when the server stopped: queued again", t.taskUnit, t.unit)
+			err = s.events.settleDispatch(ctx, t.taskUnit, "pending", "the server stopped during systemd-run", s.now(), nil)
+		default:
+			err = s.events.settleDispatch(ctx, t.taskUnit, "dispatched", "", time.Time{}, nil)
+		}
+		if err != nil && ctx.Err() == nil {
+			s.log.errorf("delivery queue: %s: %v", t.taskUnit, err)
+		}
+	}
+}
 
-// requestBudget bounds the whole handling of a GitHub delivery after its body is read, so the
-// answer comes before GitHub's 10 s limit (the rows are committed even past it).
-const requestBudget = 8 * time.Second
+// probeSummary folds successful /health and /metrics probes into one event row per minute:
+// every request stays accounted for, but a monitor polling every second writes 1,440 rows a
+// day, not 86,400, and the probe no longer pays for an insert. Probes arrive concurrently, so
+// the counts are kept under a mutex.
+type probeSummary struct {
+	mu      sync.Mutex
+	minute  time.Time        // start of the minute being counted; zero: nothing counted
+	routes  map[string]int64 // probes by route pattern
+	slowest time.Duration
+}
+
+// add counts one probe and returns the row of the previous minute when a new one began.
+func (p *probeSummary) add(route string, d time.Duration, now time.Time) *event {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	ev := p.takeLocked(now, false)
+	if p.minute.IsZero() {
+		p.minute, p.routes, p.slowest = now.Truncate(time.Minute), map[string]int64{}, 0
+	}
+	p.routes[route]++
+	p.slowest = max(p.slowest, d)
+	return ev
+}
+
+// take returns the summary row of a minute that has ended (any minute, with force) and resets.
+func (p *probeSummary) take(now time.Time, force bool) *event {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.takeLocked(now, force)
+}
+
+func (p *probeSummary) takeLocked(now time.Time, force bool) *event {
+	if p.minute.IsZero() || !force && now.Truncate(time.Minute).Equal(p.minute) {
+		return nil
+	}
+	var n int64
+	for _, c := range p.routes {
+		n += c
+	}
+	ev := &event{RequestID: newRequestID(), TS: p.minute, Method: "GET", Status: http.StatusOK, Action: "probe-summary",
+		Duration: p.slowest, Meta: map[string]any{"count": n, "routes": p.routes, "statuses": map[string]int64{"200": n},
+			"slowest_ms": p.slowest.Milliseconds(), "from": p.minute.UTC().Format(time.RFC3339)}}
+	p.minute, p.routes = time.Time{}, nil
+	return ev
+}
 
 // Tokens and JSON answers, shared by the manual-trigger routes (scheduler.go) and the
 // observability routes below. A token is compared in constant time and never reaches a log line
@@ -1226,9 +1097,9 @@ func (s *server) handleDelivery(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	answer := map[string]any{"delivery": id, "events": evs}
-	// A delivery that joined another's task: that task's steps are the rest of its story.
-	if carrier := taskDelivery(evs); carrier != "" {
-		steps, err := queryEvents(r.Context(), s.events.db, eventFilter{action: "github-task", delivery: carrier, afterID: -1})
+	// A delivery covered by another's task: that task's steps are the rest of its story.
+	if leader := taskDelivery(evs); leader != "" {
+		steps, err := queryEvents(r.Context(), s.events.db, eventFilter{action: "github-task", delivery: leader, afterID: -1})
 		if err != nil {
 			s.log.errorf("deliveries api: %v", err)
 			manualError(w, r, http.StatusInternalServerError, "query-failed", "cannot read the event log")
@@ -1236,18 +1107,18 @@ func (s *server) handleDelivery(w http.ResponseWriter, r *http.Request) {
 		}
 		evs = append(evs, steps...)
 		slices.SortFunc(evs, func(a, b storedEvent) int { return cmp.Compare(a.ID, b.ID) })
-		answer["events"], answer["task_delivery"] = evs, carrier
+		answer["events"], answer["task_delivery"] = evs, leader
 	}
 	replyJSON(w, http.StatusOK, answer)
 }
 
-// taskDelivery returns the delivery whose task a delivery's rows say it was queued with, when
-// that is another delivery's (see dispatchBatch), or "".
+// taskDelivery returns the delivery whose task covered a delivery, when that is another
+// delivery's (see queuedTask), or "".
 func taskDelivery(evs []storedEvent) string {
 	for _, e := range slices.Backward(evs) {
-		into, _ := e.Meta["coalesced_into"].(string)
-		if e.Action == "github-webhook" && e.Meta["reason"] == "queued" && reDeliveryID.MatchString(into) {
-			return into
+		leader, _ := e.Meta["covered_by"].(string)
+		if e.Action == "github-dispatch" && e.Meta["reason"] == "dispatching" && reDeliveryID.MatchString(leader) {
+			return leader
 		}
 	}
 	return ""

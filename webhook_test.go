@@ -7,7 +7,6 @@ package main
 import (
 	"bufio"
 	"bytes"
-	"cmp"
 	"context"
 	"crypto/hmac"
 	"crypto/sha1"
@@ -104,7 +103,38 @@ func (ts *testServer) shutdown() {
 	}
 	ts.closed = true
 	ts.Server.Close()
+	if ev := ts.srv.probes.take(time.Now(), true); ev != nil {
+		ts.events.Record(*ev)
+	}
 	ts.events.Close()
+}
+
+// probeCount adds up the probes counted by the probe-summary rows.
+func probeCount(t *testing.T, rows map[string]eventRow) int {
+	t.Helper()
+	n := 0
+	for _, r := range rows {
+		if r.action != "probe-summary" {
+			continue
+		}
+		var meta struct{ Count int }
+		if err := json.Unmarshal([]byte(r.meta), &meta); err != nil {
+			t.Fatal(err)
+		}
+		n += meta.Count
+	}
+	return n
+}
+
+// drain runs the dispatcher until nothing is due, as its goroutine does after a wake-up, so a
+// test sees every queued task started (or retried) when drain returns.
+func (ts *testServer) drain(t testing.TB) {
+	t.Helper()
+	for i := 0; ts.srv.dispatchNext(context.Background()) == 0; i++ {
+		if i == 10000 {
+			t.Fatal("the dispatcher never ran out of work")
+		}
+	}
 }
 
 // do sends one request through a real client and returns the response and its body.
@@ -162,7 +192,7 @@ func (ts *testServer) rowsSoFar(t *testing.T) map[string]eventRow {
 	t.Helper()
 	out := map[string]eventRow{}
 	for _, r := range readRows(t, rawDB(t, ts.cfg.dbPath), "") {
-		if _, dup := out[r.requestID]; dup {
+		if _, dup := out[r.requestID]; dup && r.method != "QUEUE" { // the rows of one dispatch share an id
 			t.Errorf("request id %s has two rows", r.requestID)
 		}
 		out[r.requestID] = r
@@ -408,7 +438,8 @@ func TestBodyCap(t *testing.T) {
 }
 
 // TestRequestRows checks that every request, whatever its outcome, leaves exactly one event_log
-// row with its status and action, and that query secrets never reach the row or the log.
+// row with its status and action, or is counted in the probe summary when it is a successful
+// /health or /metrics probe, and that query secrets never reach the row or the log.
 func TestRequestRows(t *testing.T) {
 	dist, _ := distFixture(t)
 	ts := newTestServer(t, map[string]string{"WEBHOOK_WEB_DIST": dist, "WEBHOOK_MAX_BODY_BYTES": "16"}, nil)
@@ -418,12 +449,13 @@ func TestRequestRows(t *testing.T) {
 		body           string
 		status         int
 		action         string
+		probe          bool // a successful probe: counted in the minute's probe-summary row
 	}
 	cases := []want{
-		{method: "GET", target: "/health", status: 200, action: "health"},
-		{method: "GET", target: "/health?token=s3cret&x=1", status: 200, action: "health"},
-		{method: "GET", target: "/health?access_token=s3cret", status: 200, action: "health"},
-		{method: "GET", target: "/sse/hello", status: 200, action: "sse-hello"},
+		{method: "GET", target: "/health", status: 200, action: "health", probe: true},
+		{method: "GET", target: "/health?token=s3cret&x=1", status: 200, action: "health", probe: true},
+		{method: "GET", target: "/sse/hello?token=s3cret&x=1", status: 200, action: "sse-hello"},
+		{method: "GET", target: "/sse/hello?access_token=s3cret", status: 200, action: "sse-hello"},
 		{method: "GET", target: "/", status: 200, action: "static"},
 		{method: "HEAD", target: "/assets/app.js", status: 200, action: "static"},
 		{method: "GET", target: "/assets/missing.js", status: 404, action: "static"},
@@ -454,11 +486,26 @@ func TestRequestRows(t *testing.T) {
 		}
 	}
 	rows := ts.rows(t)
-	if len(rows) != len(cases) {
-		t.Errorf("%d rows for %d requests", len(rows), len(cases))
+	probes := 0
+	for _, c := range cases {
+		if c.probe {
+			probes++
+		}
+	}
+	if len(rows) != len(cases)-probes+1 {
+		t.Errorf("%d rows for %d requests, %d of them probes summarised in one row", len(rows), len(cases), probes)
+	}
+	if got := probeCount(t, rows); got != probes {
+		t.Errorf("the probe summaries count %d probes, want %d", got, probes)
 	}
 	for i, c := range cases {
 		r, ok := rows[ids[i]]
+		if c.probe {
+			if ok {
+				t.Errorf("%s %s: a successful probe has a row of its own", c.method, c.target)
+			}
+			continue
+		}
 		if !ok {
 			t.Errorf("%s %s: no row for request id %s", c.method, c.target, ids[i])
 			continue
@@ -1650,9 +1697,22 @@ func newAdvServer(t *testing.T, env map[string]string) *advServer {
 		full[k] = v
 	}
 	ts := newTestServer(t, full, nil)
-	// No Quadlet file of the operator's may steer the match.
+	// No Quadlet file of the operator's may steer the match, and every lookup is counted.
 	ts.srv.getenv = mapEnv(map[string]string{"HOME": t.TempDir()})
+	ts.srv.units.ttl = 0
 	return &advServer{testServer: ts, h: h}
+}
+
+// settleQueue runs the dispatcher until nothing is due and then ends every task it started, as
+// run-task does, so the next request finds no task running.
+func (s *advServer) settleQueue(t *testing.T) {
+	t.Helper()
+	s.drain(t)
+	for _, c := range s.h.callsOf(keySystemdRun) {
+		if err := s.events.finishTask(context.Background(), taskUnitName(c[len(c)-2]), ""); err != nil {
+			t.Fatal(err)
+		}
+	}
 }
 
 // runAdvCases sends every case, checks its answer and what ran, then closes the server and
@@ -1694,6 +1754,7 @@ func runAdvCases(t *testing.T, s *advServer, cases []advCase) int {
 			t.Errorf("%s: %s %s: %v", c.name, c.method, c.target, err)
 			continue
 		}
+		s.settleQueue(t)
 		ids[i] = resp.Header.Get("X-Request-Id")
 		if resp.StatusCode != c.status || !strings.Contains(body, c.text) {
 			t.Errorf("%s: %s %s = %d %q, want %d containing %q", c.name, c.method, c.target, resp.StatusCode, body, c.status, c.text)
@@ -1928,7 +1989,7 @@ func TestAdversarialRequests(t *testing.T) {
 		{name: "auto-update token hidden in a second parameter", method: "GET", target: "/auto-update?x=1&token=" + advWrongToken + "&token=" + advToken, status: 401},
 		{name: "events with the query token", method: "GET", target: "/api/events?limit=1&token=" + advManualToken, status: 200, action: "events-api"},
 		{name: "events with a wrong query token", method: "GET", target: "/api/events?token=" + advWrongToken, status: 401},
-		{name: "health with a token in the query", method: "GET", target: "/health?token=" + advToken, status: 200, action: "health"},
+		{name: "hello with a token in the query", method: "GET", target: "/sse/hello?token=" + advToken, status: 200, action: "sse-hello"},
 
 		// GET and other methods on POST routes.
 		{name: "GET a delivery route", method: "GET", target: advUnitPath, status: 405, action: "method-not-allowed"},
@@ -2087,8 +2148,8 @@ func TestSlowClients(t *testing.T) {
 	if calls := s.h.calls(); len(calls) != 0 {
 		t.Errorf("slow clients ran commands:\n%s", fakeCallLines(calls))
 	}
-	if n := len(rows); n != 2+len(ids) {
-		t.Errorf("%d rows, want %d (two /health requests and the trickled body)", n, 2+len(ids))
+	if n := len(rows); n != 1+len(ids) || probeCount(t, rows) != 2 {
+		t.Errorf("%d rows counting %d probes, want %d (the summary of two /health probes and the trickled body)", n, probeCount(t, rows), 1+len(ids))
 	}
 }
 
@@ -2180,7 +2241,7 @@ func TestFaultDatabaseLocked(t *testing.T) {
 		released.Store(true) // before the lock goes: a write that finishes has waited for it
 		conn.ExecContext(ctx, "ROLLBACK")
 	}()
-	health, _ := s.getHealth(t)
+	health, _ := s.getHello(t)
 	resp, text := s.signedDelivery(t, "web", "locked-1", body)
 	if resp.StatusCode != 202 || text != "auto-update queued" {
 		t.Fatalf("delivery while the database is locked: %d %q, want 202 auto-update queued\nlog:\n%s", resp.StatusCode, text, s.logs)
@@ -2189,16 +2250,17 @@ func TestFaultDatabaseLocked(t *testing.T) {
 		t.Fatal("the delivery was answered while another writer held the lock: its record cannot be committed")
 	}
 	id := resp.Header.Get("X-Request-Id")
+	s.drain(t)
 	rows := s.rows(t)
 	if r, ok := rows[id]; !ok || r.status != 202 {
 		t.Errorf("row of the delivery: %+v %v", r, ok)
 	}
 	if _, ok := rows[health]; !ok {
-		t.Errorf("no row for the /health answered during the lock")
+		t.Errorf("no row for the /sse/hello answered during the lock")
 	}
 	db := rawDB(t, s.cfg.dbPath)
-	if n := queryInt(t, db, `SELECT count(*) FROM github_deliveries WHERE delivery_id = 'locked-1' AND status = 'queued'`); n != 1 {
-		t.Errorf("github_deliveries has %d queued rows for locked-1, want 1", n)
+	if n := queryInt(t, db, `SELECT count(*) FROM github_deliveries WHERE delivery_id = 'locked-1' AND status = 'dispatched'`); n != 1 {
+		t.Errorf("github_deliveries has %d dispatched rows for locked-1, want 1", n)
 	}
 	if strings.Contains(s.logs.String(), "unwritten event") {
 		t.Errorf("rows were spilled:\n%s", s.logs)
@@ -2208,16 +2270,17 @@ func TestFaultDatabaseLocked(t *testing.T) {
 	}
 }
 
-// getHealth asks for /health and returns its request id and status.
-func (s *advServer) getHealth(t *testing.T) (string, int) {
+// getHello asks for /sse/hello, a request that has a row of its own, and returns its request
+// id and status.
+func (s *advServer) getHello(t *testing.T) (string, int) {
 	t.Helper()
-	resp, err := s.Client().Get(s.URL + "/health")
+	resp, err := s.Client().Get(s.URL + "/sse/hello")
 	if err != nil {
 		t.Fatal(err)
 	}
 	resp.Body.Close()
 	if resp.StatusCode != 200 {
-		t.Errorf("/health = %d", resp.StatusCode)
+		t.Errorf("/sse/hello = %d", resp.StatusCode)
 	}
 	return resp.Header.Get("X-Request-Id"), resp.StatusCode
 }
@@ -2242,7 +2305,7 @@ func TestFaultDatabaseUnwritable(t *testing.T) {
 	t.Cleanup(func() { syscall.Unmount(mnt, syscall.MNT_DETACH) })
 	s := newAdvServer(t, map[string]string{"WEBHOOK_STATE_DIR": state})
 	s.cfg.stateDir = state
-	if _, code := s.getHealth(t); code != 200 {
+	if _, code := s.getHello(t); code != 200 {
 		t.Fatal("no /health before the fault")
 	}
 	waitPending(t, s.events)
@@ -2269,7 +2332,7 @@ func TestFaultDatabaseUnwritable(t *testing.T) {
 		do     func() *http.Response
 		status int
 	}{
-		{"health", func() *http.Response { r, _ := s.Client().Get(s.URL + "/health"); return r }, 200},
+		{"hello", func() *http.Response { r, _ := s.Client().Get(s.URL + "/sse/hello"); return r }, 200},
 		{"not found", func() *http.Response { r, _ := s.Client().Get(s.URL + "/nope?token=" + advToken); return r }, 404},
 		{"bad signature", func() *http.Response {
 			r, _ := s.Client().Post(s.URL+advUnitPath, "application/json", bytes.NewReader(body))
@@ -2308,7 +2371,7 @@ func TestFaultDatabaseUnwritable(t *testing.T) {
 	if err := os.Remove(filepath.Join(mnt, "filler")); err != nil {
 		t.Fatal(err)
 	}
-	after, _ := s.getHealth(t)
+	after, _ := s.getHello(t)
 	rows := s.rows(t)
 	if _, ok := rows[after]; !ok {
 		t.Errorf("the event log did not recover once space was back; log:\n%s", s.logs)
@@ -2441,80 +2504,71 @@ func deliveryStatuses(t *testing.T, db *sql.DB, prefix string) map[string]int {
 	return out
 }
 
-// checkCoverage checks that every delivery with prefix answered "auto-update queued" is covered
-// by exactly one dispatched task: its own, or that of the delivery its row names in
-// coalesced_into, which must itself be queued with its own task for the same unit and image.
-// dispatches counts the recorded
-// systemd-run calls by delivery id. It returns how many deliveries were queued, and how many of
-// them rode on another's task.
-func checkCoverage(t *testing.T, db *sql.DB, prefix string, dispatches map[string]int) (queued, riders int) {
+// checkCoverage checks the queue after a burst: every claim with prefix is dispatched (or
+// done) by exactly one task, that of the claim its covered_by names, which covers itself, is
+// for the same unit and image, and was started by exactly one systemd-run (dispatches counts
+// them by delivery id); every claim has one "dispatching" row. It returns the number of
+// claims and of tasks per unit.
+func checkCoverage(t *testing.T, db *sql.DB, prefix string, dispatches map[string]int) (claims int, tasksPerUnit map[string]int) {
 	t.Helper()
-	rows, err := db.Query(`SELECT json_extract(meta, '$.delivery'), coalesce(json_extract(meta, '$.coalesced_into'), ''),
-		coalesce(json_extract(meta, '$.task_unit'), ''), json_extract(meta, '$.unit') || ' ' || json_extract(meta, '$.image')
-		FROM event_log
-		WHERE action = 'github-webhook' AND json_extract(meta, '$.reason') = 'queued' AND json_extract(meta, '$.delivery') LIKE ?`, prefix+"%")
+	rows, err := db.Query(`SELECT delivery_id, status, coalesce(covered_by, ''), coalesce(task_unit, ''), unit || ' ' || image,
+		(SELECT count(*) FROM event_log WHERE action = 'github-dispatch' AND json_extract(meta, '$.reason') = 'dispatching'
+			AND json_extract(meta, '$.delivery') = delivery_id)
+		FROM github_deliveries WHERE delivery_id LIKE ?`, prefix+"%")
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer rows.Close()
-	carrierOf, target := map[string]string{}, map[string]string{}
+	leaderOf, target := map[string]string{}, map[string]string{}
 	for rows.Next() {
-		var id, into, taskUnit, unitImage string
-		if err := rows.Scan(&id, &into, &taskUnit, &unitImage); err != nil {
+		var id, status, leader, taskUnit, unitImage string
+		var dispatchRows int
+		if err := rows.Scan(&id, &status, &leader, &taskUnit, &unitImage, &dispatchRows); err != nil {
 			t.Fatal(err)
 		}
-		if _, dup := carrierOf[id]; dup {
-			t.Errorf("%s: delivery %s has two queued rows", prefix, id)
+		if (status != "dispatched" && status != "done") || leader == "" || taskUnit != taskUnitName(leader) || dispatchRows != 1 {
+			t.Errorf("%s: claim %s is %s, covered by %q with task unit %q and %d dispatching rows; want dispatched by one task",
+				prefix, id, status, leader, taskUnit, dispatchRows)
 		}
-		carrier := cmp.Or(into, id)
-		carrierOf[id], target[id] = carrier, unitImage
-		if taskUnit != taskUnitName(carrier) {
-			t.Errorf("%s: delivery %s names task unit %q, want its task's %q", prefix, id, taskUnit, taskUnitName(carrier))
-		}
-		if into != "" && dispatches[id] != 0 {
-			t.Errorf("%s: delivery %s rode on %s's task and was dispatched too", prefix, id, into)
-		}
+		leaderOf[id], target[id] = leader, unitImage
 	}
 	if err := rows.Err(); err != nil {
 		t.Fatal(err)
 	}
-	for id, carrier := range carrierOf {
-		if carrierOf[carrier] != carrier || dispatches[carrier] != 1 {
-			t.Errorf("%s: delivery %s is covered by %s's task, which was dispatched %d times and is carried by %q",
-				prefix, id, carrier, dispatches[carrier], carrierOf[carrier])
+	tasksPerUnit = map[string]int{}
+	for id, leader := range leaderOf {
+		if leaderOf[leader] != leader || dispatches[leader] != 1 || target[id] != target[leader] {
+			t.Errorf("%s: claim %s for %s is covered by %s's task (for %s, itself covered by %q), started %d times",
+				prefix, id, target[id], leader, target[leader], leaderOf[leader], dispatches[leader])
 		}
-		if carrier != id {
-			riders++
-			if target[id] != target[carrier] {
-				t.Errorf("%s: delivery %s for %s rode on the task for %s", prefix, id, target[id], target[carrier])
-			}
+		if leader == id {
+			tasksPerUnit[strings.Fields(target[id])[0]]++
 		}
 	}
 	for id, n := range dispatches {
-		if carrierOf[id] != id || n != 1 {
-			t.Errorf("%s: delivery %s was dispatched %d times; queued as %q", prefix, id, n, carrierOf[id])
+		if leaderOf[id] != id || n != 1 {
+			t.Errorf("%s: task of %s started %d times; its claim is covered by %q", prefix, id, n, leaderOf[id])
 		}
 	}
-	return len(carrierOf), riders
+	return len(leaderOf), tasksPerUnit
 }
 
 // TestLoadBursts sends 200 concurrent signed deliveries for one image (different delivery ids),
-// then a mixed burst over 20 images with duplicate copies, against the server with recording
-// fakes (fake systemctl answers its show; fake systemd-run records the dispatch). Every request
-// must be answered 2xx or 429: neither a command bound (500) nor a full queue (503 "busy") may
-// be hit by these bursts. The answer times are logged, not judged. The accounting must be
-// exact: every "queued" answer is a queued record and is covered by exactly one recorded
-// dispatch, its own or that of the delivery it was coalesced into (see checkCoverage). The
-// request path only checks the per-image limit; run-task takes it. So the recorded tasks of the
-// one-image burst, and copies of them under other delivery ids up to 200 (as deliveries spread
-// over time would have dispatched), then run as real run-task processes of the built binary,
-// all at once as systemd would start them, with a pull that takes a while and records when it
-// ran: the pulls never overlap (one redeploy per image at a time), exactly
-// WEBHOOK_IMAGE_LIMIT_COUNT of them pull and the rest stop rate-limited, the per-image log holds
-// exactly that many timestamps, and the next delivery is refused with 429 before anything is
-// dispatched. Between and after the bursts the server goes back to its goroutines and
-// descriptors; the slack covers SQLite's pool, which may keep up to 3 more connections of 2
-// descriptors each.
+// then a mixed burst over 20 images with duplicate copies, against the server with its
+// dispatcher running and recording fakes (fake systemctl answers its show and reports a started
+// task unit active until the test ends it as run-task would; fake systemd-run records the
+// dispatch). Every delivery is answered 202 ("auto-update queued", or "duplicate delivery" for
+// a copy); the answer times are logged, not judged. The queue's accounting must be exact (see
+// checkCoverage), with at most two tasks per unit for a burst: the one running when it started
+// and one covering everything that queued behind it. The request path only checks the
+// per-image limit; run-task takes it. So the recorded tasks of the one-image burst, and copies
+// of them under other delivery ids up to 200, then run as real run-task processes of the built
+// binary, all at once, with a pull that takes a while and records when it ran: the pulls never
+// overlap (one redeploy per image at a time), exactly WEBHOOK_IMAGE_LIMIT_COUNT of them pull and
+// the rest stop rate-limited, the per-image log holds exactly that many timestamps, and the next
+// delivery is refused with 429. Between and after the bursts the server goes back to its
+// goroutines and descriptors; the slack covers SQLite's pool, which may keep up to 3 more
+// connections of 2 descriptors each.
 func TestLoadBursts(t *testing.T) {
 	if testing.Short() {
 		t.Skip("load test")
@@ -2530,8 +2584,40 @@ func TestLoadBursts(t *testing.T) {
 	body := githubPackagePayload("ghcr.io", "octo-org", "web", "v1", "")
 	db := rawDB(t, s.cfg.dbPath)
 
+	dctx, stopDispatcher := context.WithCancel(context.Background())
+	dispatcherDone := make(chan struct{})
+	go func() { defer close(dispatcherDone); s.srv.runDispatcher(dctx) }()
+	defer func() { stopDispatcher(); <-dispatcherDone }()
+	// endTasks does what run-task does as it ends, for every task started so far.
+	endTasks := func() {
+		for _, c := range s.h.callsOf(keySystemdRun) {
+			if err := s.events.finishTask(context.Background(), taskUnitName(c[len(c)-2]), ""); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	tasksOf := func(prefix string) (map[string]int, [][]string) {
+		dispatches := map[string]int{}
+		var argvs [][]string
+		for _, c := range s.h.callsOf(keySystemdRun) {
+			if id := c[len(c)-2]; strings.HasPrefix(id, prefix) {
+				dispatches[id]++
+				argvs = append(argvs, c)
+			}
+		}
+		return dispatches, argvs
+	}
+	idle := func(prefix string) {
+		waitFor(t, prefix+" claims dispatched", func() bool {
+			st := deliveryStatuses(t, db, prefix)
+			return len(st) > 0 && st["pending"] == 0 && st["dispatching"] == 0
+		})
+	}
+
 	// Warm up, then take the baseline.
 	s.burst(client, []burstReq{{"web", "warm", githubPackagePayload("ghcr.io", "octo-org", "warm", "v1", "")}})
+	waitFor(t, "the warm-up task", func() bool { d, _ := tasksOf("warm"); return len(d) == 1 })
+	endTasks()
 	client.CloseIdleConnections()
 	waitPending(t, s.events)
 	g0, fd0 := settle(t, "before the bursts", math.MaxInt, math.MaxInt)
@@ -2544,24 +2630,21 @@ func TestLoadBursts(t *testing.T) {
 	texts, median, slowest := summarize(t, "one image", s.burst(client, same))
 	t.Logf("one image: %d concurrent deliveries answered in %s: %v; answer time median %s, max %s",
 		n, time.Since(start).Round(time.Millisecond), texts, median.Round(time.Millisecond), slowest.Round(time.Millisecond))
-	var dispatched [][]string
-	dispatches := map[string]int{}
-	for _, c := range s.h.callsOf(keySystemdRun) {
-		if id := c[len(c)-2]; strings.HasPrefix(id, "load-") {
-			dispatched = append(dispatched, c)
-			dispatches[id]++
-		}
+	if texts["auto-update queued"] != n {
+		t.Errorf("one image: answers %v, want every delivery queued", texts)
 	}
-	st := deliveryStatuses(t, db, "load-")
-	queued := texts["auto-update queued"]
-	if st["queued"] != queued || queued != n || len(st) != 1 {
-		t.Errorf("one image: answers %v, records %v: every delivery must be queued, and recorded so", texts, st)
+	// The first task runs on (the fake systemd keeps it active) while the burst queues behind
+	// it; once it ends, one task covers everything that waited.
+	waitFor(t, "the first task", func() bool { d, _ := tasksOf("load-"); return len(d) == 1 })
+	endTasks()
+	idle("load-")
+	dispatches, dispatched := tasksOf("load-")
+	claims, perUnit := checkCoverage(t, db, "load-", dispatches)
+	if claims != n || perUnit["web.service"] > 2 {
+		t.Errorf("one image: %d claims, %d tasks: want %d claims covered by at most 2 tasks", claims, perUnit["web.service"], n)
 	}
-	covered, riders := checkCoverage(t, db, "load-", dispatches)
-	if covered != queued {
-		t.Errorf("one image: %d queued rows for %d queued answers", covered, queued)
-	}
-	t.Logf("one image: %d tasks dispatched for %d queued deliveries (%d coalesced)", len(dispatched), queued, riders)
+	t.Logf("one image: %d tasks for %d deliveries", len(dispatched), claims)
+	endTasks()
 	client.CloseIdleConnections()
 	g1, fd1 := settle(t, "after the first burst", g0+5, fd0+8)
 
@@ -2575,47 +2658,27 @@ func TestLoadBursts(t *testing.T) {
 		}
 	}
 	start = time.Now()
-	res := s.burst(client, mixed)
-	texts, median, slowest = summarize(t, "mixed", res)
+	texts, median, slowest = summarize(t, "mixed", s.burst(client, mixed))
 	t.Logf("%d images: %d concurrent deliveries (%d of them twice) answered in %s: %v; answer time median %s, max %s",
 		images, len(mixed), len(mixed)-n, time.Since(start).Round(time.Millisecond), texts, median.Round(time.Millisecond), slowest.Round(time.Millisecond))
-	queuedIDs := map[string]int{}
-	perImage := map[string]int{}
-	for _, r := range res {
-		if r.text == "auto-update queued" {
-			queuedIDs[r.delivery]++
-			perImage[r.unit]++
+	if texts["auto-update queued"] != n || texts["duplicate delivery"] != len(mixed)-n {
+		t.Errorf("mixed: answers %v, want %d queued and %d duplicates", texts, n, len(mixed)-n)
+	}
+	waitFor(t, "a task for every unit", func() bool { d, _ := tasksOf("mixed-"); return len(d) >= images })
+	endTasks()
+	idle("mixed-")
+	dispatches, _ = tasksOf("mixed-")
+	claims, perUnit = checkCoverage(t, db, "mixed-", dispatches)
+	if claims != n || len(perUnit) != images {
+		t.Errorf("mixed: %d claims for %d units, want %d for %d", claims, len(perUnit), n, images)
+	}
+	for unit, c := range perUnit {
+		if c > 2 {
+			t.Errorf("mixed: %d tasks for %s, want at most 2", c, unit)
 		}
 	}
-	for id, c := range queuedIDs {
-		if c > 1 {
-			t.Errorf("mixed: delivery %s was queued %d times", id, c)
-		}
-	}
-	if st := deliveryStatuses(t, db, "mixed-"); st["queued"] != len(queuedIDs) {
-		t.Errorf("mixed: %d deliveries queued, %v recorded", len(queuedIDs), st)
-	}
-	mixedDispatches := map[string]int{}
-	unitOf := map[string]string{}
-	for _, c := range s.h.callsOf(keySystemdRun) {
-		if id := c[len(c)-2]; strings.HasPrefix(id, "mixed-") {
-			mixedDispatches[id]++
-			unitOf[id] = strings.TrimSuffix(c[len(c)-5], ".service")
-		}
-	}
-	covered, riders = checkCoverage(t, db, "mixed-", mixedDispatches)
-	if covered != len(queuedIDs) {
-		t.Errorf("mixed: %d queued rows for %d queued deliveries", covered, len(queuedIDs))
-	}
-	for _, r := range res {
-		if r.text == "auto-update queued" && mixedDispatches[r.delivery] == 1 && unitOf[r.delivery] != r.unit {
-			t.Errorf("mixed: delivery %s for %s was dispatched for %s", r.delivery, r.unit, unitOf[r.delivery])
-		}
-	}
-	t.Logf("mixed: %d tasks dispatched for %d queued deliveries (%d coalesced)", len(mixedDispatches), len(queuedIDs), riders)
-	if len(perImage) != images {
-		t.Errorf("mixed: deliveries of %d images queued, want %d", len(perImage), images)
-	}
+	t.Logf("mixed: %d tasks for %d deliveries", len(dispatches), claims)
+	endTasks()
 	client.CloseIdleConnections()
 	g2, fd2 := settle(t, "after the second burst", g0+5, fd0+8)
 	t.Logf("goroutines %d → %d → %d, descriptors %d → %d → %d", g0, g1, g2, fd0, fd1, fd2)
@@ -2697,34 +2760,6 @@ func TestLoadBursts(t *testing.T) {
 	}
 }
 
-// asyncAnswer is a delivery's answer, as sendAsync reports it.
-type asyncAnswer struct {
-	status int
-	text   string
-	id     string // X-Request-Id
-	retry  string // Retry-After
-	err    error
-}
-
-// sendAsync sends a signed package delivery for unit in the background.
-func (s *advServer) sendAsync(unit, delivery string, body []byte) <-chan asyncAnswer {
-	return s.sendAsyncCtx(context.Background(), unit, delivery, body)
-}
-
-// sendAsyncCtx is sendAsync with a context that can hang up on the server.
-func (s *advServer) sendAsyncCtx(ctx context.Context, unit, delivery string, body []byte) <-chan asyncAnswer {
-	ch := make(chan asyncAnswer, 1)
-	go func() {
-		resp, text, err := s.postDeliveryCtx(ctx, unit, delivery, body)
-		if err != nil {
-			ch <- asyncAnswer{err: err}
-			return
-		}
-		ch <- asyncAnswer{resp.StatusCode, text, resp.Header.Get("X-Request-Id"), resp.Header.Get("Retry-After"), nil}
-	}()
-	return ch
-}
-
 // waitFor polls cond until it holds, failing the test after hangGuard.
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
@@ -2737,340 +2772,70 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 	}
 }
 
-// takeSlots takes every dispatch slot of s, as deliveries dispatching would.
-func (s *advServer) takeSlots() {
-	for range cap(s.srv.work) {
-		s.srv.work <- struct{}{}
-	}
-}
-
-// freeSlots gives back the slots takeSlots took. It takes exactly that many tokens back: a
-// waiting delivery's token may be among them, which balances out when it releases its slot.
-func (s *advServer) freeSlots() {
-	for range cap(s.srv.work) {
-		<-s.srv.work
-	}
-}
-
-// TestDeliveriesQueueForDispatchSlots: with every dispatch slot taken, a delivery's claim is
-// recorded "dispatching" and it waits in line (the waiting gauge shows it), with nothing started
-// until a slot frees; it is then queued as usual, its row noting that it waited. When no slot
-// frees while enough of its budget is left, the delivery is refused 503 "busy" with a
-// Retry-After, nothing started, and settled "busy"; the delivery that joined it with the most
-// budget left waits on in its place, one that joined it with less is refused when its own
-// budget ends, and a redelivery of the refused one is accepted.
-func TestDeliveriesQueueForDispatchSlots(t *testing.T) {
-	s := newAdvServer(t, nil)
-	body := githubPackagePayload("ghcr.io", "octo-org", "web", "v1", "")
-	s.takeSlots()
-	waitWaiting := func(n int64) {
-		t.Helper()
-		waitFor(t, fmt.Sprintf("%d deliveries wait for a slot", n), func() bool { return s.srv.metrics.waiting.Load() == n })
-	}
-
-	// A slot frees while the delivery waits: it goes through.
-	first := s.sendAsync("web", "slots-1", body)
-	waitWaiting(1)
-	if n := len(s.h.callsOf(keySystemdRun)); n != 0 {
-		t.Fatalf("%d dispatches while every slot was taken", n)
-	}
-	if st := deliveryStatuses(t, rawDB(t, s.cfg.dbPath), "slots-"); !reflect.DeepEqual(st, map[string]int{"dispatching": 1}) {
-		t.Fatalf("the waiting delivery's claim: %v, want one dispatching", st)
-	}
-	fams := scrape(t, s.testServer, nil)
-	if w := samplesBy(t, fams, "webhook_deliveries_waiting", "webhook_deliveries_waiting"); w[""] != 1 {
-		t.Errorf("webhook_deliveries_waiting = %v while one delivery waits", w)
-	}
-	<-s.srv.work
-	a := <-first
-	if a.err != nil || a.status != 202 || a.text != "auto-update queued" {
-		t.Fatalf("delivery after a slot freed: %d %q %v, want 202 auto-update queued", a.status, a.text, a.err)
-	}
-	queuedID := a.id
-
-	// No slot frees within the budget of slots-2: it is refused, nothing started. slots-3,
-	// which joined it 1.5 s later, has budget left and takes over the wait; a copy of slots-2
-	// sent meanwhile is held back until slots-2 is answered, then takes the refused claim over
-	// as a redelivery would and joins slots-3. A slot frees: one task covers both.
-	s.srv.work <- struct{}{}
-	first2 := s.sendAsync("web", "slots-2", body)
-	waitWaiting(1)
-	early := s.sendAsync("web", "slots-2b", body)
-	waitFor(t, "slots-2b joins slots-2", func() bool { return s.srv.batches.riderCount() == 1 })
-	copy2 := s.sendAsync("web", "slots-2", body)
-	time.Sleep(1500 * time.Millisecond) // slots-3's budget ends 1.5 s after slots-2's
-	later := s.sendAsync("web", "slots-3", body)
-	waitFor(t, "slots-3 joins slots-2", func() bool { return s.srv.batches.riderCount() == 2 })
-	busyIDs := map[string]string{}
-	for _, d := range []struct {
-		id string
-		ch <-chan asyncAnswer
-	}{{"slots-2", first2}, {"slots-2b", early}} {
-		a = await(t, d.id, d.ch)
-		if a.err != nil || a.status != 503 || !strings.Contains(a.text, "too many deliveries in progress") || a.retry == "" {
-			t.Fatalf("%s with every slot taken: %d %q (Retry-After %q) %v, want 503 busy with a Retry-After", d.id, a.status, a.text, a.retry, a.err)
-		}
-		busyIDs[d.id] = a.id
-	}
-	// slots-2b was refused at the end of its own budget, not kept waiting for slots-3's.
-	if n := s.srv.metrics.waiting.Load(); n != 1 {
-		t.Fatalf("%d deliveries wait for a slot once slots-2b is answered; want slots-3 still waiting", n)
-	}
-	if n := len(s.h.callsOf(keySystemdRun)); n != 1 {
-		t.Errorf("%d dispatches, want only the first delivery's", n)
-	}
-	waitFor(t, "the copy of slots-2 joins slots-3, which waits on", func() bool {
-		return s.srv.batches.riderCount() == 1 && s.srv.metrics.waiting.Load() == 1
-	})
-	<-s.srv.work
-	b := await(t, "slots-3", later)
-	c := await(t, "the copy of slots-2", copy2)
-	for _, x := range []asyncAnswer{b, c} {
-		if x.err != nil || x.status != 202 || x.text != "auto-update queued" || x.retry != "" {
-			t.Fatalf("after a slot freed: %d %q (Retry-After %q) %v, want 202 auto-update queued", x.status, x.text, x.retry, x.err)
-		}
-	}
-	if calls := s.h.callsOf(keySystemdRun); len(calls) != 2 || calls[1][len(calls[1])-2] != "slots-3" {
-		t.Errorf("dispatches %v, want the first delivery's and slots-3's", calls)
-	}
-	if st := deliveryStatuses(t, rawDB(t, s.cfg.dbPath), "slots-"); !reflect.DeepEqual(st, map[string]int{"queued": 3, "busy": 1}) {
-		t.Errorf("deliveries: %v, want 3 queued and slots-2b busy", st)
-	}
-
-	rows := s.rows(t)
-	if m := rows[queuedID].meta; !strings.Contains(m, `"queued_ms":`) || !strings.Contains(m, `"reason":"queued"`) {
-		t.Errorf("row of the delivery that waited: %s, want queued_ms and reason queued", m)
-	}
-	for id, rid := range busyIDs {
-		if r := rows[rid]; r.status != 503 || !strings.Contains(r.meta, `"reason":"busy"`) || strings.Contains(r.meta, "task_unit") {
-			t.Errorf("row of the refused %s: %d %s, want 503 with reason busy and no task unit", id, r.status, r.meta)
-		}
-	}
-	if r := rows[b.id]; r.status != 202 || strings.Contains(r.meta, "coalesced_into") || !strings.Contains(r.meta, `"joined":1`) ||
-		!strings.Contains(r.meta, `"task_unit":"`+taskUnitName("slots-3")+`"`) {
-		t.Errorf("row of slots-3: %d %s, want 202 with its own task unit and one delivery joined", r.status, r.meta)
-	}
-	if r := rows[c.id]; r.status != 202 || !strings.Contains(r.meta, `"coalesced_into":"slots-3"`) {
-		t.Errorf("row of the copy of slots-2: %d %s, want 202 coalesced into slots-3", r.status, r.meta)
-	}
-	for _, id := range []string{"slots-2", "slots-2b"} {
-		if !strings.Contains(s.logs.String(), "github delivery "+id+" for web.service refused") {
-			t.Errorf("the refusal of %s is not in the log:\n%s", id, s.logs)
-		}
-	}
-}
-
-// await waits for a delivery's answer, failing the test after hangGuard.
-func await(t *testing.T, what string, ch <-chan asyncAnswer) asyncAnswer {
-	t.Helper()
-	select {
-	case a := <-ch:
-		return a
-	case <-time.After(hangGuard):
-		t.Fatalf("%s: no answer", what)
-		return asyncAnswer{}
-	}
-}
-
-// TestDeliveriesCoalesce: deliveries for the unit and image (and digest) of a delivery that is
-// waiting for a dispatch slot join it: they get no task of their own, are answered and recorded
-// as its task's, and a copy of the waiting delivery, held back until it is answered, is then a
-// duplicate. A different digest
-// waits on its own. Once a delivery has its slot and is starting its task, a later delivery for
-// the same image gets its own task, since the running one may have pulled before that push.
-// When the carrier's systemd-run fails, every delivery that joined it fails with it and stays
-// redeliverable. A carrier whose client hangs up still waits for a slot for its riders.
-func TestDeliveriesCoalesce(t *testing.T) {
-	s := newAdvServer(t, nil)
-	body := githubPackagePayload("ghcr.io", "octo-org", "web", "v1", "")
-	other := githubPackagePayload("ghcr.io", "octo-org", "web", "v1", "sha256:"+strings.Repeat("e", 64))
-	db := rawDB(t, s.cfg.dbPath)
-	dispatchedIDs := func() []string {
-		var ids []string
-		for _, c := range s.h.callsOf(keySystemdRun) {
-			ids = append(ids, c[len(c)-2])
-		}
-		return ids
-	}
-	answer := func(what string, ch <-chan asyncAnswer, status int, text string) asyncAnswer {
-		t.Helper()
-		a := await(t, what, ch)
-		if a.err != nil || a.status != status || a.text != text {
-			t.Fatalf("%s: %d %q %v, want %d %q", what, a.status, a.text, a.err, status, text)
-		}
-		return a
-	}
-
-	// Joined while the carrier waits.
-	s.takeSlots()
-	carrier := s.sendAsync("web", "co-a", body)
-	waitFor(t, "co-a waits for a slot", func() bool { return s.srv.metrics.waiting.Load() == 1 })
-	riders := []<-chan asyncAnswer{s.sendAsync("web", "co-b", body), s.sendAsync("web", "co-c", body)}
-	waitFor(t, "co-b and co-c join co-a", func() bool { return s.srv.batches.riderCount() == 2 })
-	digest := s.sendAsync("web", "co-d", other)
-	waitFor(t, "co-d waits for a slot of its own", func() bool { return s.srv.metrics.waiting.Load() == 2 })
-	// A copy of co-a waits until co-a is answered: co-a might yet be refused.
-	copyA := s.sendAsync("web", "co-a", body)
-	waitFor(t, "the copy of co-a is held back", func() bool { return s.srv.handling.waiting.Load() == 1 })
-	if ids := dispatchedIDs(); len(ids) != 0 {
-		t.Fatalf("dispatched while every slot was taken: %v", ids)
-	}
-	s.freeSlots()
-	a := answer("co-a", carrier, 202, "auto-update queued")
-	answer("the copy of co-a", copyA, 202, "duplicate delivery")
-	b := answer("co-b", riders[0], 202, "auto-update queued")
-	c := answer("co-c", riders[1], 202, "auto-update queued")
-	answer("co-d", digest, 202, "auto-update queued")
-	if ids := dispatchedIDs(); !reflect.DeepEqual(sorted(ids), []string{"co-a", "co-d"}) {
-		t.Fatalf("dispatched %v, want co-a's and co-d's tasks only", ids)
-	}
-	rows := s.rowsSoFar(t)
-	if m := rows[a.id].meta; strings.Contains(m, "coalesced_into") || !strings.Contains(m, `"task_unit":"`+taskUnitName("co-a")+`"`) {
-		t.Errorf("row of co-a: %s, want its own task unit", m)
-	}
-	for _, r := range []asyncAnswer{b, c} {
-		m := rows[r.id].meta
-		if rows[r.id].status != 202 || !strings.Contains(m, `"coalesced_into":"co-a"`) || !strings.Contains(m, `"task_unit":"`+taskUnitName("co-a")+`"`) ||
-			!strings.Contains(m, `"reason":"queued"`) {
-			t.Errorf("row of a delivery that joined co-a: %d %s, want 202 queued with co-a's task unit", rows[r.id].status, m)
-		}
-	}
-	if st := deliveryStatuses(t, db, "co-"); !reflect.DeepEqual(st, map[string]int{"queued": 4}) {
-		t.Errorf("deliveries: %v, want 4 queued", st)
-	}
-	fams := scrape(t, s.testServer, nil)
-	if got := samplesBy(t, fams, "webhook_deliveries_coalesced_total", "webhook_deliveries_coalesced_total"); got[""] != 2 {
-		t.Errorf("webhook_deliveries_coalesced_total = %v, want 2", got)
-	}
-
-	// A delivery arriving while the previous one starts its task gets its own.
-	woke := filepath.Join(s.h.dir, keySystemdRun+".woke")
-	os.Remove(woke)
-	s.h.set(keySystemdRun+".sleep", "3s")
-	starting := s.sendAsync("web", "co-e", body)
-	waitFor(t, "co-e's systemd-run runs", func() bool { return slices.Contains(dispatchedIDs(), "co-e") })
-	later := s.sendAsync("web", "co-f", body)
-	waitFor(t, "co-f is claimed", func() bool { return len(deliveryStatuses(t, db, "co-f")) == 1 })
-	if _, err := os.Stat(woke); err == nil {
-		t.Fatal("co-e's systemd-run was done before co-f arrived: the check below would prove nothing")
-	}
-	answer("co-e", starting, 202, "auto-update queued")
-	f := answer("co-f", later, 202, "auto-update queued")
-	if ids := dispatchedIDs(); !slices.Contains(ids, "co-f") {
-		t.Errorf("co-f arrived after co-e's task was starting and got no task of its own: dispatched %v", ids)
-	}
-	if m := s.rowsSoFar(t)[f.id].meta; strings.Contains(m, "coalesced_into") {
-		t.Errorf("row of co-f: %s, want no coalesced_into", m)
-	}
-	os.Remove(filepath.Join(s.h.dir, keySystemdRun+".sleep"))
-
-	// The carrier's systemd-run fails: the deliveries that joined it fail too.
-	s.takeSlots()
-	s.h.set(keySystemdRun+".fails", "1")
-	carrier = s.sendAsync("web", "co-g", body)
-	waitFor(t, "co-g waits for a slot", func() bool { return s.srv.metrics.waiting.Load() == 1 })
-	rider := s.sendAsync("web", "co-h", body)
-	waitFor(t, "co-h joins co-g", func() bool { return s.srv.batches.riderCount() == 1 })
-	s.freeSlots()
-	answer("co-g", carrier, 500, "cannot start the redeploy task")
-	h := answer("co-h", rider, 500, "cannot start the redeploy task")
-	if m := s.rowsSoFar(t)[h.id].meta; !strings.Contains(m, `"reason":"dispatch-failed"`) || !strings.Contains(m, `"coalesced_into":"co-g"`) ||
-		strings.Contains(m, "task_unit") {
-		t.Errorf("row of co-h: %s, want dispatch-failed, coalesced into co-g, no task unit", m)
-	}
-	if !strings.Contains(s.logs.String(), "github delivery co-h for web.service failed with the task of co-g") {
-		t.Errorf("the failure of co-h with co-g's task is not in the log:\n%s", s.logs)
-	}
-	if st := deliveryStatuses(t, db, "co-g"); !reflect.DeepEqual(st, map[string]int{"dispatch-failed": 1}) {
-		t.Errorf("co-g: %v, want dispatch-failed", st)
-	}
-	if st := deliveryStatuses(t, db, "co-h"); !reflect.DeepEqual(st, map[string]int{"dispatch-failed": 1}) {
-		t.Errorf("co-h: %v, want dispatch-failed", st)
-	}
-	resp, text := s.signedDelivery(t, "web", "co-h", body)
-	if resp.StatusCode != 202 || text != "auto-update queued" || !slices.Contains(dispatchedIDs(), "co-h") {
-		t.Errorf("redelivery of co-h: %d %q, dispatched %v; want 202 queued with its own task", resp.StatusCode, text, dispatchedIDs())
-	}
-
-	// The carrier's client hangs up while it waits: it waits on for the delivery that joined it,
-	// and its own claim is settled as what happened (queued), not left dispatching.
-	s.takeSlots()
-	hangup, cancel := context.WithCancel(context.Background())
-	gone := s.sendAsyncCtx(hangup, "web", "co-i", body)
-	waitFor(t, "co-i waits for a slot", func() bool { return s.srv.metrics.waiting.Load() == 1 })
-	rider = s.sendAsync("web", "co-j", body)
-	waitFor(t, "co-j joins co-i", func() bool { return s.srv.batches.riderCount() == 1 })
-	cancel()
-	if a := await(t, "co-i", gone); a.err == nil {
-		t.Fatalf("co-i's client hung up, yet it got %d %q", a.status, a.text)
-	}
-	time.Sleep(100 * time.Millisecond) // a server that gave up on co-i would answer co-j now
-	s.freeSlots()
-	j := answer("co-j", rider, 202, "auto-update queued")
-	if m := s.rowsSoFar(t)[j.id].meta; !strings.Contains(m, `"coalesced_into":"co-i"`) {
-		t.Errorf("row of co-j: %s, want coalesced into co-i", m)
-	}
-	waitFor(t, "co-i is settled", func() bool { return deliveryStatuses(t, db, "co-i")["queued"] == 1 })
-	if !slices.Contains(dispatchedIDs(), "co-i") {
-		t.Errorf("co-i's task was not dispatched: %v", dispatchedIDs())
-	}
-}
-
-// sorted returns a sorted copy of ss.
-func sorted(ss []string) []string {
-	ss = slices.Clone(ss)
-	slices.Sort(ss)
-	return ss
-}
-
-// TestRedeliveryAfterCrashBeforeDispatch: a server killed after it recorded a delivery's claim
-// but before systemd-run started its task leaves the claim "dispatching". GitHub never got an
-// answer, so the delivery shows as failed and an operator (or a script) redelivers it to the
-// restarted server. That redelivery must not be answered 2xx without its task being dispatched:
-// "202 duplicate delivery" there would report success for a redeploy that never runs.
-func TestRedeliveryAfterCrashBeforeDispatch(t *testing.T) {
+// TestQueueSurvivesRestart: a server killed between its 202s and their dispatch leaves claims
+// pending, and one killed during systemd-run leaves them dispatching. The restarted server (the
+// real binary, with fakes) runs each of them exactly once: a pending claim and a dispatching
+// one whose task never started are dispatched, one whose task unit exists is not started again.
+// A redelivery of a claim that is queued is a duplicate: its redeploy runs.
+func TestQueueSurvivesRestart(t *testing.T) {
 	bin := buildServerBinary(t) // before the fakes replace PATH
 	h, path := newFakeHostWithRun(t)
 	state := t.TempDir()
 	dbPath := filepath.Join(state, "data", "pod-upgrade-trigger.db")
 	body := githubPackagePayload("ghcr.io", "octo-org", "web", "v1", "")
 
-	// The server that died: its claim is committed, its systemd-run never ran.
+	// The server that died: three claims committed and answered 202.
 	dead, err := openEventLog(dbPath, newLogger(io.Discard))
 	if err != nil {
 		t.Fatal(err)
 	}
-	id, err := dead.claimDelivery(context.Background(), "crash-1", "web.service", "ghcr.io/octo-org/web:v1", "package",
-		event{RequestID: "dead-request", TS: time.Now(), Method: "POST", Path: advUnitPath, Status: 202, Action: "github-webhook",
-			Meta: map[string]any{"delivery": "crash-1", "reason": "dispatching"}})
-	if err != nil || id == 0 {
-		t.Fatalf("claim: %d, %v", id, err)
+	for i, unit := range []string{"web.service", "db.service", "cache.service"} {
+		id := fmt.Sprintf("crash-%d", i+1)
+		spec := taskSpec{unit: unit, image: "ghcr.io/octo-org/web:v1", event: "package", delivery: id, path: advUnitPath}
+		ok, err := dead.claimDelivery(context.Background(), spec, event{RequestID: "dead-" + id, TS: time.Now(),
+			Method: "POST", Path: advUnitPath, Status: 202, Action: "github-webhook", Meta: map[string]any{"delivery": id, "reason": "queued"}})
+		if err != nil || !ok {
+			t.Fatalf("claim %s: %v %v", id, ok, err)
+		}
+	}
+	// crash-2 and crash-3 were being dispatched (systemd-run under way); only crash-3's task
+	// unit started.
+	db := rawDB(t, dbPath)
+	if _, err := db.Exec(`UPDATE github_deliveries SET status = CASE delivery_id WHEN 'crash-1' THEN 'pending' ELSE 'dispatching' END,
+		covered_by = CASE delivery_id WHEN 'crash-1' THEN NULL ELSE delivery_id END,
+		task_unit = CASE delivery_id WHEN 'crash-1' THEN NULL ELSE 'webhook-task-' || delivery_id END`); err != nil {
+		t.Fatal(err)
 	}
 	dead.Close()
+	h.set("started.webhook-task-crash-3", "")
 
 	addr := freeLoopbackAddr(t)
 	p := startServerProc(t, bin, []string{"--listen", addr, "--state-dir", state}, []string{"PATH=" + path,
 		"GITHUB_WEBHOOK_SECRET=" + advSecret, fakePodmanDirEnv + "=" + h.dir, fakeSystemctlDirEnv + "=" + h.dir,
 		fakeSystemdRunDirEnv + "=" + h.dir}, nil)
 	p.waitLog(t, "listening on")
+	dispatches := func() map[string]int {
+		out := map[string]int{}
+		for _, c := range h.callsOf(keySystemdRun) {
+			out[c[len(c)-2]]++
+		}
+		return out
+	}
+	waitFor(t, "the claims left behind dispatched", func() bool {
+		return reflect.DeepEqual(deliveryStatuses(t, db, "crash-"), map[string]int{"dispatched": 3})
+	})
+	if d := dispatches(); !reflect.DeepEqual(d, map[string]int{"crash-1": 1, "crash-2": 1}) {
+		t.Errorf("systemd-run calls by delivery %v, want crash-1 and crash-2 once, crash-3 (already started) never\n%s", d, p.stderr())
+	}
 	resp, text, err := rawExchange(addr, "POST", advUnitPath, [][2]string{{"X-GitHub-Event", "package"},
 		{"X-GitHub-Delivery", "crash-1"}, {"X-Hub-Signature-256", hubSignature(advSecret, body)}}, body, false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	dispatched := 0
-	for _, c := range h.callsOf(keySystemdRun) {
-		if slices.Contains(c, "crash-1") {
-			dispatched++
-		}
-	}
-	t.Logf("redelivery after the crash: %d %q, %d dispatches", resp.StatusCode, strings.TrimSpace(text), dispatched)
-	if resp.StatusCode/100 == 2 && dispatched == 0 {
-		t.Errorf("the redelivery of a delivery whose server died before dispatching it was answered %d %q and nothing was dispatched: "+
-			"GitHub records a success for a redeploy that never runs", resp.StatusCode, strings.TrimSpace(text))
+	if err != nil || resp.StatusCode != 202 || strings.TrimSpace(text) != "duplicate delivery" {
+		t.Errorf("redelivery of a queued claim: %v %q %v, want 202 duplicate delivery", resp, text, err)
 	}
 	p.cmd.Process.Signal(syscall.SIGTERM)
-	p.wait()
+	if err := p.wait(); err != nil {
+		t.Errorf("server exit: %v\n%s", err, p.stderr())
+	}
 }
 
 // watchTimestampFiles checks every timestamp log under state every few milliseconds until stop
@@ -3233,41 +2998,27 @@ func TestE2EKillServerMidBurst(t *testing.T) {
 		check(id, a, "redelivered")
 	}
 	t.Logf("kill -9 of pid %s after %d answers; restarted as %s; answers: %v", oldPID, workers*each/3, newPID, counts)
-	var orphans []string // answered 202, but their claim was never settled
+	// Every delivery answered 202 runs, once the restarted server has its queue: its claim ends
+	// done, covered by a task that finished. A task started before the kill is not started
+	// again (the restart finds its unit), one never started is.
 	for id, rid := range accepted {
-		var status string
-		switch err := e2e.db.QueryRow(`SELECT status FROM github_deliveries WHERE delivery_id = ?`, id).Scan(&status); {
-		case err != nil:
-			t.Errorf("accepted delivery %s is not in github_deliveries: %v", id, err)
-		case status == "dispatching":
-			orphans = append(orphans, id) // claimed by the killed server: its task may or may not have been started
-		case status != "queued":
-			t.Errorf("accepted delivery %s: github_deliveries status %q, want queued", id, status)
-		}
 		if rid != "" && queryInt(t, e2e.db, `SELECT count(*) FROM event_log WHERE request_id = ? AND status = 202`, rid) != 1 {
 			t.Errorf("accepted delivery %s: no 202 row for its request %s", id, rid)
 		}
-	}
-	for id := range accepted {
-		if slices.Contains(orphans, id) {
-			continue
-		}
-		// A delivery that joined a waiting one is covered by that one's task.
-		task := id
-		e2e.db.QueryRow(`SELECT json_extract(meta, '$.coalesced_into') FROM event_log WHERE action = 'github-webhook'
-			AND json_extract(meta, '$.delivery') = ? AND json_extract(meta, '$.coalesced_into') IS NOT NULL`, id).Scan(&task)
-		rows := e2e.waitTask(t, r, task)
+		var status, leader string
+		r.WaitFor(t, 120*time.Second, func() bool {
+			err := e2e.db.QueryRow(`SELECT status, coalesce(covered_by, '') FROM github_deliveries WHERE delivery_id = ?`, id).
+				Scan(&status, &leader)
+			return err == nil && status == "done"
+		}, "the claim of "+id+" to be done")
+		rows := e2e.waitTask(t, r, leader)
 		if last := rows[len(rows)-1].step; last != "up-to-date" && last != "completed" {
-			t.Errorf("task of %s (run by %s): steps %v", id, task, steps(rows))
+			t.Errorf("task of %s (run by %s): steps %v", id, leader, steps(rows))
 		}
 	}
-	// Every task dispatched before the kill has run by now: they share one image lock with the
-	// ones above.
-	for _, id := range orphans {
-		if len(e2e.taskRows(t, id)) == 0 {
-			t.Errorf("delivery %s was answered 202 %q, and no task ever ran for it (its server died between the claim and systemd-run)",
-				id, redelivered[id].text)
-		}
+	if n := queryInt(t, e2e.db, `SELECT count(*) FROM (SELECT json_extract(meta, '$.delivery') d FROM event_log
+		WHERE action = 'github-task' AND json_extract(meta, '$.step') = 'started' GROUP BY d HAVING count(*) > 1)`); n != 0 {
+		t.Errorf("%d tasks started twice", n)
 	}
 	var pulled int
 	for _, row := range e2e.taskRows(t, "") {
@@ -3453,69 +3204,209 @@ func BenchmarkHealth(b *testing.B) {
 	}
 }
 
-// TestDispatchFailureIsRetryable: when systemd-run fails, GitHub is answered 500 and the delivery
-// stays claimable, so its redelivery runs it; when systemd-run failed only after the task had
-// started (its time bound cut it short), the delivery is queued, not failed.
-func TestDispatchFailureIsRetryable(t *testing.T) {
+// dispatchRig is a server whose dispatcher a test drives by hand (drain), with fake systemctl,
+// a scripted systemd-run and a clock the test moves.
+type dispatchRig struct {
+	*testServer
+	h       *fakeHost
+	now     time.Time
+	fail    int      // systemd-runs that fail from now on
+	started bool     // a failing systemd-run started its task anyway
+	runs    []string // the delivery of every systemd-run, in order
+	seq     int
+}
+
+func newDispatchRig(t *testing.T) *dispatchRig {
 	h := newFakeHost(t)
-	// The unit exists (LoadState=loaded) and no task unit is running.
-	h.set("unit.state", "ActiveState=inactive\nSubState=dead\nResult=success\nNRestarts=0\nMainPID=0\nLoadState=loaded\n")
-	ts := newTestServer(t, map[string]string{"GITHUB_WEBHOOK_SECRET": advSecret}, nil)
-	fail := true
-	var dispatched []string
-	ts.srv.exec = func(ctx context.Context, timeout time.Duration, argv ...string) cmdResult {
-		dispatched = append(dispatched, strings.Join(argv, " "))
-		if fail {
+	d := &dispatchRig{h: h, now: time.Now()}
+	d.testServer = newTestServer(t, nil, nil)
+	d.srv.now = func() time.Time { return d.now }
+	d.srv.exec = func(ctx context.Context, timeout time.Duration, argv ...string) cmdResult {
+		delivery := argv[len(argv)-2]
+		d.runs = append(d.runs, delivery)
+		if d.fail > 0 {
+			d.fail--
+			if d.started {
+				h.set("started."+taskUnitName(delivery), "")
+			}
 			return cmdResult{argv: argv, exitCode: 1, stderr: "Failed to start transient service unit", err: errors.New("systemd-run failed (exit 1)")}
 		}
+		h.set("started."+taskUnitName(delivery), "") // fake systemctl show: the task unit is active
 		return cmdResult{argv: argv}
 	}
-	send := func(delivery string) (int, string) {
-		t.Helper()
-		body := githubPackagePayload("ghcr.io", "octo-org", "web", "v1", "")
-		req, _ := http.NewRequest("POST", ts.URL+"/github-package-update/web", bytes.NewReader(body))
-		req.Header.Set("X-GitHub-Event", "package")
-		req.Header.Set("X-GitHub-Delivery", delivery)
-		req.Header.Set("X-Hub-Signature-256", hubSignature(advSecret, body))
-		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
+	return d
+}
+
+// claim queues a delivery as the request path does, a millisecond after the previous one.
+func (d *dispatchRig) claim(t *testing.T, id, unit, image string) {
+	t.Helper()
+	d.seq++
+	ok, err := d.events.claimDelivery(context.Background(), taskSpec{unit: unit, image: image, event: "package", delivery: id, path: "/p"},
+		event{RequestID: "req-" + id, TS: d.now.Add(time.Duration(d.seq) * time.Millisecond), Method: "POST", Status: 202,
+			Action: "github-webhook", Meta: map[string]any{"delivery": id, "reason": "queued"}})
+	if err != nil || !ok {
+		t.Fatalf("claim %s: %v %v", id, ok, err)
+	}
+}
+
+// end ends the task of leader as run-task does, or (vanish) as a killed one does: its unit gone,
+// its claims not marked done.
+func (d *dispatchRig) end(t *testing.T, leader string, vanish bool) {
+	t.Helper()
+	os.Remove(filepath.Join(d.h.dir, "started."+taskUnitName(leader)))
+	if !vanish {
+		if err := d.events.finishTask(context.Background(), taskUnitName(leader), ""); err != nil {
 			t.Fatal(err)
 		}
-		defer resp.Body.Close()
-		b, _ := io.ReadAll(resp.Body)
-		return resp.StatusCode, strings.TrimSpace(string(b))
 	}
-	for _, step := range []struct {
-		delivery string
-		fail     bool
-		seedTask bool // the task wrote its first row although systemd-run failed
-		want     int
-		wantText string
-	}{
-		{"retry-1", true, false, 500, "cannot start the redeploy task"},
-		{"retry-1", false, false, 202, "auto-update queued"},
-		{"retry-1", false, false, 202, "duplicate delivery"},
-		{"late-1", true, true, 202, "auto-update queued"},
-	} {
-		fail = step.fail
-		if step.seedTask {
-			if err := ts.events.Write(context.Background(), event{RequestID: "task", TS: time.Now(), Method: "TASK",
-				Status: 202, Action: "github-task", Meta: map[string]any{"delivery": step.delivery, "step": "started"}}); err != nil {
-				t.Fatal(err)
-			}
+}
+
+// state is each claim's status and covering delivery, as "status/covered_by".
+func (d *dispatchRig) state(t *testing.T) map[string]string {
+	t.Helper()
+	rows, err := rawDB(t, d.cfg.dbPath).Query(`SELECT delivery_id, status || '/' || coalesce(covered_by, '') FROM github_deliveries`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rows.Close()
+	out := map[string]string{}
+	for rows.Next() {
+		var id, st string
+		rows.Scan(&id, &st)
+		out[id] = st
+	}
+	return out
+}
+
+// TestDispatcherRules drives the dispatcher step by step: claims are taken in arrival order; a
+// task covers every pending claim of its unit and image; while a unit's task runs, its later
+// claims (any image) wait, and another unit's do not; a task that ends lets the next one start,
+// also when it was killed without marking its claims done; a failed systemd-run is retried with
+// backoff, not before its time, and after dispatchAttempts the claims fail with the error in
+// their rows; a failed claim is taken over by its redelivery; a systemd-run that failed although
+// its task started counts as dispatched; a claim left dispatching by a stopped server is queued
+// again when its task never started.
+func TestDispatcherRules(t *testing.T) {
+	const imgA, imgB = "ghcr.io/o/a:v1", "ghcr.io/o/a:v2"
+	d := newDispatchRig(t)
+
+	d.claim(t, "a-1", "a.service", imgA)
+	d.claim(t, "b-1", "b.service", imgA)
+	d.claim(t, "a-2", "a.service", imgA)
+	d.drain(t)
+	if !slices.Equal(d.runs, []string{"a-1", "b-1"}) {
+		t.Fatalf("tasks started for %q, want a-1 (covering a-2) then b-1, in arrival order", d.runs)
+	}
+	if st := d.state(t); st["a-2"] != "dispatched/a-1" || st["a-1"] != "dispatched/a-1" || st["b-1"] != "dispatched/b-1" {
+		t.Errorf("claims %v, want a-2 covered by a-1's task", st)
+	}
+
+	d.claim(t, "a-3", "a.service", imgA)
+	d.claim(t, "a-4", "a.service", imgB)
+	d.claim(t, "c-1", "c.service", imgA)
+	d.drain(t)
+	if !slices.Equal(d.runs[2:], []string{"c-1"}) {
+		t.Fatalf("while a's task runs: tasks %q, want only c-1's", d.runs[2:])
+	}
+	d.end(t, "a-1", false)
+	d.drain(t)
+	if !slices.Equal(d.runs[3:], []string{"a-3"}) || d.state(t)["a-4"] != "pending/" {
+		t.Fatalf("after a's task ended: tasks %q, claims %v; want a-3's task, a-4 (another image) waiting for it", d.runs[3:], d.state(t))
+	}
+	d.end(t, "a-3", true) // killed: its claims stay dispatched until the dispatcher looks
+	d.drain(t)
+	if len(d.runs) != 4 {
+		t.Fatalf("a task started before the killed one was noticed: %q", d.runs)
+	}
+	d.now = d.now.Add(taskCheckAfter + 2*time.Second)
+	d.drain(t)
+	if !slices.Equal(d.runs[4:], []string{"a-4"}) || d.state(t)["a-3"] != "done/a-3" {
+		t.Fatalf("after the killed task was noticed: tasks %q, claims %v", d.runs[4:], d.state(t))
+	}
+
+	// Retries with backoff, then failure; the redelivery takes the failed claim over.
+	d.fail = dispatchAttempts
+	d.claim(t, "e-1", "e.service", imgA)
+	for attempt := 1; attempt <= dispatchAttempts; attempt++ {
+		d.drain(t)
+		d.drain(t) // not due again before its backoff
+		if n := slices.Index(d.runs, "e-1"); n < 0 || len(d.runs)-n != attempt {
+			t.Fatalf("attempt %d: systemd-runs %q", attempt, d.runs)
 		}
-		if code, text := send(step.delivery); code != step.want || text != step.wantText {
-			t.Fatalf("%s (systemd-run fails: %v): %d %q, want %d %q", step.delivery, step.fail, code, text, step.want, step.wantText)
+		d.now = d.now.Add(retryDelay(attempt - 1))
+	}
+	if st := d.state(t)["e-1"]; st != "failed/e-1" {
+		t.Fatalf("e-1 after %d failed systemd-runs: %s, want failed", dispatchAttempts, st)
+	}
+	var reasons []string
+	for _, e := range d.deliveryRows(t, "e-1") {
+		reasons = append(reasons, fmt.Sprint(e.Meta["reason"]))
+		if r := e.Meta["reason"]; (r == "dispatch-retry" || r == "dispatch-failed") && !strings.Contains(fmt.Sprint(e.Meta["stderr"]), "Failed to start") {
+			t.Errorf("row %v lacks systemd-run's stderr", e.Meta)
 		}
 	}
-	if len(dispatched) != 3 {
-		t.Errorf("%d dispatches, want 3 (the duplicate runs nothing): %q", len(dispatched), dispatched)
+	want := []string{"queued"}
+	for i := 1; i < dispatchAttempts; i++ {
+		want = append(want, "dispatching", "dispatch-retry")
 	}
-	var status string
-	ts.events.db.QueryRow(`SELECT status FROM github_deliveries WHERE delivery_id = 'retry-1'`).Scan(&status)
-	if status != "queued" {
-		t.Errorf("retry-1 is %q in github_deliveries, want queued", status)
+	want = append(want, "dispatching", "dispatch-failed")
+	if !slices.Equal(reasons, want) {
+		t.Errorf("rows of e-1: %q, want %q", reasons, want)
 	}
+	if !strings.Contains(d.logs.String(), "giving up on deliveries e-1") {
+		t.Errorf("the give-up is not in the log:\n%s", d.logs)
+	}
+	d.seq++
+	if ok, err := d.events.claimDelivery(context.Background(), taskSpec{unit: "e.service", image: imgA, event: "package", delivery: "e-1"},
+		event{RequestID: "req-e-1-again", TS: d.now, Method: "POST", Status: 202, Action: "github-webhook"}); !ok || err != nil {
+		t.Fatalf("redelivery of a failed claim: %v %v, want it taken over", ok, err)
+	}
+	if ok, _ := d.events.claimDelivery(context.Background(), taskSpec{unit: "e.service", image: imgA, event: "package", delivery: "e-1"},
+		event{RequestID: "req-e-1-copy", TS: d.now, Method: "POST", Status: 202, Action: "github-webhook"}); ok {
+		t.Error("a copy of a pending claim was claimed again")
+	}
+	d.drain(t)
+	if st := d.state(t)["e-1"]; st != "dispatched/e-1" {
+		t.Errorf("redelivered e-1: %s, want dispatched", st)
+	}
+
+	// systemd-run failed, but the task had started: dispatched, not retried.
+	d.fail, d.started = 1, true
+	d.claim(t, "f-1", "f.service", imgA)
+	d.drain(t)
+	if st := d.state(t)["f-1"]; st != "dispatched/f-1" {
+		t.Errorf("f-1, whose systemd-run failed after the task started: %s, want dispatched", st)
+	}
+	d.started = false
+
+	// A server stopped during systemd-run: the task never started, so the claim is queued again.
+	d.claim(t, "g-1", "g.service", imgA)
+	if _, ok, _, err := d.events.nextTask(context.Background(), d.now, func(queuedTask) []event { return nil }); !ok || err != nil {
+		t.Fatal(ok, err)
+	}
+	d.srv.reconcile(context.Background(), "dispatching", d.now.Add(time.Minute))
+	if st := d.state(t)["g-1"]; st != "pending/" {
+		t.Errorf("g-1 left dispatching with no task: %s, want pending", st)
+	}
+	d.drain(t)
+	if st := d.state(t)["g-1"]; st != "dispatched/g-1" {
+		t.Errorf("g-1 after the restart: %s, want dispatched", st)
+	}
+	pending, oldest, err := d.events.queueStats(context.Background())
+	if err != nil || pending != 0 || !oldest.IsZero() {
+		t.Errorf("queueStats with nothing pending: %d %v %v", pending, oldest, err)
+	}
+}
+
+// deliveryRows are the rows of a delivery, oldest first.
+func (ts *testServer) deliveryRows(t *testing.T, delivery string) []storedEvent {
+	t.Helper()
+	waitPending(t, ts.events)
+	evs, err := queryEvents(context.Background(), ts.events.db, eventFilter{delivery: delivery, afterID: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return evs
 }
 
 // TestUntaggedQuadletImage: a unit whose Image= has no tag runs :latest, so a push of :latest
@@ -3554,47 +3445,6 @@ func TestUntaggedQuadletImage(t *testing.T) {
 		if resp.StatusCode != tc.want || strings.TrimSpace(string(b)) != tc.wantText {
 			t.Errorf("Image=%s, pushed :%s: %d %q, want %d %q", tc.image, tc.tag, resp.StatusCode, b, tc.want, tc.wantText)
 		}
-	}
-}
-
-// TestPanicInDispatchSettlesTheClaim: a delivery whose handler panics after its claim is settled
-// "dispatch-failed" (not left "dispatching", which would answer its redelivery "duplicate"), with
-// one 500 row that names the panic; the redelivery is dispatched.
-func TestPanicInDispatchSettlesTheClaim(t *testing.T) {
-	s := newAdvServer(t, nil)
-	body := githubPackagePayload("ghcr.io", "octo-org", "web", "v1", "")
-	run := s.srv.exec
-	var panicked atomic.Bool
-	s.srv.exec = func(ctx context.Context, timeout time.Duration, argv ...string) cmdResult {
-		if panicked.CompareAndSwap(false, true) {
-			panic("boom in dispatch")
-		}
-		return run(ctx, timeout, argv...)
-	}
-	resp, _ := s.signedDelivery(t, "web", "pan-1", body)
-	if resp.StatusCode != 500 {
-		t.Fatalf("delivery whose dispatch panicked: %d, want 500", resp.StatusCode)
-	}
-	if st := deliveryStatuses(t, rawDB(t, s.cfg.dbPath), "pan-1"); !reflect.DeepEqual(st, map[string]int{"dispatch-failed": 1}) {
-		t.Errorf("claim after the panic: %v, want dispatch-failed", st)
-	}
-	resp, text := s.signedDelivery(t, "web", "pan-1", body)
-	if resp.StatusCode != 202 || text != "auto-update queued" {
-		t.Errorf("redelivery: %d %q, want 202 auto-update queued", resp.StatusCode, text)
-	}
-	var rows []string
-	for _, r := range s.rows(t) {
-		if strings.Contains(r.meta, `"delivery":"pan-1"`) {
-			rows = append(rows, fmt.Sprintf("%d %s", r.status, r.meta))
-		}
-	}
-	sort.Strings(rows)
-	if len(rows) != 2 || !strings.HasPrefix(rows[1], "500 ") || !strings.Contains(rows[1], `"panic":"boom in dispatch"`) ||
-		!strings.Contains(rows[1], `"reason":"dispatch-failed"`) || !strings.HasPrefix(rows[0], "202 ") {
-		t.Errorf("rows of pan-1:\n%s\nwant one 500 dispatch-failed naming the panic, and one 202", strings.Join(rows, "\n"))
-	}
-	if !strings.Contains(s.logs.String(), "panic serving POST /github-package-update/web: boom in dispatch") {
-		t.Errorf("the panic is not in the log:\n%s", s.logs)
 	}
 }
 
