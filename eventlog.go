@@ -542,21 +542,21 @@ func (l *eventLog) nextTask(ctx context.Context, now time.Time, rows func(queued
 	return qt, ok, pending, err
 }
 
-// settleDispatch records what became of a task's systemd-run: status 'dispatched', 'pending'
-// (retry at retryAt) or 'failed', with errText, for every claim the task covers, and writes
-// their rows (evs) in the same transaction.
-func (l *eventLog) settleDispatch(ctx context.Context, taskUnit, status, errText string, retryAt time.Time, evs []event) error {
+// settleTask moves the claims of a task unit that are dispatching or dispatched to status:
+// 'dispatched' (systemd-run started the task, or it was seen running), 'done' (it ended),
+// 'pending' (its systemd-run failed: retry at retryAt) or 'failed', with errText, and writes
+// evs in the same transaction.
+func (l *eventLog) settleTask(ctx context.Context, taskUnit, status, errText string, retryAt time.Time, evs []event) error {
 	return l.write(ctx, func(tx *sql.Tx) error {
 		var err error
 		now := time.Now().Unix()
-		switch status {
-		case "pending":
+		if status == "pending" {
 			_, err = tx.ExecContext(ctx, `UPDATE github_deliveries SET status = 'pending', attempts = attempts + 1,
 				next_attempt_at = ?, error = ?, covered_by = NULL, task_unit = NULL, updated_at = ?
 				WHERE task_unit = ? AND status = 'dispatching'`, retryAt.UnixMilli(), errText, now, taskUnit)
-		default:
-			_, err = tx.ExecContext(ctx, `UPDATE github_deliveries SET status = ?, error = nullif(?, ''), updated_at = ?
-				WHERE task_unit = ? AND status = 'dispatching'`, status, errText, now, taskUnit)
+		} else {
+			_, err = tx.ExecContext(ctx, `UPDATE github_deliveries SET status = ?, error = coalesce(nullif(?, ''), error),
+				updated_at = ? WHERE task_unit = ? AND status IN ('dispatching', 'dispatched')`, status, errText, now, taskUnit)
 		}
 		if err != nil {
 			return err
@@ -567,16 +567,6 @@ func (l *eventLog) settleDispatch(ctx context.Context, taskUnit, status, errText
 			}
 		}
 		return nil
-	})
-}
-
-// finishTask marks the claims a task covered 'done'. run-task calls it as it ends; the
-// dispatcher calls it for a task whose unit is gone without having done so (killed), with why.
-func (l *eventLog) finishTask(ctx context.Context, taskUnit, why string) error {
-	return l.write(ctx, func(tx *sql.Tx) error {
-		_, err := tx.ExecContext(ctx, `UPDATE github_deliveries SET status = 'done', error = nullif(?, ''), updated_at = ?
-			WHERE task_unit = ? AND status IN ('dispatching', 'dispatched')`, why, time.Now().Unix(), taskUnit)
-		return err
 	})
 }
 
@@ -604,15 +594,6 @@ func (l *eventLog) tasksIn(ctx context.Context, status string, before time.Time)
 		out = append(out, c)
 	}
 	return out, rows.Err()
-}
-
-// touchTask notes that a dispatched task was seen running, so it is not looked at again soon.
-func (l *eventLog) touchTask(ctx context.Context, taskUnit string) error {
-	return l.write(ctx, func(tx *sql.Tx) error {
-		_, err := tx.ExecContext(ctx, `UPDATE github_deliveries SET updated_at = ? WHERE task_unit = ? AND status = 'dispatched'`,
-			time.Now().Unix(), taskUnit)
-		return err
-	})
 }
 
 // queueStats counts the pending claims and returns when the oldest of them arrived (zero when

@@ -406,7 +406,7 @@ func cmdRunTask(c *cli, args []string) int {
 		defer func() {
 			ctx, cancel := context.WithTimeout(context.Background(), 3*busyTimeout)
 			defer cancel()
-			if err := events.finishTask(ctx, taskUnitName(t.delivery), ""); err != nil {
+			if err := events.settleTask(ctx, taskUnitName(t.delivery), "done", "", time.Time{}, nil); err != nil {
 				c.log.errorf("cannot mark the deliveries of %s done (the server will find it ended): %v", taskUnitName(t.delivery), err)
 			}
 		}()

@@ -715,7 +715,7 @@ func (s *server) startTask(ctx context.Context, qt queuedTask) {
 	wctx, cancel := context.WithTimeout(bg, 3*busyTimeout)
 	defer cancel()
 	evs := dispatchRows(qt, reason, code, now, res, retryAt)
-	if err := s.events.settleDispatch(wctx, taskUnitName(qt.delivery), status, errString(res.err), retryAt, evs); err != nil {
+	if err := s.events.settleTask(wctx, taskUnitName(qt.delivery), status, errString(res.err), retryAt, evs); err != nil {
 		s.log.errorf("cannot record the dispatch of %s (checked again later): %v", taskUnitName(qt.delivery), err)
 		s.events.spill(evs, err)
 	}
@@ -838,15 +838,15 @@ func (s *server) reconcile(ctx context.Context, status string, before time.Time)
 		case st == taskUnknown:
 			continue // asked again next time
 		case status == "dispatched" && st == taskRunning:
-			err = s.events.touchTask(ctx, t.taskUnit)
+			err = s.events.settleTask(ctx, t.taskUnit, "dispatched", "", time.Time{}, nil)
 		case status == "dispatched":
 			s.log.warnf("%s for %s ended without recording its end (killed?)", t.taskUnit, t.unit)
-			err = s.events.finishTask(ctx, t.taskUnit, "the task ended without recording its end")
+			err = s.events.settleTask(ctx, t.taskUnit, "done", "the task ended without recording its end", time.Time{}, nil)
 		case st == taskNotStarted:
 			s.log.warnf("%s for %s was being dispatched when the server stopped: queued again", t.taskUnit, t.unit)
-			err = s.events.settleDispatch(ctx, t.taskUnit, "pending", "the server stopped during systemd-run", s.now(), nil)
+			err = s.events.settleTask(ctx, t.taskUnit, "pending", "the server stopped during systemd-run", s.now(), nil)
 		default:
-			err = s.events.settleDispatch(ctx, t.taskUnit, "dispatched", "", time.Time{}, nil)
+			err = s.events.settleTask(ctx, t.taskUnit, "dispatched", "", time.Time{}, nil)
 		}
 		if err != nil && ctx.Err() == nil {
 			s.log.errorf("delivery queue: %s: %v", t.taskUnit, err)

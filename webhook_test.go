@@ -1709,7 +1709,7 @@ func (s *advServer) settleQueue(t *testing.T) {
 	t.Helper()
 	s.drain(t)
 	for _, c := range s.h.callsOf(keySystemdRun) {
-		if err := s.events.finishTask(context.Background(), taskUnitName(c[len(c)-2]), ""); err != nil {
+		if err := s.events.settleTask(context.Background(), taskUnitName(c[len(c)-2]), "done", "", time.Time{}, nil); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -2591,7 +2591,7 @@ func TestLoadBursts(t *testing.T) {
 	// endTasks does what run-task does as it ends, for every task started so far.
 	endTasks := func() {
 		for _, c := range s.h.callsOf(keySystemdRun) {
-			if err := s.events.finishTask(context.Background(), taskUnitName(c[len(c)-2]), ""); err != nil {
+			if err := s.events.settleTask(context.Background(), taskUnitName(c[len(c)-2]), "done", "", time.Time{}, nil); err != nil {
 				t.Fatal(err)
 			}
 		}
@@ -3255,7 +3255,7 @@ func (d *dispatchRig) end(t *testing.T, leader string, vanish bool) {
 	t.Helper()
 	os.Remove(filepath.Join(d.h.dir, "started."+taskUnitName(leader)))
 	if !vanish {
-		if err := d.events.finishTask(context.Background(), taskUnitName(leader), ""); err != nil {
+		if err := d.events.settleTask(context.Background(), taskUnitName(leader), "done", "", time.Time{}, nil); err != nil {
 			t.Fatal(err)
 		}
 	}
