@@ -226,26 +226,9 @@ func showUnit(ctx context.Context, cfg *config, unit string, props ...string) (m
 }
 
 // unitLookupTTL is how long the unit lookup of a delivery is reused: long enough that a burst
-// of deliveries for one unit costs one systemctl, short enough that a unit file changed and
-// daemon-reload'ed is seen within seconds.
+// of deliveries for one unit costs one systemctl and one read of its files, short enough that a
+// changed Quadlet file, or a unit file changed and daemon-reload'ed, is seen within seconds.
 const unitLookupTTL = 2 * time.Second
-
-// unitLookups caches, per unit, the "systemctl show" a delivery needs (LoadState, SourcePath,
-// FragmentPath) for unitLookupTTL, so that no delivery starts a process in steady state. A
-// caller that finds an entry being refreshed waits on that entry's mutex for the same answer.
-// The nil cache looks every unit up afresh (run-task and the CLI, which ask once).
-type unitLookups struct {
-	ttl     time.Duration // unitLookupTTL; 0 in tests that count every systemctl
-	mu      sync.Mutex
-	entries map[string]*unitLookup
-}
-
-type unitLookup struct {
-	mu    sync.Mutex // held while the lookup runs
-	at    time.Time
-	props map[string]string // read-only once stored
-	err   error
-}
 
 // unitLookupTimeout bounds one lookup.
 const unitLookupTimeout = 5 * time.Second
@@ -253,11 +236,24 @@ const unitLookupTimeout = 5 * time.Second
 // maxUnitLookups bounds the cache; past it, entries are dropped rather than kept forever.
 const maxUnitLookups = 1024
 
-// props returns the unit's LoadState, SourcePath and FragmentPath, from the cache when fresh.
-func (c *unitLookups) props(ctx context.Context, cfg *config, unit string) (map[string]string, error) {
-	if c == nil {
-		return showUnit(ctx, cfg, unit, "LoadState", "SourcePath", "FragmentPath")
-	}
+// unitLookups caches configuredImage per unit for ttl, so that no delivery starts a process or
+// reads a file in steady state. A caller that finds an entry being refreshed waits on that
+// entry's mutex for the same answer.
+type unitLookups struct {
+	ttl     time.Duration // unitLookupTTL; 0 in tests that count every systemctl
+	mu      sync.Mutex
+	entries map[string]*unitLookup
+}
+
+type unitLookup struct {
+	mu            sync.Mutex // held while the lookup runs
+	at            time.Time
+	image, source string
+	err           error
+}
+
+// configuredImage is configuredImage(ctx, cfg, getenv, unit), from the cache when fresh.
+func (c *unitLookups) configuredImage(ctx context.Context, cfg *config, getenv func(string) string, unit string) (image, source string, err error) {
 	c.mu.Lock()
 	e := c.entries[unit]
 	if e == nil {
@@ -274,23 +270,22 @@ func (c *unitLookups) props(ctx context.Context, cfg *config, unit string) (map[
 		// Not cut short by the asking client: the answer is shared, and a request must not wait
 		// past GitHub's 10 s for systemd.
 		lctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), unitLookupTimeout)
-		e.props, e.err = showUnit(lctx, cfg, unit, "LoadState", "SourcePath", "FragmentPath")
+		e.image, e.source, e.err = configuredImage(lctx, cfg, getenv, unit)
 		cancel()
 		e.at = time.Now()
 	}
-	return e.props, e.err
+	return e.image, e.source, e.err
 }
 
 // errUnitNotFound reports a unit that systemd does not know.
 var errUnitNotFound = errors.New("unit not found")
 
 // configuredImage finds the image a unit is meant to run: the Image= of the Quadlet .container
-// file that generated it (its SourcePath), else of <name>.container under
+// file that generated it (its SourcePath, from "systemctl show"), else of <name>.container under
 // $XDG_CONFIG_HOME/containers/systemd or ~/.config/containers/systemd. It returns "" when the unit
-// names no image. The unit's properties come through units (nil: asked afresh); only the files
-// are read per call.
-func configuredImage(ctx context.Context, units *unitLookups, cfg *config, getenv func(string) string, unit string) (image, source string, err error) {
-	props, err := units.props(ctx, cfg, unit)
+// names no image, and errUnitNotFound when systemd does not know the unit.
+func configuredImage(ctx context.Context, cfg *config, getenv func(string) string, unit string) (image, source string, err error) {
+	props, err := showUnit(ctx, cfg, unit, "LoadState", "SourcePath", "FragmentPath")
 	if err != nil {
 		return "", "", err
 	}

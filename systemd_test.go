@@ -9,6 +9,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -811,14 +812,14 @@ func TestConfiguredImageQuadlet(t *testing.T) {
 		}
 	}
 	write(file, "[Container]\nImage=ghcr.io/me/web\n")
-	img, src, err := configuredImage(context.Background(), nil, cfg, getenv, "web.service")
+	img, src, err := configuredImage(context.Background(), cfg, getenv, "web.service")
 	if err != nil || img != "ghcr.io/me/web" || src != file {
 		t.Fatalf("configuredImage = %q %q %v", img, src, err)
 	}
 	write(filepath.Join(file+".d", "10-pin.conf"), "[Container]\nImage=ghcr.io/me/web:v2\n")
 	write(filepath.Join(file+".d", "05-other.conf"), "[Container]\nImage=ghcr.io/me/old:v1\n")
 	write(filepath.Join(file+".d", "20-env.conf"), "[Container]\nEnvironment=A=1\n")
-	img, src, err = configuredImage(context.Background(), nil, cfg, getenv, "web.service")
+	img, src, err = configuredImage(context.Background(), cfg, getenv, "web.service")
 	if err != nil || img != "ghcr.io/me/web:v2" || !strings.HasSuffix(src, "10-pin.conf") {
 		t.Fatalf("with drop-ins: %q %q %v, want the last drop-in naming an image", img, src, err)
 	}
@@ -861,21 +862,26 @@ func TestChildEnvHasNoSecrets(t *testing.T) {
 
 // TestUnitLookups: concurrent lookups of one unit share one systemctl show; an answer is reused
 // for the cache's ttl, then asked again, so a daemon-reload'ed change is seen; another unit has
-// its own entry; a caller whose context ends does not cut the shared lookup short; the nil
-// cache asks every time.
+// its own entry; a caller whose context ends does not cut the shared lookup short.
 func TestUnitLookups(t *testing.T) {
 	h := newFakeHost(t)
 	h.set("systemctl-show.sleep", "1s")
+	dir := t.TempDir()
+	file := filepath.Join(dir, "web.container")
+	if err := os.WriteFile(file, []byte("[Container]\nImage=ghcr.io/me/web:v1\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	h.set("unit.state", "LoadState=loaded\nSourcePath="+file+"\n")
 	cfg := &config{commandTimeout: 5 * time.Second}
-	now := time.Now()
+	getenv := func(string) string { return "" }
 	c := &unitLookups{ttl: time.Hour}
 	const n = 10
 	results := make(chan error, n)
 	for range n {
 		go func() {
-			props, err := c.props(context.Background(), cfg, "web.service")
-			if err == nil && props["LoadState"] != "loaded" {
-				err = fmt.Errorf("LoadState %q", props["LoadState"])
+			img, _, err := c.configuredImage(context.Background(), cfg, getenv, "web.service")
+			if err == nil && img != "ghcr.io/me/web:v1" {
+				err = fmt.Errorf("image %q", img)
 			}
 			results <- err
 		}()
@@ -890,25 +896,18 @@ func TestUnitLookups(t *testing.T) {
 	}
 	h.set("systemctl-show.sleep", "0s")
 	h.set("unit.state", "LoadState=not-found\n")
-	if p, _ := c.props(context.Background(), cfg, "web.service"); p["LoadState"] != "loaded" {
-		t.Errorf("within the ttl: LoadState %q, want the cached loaded", p["LoadState"])
+	os.WriteFile(file, []byte("[Container]\nImage=ghcr.io/me/web:v2\n"), 0o600)
+	if img, _, err := c.configuredImage(context.Background(), cfg, getenv, "web.service"); img != "ghcr.io/me/web:v1" || err != nil {
+		t.Errorf("within the ttl: %q %v, want the cached ghcr.io/me/web:v1", img, err)
 	}
-	c.entries["web.service"].at = now.Add(-2 * time.Hour) // as if the ttl had passed
-	if p, _ := c.props(context.Background(), cfg, "web.service"); p["LoadState"] != "not-found" {
-		t.Errorf("after the ttl: LoadState %q, want the new not-found", p["LoadState"])
+	c.entries["web.service"].at = time.Now().Add(-2 * time.Hour) // as if the ttl had passed
+	if _, _, err := c.configuredImage(context.Background(), cfg, getenv, "web.service"); !errors.Is(err, errUnitNotFound) {
+		t.Errorf("after the ttl: %v, want the unit now not found", err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	if p, err := c.props(ctx, cfg, "db.service"); err != nil || p["LoadState"] != "not-found" {
-		t.Errorf("a lookup asked with an ended context: %v %v, want it run to its end", p, err)
-	}
-	var none *unitLookups
-	before := len(h.callsOf("systemctl-show"))
-	for range 2 {
-		none.props(context.Background(), cfg, "web.service")
-	}
-	if got := len(h.callsOf("systemctl-show")) - before; got != 2 {
-		t.Errorf("the nil cache ran systemctl %d times for 2 lookups, want 2", got)
+	if _, _, err := c.configuredImage(ctx, cfg, getenv, "db.service"); !errors.Is(err, errUnitNotFound) {
+		t.Errorf("a lookup asked with an ended context: %v, want it run to its end (not found)", err)
 	}
 	if want := []string{"show", "-p", "LoadState", "-p", "SourcePath", "-p", "FragmentPath", "--", "web.service"}; !slices.Equal(h.callsOf("systemctl-show")[0][2:], want) {
 		t.Errorf("lookup argv %q, want systemctl --user %q", h.callsOf("systemctl-show")[0], want)

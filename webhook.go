@@ -575,7 +575,7 @@ func (s *server) handleGitHub(w http.ResponseWriter, r *http.Request) {
 // delivery must be for the same registry host and repository and carry its tag; otherwise the
 // first pushed tag is used. A non-zero status is the answer to send instead.
 func (s *server) matchUnitImage(ctx context.Context, unit string, d delivery) (imageRef, int, string, string) {
-	configured, source, err := configuredImage(ctx, &s.units, s.cfg, s.getenv, unit)
+	configured, source, err := s.units.configuredImage(ctx, s.cfg, s.getenv, unit)
 	if errors.Is(err, errUnitNotFound) {
 		return imageRef{}, http.StatusNotFound, "unit-not-found", "unit " + unit + " not found"
 	}
