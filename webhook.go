@@ -691,32 +691,36 @@ func (s *server) dispatchNext(ctx context.Context) time.Duration {
 // claim's age are used up. A started systemd-run is finished and recorded also at shutdown.
 func (s *server) startTask(ctx context.Context, qt queuedTask) {
 	bg := context.WithoutCancel(ctx)
+	taskUnit := taskUnitName(qt.delivery)
 	res := s.runTask(bg, qt.taskSpec)
 	now := s.now()
-	status, reason, code, retryAt := "dispatched", "dispatched", http.StatusAccepted, time.Time{}
+	var status, reason, errText string
+	var code int
+	var retryAt time.Time
 	switch {
 	case res.err == nil:
-		s.log.infof("dispatched %s for %s (%s), covering %d deliveries", taskUnitName(qt.delivery), qt.unit, qt.image, len(qt.covered))
+		// The claims' "dispatching" rows, written as they were taken, and the task's own rows
+		// tell the rest: only the status changes.
+		status = "dispatched"
+		s.log.infof("dispatched %s for %s (%s), covering %d deliveries", taskUnit, qt.unit, qt.image, len(qt.covered))
 	case qt.attempts+1 < dispatchAttempts && now.Sub(qt.claimed) < dispatchMaxAge:
 		status, reason, code, retryAt = "pending", "dispatch-retry", http.StatusServiceUnavailable, now.Add(retryDelay(qt.attempts))
 		s.log.warnf("cannot dispatch the redeploy of %s (attempt %d of %d), retrying in %s: %v",
 			qt.unit, qt.attempts+1, dispatchAttempts, retryDelay(qt.attempts), res.err)
 	default:
 		status, reason, code = "failed", "dispatch-failed", http.StatusInternalServerError
-		s.log.errorf("cannot dispatch the redeploy of %s after %d attempts, giving up on deliveries %s: %v",
-			qt.unit, qt.attempts+1, claimList(qt.covered), res.err)
+		s.log.errorf("cannot dispatch the redeploy of %s after %d attempts, giving up on delivery %s and %d it covers: %v",
+			qt.unit, qt.attempts+1, qt.delivery, len(qt.covered)-1, res.err)
 	}
-	s.metrics.dispatched(reason)
-	if res.err == nil {
-		// The claims' "dispatching" rows, written as they were taken, and the task's own rows
-		// tell the rest: only the status changes.
-		status, reason = "dispatched", ""
+	if res.err != nil {
+		errText = res.err.Error()
 	}
+	s.metrics.dispatched(cmp.Or(reason, status))
 	wctx, cancel := context.WithTimeout(bg, 3*busyTimeout)
 	defer cancel()
 	evs := dispatchRows(qt, reason, code, now, res, retryAt)
-	if err := s.events.settleTask(wctx, taskUnitName(qt.delivery), status, errString(res.err), retryAt, evs); err != nil {
-		s.log.errorf("cannot record the dispatch of %s (checked again later): %v", taskUnitName(qt.delivery), err)
+	if err := s.events.settleTask(wctx, taskUnit, status, errText, retryAt, evs); err != nil {
+		s.log.errorf("cannot record the dispatch of %s (checked again later): %v", taskUnit, err)
 		s.events.spill(evs, err)
 	}
 }
@@ -750,22 +754,6 @@ func dispatchRows(qt queuedTask, reason string, code int, now time.Time, res cmd
 			Action: "github-dispatch", Duration: now.Sub(qt.claimed), Meta: meta})
 	}
 	return evs
-}
-
-// errString is err's text, or "" for nil.
-func errString(err error) string {
-	if err == nil {
-		return ""
-	}
-	return err.Error()
-}
-
-// claimList names up to five deliveries, for a log line.
-func claimList(ids []string) string {
-	if len(ids) > 5 {
-		return strings.Join(ids[:5], ", ") + fmt.Sprintf(" and %d more", len(ids)-5)
-	}
-	return strings.Join(ids, ", ")
 }
 
 // runTask starts run-task for spec as a transient user unit (systemd-run returns once the unit

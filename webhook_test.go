@@ -3427,7 +3427,7 @@ func TestDispatcherRules(t *testing.T) {
 	if !slices.Equal(reasons, want) {
 		t.Errorf("rows of e-1: %q, want %q", reasons, want)
 	}
-	if !strings.Contains(d.logs.String(), "giving up on deliveries e-1") {
+	if !strings.Contains(d.logs.String(), "giving up on delivery e-1") {
 		t.Errorf("the give-up is not in the log:\n%s", d.logs)
 	}
 	d.seq++
