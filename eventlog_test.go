@@ -2573,8 +2573,8 @@ func TestE2EEventsOfADelivery(t *testing.T) {
 	if !reflect.DeepEqual(api.Events, cli) {
 		t.Errorf("/api/deliveries/%s rows differ from the events command's:\n api %+v\n cli %+v", delivery, api.Events, cli)
 	}
-	if ids := eventIDs(api.Events); !slices.IsSorted(ids) || len(ids) != 6 {
-		t.Errorf("/api/deliveries ids %v, want 6 ascending", ids)
+	if ids := eventIDs(api.Events); !slices.IsSorted(ids) || len(ids) != 7 {
+		t.Errorf("/api/deliveries ids %v, want 7 ascending", ids)
 	}
 
 	resp, err = obsClient.Get(s.url + "/metrics")
