@@ -67,7 +67,7 @@ type eventLog struct {
 
 	mu     sync.RWMutex // guards closed against a send on the closed queue
 	closed bool
-	queue  chan event
+	queue  chan queued
 	done   chan struct{}
 
 	// writing admits one of this process's write transactions at a time. Without it, concurrent
@@ -129,7 +129,7 @@ func openEventLog(path string, lg *logger) (*eventLog, error) {
 		db.Close()
 		return nil, fmt.Errorf("database %s: %w", path, err)
 	}
-	l := &eventLog{db: db, path: path, log: lg, queue: make(chan event, 4096), done: make(chan struct{}),
+	l := &eventLog{db: db, path: path, log: lg, queue: make(chan queued, 4096), done: make(chan struct{}),
 		writing: make(chan struct{}, 1)}
 	go l.writer()
 	return l, nil
@@ -231,6 +231,19 @@ func (l *eventLog) schemaVersion(ctx context.Context) (int, error) {
 	return int(v.Int64), err
 }
 
+// queued is a row for the background writer; for a delivery's claim (claimDelivery), also the
+// delivery to claim, the row being written only when the claim succeeds, and where to report.
+type queued struct {
+	event
+	claim  *taskSpec
+	result chan claimResult // buffered, for a claim: its outcome once the batch is committed
+}
+
+type claimResult struct {
+	claimed bool
+	err     error
+}
+
 // Record queues an event for the background writer. It waits for room in the queue for a
 // bounded time only; past that, or after Close, the event goes to stderr instead of the table.
 func (l *eventLog) Record(ev event) {
@@ -242,14 +255,14 @@ func (l *eventLog) Record(ev event) {
 	}
 	l.pending.Add(1)
 	select {
-	case l.queue <- ev:
+	case l.queue <- queued{event: ev}:
 		return
 	default:
 	}
 	t := time.NewTimer(5 * time.Second)
 	defer t.Stop()
 	select {
-	case l.queue <- ev:
+	case l.queue <- queued{event: ev}:
 	case <-t.C:
 		l.pending.Add(-1)
 		l.spill([]event{ev}, errors.New("event queue full"))
@@ -280,29 +293,77 @@ func (l *eventLog) Close() error {
 	return l.db.Close()
 }
 
+// writer commits what is queued in batches: one transaction for whatever arrived while the
+// previous one committed. Claims go the same way, so a burst of deliveries costs one commit per
+// batch, not one each (group commit).
 func (l *eventLog) writer() {
 	defer close(l.done)
-	batch := make([]event, 0, 256)
-	for ev := range l.queue {
-		batch = append(batch[:0], ev)
+	batch := make([]queued, 0, 256)
+	for q := range l.queue {
+		batch = append(batch[:0], q)
 	fill:
 		for len(batch) < cap(batch) {
 			select {
-			case ev, ok := <-l.queue:
+			case q, ok := <-l.queue:
 				if !ok {
 					break fill
 				}
-				batch = append(batch, ev)
+				batch = append(batch, q)
 			default:
 				break fill
 			}
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 3*busyTimeout)
-		if err := l.insert(ctx, batch); err != nil {
-			l.spill(batch, err)
-		}
+		l.commit(ctx, batch)
 		cancel()
 		l.pending.Add(-int64(len(batch)))
+	}
+}
+
+// commit writes a batch in one transaction and reports each claim's outcome. When the
+// transaction fails, the rows that are not claims go to stderr; a claim's caller answers the
+// failure, and its request's row is recorded then.
+func (l *eventLog) commit(ctx context.Context, batch []queued) {
+	claimed := make([]bool, len(batch))
+	err := l.write(ctx, func(tx *sql.Tx) error {
+		insert, err := tx.PrepareContext(ctx, insertEventSQL) // once per batch, not once per row
+		if err != nil {
+			return err
+		}
+		defer insert.Close()
+		var claim *sql.Stmt
+		for i, q := range batch {
+			if q.claim != nil {
+				if claim == nil {
+					if claim, err = tx.PrepareContext(ctx, claimSQL); err != nil {
+						return err
+					}
+					defer claim.Close()
+				}
+				if claimed[i], err = claimIn(ctx, claim, *q.claim, q.event); err != nil {
+					return err
+				}
+				if !claimed[i] {
+					continue
+				}
+			}
+			if _, err := insert.ExecContext(ctx, q.insertArgs()...); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	var lost []event
+	for i, q := range batch {
+		switch {
+		case q.result != nil:
+			q.result <- claimResult{claimed: claimed[i] && err == nil, err: err}
+		case err != nil:
+			lost = append(lost, q.event)
+		}
+	}
+	if err != nil {
+		l.spill(lost, err)
 	}
 }
 
@@ -438,37 +499,58 @@ func redactQuery(raw string) string {
 // the event log tells each delivery's story in order: queued, dispatched (or retried, or
 // failed), then the task's steps.
 
-// claimDelivery records a delivery as pending, with the request's row ev, in one transaction.
-// It reports false, writing nothing, when the delivery id is already claimed: a copy of a
-// delivery is a duplicate through the table's primary key alone. A claim whose dispatch failed
-// for good is taken over, because only a person redelivers on GitHub.
+// claimDelivery records a delivery as pending, with the request's row ev, in one transaction
+// (the writer's next batch), and returns once it is committed. It reports false, writing
+// nothing, when the delivery id is already claimed: a copy of a delivery is a duplicate through
+// the table's primary key alone. A claim whose dispatch failed for good is taken over, because
+// only a person redelivers on GitHub. When ctx ends first the claim may still be committed.
 func (l *eventLog) claimDelivery(ctx context.Context, t taskSpec, ev event) (bool, error) {
-	claimed := false
-	err := l.write(ctx, func(tx *sql.Tx) error {
-		now := ev.TS
-		res, err := tx.ExecContext(ctx, `INSERT INTO github_deliveries
-			(delivery_id, unit, image, event, request_id, status, received_at, updated_at, path, digest, claimed_at)
-			VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?)
-			ON CONFLICT (delivery_id) DO UPDATE SET unit = excluded.unit, image = excluded.image,
-				event = excluded.event, request_id = excluded.request_id, status = 'pending',
-				updated_at = excluded.updated_at, path = excluded.path, digest = excluded.digest,
-				claimed_at = excluded.claimed_at, attempts = 0, next_attempt_at = 0,
-				covered_by = NULL, task_unit = NULL, error = NULL
-			WHERE github_deliveries.status = 'failed'`,
-			t.delivery, t.unit, t.image, t.event, ev.RequestID, now.Unix(), now.Unix(), t.path, t.digest, now.UnixMilli())
-		if err != nil {
-			return err
-		}
-		if n, err := res.RowsAffected(); err != nil || n != 1 {
-			return err // n == 0: already claimed; nothing is written
-		}
-		claimed = true
-		return insertEvent(ctx, tx, ev)
-	})
-	if err != nil {
-		return false, fmt.Errorf("record delivery %s: %w", t.delivery, err)
+	q := queued{event: ev, claim: &t, result: make(chan claimResult, 1)}
+	l.mu.RLock()
+	if l.closed {
+		l.mu.RUnlock()
+		return false, fmt.Errorf("record delivery %s: event log already closed", t.delivery)
 	}
-	return claimed, nil
+	l.pending.Add(1)
+	select {
+	case l.queue <- q:
+	case <-ctx.Done():
+		l.pending.Add(-1)
+		l.mu.RUnlock()
+		return false, fmt.Errorf("record delivery %s: %w", t.delivery, context.Cause(ctx))
+	}
+	l.mu.RUnlock()
+	select {
+	case r := <-q.result:
+		if r.err != nil {
+			return false, fmt.Errorf("record delivery %s: %w", t.delivery, r.err)
+		}
+		return r.claimed, nil
+	case <-ctx.Done():
+		return false, fmt.Errorf("record delivery %s: %w", t.delivery, context.Cause(ctx))
+	}
+}
+
+// claimSQL inserts a claim as pending, or takes over one that failed for good.
+const claimSQL = `INSERT INTO github_deliveries
+	(delivery_id, unit, image, event, request_id, status, received_at, updated_at, path, digest, claimed_at)
+	VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?)
+	ON CONFLICT (delivery_id) DO UPDATE SET unit = excluded.unit, image = excluded.image,
+		event = excluded.event, request_id = excluded.request_id, status = 'pending',
+		updated_at = excluded.updated_at, path = excluded.path, digest = excluded.digest,
+		claimed_at = excluded.claimed_at, attempts = 0, next_attempt_at = 0,
+		covered_by = NULL, task_unit = NULL, error = NULL
+	WHERE github_deliveries.status = 'failed'`
+
+// claimIn claims t with the prepared claimSQL, and reports whether it did.
+func claimIn(ctx context.Context, claim *sql.Stmt, t taskSpec, ev event) (bool, error) {
+	res, err := claim.ExecContext(ctx, t.delivery, t.unit, t.image, t.event, ev.RequestID, ev.TS.Unix(), ev.TS.Unix(),
+		t.path, t.digest, ev.TS.UnixMilli())
+	if err != nil {
+		return false, err
+	}
+	n, err := res.RowsAffected()
+	return n == 1, err
 }
 
 // queuedTask is one task the dispatcher starts: the first pending claim in arrival order whose
@@ -487,21 +569,25 @@ type queuedTask struct {
 // claim is due. pending counts the claims left waiting (for their unit's running task, or for a
 // retry).
 func (l *eventLog) nextTask(ctx context.Context, now time.Time, rows func(queuedTask) []event) (qt queuedTask, ok bool, pending int, err error) {
+	// Looking is a read: a burst wakes the dispatcher once per claim, mostly to find its unit
+	// busy, and those looks must not take turns for the write lock with the claims. Only the
+	// dispatcher changes pending claims to dispatching, so what it read is still there.
+	var claimedMS int64
+	err = l.db.QueryRowContext(ctx, `SELECT delivery_id, unit, image, event, path, attempts, claimed_at
+		FROM github_deliveries
+		WHERE status = 'pending' AND next_attempt_at <= ?
+			AND unit NOT IN (SELECT unit FROM github_deliveries WHERE status IN ('dispatching', 'dispatched'))
+		ORDER BY claimed_at, rowid LIMIT 1`, now.UnixMilli()).
+		Scan(&qt.delivery, &qt.unit, &qt.image, &qt.event, &qt.path, &qt.attempts, &claimedMS)
+	if errors.Is(err, sql.ErrNoRows) {
+		err = l.db.QueryRowContext(ctx, `SELECT count(*) FROM github_deliveries WHERE status = 'pending'`).Scan(&pending)
+		return qt, false, pending, err
+	}
+	if err != nil {
+		return qt, false, 0, err
+	}
+	qt.claimed = time.UnixMilli(claimedMS)
 	err = l.write(ctx, func(tx *sql.Tx) error {
-		var claimedMS int64
-		err := tx.QueryRowContext(ctx, `SELECT delivery_id, unit, image, event, path, attempts, claimed_at
-			FROM github_deliveries
-			WHERE status = 'pending' AND next_attempt_at <= ?
-				AND unit NOT IN (SELECT unit FROM github_deliveries WHERE status IN ('dispatching', 'dispatched'))
-			ORDER BY claimed_at, rowid LIMIT 1`, now.UnixMilli()).
-			Scan(&qt.delivery, &qt.unit, &qt.image, &qt.event, &qt.path, &qt.attempts, &claimedMS)
-		if errors.Is(err, sql.ErrNoRows) {
-			return tx.QueryRowContext(ctx, `SELECT count(*) FROM github_deliveries WHERE status = 'pending'`).Scan(&pending)
-		}
-		if err != nil {
-			return err
-		}
-		qt.claimed = time.UnixMilli(claimedMS)
 		taken, err := tx.QueryContext(ctx, `UPDATE github_deliveries
 			SET status = 'dispatching', covered_by = ?, task_unit = ?, updated_at = ?
 			WHERE status = 'pending' AND unit = ? AND image = ?
@@ -531,15 +617,17 @@ func (l *eventLog) nextTask(ctx context.Context, now time.Time, rows func(queued
 			return err
 		}
 		taken.Close()
+		if len(qt.covered) == 0 || qt.covered[0] != qt.delivery {
+			return fmt.Errorf("claim %s is no longer pending", qt.delivery)
+		}
 		for _, ev := range rows(qt) {
 			if err := insertEvent(ctx, tx, ev); err != nil {
 				return err
 			}
 		}
-		ok = true
 		return nil
 	})
-	return qt, ok, pending, err
+	return qt, err == nil, 0, err
 }
 
 // settleTask moves the claims of a task unit that are dispatching or dispatched to status:

@@ -166,6 +166,8 @@ type server struct {
 	wake     chan struct{}  // a claim was queued: the dispatcher looks at once (see enqueue)
 	probes   probeSummary   // successful health and metrics probes, one row a minute
 
+	reconciled time.Time // when the dispatcher last looked for half-done claims; its own
+
 	// Process boundaries, swapped in tests.
 	getenv  func(string) string
 	environ func() []string
@@ -666,8 +668,11 @@ func (s *server) runDispatcher(ctx context.Context) {
 // dispatchNext starts the next task that is due and returns how long to wait before looking
 // again (0: at once).
 func (s *server) dispatchNext(ctx context.Context) time.Duration {
-	s.reconcile(ctx, "dispatching", s.now().Add(-2*dispatchTimeout)) // a settle that failed
-	s.reconcile(ctx, "dispatched", s.now().Add(-taskCheckAfter))
+	if now := s.now(); now.Sub(s.reconciled) >= dispatchPoll {
+		s.reconciled = now
+		s.reconcile(ctx, "dispatching", now.Add(-2*dispatchTimeout)) // a settle that failed
+		s.reconcile(ctx, "dispatched", now.Add(-taskCheckAfter))
+	}
 	qt, ok, pending, err := s.events.nextTask(ctx, s.now(), func(qt queuedTask) []event {
 		return dispatchRows(qt, "dispatching", http.StatusAccepted, s.now(), cmdResult{}, time.Time{})
 	})
