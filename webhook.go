@@ -10,6 +10,7 @@
 package main
 
 import (
+	"bytes"
 	"cmp"
 	"context"
 	"crypto/hmac"
@@ -38,6 +39,7 @@ import (
 	"sync"
 	"syscall"
 	"time"
+	"unicode/utf8"
 )
 
 const usageServer = `usage: webhook-auto-update server [--listen ADDR] [--state-dir DIR] [--db URL]
@@ -92,20 +94,13 @@ func cmdServer(c *cli, args []string) int {
 	}
 
 	srv := newServer(cfg, c.log, events)
-	hs := &http.Server{
-		Handler:           srv,
-		ReadHeaderTimeout: cfg.readHeaderTimeout,
-		ReadTimeout:       cfg.readTimeout,
-		WriteTimeout:      cfg.writeTimeout,
-		IdleTimeout:       cfg.idleTimeout,
-		ErrorLog:          log.New(c.log, "", 0),
-	}
+	hs := newHTTPServer(cfg, srv, c.log)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	serveErr := make(chan error, len(listeners))
 	for _, l := range listeners {
 		c.log.infof("listening on %s", l.Addr())
-		go func(l net.Listener) { serveErr <- hs.Serve(l) }(l)
+		go func(l net.Listener) { serveErr <- hs.Serve(framedListener{l}) }(l)
 	}
 	if err := sd.notify("READY=1"); err != nil {
 		c.log.warnf("readiness notification failed: %v", err)
@@ -149,6 +144,149 @@ func cmdServer(c *cli, args []string) int {
 		c.log.warnf("closing the event log: %v", err)
 	}
 	return status
+}
+
+// maxHeaderBytes bounds a request line and its header fields (net/http answers 431 above it,
+// without a row): GitHub's deliveries need a few KB, and a 1 MB request line must not get in.
+const maxHeaderBytes = 16 << 10
+
+// newHTTPServer is the http.Server that serves h with cfg's timeouts and header bound. Serve it
+// on a framedListener, so h can refuse a request whose framing is ambiguous (see framedConn).
+func newHTTPServer(cfg *config, h http.Handler, lg *logger) *http.Server {
+	return &http.Server{
+		Handler:           h,
+		ReadHeaderTimeout: cfg.readHeaderTimeout,
+		ReadTimeout:       cfg.readTimeout,
+		WriteTimeout:      cfg.writeTimeout,
+		IdleTimeout:       cfg.idleTimeout,
+		MaxHeaderBytes:    maxHeaderBytes,
+		ErrorLog:          log.New(lg, "", 0),
+		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			if fc, ok := c.(*framedConn); ok {
+				ctx = context.WithValue(ctx, framedConnKey{}, fc)
+			}
+			return ctx
+		},
+	}
+}
+
+// framedListener hands out connections that note how each request on them is framed.
+type framedListener struct{ net.Listener }
+
+func (l framedListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return &framedConn{Conn: c}, nil
+}
+
+type framedConnKey struct{}
+
+// framedConn reads the request heads of a connection as they pass to net/http and notes, for
+// each, whether it carried both Content-Length and Transfer-Encoding. net/http honours the
+// Transfer-Encoding and deletes the Content-Length before a handler runs, but a proxy in front
+// may have used the Content-Length and read the rest of the body as a request of its own
+// (request smuggling): RFC 9112 §6.1 wants such a request refused and the connection closed.
+// Only heads are parsed: a Content-Length body is skipped by its length, and a request with a
+// Transfer-Encoding is the last one read, because the server closes the connection after it.
+type framedConn struct {
+	net.Conn
+	mu    sync.Mutex
+	head  []byte       // the head being read, up to its blank line
+	skip  int64        // body bytes to pass before the next head
+	done  bool         // no more heads are read: the connection ends with the current request
+	heads []framedHead // read, not yet claimed by a handler
+}
+
+// framedHead is what one request head said about its framing.
+type framedHead struct {
+	line string // the request line, to pair the head with its request
+	both bool   // Content-Length and Transfer-Encoding were both present
+}
+
+func (c *framedConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	c.mu.Lock()
+	c.scan(p[:n])
+	c.mu.Unlock()
+	return n, err
+}
+
+// scan follows the stream: body bytes are skipped, head bytes collected until the blank line.
+func (c *framedConn) scan(b []byte) {
+	for len(b) > 0 && !c.done {
+		if c.skip > 0 {
+			k := min(c.skip, int64(len(b)))
+			c.skip -= k
+			b = b[k:]
+			continue
+		}
+		i := bytes.IndexByte(b, '\n')
+		if i < 0 {
+			i = len(b) - 1
+		}
+		c.head = append(c.head, b[:i+1]...)
+		b = b[i+1:]
+		if len(c.head) > maxHeaderBytes+4096 { // net/http refuses it and closes
+			c.done = true
+			return
+		}
+		if c.head[len(c.head)-1] != '\n' {
+			return
+		}
+		if line := bytes.TrimRight(c.head[bytes.LastIndexByte(c.head[:len(c.head)-1], '\n')+1:], "\r\n"); len(line) == 0 {
+			c.endHead()
+		}
+	}
+}
+
+// endHead records the head just read and sets how its body is framed.
+func (c *framedConn) endHead() {
+	lines := strings.Split(strings.TrimRight(string(c.head), "\r\n"), "\n")
+	c.head = c.head[:0]
+	if lines[0] == "" { // no request line: net/http answers 400 and closes
+		c.done = true
+		return
+	}
+	var cl, te bool
+	var length string
+	for _, l := range lines[1:] {
+		name, value, _ := strings.Cut(strings.TrimRight(l, "\r"), ":")
+		switch {
+		case strings.EqualFold(name, "Content-Length"):
+			cl, length = true, strings.TrimSpace(value)
+		case strings.EqualFold(name, "Transfer-Encoding"):
+			te = true
+		}
+	}
+	c.heads = append(c.heads, framedHead{line: strings.TrimRight(lines[0], "\r"), both: cl && te})
+	n, err := strconv.ParseInt(length, 10, 64)
+	switch {
+	case te || (cl && (err != nil || n < 0)):
+		c.done = true
+	case cl:
+		c.skip = n
+	}
+}
+
+// ambiguousFraming reports whether r came with both Content-Length and Transfer-Encoding. The
+// heads before r's that no handler claimed (net/http answered them itself) are dropped.
+func ambiguousFraming(r *http.Request) bool {
+	c, ok := r.Context().Value(framedConnKey{}).(*framedConn)
+	if !ok {
+		return false
+	}
+	line := r.Method + " " + r.RequestURI + " " + r.Proto
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for i, h := range c.heads {
+		if h.line == line {
+			c.heads = c.heads[i+1:]
+			return h.both
+		}
+	}
+	return false
 }
 
 // server is the HTTP handler: a ServeMux for routing (it answers 404 and 405 with Allow) wrapped
@@ -266,7 +404,14 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 	}()
 
+	if r.TransferEncoding != nil {
+		// The connection's later heads are not followed (see framedConn): it ends here.
+		sw.Header().Set("Connection", "close")
+	}
 	switch {
+	case ambiguousFraming(r):
+		ri.action = "bad-framing"
+		http.Error(sw, "a request must not have both Content-Length and Transfer-Encoding", http.StatusBadRequest)
 	case hasDotDot(r.URL.Path):
 		ri.action = "not-found"
 		http.Error(sw, "not found", http.StatusNotFound)
@@ -316,8 +461,43 @@ func (s *server) requestEvent(r *http.Request, ri *requestInfo, status int, d ti
 	if r.RemoteAddr != "" {
 		meta["remote_addr"] = r.RemoteAddr
 	}
-	return event{RequestID: ri.id, TS: s.now(), Method: r.Method, Path: r.URL.Path, Status: status,
-		Action: action, Duration: d, Meta: meta}
+	for k, v := range meta {
+		meta[k] = boundValue(v)
+	}
+	return event{RequestID: ri.id, TS: s.now(), Method: boundField(r.Method), Path: boundField(r.URL.Path),
+		Status: status, Action: action, Duration: d, Meta: meta}
+}
+
+// maxFieldBytes bounds each value a request row stores (path, query, header-derived meta), so
+// that a client, signed in or not, adds at most a few KB to the database per request.
+const maxFieldBytes = 1024
+
+// boundField cuts s to maxFieldBytes (at a rune boundary) and marks the cut with the original
+// length, so the row still says how large the value was.
+func boundField(s string) string {
+	if len(s) <= maxFieldBytes {
+		return s
+	}
+	cut := maxFieldBytes
+	for cut > 0 && !utf8.RuneStart(s[cut]) {
+		cut--
+	}
+	return s[:cut] + "…[truncated: " + strconv.Itoa(len(s)) + " bytes]"
+}
+
+// boundValue applies boundField to a meta value: a string, or each string of a list.
+func boundValue(v any) any {
+	switch v := v.(type) {
+	case string:
+		return boundField(v)
+	case []string:
+		out := make([]string, len(v))
+		for i, s := range v {
+			out[i] = boundField(s)
+		}
+		return out
+	}
+	return v
 }
 
 // defaultAction names a request's action from its route when the handler did not.

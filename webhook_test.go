@@ -18,7 +18,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"log"
 	"math"
 	"net"
 	"net/http"
@@ -90,7 +89,11 @@ func newTestServer(t testing.TB, env map[string]string, edit func(cfg *config)) 
 		t.Fatalf("openEventLog: %v", err)
 	}
 	srv := newServer(cfg, lg, events)
-	ts := &testServer{Server: httptest.NewServer(srv), srv: srv, cfg: cfg, events: events, logs: logs}
+	hs := httptest.NewUnstartedServer(srv)
+	hs.Config = newHTTPServer(cfg, srv, lg) // cmdServer's settings, header bound included
+	hs.Listener = framedListener{hs.Listener}
+	hs.Start()
+	ts := &testServer{Server: hs, srv: srv, cfg: cfg, events: events, logs: logs}
 	t.Cleanup(ts.shutdown)
 	return ts
 }
@@ -2066,13 +2069,12 @@ func slowServer(t *testing.T, s *advServer) (addr string, stop func()) {
 	t.Helper()
 	cfg := *s.cfg
 	cfg.readHeaderTimeout, cfg.readTimeout = time.Second, time.Second
-	hs := &http.Server{Handler: s.srv, ReadHeaderTimeout: cfg.readHeaderTimeout, ReadTimeout: cfg.readTimeout,
-		WriteTimeout: cfg.writeTimeout, IdleTimeout: cfg.idleTimeout, ErrorLog: log.New(s.srv.log, "", 0)}
+	hs := newHTTPServer(&cfg, s.srv, s.srv.log)
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	go hs.Serve(l)
+	go hs.Serve(framedListener{l})
 	t.Cleanup(func() { hs.Close() })
 	return l.Addr().String(), func() { hs.Close() }
 }
@@ -3576,5 +3578,160 @@ func TestPanickingHandlerKeepsItsRow(t *testing.T) {
 	}
 	if !strings.Contains(ts.logs.String(), "panic serving GET /test-panic: boom") {
 		t.Errorf("the panic is not in the log:\n%s", ts.logs.String())
+	}
+}
+
+// Hardening (issue 11): what an unauthenticated client can cost, and what /health reports.
+
+// TestRequestFieldsBounded: whatever a client puts in the path, the query or the headers, its
+// row stores at most maxFieldBytes of each value, marked with the original length; a request
+// line beyond maxHeaderBytes is refused by net/http (431) before any handler or row. Nothing runs.
+func TestRequestFieldsBounded(t *testing.T) {
+	s := newAdvServer(t, nil)
+	long := strings.Repeat("a", 12<<10)
+	cases := []struct {
+		name, method, target string
+		header               [][2]string
+		status               int
+		marker               string // the truncation marker the row must carry
+	}{
+		{"long unit, unsigned delivery", "POST", "/github-package-update/" + long, nil, 401,
+			"[truncated: " + strconv.Itoa(len("/github-package-update/"+long)) + " bytes]"},
+		{"long query on /health", "GET", "/health?x=" + long, nil, 200, "[truncated: " + strconv.Itoa(len("x="+long)) + " bytes]"},
+		{"long path, not found", "GET", "/" + long, nil, 404, "[truncated: " + strconv.Itoa(1+len(long)) + " bytes]"},
+		{"long event header, unsigned", "POST", advUnitPath, [][2]string{{"X-GitHub-Event", long}}, 401, ""},
+		// Past the bound net/http stops reading and answers 431; a larger line would be cut off by
+		// a reset while it is still being sent, which refuses it as well.
+		{"request line of 64 KiB", "GET", "/health?x=" + strings.Repeat("b", 64<<10), nil, 431, ""},
+		{"header block of 64 KiB", "GET", "/health", [][2]string{{"X-Pad", strings.Repeat("c", 64<<10)}}, 431, ""},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			before := len(s.h.calls())
+			waitPending(t, s.events)
+			rowsBefore := queryInt(t, rawDB(t, s.cfg.dbPath), `SELECT count(*) FROM event_log`)
+			resp, _, err := rawExchange(s.Listener.Addr().String(), c.method, c.target, c.header, []byte(`{}`), false)
+			if c.status == 431 && errors.Is(err, syscall.ECONNRESET) {
+				// net/http answered 431 and closed with the rest unread: the answer was lost in
+				// the reset, the refusal was not.
+				resp, err = &http.Response{StatusCode: 431, Header: http.Header{}}, nil
+			}
+			if err != nil {
+				t.Fatalf("%s: %v", c.name, err)
+			}
+			if resp.StatusCode != c.status {
+				t.Fatalf("%s: %d, want %d", c.name, resp.StatusCode, c.status)
+			}
+			if calls := s.h.calls()[before:]; len(calls) > 0 {
+				t.Errorf("%s ran commands:\n%s", c.name, fakeCallLines(calls))
+			}
+			id := resp.Header.Get("X-Request-Id")
+			if c.status == 431 {
+				waitPending(t, s.events)
+				if n := queryInt(t, rawDB(t, s.cfg.dbPath), `SELECT count(*) FROM event_log`); id != "" || n != rowsBefore {
+					t.Errorf("a 431 reached the handler (request id %q, %d rows, %d before)", id, n, rowsBefore)
+				}
+				return
+			}
+			waitPending(t, s.events)
+			rows := readRows(t, rawDB(t, s.cfg.dbPath), "WHERE request_id = ?", id)
+			if len(rows) != 1 {
+				t.Fatalf("%d rows for request %s, want 1", len(rows), id)
+			}
+			r := rows[0]
+			if size := len(r.path.String) + len(r.meta) + len(r.method); size > 4<<10 {
+				t.Errorf("the row stores %d bytes of path, method and meta, want at most 4 KiB: %.300s…", size, r.meta)
+			}
+			if c.marker != "" && !strings.Contains(r.meta, c.marker) {
+				t.Errorf("the row's meta lacks the marker %q: %.300s…", c.marker, r.meta)
+			}
+		})
+	}
+}
+
+// rawRequest writes a request exactly as given on one connection and returns the connection's
+// whole output until the server closes it (or hangGuard passes).
+func rawRequest(t *testing.T, addr, request string) string {
+	t.Helper()
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(hangGuard))
+	if _, err := io.WriteString(c, request); err != nil {
+		t.Fatal(err)
+	}
+	out, err := io.ReadAll(c)
+	if err != nil {
+		t.Fatalf("the server did not close the connection within %s: %v; got so far:\n%s", hangGuard, err, out)
+	}
+	return string(out)
+}
+
+// TestAmbiguousFraming: a request with both Content-Length and Transfer-Encoding is answered 400
+// and its connection closed, so a request smuggled in its body is never served; the same request
+// pipelined after an honest one on the same connection is caught too. Nothing runs; the row says
+// bad-framing. A request with only a Transfer-Encoding is served, and its connection closed.
+func TestAmbiguousFraming(t *testing.T) {
+	s := newAdvServer(t, nil)
+	ok := githubPackagePayload("ghcr.io", "octo-org", "web", "v1", "")
+	smuggled := "GET /health HTTP/1.1\r\nHost: test\r\n\r\n"
+	chunk := fmt.Sprintf("%x\r\n%s\r\n0\r\n\r\n", len(ok), ok)
+	delivery := func(id string, header string) string {
+		return "POST " + advUnitPath + " HTTP/1.1\r\nHost: test\r\nX-GitHub-Event: package\r\nX-GitHub-Delivery: " + id +
+			"\r\nX-Hub-Signature-256: " + hubSignature(advSecret, ok) + "\r\n" + header + "\r\n"
+	}
+	cases := []struct {
+		name    string
+		request string
+		answers []int // status of each answer on the connection, in order
+		action  string
+		calls   []string
+	}{
+		{"both, Content-Length first", delivery("frame-1", "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n") + chunk + smuggled,
+			[]int{400}, "bad-framing", nil},
+		{"both, Transfer-Encoding first", delivery("frame-2", "Transfer-Encoding: chunked\r\nContent-Length: "+strconv.Itoa(len(chunk))+"\r\n") + chunk + smuggled,
+			[]int{400}, "bad-framing", nil},
+		{"both, in other cases", delivery("frame-3", "content-length: 5\r\nTRANSFER-ENCODING: chunked\r\n") + chunk + smuggled,
+			[]int{400}, "bad-framing", nil},
+		{"both, after an honest request on the connection", "GET /health HTTP/1.1\r\nHost: test\r\nContent-Length: 2\r\n\r\n{}" +
+			delivery("frame-4", "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n") + chunk + smuggled,
+			[]int{200, 400}, "bad-framing", nil},
+		{"chunked only: served, then closed", delivery("frame-5", "Transfer-Encoding: chunked\r\n") + chunk + smuggled,
+			[]int{202}, "github-webhook", []string{"systemctl-show", keySystemdRun}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			before := len(s.h.calls())
+			out := rawRequest(t, s.Listener.Addr().String(), c.request)
+			br := bufio.NewReader(strings.NewReader(out))
+			var got []int
+			var last string
+			for {
+				resp, err := http.ReadResponse(br, nil)
+				if err != nil {
+					break
+				}
+				io.Copy(io.Discard, resp.Body)
+				got = append(got, resp.StatusCode)
+				last = resp.Header.Get("X-Request-Id")
+			}
+			if !slices.Equal(got, c.answers) {
+				t.Fatalf("answers %v, want %v (a further answer is a smuggled request served):\n%s", got, c.answers, out)
+			}
+			var keys []string
+			for _, call := range s.h.calls()[before:] {
+				keys = append(keys, call[0]+"-"+fakeVerb(call[0], call[1:]))
+			}
+			if !slices.Equal(keys, c.calls) {
+				t.Errorf("ran %q, want %q", keys, c.calls)
+			}
+			waitPending(t, s.events)
+			rows := readRows(t, rawDB(t, s.cfg.dbPath), "WHERE request_id = ?", last)
+			if len(rows) != 1 || rows[0].action != c.action || rows[0].status != c.answers[len(c.answers)-1] {
+				t.Errorf("row of the last request: %+v, want action %s status %d", rows, c.action, c.answers[len(c.answers)-1])
+			}
+		})
 	}
 }
