@@ -37,6 +37,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 	"unicode/utf8"
@@ -303,19 +304,22 @@ type server struct {
 	units    unitLookups    // the unit lookups of deliveries, reused for seconds
 	wake     chan struct{}  // a claim was queued: the dispatcher looks at once (see enqueue)
 	probes   probeSummary   // successful health and metrics probes, one row a minute
+	lastDump atomic.Int64   // when saveRefused last wrote, unix nanoseconds
 
 	reconciled time.Time // when the dispatcher last looked for half-done claims; its own
 
 	// Process boundaries, swapped in tests.
-	getenv  func(string) string
-	environ func() []string
-	exe     string // this binary, run by systemd-run as run-task
-	exec    func(ctx context.Context, timeout time.Duration, argv ...string) cmdResult
+	getenv   func(string) string
+	environ  func() []string
+	exe      string // this binary, run by systemd-run as run-task
+	saveFile func(path string, data []byte, perm os.FileMode) error
+	exec     func(ctx context.Context, timeout time.Duration, argv ...string) cmdResult
 }
 
 func newServer(cfg *config, lg *logger, events *eventLog) *server {
 	s := &server{cfg: cfg, log: lg, events: events, metrics: newMetrics(time.Now()), mux: http.NewServeMux(), now: time.Now,
-		getenv: os.Getenv, environ: os.Environ, exec: runCommand, wake: make(chan struct{}, 1), units: unitLookups{ttl: unitLookupTTL}}
+		getenv: os.Getenv, environ: os.Environ, exec: runCommand, saveFile: writeFileAtomic, wake: make(chan struct{}, 1),
+		units: unitLookups{ttl: unitLookupTTL}}
 	s.exe, _ = os.Executable()
 	s.mux.HandleFunc("POST /github-package-update/{unit}", s.handleGitHub)
 	s.mux.HandleFunc("POST /github-package-update/{unit}/redeploy", s.handleGitHub)
@@ -636,6 +640,26 @@ var reEventName = regexp.MustCompile(`^[a-z][a-z_]{0,63}$`)
 // debugPayloadCap bounds the dump of a body whose signature failed.
 const debugPayloadCap = 1 << 20
 
+// saveRefused writes the first debugPayloadCap bytes of a body whose signature failed to the
+// debug payload path, at most once a second, and reports whether it did. The write (an fsynced
+// replace of up to 1 MiB) runs after the answer, so a flood of bad signatures costs one write a
+// second and never a client's wait.
+func (s *server) saveRefused(body []byte) bool {
+	now, last := s.now().UnixNano(), s.lastDump.Load()
+	if last != 0 && now-last < int64(time.Second) || !s.lastDump.CompareAndSwap(last, now) {
+		return false
+	}
+	b := bytes.Clone(body[:min(len(body), debugPayloadCap)])
+	s.inflight.Add(1) // counted with the handlers, whose end a shutdown past its bound waits for
+	go func() {
+		defer s.inflight.Done()
+		if err := s.saveFile(s.cfg.debugPayloadPath, b, 0o600); err != nil {
+			s.log.warnf("cannot save the refused payload to %s: %v", s.cfg.debugPayloadPath, err)
+		}
+	}()
+	return true
+}
+
 // reply answers with a plain-text body and notes the reason in the event row.
 func reply(w http.ResponseWriter, r *http.Request, status int, reason, text string) {
 	if reason != "" {
@@ -672,12 +696,12 @@ func (s *server) handleGitHub(w http.ResponseWriter, r *http.Request) {
 		sum := sha256.Sum256(body)
 		ri.meta["body_bytes"] = len(body)
 		ri.meta["body_sha256"] = hex.EncodeToString(sum[:])
-		saved := min(len(body), debugPayloadCap)
-		if werr := writeFileAtomic(s.cfg.debugPayloadPath, body[:saved], 0o600); werr != nil {
-			s.log.warnf("cannot save the refused payload to %s: %v", s.cfg.debugPayloadPath, werr)
+		where := "not saved: one was saved less than a second ago"
+		if ri.meta["payload_saved"] = s.saveRefused(body); ri.meta["payload_saved"] == true {
+			where = "saved to " + s.cfg.debugPayloadPath
 		}
-		s.log.warnf("github delivery for %s refused: %v (body %d bytes, sha256 %x, saved to %s)",
-			r.URL.Path, err, len(body), sum, s.cfg.debugPayloadPath)
+		s.log.warnf("github delivery for %s refused: %v (body %d bytes, sha256 %x, %s)",
+			boundField(r.URL.Path), err, len(body), sum, where)
 		reply(w, r, http.StatusUnauthorized, "bad-signature", "invalid signature")
 		return
 	}

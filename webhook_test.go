@@ -3735,3 +3735,77 @@ func TestAmbiguousFraming(t *testing.T) {
 		})
 	}
 }
+
+// TestRefusedPayloadDump: bodies whose signature failed are saved at most once a second, and
+// the answer never waits for the write: here the write blocks until the test has all answers.
+func TestRefusedPayloadDump(t *testing.T) {
+	s := newAdvServer(t, nil)
+	var mu sync.Mutex
+	clock := time.Unix(1_800_000_000, 0)
+	s.srv.now = func() time.Time { mu.Lock(); defer mu.Unlock(); return clock }
+	advance := func(d time.Duration) { mu.Lock(); clock = clock.Add(d); mu.Unlock() }
+	release := make(chan struct{})
+	var once sync.Once
+	unblock := func() { once.Do(func() { close(release) }) }
+	t.Cleanup(unblock) // before the server's shutdown, which waits for its handlers
+	saved := make(chan string, 10)
+	s.srv.saveFile = func(path string, data []byte, perm os.FileMode) error {
+		<-release
+		saved <- string(data)
+		return nil
+	}
+	cases := []struct {
+		body  string
+		after time.Duration // clock advance before the request
+		saved bool
+	}{
+		{`{"n":1}`, 0, true},
+		{`{"n":2}`, 0, false},
+		{`{"n":3}`, 999 * time.Millisecond, false},
+		{`{"n":4}`, time.Millisecond, true}, // a second after the first save
+		{`{"n":5}`, 0, false},
+	}
+	var ids []string
+	for _, c := range cases {
+		advance(c.after)
+		before := len(s.h.calls())
+		resp, _, err := rawExchange(s.Listener.Addr().String(), "POST", advUnitPath,
+			[][2]string{{"X-GitHub-Event", "package"}, {"X-Hub-Signature-256", "sha256=" + strings.Repeat("0", 64)}}, []byte(c.body), false)
+		if err != nil {
+			t.Fatalf("%s: %v (the answer waited for the blocked write?)", c.body, err)
+		}
+		if resp.StatusCode != 401 {
+			t.Errorf("%s: %d, want 401", c.body, resp.StatusCode)
+		}
+		if calls := s.h.calls()[before:]; len(calls) > 0 {
+			t.Errorf("%s ran commands:\n%s", c.body, fakeCallLines(calls))
+		}
+		ids = append(ids, resp.Header.Get("X-Request-Id"))
+	}
+	unblock()
+	var got []string
+	for range 2 {
+		select {
+		case b := <-saved:
+			got = append(got, b)
+		case <-time.After(hangGuard):
+			t.Fatalf("saved %q, want 2 writes", got)
+		}
+	}
+	if slices.Sort(got); !slices.Equal(got, []string{`{"n":1}`, `{"n":4}`}) {
+		t.Errorf("saved %q, want the bodies of requests 1 and 4", got)
+	}
+	rows := s.rows(t)
+	for i, c := range cases {
+		var meta map[string]any
+		json.Unmarshal([]byte(rows[ids[i]].meta), &meta)
+		if rows[ids[i]].status != 401 || meta["reason"] != "bad-signature" || meta["payload_saved"] != c.saved {
+			t.Errorf("%s: row status %d meta %v, want 401 bad-signature payload_saved %t", c.body, rows[ids[i]].status, meta, c.saved)
+		}
+	}
+	select {
+	case b := <-saved:
+		t.Errorf("a third write: %q", b)
+	default:
+	}
+}
