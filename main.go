@@ -155,6 +155,7 @@ type config struct {
 	webDist          string
 	debugPayloadPath string
 	maxBodyBytes     int64
+	bodyBudget       int64 // request body bytes held in memory at once, over all requests
 
 	interval time.Duration
 	maxTicks int // 0: unbounded
@@ -197,6 +198,7 @@ func loadConfig(getenv func(string) string) (*config, error) {
 		webDist:          strings.TrimSpace(getenv("WEBHOOK_WEB_DIST")),
 		debugPayloadPath: strings.TrimSpace(getenv("WEBHOOK_DEBUG_PAYLOAD_PATH")),
 		maxBodyBytes:     int64(p.positive("WEBHOOK_MAX_BODY_BYTES", 5<<20)),
+		bodyBudget:       int64(p.positive("WEBHOOK_BODY_BUDGET_BYTES", 32<<20)),
 
 		interval: p.seconds("AUTO_UPDATE_INTERVAL_SECS", 900),
 		maxTicks: p.positive("WEBHOOK_SCHEDULER_MAX_TICKS", 0),

@@ -2,11 +2,17 @@
 // the GitHub delivery route, the static web UI, the observability routes and the per-request
 // event row. The manual-trigger handlers live with the other triggers in scheduler.go.
 //
-// Rules: every request, including 404s, 405s and refused bodies, produces exactly one event_log
-// row, written by the middleware in ServeHTTP unless a handler committed it itself. Query strings
-// are redacted before they are logged or stored. Bodies are capped (WEBHOOK_MAX_BODY_BYTES → 413).
-// No path containing a ".." segment, however encoded, reaches a handler, and static files are
-// opened through os.Root so nothing outside the web dist directory can be served.
+// Rules: every request that reaches the handler, including 404s, 405s and refused bodies,
+// produces exactly one event_log row, written by the middleware in ServeHTTP unless a handler
+// committed it itself; a request line and headers over maxHeaderBytes are refused by net/http
+// (431) before that. Every value a row stores from a request is cut to maxFieldBytes, and query
+// strings are redacted before they are logged or stored. Bodies are capped
+// (WEBHOOK_MAX_BODY_BYTES → 413), and all bodies in memory together are bounded
+// (WEBHOOK_BODY_BUDGET_BYTES → 503 with Retry-After). A request with both Content-Length and
+// Transfer-Encoding is 400 and ends its connection (framedConn). A refused payload is saved at
+// most once a second, never while its client waits. No path containing a ".." segment, however
+// encoded, reaches a handler, and static files are opened through os.Root so nothing outside
+// the web dist directory can be served.
 package main
 
 import (
@@ -304,6 +310,7 @@ type server struct {
 	units    unitLookups    // the unit lookups of deliveries, reused for seconds
 	wake     chan struct{}  // a claim was queued: the dispatcher looks at once (see enqueue)
 	probes   probeSummary   // successful health and metrics probes, one row a minute
+	bodies   *byteBudget    // request bodies in memory (WEBHOOK_BODY_BUDGET_BYTES)
 	lastDump atomic.Int64   // when saveRefused last wrote, unix nanoseconds
 
 	reconciled time.Time // when the dispatcher last looked for half-done claims; its own
@@ -319,7 +326,7 @@ type server struct {
 func newServer(cfg *config, lg *logger, events *eventLog) *server {
 	s := &server{cfg: cfg, log: lg, events: events, metrics: newMetrics(time.Now()), mux: http.NewServeMux(), now: time.Now,
 		getenv: os.Getenv, environ: os.Environ, exec: runCommand, saveFile: writeFileAtomic, wake: make(chan struct{}, 1),
-		units: unitLookups{ttl: unitLookupTTL}}
+		units: unitLookups{ttl: unitLookupTTL}, bodies: newByteBudget(cfg.bodyBudget)}
 	s.exe, _ = os.Executable()
 	s.mux.HandleFunc("POST /github-package-update/{unit}", s.handleGitHub)
 	s.mux.HandleFunc("POST /github-package-update/{unit}/redeploy", s.handleGitHub)
@@ -423,12 +430,93 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		ri.action = "body-too-large"
 		http.Error(sw, "request body too large", http.StatusRequestEntityTooLarge)
 	default:
+		release, ok := s.bodies.reserve(r.Context(), bodyReservation(r, s.cfg.maxBodyBytes))
+		if !ok {
+			ri.action = "body-budget"
+			sw.Header().Set("Retry-After", "5")
+			http.Error(sw, "too many request bodies in progress; retry in a few seconds", http.StatusServiceUnavailable)
+			break
+		}
+		defer release()
 		s.mux.ServeHTTP(sw, r)
 	}
 	if sw.status == 0 {
 		sw.status = http.StatusOK
 	}
 	s.finish(r, ri, sw.status, start)
+}
+
+// bodyReservation is how many bytes of the body budget a request holds while it is handled: its
+// Content-Length, or the body cap when it is chunked.
+func bodyReservation(r *http.Request, maxBody int64) int64 {
+	if r.ContentLength < 0 {
+		return maxBody
+	}
+	return min(r.ContentLength, maxBody)
+}
+
+// bodyBudgetWait is how long a request waits for room in the body budget before it is refused.
+const bodyBudgetWait = 2 * time.Second
+
+// byteBudget bounds the request bodies the server holds in memory at once: a request reserves
+// its body's bytes before a handler reads them and frees them when it is answered, so hundreds
+// of concurrent 5 MiB bodies, signed or not, cannot take the process's memory.
+type byteBudget struct {
+	mu    sync.Mutex
+	total int64
+	free  int64
+	freed chan struct{} // closed (and replaced) whenever bytes are freed
+}
+
+func newByteBudget(total int64) *byteBudget {
+	return &byteBudget{total: total, free: total, freed: make(chan struct{})}
+}
+
+// reserve takes n bytes (at most the whole budget), waiting up to bodyBudgetWait for them, and
+// returns their release; ok is false when they did not come free in time.
+func (b *byteBudget) reserve(ctx context.Context, n int64) (release func(), ok bool) {
+	n = min(n, b.total)
+	if n <= 0 {
+		return func() {}, true
+	}
+	t := time.NewTimer(bodyBudgetWait)
+	defer t.Stop()
+	for {
+		b.mu.Lock()
+		if n <= b.free {
+			b.free -= n
+			b.mu.Unlock()
+			return func() {
+				b.mu.Lock()
+				b.free += n
+				close(b.freed)
+				b.freed = make(chan struct{})
+				b.mu.Unlock()
+			}, true
+		}
+		freed := b.freed
+		b.mu.Unlock()
+		select {
+		case <-freed:
+		case <-t.C:
+			return nil, false
+		case <-ctx.Done():
+			return nil, false
+		}
+	}
+}
+
+// readBody reads a request's body; one with a Content-Length into a buffer of that size, so a
+// body takes the memory its reservation counted and no more.
+func readBody(r *http.Request) ([]byte, error) {
+	if r.ContentLength <= 0 {
+		return io.ReadAll(r.Body)
+	}
+	b := make([]byte, r.ContentLength)
+	if _, err := io.ReadFull(r.Body, b); err != nil {
+		return nil, err
+	}
+	return b, nil
 }
 
 // finish counts an answered request and records its row, unless the handler committed it.
@@ -682,7 +770,7 @@ func (s *server) handleGitHub(w http.ResponseWriter, r *http.Request) {
 		reply(w, r, http.StatusInternalServerError, "secret-unset", "server misconfigured")
 		return
 	}
-	body, err := io.ReadAll(r.Body)
+	body, err := readBody(r)
 	if err != nil {
 		var tooLarge *http.MaxBytesError
 		if errors.As(err, &tooLarge) {

@@ -3809,3 +3809,87 @@ func TestRefusedPayloadDump(t *testing.T) {
 	default:
 	}
 }
+
+// TestBodyBudget: while the bodies in flight hold the whole budget, a request with a body waits
+// briefly and is then refused 503 with Retry-After (nothing runs, the row says body-budget); a
+// request without a body is served.
+func TestBodyBudget(t *testing.T) {
+	s := newAdvServer(t, map[string]string{"WEBHOOK_BODY_BUDGET_BYTES": strconv.Itoa(advMaxBody)})
+	// A client that announces a body of the whole budget and sends none of it holds the budget.
+	c, err := net.Dial("tcp", s.Listener.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	fmt.Fprintf(c, "POST %s HTTP/1.1\r\nHost: test\r\nX-GitHub-Event: package\r\nContent-Length: %d\r\n\r\n", advUnitPath, advMaxBody)
+	waitFor(t, "the slow body to hold the budget", func() bool {
+		s.srv.bodies.mu.Lock()
+		defer s.srv.bodies.mu.Unlock()
+		return s.srv.bodies.free == 0
+	})
+
+	ok := githubPackagePayload("ghcr.io", "octo-org", "web", "v1", "")
+	sig := [2]string{"X-Hub-Signature-256", hubSignature(advSecret, ok)}
+	cases := []struct {
+		name, method, target string
+		header               [][2]string
+		body                 []byte
+		status               int
+		action               string
+	}{
+		{"signed delivery", "POST", advUnitPath, [][2]string{{"X-GitHub-Event", "package"}, {"X-GitHub-Delivery", "budget-0"}, sig}, ok, 503, "body-budget"},
+		{"unsigned body", "POST", advUnitPath, [][2]string{{"X-GitHub-Event", "package"}}, ok, 503, "body-budget"},
+		{"manual API body", "POST", "/api/manual/trigger", [][2]string{{"Authorization", "Bearer " + advManualToken}}, []byte(`{"units":["a"]}`), 503, "body-budget"},
+		{"health without a body", "GET", "/health", nil, nil, 200, "health"},
+	}
+	ids := map[string]string{}
+	for _, tc := range cases {
+		before := len(s.h.calls())
+		resp, _, err := rawExchange(s.Listener.Addr().String(), tc.method, tc.target, tc.header, tc.body, false)
+		if err != nil {
+			t.Fatalf("%s: %v", tc.name, err)
+		}
+		if resp.StatusCode != tc.status || (tc.status == 503 && resp.Header.Get("Retry-After") == "") {
+			t.Errorf("%s: %d Retry-After %q, want %d with Retry-After on a 503", tc.name, resp.StatusCode, resp.Header.Get("Retry-After"), tc.status)
+		}
+		if calls := s.h.calls()[before:]; len(calls) > 0 {
+			t.Errorf("%s ran commands:\n%s", tc.name, fakeCallLines(calls))
+		}
+		ids[tc.name] = resp.Header.Get("X-Request-Id")
+	}
+	c.Close() // the slow client's request ends, so the server can shut down
+	rows := s.rows(t)
+	for _, tc := range cases {
+		if r := rows[ids[tc.name]]; r.status != tc.status || r.action != tc.action {
+			t.Errorf("%s: row status %d action %q, want %d %s", tc.name, r.status, r.action, tc.status, tc.action)
+		}
+	}
+}
+
+// TestBodyBudgetFreed: a body that was answered frees its bytes, and one refused for want of
+// them gets Retry-After.
+func TestBodyBudgetFreed(t *testing.T) {
+	s := newAdvServer(t, map[string]string{"WEBHOOK_BODY_BUDGET_BYTES": strconv.Itoa(advMaxBody)})
+	ok := githubPackagePayload("ghcr.io", "octo-org", "web", "v1", "")
+	release, _ := s.srv.bodies.reserve(context.Background(), advMaxBody)
+	resp, _, err := rawExchange(s.Listener.Addr().String(), "POST", advUnitPath,
+		[][2]string{{"X-GitHub-Event", "package"}, {"X-GitHub-Delivery", "budget-1"}, {"X-Hub-Signature-256", hubSignature(advSecret, ok)}}, ok, false)
+	if err != nil || resp.StatusCode != 503 || resp.Header.Get("Retry-After") == "" {
+		t.Fatalf("with the budget taken: %v %v, want 503 with Retry-After", resp, err)
+	}
+	release()
+	resp, _, err = rawExchange(s.Listener.Addr().String(), "POST", advUnitPath,
+		[][2]string{{"X-GitHub-Event", "package"}, {"X-GitHub-Delivery", "budget-1"}, {"X-Hub-Signature-256", hubSignature(advSecret, ok)}}, ok, false)
+	if err != nil || resp.StatusCode != 202 {
+		t.Fatalf("with the budget free again: %v %v, want 202", resp, err)
+	}
+	for range 3 { // every answered request gives its bytes back
+		s.do(t, "POST", advUnitPath, strings.NewReader("{}"))
+	}
+	s.srv.bodies.mu.Lock()
+	free := s.srv.bodies.free
+	s.srv.bodies.mu.Unlock()
+	if free != int64(advMaxBody) {
+		t.Errorf("%d bytes free after every request was answered, want %d", free, advMaxBody)
+	}
+}
