@@ -7,7 +7,9 @@
 // same file at the same moment. A database newer than this binary is refused. Rows are written
 // by one background writer in batched transactions so logging never slows a request; a row that
 // cannot be written is printed to stderr as one JSON line, so no event is silently lost. Secrets
-// never reach a row: query strings pass through redactQuery.
+// never reach a row: query strings pass through redactQuery. The log knows the device and inode
+// of the file it opened and the outcome of its newest write, so /health can tell when its path
+// names another file now (usable) or writes fail (lastWriteFailed).
 package main
 
 import (
@@ -80,6 +82,70 @@ type eventLog struct {
 
 	pending  atomic.Int64 // queued, not yet committed
 	failures atomic.Int64 // rows that could not be written and went to stderr
+
+	file         fileID       // the database file as opened, to tell when its path names another
+	lastWriteOK  atomic.Int64 // when a write transaction last committed, unix nanoseconds
+	lastWriteBad atomic.Int64 // when one last failed
+	lastWriteErr atomic.Value // its error text
+}
+
+// fileID names a file by device and inode, which stay with the file when its path changes.
+type fileID struct{ dev, ino uint64 }
+
+func statID(path string) (fileID, error) {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return fileID{}, err
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return fileID{}, fmt.Errorf("stat %s: no device and inode", path)
+	}
+	return fileID{dev: uint64(st.Dev), ino: st.Ino}, nil
+}
+
+// usable reports an error when the database file at the log's path is no longer the one it
+// opened: deleted (its writes go to an inode nobody will read) or replaced by another file. A
+// delivery must not be claimed then: its claim would vanish, and a redelivery would run it again.
+func (l *eventLog) usable() error {
+	id, err := statID(l.path)
+	if err == nil && id == l.file {
+		return nil
+	}
+	how := "replaced by another file"
+	if errors.Is(err, fs.ErrNotExist) {
+		how = "deleted"
+	} else if err != nil {
+		how = err.Error()
+	}
+	return fmt.Errorf("the database file %s is not the one this server opened (%s): restart the server to open it again", l.path, how)
+}
+
+// lastWriteFailed reports the error of the newest write transaction when it failed; one that
+// commits after it clears it.
+func (l *eventLog) lastWriteFailed() error {
+	if l.lastWriteBad.Load() <= l.lastWriteOK.Load() {
+		return nil
+	}
+	msg, _ := l.lastWriteErr.Load().(string)
+	return fmt.Errorf("the newest write to the database failed: %s", msg)
+}
+
+// probe commits a write that changes nothing (a row rewritten with its own values), so it needs
+// the write lock and room for a page, as a row does; an empty transaction would commit on a
+// full disk. It is not counted as a write of the log's own.
+func (l *eventLog) probe(ctx context.Context) error {
+	select {
+	case l.writing <- struct{}{}:
+	case <-ctx.Done():
+		return fmt.Errorf("waiting for the database: %w", context.Cause(ctx))
+	}
+	defer func() { <-l.writing }()
+	return l.writeTx(ctx, func(tx *sql.Tx) error {
+		_, err := tx.ExecContext(ctx, `UPDATE schema_migrations SET applied_at = applied_at
+			WHERE version = (SELECT max(version) FROM schema_migrations)`)
+		return err
+	})
 }
 
 // databasePath turns WEBHOOK_DB_URL into a file path: the sqlite:// (or sqlite:) prefix is
@@ -129,8 +195,13 @@ func openEventLog(path string, lg *logger) (*eventLog, error) {
 		db.Close()
 		return nil, fmt.Errorf("database %s: %w", path, err)
 	}
+	id, err := statID(path)
+	if err != nil {
+		db.Close()
+		return nil, fmt.Errorf("database %s: %w", path, err)
+	}
 	l := &eventLog{db: db, path: path, log: lg, queue: make(chan queued, 4096), done: make(chan struct{}),
-		writing: make(chan struct{}, 1)}
+		writing: make(chan struct{}, 1), file: id}
 	go l.writer()
 	return l, nil
 }
@@ -377,6 +448,17 @@ func (l *eventLog) write(ctx context.Context, fn func(tx *sql.Tx) error) error {
 		return fmt.Errorf("waiting for the database: %w", context.Cause(ctx))
 	}
 	defer func() { <-l.writing }()
+	err := l.writeTx(ctx, fn)
+	if err != nil {
+		l.lastWriteErr.Store(err.Error())
+		l.lastWriteBad.Store(time.Now().UnixNano())
+	} else {
+		l.lastWriteOK.Store(time.Now().UnixNano())
+	}
+	return err
+}
+
+func (l *eventLog) writeTx(ctx context.Context, fn func(tx *sql.Tx) error) error {
 	tx, err := l.db.BeginTx(ctx, nil)
 	if err != nil {
 		return err

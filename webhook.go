@@ -22,7 +22,6 @@ import (
 	"crypto/hmac"
 	"crypto/sha256"
 	"crypto/subtle"
-	"database/sql"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -31,6 +30,7 @@ import (
 	"io"
 	"io/fs"
 	"log"
+	"maps"
 	"mime"
 	"net"
 	"net/http"
@@ -306,12 +306,13 @@ type server struct {
 	mux     *http.ServeMux
 	now     func() time.Time
 
-	inflight sync.WaitGroup // handlers running, waited for at shutdown
-	units    unitLookups    // the unit lookups of deliveries, reused for seconds
-	wake     chan struct{}  // a claim was queued: the dispatcher looks at once (see enqueue)
-	probes   probeSummary   // successful health and metrics probes, one row a minute
-	bodies   *byteBudget    // request bodies in memory (WEBHOOK_BODY_BUDGET_BYTES)
-	lastDump atomic.Int64   // when saveRefused last wrote, unix nanoseconds
+	inflight    sync.WaitGroup // handlers running, waited for at shutdown
+	units       unitLookups    // the unit lookups of deliveries, reused for seconds
+	wake        chan struct{}  // a claim was queued: the dispatcher looks at once (see enqueue)
+	probes      probeSummary   // successful health and metrics probes, one row a minute
+	bodies      *byteBudget    // request bodies in memory (WEBHOOK_BODY_BUDGET_BYTES)
+	lastDump    atomic.Int64   // when saveRefused last wrote, unix nanoseconds
+	healthCache healthCache
 
 	reconciled time.Time // when the dispatcher last looked for half-done claims; its own
 
@@ -861,6 +862,12 @@ func (s *server) handleGitHub(w http.ResponseWriter, r *http.Request) {
 		reply(w, r, http.StatusTooManyRequests, "image-rate-limited", "too many redeploys of "+image)
 		return
 	}
+	if err := s.events.usable(); err != nil {
+		s.log.errorf("github delivery refused: %v", err)
+		w.Header().Set("Retry-After", "60")
+		reply(w, r, http.StatusServiceUnavailable, "database-replaced", "cannot record the delivery: the server's database was deleted or replaced; redeliver it after a restart")
+		return
+	}
 	s.enqueue(w, r, taskSpec{unit: unit, image: image, event: eventName, delivery: deliveryID,
 		path: r.URL.Path, digest: d.digest})
 }
@@ -1255,28 +1262,101 @@ func decodeStrict(body io.Reader, v any) error {
 // Observability: /health?verbose=1, /metrics, /api/events and /api/deliveries/<id>. The event
 // rows themselves are read and formatted by eventlog.go.
 
-// handleHealth answers "ok" for probes; with ?verbose=1 or "Accept: application/json" it checks
-// the database, the state directory and the configuration, and answers 503 naming what failed.
+// handleHealth answers "ok", or 503 "fail: " and the failing checks; with ?verbose=1 or
+// "Accept: application/json" it answers the checks as JSON and also probes that a write commits.
 func (s *server) handleHealth(w http.ResponseWriter, r *http.Request) {
+	h := s.checkHealth()
 	if r.URL.Query().Get("verbose") == "" && !strings.Contains(r.Header.Get("Accept"), "application/json") {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		if len(h.failing) > 0 {
+			info(r).meta["failing"] = h.failing
+			w.WriteHeader(http.StatusServiceUnavailable)
+			io.WriteString(w, "fail: "+strings.Join(h.failing, ", ")+"\n")
+			return
+		}
 		w.Write([]byte("ok"))
 		return
 	}
-	ctx, cancel := context.WithTimeout(r.Context(), 5*time.Second)
+	failing := h.failing
+	db := maps.Clone(h.db)
+	if err := s.probeHealth(); err != nil {
+		msg := err.Error()
+		if prev, ok := db["error"].(string); ok {
+			msg = prev + "; " + msg
+		}
+		db["writable"], db["error"] = false, msg
+		if !slices.Contains(failing, "database") {
+			failing = append(slices.Clone(failing), "database")
+		}
+	}
+	body := maps.Clone(h.body)
+	body["database"], body["status"] = db, "ok"
+	status := http.StatusOK
+	if len(failing) > 0 {
+		body["status"], body["failing"] = "fail", failing
+		status = http.StatusServiceUnavailable
+	}
+	info(r).meta["failing"] = failing
+	replyJSON(w, status, body)
+}
+
+// healthCacheFor is how long one health check answers every /health: a check a second is
+// enough for a monitor, and a flood of /health must neither queue for the database's write lock
+// nor create a file per call.
+const healthCacheFor = time.Second
+
+// healthReport is the newest health check; read-only once built.
+type healthReport struct {
+	failing []string       // the failing checks: database, state_dir
+	db      map[string]any // the database's part of the verbose answer
+	body    map[string]any // the rest of the verbose answer
+}
+
+// healthCache holds the newest health check and write probe. Each mutex also makes concurrent
+// callers share one check, and the probe, which may wait for the write lock, has its own, so
+// that plain /health never waits for it.
+type healthCache struct {
+	mu     sync.Mutex
+	at     time.Time
+	report healthReport
+
+	probeMu  sync.Mutex
+	probeAt  time.Time
+	probeErr error
+}
+
+// fresh reports whether a check made at at still answers now.
+func fresh(at, now time.Time) bool {
+	return !at.IsZero() && !now.Before(at) && now.Sub(at) < healthCacheFor
+}
+
+// checkHealth checks, at most once per healthCacheFor, that the database file at its path is
+// the one open and that the log's newest write did not fail, and that the state directory takes
+// a new file.
+func (s *server) checkHealth() healthReport {
+	c := &s.healthCache
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if fresh(c.at, s.now()) {
+		return c.report
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
 	var failing []string
-	db := map[string]any{"path": s.cfg.dbPath, "pending_writes": s.events.pending.Load(), "write_failures": s.events.failures.Load()}
+	db := map[string]any{"path": s.cfg.dbPath, "pending_writes": s.events.pending.Load(),
+		"write_failures": s.events.failures.Load(), "writable": true}
 	if v, err := s.events.schemaVersion(ctx); err == nil {
 		db["schema_version"] = v
 	}
-	// An empty write transaction: BEGIN IMMEDIATE takes the write lock, so this fails when the
-	// database cannot be written.
-	if err := s.events.write(ctx, func(*sql.Tx) error { return nil }); err != nil {
-		db["writable"], db["error"] = false, err.Error()
+	var dbErrs []string
+	for _, err := range []error{s.events.usable(), s.events.lastWriteFailed()} {
+		if err != nil {
+			dbErrs = append(dbErrs, err.Error())
+		}
+	}
+	if len(dbErrs) > 0 {
+		db["writable"], db["error"] = false, strings.Join(dbErrs, "; ")
 		failing = append(failing, "database")
-	} else {
-		db["writable"] = true
 	}
 	state := map[string]any{"path": s.cfg.stateDir, "writable": true}
 	if f, err := os.CreateTemp(s.cfg.stateDir, ".health-*"); err != nil {
@@ -1287,8 +1367,7 @@ func (s *server) handleHealth(w http.ResponseWriter, r *http.Request) {
 		os.Remove(f.Name())
 	}
 	body := map[string]any{
-		"status":   "ok",
-		"database": db, "state_dir": state,
+		"state_dir":                state,
 		"github_secret_configured": s.cfg.secret != "",
 		"token_configured":         s.cfg.token != "",
 		"manual_token_configured":  s.cfg.manualToken != "",
@@ -1298,12 +1377,24 @@ func (s *server) handleHealth(w http.ResponseWriter, r *http.Request) {
 	if tick, err := lastEvent(ctx, s.events.db, "scheduler"); err == nil && tick != nil {
 		body["last_scheduler_tick"] = map[string]any{"time": tick.Time, "status": tick.Status}
 	}
-	status := http.StatusOK
-	if len(failing) > 0 {
-		body["status"], body["failing"] = "fail", failing
-		status = http.StatusServiceUnavailable
+	c.at, c.report = s.now(), healthReport{failing: failing, db: db, body: body}
+	return c.report
+}
+
+// probeHealth commits a write that changes nothing (see eventLog.probe), at most once per
+// healthCacheFor, bounded by 2 s when another writer holds the lock.
+func (s *server) probeHealth() error {
+	c := &s.healthCache
+	c.probeMu.Lock()
+	defer c.probeMu.Unlock()
+	if fresh(c.probeAt, s.now()) {
+		return c.probeErr
 	}
-	replyJSON(w, status, body)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	c.probeErr = s.events.probe(ctx)
+	c.probeAt = s.now()
+	return c.probeErr
 }
 
 // readToken checks a token presented as "Authorization: Bearer" or as ?token= on a GET route.

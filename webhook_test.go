@@ -2316,7 +2316,8 @@ func (s *advServer) getHello(t *testing.T) (string, int) {
 // TestFaultDatabaseUnwritable puts the database on a small tmpfs and fills it after the server
 // started: every request is still answered (a delivery that cannot be recorded is 500, so GitHub
 // shows it failed and it can be redelivered), every row that cannot be written is on stderr as
-// a JSON line, and once space is back rows are written again. (A read-only directory cannot
+// a JSON line, /health fails naming the database, and once space is back rows are written and
+// /health is fine again. (A read-only directory cannot
 // stand in: root ignores file modes, and SQLite keeps writing through its open files.)
 func TestFaultDatabaseUnwritable(t *testing.T) {
 	if os.Geteuid() != 0 {
@@ -2395,10 +2396,34 @@ func TestFaultDatabaseUnwritable(t *testing.T) {
 		t.Errorf("a spilled row carries the token:\n%s", s.logs)
 	}
 
-	// Space again: the next request is written.
+	// /health says so (within the second its answer is kept), naming the database. Polled
+	// slowly: every request writes a row, and the tmpfs has room for few.
+	waitHealth := func(what string, ok func(code int, body string) bool) {
+		t.Helper()
+		for deadline := time.Now().Add(hangGuard); ; time.Sleep(200 * time.Millisecond) {
+			resp, err := s.Client().Get(s.URL + "/health")
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if ok(resp.StatusCode, string(b)) {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("timed out waiting until %s: /health = %d %q", what, resp.StatusCode, b)
+			}
+		}
+	}
+	waitHealth("plain /health fails naming the database while rows cannot be written", func(code int, body string) bool {
+		return code == 503 && body == "fail: database\n"
+	})
+
+	// Space again: the next request is written, and /health is fine again.
 	if err := os.Remove(filepath.Join(mnt, "filler")); err != nil {
 		t.Fatal(err)
 	}
+	waitHealth("plain /health answers 200 once rows are written again", func(code int, _ string) bool { return code == 200 })
 	after, _ := s.getHello(t)
 	rows := s.rows(t)
 	if _, ok := rows[after]; !ok {
@@ -3891,5 +3916,109 @@ func TestBodyBudgetFreed(t *testing.T) {
 	s.srv.bodies.mu.Unlock()
 	if free != int64(advMaxBody) {
 		t.Errorf("%d bytes free after every request was answered, want %d", free, advMaxBody)
+	}
+}
+
+// TestHealthTellsTheTruth: /health, plain and verbose, fails naming the database when its file
+// was deleted or replaced under the running server, or when the log's newest write failed; a
+// delivery is then refused 503 (nothing but read-only lookups run) rather than claimed in a file
+// nobody reads. A write that commits again makes it healthy again.
+func TestHealthTellsTheTruth(t *testing.T) {
+	ok := githubPackagePayload("ghcr.io", "octo-org", "web", "v1", "")
+	for _, tc := range []struct {
+		name     string
+		fault    func(t *testing.T, s *advServer)
+		delivery int    // status of a signed delivery during the fault
+		error    string // part of the verbose database error
+	}{
+		{"database deleted", func(t *testing.T, s *advServer) {
+			if err := os.Remove(s.cfg.dbPath); err != nil {
+				t.Fatal(err)
+			}
+		}, 503, "(deleted)"},
+		{"database replaced", func(t *testing.T, s *advServer) {
+			other := filepath.Join(t.TempDir(), "other.db")
+			l, err := openEventLog(other, newLogger(io.Discard))
+			if err != nil {
+				t.Fatal(err)
+			}
+			l.Close()
+			if err := os.Rename(other, s.cfg.dbPath); err != nil {
+				t.Fatal(err)
+			}
+		}, 503, "replaced by another file"},
+		{"newest write failed", func(t *testing.T, s *advServer) {
+			s.events.write(context.Background(), func(*sql.Tx) error { return errors.New("disk I/O error (injected)") })
+		}, 202, "disk I/O error (injected)"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := newAdvServer(t, nil)
+			var mu sync.Mutex
+			clock := time.Now()
+			s.srv.now = func() time.Time { mu.Lock(); defer mu.Unlock(); return clock }
+			later := func() { mu.Lock(); clock = clock.Add(2 * healthCacheFor); mu.Unlock() }
+			if resp, body := s.do(t, "GET", "/health", nil); resp.StatusCode != 200 {
+				t.Fatalf("/health before the fault: %d %q", resp.StatusCode, body)
+			}
+			waitPending(t, s.events)
+			tc.fault(t, s)
+			later()
+
+			resp, body := s.do(t, "GET", "/health", nil)
+			if resp.StatusCode != 503 || body != "fail: database\n" {
+				t.Errorf("plain /health: %d %q, want 503 \"fail: database\"", resp.StatusCode, body)
+			}
+			plainID := resp.Header.Get("X-Request-Id")
+			code, h, raw := getHealth(t, s.testServer, "/health?verbose=1", "")
+			if code != 503 || !slices.Contains(h.Failing, "database") || h.Database.Writable || !strings.Contains(h.Database.Error, tc.error) {
+				t.Errorf("verbose /health: %d %s, want 503 failing database with %q", code, raw, tc.error)
+			}
+			before := len(s.h.calls())
+			dresp, text := s.signedDelivery(t, "web", "truth-1", ok)
+			if dresp.StatusCode != tc.delivery {
+				t.Errorf("delivery: %d %q, want %d", dresp.StatusCode, text, tc.delivery)
+			}
+			if tc.delivery == 503 {
+				for _, call := range s.h.calls()[before:] {
+					if k := call[0] + "-" + fakeVerb(call[0], call[1:]); !readOnlyCommands[k] {
+						t.Errorf("a refused delivery ran %s:\n%s", k, fakeCallLines(s.h.calls()[before:]))
+					}
+				}
+				if !strings.Contains(s.logs.String(), "is not the one this server opened") {
+					t.Errorf("the log does not say why the delivery was refused:\n%s", s.logs)
+				}
+				return
+			}
+			// The delivery's claim committed: the newest write no longer failed.
+			later()
+			if resp, body := s.do(t, "GET", "/health", nil); resp.StatusCode != 200 {
+				t.Errorf("plain /health after a write committed: %d %q, want 200", resp.StatusCode, body)
+			}
+			rows := s.rows(t)
+			var meta map[string]any
+			json.Unmarshal([]byte(rows[plainID].meta), &meta)
+			if rows[plainID].status != 503 || fmt.Sprint(meta["failing"]) != "[database]" {
+				t.Errorf("row of the failing /health: %d %s, want 503 failing [database]", rows[plainID].status, rows[plainID].meta)
+			}
+		})
+	}
+}
+
+// TestHealthDoesNotQueueForTheWriteLock: verbose /health probes the write lock at most once per
+// healthCacheFor; within it, calls are answered from the last check even while this process's
+// write lock is taken (before, each call waited for it).
+func TestHealthDoesNotQueueForTheWriteLock(t *testing.T) {
+	ts := newTestServer(t, nil, nil)
+	clock := time.Now()
+	ts.srv.now = func() time.Time { return clock }
+	if code, _, body := getHealth(t, ts, "/health?verbose=1", ""); code != 200 {
+		t.Fatalf("verbose /health: %d %s", code, body)
+	}
+	ts.events.writing <- struct{}{} // the lock, as a long write of this process would hold it
+	defer func() { <-ts.events.writing }()
+	for i := range 3 {
+		if code, _, body := getHealth(t, ts, "/health?verbose=1", ""); code != 200 {
+			t.Errorf("verbose /health #%d with the write lock taken: %d %s, want the last check's 200", i+2, code, body)
+		}
 	}
 }
