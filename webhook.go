@@ -12,7 +12,7 @@
 // Transfer-Encoding is 400 and ends its connection (framedConn). A refused payload is saved at
 // most once a second, never while its client waits. No path containing a ".." segment, however
 // encoded, reaches a handler, and static files are opened through os.Root so nothing outside
-// the web dist directory can be served.
+// the web dist directory can be served, and without blocking, so a FIFO cannot hold a request.
 package main
 
 import (
@@ -651,8 +651,8 @@ var staticTypes = map[string]string{
 	".txt":   "text/plain; charset=utf-8",
 }
 
-// handleStatic serves the web UI bundle. os.Root refuses any name, symlinks included, that
-// resolves outside the dist directory.
+// handleStatic serves the web UI bundle: regular files only, anything else is 404. os.Root
+// refuses any name, symlinks included, that resolves outside the dist directory.
 func (s *server) handleStatic(w http.ResponseWriter, r *http.Request) {
 	name := strings.TrimPrefix(r.URL.Path, "/")
 	if name == "" {
@@ -668,7 +668,9 @@ func (s *server) handleStatic(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	defer root.Close()
-	f, err := root.Open(name)
+	// O_NONBLOCK: opening a FIFO (or a device) would otherwise wait for a writer, holding the
+	// request and the server's shutdown; what is not a regular file is refused below.
+	f, err := root.OpenFile(name, os.O_RDONLY|syscall.O_NONBLOCK, 0)
 	if err != nil {
 		if name == "index.html" && errors.Is(err, fs.ErrNotExist) {
 			http.Error(w, "web ui not built", http.StatusNotFound)

@@ -4022,3 +4022,52 @@ func TestHealthDoesNotQueueForTheWriteLock(t *testing.T) {
 		}
 	}
 }
+
+// TestStaticNonRegularFiles: a FIFO in the web bundle (directly, or through a symlink) is 404
+// at once instead of a request that hangs until a writer comes; the row says so, nothing runs.
+func TestStaticNonRegularFiles(t *testing.T) {
+	dist, _ := distFixture(t)
+	for _, p := range []string{"assets/fifo.js", "favicon.ico"} {
+		os.Remove(filepath.Join(dist, p))
+		if err := syscall.Mkfifo(filepath.Join(dist, p), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.Symlink("fifo.js", filepath.Join(dist, "assets", "link.js")); err != nil {
+		t.Fatal(err)
+	}
+	s := newAdvServer(t, map[string]string{"WEBHOOK_WEB_DIST": dist})
+	t.Cleanup(func() { // before the server's shutdown: frees a handler blocked opening a FIFO
+		for _, p := range []string{"assets/fifo.js", "favicon.ico"} {
+			if f, err := os.OpenFile(filepath.Join(dist, p), os.O_WRONLY|syscall.O_NONBLOCK, 0); err == nil {
+				f.Close()
+			}
+		}
+	})
+	client := &http.Client{Timeout: 10 * time.Second} // a hang is a failure, not a stuck test
+	var ids []string
+	for _, p := range []string{"/assets/fifo.js", "/favicon.ico", "/assets/link.js", "/assets/app.js"} {
+		resp, err := client.Get(s.URL + p)
+		if err != nil {
+			t.Fatalf("GET %s: %v (opening the FIFO blocked?)", p, err)
+		}
+		resp.Body.Close()
+		want := 404
+		if p == "/assets/app.js" {
+			want = 200 // the regular file beside them
+		}
+		if resp.StatusCode != want {
+			t.Errorf("GET %s: %d, want %d", p, resp.StatusCode, want)
+		}
+		ids = append(ids, resp.Header.Get("X-Request-Id"))
+	}
+	if calls := s.h.calls(); len(calls) > 0 {
+		t.Errorf("static requests ran commands:\n%s", fakeCallLines(calls))
+	}
+	rows := s.rows(t)
+	for _, id := range ids[:3] {
+		if r := rows[id]; r.status != 404 || r.action != "static" {
+			t.Errorf("row %s: %d %s, want 404 static", id, r.status, r.action)
+		}
+	}
+}
