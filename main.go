@@ -147,6 +147,7 @@ type config struct {
 	listen           string
 	secret           string
 	allowedEvents    []string // empty: every event
+	registryHosts    []string // registry hosts a GitHub delivery may pull from, lowercase
 	token            string
 	manualToken      string
 	metricsToken     string
@@ -190,6 +191,7 @@ func loadConfig(getenv func(string) string) (*config, error) {
 		listen:           "127.0.0.1:8088",
 		secret:           strings.TrimSpace(getenv("GITHUB_WEBHOOK_SECRET")),
 		allowedEvents:    splitList(getenv("GITHUB_ALLOWED_EVENTS")),
+		registryHosts:    p.hosts("WEBHOOK_REGISTRY_HOSTS", "ghcr.io"),
 		token:            strings.TrimSpace(getenv("WEBHOOK_TOKEN")),
 		manualToken:      strings.TrimSpace(getenv("WEBHOOK_MANUAL_TOKEN")),
 		metricsToken:     strings.TrimSpace(getenv("WEBHOOK_METRICS_TOKEN")),
@@ -288,6 +290,18 @@ func (p *envParser) positive(name string, def int) int {
 		return def
 	}
 	return n
+}
+
+// hosts reads a comma list of registry hosts (host or host:port), lowercased.
+func (p *envParser) hosts(name, def string) []string {
+	list := splitList(p.str(name, def))
+	for i, h := range list {
+		list[i] = strings.ToLower(h)
+		if !reDomain.MatchString(list[i]) && p.err == nil {
+			p.err = fmt.Errorf("invalid %s=%q: %q is not a registry host (host or host:port, comma-separated)", name, p.getenv(name), h)
+		}
+	}
+	return list
 }
 
 func (p *envParser) seconds(name string, def int) time.Duration {

@@ -5,8 +5,9 @@
 // Rules: a reference reaches podman's argv only after validImageRef accepted it against the
 // OCI distribution grammar (registry host required, lowercase path, tag or digest), and it is
 // always pulled as "docker://REF" after "--", so no other transport (dir:, docker-archive:,
-// containers-storage:) can ever be selected and no value can be read as a flag. Commands run with
-// an explicit argv, never a shell, and with a timeout.
+// containers-storage:) can ever be selected and no value can be read as a flag. Only the
+// "published" and "updated" actions of a package payload redeploy. Commands run with an explicit
+// argv, never a shell, and with a timeout.
 package main
 
 import (
@@ -23,6 +24,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -231,95 +233,47 @@ type packageBody struct {
 	} `json:"registry"`
 }
 
+// errInvalidJSON is a body that does not parse as JSON: GitHub never sends one, so it is
+// refused (400), not acknowledged as something merely not for us.
+var errInvalidJSON = errors.New("the body is not valid JSON")
+
+// redeployActions are the package event actions that redeploy: GitHub's package and
+// registry_package events are "published" (a new version) or "updated" (a version's tags moved).
+var redeployActions = []string{"published", "updated"}
+
 // deliveryFromPayload extracts the pushed image from a package or registry_package payload.
-// Payloads that are fine but not for us return an *ignoredError.
+// Payloads that are fine but not for us return an *ignoredError; a body that is not JSON, or
+// names an image that is not a valid reference, returns another error.
 func deliveryFromPayload(body []byte) (delivery, error) {
-	var d delivery
 	var p packagePayload
 	if err := json.Unmarshal(body, &p); err != nil {
-		return d, ignored("invalid-json", "%v", err)
+		return delivery{}, fmt.Errorf("%w: %v", errInvalidJSON, err)
 	}
 	pkg := p.Package
 	if pkg == nil {
 		pkg = p.RegistryPackage
 	}
 	if pkg == nil {
-		return d, ignored("not-a-package", "the payload has neither package nor registry_package")
+		return delivery{}, ignored("not-a-package", "the payload has neither package nor registry_package")
 	}
-	d.action = p.Action
+	if !slices.Contains(redeployActions, p.Action) {
+		return delivery{}, ignored("action-ignored", "action %q does not redeploy (only published and updated do)", p.Action)
+	}
 	switch strings.ToLower(strings.TrimSpace(pkg.PackageType)) {
 	case "container", "docker":
 	default:
-		return d, ignored("not-container", "package_type %q is not a container image", pkg.PackageType)
+		return delivery{}, ignored("not-container", "package_type %q is not a container image", pkg.PackageType)
 	}
-
-	d.host = "ghcr.io"
-	if pkg.Registry != nil {
-		if h := strings.TrimSpace(pkg.Registry.Host); h != "" {
-			d.host = h
-		} else if u := strings.TrimSpace(pkg.Registry.URL); u != "" {
-			if !strings.Contains(u, "://") {
-				u = "https://" + u
-			}
-			if pu, err := url.Parse(u); err == nil && pu.Host != "" {
-				d.host = pu.Host
-			}
-		}
+	host, err := registryHost(pkg)
+	if err != nil {
+		return delivery{}, err
 	}
-	d.host = strings.ToLower(d.host)
-	if !reDomain.MatchString(d.host) {
-		return d, fmt.Errorf("payload names an invalid registry host %q", d.host)
-	}
-	// GitHub's registry object names itself https://CONTAINER.pkg.github.com/OWNER; images live
-	// on ghcr.io.
-	if strings.HasSuffix(d.host, ".pkg.github.com") || d.host == "pkg.github.com" {
-		d.host = "ghcr.io"
-	}
-
-	var owner string
-	switch {
-	case pkg.Owner != nil && pkg.Owner.Login != "":
-		owner = pkg.Owner.Login
-	case p.Repository != nil && p.Repository.Owner != nil && p.Repository.Owner.Login != "":
-		owner = p.Repository.Owner.Login
-	case pkg.Namespace != "":
-		owner, _, _ = strings.Cut(pkg.Namespace, "/")
-	}
-	owner = strings.ToLower(strings.TrimSpace(owner))
-	name := strings.ToLower(strings.TrimSpace(pkg.Name))
+	owner, name := packageName(&p, pkg)
 	if owner == "" || name == "" {
-		return d, ignored("missing-name", "the payload names no package owner or name")
+		return delivery{}, ignored("missing-name", "the payload names no package owner or name")
 	}
-	d.path = owner + "/" + name
-
-	if v := pkg.PackageVersion; v != nil {
-		seen := map[string]bool{}
-		add := func(t string) {
-			if t = strings.TrimSpace(t); t != "" && !seen[t] {
-				seen[t] = true
-				d.tags = append(d.tags, t)
-			}
-		}
-		if cm := v.ContainerMetadata; cm != nil && cm.Tag != nil {
-			add(cm.Tag.Name)
-			if reDigest.MatchString(cm.Tag.Digest) {
-				d.digest = cm.Tag.Digest
-			}
-		}
-		var md struct {
-			Container *struct {
-				Tags []string `json:"tags"`
-			} `json:"container"`
-		}
-		if bytes.HasPrefix(bytes.TrimSpace(v.Metadata), []byte("{")) && json.Unmarshal(v.Metadata, &md) == nil && md.Container != nil {
-			for _, t := range md.Container.Tags {
-				add(t)
-			}
-		}
-		if d.digest == "" && reDigest.MatchString(v.Version) {
-			d.digest = v.Version
-		}
-	}
+	d := delivery{host: host, path: owner + "/" + name, action: p.Action}
+	d.tags, d.digest = pushedTags(pkg)
 	if len(d.tags) == 0 {
 		return d, ignored("missing-tag", "the pushed manifest has no tag (an untagged or per-platform manifest)")
 	}
@@ -330,6 +284,83 @@ func deliveryFromPayload(body []byte) (delivery, error) {
 		}
 	}
 	return d, nil
+}
+
+// registryHost is the lowercased registry host a package was pushed to: registry.host, else the
+// host of registry.url, else ghcr.io. GitHub's registry object names itself
+// https://CONTAINER.pkg.github.com/OWNER; its images live on ghcr.io.
+func registryHost(pkg *packageBody) (string, error) {
+	host := "ghcr.io"
+	if pkg.Registry != nil {
+		if h := strings.TrimSpace(pkg.Registry.Host); h != "" {
+			host = h
+		} else if u := strings.TrimSpace(pkg.Registry.URL); u != "" {
+			if !strings.Contains(u, "://") {
+				u = "https://" + u
+			}
+			if pu, err := url.Parse(u); err == nil && pu.Host != "" {
+				host = pu.Host
+			}
+		}
+	}
+	host = strings.ToLower(host)
+	if !reDomain.MatchString(host) {
+		return "", fmt.Errorf("payload names an invalid registry host %q", host)
+	}
+	if strings.HasSuffix(host, ".pkg.github.com") || host == "pkg.github.com" {
+		host = "ghcr.io"
+	}
+	return host, nil
+}
+
+// packageName is the package's owner (package.owner.login, else repository.owner.login, else
+// the first part of package.namespace) and name, both lowercased.
+func packageName(p *packagePayload, pkg *packageBody) (owner, name string) {
+	switch {
+	case pkg.Owner != nil && pkg.Owner.Login != "":
+		owner = pkg.Owner.Login
+	case p.Repository != nil && p.Repository.Owner != nil && p.Repository.Owner.Login != "":
+		owner = p.Repository.Owner.Login
+	case pkg.Namespace != "":
+		owner, _, _ = strings.Cut(pkg.Namespace, "/")
+	}
+	return strings.ToLower(strings.TrimSpace(owner)), strings.ToLower(strings.TrimSpace(pkg.Name))
+}
+
+// pushedTags lists the non-blank pushed tags, primary (container_metadata.tag) first and each
+// once, and the manifest digest when the payload carries a valid one.
+func pushedTags(pkg *packageBody) (tags []string, digest string) {
+	v := pkg.PackageVersion
+	if v == nil {
+		return nil, ""
+	}
+	seen := map[string]bool{}
+	add := func(t string) {
+		if t = strings.TrimSpace(t); t != "" && !seen[t] {
+			seen[t] = true
+			tags = append(tags, t)
+		}
+	}
+	if cm := v.ContainerMetadata; cm != nil && cm.Tag != nil {
+		add(cm.Tag.Name)
+		if reDigest.MatchString(cm.Tag.Digest) {
+			digest = cm.Tag.Digest
+		}
+	}
+	var md struct {
+		Container *struct {
+			Tags []string `json:"tags"`
+		} `json:"container"`
+	}
+	if bytes.HasPrefix(bytes.TrimSpace(v.Metadata), []byte("{")) && json.Unmarshal(v.Metadata, &md) == nil && md.Container != nil {
+		for _, t := range md.Container.Tags {
+			add(t)
+		}
+	}
+	if digest == "" && reDigest.MatchString(v.Version) {
+		digest = v.Version
+	}
+	return tags, digest
 }
 
 // pullImage pulls ref with retries: cfg.pullAttempts attempts, cfg.pullRetryDelay apart, each

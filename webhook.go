@@ -835,11 +835,21 @@ func (s *server) handleGitHub(w http.ResponseWriter, r *http.Request) {
 		reply(w, r, http.StatusAccepted, ign.reason, "ignored: "+ign.Error())
 		return
 	}
+	if errors.Is(err, errInvalidJSON) {
+		reply(w, r, http.StatusBadRequest, "invalid-json", err.Error())
+		return
+	}
 	if err != nil {
 		reply(w, r, http.StatusBadRequest, "invalid-image", err.Error())
 		return
 	}
 	ri.meta["pushed"] = d.repo()
+	if !slices.Contains(s.cfg.registryHosts, d.host) {
+		s.log.warnf("github delivery for %s refused: registry host %s is not in WEBHOOK_REGISTRY_HOSTS", d.repo(), d.host)
+		reply(w, r, http.StatusForbidden, "registry-not-allowed",
+			"registry host "+d.host+" is not allowed: add it to WEBHOOK_REGISTRY_HOSTS to pull from it")
+		return
+	}
 	ri.meta["tags"] = d.tags
 	if d.digest != "" {
 		ri.meta["digest"] = d.digest

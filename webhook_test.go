@@ -615,6 +615,9 @@ func TestInvalidVariables(t *testing.T) {
 		{"WEBHOOK_PULL_TIMEOUT_SECS", "99999999999999999999"},
 		{"WEBHOOK_COMMAND_TIMEOUT_SECS", "0"},
 		{"WEBHOOK_DB_URL", ":memory:"},
+		{"WEBHOOK_BODY_BUDGET_BYTES", "0"},
+		{"WEBHOOK_REGISTRY_HOSTS", "ghcr.io,docker-archive:"},
+		{"WEBHOOK_REGISTRY_HOSTS", "https://ghcr.io"},
 	} {
 		t.Run(tc.name+"="+tc.value, func(t *testing.T) {
 			env := map[string]string{tc.name: tc.value}
@@ -767,6 +770,8 @@ func TestLoadConfigDefaults(t *testing.T) {
 		{"imageLimit", cfg.imageLimit, window{60, time.Hour}},
 		{"pullAttempts", cfg.pullAttempts, 3},
 		{"pullRetryDelay", cfg.pullRetryDelay, 5 * time.Second},
+		{"bodyBudget", cfg.bodyBudget, int64(32 << 20)},
+		{"registryHosts", cfg.registryHosts, []string{"ghcr.io"}},
 	} {
 		if !reflect.DeepEqual(tc.got, tc.want) {
 			t.Errorf("default %s = %v, want %v", tc.name, tc.got, tc.want)
@@ -780,7 +785,7 @@ func TestLoadConfigDefaults(t *testing.T) {
 
 	cfg, err = loadConfig(mapEnv(map[string]string{
 		"WEBHOOK_TOKEN": " tok ", "GITHUB_ALLOWED_EVENTS": "package, registry_package,,",
-		"WEBHOOK_MANUAL_UNITS": "a.service,\nb\r\n, c ",
+		"WEBHOOK_MANUAL_UNITS": "a.service,\nb\r\n, c ", "WEBHOOK_REGISTRY_HOSTS": "ghcr.io, Containers.GHE.example.com,127.0.0.1:5000",
 	}))
 	if err != nil {
 		t.Fatal(err)
@@ -793,6 +798,9 @@ func TestLoadConfigDefaults(t *testing.T) {
 	}
 	if !reflect.DeepEqual(cfg.manualUnits, []string{"a.service", "b", "c"}) {
 		t.Errorf("manualUnits %q", cfg.manualUnits)
+	}
+	if !reflect.DeepEqual(cfg.registryHosts, []string{"ghcr.io", "containers.ghe.example.com", "127.0.0.1:5000"}) {
+		t.Errorf("registryHosts %q", cfg.registryHosts)
 	}
 }
 
@@ -1118,6 +1126,11 @@ func startE2EServer(t *testing.T, extraEnv ...string) *e2eServer {
 	cmd := exec.Command(bin, "server", "--listen", fmt.Sprintf("127.0.0.1:%d", port), "--state-dir", s.state)
 	cmd.Env = append(os.Environ(), "GITHUB_WEBHOOK_SECRET="+s.secret, "WEBHOOK_HEALTH_SETTLE_SECS=2",
 		"WEBHOOK_PULL_RETRY_SECS=1")
+	rigMu.Lock()
+	if theRig != nil { // deliveries name the rig's registry
+		cmd.Env = append(cmd.Env, "WEBHOOK_REGISTRY_HOSTS=ghcr.io,"+theRig.registry)
+	}
+	rigMu.Unlock()
 	cmd.Env = append(cmd.Env, extraEnv...)
 	cmd.Stdout, cmd.Stderr = s.log, s.log
 	if err := cmd.Start(); err != nil {
@@ -1156,6 +1169,19 @@ func startE2EServer(t *testing.T, extraEnv ...string) *e2eServer {
 	t.Cleanup(func() { db.Close() })
 	s.db = db
 	return s
+}
+
+// withAction returns a package payload with its action replaced ("" drops it).
+func withAction(body []byte, action string) []byte {
+	var p map[string]any
+	json.Unmarshal(body, &p)
+	if action == "" {
+		delete(p, "action")
+	} else {
+		p["action"] = action
+	}
+	b, _ := json.Marshal(p)
+	return b
 }
 
 // packagePayload is a GitHub "package" event for host/owner/name:tag, laid out as GitHub sends it.
@@ -1840,8 +1866,11 @@ func runAdvCases(t *testing.T, s *advServer, cases []advCase) int {
 // its event row. Decisions this table documents:
 //   - hex digits of the signature are accepted in either case (the same 32 bytes); the
 //     "sha256=" prefix must be lowercase; when the header comes twice, the first one counts;
-//   - an unreadable or unparsable body that is correctly signed is acknowledged 202 "ignored":
-//     GitHub signed it, so it is not an attack, just nothing to act on;
+//   - a correctly signed body that is not JSON is 400 (GitHub's delivery log must not show a
+//     success for a body the server could not read); JSON that is not a package event, or a
+//     package event whose action is not published or updated, is 202 "ignored";
+//   - a payload may name only a registry host in WEBHOOK_REGISTRY_HOSTS (default ghcr.io), else
+//     403;
 //   - the manual API reads JSON with encoding/json: a duplicated key takes the last value, keys
 //     match case-insensitively ("TOKEN" is "token"), a value of the wrong type is 400 before the
 //     token is checked, and anything after the object is 400;
@@ -1913,7 +1942,16 @@ func TestAdversarialRequests(t *testing.T) {
 		{name: "event header in capitals", event: "Package", body: ok, sig: sigRight, status: 400, reason: "bad-event-header"},
 		{name: "push payload as a package event", body: []byte(`{"ref":"refs/heads/main","repository":{"owner":{"login":"o"}}}`), sig: sigRight,
 			status: 202, reason: "not-a-package"},
-		{name: "signed body that is not JSON", body: []byte("payload=%7B%7D"), sig: sigRight, status: 202, reason: "invalid-json"},
+		{name: "signed body that is not JSON", body: []byte("payload=%7B%7D"), sig: sigRight, status: 400, reason: "invalid-json"},
+		{name: "signed body cut short", body: ok[:len(ok)-1], sig: hubSignature(advSecret, ok[:len(ok)-1]), status: 400, reason: "invalid-json"},
+		{name: "signed JSON that is not an object", body: []byte(`[1,2]`), sig: sigRight, status: 400, reason: "invalid-json"},
+		{name: "package deleted", body: withAction(ok, "deleted"), sig: sigRight, status: 202, text: `action "deleted" does not redeploy`, reason: "action-ignored"},
+		{name: "package without an action", body: withAction(ok, ""), sig: sigRight, status: 202, reason: "action-ignored"},
+		{name: "package updated", body: withAction(ok, "updated"), sig: sigRight, status: 202, reason: "queued", calls: queued},
+		{name: "registry host not allowed", body: pkgHost("registry.example.com"), sig: sigRight, status: 403,
+			text: "WEBHOOK_REGISTRY_HOSTS", reason: "registry-not-allowed"},
+		{name: "GitHub Enterprise host not allowed by default", body: pkgHost("containers.ghe.example.com"), sig: sigRight, status: 403,
+			reason: "registry-not-allowed"},
 		{name: "npm package", body: loadPayload(t, "package-published-npm.json"), sig: sigRight, status: 202, reason: "not-container"},
 		{name: "untagged manifest", body: loadPayload(t, "package-published-untagged.json"), sig: sigRight, status: 202, reason: "missing-tag"},
 		{name: "empty tag", body: pkg("octo-org", "web", ""), sig: sigRight, status: 202, reason: "missing-tag"},
@@ -2941,7 +2979,7 @@ func TestE2EKillServerMidBurst(t *testing.T) {
 		t.Fatal(err)
 	}
 	service, socket := r.installSocketServer(t, bin, state, logPath, port, "Environment=GITHUB_WEBHOOK_SECRET="+secret,
-		"Environment=WEBHOOK_HEALTH_SETTLE_SECS=1", "Restart=on-failure", "RestartSec=1")
+		"Environment=WEBHOOK_HEALTH_SETTLE_SECS=1", "Environment=WEBHOOK_REGISTRY_HOSTS="+r.Registry(), "Restart=on-failure", "RestartSec=1")
 	if _, err := r.Systemctl(t, "start", socket); err != nil {
 		t.Fatal(err)
 	}
@@ -4070,4 +4108,18 @@ func TestStaticNonRegularFiles(t *testing.T) {
 			t.Errorf("row %s: %d %s, want 404 static", id, r.status, r.action)
 		}
 	}
+}
+
+// TestRegistryHostsAllowMore: WEBHOOK_REGISTRY_HOSTS lets deliveries pull from the hosts it
+// names (GitHub Enterprise Server's containers.HOST, say), and from no others.
+func TestRegistryHostsAllowMore(t *testing.T) {
+	s := newAdvServer(t, map[string]string{"WEBHOOK_REGISTRY_HOSTS": "ghcr.io,containers.ghe.example.com"})
+	pkgHost := func(host string) []byte { return githubPackagePayload(host, "octo-org", "web", "v1", "") }
+	queued := []string{"systemctl-show", keySystemdRun}
+	runAdvCases(t, s, []advCase{
+		{name: "an allowed GitHub Enterprise host", body: pkgHost("containers.ghe.example.com"), sig: sigRight, status: 202, reason: "queued",
+			calls: queued, argvHas: " containers.ghe.example.com/octo-org/web:v1 "},
+		{name: "ghcr.io, still allowed", body: pkgHost("ghcr.io"), sig: sigRight, status: 202, reason: "queued", calls: queued},
+		{name: "another host", body: pkgHost("registry.example.com"), sig: sigRight, status: 403, reason: "registry-not-allowed"},
+	})
 }
