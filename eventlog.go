@@ -1325,12 +1325,21 @@ func printEvents(w io.Writer, evs []storedEvent, asJSON, header bool) {
 	tw.Flush()
 }
 
-// deleteOlderThan deletes event_log rows older than cutoff in batches of 1000, each its own short
-// transaction, so a large delete never holds the write lock for long. A dry run only counts.
-func (l *eventLog) deleteOlderThan(ctx context.Context, cutoff time.Time, dryRun bool) (int64, error) {
+// requestRows selects the rows of HTTP requests: every row but those of the command line, the
+// scheduler and redeploy tasks, which are what happened on the operator's behalf.
+const requestRows = `method NOT IN ('CLI', 'SCHEDULER', 'TASK')`
+
+// deleteOlderThan deletes event_log rows older than cutoff (only request rows, with
+// requestsOnly) in batches of 1000, each its own short transaction, so a large delete never
+// holds the write lock for long. A dry run only counts.
+func (l *eventLog) deleteOlderThan(ctx context.Context, cutoff time.Time, dryRun, requestsOnly bool) (int64, error) {
+	where := `ts < ?`
+	if requestsOnly {
+		where += ` AND ` + requestRows
+	}
 	if dryRun {
 		var n int64
-		err := l.db.QueryRowContext(ctx, `SELECT count(*) FROM event_log WHERE ts < ?`, cutoff.Unix()).Scan(&n)
+		err := l.db.QueryRowContext(ctx, `SELECT count(*) FROM event_log WHERE `+where, cutoff.Unix()).Scan(&n)
 		return n, err
 	}
 	var total int64
@@ -1338,7 +1347,7 @@ func (l *eventLog) deleteOlderThan(ctx context.Context, cutoff time.Time, dryRun
 		var n int64
 		err := l.write(ctx, func(tx *sql.Tx) error {
 			res, err := tx.ExecContext(ctx, `DELETE FROM event_log WHERE id IN
-				(SELECT id FROM event_log WHERE ts < ? ORDER BY id LIMIT 1000)`, cutoff.Unix())
+				(SELECT id FROM event_log WHERE `+where+` ORDER BY id LIMIT 1000)`, cutoff.Unix())
 			if err == nil {
 				n, err = res.RowsAffected()
 			}

@@ -161,6 +161,8 @@ type config struct {
 	interval time.Duration
 	maxTicks int // 0: unbounded
 
+	requestRetention time.Duration // request rows older than it are deleted (prune-state, scheduler)
+
 	autoUpdateLimits [2]window
 	imageLimit       window
 
@@ -204,6 +206,8 @@ func loadConfig(getenv func(string) string) (*config, error) {
 
 		interval: p.seconds("AUTO_UPDATE_INTERVAL_SECS", 900),
 		maxTicks: p.positive("WEBHOOK_SCHEDULER_MAX_TICKS", 0),
+
+		requestRetention: p.days("WEBHOOK_REQUEST_RETENTION_DAYS", 30),
 
 		autoUpdateLimits: [2]window{
 			{p.positive("WEBHOOK_LIMIT1_COUNT", 2), p.seconds("WEBHOOK_LIMIT1_WINDOW", 600)},
@@ -290,6 +294,17 @@ func (p *envParser) positive(name string, def int) int {
 		return def
 	}
 	return n
+}
+
+func (p *envParser) days(name string, def int) time.Duration {
+	n := p.positive(name, def)
+	if n > 100*366 {
+		if p.err == nil {
+			p.err = fmt.Errorf("invalid %s=%q: more than 100 years", name, p.getenv(name))
+		}
+		return time.Duration(def) * 24 * time.Hour
+	}
+	return time.Duration(n) * 24 * time.Hour
 }
 
 // hosts reads a comma list of registry hosts (host or host:port), lowercased.

@@ -1,5 +1,6 @@
 // prune.go owns prune-state: housekeeping of the state directory's timestamp logs and lock files
-// (the layout of ratelimit.go).
+// (the layout of ratelimit.go), and of old event_log rows (request rows past their retention
+// always, every row past --events-max-age-days when asked).
 //
 // Rules: a timestamp log is trimmed under the same lock its writers take (ratelimit.lock for
 // ratelimit.db; the image's redeploy lock for github-image-limits/<key>.db, tried without waiting
@@ -44,8 +45,11 @@ Prints one line:
 where entries counts dropped timestamps and unreadable lines. --dry-run reports what a real run
 would do and changes nothing in the state directory.
 
---events-max-age-days N also deletes event_log rows older than N days, in batches, and prints
-"Deleted events=N older_than=TIME dry_run=BOOL" (default: keep every row).
+It also deletes the event_log rows of HTTP requests older than WEBHOOK_REQUEST_RETENTION_DAYS
+(default 30; the rows of redeploys, triggers and scheduler ticks are kept) and says how many on
+standard error. --events-max-age-days N also deletes
+every event_log row older than N days, in batches, and prints "Deleted events=N older_than=TIME
+dry_run=BOOL" (default: keep them).
 Exit status: 0 done (files a redeploy holds are skipped, not an error), 1 a file could not be
 pruned, 2 usage error.
 `
@@ -81,14 +85,27 @@ func cmdPruneState(c *cli, args []string) int {
 	fmt.Fprintf(c.stdout, "Trimmed entries=%d removed_dbs=%d removed_locks=%d dry_run=%t\n",
 		rep.entries, rep.removedDBs, rep.removedLocks, dryRun)
 	status, exit := http.StatusOK, 0
-	var deleted int64
+	var deleted, deletedRequests int64
+	if events != nil { // else openCommandLog warned: the rows cannot be reached
+		cutoff := start.Add(-cfg.requestRetention)
+		var err error
+		if deletedRequests, err = events.deleteOlderThan(context.Background(), cutoff, dryRun, true); err != nil {
+			rep.errs = append(rep.errs, "delete old request rows: "+err.Error())
+		}
+		// On stderr: stdout keeps the original tool's one line, which scripts read.
+		verb := "deleted"
+		if dryRun {
+			verb = "would delete"
+		}
+		c.log.infof("prune-state: %s %d request rows older than %s (WEBHOOK_REQUEST_RETENTION_DAYS)", verb, deletedRequests, cutoff.UTC().Format(time.RFC3339))
+	}
 	if eventDays > 0 {
 		if events == nil {
 			rep.errs = append(rep.errs, "event log unavailable: old events not deleted")
 		} else {
 			cutoff := start.Add(-time.Duration(eventDays) * 24 * time.Hour)
 			var err error
-			if deleted, err = events.deleteOlderThan(context.Background(), cutoff, dryRun); err != nil {
+			if deleted, err = events.deleteOlderThan(context.Background(), cutoff, dryRun, false); err != nil {
 				rep.errs = append(rep.errs, "delete old events: "+err.Error())
 			}
 			fmt.Fprintf(c.stdout, "Deleted events=%d older_than=%s dry_run=%t\n", deleted, cutoff.UTC().Format(time.RFC3339), dryRun)
@@ -103,7 +120,8 @@ func cmdPruneState(c *cli, args []string) int {
 			"max_age_hours": hours, "dry_run": dryRun, "entries": rep.entries,
 			"removed_dbs": rep.removedDBs, "removed_locks": rep.removedLocks,
 			"removed_temp": rep.removedTemp, "busy": rep.busy, "errors": rep.errs,
-			"events_max_age_days": eventDays, "deleted_events": deleted}})
+			"events_max_age_days": eventDays, "deleted_events": deleted,
+			"request_retention_days": int(cfg.requestRetention / (24 * time.Hour)), "deleted_request_rows": deletedRequests}})
 	return exit
 }
 

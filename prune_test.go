@@ -463,3 +463,76 @@ func TestPruneOldEvents(t *testing.T) {
 		t.Errorf("--events-max-age-days 0: exit %d, want 2", code)
 	}
 }
+
+// seedRetention writes, 40 days old, 1500 request rows (more than one delete batch) and one row
+// each of a redeploy task, a CLI trigger and a scheduler tick, and 3 request rows of yesterday.
+func seedRetention(t *testing.T, dbPath string) {
+	t.Helper()
+	events, err := openEventLog(dbPath, newLogger(io.Discard))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer events.Close()
+	old, recent := time.Now().Add(-40*24*time.Hour), time.Now().Add(-24*time.Hour)
+	var evs []event
+	for i := range 1500 {
+		evs = append(evs, event{RequestID: fmt.Sprint("old-", i), TS: old, Method: "POST", Path: "/x", Status: 401, Action: "github-webhook"})
+	}
+	for _, m := range []string{"TASK", "CLI", "SCHEDULER"} {
+		evs = append(evs, event{RequestID: "old-" + m, TS: old, Method: m, Status: 200, Action: "kept"})
+	}
+	for i := range 3 {
+		evs = append(evs, event{RequestID: fmt.Sprint("new-", i), TS: recent, Method: "GET", Status: 200, Action: "health"})
+	}
+	if err := events.Write(context.Background(), evs...); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestPruneRequestRetention: prune-state deletes request rows older than
+// WEBHOOK_REQUEST_RETENTION_DAYS (default 30) and keeps every row of redeploys, triggers and
+// scheduler ticks; a dry run counts and deletes nothing.
+func TestPruneRequestRetention(t *testing.T) {
+	state := t.TempDir()
+	dbPath := filepath.Join(state, "data", "pod-upgrade-trigger.db")
+	seedRetention(t, dbPath)
+	left := func() int {
+		return queryInt(t, rawDB(t, dbPath), `SELECT count(*) FROM event_log WHERE action != 'prune-state'`)
+	}
+	for _, tc := range []struct {
+		name     string
+		env      map[string]string
+		args     []string
+		wantLine string
+		wantLeft int
+	}{
+		{"dry run", nil, []string{"--dry-run"}, "would delete 1500 request rows", 1506},
+		{"a longer retention", map[string]string{"WEBHOOK_REQUEST_RETENTION_DAYS": "60"}, nil, "deleted 0 request rows", 1506},
+		{"the default retention", nil, nil, "deleted 1500 request rows", 6},
+		{"again", nil, nil, "deleted 0 request rows", 6},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			env := map[string]string{"WEBHOOK_STATE_DIR": state}
+			for k, v := range tc.env {
+				env[k] = v
+			}
+			var out, errb logBuffer
+			if code := run(append([]string{"prune-state"}, tc.args...), mapEnv(env), &out, &errb); code != 0 {
+				t.Fatalf("exit %d\n%s", code, errb.String())
+			}
+			if !strings.Contains(errb.String(), tc.wantLine) {
+				t.Errorf("stderr %q, want %q", errb.String(), tc.wantLine)
+			}
+			if got := left(); got != tc.wantLeft {
+				t.Errorf("%d rows left, want %d", got, tc.wantLeft)
+			}
+		})
+	}
+	if n := queryInt(t, rawDB(t, dbPath), `SELECT count(*) FROM event_log WHERE request_id IN ('old-TASK', 'old-CLI', 'old-SCHEDULER')`); n != 3 {
+		t.Errorf("%d of the 3 old task, CLI and scheduler rows kept, want 3", n)
+	}
+	var out, errb logBuffer
+	if code := run([]string{"prune-state"}, mapEnv(map[string]string{"WEBHOOK_STATE_DIR": state, "WEBHOOK_REQUEST_RETENTION_DAYS": "0"}), &out, &errb); code != 2 {
+		t.Errorf("WEBHOOK_REQUEST_RETENTION_DAYS=0: exit %d, want 2", code)
+	}
+}

@@ -9,6 +9,7 @@
 // overran are skipped rather than run in a burst. SIGTERM and SIGINT end the scheduler at once,
 // in the middle of a wait too, with exit status 0. Every tick and every CLI trigger writes an
 // event_log row; when the log cannot be opened the work still happens and the rows go to stderr.
+// After each tick the scheduler deletes request rows past WEBHOOK_REQUEST_RETENTION_DAYS.
 package main
 
 import (
@@ -84,6 +85,14 @@ func cmdScheduler(c *cli, args []string) int {
 		sleep:    sleepContext,
 		tick:     func(ctx context.Context) cmdResult { return startUnit(ctx, &tickCfg, unit) },
 		record:   func(ev event) { writeCommandEvent(c.log, events, ev) },
+		housekeep: func(ctx context.Context) {
+			if events == nil {
+				return
+			}
+			if _, err := events.deleteOlderThan(ctx, time.Now().Add(-cfg.requestRetention), false, true); err != nil && ctx.Err() == nil {
+				c.log.warnf("scheduler: cannot delete request rows older than WEBHOOK_REQUEST_RETENTION_DAYS: %v", err)
+			}
+		},
 	}
 	bound := "until stopped"
 	if maxTicks > 0 {
@@ -96,14 +105,15 @@ func cmdScheduler(c *cli, args []string) int {
 // scheduler starts a unit on a fixed schedule. Its clock, sleep, tick and record are plain values
 // so a test can run it without waiting and without systemd.
 type scheduler struct {
-	unit     string
-	interval time.Duration
-	maxTicks int // 0: unbounded
-	log      *logger
-	now      func() time.Time
-	sleep    func(ctx context.Context, d time.Duration) error // returns early with ctx.Err()
-	tick     func(ctx context.Context) cmdResult
-	record   func(event)
+	unit      string
+	interval  time.Duration
+	maxTicks  int // 0: unbounded
+	log       *logger
+	now       func() time.Time
+	sleep     func(ctx context.Context, d time.Duration) error // returns early with ctx.Err()
+	tick      func(ctx context.Context) cmdResult
+	record    func(event)
+	housekeep func(ctx context.Context) // after each tick: enforce the event log's retention
 }
 
 // run ticks at start, start+interval, start+2·interval, … until ctx ends or maxTicks ticks have
@@ -137,6 +147,9 @@ func (s *scheduler) run(ctx context.Context) int {
 		}
 		s.record(event{RequestID: newRequestID(), TS: s.now(), Method: "SCHEDULER", Status: code,
 			Action: "scheduler", Duration: s.now().Sub(began), Meta: meta})
+		if s.housekeep != nil {
+			s.housekeep(ctx)
+		}
 		switch status {
 		case "interrupted":
 			s.log.infof("scheduler: stopped during iteration %d", iteration)

@@ -1249,3 +1249,26 @@ func TestE2ESchedulerUnit(t *testing.T) {
 		t.Errorf("scheduler rows %+v, want one tick", rows)
 	}
 }
+
+// TestSchedulerEnforcesRequestRetention: each tick also deletes request rows older than
+// WEBHOOK_REQUEST_RETENTION_DAYS, and keeps the rows of redeploys, triggers and ticks.
+func TestSchedulerEnforcesRequestRetention(t *testing.T) {
+	fake := useFakeSystemctl(t, "")
+	state := t.TempDir()
+	dbPath := filepath.Join(state, "data", "pod-upgrade-trigger.db")
+	seedRetention(t, dbPath)
+	var out, errb logBuffer
+	if code := run([]string{"scheduler", "--max-iterations", "1"}, mapEnv(map[string]string{"WEBHOOK_STATE_DIR": state}), &out, &errb); code != 0 {
+		t.Fatalf("exit %d\n%s", code, errb.String())
+	}
+	if calls := fake.calls(t); len(calls) != 1 {
+		t.Errorf("systemctl calls %q, want 1", calls)
+	}
+	db := rawDB(t, dbPath)
+	if n := queryInt(t, db, `SELECT count(*) FROM event_log WHERE request_id LIKE 'old-%'`); n != 3 {
+		t.Errorf("%d old rows left, want the 3 of the task, the CLI and the scheduler", n)
+	}
+	if n := queryInt(t, db, `SELECT count(*) FROM event_log WHERE request_id LIKE 'new-%' OR action = 'scheduler'`); n != 4 {
+		t.Errorf("%d recent request rows and tick rows, want 3 and 1", n)
+	}
+}
