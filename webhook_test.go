@@ -3660,7 +3660,7 @@ func TestRequestFieldsBounded(t *testing.T) {
 	}{
 		{"long unit, unsigned delivery", "POST", "/github-package-update/" + long, nil, 401,
 			"[truncated: " + strconv.Itoa(len("/github-package-update/"+long)) + " bytes]"},
-		{"long query on /health", "GET", "/health?x=" + long, nil, 200, "[truncated: " + strconv.Itoa(len("x="+long)) + " bytes]"},
+		{"long query on /sse/hello", "GET", "/sse/hello?x=" + long, nil, 200, "[truncated: " + strconv.Itoa(len("x="+long)) + " bytes]"},
 		{"long path, not found", "GET", "/" + long, nil, 404, "[truncated: " + strconv.Itoa(1+len(long)) + " bytes]"},
 		{"long event header, unsigned", "POST", advUnitPath, [][2]string{{"X-GitHub-Event", long}}, 401, ""},
 		// Past the bound net/http stops reading and answers 431; a larger line would be cut off by
@@ -3768,6 +3768,7 @@ func TestAmbiguousFraming(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			before := len(s.h.calls())
 			out := rawRequest(t, s.Listener.Addr().String(), c.request)
+			s.settleQueue(t)
 			br := bufio.NewReader(strings.NewReader(out))
 			var got []int
 			var last string
@@ -3903,7 +3904,7 @@ func TestBodyBudget(t *testing.T) {
 		{"signed delivery", "POST", advUnitPath, [][2]string{{"X-GitHub-Event", "package"}, {"X-GitHub-Delivery", "budget-0"}, sig}, ok, 503, "body-budget"},
 		{"unsigned body", "POST", advUnitPath, [][2]string{{"X-GitHub-Event", "package"}}, ok, 503, "body-budget"},
 		{"manual API body", "POST", "/api/manual/trigger", [][2]string{{"Authorization", "Bearer " + advManualToken}}, []byte(`{"units":["a"]}`), 503, "body-budget"},
-		{"health without a body", "GET", "/health", nil, nil, 200, "health"},
+		{"hello without a body", "GET", "/sse/hello", nil, nil, 200, "sse-hello"},
 	}
 	ids := map[string]string{}
 	for _, tc := range cases {
