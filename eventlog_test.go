@@ -612,7 +612,9 @@ func TestDatabasePath(t *testing.T) {
 		{url: "sqlite:/srv/db/x.db", want: "/srv/db/x.db"},
 		{url: "/srv/db/x.db", want: "/srv/db/x.db"},
 		{url: "sqlite://data/x.db?mode=rwc", want: "/var/lib/state/data/x.db"},
-		{url: "sqlite:///srv/x.db?mode=rwc&cache=shared", want: "/srv/x.db"},
+		{url: "sqlite:///srv/x.db?mode=rwc", want: "/srv/x.db"},
+		{url: "/srv/a:b/x.db", want: "/srv/a:b/x.db"},
+		{url: "sqlite://a:b.db", want: "/var/lib/state/a:b.db"},
 		{url: "  sqlite://data/x.db  ", want: "/var/lib/state/data/x.db"},
 		{url: "", wantErr: true},
 		{url: "sqlite://", wantErr: true},
@@ -621,6 +623,15 @@ func TestDatabasePath(t *testing.T) {
 		{url: "sqlite::memory:", wantErr: true},
 		{url: "sqlite://:memory:", wantErr: true},
 		{url: "sqlite://?mode=rwc", wantErr: true},
+		// Another scheme or an unknown parameter is refused, never read as a file name or dropped.
+		{url: "postgres://x", wantErr: true},
+		{url: "postgres://user@db.example/events", wantErr: true},
+		{url: "mysql:x", wantErr: true},
+		{url: "file:x.db", wantErr: true},
+		{url: "a:b.db", wantErr: true},
+		{url: "sqlite://data/x.db?mode=ro", wantErr: true},
+		{url: "sqlite:///srv/x.db?mode=rwc&cache=shared", wantErr: true},
+		{url: "data/x.db?journal_mode=off", wantErr: true},
 	} {
 		t.Run(tc.url, func(t *testing.T) {
 			got, err := databasePath(tc.url, state)

@@ -68,6 +68,21 @@ func cmdServer(c *cli, args []string) int {
 		return 1
 	}
 	defer events.Close()
+	from := ""
+	if cfg.envFile != "" {
+		from = " (settings also from " + cfg.envFile + ")"
+	}
+	c.log.infof("state directory %s, event log %s%s", cfg.stateDir, cfg.dbPath, from)
+	if cfg.secret == "" {
+		c.log.warnf("GITHUB_WEBHOOK_SECRET is not set: every GitHub delivery will be refused with 500")
+	}
+	if cfg.token == "" {
+		also := ", and so do the manual API and /api/events (or set WEBHOOK_MANUAL_TOKEN for them)"
+		if cfg.manualToken != "" {
+			also = ""
+		}
+		c.log.warnf("WEBHOOK_TOKEN is not set: /auto-update refuses every request with 401%s", also)
+	}
 
 	listeners, err := activationListeners(c.getenv)
 	if err != nil {
@@ -87,9 +102,6 @@ func cmdServer(c *cli, args []string) int {
 		c.log.warnf("%v", err)
 	}
 	defer sd.Close()
-	if cfg.secret == "" {
-		c.log.warnf("GITHUB_WEBHOOK_SECRET is not set: every GitHub delivery will be refused with 500")
-	}
 
 	srv := newServer(cfg, c.log, events)
 	hs := &http.Server{

@@ -612,6 +612,9 @@ func TestInvalidVariables(t *testing.T) {
 		{"WEBHOOK_PULL_TIMEOUT_SECS", "99999999999999999999"},
 		{"WEBHOOK_COMMAND_TIMEOUT_SECS", "0"},
 		{"WEBHOOK_DB_URL", ":memory:"},
+		{"WEBHOOK_DB_URL", "postgres://x"},
+		{"WEBHOOK_DB_URL", "sqlite://events.db?mode=ro"},
+		{"WEBHOOK_ALLOW_ANY_IMAGE", "maybe"},
 	} {
 		t.Run(tc.name+"="+tc.value, func(t *testing.T) {
 			env := map[string]string{tc.name: tc.value}
@@ -739,23 +742,30 @@ func TestFlagsOverrideEnvironment(t *testing.T) {
 }
 
 func TestLoadConfigDefaults(t *testing.T) {
-	cfg, err := loadConfig(mapEnv(nil))
+	if _, err := os.Stat(legacyStateDir); err == nil {
+		t.Fatalf("%s exists on this host: the default state directory would be it, not the home one this test checks", legacyStateDir)
+	}
+	home := t.TempDir()
+	cfg, err := loadConfig(mapEnv(map[string]string{"HOME": home}))
 	if err != nil {
 		t.Fatal(err)
 	}
 	if err := cfg.finish(); err != nil {
 		t.Fatal(err)
 	}
+	state := filepath.Join(home, ".local", "state", "webhook-auto-update")
 	for _, tc := range []struct {
 		name      string
 		got, want any
 	}{
-		{"stateDir", cfg.stateDir, "/srv/pod-upgrade-trigger"},
-		{"dbPath", cfg.dbPath, "/srv/pod-upgrade-trigger/data/pod-upgrade-trigger.db"},
+		{"stateDir", cfg.stateDir, state},
+		{"dbPath", cfg.dbPath, state + "/data/pod-upgrade-trigger.db"},
 		{"listen", cfg.listen, "127.0.0.1:8088"},
 		{"autoUpdateUnit", cfg.autoUpdateUnit, "podman-auto-update.service"},
-		{"webDist", cfg.webDist, "/srv/pod-upgrade-trigger/web/dist"},
-		{"debugPayloadPath", cfg.debugPayloadPath, "/srv/pod-upgrade-trigger/last_payload.bin"},
+		{"webDist", cfg.webDist, state + "/web/dist"},
+		{"debugPayloadPath", cfg.debugPayloadPath, state + "/last_payload.bin"},
+		{"allowAnyImage", cfg.allowAnyImage, false},
+		{"envFile", cfg.envFile, ""},
 		{"maxBodyBytes", cfg.maxBodyBytes, int64(5 << 20)},
 		{"interval", cfg.interval, 900 * time.Second},
 		{"maxTicks", cfg.maxTicks, 0},
@@ -790,6 +800,147 @@ func TestLoadConfigDefaults(t *testing.T) {
 	}
 	if !reflect.DeepEqual(cfg.manualUnits, []string{"a.service", "b", "c"}) {
 		t.Errorf("manualUnits %q", cfg.manualUnits)
+	}
+}
+
+// TestDefaultStateDir: one rule for every subcommand and the units, which set none. The original
+// tool's directory wins when it exists, so a host that switches binaries keeps its state; else
+// the XDG state directory, else the one under HOME; neither is "" (finish reports it).
+func TestDefaultStateDir(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		env    map[string]string
+		legacy bool
+		want   string
+	}{
+		{"legacy directory exists", map[string]string{"HOME": "/home/me", "XDG_STATE_HOME": "/x"}, true, "/srv/pod-upgrade-trigger"},
+		{"XDG_STATE_HOME", map[string]string{"HOME": "/home/me", "XDG_STATE_HOME": "/x/state"}, false, "/x/state/webhook-auto-update"},
+		{"HOME only", map[string]string{"HOME": "/home/me"}, false, "/home/me/.local/state/webhook-auto-update"},
+		{"relative XDG_STATE_HOME is ignored, as the XDG spec says", map[string]string{"HOME": "/home/me", "XDG_STATE_HOME": "state"}, false, "/home/me/.local/state/webhook-auto-update"},
+		{"relative HOME", map[string]string{"HOME": "me"}, false, ""},
+		{"nothing", nil, false, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := defaultStateDir(mapEnv(tc.env), tc.legacy); got != tc.want {
+				t.Errorf("defaultStateDir(%v, legacy %v) = %q, want %q", tc.env, tc.legacy, got, tc.want)
+			}
+		})
+	}
+}
+
+// TestStateDirAndEnvFile runs the command line as a deployed user runs it: no flags, HOME set,
+// and maybe the units' environment file. The environment wins over the file, a flag over both,
+// and a broken file or no state directory at all is a configuration error (exit 2) that says
+// what to set.
+func TestStateDirAndEnvFile(t *testing.T) {
+	if _, err := os.Stat(legacyStateDir); err == nil {
+		t.Fatalf("%s exists on this host: the default state directory would be it", legacyStateDir)
+	}
+	for _, tc := range []struct {
+		name     string
+		file     string // the environment file's content; "-" none
+		env      map[string]string
+		args     []string
+		code     int
+		state    string // relative to HOME
+		stderr   string
+		dbInFile bool
+	}{
+		{name: "no file: the home default", file: "-", code: 0, state: ".local/state/webhook-auto-update"},
+		{name: "XDG_STATE_HOME", file: "-", env: map[string]string{"XDG_STATE_HOME": "{home}/xdg"}, code: 0, state: "xdg/webhook-auto-update"},
+		{name: "state dir from the file", file: "# comment\n; other\n\nWEBHOOK_STATE_DIR={home}/from-file\n", code: 0, state: "from-file"},
+		{name: "quoted value", file: "WEBHOOK_STATE_DIR=\"{home}/quoted\"\n", code: 0, state: "quoted"},
+		{name: "environment wins", file: "WEBHOOK_STATE_DIR={home}/from-file\n", env: map[string]string{"WEBHOOK_STATE_DIR": "{home}/from-env"}, code: 0, state: "from-env"},
+		{name: "flag wins", file: "WEBHOOK_STATE_DIR={home}/from-file\n", env: map[string]string{"WEBHOOK_STATE_DIR": "{home}/from-env"},
+			args: []string{"--state-dir", "{home}/from-flag"}, code: 0, state: "from-flag"},
+		{name: "a bad value in the file is exit 2", file: "WEBHOOK_PULL_ATTEMPTS=three\n", code: 2, stderr: "WEBHOOK_PULL_ATTEMPTS"},
+		{name: "a bad database URL in the file is exit 2", file: "WEBHOOK_DB_URL=postgres://db/x\n", code: 2, stderr: "WEBHOOK_DB_URL"},
+		{name: "a line that is not NAME=value", file: "export WEBHOOK_STATE_DIR\n", code: 2, stderr: "webhook-auto-update.env: line 1"},
+		{name: "a continuation line", file: "WEBHOOK_MANUAL_UNITS=a,\\\n b\n", code: 2, stderr: "continuations"},
+		{name: "no HOME and nothing set", file: "-", env: map[string]string{"HOME": ""}, code: 2, stderr: "--state-dir"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			home := t.TempDir()
+			fill := func(s string) string { return strings.ReplaceAll(s, "{home}", home) }
+			if tc.file != "-" {
+				dir := filepath.Join(home, ".config", "webhook-auto-update")
+				if err := os.MkdirAll(dir, 0o700); err != nil {
+					t.Fatal(err)
+				}
+				if err := os.WriteFile(filepath.Join(dir, "webhook-auto-update.env"), []byte(fill(tc.file)), 0o600); err != nil {
+					t.Fatal(err)
+				}
+			}
+			env := map[string]string{"HOME": home}
+			for k, v := range tc.env {
+				env[k] = fill(v)
+			}
+			var args []string
+			for _, a := range tc.args {
+				args = append(args, fill(a))
+			}
+			// A dry run runs no systemctl but writes its row, so the event log shows which state
+			// directory the command used.
+			code, stdout, stderr := runCLI(t, env, append([]string{"trigger-units", "app", "--dry-run"}, args...)...)
+			if code != tc.code || !strings.Contains(stderr, tc.stderr) {
+				t.Fatalf("exit %d, want %d with stderr containing %q\nstdout: %s\nstderr: %s", code, tc.code, tc.stderr, stdout, stderr)
+			}
+			if tc.code != 0 {
+				return
+			}
+			db := filepath.Join(home, tc.state, "data", "pod-upgrade-trigger.db")
+			if _, err := os.Stat(db); err != nil {
+				t.Errorf("no event log at %s: %v (the command used another state directory)", db, err)
+			}
+		})
+	}
+}
+
+// TestServerStartLog: the server says which state directory, event log and environment file it
+// uses, and warns about each missing secret, before it listens. The busy address stops it right
+// after, so the test needs no signal.
+func TestServerStartLog(t *testing.T) {
+	home := t.TempDir()
+	dir := filepath.Join(home, ".config", "webhook-auto-update")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	envFile := filepath.Join(dir, "webhook-auto-update.env")
+	if err := os.WriteFile(envFile, []byte("WEBHOOK_STATE_DIR="+home+"/state\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name      string
+		env       map[string]string
+		want, not []string
+	}{
+		{"nothing set", nil,
+			[]string{"state directory " + home + "/state, event log " + home + "/state/data/pod-upgrade-trigger.db (settings also from " + envFile + ")",
+				"GITHUB_WEBHOOK_SECRET is not set", "WEBHOOK_TOKEN is not set: /auto-update refuses every request with 401, and so do the manual API"}, nil},
+		{"manual token only", map[string]string{"GITHUB_WEBHOOK_SECRET": "s", "WEBHOOK_MANUAL_TOKEN": "m"},
+			[]string{"WEBHOOK_TOKEN is not set: /auto-update refuses every request with 401"}, []string{"GITHUB_WEBHOOK_SECRET", "manual API"}},
+		{"both set", map[string]string{"GITHUB_WEBHOOK_SECRET": "s", "WEBHOOK_TOKEN": "t"}, nil, []string{"is not set"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			env := map[string]string{"HOME": home}
+			for k, v := range tc.env {
+				env[k] = v
+			}
+			code, _, stderr := runCLI(t, env, "server", "--listen", busyAddr(t))
+			if code != 1 {
+				t.Fatalf("exit %d, want 1 (address in use)\nstderr: %s", code, stderr)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(stderr, w) {
+					t.Errorf("stderr does not say %q:\n%s", w, stderr)
+				}
+			}
+			for _, n := range tc.not {
+				if strings.Contains(stderr, n) {
+					t.Errorf("stderr mentions %q:\n%s", n, stderr)
+				}
+			}
+		})
 	}
 }
 
