@@ -23,6 +23,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -181,6 +182,21 @@ func (d delivery) repo() string { return d.host + "/" + d.path }
 // ref is the reference to pull for one of the pushed tags.
 func (d delivery) ref(tag string) imageRef {
 	return imageRef{host: d.host, path: d.path, tag: tag}
+}
+
+// imageMismatch says which check a pushed image fails against want, the image a unit runs:
+// reason is host-mismatch, repository-mismatch or tag-mismatch and text says what differs; both
+// are "" when host, path and one of tags match want.
+func imageMismatch(want imageRef, host, path string, tags []string) (reason, text string) {
+	switch {
+	case want.host != host:
+		return "host-mismatch", fmt.Sprintf("host mismatch: the unit runs %s, from registry %s, not %s", want, want.host, host)
+	case want.path != path:
+		return "repository-mismatch", fmt.Sprintf("repository mismatch: the unit runs %s, not %s/%s", want, host, path)
+	case !slices.Contains(tags, want.tag):
+		return "tag-mismatch", fmt.Sprintf("tag mismatch: the unit runs %s, and %s was pushed as %s", want, want.repo(), strings.Join(tags, ", "))
+	}
+	return "", ""
 }
 
 // ignoredError is a payload the webhook acknowledges (202) but does not act on; reason is the

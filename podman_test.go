@@ -588,6 +588,30 @@ func TestDecideRestart(t *testing.T) {
 	}
 }
 
+// TestImageMismatch: a refusal names the check that failed — host, repository or tag — in that
+// order, so a push to another registry is never reported as a tag mismatch.
+func TestImageMismatch(t *testing.T) {
+	want := imageRef{host: "ghcr.io", path: "me/app", tag: "v2"}
+	for _, tc := range []struct {
+		name, host, path string
+		tags             []string
+		reason, text     string
+	}{
+		{"match", "ghcr.io", "me/app", []string{"v1", "v2"}, "", ""},
+		{"other host", "quay.io", "me/app", []string{"v2"}, "host-mismatch", "host mismatch: the unit runs ghcr.io/me/app:v2, from registry ghcr.io, not quay.io"},
+		{"other host and repository", "quay.io", "you/other", []string{"v9"}, "host-mismatch", "registry ghcr.io, not quay.io"},
+		{"other repository", "ghcr.io", "me/other", []string{"v2"}, "repository-mismatch", "repository mismatch: the unit runs ghcr.io/me/app:v2, not ghcr.io/me/other"},
+		{"other tag", "ghcr.io", "me/app", []string{"v1", "latest"}, "tag-mismatch", "tag mismatch: the unit runs ghcr.io/me/app:v2, and ghcr.io/me/app was pushed as v1, latest"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			reason, text := imageMismatch(want, tc.host, tc.path, tc.tags)
+			if reason != tc.reason || !strings.Contains(text, tc.text) || (tc.text == "") != (text == "") {
+				t.Errorf("imageMismatch = %q, %q; want %q, containing %q", reason, text, tc.reason, tc.text)
+			}
+		})
+	}
+}
+
 func TestRollbackPlan(t *testing.T) {
 	for _, tc := range []struct {
 		name          string

@@ -3677,7 +3677,9 @@ func TestUntaggedQuadletImage(t *testing.T) {
 		wantText   string
 	}{
 		{"ghcr.io/octo-org/web", "latest", 202, "auto-update queued"},
-		{"ghcr.io/octo-org/web", "v1", 202, "tag mismatch: the unit runs ghcr.io/octo-org/web:latest"},
+		{"ghcr.io/octo-org/web", "v1", 202, "tag mismatch: the unit runs ghcr.io/octo-org/web:latest, and ghcr.io/octo-org/web was pushed as v1"},
+		{"quay.io/octo-org/web", "latest", 202, "host mismatch: the unit runs quay.io/octo-org/web:latest, from registry quay.io, not ghcr.io"},
+		{"ghcr.io/octo-org/api:latest", "latest", 202, "repository mismatch: the unit runs ghcr.io/octo-org/api:latest, not ghcr.io/octo-org/web"},
 		{"web.image", "latest", 500, "the unit's Image= is not a full image reference (registry/owner/name[:tag])"},
 	} {
 		if err := os.WriteFile(quadlet, []byte("[Container]\nImage="+tc.image+"\n"), 0o644); err != nil {
