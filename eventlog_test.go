@@ -1005,7 +1005,13 @@ func runEvents(t *testing.T, env map[string]string, args ...string) (code int, s
 				code = -1
 			}
 		}()
-		code = run(append([]string{"events"}, args...), mapEnv(env), &out, &errb)
+		// A HOME, as every shell has: without one and without WEBHOOK_STATE_DIR there is no
+		// state directory at all, even when --db names the database.
+		full := map[string]string{"HOME": t.TempDir()}
+		for k, v := range env {
+			full[k] = v
+		}
+		code = run(append([]string{"events"}, args...), mapEnv(full), &out, &errb)
 	}()
 	return code, out.String(), errb.String()
 }

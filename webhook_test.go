@@ -1393,7 +1393,7 @@ func steps(rows []taskRow) []string {
 }
 
 var finalSteps = map[string]bool{"completed": true, "up-to-date": true, "rolled-back": true, "rollback-failed": true,
-	"rollback-impossible": true, "pull-failed": true, "rate-limited": true, "lock-failed": true, "limit-failed": true, "invalid": true}
+	"rollback-impossible": true, "pull-failed": true, "image-mismatch": true, "image-unknown": true, "rate-limited": true, "lock-failed": true, "limit-failed": true, "invalid": true}
 
 // waitTask waits until the task that covers a delivery wrote its final row and returns its rows.
 func (s *e2eServer) waitTask(t *testing.T, r *rig, delivery string) []taskRow {
