@@ -1,6 +1,7 @@
 // main.go owns the command line: subcommand dispatch, the configuration read from the
-// environment and overridden by flags, the hand-written usage text, and every line the program
-// writes to standard output and standard error.
+// environment (backed by the units' environment file) and overridden by flags, the one default
+// state directory rule, the hand-written usage text, and every line the program writes to
+// standard output and standard error.
 //
 // Rules: main is the only function that calls os.Exit; every subcommand returns its exit status
 // (0 all good, 1 a runtime failure, 2 a usage or configuration error). Results go to stdout; log
@@ -42,7 +43,8 @@ commands:
   version        print the version
   help           print this text
 
-Every command reads its configuration from the environment (see README.md) and accepts
+Every command reads its configuration from the environment, then from
+~/.config/webhook-auto-update/webhook-auto-update.env (see README.md), and accepts
 --state-dir DIR and --db URL to override WEBHOOK_STATE_DIR and WEBHOOK_DB_URL.
 Run 'webhook-auto-update <command> -h' for the flags of one command.
 `

@@ -1233,3 +1233,69 @@ curl -sf 127.0.0.1:8088/health >/dev/null || { cat readme-background.log; exit 1
 		t.Fatal("README.md has no sh example to run")
 	}
 }
+
+// TestREADMEHandWrittenUnit installs the README's hand-written unit and its .container file (the
+// rig-unit and rig-quadlet blocks) on the real rig, with only the names and the image replaced,
+// and checks that a delivery redeploys it: the tool finds its container and its Image=, and its
+// stop works.
+func TestREADMEHandWrittenUnit(t *testing.T) {
+	r := needRig(t)
+	var unitText, quadletText string
+	for _, b := range readmeBlocks(t) {
+		switch b.marker {
+		case "rig-unit":
+			unitText = b.body
+		case "rig-quadlet":
+			quadletText = b.body
+		}
+	}
+	if unitText == "" || quadletText == "" {
+		t.Fatal("README.md has no rig-unit or rig-quadlet block")
+	}
+	name := rigUniqueName(t, "handwritten")
+	ref, id1 := r.PushImage(t, "e2e/"+name, "latest", "v1")
+	// The rig's images have no command of their own, as a real app's has: ExecStart gets one.
+	unitText = strings.ReplaceAll(unitText, "ghcr.io/me/myapp:latest\n", "ghcr.io/me/myapp:latest /bin/busybox sleep 1000\n")
+	fill := func(s string) string {
+		s = strings.ReplaceAll(s, "ghcr.io/me/myapp:latest", ref)
+		s = strings.ReplaceAll(s, "/usr/bin/podman", r.podman)
+		return strings.ReplaceAll(s, "myapp", name)
+	}
+	home := t.TempDir()
+	quadlet := filepath.Join(home, ".config", "containers", "systemd", name+".container")
+	if err := os.MkdirAll(filepath.Dir(quadlet), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(quadlet, []byte(fill(quadletText)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	unit, ctr := name+".service", "systemd-"+name
+	r.InstallUnit(t, unit, fill(unitText))
+	if _, err := r.Systemctl(t, "start", unit); err != nil {
+		t.Fatal(err)
+	}
+	r.WaitFor(t, 60*time.Second, func() bool { return r.ContainerImage(t, ctr) == id1 }, unit+" to run v1 (unit:\n"+fill(unitText)+")")
+
+	s := startE2EServer(t, "HOME="+home)
+	if code, text := s.deliver(t, unit, "package", "hw-other", githubPackagePayload(r.Registry(), "e2e", name+"-x", "latest", ""), s.secret); code != http.StatusAccepted || !strings.HasPrefix(text, "repository mismatch") {
+		t.Errorf("a push of another repository: %d %q, want 202 repository mismatch (the .container file's Image= was not read)", code, text)
+	}
+	_, id2 := r.PushImage(t, "e2e/"+name, "latest", "v2")
+	r.TagLocal(t, id1, ref)
+	if code, text := s.deliver(t, unit, "package", "hw-1", githubPackagePayload(r.Registry(), "e2e", name, "latest", ""), s.secret); code != http.StatusAccepted {
+		t.Fatalf("delivery: %d %q", code, text)
+	}
+	rows := s.waitTask(t, r, "hw-1")
+	if got := strings.Join(steps(rows), ","); got != "started,pulled,restarted,healthy,completed" {
+		t.Fatalf("steps %s; server log:\n%s", got, s.log)
+	}
+	for _, row := range rows {
+		if row.step == "restarted" {
+			t.Logf("restart of the hand-written unit took %v ms (its ExecStop waits up to 10 s for a PID 1 that ignores SIGTERM)", row.meta["restart_ms"])
+		}
+		if row.step == "healthy" && row.meta["container_id"] == nil {
+			t.Errorf("the healthy row names no container: the tool did not find the unit's container (%v)", row.meta)
+		}
+	}
+	r.WaitFor(t, 30*time.Second, func() bool { return r.ContainerImage(t, ctr) == id2 }, ctr+" to run v2")
+}

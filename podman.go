@@ -657,7 +657,7 @@ func (t *task) rollback(ctx context.Context, before, source, after, why string) 
 // and runs no container takes none, unless WEBHOOK_ALLOW_ANY_IMAGE is set. On a refusal it writes
 // the step that says why and returns false: nothing is pulled or restarted.
 func (t *task) checkImage(ctx context.Context, ctr unitContainer) bool {
-	configured, source, err := configuredImage(ctx, &sharedShows{}, t.cfg, t.getenv, t.unit)
+	configured, source, err := configuredImage(ctx, t.cfg, t.getenv, t.unit)
 	if err != nil {
 		// The container still tells which image the unit runs.
 		t.log.warnf("redeploy of %s: cannot read the unit's Image= (%v): checking its container's image instead", t.unit, err)

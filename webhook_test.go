@@ -1625,6 +1625,175 @@ func TestE2EGitHubDelivery(t *testing.T) {
 	})
 }
 
+// TestE2EUnitWithoutImage: a unit with no Quadlet file is not redeployed by a push of another
+// package to its route — nothing is pulled, it is not restarted — and is still redeployed by a
+// push of the image its container runs.
+func TestE2EUnitWithoutImage(t *testing.T) {
+	r := needRig(t)
+	// A HOME without ~/.config/containers/systemd: the unit has no Image= anywhere.
+	s := startE2EServer(t, "HOME="+t.TempDir())
+	name := rigUniqueName(t, "plain")
+	ref, id1 := r.PushImage(t, "e2e/"+name, "latest", "v1")
+	base := rigUniqueName(t, "plain")
+	unit, ctr := base+".service", base
+	r.InstallUnit(t, unit, r.ContainerUnit(ctr, ref))
+	if _, err := r.Systemctl(t, "start", unit); err != nil {
+		t.Fatal(err)
+	}
+	r.WaitFor(t, 60*time.Second, func() bool { return r.ContainerImage(t, ctr) == id1 }, unit+" to run v1")
+	pid := r.Show(t, unit, "MainPID")["MainPID"]
+
+	other := name + "-other"
+	otherRef, otherID := r.PushImage(t, "e2e/"+other, "latest", "other")
+	if _, err := r.Podman(t, "rmi", "--force", otherRef); err != nil {
+		t.Fatal(err) // not in the local store, so a pull would show
+	}
+	code, text := s.deliver(t, unit, "package", "unrelated-1", githubPackagePayload(r.Registry(), "e2e", other, "latest", ""), s.secret)
+	if code != http.StatusAccepted {
+		t.Fatalf("delivery of an unrelated package: %d %q", code, text)
+	}
+	rows := s.waitTask(t, r, "unrelated-1")
+	if got := strings.Join(steps(rows), ","); got != "started,image-mismatch" {
+		t.Fatalf("steps %s, want started,image-mismatch; server log:\n%s", got, s.log)
+	}
+	t.Logf("refused: %v", rows[len(rows)-1].meta["reason"])
+	if now := r.Show(t, unit, "MainPID")["MainPID"]; now != pid {
+		t.Errorf("MainPID %s → %s: the unit was restarted by an unrelated package", pid, now)
+	}
+	if got := r.ContainerImage(t, ctr); got != id1 {
+		t.Errorf("container runs %s, want still v1 %s", got, id1)
+	}
+	if out, err := r.Podman(t, "image", "exists", otherID); err == nil {
+		t.Errorf("the unrelated image %s was pulled: %s", otherID, out)
+	}
+
+	// Its own image still redeploys it.
+	_, id2 := r.PushImage(t, "e2e/"+name, "latest", "v2")
+	r.TagLocal(t, id1, ref)
+	code, text = s.deliver(t, unit, "package", "own-1", githubPackagePayload(r.Registry(), "e2e", name, "latest", ""), s.secret)
+	if code != http.StatusAccepted {
+		t.Fatalf("delivery of the unit's image: %d %q", code, text)
+	}
+	rows = s.waitTask(t, r, "own-1")
+	if got := strings.Join(steps(rows), ","); got != "started,pulled,restarted,healthy,completed" {
+		t.Fatalf("steps %s; server log:\n%s", got, s.log)
+	}
+	r.WaitFor(t, 30*time.Second, func() bool { return r.ContainerImage(t, ctr) == id2 }, ctr+" to run v2")
+}
+
+// TestE2ERollbackToWhatRan: the local tag is moved after the unit started (as another unit's
+// redeploy of the same tag does); a broken push is rolled back to the image the container ran,
+// not to the one the tag named before the pull.
+func TestE2ERollbackToWhatRan(t *testing.T) {
+	r := needRig(t)
+	s := startE2EServer(t)
+	name := rigUniqueName(t, "rb")
+	ref, id1 := r.PushImage(t, "e2e/"+name, "latest", "v1")
+	unit, ctr := e2eContainerUnit(t, r, ref, id1)
+	_, id2 := r.PushImage(t, "e2e/"+name, "latest", "v2")
+	_, broken := r.PushBrokenImage(t, "e2e/"+name, "latest")
+	r.TagLocal(t, id2, ref) // another unit's redeploy moved the local tag to v2; this unit still runs v1
+	if id1 == id2 || id2 == broken {
+		t.Fatal("v1, v2 and the broken image are not three images")
+	}
+	code, text := s.deliver(t, unit, "package", "broken-1", githubPackagePayload(r.Registry(), "e2e", name, "latest", ""), s.secret)
+	if code != http.StatusAccepted {
+		t.Fatalf("delivery: %d %q", code, text)
+	}
+	rows := s.waitTask(t, r, "broken-1")
+	last := rows[len(rows)-1]
+	if last.step != "rolled-back" {
+		t.Fatalf("steps %v, want to end rolled-back; server log:\n%s", steps(rows), s.log)
+	}
+	if last.meta["image_id"] != id1 {
+		t.Errorf("rolled back to %v (%v), want the image the container ran, v1 %s (not the tag's v2 %s)", last.meta["image_id"], last.meta["rollback_source"], id1, id2)
+	}
+	r.WaitFor(t, 30*time.Second, func() bool { return r.ContainerImage(t, ctr) == id1 }, ctr+" back on v1 "+id1)
+	if st := r.Show(t, unit, "ActiveState")["ActiveState"]; st != "active" {
+		t.Errorf("%s is %s after the rollback", unit, st)
+	}
+}
+
+// TestE2EDeployedUserCLI: the server runs as a user unit with no --state-dir, as the shipped units
+// run it; the same user's events and trigger-units, with no flags, see and use its state — with
+// the default directory, and with WEBHOOK_STATE_DIR set only in the units' environment file.
+func TestE2EDeployedUserCLI(t *testing.T) {
+	r := needRig(t)
+	bin := buildBinary(t)
+	for _, tc := range []struct {
+		name, envFile, state string // state relative to HOME
+	}{
+		{"default state directory", "", ".local/state/webhook-auto-update"},
+		{"state directory from the environment file", "WEBHOOK_STATE_DIR={home}/elsewhere\n", "elsewhere"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			home := t.TempDir()
+			envFile := filepath.Join(home, ".config", "webhook-auto-update", "webhook-auto-update.env")
+			if tc.envFile != "" {
+				if err := os.MkdirAll(filepath.Dir(envFile), 0o700); err != nil {
+					t.Fatal(err)
+				}
+				if err := os.WriteFile(envFile, []byte(strings.ReplaceAll(tc.envFile, "{home}", home)), 0o600); err != nil {
+					t.Fatal(err)
+				}
+			}
+			port, err := rigFreePort()
+			if err != nil {
+				t.Fatal(err)
+			}
+			// As the shipped webhook-auto-update.service, with this test's HOME for the user's.
+			server := rigUniqueName(t, "webhook") + ".service"
+			r.InstallUnit(t, server, fmt.Sprintf(`[Service]
+Type=notify
+NotifyAccess=main
+Environment=HOME=%s
+EnvironmentFile=-%s
+ExecStart=%s server --listen 127.0.0.1:%d
+`, home, envFile, bin, port))
+			app := rigUniqueName(t, "app") + ".service"
+			r.InstallUnit(t, app, "[Service]\nExecStart=/bin/sleep 1000\n")
+			if _, err := r.Systemctl(t, "start", server, app); err != nil {
+				t.Fatal(err)
+			}
+			// A 404 is written at once (successful probes are summarised a minute later).
+			var resp *http.Response
+			r.WaitFor(t, 30*time.Second, func() bool {
+				resp, err = http.Get(fmt.Sprintf("http://127.0.0.1:%d/e2e-cli-check", port))
+				return err == nil
+			}, server+" to answer")
+			resp.Body.Close()
+
+			// The deployed user's shell: HOME and the user manager's runtime directory, nothing else.
+			cli := func(args ...string) string {
+				t.Helper()
+				cmd := exec.Command(bin, args...)
+				cmd.Env = []string{"HOME=" + home, "PATH=" + rigSystemPath, "XDG_RUNTIME_DIR=" + os.Getenv("XDG_RUNTIME_DIR")}
+				out, err := cmd.CombinedOutput()
+				if err != nil {
+					t.Fatalf("webhook-auto-update %s: %v\n%s", strings.Join(args, " "), err, out)
+				}
+				return string(out)
+			}
+			pid := r.Show(t, app, "MainPID")["MainPID"]
+			if out := cli("trigger-units", app, "--caller", "e2e"); !strings.Contains(out, app+" -> triggered") {
+				t.Fatalf("trigger-units: %s", out)
+			}
+			if now := r.Show(t, app, "MainPID")["MainPID"]; now == pid {
+				t.Errorf("%s not restarted (MainPID %s)", app, pid)
+			}
+			out := cli("events", "--json")
+			for _, want := range []string{`"path":"/e2e-cli-check"`, `"action":"cli-trigger"`} {
+				if !strings.Contains(out, want) {
+					t.Errorf("events does not show %s: the CLI and the server use different state\n%s", want, out)
+				}
+			}
+			if _, err := os.Stat(filepath.Join(home, tc.state, "data", "pod-upgrade-trigger.db")); err != nil {
+				t.Errorf("no event log under %s: %v", tc.state, err)
+			}
+		})
+	}
+}
+
 // Proof suites (issue 7): fuzzing of the request path's parsers, an adversarial table against
 // the running server, faults, load and benchmarks. Fake podman, systemctl and systemd-run are
 // podman_test.go's (newFakeHostWithRun): every program the server runs is recorded, and PATH
