@@ -213,30 +213,31 @@ func envFilePath(getenv func(string) string) string {
 	return ""
 }
 
-// withEnvFile returns getenv backed by the environment file at path: a variable that is empty
-// in the environment takes the file's value. A missing file changes nothing; one that cannot be
-// read or parsed is an error, since settings silently not applied are what it is there to avoid.
-func withEnvFile(getenv func(string) string, path string) (func(string) string, error) {
+// withEnvFile returns getenv backed by the environment file at path, and path when it was read:
+// a variable that is empty in the environment takes the file's value. A missing file changes
+// nothing; one that cannot be read or parsed is an error, since settings silently not applied
+// are what it is there to avoid.
+func withEnvFile(getenv func(string) string, path string) (func(string) string, string, error) {
 	if path == "" {
-		return getenv, nil
+		return getenv, "", nil
 	}
 	data, err := os.ReadFile(path)
 	if errors.Is(err, os.ErrNotExist) {
-		return getenv, nil
+		return getenv, "", nil
 	}
 	if err != nil {
-		return nil, fmt.Errorf("cannot read the environment file %s: %w (fix its permissions or remove it)", path, err)
+		return nil, "", fmt.Errorf("cannot read the environment file %s: %w (fix its permissions or remove it)", path, err)
 	}
 	vars, err := parseEnvFile(data)
 	if err != nil {
-		return nil, fmt.Errorf("environment file %s: %w", path, err)
+		return nil, "", fmt.Errorf("environment file %s: %w", path, err)
 	}
 	return func(name string) string {
 		if v := getenv(name); v != "" {
 			return v
 		}
 		return vars[name]
-	}, nil
+	}, path, nil
 }
 
 // parseEnvFile reads the NAME=value lines of a systemd EnvironmentFile= (systemd.exec(5)):
@@ -272,19 +273,15 @@ var reEnvName = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
 // unparsable, negative or zero number is an error naming the variable and its value: a typo must
 // never silently become a default.
 func loadConfig(getenv func(string) string) (*config, error) {
-	envFile := envFilePath(getenv)
-	getenv, err := withEnvFile(getenv, envFile)
+	getenv, envFile, err := withEnvFile(getenv, envFilePath(getenv))
 	if err != nil {
 		return nil, err
 	}
-	if _, err := os.Stat(envFile); err != nil {
-		envFile = ""
-	}
-	_, err = os.Stat(legacyStateDir)
+	_, legacyErr := os.Stat(legacyStateDir)
 	p := &envParser{getenv: getenv}
 	cfg := &config{
 		envFile:          envFile,
-		stateDir:         p.str("WEBHOOK_STATE_DIR", defaultStateDir(getenv, err == nil)),
+		stateDir:         p.str("WEBHOOK_STATE_DIR", defaultStateDir(getenv, legacyErr == nil)),
 		dbURL:            p.str("WEBHOOK_DB_URL", "sqlite://data/pod-upgrade-trigger.db"),
 		listen:           "127.0.0.1:8088",
 		secret:           strings.TrimSpace(getenv("GITHUB_WEBHOOK_SECRET")),
