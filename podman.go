@@ -611,12 +611,18 @@ func (t *task) restartAndGate(ctx context.Context, pre unitSample) (string, bool
 // rollbackTarget is the image a failed redeploy goes back to: the one the unit's container ran
 // before the pull, which is what the unit last ran whatever the local tag pointed at since (another
 // unit's redeploy may have moved it). Only when no container was found (the unit was not running)
-// is it the image the tag named before the pull. source says which.
+// is it the image the tag named before the pull. source says which: "container" or "local-tag".
 func rollbackTarget(running, before string) (target, source string) {
 	if running != "" {
-		return running, "the unit's container"
+		return running, "container"
 	}
-	return before, "the local tag"
+	return before, "local-tag"
+}
+
+// rollbackSources words rollbackTarget's source for a log line.
+var rollbackSources = map[string]string{
+	"container": "what the unit's container ran before the pull",
+	"local-tag": "what the local tag named before the pull; no container was running",
 }
 
 // rollback puts the previous image back under the reference, restarts and gates again. The new
@@ -645,7 +651,7 @@ func (t *task) rollback(ctx context.Context, before, source, after, why string) 
 			"failed_image_id": after, "previous_image_id": before})
 		return 1
 	}
-	t.log.warnf("redeploy of %s to %s failed (%s): rolled back to image %s, which %s named", t.unit, t.image, why, before, source)
+	t.log.warnf("redeploy of %s to %s failed (%s): rolled back to image %s, %s", t.unit, t.image, why, before, rollbackSources[source])
 	t.step("rolled-back", http.StatusInternalServerError, nil, map[string]any{"error": why, "failed_image_id": after, "image_id": before,
 		"rollback_source": source})
 	return 1
@@ -816,10 +822,14 @@ func imageExists(ctx context.Context, cfg *config, id string) bool {
 // planRedeploy describes, without changing anything, what run-task would do to redeploy unit to
 // ref: the dry run of the manual services API. It only reads (image inspect, podman ps,
 // systemctl show); what it cannot read it says it cannot.
-func planRedeploy(ctx context.Context, cfg *config, unit string, ref imageRef, force bool) []string {
+func planRedeploy(ctx context.Context, cfg *config, getenv func(string) string, unit string, ref imageRef, force bool) []string {
+	ctr := findUnitContainer(ctx, cfg, unit)
+	configured, _, cerr := configuredImage(ctx, cfg, getenv, unit)
+	if step, why := imageCheck(ref, configured, ctr.image, cfg.allowAnyImage); cerr == nil && step != "" {
+		return []string{"refuse (" + step + "), pulling and restarting nothing: " + why}
+	}
 	plan := []string{fmt.Sprintf("pull %s (podman pull -- docker://%s, %d attempts %s apart)", ref, ref, cfg.pullAttempts, cfg.pullRetryDelay)}
 	before, err := localImageID(ctx, cfg, ref)
-	ctr := findUnitContainer(ctx, cfg, unit)
 	pre, perr := sampleUnit(ctx, cfg, unit)
 	switch {
 	case force:
@@ -841,7 +851,7 @@ func planRedeploy(ctx context.Context, cfg *config, unit string, ref imageRef, f
 	case reason != "":
 		plan = append(plan, "on a failed gate, no rollback is possible: "+reason)
 	default:
-		plan = append(plan, "on a failed gate, tag "+target+" (the image "+source+" names now) back as "+ref.String()+", restart and check again; keep the new image for inspection")
+		plan = append(plan, "on a failed gate, tag "+target+" ("+rollbackSources[source]+") back as "+ref.String()+", restart and check again; keep the new image for inspection")
 	}
 	return append(plan, "after a healthy result, podman image prune -f")
 }

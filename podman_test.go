@@ -644,10 +644,10 @@ func TestImageCheck(t *testing.T) {
 
 // TestRollbackTarget: the image the unit's container ran wins over the tag's previous image.
 func TestRollbackTarget(t *testing.T) {
-	if got, src := rollbackTarget("run", "tag"); got != "run" || !strings.Contains(src, "container") {
+	if got, src := rollbackTarget("run", "tag"); got != "run" || src != "container" {
 		t.Errorf("rollbackTarget(run, tag) = %q, %q; want the container's", got, src)
 	}
-	if got, src := rollbackTarget("", "tag"); got != "tag" || !strings.Contains(src, "tag") {
+	if got, src := rollbackTarget("", "tag"); got != "tag" || src != "local-tag" {
 		t.Errorf("rollbackTarget(\"\", tag) = %q, %q; want the tag's", got, src)
 	}
 }
@@ -1172,7 +1172,7 @@ func TestRunTaskFlow(t *testing.T) {
 			check: func(t *testing.T, h *fakeHost, rows []githubTaskRow) {
 				wantCalls(t, h, "podman-tag", tagBack)
 				last := rows[len(rows)-1].meta
-				if last["image_id"] != oldImageID || last["rollback_source"] != "the unit's container" {
+				if last["image_id"] != oldImageID || last["rollback_source"] != "container" {
 					t.Errorf("rolled-back row %v: want image_id %s (the container's), not the tag's previous %s", last, oldImageID, otherImageID)
 				}
 				if m := rows[1].meta; m["previous_image_id"] != otherImageID || m["running_image_id"] != oldImageID {
