@@ -3233,8 +3233,10 @@ func TestE2EKillServerMidBurst(t *testing.T) {
 	if _, err := r.Systemctl(t, "start", app); err != nil {
 		t.Fatal(err)
 	}
+	// The app runs no container, so it names no image: WEBHOOK_ALLOW_ANY_IMAGE lets its tasks
+	// redeploy it, which is what this test counts.
 	service, socket := r.installSocketServer(t, bin, state, logPath, port, "Environment=GITHUB_WEBHOOK_SECRET="+secret,
-		"Environment=WEBHOOK_HEALTH_SETTLE_SECS=1", "Restart=on-failure", "RestartSec=1")
+		"Environment=WEBHOOK_HEALTH_SETTLE_SECS=1", "Environment=WEBHOOK_ALLOW_ANY_IMAGE=true", "Restart=on-failure", "RestartSec=1")
 	if _, err := r.Systemctl(t, "start", socket); err != nil {
 		t.Fatal(err)
 	}
@@ -3391,7 +3393,9 @@ func TestE2EKillServerMidBurst(t *testing.T) {
 // and redeploys.
 func TestE2EKillRunTask(t *testing.T) {
 	r := needRig(t)
-	s := startE2EServer(t, "WEBHOOK_TASK_LOCK_TIMEOUT_SECS=60")
+	// The app runs no container, so it names no image: WEBHOOK_ALLOW_ANY_IMAGE lets the tasks
+	// this test is about pull and restart it.
+	s := startE2EServer(t, "WEBHOOK_TASK_LOCK_TIMEOUT_SECS=60", "WEBHOOK_ALLOW_ANY_IMAGE=true")
 	repo := rigUniqueName(t, "stuck")
 	ref, _ := r.PushImage(t, "e2e/"+repo, "latest", "v1")
 	app := repo + ".service"
