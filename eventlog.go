@@ -28,6 +28,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"regexp"
 	"runtime"
 	"sort"
 	"strconv"
@@ -148,22 +149,35 @@ func (l *eventLog) probe(ctx context.Context) error {
 	})
 }
 
-// databasePath turns WEBHOOK_DB_URL into a file path: the sqlite:// (or sqlite:) prefix is
-// optional, a query such as ?mode=rwc from the original tool's URLs is ignored, and a relative
-// path is under the state directory.
+// databasePath turns WEBHOOK_DB_URL (or --db) into a file path. It accepts a bare path and
+// sqlite://PATH (sqlite:PATH too, as the original tool's sqlx did); a relative path is under the
+// state directory. The only query accepted is mode=rwc, which original-tool URLs carry and which
+// is what this program always does (read-write, created if missing). Anything else — another
+// scheme, another parameter — is an error naming the variable: silently opening a different
+// database than the operator wrote is worse than refusing to start.
 func databasePath(dbURL, stateDir string) (string, error) {
 	p := strings.TrimSpace(dbURL)
+	bad := func(why string) (string, error) {
+		return "", fmt.Errorf("invalid WEBHOOK_DB_URL=%q (or --db): %s; want sqlite://PATH or a bare PATH", dbURL, why)
+	}
 	switch {
 	case strings.HasPrefix(p, "sqlite://"):
 		p = strings.TrimPrefix(p, "sqlite://")
 	case strings.HasPrefix(p, "sqlite:"):
 		p = strings.TrimPrefix(p, "sqlite:")
+	case reURLScheme.MatchString(p):
+		return bad("only SQLite is supported, not " + reURLScheme.FindString(p) + " (a path with a colon must be written sqlite://PATH)")
 	}
-	if i := strings.IndexByte(p, '?'); i >= 0 {
-		p = p[:i]
+	if path, query, ok := strings.Cut(p, "?"); ok {
+		p = path
+		for _, kv := range strings.Split(query, "&") {
+			if kv != "mode=rwc" && kv != "" {
+				return bad(fmt.Sprintf("the query parameter %q is not supported (only mode=rwc, which is what this program does)", kv))
+			}
+		}
 	}
 	if p == "" || p == ":memory:" || strings.ContainsAny(p, "#\x00") {
-		return "", fmt.Errorf("invalid WEBHOOK_DB_URL=%q: want sqlite://PATH with a file path", dbURL)
+		return bad("a file path is required")
 	}
 	if !filepath.IsAbs(p) {
 		p = filepath.Join(stateDir, p)
@@ -171,15 +185,18 @@ func databasePath(dbURL, stateDir string) (string, error) {
 	return filepath.Clean(p), nil
 }
 
+// reURLScheme matches a URL scheme at the start of WEBHOOK_DB_URL ("postgres:", "file:").
+var reURLScheme = regexp.MustCompile(`^[A-Za-z][A-Za-z0-9+.-]*:`)
+
 // openEventLog opens (creating 0600 if needed) and migrates the database, then starts the
 // background writer. The caller must Close it to flush queued rows.
 func openEventLog(path string, lg *logger) (*eventLog, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
-		return nil, fmt.Errorf("cannot create the directory of database %s: %w (set WEBHOOK_DB_URL or --db)", path, err)
+		return nil, fmt.Errorf("cannot create the directory of database %s: %w (set --state-dir or WEBHOOK_STATE_DIR, or --db or WEBHOOK_DB_URL)", path, err)
 	}
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
-		return nil, fmt.Errorf("cannot open database %s: %w (set WEBHOOK_DB_URL or --db)", path, err)
+		return nil, fmt.Errorf("cannot open database %s: %w (set --state-dir or WEBHOOK_STATE_DIR, or --db or WEBHOOK_DB_URL)", path, err)
 	}
 	f.Close()
 	dsn := "file:" + path + "?_pragma=busy_timeout(" + strconv.Itoa(int(busyTimeout/time.Millisecond)) + ")" +
@@ -931,7 +948,7 @@ func redactMeta(m map[string]any) {
 // openEventReader opens an existing database read-only, for the events command.
 func openEventReader(path string) (*sql.DB, error) {
 	if _, err := os.Stat(path); err != nil {
-		return nil, fmt.Errorf("no event log at %s: %w (set WEBHOOK_DB_URL, --db or --state-dir)", path, err)
+		return nil, fmt.Errorf("no event log at %s: %w (set --state-dir or WEBHOOK_STATE_DIR, or --db or WEBHOOK_DB_URL)", path, err)
 	}
 	db, err := sql.Open("sqlite", "file:"+path+"?mode=ro&_pragma=busy_timeout("+strconv.Itoa(int(busyTimeout/time.Millisecond))+")")
 	if err != nil {

@@ -612,7 +612,9 @@ func TestDatabasePath(t *testing.T) {
 		{url: "sqlite:/srv/db/x.db", want: "/srv/db/x.db"},
 		{url: "/srv/db/x.db", want: "/srv/db/x.db"},
 		{url: "sqlite://data/x.db?mode=rwc", want: "/var/lib/state/data/x.db"},
-		{url: "sqlite:///srv/x.db?mode=rwc&cache=shared", want: "/srv/x.db"},
+		{url: "sqlite:///srv/x.db?mode=rwc", want: "/srv/x.db"},
+		{url: "/srv/a:b/x.db", want: "/srv/a:b/x.db"},
+		{url: "sqlite://a:b.db", want: "/var/lib/state/a:b.db"},
 		{url: "  sqlite://data/x.db  ", want: "/var/lib/state/data/x.db"},
 		{url: "", wantErr: true},
 		{url: "sqlite://", wantErr: true},
@@ -621,6 +623,15 @@ func TestDatabasePath(t *testing.T) {
 		{url: "sqlite::memory:", wantErr: true},
 		{url: "sqlite://:memory:", wantErr: true},
 		{url: "sqlite://?mode=rwc", wantErr: true},
+		// Another scheme or an unknown parameter is refused, never read as a file name or dropped.
+		{url: "postgres://x", wantErr: true},
+		{url: "postgres://user@db.example/events", wantErr: true},
+		{url: "mysql:x", wantErr: true},
+		{url: "file:x.db", wantErr: true},
+		{url: "a:b.db", wantErr: true},
+		{url: "sqlite://data/x.db?mode=ro", wantErr: true},
+		{url: "sqlite:///srv/x.db?mode=rwc&cache=shared", wantErr: true},
+		{url: "data/x.db?journal_mode=off", wantErr: true},
 	} {
 		t.Run(tc.url, func(t *testing.T) {
 			got, err := databasePath(tc.url, state)
@@ -994,7 +1005,13 @@ func runEvents(t *testing.T, env map[string]string, args ...string) (code int, s
 				code = -1
 			}
 		}()
-		code = run(append([]string{"events"}, args...), mapEnv(env), &out, &errb)
+		// A HOME, as every shell has: without one and without WEBHOOK_STATE_DIR there is no
+		// state directory at all, even when --db names the database.
+		full := map[string]string{"HOME": t.TempDir()}
+		for k, v := range env {
+			full[k] = v
+		}
+		code = run(append([]string{"events"}, args...), mapEnv(full), &out, &errb)
 	}()
 	return code, out.String(), errb.String()
 }

@@ -1,6 +1,7 @@
 // main.go owns the command line: subcommand dispatch, the configuration read from the
-// environment and overridden by flags, the hand-written usage text, and every line the program
-// writes to standard output and standard error.
+// environment (backed by the units' environment file) and overridden by flags, the one default
+// state directory rule, the hand-written usage text, and every line the program writes to
+// standard output and standard error.
 //
 // Rules: main is the only function that calls os.Exit; every subcommand returns its exit status
 // (0 all good, 1 a runtime failure, 2 a usage or configuration error). Results go to stdout; log
@@ -17,6 +18,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"regexp"
 	"runtime/debug"
 	"strconv"
 	"strings"
@@ -41,7 +43,8 @@ commands:
   version        print the version
   help           print this text
 
-Every command reads its configuration from the environment (see README.md) and accepts
+Every command reads its configuration from the environment, then from
+~/.config/webhook-auto-update/webhook-auto-update.env (see README.md), and accepts
 --state-dir DIR and --db URL to override WEBHOOK_STATE_DIR and WEBHOOK_DB_URL.
 Run 'webhook-auto-update <command> -h' for the flags of one command.
 `
@@ -156,7 +159,9 @@ type config struct {
 	webDist          string
 	debugPayloadPath string
 	maxBodyBytes     int64
-	bodyBudget       int64 // request body bytes held in memory at once, over all requests
+	bodyBudget       int64  // request body bytes held in memory at once, over all requests
+	envFile          string // the environment file read (envFilePath), "" none
+	allowAnyImage    bool   // units without Image= take any pushed image (see task.checkImage)
 
 	interval time.Duration
 	maxTicks int // 0: unbounded
@@ -181,14 +186,106 @@ type config struct {
 	shutdownTimeout   time.Duration
 }
 
-const defaultStateDir = "/srv/pod-upgrade-trigger"
+// legacyStateDir is the original tool's state directory: used when it exists, so a host that
+// switches binaries keeps its state.
+const legacyStateDir = "/srv/pod-upgrade-trigger"
 
-// loadConfig reads the environment. An unparsable, negative or zero number is an error naming
-// the variable and its value: a typo must never silently become a default.
+// defaultStateDir is the one state directory rule of every subcommand and of the shipped units
+// (which set none): the original tool's directory when it exists, else
+// $XDG_STATE_HOME/webhook-auto-update, else ~/.local/state/webhook-auto-update. It returns ""
+// when none applies (no HOME), which finish reports.
+func defaultStateDir(getenv func(string) string, legacyExists bool) string {
+	switch {
+	case legacyExists:
+		return legacyStateDir
+	case filepath.IsAbs(getenv("XDG_STATE_HOME")):
+		return filepath.Join(getenv("XDG_STATE_HOME"), "webhook-auto-update")
+	case filepath.IsAbs(getenv("HOME")):
+		return filepath.Join(getenv("HOME"), ".local", "state", "webhook-auto-update")
+	}
+	return ""
+}
+
+// envFilePath is the environment file the shipped units read (EnvironmentFile=
+// %h/.config/webhook-auto-update/webhook-auto-update.env). Every subcommand reads it too, so a
+// setting made there (WEBHOOK_STATE_DIR, say) holds for a CLI call from a shell as well; a
+// variable set in the environment wins over the file.
+func envFilePath(getenv func(string) string) string {
+	if h := getenv("HOME"); filepath.IsAbs(h) {
+		return filepath.Join(h, ".config", "webhook-auto-update", "webhook-auto-update.env")
+	}
+	return ""
+}
+
+// withEnvFile returns getenv backed by the environment file at path, and path when it was read:
+// a variable that is empty in the environment takes the file's value. A missing file changes
+// nothing; one that cannot be read or parsed is an error, since settings silently not applied
+// are what it is there to avoid.
+func withEnvFile(getenv func(string) string, path string) (func(string) string, string, error) {
+	if path == "" {
+		return getenv, "", nil
+	}
+	data, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return getenv, "", nil
+	}
+	if err != nil {
+		return nil, "", fmt.Errorf("cannot read the environment file %s: %w (fix its permissions or remove it)", path, err)
+	}
+	vars, err := parseEnvFile(data)
+	if err != nil {
+		return nil, "", fmt.Errorf("environment file %s: %w", path, err)
+	}
+	return func(name string) string {
+		if v := getenv(name); v != "" {
+			return v
+		}
+		return vars[name]
+	}, path, nil
+}
+
+// parseEnvFile reads the NAME=value lines of a systemd EnvironmentFile= (systemd.exec(5)):
+// blank lines and lines starting with # or ; are skipped, a value in matching single or double
+// quotes loses them. Line continuations and escapes are not supported; such a line is an error
+// rather than a different value than systemd would read.
+func parseEnvFile(data []byte) (map[string]string, error) {
+	vars := map[string]string{}
+	for i, line := range strings.Split(string(data), "\n") {
+		line = strings.TrimSpace(line)
+		if line == "" || line[0] == '#' || line[0] == ';' {
+			continue
+		}
+		name, value, ok := strings.Cut(line, "=")
+		name, value = strings.TrimSpace(name), strings.TrimSpace(value)
+		if !ok || !reEnvName.MatchString(name) {
+			return nil, fmt.Errorf("line %d: want NAME=value", i+1)
+		}
+		if strings.HasSuffix(value, "\\") {
+			return nil, fmt.Errorf("line %d: %s: line continuations are not supported, write the value on one line", i+1, name)
+		}
+		if len(value) >= 2 && (value[0] == '"' || value[0] == '\'') && value[len(value)-1] == value[0] {
+			value = value[1 : len(value)-1]
+		}
+		vars[name] = value
+	}
+	return vars, nil
+}
+
+var reEnvName = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
+
+// loadConfig reads the environment, backed by the units' environment file (envFilePath). An
+// unparsable, negative or zero number is an error naming the variable and its value: a typo must
+// never silently become a default.
 func loadConfig(getenv func(string) string) (*config, error) {
+	getenv, envFile, err := withEnvFile(getenv, envFilePath(getenv))
+	if err != nil {
+		return nil, err
+	}
+	_, legacyErr := os.Stat(legacyStateDir)
 	p := &envParser{getenv: getenv}
 	cfg := &config{
-		stateDir:         p.str("WEBHOOK_STATE_DIR", defaultStateDir),
+		envFile:          envFile,
+		stateDir:         p.str("WEBHOOK_STATE_DIR", defaultStateDir(getenv, legacyErr == nil)),
 		dbURL:            p.str("WEBHOOK_DB_URL", "sqlite://data/pod-upgrade-trigger.db"),
 		listen:           "127.0.0.1:8088",
 		secret:           strings.TrimSpace(getenv("GITHUB_WEBHOOK_SECRET")),
@@ -203,6 +300,7 @@ func loadConfig(getenv func(string) string) (*config, error) {
 		debugPayloadPath: strings.TrimSpace(getenv("WEBHOOK_DEBUG_PAYLOAD_PATH")),
 		maxBodyBytes:     int64(p.positive("WEBHOOK_MAX_BODY_BYTES", 5<<20)),
 		bodyBudget:       int64(p.positive("WEBHOOK_BODY_BUDGET_BYTES", 32<<20)),
+		allowAnyImage:    p.boolean("WEBHOOK_ALLOW_ANY_IMAGE"),
 
 		interval: p.seconds("AUTO_UPDATE_INTERVAL_SECS", 900),
 		maxTicks: p.positive("WEBHOOK_SCHEDULER_MAX_TICKS", 0),
@@ -238,7 +336,7 @@ func loadConfig(getenv func(string) string) (*config, error) {
 // finish resolves the settings that depend on the state directory, after flags have been read.
 func (cfg *config) finish() error {
 	if cfg.stateDir == "" {
-		return errors.New("the state directory is empty: set WEBHOOK_STATE_DIR or --state-dir")
+		return errors.New("no state directory: set WEBHOOK_STATE_DIR or --state-dir (the default needs HOME or XDG_STATE_HOME)")
 	}
 	// Absolute, because redeploys run as transient units whose working directory is not ours.
 	abs, err := filepath.Abs(cfg.stateDir)
@@ -279,6 +377,21 @@ func (p *envParser) str(name, def string) string {
 		return v
 	}
 	return def
+}
+
+// boolean reads a yes/no setting: 1/true/yes or 0/false/no, empty meaning no.
+func (p *envParser) boolean(name string) bool {
+	switch v := strings.ToLower(strings.TrimSpace(p.getenv(name))); v {
+	case "", "0", "false", "no":
+		return false
+	case "1", "true", "yes":
+		return true
+	default:
+		if p.err == nil {
+			p.err = fmt.Errorf("invalid %s=%q: want true or false", name, v)
+		}
+		return false
+	}
 }
 
 func (p *envParser) positive(name string, def int) int {

@@ -7,7 +7,10 @@
 // always pulled as "docker://REF" after "--", so no other transport (dir:, docker-archive:,
 // containers-storage:) can ever be selected and no value can be read as a flag. Only the
 // "published" and "updated" actions of a package payload redeploy. Commands run with an explicit
-// argv, never a shell, and with a timeout.
+// argv, never a shell, and with a timeout. A redeploy pulls only the image the unit runs — its
+// Quadlet Image=, else its running container's image, checked before the pull (checkImage) — and
+// a failed one rolls back to the image the unit's container ran before the pull
+// (rollbackTarget), not to whatever the local tag named.
 package main
 
 import (
@@ -183,6 +186,21 @@ func (d delivery) repo() string { return d.host + "/" + d.path }
 // ref is the reference to pull for one of the pushed tags.
 func (d delivery) ref(tag string) imageRef {
 	return imageRef{host: d.host, path: d.path, tag: tag}
+}
+
+// imageMismatch says which check a pushed image fails against want, the image a unit runs:
+// reason is host-mismatch, repository-mismatch or tag-mismatch and text says what differs; both
+// are "" when host, path and one of tags match want.
+func imageMismatch(want imageRef, host, path string, tags []string) (reason, text string) {
+	switch {
+	case want.host != host:
+		return "host-mismatch", fmt.Sprintf("host mismatch: the unit runs %s, from registry %s, not %s", want, want.host, host)
+	case want.path != path:
+		return "repository-mismatch", fmt.Sprintf("repository mismatch: the unit runs %s, not %s/%s", want, host, path)
+	case !slices.Contains(tags, want.tag):
+		return "tag-mismatch", fmt.Sprintf("tag mismatch: the unit runs %s, and %s was pushed as %s", want, want.repo(), strings.Join(tags, ", "))
+	}
+	return "", ""
 }
 
 // ignoredError is a payload the webhook acknowledges (202) but does not act on; reason is the
@@ -420,7 +438,7 @@ func cmdRunTask(c *cli, args []string) int {
 		fmt.Fprint(c.stderr, usageRunTask)
 		return 2
 	}
-	t := &task{cfg: cfg, log: c.log, id: newRequestID(), now: time.Now, started: time.Now(), taskSpec: taskSpec{
+	t := &task{cfg: cfg, log: c.log, getenv: c.getenv, id: newRequestID(), now: time.Now, started: time.Now(), taskSpec: taskSpec{
 		unit: rest[0], image: rest[1], event: rest[2], delivery: rest[3], path: rest[4], force: force, digest: digest}}
 	if err := ensureStateDir(cfg.stateDir); err != nil {
 		c.log.errorf("%v", err)
@@ -466,7 +484,8 @@ type task struct {
 	taskSpec
 	cfg     *config
 	log     *logger
-	events  *eventLog // nil: rows go to stderr
+	getenv  func(string) string // HOME and XDG_CONFIG_HOME, to find the unit's Quadlet file
+	events  *eventLog           // nil: rows go to stderr
 	id      string
 	ref     imageRef
 	now     func() time.Time
@@ -521,6 +540,13 @@ func (t *task) run(ctx context.Context) int {
 		os.Chtimes(path, now, now)
 	}
 
+	// Read before the pull, under the unit's lock: the image the unit's container runs is both
+	// what the pushed image must be (checkImage) and what a failed redeploy rolls back to.
+	ctr := findUnitContainer(ctx, t.cfg, t.unit)
+	if !t.checkImage(ctx, ctr) {
+		return 0
+	}
+
 	lim, err := imageLimiter(t.cfg, t.image).take(ctx)
 	if err != nil {
 		t.log.errorf("redeploy of %s to %s: per-image limit: %v", t.unit, t.image, err)
@@ -551,13 +577,12 @@ func (t *task) run(ctx context.Context) int {
 		t.log.warnf("redeploy of %s: cannot read the pulled image of %s: %v", t.unit, t.image, err)
 	}
 	t.step("pulled", http.StatusOK, &res, map[string]any{"attempts": attempts, "previous_image_id": before,
-		"image_id": after, "pull_ms": pullMS})
+		"image_id": after, "running_image_id": ctr.imageID, "pull_ms": pullMS})
 
 	pre, err := sampleUnit(ctx, t.cfg, t.unit)
 	if err != nil {
 		t.log.warnf("redeploy of %s: cannot read the unit state: %v", t.unit, err)
 	}
-	ctr := findUnitContainer(ctx, t.cfg, t.unit)
 	restart, why := decideRestart(restartFacts{before: before, after: after, running: ctr.imageID,
 		active: pre.activeState == "active", force: t.force})
 	if !restart {
@@ -568,7 +593,8 @@ func (t *task) run(ctx context.Context) int {
 
 	verdict, interrupted := t.restartAndGate(ctx, pre)
 	if verdict != "" {
-		return t.rollback(ctx, before, after, verdict)
+		target, source := rollbackTarget(ctr.imageID, before)
+		return t.rollback(ctx, target, source, after, verdict)
 	}
 	t.step("healthy", http.StatusOK, nil, t.verify(ctx, after, map[string]any{"reason": why, "settle_cut_short": interrupted}))
 	if res := pruneImages(ctx, t.cfg); res.err != nil {
@@ -612,14 +638,32 @@ func (t *task) restartAndGate(ctx context.Context, pre unitSample) (string, bool
 	return verdict, interrupted
 }
 
+// rollbackTarget is the image a failed redeploy goes back to: the one the unit's container ran
+// before the pull, which is what the unit last ran whatever the local tag pointed at since (another
+// unit's redeploy may have moved it). Only when no container was found (the unit was not running)
+// is it the image the tag named before the pull. source says which: "container" or "local-tag".
+func rollbackTarget(running, before string) (target, source string) {
+	if running != "" {
+		return running, "container"
+	}
+	return before, "local-tag"
+}
+
+// rollbackSources words rollbackTarget's source for a log line.
+var rollbackSources = map[string]string{
+	"container": "what the unit's container ran before the pull",
+	"local-tag": "what the local tag named before the pull; no container was running",
+}
+
 // rollback puts the previous image back under the reference, restarts and gates again. The new
 // image is kept (nothing is pruned) so the operator can inspect it.
-func (t *task) rollback(ctx context.Context, before, after, why string) int {
+func (t *task) rollback(ctx context.Context, before, source, after, why string) int {
 	switch plan := rollbackPlan(before, after, imageExists(context.WithoutCancel(ctx), t.cfg, before)); plan {
 	case "":
 	default:
 		t.log.errorf("redeploy of %s failed and cannot be rolled back: %s; the unit is left as it is", t.unit, plan)
-		t.step("rollback-impossible", http.StatusInternalServerError, nil, map[string]any{"error": why, "rollback_error": plan, "failed_image_id": after})
+		t.step("rollback-impossible", http.StatusInternalServerError, nil, map[string]any{"error": why, "rollback_error": plan,
+			"failed_image_id": after, "rollback_source": source})
 		return 1
 	}
 	bg := context.WithoutCancel(ctx)
@@ -637,9 +681,62 @@ func (t *task) rollback(ctx context.Context, before, after, why string) int {
 			"failed_image_id": after, "previous_image_id": before})
 		return 1
 	}
-	t.log.warnf("redeploy of %s to %s failed (%s): rolled back to image %s", t.unit, t.image, why, before)
-	t.step("rolled-back", http.StatusInternalServerError, nil, map[string]any{"error": why, "failed_image_id": after, "image_id": before})
+	t.log.warnf("redeploy of %s to %s failed (%s): rolled back to image %s, %s", t.unit, t.image, why, before, rollbackSources[source])
+	t.step("rolled-back", http.StatusInternalServerError, nil, map[string]any{"error": why, "failed_image_id": after, "image_id": before,
+		"rollback_source": source})
 	return 1
+}
+
+// checkImage makes sure, before anything is pulled, that the pushed image is the one the unit
+// runs: the Image= of its Quadlet file (the request already matched it; a manual redeploy did
+// not), else the image its running container was started from. A unit that names no image
+// and runs no container takes none, unless WEBHOOK_ALLOW_ANY_IMAGE is set. On a refusal it writes
+// the step that says why and returns false: nothing is pulled or restarted.
+func (t *task) checkImage(ctx context.Context, ctr unitContainer) bool {
+	configured, source, err := configuredImage(ctx, t.cfg, t.getenv, t.unit)
+	if err != nil {
+		// The container still tells which image the unit runs.
+		t.log.warnf("redeploy of %s: cannot read the unit's Image= (%v): checking its container's image instead", t.unit, err)
+		configured, source = "", ""
+	}
+	step, why := imageCheck(t.ref, configured, ctr.image, t.cfg.allowAnyImage)
+	if step == "" {
+		return true
+	}
+	t.log.warnf("redeploy of %s to %s refused, nothing pulled or restarted: %s", t.unit, t.image, why)
+	meta := map[string]any{"reason": why, "running_image": ctr.image}
+	if source != "" {
+		meta["unit_image"], meta["unit_image_source"] = configured, source
+	}
+	t.step(step, http.StatusConflict, nil, meta)
+	return false
+}
+
+// imageCheck decides whether ref may be deployed to a unit whose Quadlet Image= is configured
+// ("" none) and whose running container was started from the image named running ("" no
+// container, or none known). It returns "" when it may, else the step to record
+// (image-mismatch, image-unknown) and why. allowAny lets a unit without Image= take any image,
+// the behaviour before this check existed.
+func imageCheck(ref imageRef, configured, running string, allowAny bool) (step, why string) {
+	want, what := configured, "the unit's Image="
+	switch {
+	case configured != "":
+	case allowAny:
+		return "", ""
+	case running != "":
+		want, what = running, "the unit has no Image= (no Quadlet .container file) and its container runs an image that"
+	default:
+		return "image-unknown", "the unit has no Image= (no Quadlet .container file) and runs no container, so which image it runs is unknown: " +
+			"start it, give it a .container file with Image=, or set WEBHOOK_ALLOW_ANY_IMAGE=true"
+	}
+	w, err := parseImageRef(withDefaultTag(want))
+	if err != nil {
+		return "image-unknown", fmt.Sprintf("%s %q is not a full image reference (registry/owner/name[:tag])", what, want)
+	}
+	if _, text := imageMismatch(w, ref.host, ref.path, []string{ref.tag}); text != "" {
+		return "image-mismatch", text
+	}
+	return "", ""
 }
 
 // verify adds to meta the digest that was pulled, the one the unit's container runs and, when the
@@ -710,20 +807,25 @@ func rollbackPlan(before, after string, beforeExists bool) string {
 	return ""
 }
 
-// unitContainer is the container a unit runs.
-type unitContainer struct{ id, imageID string }
+// unitContainer is the container a unit runs: its ID, its image's ID and the image name it was
+// started from (as podman ps shows it; "" when podman shows none).
+type unitContainer struct{ id, imageID, image string }
 
 // findUnitContainer finds the running container of a unit: podman labels containers started
 // under systemd (Quadlet, podman generate systemd) with PODMAN_SYSTEMD_UNIT; Quadlet names them
 // systemd-<name> by default. A zero value means not found; the gate then relies on systemd alone.
 func findUnitContainer(ctx context.Context, cfg *config, unit string) unitContainer {
 	for _, filter := range []string{"label=PODMAN_SYSTEMD_UNIT=" + unit, "name=^systemd-" + strings.TrimSuffix(unit, ".service") + "$"} {
-		res := runCommand(ctx, cfg.commandTimeout, "podman", "ps", "--no-trunc", "--filter", filter, "--format", "{{.ID}} {{.ImageID}}")
+		res := runCommand(ctx, cfg.commandTimeout, "podman", "ps", "--no-trunc", "--filter", filter, "--format", "{{.ID}} {{.ImageID}} {{.Image}}")
 		if res.err != nil {
 			return unitContainer{}
 		}
 		if f := strings.Fields(res.stdout); len(f) >= 2 {
-			return unitContainer{id: f[0], imageID: strings.TrimPrefix(f[1], "sha256:")}
+			c := unitContainer{id: f[0], imageID: strings.TrimPrefix(f[1], "sha256:")}
+			if len(f) >= 3 {
+				c.image = f[2]
+			}
+			return c
 		}
 	}
 	return unitContainer{}
@@ -750,10 +852,14 @@ func imageExists(ctx context.Context, cfg *config, id string) bool {
 // planRedeploy describes, without changing anything, what run-task would do to redeploy unit to
 // ref: the dry run of the manual services API. It only reads (image inspect, podman ps,
 // systemctl show); what it cannot read it says it cannot.
-func planRedeploy(ctx context.Context, cfg *config, unit string, ref imageRef, force bool) []string {
+func planRedeploy(ctx context.Context, cfg *config, getenv func(string) string, unit string, ref imageRef, force bool) []string {
+	ctr := findUnitContainer(ctx, cfg, unit)
+	configured, _, cerr := configuredImage(ctx, cfg, getenv, unit)
+	if step, why := imageCheck(ref, configured, ctr.image, cfg.allowAnyImage); cerr == nil && step != "" {
+		return []string{"refuse (" + step + "), pulling and restarting nothing: " + why}
+	}
 	plan := []string{fmt.Sprintf("pull %s (podman pull -- docker://%s, %d attempts %s apart)", ref, ref, cfg.pullAttempts, cfg.pullRetryDelay)}
 	before, err := localImageID(ctx, cfg, ref)
-	ctr := findUnitContainer(ctx, cfg, unit)
 	pre, perr := sampleUnit(ctx, cfg, unit)
 	switch {
 	case force:
@@ -768,13 +874,14 @@ func planRedeploy(ctx context.Context, cfg *config, unit string, ref imageRef, f
 		plan = append(plan, "restart "+unit+" only if the pulled image differs from the local one ("+orNone(before)+"), else record up-to-date")
 	}
 	plan = append(plan, fmt.Sprintf("after a restart, require %s to stay active for %s without systemd restarting it, and its podman healthcheck (if any) to pass", unit, cfg.healthSettle))
-	switch reason := rollbackPlan(before, "", before != ""); {
-	case err != nil:
+	target, source := rollbackTarget(ctr.imageID, before)
+	switch reason := rollbackPlan(target, "", target != ""); {
+	case err != nil && ctr.imageID == "":
 		plan = append(plan, "on a failed gate, roll back to the current local image if it can be read (it cannot now: "+err.Error()+")")
 	case reason != "":
 		plan = append(plan, "on a failed gate, no rollback is possible: "+reason)
 	default:
-		plan = append(plan, "on a failed gate, tag "+before+" back as "+ref.String()+", restart and check again; keep the new image for inspection")
+		plan = append(plan, "on a failed gate, tag "+target+" ("+rollbackSources[source]+") back as "+ref.String()+", restart and check again; keep the new image for inspection")
 	}
 	return append(plan, "after a healthy result, podman image prune -f")
 }

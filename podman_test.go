@@ -593,6 +593,70 @@ func TestDecideRestart(t *testing.T) {
 	}
 }
 
+// TestImageMismatch: a refusal names the check that failed — host, repository or tag — in that
+// order, so a push to another registry is never reported as a tag mismatch.
+func TestImageMismatch(t *testing.T) {
+	want := imageRef{host: "ghcr.io", path: "me/app", tag: "v2"}
+	for _, tc := range []struct {
+		name, host, path string
+		tags             []string
+		reason, text     string
+	}{
+		{"match", "ghcr.io", "me/app", []string{"v1", "v2"}, "", ""},
+		{"other host", "quay.io", "me/app", []string{"v2"}, "host-mismatch", "host mismatch: the unit runs ghcr.io/me/app:v2, from registry ghcr.io, not quay.io"},
+		{"other host and repository", "quay.io", "you/other", []string{"v9"}, "host-mismatch", "registry ghcr.io, not quay.io"},
+		{"other repository", "ghcr.io", "me/other", []string{"v2"}, "repository-mismatch", "repository mismatch: the unit runs ghcr.io/me/app:v2, not ghcr.io/me/other"},
+		{"other tag", "ghcr.io", "me/app", []string{"v1", "latest"}, "tag-mismatch", "tag mismatch: the unit runs ghcr.io/me/app:v2, and ghcr.io/me/app was pushed as v1, latest"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			reason, text := imageMismatch(want, tc.host, tc.path, tc.tags)
+			if reason != tc.reason || !strings.Contains(text, tc.text) || (tc.text == "") != (text == "") {
+				t.Errorf("imageMismatch = %q, %q; want %q, containing %q", reason, text, tc.reason, tc.text)
+			}
+		})
+	}
+}
+
+// TestImageCheck: what a task may deploy to a unit, before it pulls anything.
+func TestImageCheck(t *testing.T) {
+	ref := imageRef{host: "ghcr.io", path: "me/app", tag: "latest"}
+	for _, tc := range []struct {
+		name, configured, running string
+		allowAny                  bool
+		step, why                 string
+	}{
+		{"Image= matches", "ghcr.io/me/app", "", false, "", ""},
+		{"Image= wins over the container", "ghcr.io/me/app:latest", "ghcr.io/me/other:latest", false, "", ""},
+		{"Image= differs", "ghcr.io/me/app:v2", "", false, "image-mismatch", "tag mismatch"},
+		{"Image= differs, allowAny does not apply", "quay.io/me/app", "", true, "image-mismatch", "host mismatch"},
+		{"Image= unreadable", "app", "", false, "image-unknown", "not a full image reference"},
+		{"container runs it", "", "ghcr.io/me/app:latest", false, "", ""},
+		{"container runs it, untagged name", "", "ghcr.io/me/app", false, "", ""},
+		{"container runs another repository", "", "ghcr.io/me/plain:latest", false, "image-mismatch", "repository mismatch"},
+		{"container started from an ID", "", strings.Repeat("f", 64), false, "image-unknown", "not a full image reference"},
+		{"nothing known", "", "", false, "image-unknown", "WEBHOOK_ALLOW_ANY_IMAGE"},
+		{"nothing known, allowAny", "", "", true, "", ""},
+		{"container runs another image, allowAny", "", "ghcr.io/me/plain:latest", true, "", ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			step, why := imageCheck(ref, tc.configured, tc.running, tc.allowAny)
+			if step != tc.step || !strings.Contains(why, tc.why) || (tc.step == "") != (why == "") {
+				t.Errorf("imageCheck(%q, %q, %v) = %q, %q; want %q, containing %q", tc.configured, tc.running, tc.allowAny, step, why, tc.step, tc.why)
+			}
+		})
+	}
+}
+
+// TestRollbackTarget: the image the unit's container ran wins over the tag's previous image.
+func TestRollbackTarget(t *testing.T) {
+	if got, src := rollbackTarget("run", "tag"); got != "run" || src != "container" {
+		t.Errorf("rollbackTarget(run, tag) = %q, %q; want the container's", got, src)
+	}
+	if got, src := rollbackTarget("", "tag"); got != "tag" || src != "local-tag" {
+		t.Errorf("rollbackTarget(\"\", tag) = %q, %q; want the tag's", got, src)
+	}
+}
+
 func TestRollbackPlan(t *testing.T) {
 	for _, tc := range []struct {
 		name          string
@@ -900,11 +964,32 @@ func runTaskInProcess(t *testing.T, env map[string]string, args ...string) (code
 const (
 	flowImage = "ghcr.io/octo-org/hello-world:v1.2.3"
 	flowUnit  = "hello-world.service"
+	// anyImage lets a unit without Image= take any image (task.checkImage): the run-task tests
+	// that are about something else (locks, limits, pull faults) set it rather than a Quadlet
+	// file for each unit and tag they use.
+	anyImage = "WEBHOOK_ALLOW_ANY_IMAGE"
 )
 
+// quadletHome returns a HOME whose ~/.config/containers/systemd/ holds a Quadlet file for unit
+// with Image=image, as the task finds it.
+func quadletHome(t *testing.T, unit, image string) string {
+	t.Helper()
+	home := t.TempDir()
+	dir := filepath.Join(home, ".config", "containers", "systemd")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	body := "[Container]\nImage=" + image + "\n"
+	if err := os.WriteFile(filepath.Join(dir, strings.TrimSuffix(unit, ".service")+".container"), []byte(body), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return home
+}
+
 var (
-	oldImageID = strings.Repeat("a", 64)
-	newImageID = strings.Repeat("b", 64)
+	oldImageID   = strings.Repeat("a", 64)
+	otherImageID = strings.Repeat("c", 64)
+	newImageID   = strings.Repeat("b", 64)
 )
 
 func TestRunTaskFlow(t *testing.T) {
@@ -931,9 +1016,12 @@ func TestRunTaskFlow(t *testing.T) {
 		env   map[string]string
 		unit  string // default flowUnit
 		image string // default flowImage
-		steps []string
-		code  int
-		check func(t *testing.T, h *fakeHost, rows []githubTaskRow)
+		// The unit's Quadlet file names Image=quadlet (default flowImage), unless noQuadlet.
+		quadlet   string
+		noQuadlet bool
+		steps     []string
+		code      int
+		check     func(t *testing.T, h *fakeHost, rows []githubTaskRow)
 	}{
 		{name: "new image, unit stays active", files: newImage,
 			steps: []string{"started", "pulled", "restarted", "healthy", "completed"}, code: 0,
@@ -1044,6 +1132,58 @@ func TestRunTaskFlow(t *testing.T) {
 					t.Errorf("digest not recorded: started %v, healthy %v", rows[0].meta, rows[3].meta)
 				}
 			}},
+		{name: "no Image=, no container: nothing pulled or restarted", noQuadlet: true, files: newImage,
+			steps: []string{"started", "image-unknown"}, code: 0,
+			check: func(t *testing.T, h *fakeHost, rows []githubTaskRow) {
+				wantCalls(t, h, "podman-pull")
+				wantCalls(t, h, "systemctl-restart")
+				if r := fmt.Sprint(rows[1].meta["reason"]); !strings.Contains(r, "WEBHOOK_ALLOW_ANY_IMAGE") || rows[1].status != 409 {
+					t.Errorf("image-unknown row: status %d, reason %q; want 409 and how to fix it", rows[1].status, r)
+				}
+			}},
+		{name: "no Image=, the container runs another package: nothing pulled or restarted", noQuadlet: true,
+			files: with(newImage, "podman-ps.stdout", "c0ffee sha256:"+oldImageID+" ghcr.io/octo-org/plain:latest\n"),
+			steps: []string{"started", "image-mismatch"}, code: 0,
+			check: func(t *testing.T, h *fakeHost, rows []githubTaskRow) {
+				wantCalls(t, h, "podman-pull")
+				wantCalls(t, h, "systemctl-restart")
+				if r := fmt.Sprint(rows[1].meta["reason"]); !strings.Contains(r, "repository mismatch: the unit runs ghcr.io/octo-org/plain:latest") {
+					t.Errorf("image-mismatch reason %q", r)
+				}
+				if n := len(h.callsOf("podman-pull")) + len(h.callsOf("podman-image-inspect")); n != 0 {
+					t.Errorf("%d podman image calls before the refusal, want none", n)
+				}
+			}},
+		{name: "no Image=, the container runs the pushed image: redeployed", noQuadlet: true,
+			files: with(newImage, "podman-ps.stdout", "c0ffee sha256:"+oldImageID+" "+flowImage+"\n"),
+			steps: []string{"started", "pulled", "restarted", "healthy", "completed"}, code: 0},
+		{name: "no Image=, no container, WEBHOOK_ALLOW_ANY_IMAGE: redeployed as before", noQuadlet: true, files: newImage,
+			env: map[string]string{anyImage: "true"}, steps: []string{"started", "pulled", "restarted", "healthy", "completed"}, code: 0},
+		{name: "Image= names another tag (a manual redeploy): nothing pulled", quadlet: "ghcr.io/octo-org/hello-world:v9", files: newImage,
+			steps: []string{"started", "image-mismatch"}, code: 0,
+			check: func(t *testing.T, h *fakeHost, rows []githubTaskRow) {
+				wantCalls(t, h, "podman-pull")
+				if r := fmt.Sprint(rows[1].meta["reason"]); !strings.HasPrefix(r, "tag mismatch") || rows[1].meta["unit_image"] != "ghcr.io/octo-org/hello-world:v9" {
+					t.Errorf("image-mismatch meta %v", rows[1].meta)
+				}
+			}},
+		{name: "rollback to the image the container ran, though the tag had moved",
+			// Another unit's redeploy moved the local tag to otherImageID; the container still ran
+			// oldImageID, and that is what the unit must get back.
+			files: map[string]string{"image.id": otherImageID, "image.next": newImageID,
+				"podman-ps.stdout": "c0ffee sha256:" + oldImageID + " " + flowImage + "\n",
+				"restart.after.1":  failedUnit, "restart.after.2": activeUnit},
+			steps: []string{"started", "pulled", "restarted", "health-failed", "restarted", "rolled-back"}, code: 1,
+			check: func(t *testing.T, h *fakeHost, rows []githubTaskRow) {
+				wantCalls(t, h, "podman-tag", tagBack)
+				last := rows[len(rows)-1].meta
+				if last["image_id"] != oldImageID || last["rollback_source"] != "container" {
+					t.Errorf("rolled-back row %v: want image_id %s (the container's), not the tag's previous %s", last, oldImageID, otherImageID)
+				}
+				if m := rows[1].meta; m["previous_image_id"] != otherImageID || m["running_image_id"] != oldImageID {
+					t.Errorf("pulled row %v: want previous_image_id %s and running_image_id %s", m, otherImageID, oldImageID)
+				}
+			}},
 		{name: "unit that reads as a flag", unit: "-x.service", files: newImage, steps: []string{"invalid"}, code: 2},
 		{name: "unit with a glob", unit: "hello*.service", files: newImage, steps: []string{"invalid"}, code: 2},
 		{name: "image with a transport", image: "docker://ghcr.io/octo-org/hello-world:v1.2.3", files: newImage, steps: []string{"invalid"}, code: 2},
@@ -1057,11 +1197,15 @@ func TestRunTaskFlow(t *testing.T) {
 				h.set(name, content)
 			}
 			state := t.TempDir()
-			env := map[string]string{"WEBHOOK_HEALTH_SETTLE_SECS": "1", "WEBHOOK_PULL_RETRY_SECS": "1", "WEBHOOK_COMMAND_TIMEOUT_SECS": "60"}
+			unit, image := cmp.Or(tc.unit, flowUnit), cmp.Or(tc.image, flowImage)
+			home := t.TempDir()
+			if !tc.noQuadlet {
+				home = quadletHome(t, unit, cmp.Or(tc.quadlet, flowImage))
+			}
+			env := map[string]string{"WEBHOOK_HEALTH_SETTLE_SECS": "1", "WEBHOOK_PULL_RETRY_SECS": "1", "WEBHOOK_COMMAND_TIMEOUT_SECS": "60", "HOME": home}
 			for k, v := range tc.env {
 				env[k] = v
 			}
-			unit, image := cmp.Or(tc.unit, flowUnit), cmp.Or(tc.image, flowImage)
 			args := append(append([]string{"run-task", "--state-dir", state}, tc.flags...),
 				"--", unit, image, "package", "d-1", "/github-package-update/hello-world")
 			code, stderr := runTaskInProcess(t, env, args...)
@@ -1116,7 +1260,7 @@ func TestRunTaskRowDurations(t *testing.T) {
 			h := newFakeHost(t)
 			h.set("image.id", oldImageID)
 			state := t.TempDir()
-			code, stderr := runTaskInProcess(t, map[string]string{"WEBHOOK_HEALTH_SETTLE_SECS": "1"}, "run-task", "--state-dir", state, "--",
+			code, stderr := runTaskInProcess(t, map[string]string{"WEBHOOK_HEALTH_SETTLE_SECS": "1", anyImage: "true"}, "run-task", "--state-dir", state, "--",
 				tc.unit, tc.image, "package", "d-1", "/github-package-update/hello-world")
 			rows := githubTaskRows(t, state, "d-1")
 			if got := stepsOf(rows); !slices.Equal(got, tc.steps) {
@@ -1135,7 +1279,7 @@ func TestRunTaskPerImageLimit(t *testing.T) {
 	h := newFakeHost(t)
 	h.set("image.id", oldImageID)
 	state := t.TempDir()
-	env := map[string]string{"WEBHOOK_IMAGE_LIMIT_COUNT": "1", "WEBHOOK_HEALTH_SETTLE_SECS": "1"}
+	env := map[string]string{"WEBHOOK_IMAGE_LIMIT_COUNT": "1", "WEBHOOK_HEALTH_SETTLE_SECS": "1", anyImage: "true"}
 	for i, want := range []struct {
 		steps []string
 		pulls int
@@ -1191,7 +1335,7 @@ func TestRunTaskLocks(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer held.Unlock()
-			env := map[string]string{"WEBHOOK_TASK_LOCK_TIMEOUT_SECS": "1", "WEBHOOK_HEALTH_SETTLE_SECS": "1"}
+			env := map[string]string{"WEBHOOK_TASK_LOCK_TIMEOUT_SECS": "1", "WEBHOOK_HEALTH_SETTLE_SECS": "1", anyImage: "true"}
 			run := func(delivery string) (int, []string, string) {
 				code, stderr := runTaskInProcess(t, env, "run-task", "--state-dir", state, "--",
 					c.unit, c.image, "package", delivery, "/github-package-update/hello-world")
@@ -1386,7 +1530,7 @@ func TestDispatchedArgvRuns(t *testing.T) {
 		path: "/github-package-update/hello-world", force: true, digest: digestV1}
 	argv := dispatchArgv("/usr/local/bin/webhook-auto-update", cfg, nil, spec)
 	first := slices.Index(argv, "--")
-	code, stderr := runTaskInProcess(t, map[string]string{"WEBHOOK_HEALTH_SETTLE_SECS": "1"}, argv[first+2:]...)
+	code, stderr := runTaskInProcess(t, map[string]string{"WEBHOOK_HEALTH_SETTLE_SECS": "1", anyImage: "true"}, argv[first+2:]...)
 	rows := githubTaskRows(t, state, "d-dispatch")
 	if got := stepsOf(rows); code != 0 || !slices.Equal(got, []string{"started", "pulled", "restarted", "healthy", "completed"}) {
 		t.Fatalf("exit %d, steps %q\nstderr:\n%s", code, got, stderr)
@@ -1621,7 +1765,7 @@ func TestRunTaskPullFaults(t *testing.T) {
 				h.set(k, v)
 			}
 			state := t.TempDir()
-			env := map[string]string{"WEBHOOK_HEALTH_SETTLE_SECS": "1", "WEBHOOK_PULL_RETRY_SECS": "1"}
+			env := map[string]string{"WEBHOOK_HEALTH_SETTLE_SECS": "1", "WEBHOOK_PULL_RETRY_SECS": "1", anyImage: "true"}
 			for k, v := range tc.env {
 				env[k] = v
 			}

@@ -553,7 +553,7 @@ func (s *server) handleManualService(w http.ResponseWriter, r *http.Request) {
 	case req.DryRun && resp.Image != "":
 		ref, _ := parseImageRef(resp.Image)
 		ctx, cancel := context.WithTimeout(r.Context(), dispatchTimeout)
-		resp.Plan = planRedeploy(ctx, s.cfg, unit, ref, req.Force)
+		resp.Plan = planRedeploy(ctx, s.cfg, s.getenv, unit, ref, req.Force)
 		cancel()
 		resp.Status, resp.Message = triggerDryRun, "would pull "+resp.Image+" and restart "+unit+" as the plan says"
 	case resp.Image != "":

@@ -724,6 +724,7 @@ func TestManualService(t *testing.T) {
 		wantCalls    []string
 		wantDispatch bool
 		wantForce    bool
+		wantPlan     string // a substring of the dry run's plan
 	}{
 		{name: "restart", target: "/api/manual/services/web", body: `{"caller":"ops"}`, want: 202, wantStatus: "triggered",
 			wantCalls: []string{"--user restart -- web.service"}},
@@ -739,9 +740,11 @@ func TestManualService(t *testing.T) {
 			wantStatus: "queued", wantDispatch: true},
 		{name: "force reaches run-task", target: "/api/manual/services/web", body: `{"image":"` + image + `","force":true}`, want: 202,
 			wantStatus: "queued", wantDispatch: true, wantForce: true},
-		// A dry run only reads the unit's state, for its plan.
+		// A dry run only reads, for its plan: here the unit names no Image= and runs no container,
+		// so the plan is the task's refusal.
 		{name: "image dry run dispatches nothing", target: "/api/manual/services/web", body: `{"image":"` + image + `","dry_run":true}`,
-			want: 202, wantStatus: "dry-run", wantCalls: []string{"--user show -p ActiveState -p SubState -p Result -p NRestarts -p MainPID -- web.service"}},
+			want: 202, wantStatus: "dry-run", wantCalls: []string{"--user show -p LoadState -p SourcePath -p FragmentPath -- web.service"},
+			wantPlan: "refuse (image-unknown), pulling and restarting nothing"},
 		{name: "dispatch failure", target: "/api/manual/services/web", body: `{"image":"` + image + `"}`, dispatchFail: true,
 			want: 500, wantStatus: "error", wantDispatch: true},
 		{name: "invalid image", target: "/api/manual/services/web", body: `{"image":"app:latest"}`, want: 400},
@@ -775,6 +778,9 @@ func TestManualService(t *testing.T) {
 			}
 			if wantPlan := resp.DryRun && resp.Image != ""; wantPlan != (len(resp.Plan) > 0) {
 				t.Errorf("plan %q for dry_run=%v image=%q", resp.Plan, resp.DryRun, resp.Image)
+			}
+			if !strings.Contains(strings.Join(resp.Plan, "\n"), tc.wantPlan) {
+				t.Errorf("plan %q does not say %q", resp.Plan, tc.wantPlan)
 			}
 			calls := h.fake.calls(t)
 			if tc.dispatchFail {

@@ -622,6 +622,9 @@ func TestEnvExampleDocumentsEveryVariable(t *testing.T) {
 	}
 	sort.Strings(names)
 	for _, name := range names {
+		if name == "HOME" || name == "XDG_STATE_HOME" {
+			continue // the host's, not settings of this program: they place the defaults
+		}
 		def, ok := documented[name]
 		if !ok {
 			t.Errorf("loadConfig reads %s but webhook-auto-update.env.example does not document it", name)

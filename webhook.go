@@ -77,6 +77,21 @@ func cmdServer(c *cli, args []string) int {
 		return 1
 	}
 	defer events.Close()
+	from := ""
+	if cfg.envFile != "" {
+		from = " (settings also from " + cfg.envFile + ")"
+	}
+	c.log.infof("state directory %s, event log %s%s", cfg.stateDir, cfg.dbPath, from)
+	if cfg.secret == "" {
+		c.log.warnf("GITHUB_WEBHOOK_SECRET is not set: every GitHub delivery will be refused with 500")
+	}
+	if cfg.token == "" {
+		also := ", and so do the manual API and /api/events (or set WEBHOOK_MANUAL_TOKEN for them)"
+		if cfg.manualToken != "" {
+			also = ""
+		}
+		c.log.warnf("WEBHOOK_TOKEN is not set: /auto-update refuses every request with 401%s", also)
+	}
 
 	listeners, err := activationListeners(c.getenv)
 	if err != nil {
@@ -96,9 +111,6 @@ func cmdServer(c *cli, args []string) int {
 		c.log.warnf("%v", err)
 	}
 	defer sd.Close()
-	if cfg.secret == "" {
-		c.log.warnf("GITHUB_WEBHOOK_SECRET is not set: every GitHub delivery will be refused with 500")
-	}
 
 	srv := newServer(cfg, c.log, events)
 	hs := newHTTPServer(cfg, srv, c.log)
@@ -885,8 +897,10 @@ func (s *server) handleGitHub(w http.ResponseWriter, r *http.Request) {
 }
 
 // matchUnitImage picks the reference to pull. When the unit's Quadlet file names an Image=, the
-// delivery must be for the same registry host and repository and carry its tag; otherwise the
-// first pushed tag is used. A non-zero status is the answer to send instead.
+// delivery must be for the same registry host and repository and carry its tag, and a refusal
+// names the check that failed; otherwise the first pushed tag is used, and the task checks it
+// against the unit's running container before it pulls (task.checkImage). A non-zero status is
+// the answer to send instead.
 func (s *server) matchUnitImage(ctx context.Context, unit string, d delivery) (imageRef, int, string, string) {
 	configured, source, err := s.units.configuredImage(ctx, s.cfg, s.getenv, unit)
 	if errors.Is(err, errUnitNotFound) {
@@ -907,8 +921,8 @@ func (s *server) matchUnitImage(ctx context.Context, unit string, d delivery) (i
 		return imageRef{}, http.StatusInternalServerError, "unit-image-unreadable",
 			"the unit's Image= is not a full image reference (registry/owner/name[:tag])"
 	}
-	if want.host != d.host || want.path != d.path || !slices.Contains(d.tags, want.tag) {
-		return imageRef{}, http.StatusAccepted, "tag-mismatch", "tag mismatch: the unit runs " + want.String()
+	if reason, text := imageMismatch(want, d.host, d.path, d.tags); reason != "" {
+		return imageRef{}, http.StatusAccepted, reason, text
 	}
 	return d.ref(want.tag), 0, "", ""
 }

@@ -618,6 +618,9 @@ func TestInvalidVariables(t *testing.T) {
 		{"WEBHOOK_BODY_BUDGET_BYTES", "0"},
 		{"WEBHOOK_REGISTRY_HOSTS", "ghcr.io,docker-archive:"},
 		{"WEBHOOK_REGISTRY_HOSTS", "https://ghcr.io"},
+		{"WEBHOOK_DB_URL", "postgres://x"},
+		{"WEBHOOK_DB_URL", "sqlite://events.db?mode=ro"},
+		{"WEBHOOK_ALLOW_ANY_IMAGE", "maybe"},
 	} {
 		t.Run(tc.name+"="+tc.value, func(t *testing.T) {
 			env := map[string]string{tc.name: tc.value}
@@ -745,23 +748,30 @@ func TestFlagsOverrideEnvironment(t *testing.T) {
 }
 
 func TestLoadConfigDefaults(t *testing.T) {
-	cfg, err := loadConfig(mapEnv(nil))
+	if _, err := os.Stat(legacyStateDir); err == nil {
+		t.Fatalf("%s exists on this host: the default state directory would be it, not the home one this test checks", legacyStateDir)
+	}
+	home := t.TempDir()
+	cfg, err := loadConfig(mapEnv(map[string]string{"HOME": home}))
 	if err != nil {
 		t.Fatal(err)
 	}
 	if err := cfg.finish(); err != nil {
 		t.Fatal(err)
 	}
+	state := filepath.Join(home, ".local", "state", "webhook-auto-update")
 	for _, tc := range []struct {
 		name      string
 		got, want any
 	}{
-		{"stateDir", cfg.stateDir, "/srv/pod-upgrade-trigger"},
-		{"dbPath", cfg.dbPath, "/srv/pod-upgrade-trigger/data/pod-upgrade-trigger.db"},
+		{"stateDir", cfg.stateDir, state},
+		{"dbPath", cfg.dbPath, state + "/data/pod-upgrade-trigger.db"},
 		{"listen", cfg.listen, "127.0.0.1:8088"},
 		{"autoUpdateUnit", cfg.autoUpdateUnit, "podman-auto-update.service"},
-		{"webDist", cfg.webDist, "/srv/pod-upgrade-trigger/web/dist"},
-		{"debugPayloadPath", cfg.debugPayloadPath, "/srv/pod-upgrade-trigger/last_payload.bin"},
+		{"webDist", cfg.webDist, state + "/web/dist"},
+		{"debugPayloadPath", cfg.debugPayloadPath, state + "/last_payload.bin"},
+		{"allowAnyImage", cfg.allowAnyImage, false},
+		{"envFile", cfg.envFile, ""},
 		{"maxBodyBytes", cfg.maxBodyBytes, int64(5 << 20)},
 		{"interval", cfg.interval, 900 * time.Second},
 		{"maxTicks", cfg.maxTicks, 0},
@@ -801,6 +811,147 @@ func TestLoadConfigDefaults(t *testing.T) {
 	}
 	if !reflect.DeepEqual(cfg.registryHosts, []string{"ghcr.io", "containers.ghe.example.com", "127.0.0.1:5000"}) {
 		t.Errorf("registryHosts %q", cfg.registryHosts)
+	}
+}
+
+// TestDefaultStateDir: one rule for every subcommand and the units, which set none. The original
+// tool's directory wins when it exists, so a host that switches binaries keeps its state; else
+// the XDG state directory, else the one under HOME; neither is "" (finish reports it).
+func TestDefaultStateDir(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		env    map[string]string
+		legacy bool
+		want   string
+	}{
+		{"legacy directory exists", map[string]string{"HOME": "/home/me", "XDG_STATE_HOME": "/x"}, true, "/srv/pod-upgrade-trigger"},
+		{"XDG_STATE_HOME", map[string]string{"HOME": "/home/me", "XDG_STATE_HOME": "/x/state"}, false, "/x/state/webhook-auto-update"},
+		{"HOME only", map[string]string{"HOME": "/home/me"}, false, "/home/me/.local/state/webhook-auto-update"},
+		{"relative XDG_STATE_HOME is ignored, as the XDG spec says", map[string]string{"HOME": "/home/me", "XDG_STATE_HOME": "state"}, false, "/home/me/.local/state/webhook-auto-update"},
+		{"relative HOME", map[string]string{"HOME": "me"}, false, ""},
+		{"nothing", nil, false, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := defaultStateDir(mapEnv(tc.env), tc.legacy); got != tc.want {
+				t.Errorf("defaultStateDir(%v, legacy %v) = %q, want %q", tc.env, tc.legacy, got, tc.want)
+			}
+		})
+	}
+}
+
+// TestStateDirAndEnvFile runs the command line as a deployed user runs it: no flags, HOME set,
+// and maybe the units' environment file. The environment wins over the file, a flag over both,
+// and a broken file or no state directory at all is a configuration error (exit 2) that says
+// what to set.
+func TestStateDirAndEnvFile(t *testing.T) {
+	if _, err := os.Stat(legacyStateDir); err == nil {
+		t.Fatalf("%s exists on this host: the default state directory would be it", legacyStateDir)
+	}
+	for _, tc := range []struct {
+		name     string
+		file     string // the environment file's content; "-" none
+		env      map[string]string
+		args     []string
+		code     int
+		state    string // relative to HOME
+		stderr   string
+		dbInFile bool
+	}{
+		{name: "no file: the home default", file: "-", code: 0, state: ".local/state/webhook-auto-update"},
+		{name: "XDG_STATE_HOME", file: "-", env: map[string]string{"XDG_STATE_HOME": "{home}/xdg"}, code: 0, state: "xdg/webhook-auto-update"},
+		{name: "state dir from the file", file: "# comment\n; other\n\nWEBHOOK_STATE_DIR={home}/from-file\n", code: 0, state: "from-file"},
+		{name: "quoted value", file: "WEBHOOK_STATE_DIR=\"{home}/quoted\"\n", code: 0, state: "quoted"},
+		{name: "environment wins", file: "WEBHOOK_STATE_DIR={home}/from-file\n", env: map[string]string{"WEBHOOK_STATE_DIR": "{home}/from-env"}, code: 0, state: "from-env"},
+		{name: "flag wins", file: "WEBHOOK_STATE_DIR={home}/from-file\n", env: map[string]string{"WEBHOOK_STATE_DIR": "{home}/from-env"},
+			args: []string{"--state-dir", "{home}/from-flag"}, code: 0, state: "from-flag"},
+		{name: "a bad value in the file is exit 2", file: "WEBHOOK_PULL_ATTEMPTS=three\n", code: 2, stderr: "WEBHOOK_PULL_ATTEMPTS"},
+		{name: "a bad database URL in the file is exit 2", file: "WEBHOOK_DB_URL=postgres://db/x\n", code: 2, stderr: "WEBHOOK_DB_URL"},
+		{name: "a line that is not NAME=value", file: "export WEBHOOK_STATE_DIR\n", code: 2, stderr: "webhook-auto-update.env: line 1"},
+		{name: "a continuation line", file: "WEBHOOK_MANUAL_UNITS=a,\\\n b\n", code: 2, stderr: "continuations"},
+		{name: "no HOME and nothing set", file: "-", env: map[string]string{"HOME": ""}, code: 2, stderr: "--state-dir"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			home := t.TempDir()
+			fill := func(s string) string { return strings.ReplaceAll(s, "{home}", home) }
+			if tc.file != "-" {
+				dir := filepath.Join(home, ".config", "webhook-auto-update")
+				if err := os.MkdirAll(dir, 0o700); err != nil {
+					t.Fatal(err)
+				}
+				if err := os.WriteFile(filepath.Join(dir, "webhook-auto-update.env"), []byte(fill(tc.file)), 0o600); err != nil {
+					t.Fatal(err)
+				}
+			}
+			env := map[string]string{"HOME": home}
+			for k, v := range tc.env {
+				env[k] = fill(v)
+			}
+			var args []string
+			for _, a := range tc.args {
+				args = append(args, fill(a))
+			}
+			// A dry run runs no systemctl but writes its row, so the event log shows which state
+			// directory the command used.
+			code, stdout, stderr := runCLI(t, env, append([]string{"trigger-units", "app", "--dry-run"}, args...)...)
+			if code != tc.code || !strings.Contains(stderr, tc.stderr) {
+				t.Fatalf("exit %d, want %d with stderr containing %q\nstdout: %s\nstderr: %s", code, tc.code, tc.stderr, stdout, stderr)
+			}
+			if tc.code != 0 {
+				return
+			}
+			db := filepath.Join(home, tc.state, "data", "pod-upgrade-trigger.db")
+			if _, err := os.Stat(db); err != nil {
+				t.Errorf("no event log at %s: %v (the command used another state directory)", db, err)
+			}
+		})
+	}
+}
+
+// TestServerStartLog: the server says which state directory, event log and environment file it
+// uses, and warns about each missing secret, before it listens. The busy address stops it right
+// after, so the test needs no signal.
+func TestServerStartLog(t *testing.T) {
+	home := t.TempDir()
+	dir := filepath.Join(home, ".config", "webhook-auto-update")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	envFile := filepath.Join(dir, "webhook-auto-update.env")
+	if err := os.WriteFile(envFile, []byte("WEBHOOK_STATE_DIR="+home+"/state\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name      string
+		env       map[string]string
+		want, not []string
+	}{
+		{"nothing set", nil,
+			[]string{"state directory " + home + "/state, event log " + home + "/state/data/pod-upgrade-trigger.db (settings also from " + envFile + ")",
+				"GITHUB_WEBHOOK_SECRET is not set", "WEBHOOK_TOKEN is not set: /auto-update refuses every request with 401, and so do the manual API"}, nil},
+		{"manual token only", map[string]string{"GITHUB_WEBHOOK_SECRET": "s", "WEBHOOK_MANUAL_TOKEN": "m"},
+			[]string{"WEBHOOK_TOKEN is not set: /auto-update refuses every request with 401"}, []string{"GITHUB_WEBHOOK_SECRET", "manual API"}},
+		{"both set", map[string]string{"GITHUB_WEBHOOK_SECRET": "s", "WEBHOOK_TOKEN": "t"}, nil, []string{"is not set"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			env := map[string]string{"HOME": home}
+			for k, v := range tc.env {
+				env[k] = v
+			}
+			code, _, stderr := runCLI(t, env, "server", "--listen", busyAddr(t))
+			if code != 1 {
+				t.Fatalf("exit %d, want 1 (address in use)\nstderr: %s", code, stderr)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(stderr, w) {
+					t.Errorf("stderr does not say %q:\n%s", w, stderr)
+				}
+			}
+			for _, n := range tc.not {
+				if strings.Contains(stderr, n) {
+					t.Errorf("stderr mentions %q:\n%s", n, stderr)
+				}
+			}
+		})
 	}
 }
 
@@ -1271,7 +1422,7 @@ func steps(rows []taskRow) []string {
 }
 
 var finalSteps = map[string]bool{"completed": true, "up-to-date": true, "rolled-back": true, "rollback-failed": true,
-	"rollback-impossible": true, "pull-failed": true, "rate-limited": true, "lock-failed": true, "limit-failed": true, "invalid": true}
+	"rollback-impossible": true, "pull-failed": true, "image-mismatch": true, "image-unknown": true, "rate-limited": true, "lock-failed": true, "limit-failed": true, "invalid": true}
 
 // waitTask waits until the task that covers a delivery wrote its final row and returns its rows.
 func (s *e2eServer) waitTask(t *testing.T, r *rig, delivery string) []taskRow {
@@ -1501,6 +1652,175 @@ func TestE2EGitHubDelivery(t *testing.T) {
 			t.Fatalf("MainPID unchanged (%s): not restarted", pid)
 		}
 	})
+}
+
+// TestE2EUnitWithoutImage: a unit with no Quadlet file is not redeployed by a push of another
+// package to its route — nothing is pulled, it is not restarted — and is still redeployed by a
+// push of the image its container runs.
+func TestE2EUnitWithoutImage(t *testing.T) {
+	r := needRig(t)
+	// A HOME without ~/.config/containers/systemd: the unit has no Image= anywhere.
+	s := startE2EServer(t, "HOME="+t.TempDir())
+	name := rigUniqueName(t, "plain")
+	ref, id1 := r.PushImage(t, "e2e/"+name, "latest", "v1")
+	base := rigUniqueName(t, "plain")
+	unit, ctr := base+".service", base
+	r.InstallUnit(t, unit, r.ContainerUnit(ctr, ref))
+	if _, err := r.Systemctl(t, "start", unit); err != nil {
+		t.Fatal(err)
+	}
+	r.WaitFor(t, 60*time.Second, func() bool { return r.ContainerImage(t, ctr) == id1 }, unit+" to run v1")
+	pid := r.Show(t, unit, "MainPID")["MainPID"]
+
+	other := name + "-other"
+	otherRef, otherID := r.PushImage(t, "e2e/"+other, "latest", "other")
+	if _, err := r.Podman(t, "rmi", "--force", otherRef); err != nil {
+		t.Fatal(err) // not in the local store, so a pull would show
+	}
+	code, text := s.deliver(t, unit, "package", "unrelated-1", githubPackagePayload(r.Registry(), "e2e", other, "latest", ""), s.secret)
+	if code != http.StatusAccepted {
+		t.Fatalf("delivery of an unrelated package: %d %q", code, text)
+	}
+	rows := s.waitTask(t, r, "unrelated-1")
+	if got := strings.Join(steps(rows), ","); got != "started,image-mismatch" {
+		t.Fatalf("steps %s, want started,image-mismatch; server log:\n%s", got, s.log)
+	}
+	t.Logf("refused: %v", rows[len(rows)-1].meta["reason"])
+	if now := r.Show(t, unit, "MainPID")["MainPID"]; now != pid {
+		t.Errorf("MainPID %s → %s: the unit was restarted by an unrelated package", pid, now)
+	}
+	if got := r.ContainerImage(t, ctr); got != id1 {
+		t.Errorf("container runs %s, want still v1 %s", got, id1)
+	}
+	if out, err := r.Podman(t, "image", "exists", otherID); err == nil {
+		t.Errorf("the unrelated image %s was pulled: %s", otherID, out)
+	}
+
+	// Its own image still redeploys it.
+	_, id2 := r.PushImage(t, "e2e/"+name, "latest", "v2")
+	r.TagLocal(t, id1, ref)
+	code, text = s.deliver(t, unit, "package", "own-1", githubPackagePayload(r.Registry(), "e2e", name, "latest", ""), s.secret)
+	if code != http.StatusAccepted {
+		t.Fatalf("delivery of the unit's image: %d %q", code, text)
+	}
+	rows = s.waitTask(t, r, "own-1")
+	if got := strings.Join(steps(rows), ","); got != "started,pulled,restarted,healthy,completed" {
+		t.Fatalf("steps %s; server log:\n%s", got, s.log)
+	}
+	r.WaitFor(t, 30*time.Second, func() bool { return r.ContainerImage(t, ctr) == id2 }, ctr+" to run v2")
+}
+
+// TestE2ERollbackToWhatRan: the local tag is moved after the unit started (as another unit's
+// redeploy of the same tag does); a broken push is rolled back to the image the container ran,
+// not to the one the tag named before the pull.
+func TestE2ERollbackToWhatRan(t *testing.T) {
+	r := needRig(t)
+	s := startE2EServer(t)
+	name := rigUniqueName(t, "rb")
+	ref, id1 := r.PushImage(t, "e2e/"+name, "latest", "v1")
+	unit, ctr := e2eContainerUnit(t, r, ref, id1)
+	_, id2 := r.PushImage(t, "e2e/"+name, "latest", "v2")
+	_, broken := r.PushBrokenImage(t, "e2e/"+name, "latest")
+	r.TagLocal(t, id2, ref) // another unit's redeploy moved the local tag to v2; this unit still runs v1
+	if id1 == id2 || id2 == broken {
+		t.Fatal("v1, v2 and the broken image are not three images")
+	}
+	code, text := s.deliver(t, unit, "package", "broken-1", githubPackagePayload(r.Registry(), "e2e", name, "latest", ""), s.secret)
+	if code != http.StatusAccepted {
+		t.Fatalf("delivery: %d %q", code, text)
+	}
+	rows := s.waitTask(t, r, "broken-1")
+	last := rows[len(rows)-1]
+	if last.step != "rolled-back" {
+		t.Fatalf("steps %v, want to end rolled-back; server log:\n%s", steps(rows), s.log)
+	}
+	if last.meta["image_id"] != id1 {
+		t.Errorf("rolled back to %v (%v), want the image the container ran, v1 %s (not the tag's v2 %s)", last.meta["image_id"], last.meta["rollback_source"], id1, id2)
+	}
+	r.WaitFor(t, 30*time.Second, func() bool { return r.ContainerImage(t, ctr) == id1 }, ctr+" back on v1 "+id1)
+	if st := r.Show(t, unit, "ActiveState")["ActiveState"]; st != "active" {
+		t.Errorf("%s is %s after the rollback", unit, st)
+	}
+}
+
+// TestE2EDeployedUserCLI: the server runs as a user unit with no --state-dir, as the shipped units
+// run it; the same user's events and trigger-units, with no flags, see and use its state — with
+// the default directory, and with WEBHOOK_STATE_DIR set only in the units' environment file.
+func TestE2EDeployedUserCLI(t *testing.T) {
+	r := needRig(t)
+	bin := buildBinary(t)
+	for _, tc := range []struct {
+		name, envFile, state string // state relative to HOME
+	}{
+		{"default state directory", "", ".local/state/webhook-auto-update"},
+		{"state directory from the environment file", "WEBHOOK_STATE_DIR={home}/elsewhere\n", "elsewhere"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			home := t.TempDir()
+			envFile := filepath.Join(home, ".config", "webhook-auto-update", "webhook-auto-update.env")
+			if tc.envFile != "" {
+				if err := os.MkdirAll(filepath.Dir(envFile), 0o700); err != nil {
+					t.Fatal(err)
+				}
+				if err := os.WriteFile(envFile, []byte(strings.ReplaceAll(tc.envFile, "{home}", home)), 0o600); err != nil {
+					t.Fatal(err)
+				}
+			}
+			port, err := rigFreePort()
+			if err != nil {
+				t.Fatal(err)
+			}
+			// As the shipped webhook-auto-update.service, with this test's HOME for the user's.
+			server := rigUniqueName(t, "webhook") + ".service"
+			r.InstallUnit(t, server, fmt.Sprintf(`[Service]
+Type=notify
+NotifyAccess=main
+Environment=HOME=%s
+EnvironmentFile=-%s
+ExecStart=%s server --listen 127.0.0.1:%d
+`, home, envFile, bin, port))
+			app := rigUniqueName(t, "app") + ".service"
+			r.InstallUnit(t, app, "[Service]\nExecStart=/bin/sleep 1000\n")
+			if _, err := r.Systemctl(t, "start", server, app); err != nil {
+				t.Fatal(err)
+			}
+			// A 404 is written at once (successful probes are summarised a minute later).
+			var resp *http.Response
+			r.WaitFor(t, 30*time.Second, func() bool {
+				resp, err = http.Get(fmt.Sprintf("http://127.0.0.1:%d/e2e-cli-check", port))
+				return err == nil
+			}, server+" to answer")
+			resp.Body.Close()
+
+			// The deployed user's shell: HOME and the user manager's runtime directory, nothing else.
+			cli := func(args ...string) string {
+				t.Helper()
+				cmd := exec.Command(bin, args...)
+				cmd.Env = []string{"HOME=" + home, "PATH=" + rigSystemPath, "XDG_RUNTIME_DIR=" + os.Getenv("XDG_RUNTIME_DIR")}
+				out, err := cmd.CombinedOutput()
+				if err != nil {
+					t.Fatalf("webhook-auto-update %s: %v\n%s", strings.Join(args, " "), err, out)
+				}
+				return string(out)
+			}
+			pid := r.Show(t, app, "MainPID")["MainPID"]
+			if out := cli("trigger-units", app, "--caller", "e2e"); !strings.Contains(out, app+" -> triggered") {
+				t.Fatalf("trigger-units: %s", out)
+			}
+			if now := r.Show(t, app, "MainPID")["MainPID"]; now == pid {
+				t.Errorf("%s not restarted (MainPID %s)", app, pid)
+			}
+			out := cli("events", "--json")
+			for _, want := range []string{`"path":"/e2e-cli-check"`, `"action":"cli-trigger"`} {
+				if !strings.Contains(out, want) {
+					t.Errorf("events does not show %s: the CLI and the server use different state\n%s", want, out)
+				}
+			}
+			if _, err := os.Stat(filepath.Join(home, tc.state, "data", "pod-upgrade-trigger.db")); err != nil {
+				t.Errorf("no event log under %s: %v", tc.state, err)
+			}
+		})
+	}
 }
 
 // Proof suites (issue 7): fuzzing of the request path's parsers, an adversarial table against
@@ -2978,8 +3298,11 @@ func TestE2EKillServerMidBurst(t *testing.T) {
 	if _, err := r.Systemctl(t, "start", app); err != nil {
 		t.Fatal(err)
 	}
+	// The app runs no container, so it names no image: WEBHOOK_ALLOW_ANY_IMAGE lets its tasks
+	// redeploy it, which is what this test counts.
 	service, socket := r.installSocketServer(t, bin, state, logPath, port, "Environment=GITHUB_WEBHOOK_SECRET="+secret,
-		"Environment=WEBHOOK_HEALTH_SETTLE_SECS=1", "Environment=WEBHOOK_REGISTRY_HOSTS="+r.Registry(), "Restart=on-failure", "RestartSec=1")
+		"Environment=WEBHOOK_HEALTH_SETTLE_SECS=1", "Environment=WEBHOOK_REGISTRY_HOSTS="+r.Registry(),
+		"Environment=WEBHOOK_ALLOW_ANY_IMAGE=true", "Restart=on-failure", "RestartSec=1")
 	if _, err := r.Systemctl(t, "start", socket); err != nil {
 		t.Fatal(err)
 	}
@@ -3136,7 +3459,9 @@ func TestE2EKillServerMidBurst(t *testing.T) {
 // and redeploys.
 func TestE2EKillRunTask(t *testing.T) {
 	r := needRig(t)
-	s := startE2EServer(t, "WEBHOOK_TASK_LOCK_TIMEOUT_SECS=60")
+	// The app runs no container, so it names no image: WEBHOOK_ALLOW_ANY_IMAGE lets the tasks
+	// this test is about pull and restart it.
+	s := startE2EServer(t, "WEBHOOK_TASK_LOCK_TIMEOUT_SECS=60", "WEBHOOK_ALLOW_ANY_IMAGE=true")
 	repo := rigUniqueName(t, "stuck")
 	ref, _ := r.PushImage(t, "e2e/"+repo, "latest", "v1")
 	app := repo + ".service"
@@ -3591,7 +3916,9 @@ func TestUntaggedQuadletImage(t *testing.T) {
 		wantText   string
 	}{
 		{"ghcr.io/octo-org/web", "latest", 202, "auto-update queued"},
-		{"ghcr.io/octo-org/web", "v1", 202, "tag mismatch: the unit runs ghcr.io/octo-org/web:latest"},
+		{"ghcr.io/octo-org/web", "v1", 202, "tag mismatch: the unit runs ghcr.io/octo-org/web:latest, and ghcr.io/octo-org/web was pushed as v1"},
+		{"quay.io/octo-org/web", "latest", 202, "host mismatch: the unit runs quay.io/octo-org/web:latest, from registry quay.io, not ghcr.io"},
+		{"ghcr.io/octo-org/api:latest", "latest", 202, "repository mismatch: the unit runs ghcr.io/octo-org/api:latest, not ghcr.io/octo-org/web"},
 		{"web.image", "latest", 500, "the unit's Image= is not a full image reference (registry/owner/name[:tag])"},
 	} {
 		if err := os.WriteFile(quadlet, []byte("[Container]\nImage="+tc.image+"\n"), 0o644); err != nil {
