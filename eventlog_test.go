@@ -2509,8 +2509,8 @@ func TestE2EEventsOfADelivery(t *testing.T) {
 	bin := buildBinary(t)
 	events := func(args ...string) string {
 		t.Helper()
-		cmd := exec.Command(bin, append([]string{"events", "--state-dir", s.state, "--delivery", delivery}, args...)...)
-		cmd.Env = append(os.Environ(), "TZ=UTC")
+		cmd := r.Command(bin, append([]string{"events", "--state-dir", s.state, "--delivery", delivery}, args...)...)
+		cmd.Env = append(cmd.Env, "TZ=UTC")
 		var stderr bytes.Buffer
 		cmd.Stderr = &stderr
 		out, err := cmd.Output()

@@ -1105,15 +1105,16 @@ type e2eServer struct {
 // it (SIGTERM, expecting exit 0) when the test ends.
 func startE2EServer(t *testing.T, extraEnv ...string) *e2eServer {
 	t.Helper()
+	r := needRig(t)
 	bin := buildBinary(t)
 	port, err := rigFreePort()
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := &e2eServer{url: fmt.Sprintf("http://127.0.0.1:%d", port), state: t.TempDir(),
+	s := &e2eServer{url: fmt.Sprintf("http://127.0.0.1:%d", port), state: r.TempDir(t),
 		secret: "e2e secret " + rigUniqueName(t, "s"), log: &bytes.Buffer{}}
-	cmd := exec.Command(bin, "server", "--listen", fmt.Sprintf("127.0.0.1:%d", port), "--state-dir", s.state)
-	cmd.Env = append(os.Environ(), "GITHUB_WEBHOOK_SECRET="+s.secret, "WEBHOOK_HEALTH_SETTLE_SECS=2",
+	cmd := r.Command(bin, "server", "--listen", fmt.Sprintf("127.0.0.1:%d", port), "--state-dir", s.state)
+	cmd.Env = append(cmd.Env, "GITHUB_WEBHOOK_SECRET="+s.secret, "WEBHOOK_HEALTH_SETTLE_SECS=2",
 		"WEBHOOK_PULL_RETRY_SECS=1")
 	cmd.Env = append(cmd.Env, extraEnv...)
 	cmd.Stdout, cmd.Stderr = s.log, s.log
@@ -1281,7 +1282,7 @@ func e2eContainerUnit(t *testing.T, r *rig, ref, wantID string) (unit, ctr strin
 	t.Helper()
 	base := rigUniqueName(t, "app")
 	unit, ctr = base+".service", base
-	quadlet := filepath.Join(t.TempDir(), base+".container")
+	quadlet := filepath.Join(r.TempDir(t), base+".container")
 	if err := os.WriteFile(quadlet, []byte("[Unit]\nDescription=e2e\n\n[Container]\nImage="+ref+"\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -1453,8 +1454,8 @@ func TestE2EGitHubDelivery(t *testing.T) {
 	t.Run("force restarts an unchanged image", func(t *testing.T) {
 		pid := r.Show(t, unit, "MainPID")["MainPID"]
 		bin := buildBinary(t)
-		cmd := exec.Command(bin, "run-task", "--force", "--state-dir", s.state, "--", unit, ref, "manual", "force-1", "/manual")
-		cmd.Env = append(os.Environ(), "WEBHOOK_HEALTH_SETTLE_SECS=2")
+		cmd := r.Command(bin, "run-task", "--force", "--state-dir", s.state, "--", unit, ref, "manual", "force-1", "/manual")
+		cmd.Env = append(cmd.Env, "WEBHOOK_HEALTH_SETTLE_SECS=2")
 		// The registry holds the broken image under the tag: push the running one back, so the
 		// pull brings nothing new.
 		if out, err := r.Podman(t, "push", "--quiet", ref); err != nil {
@@ -2899,8 +2900,8 @@ func watchTimestampFiles(state string, stop <-chan struct{}) <-chan []string {
 func TestE2EKillServerMidBurst(t *testing.T) {
 	r := needRig(t)
 	bin := buildBinary(t)
-	state := t.TempDir()
-	logPath := filepath.Join(t.TempDir(), "server.log")
+	state := r.TempDir(t)
+	logPath := filepath.Join(r.TempDir(t), "server.log")
 	port, err := rigFreePort()
 	if err != nil {
 		t.Fatal(err)
