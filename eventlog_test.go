@@ -2500,7 +2500,7 @@ func TestE2EEventsOfADelivery(t *testing.T) {
 	}
 	rows := s.waitTask(t, r, delivery)
 	if got := strings.Join(steps(rows), ","); got != "started,pulled,restarted,healthy,completed" {
-		t.Fatalf("task steps %s; server log:\n%s", got, s.log)
+		t.Fatalf("task steps %s; server log:\n%s", stepDetails(rows), s.log)
 	}
 	if got := r.ContainerImage(t, ctr); got != id2 {
 		t.Fatalf("%s runs %s, want v2 %s", ctr, got, id2)
