@@ -741,7 +741,7 @@ func TestManualService(t *testing.T) {
 			wantStatus: "queued", wantDispatch: true, wantForce: true},
 		// A dry run only reads the unit's state, for its plan.
 		{name: "image dry run dispatches nothing", target: "/api/manual/services/web", body: `{"image":"` + image + `","dry_run":true}`,
-			want: 202, wantStatus: "dry-run", wantCalls: []string{"--user show -p ActiveState -p SubState -p Result -p NRestarts -p MainPID -- web.service"}},
+			want: 202, wantStatus: "dry-run", wantCalls: []string{"--user show -p ActiveState -p SubState -p Result -p NRestarts -- web.service"}},
 		{name: "dispatch failure", target: "/api/manual/services/web", body: `{"image":"` + image + `"}`, dispatchFail: true,
 			want: 500, wantStatus: "error", wantDispatch: true},
 		{name: "invalid image", target: "/api/manual/services/web", body: `{"image":"app:latest"}`, want: 400},
@@ -994,7 +994,7 @@ func TestTriggerCommands(t *testing.T) {
 	}
 }
 
-// System tests on the rig (E2E.md): the built binary against the real user manager.
+// System tests on the rig (main_test.go): the built binary against a real user manager.
 
 // triggerE2EPost sends a JSON body with a Bearer token and returns the status and body.
 func triggerE2EPost(t *testing.T, url, token, body string) (int, string) {
