@@ -1298,6 +1298,42 @@ func buildBinary(t *testing.T) string {
 	return binaryPath
 }
 
+// TestRigOwnerAlive: rigSweep removes a rig only when the test process its marker names is gone,
+// a PID reused by another process included, and leaves alone what it cannot tell.
+func TestRigOwnerAlive(t *testing.T) {
+	self := os.Getpid()
+	start, err := rigStartTime(self)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name   string
+		marker string // "" writes none
+		pid    int    // the PID a rig user's name carries, 0 for none
+		alive  bool
+	}{
+		{"this process", fmt.Sprintf("%d %d\n", self, start), 0, true},
+		{"its PID, another start time", fmt.Sprintf("%d %d\n", self, start+1), 0, false},
+		{"a PID nobody runs", fmt.Sprintf("%d %d\n", 1<<22+1, start), 0, false},
+		{"a torn marker", "12", 0, false},
+		{"no marker, no PID", "", 0, true},
+		{"no marker, a live PID", "", self, true},
+		{"no marker, a PID nobody runs", "", 1<<22 + 1, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			if tc.marker != "" {
+				if err := os.WriteFile(filepath.Join(dir, rigOwnerFile), []byte(tc.marker), 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if got := rigOwnerAlive(dir, tc.pid); got != tc.alive {
+				t.Errorf("rigOwnerAlive with marker %q and pid %d = %v, want %v", tc.marker, tc.pid, got, tc.alive)
+			}
+		})
+	}
+}
+
 // TestRigSmoke checks the rig itself: two pushed images differ, a unit runs
 // the older one, and podman auto-update moves it to the newer one through the
 // user manager.
