@@ -1105,6 +1105,11 @@ type e2eServer struct {
 
 // startE2EServer starts `webhook-auto-update server` with the given extra environment and stops
 // it (SIGTERM, expecting exit 0) when the test ends.
+// e2eHealthSettle is the health gate's settle window in the E2E servers. A broken image's
+// container fails only once rootless podman has started it, which on a loaded machine (two runs,
+// -race) took longer than 2 s: the gate then saw an active unit and passed it.
+const e2eHealthSettle = "WEBHOOK_HEALTH_SETTLE_SECS=10"
+
 func startE2EServer(t *testing.T, extraEnv ...string) *e2eServer {
 	t.Helper()
 	r := needRig(t)
@@ -1116,7 +1121,7 @@ func startE2EServer(t *testing.T, extraEnv ...string) *e2eServer {
 	s := &e2eServer{url: fmt.Sprintf("http://127.0.0.1:%d", port), state: r.TempDir(t),
 		secret: "e2e secret " + rigUniqueName(t, "s"), log: &logBuffer{}}
 	cmd := r.Command(bin, "server", "--listen", fmt.Sprintf("127.0.0.1:%d", port), "--state-dir", s.state)
-	cmd.Env = append(cmd.Env, "GITHUB_WEBHOOK_SECRET="+s.secret, "WEBHOOK_HEALTH_SETTLE_SECS=2",
+	cmd.Env = append(cmd.Env, "GITHUB_WEBHOOK_SECRET="+s.secret, e2eHealthSettle,
 		"WEBHOOK_PULL_RETRY_SECS=1")
 	cmd.Env = append(cmd.Env, extraEnv...)
 	cmd.Stdout, cmd.Stderr = s.log, s.log
@@ -1486,7 +1491,7 @@ func TestE2EGitHubDelivery(t *testing.T) {
 		pid := r.Show(t, unit, "MainPID")["MainPID"]
 		bin := buildBinary(t)
 		cmd := r.Command(bin, "run-task", "--force", "--state-dir", s.state, "--", unit, ref, "manual", "force-1", "/manual")
-		cmd.Env = append(cmd.Env, "WEBHOOK_HEALTH_SETTLE_SECS=2")
+		cmd.Env = append(cmd.Env, e2eHealthSettle)
 		// The registry holds the broken image under the tag: push the running one back, so the
 		// pull brings nothing new.
 		if out, err := r.Podman(t, "push", "--quiet", ref); err != nil {
