@@ -2523,7 +2523,7 @@ func TestE2EEventsOfADelivery(t *testing.T) {
 	}
 	rows := s.waitTask(t, r, delivery)
 	if got := strings.Join(steps(rows), ","); got != "started,pulled,restarted,healthy,completed" {
-		t.Fatalf("task steps %s; server log:\n%s", got, s.log)
+		t.Fatalf("task steps %s; server log:\n%s", stepDetails(rows), s.log)
 	}
 	if got := r.ContainerImage(t, ctr); got != id2 {
 		t.Fatalf("%s runs %s, want v2 %s", ctr, got, id2)
@@ -2532,8 +2532,8 @@ func TestE2EEventsOfADelivery(t *testing.T) {
 	bin := buildBinary(t)
 	events := func(args ...string) string {
 		t.Helper()
-		cmd := exec.Command(bin, append([]string{"events", "--state-dir", s.state, "--delivery", delivery}, args...)...)
-		cmd.Env = append(os.Environ(), "TZ=UTC")
+		cmd := r.Command(bin, append([]string{"events", "--state-dir", s.state, "--delivery", delivery}, args...)...)
+		cmd.Env = append(cmd.Env, "TZ=UTC")
 		var stderr bytes.Buffer
 		cmd.Stderr = &stderr
 		out, err := cmd.Output()

@@ -58,22 +58,17 @@ type cli struct {
 	log    *logger
 }
 
-// commands maps a subcommand name to its implementation. It is filled in init to let commands
-// refer to the table (help) without an initialisation cycle.
-var commands map[string]func(c *cli, args []string) int
-
-func init() {
-	commands = map[string]func(c *cli, args []string) int{
-		"server":        cmdServer,
-		"run-task":      cmdRunTask,
-		"scheduler":     cmdScheduler,
-		"trigger-units": cmdTriggerUnits,
-		"trigger-all":   cmdTriggerAll,
-		"prune-state":   cmdPruneState,
-		"events":        cmdEvents,
-		"version":       cmdVersion,
-		"help":          cmdHelp,
-	}
+// commands maps a subcommand name to its implementation.
+var commands = map[string]func(c *cli, args []string) int{
+	"server":        cmdServer,
+	"run-task":      cmdRunTask,
+	"scheduler":     cmdScheduler,
+	"trigger-units": cmdTriggerUnits,
+	"trigger-all":   cmdTriggerAll,
+	"prune-state":   cmdPruneState,
+	"events":        cmdEvents,
+	"version":       cmdVersion,
+	"help":          cmdHelp,
 }
 
 // run is the whole program; main only exits with what it returns.
@@ -140,9 +135,9 @@ type window struct {
 	span  time.Duration
 }
 
-// config is every setting of the program. loadConfig fills it from the environment variables of
-// SPEC.md (the original tool's names), the subcommand's flags override it, and finish derives the
-// paths that depend on the state directory.
+// config is every setting of the program. loadConfig fills it from the environment variables
+// (pod-upgrade-trigger's names, listed in the README's Configuration table), the subcommand's
+// flags override it, and finish derives the paths that depend on the state directory.
 type config struct {
 	stateDir         string
 	dbURL            string

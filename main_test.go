@@ -1,31 +1,44 @@
 // main_test.go owns the test harness: TestMain, the fake programs the test
-// binary impersonates, the rig that drives the real programs of E2E.md
-// (a systemd --user manager, podman and a local registry) for system tests,
-// and TestREADME, which runs README.md's examples (its convention is below).
+// binary impersonates, the rig: the real programs the tool drives in
+// production (a systemd --user manager, rootless podman and a local registry),
+// for system tests, and TestREADME, which runs README.md's examples (its
+// convention is below).
+//
+// The rig is one throwaway non-root user per test run, wau-rig-<pid>, with its
+// own user manager (in a cgroup it owns, XDG_RUNTIME_DIR /run/user/<uid>), its
+// own rootless podman store (driver vfs, configured in its
+// ~/.config/containers) and its own docker-registry on a free port, so two test
+// runs on one host never share a manager, a store or a registry. The server and
+// run-task processes of system tests run as that user (rig.Command).
 //
 // Rules: the rig starts once per test binary, on the first needRig call, and
-// TestMain tears it down; every unit, container and image a test creates is
-// removed by that test's t.Cleanup; every command runs with a timeout; a
-// missing prerequisite skips, except under CI=true or WEBHOOK_E2E=1, where it
-// fails.
+// TestMain tears it down; TestMain first sweeps what runs that died (a timeout
+// panic skips teardown) left behind, recognised by the owner marker each holds
+// (the owning test process's PID and start time), never touching a live run's;
+// every unit, container and image a test creates is removed by that test's
+// t.Cleanup; every command runs with a timeout; a missing prerequisite skips,
+// except under CI=true or WEBHOOK_E2E=1, where it fails.
 package main
 
 import (
 	"archive/tar"
 	"bufio"
+	"bytes"
 	"context"
 	"database/sql"
 	"debug/elf"
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"net"
 	"net/http"
 	"os"
 	"os/exec"
+	"os/user"
 	"path/filepath"
 	"regexp"
-	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -42,6 +55,9 @@ var fakePrograms = map[string]func() int{}
 func TestMain(m *testing.M) {
 	if fake, ok := fakePrograms[filepath.Base(os.Args[0])]; ok {
 		os.Exit(fake())
+	}
+	for _, err := range rigSweep() {
+		fmt.Fprintf(os.Stderr, "test rig sweep: %v\n", err)
 	}
 	code := m.Run()
 	if err := rigTeardown(); err != nil {
@@ -100,35 +116,53 @@ const (
 	// rigSystemPath is where the rig looks for the real programs, so a test
 	// that put fakes on PATH never hands a fake to the rig.
 	rigSystemPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-	// rigUserManager is the binary E2E.md starts as the systemd --user manager.
+	// rigUserManager is the systemd --user manager binary.
 	rigUserManager = "/lib/systemd/systemd"
-	// rigRuntimeDir is root's XDG_RUNTIME_DIR.
-	rigRuntimeDir = "/run/user/0"
-	// rigSystemPrivate is where root's podman auto-update looks for the system
-	// manager; the rig points it at the user manager (E2E.md).
-	rigSystemPrivate = "/run/systemd/private"
+	// rigUserPrefix names the rig's throwaway users: rigUserPrefix + the PID of
+	// the test process that owns it.
+	rigUserPrefix = "wau-rig-"
+	// rigOwnerFile, in the rig user's home (and in buildBinary's directory),
+	// records the owning test process as "<pid> <start time>".
+	rigOwnerFile = ".wau-rig-owner"
+	// rigSystemDir must exist for systemd --user to start (it is how systemd
+	// tells it was booted with systemd); on a host without systemd as PID 1 the
+	// rig makes it and leaves rigSystemDirMark in it.
+	rigSystemDir     = "/run/systemd/system"
+	rigSystemDirMark = rigSystemDir + "/.made-by-wau-rig"
 )
 
-// rigRun runs name with args and a timeout and returns the combined
-// output; an error names the command and carries its output.
+// rigRun runs name with args and a timeout as the test process and returns
+// its standard output; an error names the command and carries its output.
 func rigRun(timeout time.Duration, name string, args ...string) (string, error) {
+	return rigRunCmd(timeout, exec.Command(name, args...))
+}
+
+// rigRunCmd runs cmd with a timeout and returns its standard output; an error
+// names the command and carries its standard error and output. Only standard
+// output is returned: rootless podman warns on standard error, which must not
+// end up in an image ID.
+func rigRunCmd(timeout time.Duration, cmd *exec.Cmd) (string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, name, args...)
+	c := exec.CommandContext(ctx, cmd.Path, cmd.Args[1:]...)
+	c.Env, c.Dir, c.SysProcAttr = cmd.Env, cmd.Dir, cmd.SysProcAttr
+	var stdout, stderr bytes.Buffer
+	c.Stdout, c.Stderr = &stdout, &stderr
 	// A child such as conmon may keep the output pipe open after the
 	// command itself has exited.
-	cmd.WaitDelay = 5 * time.Second
-	out, err := cmd.CombinedOutput()
-	if errors.Is(err, exec.ErrWaitDelay) && cmd.ProcessState != nil && cmd.ProcessState.Success() {
+	c.WaitDelay = 5 * time.Second
+	err := c.Run()
+	if errors.Is(err, exec.ErrWaitDelay) && c.ProcessState != nil && c.ProcessState.Success() {
 		err = nil
 	}
 	if ctx.Err() != nil {
 		err = fmt.Errorf("timed out after %s: %w", timeout, err)
 	}
 	if err != nil {
-		return string(out), fmt.Errorf("%s: %w: %s", strings.Join(append([]string{name}, args...), " "), err, strings.TrimSpace(string(out)))
+		return stdout.String(), fmt.Errorf("%s: %w: %s", strings.Join(cmd.Args, " "), err,
+			strings.TrimSpace(stderr.String()+"\n"+stdout.String()))
 	}
-	return string(out), nil
+	return stdout.String(), nil
 }
 
 // rigLookPath finds a program in rigSystemPath, ignoring PATH.
@@ -161,7 +195,7 @@ func rigSkipOrFail(t *testing.T, format string, args ...any) {
 func rigMissing() []string {
 	var missing []string
 	if os.Geteuid() != 0 {
-		missing = append(missing, "root (uid 0)")
+		missing = append(missing, "root (uid 0), to add the rig's user")
 	}
 	for _, p := range []struct{ name, pkg string }{
 		{"podman", "podman"},
@@ -169,6 +203,10 @@ func rigMissing() []string {
 		{"docker-registry", "docker-registry"},
 		{"systemctl", "systemd"},
 		{"systemd-run", "systemd"},
+		{"newuidmap", "uidmap"},
+		{"useradd", "passwd"},
+		{"userdel", "passwd"},
+		{"setpriv", "util-linux"},
 	} {
 		if _, err := rigLookPath(p.name); err != nil {
 			missing = append(missing, fmt.Sprintf("%s (apt package %s)", p.name, p.pkg))
@@ -179,6 +217,9 @@ func rigMissing() []string {
 	}
 	if err := rigCheckStatic("/bin/busybox"); err != nil {
 		missing = append(missing, fmt.Sprintf("static /bin/busybox (apt package busybox-static): %v", err))
+	}
+	if len(rigCgroupRoots()) == 0 {
+		missing = append(missing, "a writable cgroup hierarchy under /sys/fs/cgroup")
 	}
 	return missing
 }
@@ -199,28 +240,43 @@ func rigCheckStatic(path string) error {
 	return nil
 }
 
-// rig is the shared real system of E2E.md: a systemd --user manager, a local
-// registry and podman configured by files in a temporary directory.
+// rigCgroupRoots returns the cgroup hierarchies a user manager needs a cgroup
+// of its own in (what logind's user@.service gives it on a real host): the
+// cgroup2 hierarchy, and on a hybrid host also the name=systemd one.
+func rigCgroupRoots() []string {
+	if _, err := os.Stat("/sys/fs/cgroup/cgroup.controllers"); err == nil {
+		return []string{"/sys/fs/cgroup"}
+	}
+	var roots []string
+	for _, h := range []string{"/sys/fs/cgroup/unified", "/sys/fs/cgroup/systemd"} {
+		if _, err := os.Stat(filepath.Join(h, "cgroup.procs")); err == nil {
+			roots = append(roots, h)
+		}
+	}
+	return roots
+}
+
+// rig is the real system a test run drives: a throwaway user with its own
+// systemd --user manager and rootless podman, and a local registry.
 type rig struct {
-	dir        string // everything the rig owns, removed at teardown
+	user       string // wau-rig-<pid>
+	uid, gid   int
+	home       string // the user's home: podman's store and configuration, and dir
+	dir        string // what the rig itself keeps (registry storage, logs), in home
 	runtimeDir string // XDG_RUNTIME_DIR of the user manager
 	unitDir    string // runtime unit directory of the user manager
 	registry   string // host:port of the local registry
 	podman     string
 	systemctl  string
-	storage    string // storage driver of the rig's own store; "" means the host's store
-	notes      []string
+	storage    string // storage driver of the user's store
 
-	manager        *exec.Cmd // nil when an already running manager was reused
+	manager        *exec.Cmd
 	managerCancel  context.CancelFunc
 	managerDone    chan struct{}
 	registryCmd    *exec.Cmd
 	registryCancel context.CancelFunc
 	registryDone   chan struct{}
-
-	createdSystemDir bool // we made /run/systemd/system
-	createdPrivate   bool // we made the /run/systemd/private symlink
-	managerEnv       []string
+	systemDir      *os.File // a shared flock on rigSystemDir while the manager needs it
 }
 
 var (
@@ -255,25 +311,15 @@ func needRig(t *testing.T) *rig {
 		t.Fatalf("start test rig: %v", rigErr)
 	}
 	if !rigReported.Swap(true) {
-		how := "started"
-		if theRig.manager == nil {
-			how = "reused"
-		}
-		storage := theRig.storage
-		if storage == "" {
-			storage = "host default"
-		}
-		t.Logf("test rig ready in %s: registry %s, storage %s, user manager %s", rigStartup.Round(time.Millisecond), theRig.registry, storage, how)
-		for _, n := range theRig.notes {
-			t.Logf("test rig: %s", n)
-		}
+		t.Logf("test rig ready in %s: user %s (uid %d), registry %s, storage %s",
+			rigStartup.Round(time.Millisecond), theRig.user, theRig.uid, theRig.registry, theRig.storage)
 	}
 	return theRig
 }
 
 // rigStart brings up the rig; on error it tears down what it started.
 func rigStart() (_ *rig, err error) {
-	r := &rig{runtimeDir: rigRuntimeDir}
+	r := &rig{user: rigUserPrefix + strconv.Itoa(os.Getpid())}
 	rigMu.Lock()
 	theRig = r // so rigTeardown cleans up a half-started rig too
 	rigMu.Unlock()
@@ -290,14 +336,10 @@ func rigStart() (_ *rig, err error) {
 	if r.systemctl, err = rigLookPath("systemctl"); err != nil {
 		return nil, err
 	}
-	if r.dir, err = os.MkdirTemp("", "webhook-rig-"); err != nil {
+	if err := r.addUser(); err != nil {
 		return nil, err
 	}
-	r.unitDir = filepath.Join(r.runtimeDir, "systemd", "user")
 	if err := r.startManager(); err != nil {
-		return nil, err
-	}
-	if err := r.linkPrivate(); err != nil {
 		return nil, err
 	}
 	if err := r.startRegistry(); err != nil {
@@ -306,14 +348,171 @@ func rigStart() (_ *rig, err error) {
 	if err := r.configurePodman(); err != nil {
 		return nil, err
 	}
-	if err := os.MkdirAll(r.unitDir, 0o755); err != nil {
-		return nil, err
-	}
 	return r, nil
 }
 
+// addUser adds the rig's user, marks its home as this process's, and makes
+// the directories the rig keeps there.
+func (r *rig) addUser() error {
+	if _, err := rigRun(rigCmdTimeout, "useradd", "--create-home", "--shell", "/bin/sh",
+		"--comment", "webhook-auto-update test rig", "--", r.user); err != nil {
+		return err
+	}
+	u, err := user.Lookup(r.user)
+	if err != nil {
+		return err
+	}
+	r.home = u.HomeDir
+	if r.uid, err = strconv.Atoi(u.Uid); err != nil {
+		return err
+	}
+	if r.gid, err = strconv.Atoi(u.Gid); err != nil {
+		return err
+	}
+	if err := rigWriteOwner(r.home); err != nil {
+		return err
+	}
+	// Others may enter the home (not list it): root's registry keeps its
+	// storage in dir, and nothing secret lives here.
+	if err := os.Chmod(r.home, 0o711); err != nil {
+		return err
+	}
+	r.dir = filepath.Join(r.home, "rig")
+	r.runtimeDir = fmt.Sprintf("/run/user/%d", r.uid)
+	r.unitDir = filepath.Join(r.runtimeDir, "systemd", "user")
+	if err := os.Mkdir(r.dir, 0o700); err != nil {
+		return err
+	}
+	if err := r.mkdirOwned(filepath.Join(r.home, "tmp")); err != nil {
+		return err
+	}
+	// A runtime directory left by an earlier user with this uid is not ours.
+	if err := os.RemoveAll(r.runtimeDir); err != nil {
+		return err
+	}
+	for _, d := range []string{r.runtimeDir, filepath.Dir(r.unitDir), r.unitDir} {
+		if err := r.mkdirOwned(d); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// mkdirOwned makes dir (mode 0700) owned by the rig's user.
+func (r *rig) mkdirOwned(dir string) error {
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		return err
+	}
+	return os.Chown(dir, r.uid, r.gid)
+}
+
+// rigWriteOwner records this test process as the owner of dir.
+func rigWriteOwner(dir string) error {
+	start, err := rigStartTime(os.Getpid())
+	if err != nil {
+		return err
+	}
+	tmp := filepath.Join(dir, rigOwnerFile+".tmp")
+	if err := os.WriteFile(tmp, []byte(fmt.Sprintf("%d %d\n", os.Getpid(), start)), 0o644); err != nil {
+		return err
+	}
+	return os.Rename(tmp, filepath.Join(dir, rigOwnerFile))
+}
+
+// rigStartTime returns the start time of process pid, in clock ticks since
+// boot (field 22 of /proc/<pid>/stat): with the PID it names one process,
+// however PIDs are reused.
+func rigStartTime(pid int) (uint64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, err
+	}
+	// The command name, field 2, may hold spaces and parentheses.
+	i := bytes.LastIndexByte(b, ')')
+	fields := strings.Fields(string(b[i+1:]))
+	if i < 0 || len(fields) < 20 {
+		return 0, fmt.Errorf("/proc/%d/stat: unexpected format", pid)
+	}
+	return strconv.ParseUint(fields[19], 10, 64)
+}
+
+// rigOwnerAlive reports whether the test process recorded in dir's owner
+// marker still runs. Without a marker (its owner may be about to write it) it
+// reports whether pid runs, and true if pid is 0: what is not known to be dead
+// is left alone.
+func rigOwnerAlive(dir string, pid int) bool {
+	b, err := os.ReadFile(filepath.Join(dir, rigOwnerFile))
+	if err != nil {
+		if pid == 0 {
+			return true
+		}
+		_, err := os.Stat(fmt.Sprintf("/proc/%d", pid))
+		return err == nil
+	}
+	var start uint64
+	if _, err := fmt.Sscanf(string(b), "%d %d", &pid, &start); err != nil {
+		return false
+	}
+	now, err := rigStartTime(pid)
+	return err == nil && now == start
+}
+
+// rigEnv is the environment of everything that runs as the rig's user: a
+// login's, as on a real host, and nothing of the test process's.
+func (r *rig) rigEnv() []string {
+	return []string{
+		"HOME=" + r.home, "USER=" + r.user, "LOGNAME=" + r.user, "SHELL=/bin/sh",
+		"PATH=" + rigSystemPath, "LANG=C.UTF-8", "XDG_RUNTIME_DIR=" + r.runtimeDir,
+		"DBUS_SESSION_BUS_ADDRESS=unix:path=" + filepath.Join(r.runtimeDir, "bus"),
+	}
+}
+
+// Command returns a command that runs name as the rig's user, in its home,
+// with its login environment (rigEnv); the caller may append to Env. The
+// process is the command itself, so signals and PIDs are the caller's to use.
+func (r *rig) Command(name string, args ...string) *exec.Cmd {
+	cmd := exec.Command(name, args...)
+	cmd.Env = r.rigEnv()
+	cmd.Dir = r.home
+	cmd.SysProcAttr = &syscall.SysProcAttr{
+		Credential: &syscall.Credential{Uid: uint32(r.uid), Gid: uint32(r.gid), Groups: []uint32{}},
+	}
+	return cmd
+}
+
+// TempDir returns a new directory owned by the rig's user (t.TempDir's are
+// root's and closed to it), removed when the test ends.
+func (r *rig) TempDir(t *testing.T) string {
+	t.Helper()
+	dir, err := os.MkdirTemp(filepath.Join(r.home, "tmp"), "t-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chown(dir, r.uid, r.gid); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
+}
+
+// Chown gives paths to the rig's user, for files a test wrote as root where
+// the rig's processes write too.
+func (r *rig) Chown(t *testing.T, paths ...string) {
+	t.Helper()
+	for _, p := range paths {
+		if err := os.Lchown(p, r.uid, r.gid); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// runAs runs name as the rig's user and returns its standard output.
+func (r *rig) runAs(name string, args ...string) (string, error) {
+	return rigRunCmd(rigCmdTimeout, r.Command(name, args...))
+}
+
 func (r *rig) systemctlUser(args ...string) (string, error) {
-	return rigRun(rigCmdTimeout, r.systemctl, append([]string{"--user"}, args...)...)
+	return r.runAs(r.systemctl, append([]string{"--user"}, args...)...)
 }
 
 // managerState returns the first line systemctl --user is-system-running prints.
@@ -323,28 +522,33 @@ func (r *rig) managerState() string {
 	return line
 }
 
-// startManager reuses a running systemd --user manager or starts one, as in
-// E2E.md.
+// startManager starts the user's systemd --user manager in a cgroup it owns,
+// which it needs to start at all (without one it exits 1 silently: EACCES on
+// its cgroup.procs). Only root may move a process into that cgroup, so a
+// shell moves itself there first and then becomes the user and the manager,
+// keeping its PID; setpriv's --pdeathsig stops the manager if the test
+// process dies.
 func (r *rig) startManager() error {
-	if _, err := os.Stat("/run/systemd/system"); errors.Is(err, os.ErrNotExist) {
-		if err := os.MkdirAll("/run/systemd/system", 0o755); err != nil {
-			return err
+	release, err := rigHoldSystemDir()
+	if err != nil {
+		return err
+	}
+	r.systemDir = release
+	var procs []string
+	for _, root := range rigCgroupRoots() {
+		cg := filepath.Join(root, r.user, fmt.Sprintf("user@%d.service", r.uid))
+		if err := os.MkdirAll(cg, 0o755); err != nil {
+			return fmt.Errorf("make the user manager's cgroup: %w", err)
 		}
-		r.createdSystemDir = true
-	}
-	if err := os.MkdirAll(r.runtimeDir, 0o700); err != nil {
-		return err
-	}
-	if err := os.Chmod(r.runtimeDir, 0o700); err != nil {
-		return err
-	}
-	os.Setenv("XDG_RUNTIME_DIR", r.runtimeDir)
-
-	switch r.managerState() {
-	case "running", "degraded":
-		return nil
-	case "initializing", "starting":
-		return r.waitManager(nil, "")
+		if err := filepath.WalkDir(filepath.Join(root, r.user), func(p string, _ fs.DirEntry, err error) error {
+			if err != nil {
+				return err
+			}
+			return os.Lchown(p, r.uid, r.gid)
+		}); err != nil {
+			return fmt.Errorf("give the user manager's cgroup to %s: %w", r.user, err)
+		}
+		procs = append(procs, filepath.Join(cg, "cgroup.procs"))
 	}
 
 	logPath := filepath.Join(r.dir, "systemd-user.log")
@@ -354,19 +558,20 @@ func (r *rig) startManager() error {
 	}
 	defer logFile.Close()
 	ctx, cancel := context.WithCancel(context.Background())
-	cmd := exec.CommandContext(ctx, rigUserManager, "--user")
-	cmd.Dir = "/"
-	// A login-like environment, not the test's: units see only this plus
-	// what set-environment adds, as on a real host.
-	cmd.Env = []string{
-		"HOME=/root", "USER=root", "LOGNAME=root", "SHELL=/bin/sh",
-		"PATH=" + rigSystemPath, "LANG=C.UTF-8", "XDG_RUNTIME_DIR=" + r.runtimeDir,
-	}
+	args := []string{"-c", `while [ "$1" != -- ]; do echo $$ >"$1" || exit 1; shift; done; shift; exec "$@"`, "sh"}
+	args = append(args, procs...)
+	args = append(args, "--", "setpriv", "--reuid", strconv.Itoa(r.uid), "--regid", strconv.Itoa(r.gid),
+		"--init-groups", "--pdeathsig", "TERM", "--", "env", "-i")
+	args = append(args, r.rigEnv()...)
+	args = append(args, rigUserManager, "--user")
+	cmd := exec.CommandContext(ctx, "/bin/sh", args...)
+	cmd.Dir = r.home
+	cmd.Env = []string{"PATH=" + rigSystemPath}
 	cmd.Stdout, cmd.Stderr = logFile, logFile
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Pdeathsig: syscall.SIGTERM}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	// SIGTERM makes a user manager start exit.target, stopping every unit.
 	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
-	cmd.WaitDelay = 20 * time.Second
+	cmd.WaitDelay = 30 * time.Second
 	if err := cmd.Start(); err != nil {
 		cancel()
 		return fmt.Errorf("start %s --user: %w", rigUserManager, err)
@@ -382,52 +587,107 @@ func (r *rig) startManager() error {
 
 // waitManager polls until the user manager is running or degraded.
 func (r *rig) waitManager(done chan struct{}, logPath string) error {
-	deadline := time.Now().Add(20 * time.Second)
+	const limit = 60 * time.Second
+	deadline := time.Now().Add(limit)
 	for {
 		state := r.managerState()
 		if state == "running" || state == "degraded" {
 			return nil
 		}
 		exited := false
-		if done != nil {
-			select {
-			case <-done:
-				exited = true
-			default:
-			}
+		select {
+		case <-done:
+			exited = true
+		default:
 		}
 		if exited || time.Now().After(deadline) {
-			why := "did not become running within 20s"
+			why := fmt.Sprintf("did not become running within %s", limit)
 			if exited {
 				why = "exited: " + r.manager.ProcessState.String()
 			}
-			var log []byte
-			if logPath != "" {
-				log, _ = os.ReadFile(logPath)
-			}
-			return fmt.Errorf("%s --user %s (systemctl --user is-system-running: %q); its output: %s", rigUserManager, why, state, strings.TrimSpace(string(log)))
+			log, _ := os.ReadFile(logPath)
+			return fmt.Errorf("%s --user as %s %s (systemctl --user is-system-running: %q); its output: %s",
+				rigUserManager, r.user, why, state, strings.TrimSpace(string(log)))
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
 }
 
-// linkPrivate points /run/systemd/private at the user manager if nothing is
-// there, so podman auto-update run as root restarts user units (E2E.md).
-func (r *rig) linkPrivate() error {
-	target := filepath.Join(r.runtimeDir, "systemd", "private")
-	if cur, err := os.Readlink(rigSystemPrivate); err == nil && cur == target {
-		r.notes = append(r.notes, rigSystemPrivate+" already points at the user manager; left in place")
+// rigHoldSystemDir makes sure rigSystemDir exists and holds a shared flock on
+// it until the returned file is closed. Two runs need it at once and either
+// may finish first: the flock tells the last one out (rigReleaseSystemDir)
+// that it may remove the directory, and only if a rig made it. Making and
+// removing happen under an exclusive flock on its parent.
+func rigHoldSystemDir() (*os.File, error) {
+	parent, err := rigLockParent()
+	if err != nil {
+		return nil, err
+	}
+	defer parent.Close()
+	if _, err := os.Stat(rigSystemDir); errors.Is(err, os.ErrNotExist) {
+		if err := os.Mkdir(rigSystemDir, 0o755); err != nil {
+			return nil, err
+		}
+		if err := os.WriteFile(rigSystemDirMark, nil, 0o644); err != nil {
+			return nil, err
+		}
+	}
+	d, err := os.Open(rigSystemDir)
+	if err != nil {
+		return nil, err
+	}
+	// Exclusive flocks on it are only taken under the parent's: this cannot wait.
+	if err := syscall.Flock(int(d.Fd()), syscall.LOCK_SH); err != nil {
+		d.Close()
+		return nil, fmt.Errorf("flock %s: %w", rigSystemDir, err)
+	}
+	return d, nil
+}
+
+// rigReleaseSystemDir drops held (nil if none) and removes rigSystemDir if a
+// rig made it and no rig holds it any more.
+func rigReleaseSystemDir(held *os.File) error {
+	parent, err := rigLockParent()
+	if err != nil {
+		return err
+	}
+	defer parent.Close()
+	if held != nil {
+		held.Close()
+	}
+	d, err := os.Open(rigSystemDir)
+	if err != nil {
 		return nil
 	}
-	if _, err := os.Lstat(rigSystemPrivate); !errors.Is(err, os.ErrNotExist) {
-		r.notes = append(r.notes, rigSystemPrivate+" exists and is not ours: podman auto-update will talk to the system manager")
-		return nil
+	defer d.Close()
+	if syscall.Flock(int(d.Fd()), syscall.LOCK_EX|syscall.LOCK_NB) != nil {
+		return nil // another run's manager still needs it
 	}
-	if err := os.Symlink(target, rigSystemPrivate); err != nil {
-		return fmt.Errorf("link %s to the user manager: %w", rigSystemPrivate, err)
+	if _, err := os.Stat(rigSystemDirMark); err != nil {
+		return nil // not a rig's
 	}
-	r.createdPrivate = true
-	return nil
+	if err := os.Remove(rigSystemDirMark); err != nil {
+		return err
+	}
+	return os.Remove(rigSystemDir)
+}
+
+// rigLockParent opens rigSystemDir's parent with an exclusive flock, released
+// when the file is closed.
+func rigLockParent() (*os.File, error) {
+	dir := filepath.Dir(rigSystemDir)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, err
+	}
+	f, err := os.Open(dir)
+	if err != nil {
+		return nil, err
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("flock %s: %w", dir, err)
+	}
+	return f, nil
 }
 
 // rigFreePort returns a TCP port on 127.0.0.1 that was free a moment ago.
@@ -492,7 +752,7 @@ func (r *rig) tryRegistry(bin, storage string) error {
 		close(done)
 	}()
 	client := &http.Client{Timeout: 2 * time.Second}
-	deadline := time.Now().Add(15 * time.Second)
+	deadline := time.Now().Add(time.Minute)
 	for {
 		resp, err := client.Get("http://" + addr + "/v2/")
 		if err == nil {
@@ -518,70 +778,47 @@ func (r *rig) tryRegistry(bin, storage string) error {
 	}
 }
 
-// rigEnvNames are the variables the rig sets in the test process and in the
-// user manager.
-var rigEnvNames = []string{"CONTAINERS_CONF", "CONTAINERS_REGISTRIES_CONF", "CONTAINERS_STORAGE_CONF"}
-
-// configurePodman writes the containers.conf and registries.conf of E2E.md and,
-// where the host supports it, a storage.conf with a private image store; it
-// exports them to the test process and to the user manager.
+// configurePodman writes the user's rootless podman configuration: runc
+// rather than crun (which fails on hosts with hybrid cgroups and rlimits),
+// cgroupfs, no network namespace, the vfs storage driver (which needs
+// nothing from the kernel), and the rig's registry as an insecure (plain
+// HTTP) one. The units podman auto-update restarts and podman-auto-update.service
+// read it too: they run as the user, without the test's environment.
 func (r *rig) configurePodman() error {
-	dir := filepath.Join(r.dir, "containers")
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return err
+	dir := filepath.Join(r.home, ".config", "containers")
+	for _, d := range []string{filepath.Dir(dir), dir} {
+		if err := r.mkdirOwned(d); err != nil && !errors.Is(err, os.ErrExist) {
+			return err
+		}
 	}
-	conf := filepath.Join(dir, "containers.conf")
-	// crun fails on this machine kind (hybrid cgroups, rlimits): E2E.md.
-	if err := os.WriteFile(conf, []byte(`[containers]
+	files := map[string]string{
+		"containers.conf": `[containers]
 default_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]
 netns = "none"
 [engine]
 runtime = "runc"
 cgroup_manager = "cgroupfs"
 events_logger = "file"
-`), 0o644); err != nil {
-		return err
+`,
+		"storage.conf":    "[storage]\ndriver = \"vfs\"\n",
+		"registries.conf": fmt.Sprintf("[[registry]]\nlocation = %q\ninsecure = true\n", r.registry),
 	}
-	registries := filepath.Join(dir, "registries.conf")
-	if err := os.WriteFile(registries, []byte(fmt.Sprintf("[[registry]]\nlocation = %q\ninsecure = true\n", r.registry)), 0o644); err != nil {
-		return err
-	}
-	os.Setenv("CONTAINERS_CONF", conf)
-	os.Setenv("CONTAINERS_REGISTRIES_CONF", registries)
-
-	storageConf := filepath.Join(dir, "storage.conf")
-	var tried []string
-	for _, driver := range []string{"overlay", "vfs"} {
-		root := filepath.Join(r.dir, "storage-"+driver)
-		text := fmt.Sprintf("[storage]\ndriver = %q\ngraphroot = %q\nrunroot = %q\n", driver, filepath.Join(root, "graph"), filepath.Join(root, "run"))
-		if err := os.WriteFile(storageConf, []byte(text), 0o644); err != nil {
+	for name, text := range files {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte(text), 0o644); err != nil {
 			return err
 		}
-		os.Setenv("CONTAINERS_STORAGE_CONF", storageConf)
-		out, err := rigRun(rigCmdTimeout, r.podman, "info", "--format", "{{.Store.GraphDriverName}}")
-		if err == nil && strings.TrimSpace(out) == driver {
-			r.storage = driver
-			break
-		}
-		tried = append(tried, fmt.Sprintf("%s: %v %s", driver, err, strings.TrimSpace(out)))
-		rigUnmountUnder(root)
-		os.RemoveAll(root)
-	}
-	if r.storage == "" {
-		os.Unsetenv("CONTAINERS_STORAGE_CONF")
-		os.Remove(storageConf)
-		r.notes = append(r.notes, "no private image store works here, using the host's: "+strings.Join(tried, "; "))
-	}
-
-	args := []string{"set-environment"}
-	for _, name := range rigEnvNames {
-		if v, ok := os.LookupEnv(name); ok {
-			args = append(args, name+"="+v)
-			r.managerEnv = append(r.managerEnv, name)
+		if err := os.Chown(p, r.uid, r.gid); err != nil {
+			return err
 		}
 	}
-	if _, err := r.systemctlUser(args...); err != nil {
-		return err
+	out, err := r.runAs(r.podman, "info", "--format", "{{.Store.GraphDriverName}}")
+	if err != nil {
+		return fmt.Errorf("rootless podman as %s: %w", r.user, err)
+	}
+	r.storage = strings.TrimSpace(out)
+	if r.storage != "vfs" {
+		return fmt.Errorf("rootless podman as %s uses storage driver %q, want vfs from %s", r.user, r.storage, filepath.Join(dir, "storage.conf"))
 	}
 	return nil
 }
@@ -597,64 +834,196 @@ func rigTeardown() error {
 		return nil
 	}
 	var errs []error
-	if len(r.managerEnv) > 0 && r.manager == nil {
-		if _, err := r.systemctlUser(append([]string{"unset-environment"}, r.managerEnv...)...); err != nil {
-			errs = append(errs, err)
-		}
-	}
 	if r.manager != nil {
+		// Stops every unit; WaitDelay bounds a manager that hangs.
 		r.managerCancel()
 		<-r.managerDone
-	}
-	if r.createdPrivate {
-		if err := os.Remove(rigSystemPrivate); err != nil {
-			errs = append(errs, err)
-		}
-	}
-	if r.createdSystemDir {
-		// Only if empty: something else may have started using it.
-		os.Remove("/run/systemd/system")
-	}
-	if r.storage != "" {
-		if _, err := rigRun(rigCmdTimeout, r.podman, "rm", "--all", "--force", "--time", "0"); err != nil {
-			errs = append(errs, err)
-		}
-		if _, err := rigRun(rigCmdTimeout, r.podman, "rmi", "--all", "--force"); err != nil {
-			errs = append(errs, err)
-		}
 	}
 	if r.registryCmd != nil {
 		r.registryCancel()
 		<-r.registryDone
 	}
-	if r.dir != "" {
-		rigUnmountUnder(r.dir)
-		if err := os.RemoveAll(r.dir); err != nil {
+	if err := rigRemoveUser(r.user); err != nil {
+		errs = append(errs, err)
+	}
+	if r.systemDir != nil {
+		if err := rigReleaseSystemDir(r.systemDir); err != nil {
 			errs = append(errs, err)
 		}
 	}
 	return errors.Join(errs...)
 }
 
-// rigUnmountUnder detaches every mount below dir, deepest first, so a storage
-// driver's leftovers cannot block removing it.
-func rigUnmountUnder(dir string) {
-	f, err := os.Open("/proc/self/mountinfo")
-	if err != nil {
-		return
+// rigSweep removes what test runs that are gone left behind: rig users
+// (wau-rig-*) whose home's owner marker names a process that no longer runs,
+// and buildBinary directories likewise. A timeout panic ends the test binary
+// without TestMain's teardown; the next run cleans up here. A live run's
+// leftovers-to-be are never touched.
+func rigSweep() []error {
+	if os.Geteuid() != 0 {
+		return nil
 	}
-	defer f.Close()
-	var points []string
-	s := bufio.NewScanner(f)
-	for s.Scan() {
-		fields := strings.Fields(s.Text())
-		if len(fields) > 4 && strings.HasPrefix(fields[4], dir+"/") {
-			points = append(points, fields[4])
+	var errs []error
+	users, err := rigUsers()
+	if err != nil {
+		errs = append(errs, err)
+	}
+	for name, home := range users {
+		pid, _ := strconv.Atoi(strings.TrimPrefix(name, rigUserPrefix))
+		if !rigOwnerAlive(home, pid) {
+			if err := rigRemoveUser(name); err != nil {
+				errs = append(errs, err)
+			}
 		}
 	}
-	sort.Sort(sort.Reverse(sort.StringSlice(points)))
-	for _, p := range points {
-		syscall.Unmount(p, syscall.MNT_DETACH)
+	bins, _ := filepath.Glob(filepath.Join(os.TempDir(), "webhook-bin-*"))
+	for _, dir := range bins {
+		if _, err := os.Stat(filepath.Join(dir, rigOwnerFile)); err == nil && !rigOwnerAlive(dir, 0) {
+			if err := os.RemoveAll(dir); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	if err := rigReleaseSystemDir(nil); err != nil {
+		errs = append(errs, err)
+	}
+	return errs
+}
+
+// rigUsers returns the rig users in /etc/passwd and their homes.
+func rigUsers() (map[string]string, error) {
+	f, err := os.Open("/etc/passwd")
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	users := map[string]string{}
+	s := bufio.NewScanner(f)
+	for s.Scan() {
+		fields := strings.Split(s.Text(), ":")
+		if len(fields) >= 6 && strings.HasPrefix(fields[0], rigUserPrefix) {
+			users[fields[0]] = fields[5]
+		}
+	}
+	return users, s.Err()
+}
+
+// rigRemoveUser removes a rig user and everything it ran and owned: its
+// processes (the manager, its units, conmon, podman's pause process, a
+// server a test started), its cgroups, its runtime directory, and the user
+// with its home. The user is removed last, so an interrupted removal is
+// found again by rigSweep.
+func rigRemoveUser(name string) error {
+	if !strings.HasPrefix(name, rigUserPrefix) {
+		return fmt.Errorf("remove rig user %q: not a rig user", name)
+	}
+	u, err := user.Lookup(name)
+	if err != nil {
+		var unknown user.UnknownUserError
+		if errors.As(err, &unknown) {
+			return nil
+		}
+		return err
+	}
+	uid, err := strconv.Atoi(u.Uid)
+	if err != nil || uid == 0 {
+		return fmt.Errorf("remove rig user %s: bad uid %q", name, u.Uid)
+	}
+	var errs []error
+	if err := rigKillUID(uid); err != nil {
+		errs = append(errs, err)
+	}
+	for _, root := range rigCgroupRoots() {
+		if err := rigRemoveCgroup(filepath.Join(root, name)); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if err := os.RemoveAll(fmt.Sprintf("/run/user/%d", uid)); err != nil {
+		errs = append(errs, err)
+	}
+	if _, err := rigRun(rigCmdTimeout, "userdel", "--remove", "--", name); err != nil &&
+		!strings.Contains(err.Error(), "mail spool") {
+		errs = append(errs, err)
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("remove rig user %s: %w", name, errors.Join(errs...))
+	}
+	return nil
+}
+
+// rigKillUID kills every process whose real or effective uid is uid and
+// waits until none is left.
+func rigKillUID(uid int) error {
+	const limit = 30 * time.Second
+	deadline := time.Now().Add(limit)
+	for {
+		pids := rigPIDsOf(uid)
+		if len(pids) == 0 {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("processes %v of uid %d still run %s after SIGKILL", pids, uid, limit)
+		}
+		for _, pid := range pids {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// rigPIDsOf lists the processes whose real or effective uid is uid, zombies
+// aside (they are gone but for their parent's wait).
+func rigPIDsOf(uid int) []int {
+	entries, _ := os.ReadDir("/proc")
+	var pids []int
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "status"))
+		if err != nil {
+			continue
+		}
+		mine, zombie := false, false
+		for _, line := range strings.Split(string(b), "\n") {
+			f := strings.Fields(line)
+			switch {
+			case len(f) >= 3 && f[0] == "Uid:":
+				mine = f[1] == strconv.Itoa(uid) || f[2] == strconv.Itoa(uid)
+			case len(f) >= 2 && f[0] == "State:":
+				zombie = f[1] == "Z"
+			}
+		}
+		if mine && !zombie {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
+// rigRemoveCgroup removes the cgroup tree at dir, deepest first, waiting for
+// the kernel to let go of processes that just died.
+func rigRemoveCgroup(dir string) error {
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		var dirs []string
+		filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+			if err == nil && d.IsDir() {
+				dirs = append(dirs, p)
+			}
+			return nil
+		})
+		var last error
+		for i := len(dirs) - 1; i >= 0; i-- {
+			if err := os.Remove(dirs[i]); err != nil && !errors.Is(err, os.ErrNotExist) {
+				last = err
+			}
+		}
+		if last == nil || time.Now().After(deadline) {
+			return last
+		}
+		time.Sleep(100 * time.Millisecond)
 	}
 }
 
@@ -665,10 +1034,11 @@ func (r *rig) Registry() string { return r.registry }
 // writes to.
 func (r *rig) UnitDir() string { return r.unitDir }
 
-// Podman runs the real podman with the rig's configuration.
+// Podman runs the real podman as the rig's user and returns its standard
+// output; an error carries its standard error.
 func (r *rig) Podman(t *testing.T, args ...string) (string, error) {
 	t.Helper()
-	return rigRun(rigCmdTimeout, r.podman, args...)
+	return r.runAs(r.podman, args...)
 }
 
 func (r *rig) mustPodman(t *testing.T, args ...string) string {
@@ -680,7 +1050,8 @@ func (r *rig) mustPodman(t *testing.T, args ...string) string {
 	return strings.TrimSpace(out)
 }
 
-// Systemctl runs systemctl --user args.
+// Systemctl runs systemctl --user args as the rig's user and returns its
+// standard output; an error carries its standard error.
 func (r *rig) Systemctl(t *testing.T, args ...string) (string, error) {
 	t.Helper()
 	return r.systemctlUser(args...)
@@ -736,7 +1107,7 @@ func (r *rig) PushBrokenImage(t *testing.T, repo, tag string) (ref, imageID stri
 func (r *rig) pushImage(t *testing.T, repo, tag, version string, busybox bool) (string, string) {
 	t.Helper()
 	ref := r.registry + "/" + repo + ":" + tag
-	archive := filepath.Join(t.TempDir(), "image.tar")
+	archive := filepath.Join(r.TempDir(t), "image.tar")
 	if err := rigImageTar(archive, version, busybox); err != nil {
 		t.Fatalf("build image %s: %v", ref, err)
 	}
@@ -744,7 +1115,7 @@ func (r *rig) pushImage(t *testing.T, repo, tag, version string, busybox bool) (
 	r.mustPodman(t, "push", "--quiet", ref)
 	id := r.mustPodman(t, "image", "inspect", "--format", "{{.Id}}", ref)
 	t.Cleanup(func() {
-		if out, err := r.Podman(t, "rmi", "--force", id); err != nil && !strings.Contains(out, "image not known") {
+		if _, err := r.Podman(t, "rmi", "--force", id); err != nil && !strings.Contains(err.Error(), "image not known") {
 			t.Errorf("remove image %s: %v", ref, err)
 		}
 	})
@@ -910,6 +1281,14 @@ func buildBinary(t *testing.T) string {
 		if binaryDir, binaryErr = os.MkdirTemp("", "webhook-bin-"); binaryErr != nil {
 			return
 		}
+		// The rig's user runs the binary too; the marker lets rigSweep remove
+		// the directory if this process dies before TestMain does.
+		if binaryErr = os.Chmod(binaryDir, 0o755); binaryErr != nil {
+			return
+		}
+		if binaryErr = rigWriteOwner(binaryDir); binaryErr != nil {
+			return
+		}
 		p := filepath.Join(binaryDir, "webhook-auto-update")
 		if _, binaryErr = rigRun(5*time.Minute, goBin, "build", "-buildvcs=false", "-o", p, "."); binaryErr == nil {
 			binaryPath = p
@@ -919,6 +1298,42 @@ func buildBinary(t *testing.T) string {
 		t.Fatalf("build webhook-auto-update: %v", binaryErr)
 	}
 	return binaryPath
+}
+
+// TestRigOwnerAlive: rigSweep removes a rig only when the test process its marker names is gone,
+// a PID reused by another process included, and leaves alone what it cannot tell.
+func TestRigOwnerAlive(t *testing.T) {
+	self := os.Getpid()
+	start, err := rigStartTime(self)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name   string
+		marker string // "" writes none
+		pid    int    // the PID a rig user's name carries, 0 for none
+		alive  bool
+	}{
+		{"this process", fmt.Sprintf("%d %d\n", self, start), 0, true},
+		{"its PID, another start time", fmt.Sprintf("%d %d\n", self, start+1), 0, false},
+		{"a PID nobody runs", fmt.Sprintf("%d %d\n", 1<<22+1, start), 0, false},
+		{"a torn marker", "12", 0, false},
+		{"no marker, no PID", "", 0, true},
+		{"no marker, a live PID", "", self, true},
+		{"no marker, a PID nobody runs", "", 1<<22 + 1, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			if tc.marker != "" {
+				if err := os.WriteFile(filepath.Join(dir, rigOwnerFile), []byte(tc.marker), 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if got := rigOwnerAlive(dir, tc.pid); got != tc.alive {
+				t.Errorf("rigOwnerAlive with marker %q and pid %d = %v, want %v", tc.marker, tc.pid, got, tc.alive)
+			}
+		})
+	}
 }
 
 // TestRigSmoke checks the rig itself: two pushed images differ, a unit runs
@@ -943,12 +1358,8 @@ func TestRigSmoke(t *testing.T) {
 		t.Fatalf("%s is not active: %q %v", unit, out, err)
 	}
 
-	if !r.createdPrivate {
-		t.Logf("skipping podman auto-update: %s is not the rig's link", rigSystemPrivate)
-		return
-	}
 	// As the server's /auto-update does: podman's own oneshot unit, which
-	// sees the rig's CONTAINERS_* only through the manager's environment.
+	// finds the rig's registry in the user's podman configuration.
 	if _, err := r.Systemctl(t, "start", "podman-auto-update.service"); err != nil {
 		t.Fatal(err)
 	}
@@ -983,8 +1394,8 @@ StandardError=append:%s
 func TestE2ESocketActivation(t *testing.T) {
 	r := needRig(t)
 	bin := buildBinary(t)
-	state := t.TempDir()
-	logPath := filepath.Join(t.TempDir(), "server.log")
+	state := r.TempDir(t)
+	logPath := filepath.Join(r.TempDir(t), "server.log")
 	port, err := rigFreePort()
 	if err != nil {
 		t.Fatal(err)
@@ -1261,7 +1672,7 @@ func TestREADMEHandWrittenUnit(t *testing.T) {
 		s = strings.ReplaceAll(s, "/usr/bin/podman", r.podman)
 		return strings.ReplaceAll(s, "myapp", name)
 	}
-	home := t.TempDir()
+	home := r.TempDir(t) // the server runs as the rig's user and reads the .container file
 	quadlet := filepath.Join(home, ".config", "containers", "systemd", name+".container")
 	if err := os.MkdirAll(filepath.Dir(quadlet), 0o700); err != nil {
 		t.Fatal(err)
@@ -1269,6 +1680,7 @@ func TestREADMEHandWrittenUnit(t *testing.T) {
 	if err := os.WriteFile(quadlet, []byte(fill(quadletText)), 0o600); err != nil {
 		t.Fatal(err)
 	}
+	r.Chown(t, filepath.Join(home, ".config"), filepath.Join(home, ".config", "containers"), filepath.Dir(quadlet), quadlet)
 	unit, ctr := name+".service", "systemd-"+name
 	r.InstallUnit(t, unit, fill(unitText))
 	if _, err := r.Systemctl(t, "start", unit); err != nil {

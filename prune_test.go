@@ -6,7 +6,6 @@ import (
 	"io"
 	"io/fs"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"reflect"
 	"sort"
@@ -338,16 +337,16 @@ func TestPruneStateCommand(t *testing.T) {
 func TestE2EPruneLeavesRunningTaskLock(t *testing.T) {
 	r := needRig(t)
 	bin := buildBinary(t)
-	state := t.TempDir()
+	state := r.TempDir(t)
 	image := r.Registry() + "/" + rigUniqueName(t, "absent") + ":v1"
 	lockPath := imageLockPath(state, image)
 	logPath := imageLimitPath(state, image)
 	// The unit does not exist, so it names no image: WEBHOOK_ALLOW_ANY_IMAGE lets the task go on
 	// to the pull this test is about.
-	env := append(os.Environ(), "WEBHOOK_STATE_DIR="+state, "WEBHOOK_PULL_ATTEMPTS=2", "WEBHOOK_PULL_RETRY_SECS=600",
+	env := append(r.rigEnv(), "WEBHOOK_STATE_DIR="+state, "WEBHOOK_PULL_ATTEMPTS=2", "WEBHOOK_PULL_RETRY_SECS=600",
 		"WEBHOOK_ALLOW_ANY_IMAGE=true")
 
-	task := exec.Command(bin, "run-task", "--", "prune-e2e.service", image, "manual", "manual-prune-e2e", "/test")
+	task := r.Command(bin, "run-task", "--", "prune-e2e.service", image, "manual", "manual-prune-e2e", "/test")
 	task.Env = env
 	var taskErr logBuffer
 	task.Stdout, task.Stderr = &taskErr, &taskErr
@@ -386,9 +385,10 @@ func TestE2EPruneLeavesRunningTaskLock(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	r.Chown(t, other, logPath)
 
 	for _, args := range [][]string{{"--dry-run"}, {}} {
-		cmd := exec.Command(bin, append([]string{"prune-state", "--max-age-hours", "1"}, args...)...)
+		cmd := r.Command(bin, append([]string{"prune-state", "--max-age-hours", "1"}, args...)...)
 		cmd.Env = env
 		out, err := cmd.Output()
 		if err != nil {

@@ -1,8 +1,8 @@
 // scheduler.go owns every trigger on the operator's behalf rather than GitHub's: the scheduler
 // loop, which starts the auto-update unit on a fixed interval; trigger-units / trigger-all on the
 // command line; and their HTTP faces, /auto-update and /api/manual/* (the server routes them
-// here). The CLI and the HTTP API both run triggerUnits in systemd.go, so they resolve and report
-// units exactly alike.
+// here); and the manual-trigger logic they share (triggerUnits and its plan, statuses and
+// outcome), so the CLI and the HTTP API resolve, run and report units exactly alike.
 //
 // Rules: ticks follow a fixed schedule (start + n·interval), so they never drift; a tick runs to
 // completion before the next one is scheduled, so two never overlap, and slots a long tick
@@ -10,6 +10,8 @@
 // in the middle of a wait too, with exit status 0. Every tick and every CLI trigger writes an
 // event_log row; when the log cannot be opened the work still happens and the rows go to stderr.
 // After each tick the scheduler deletes request rows past WEBHOOK_REQUEST_RETENTION_DAYS.
+// A manual trigger restarts a unit only while holding its unit lock, so it never cuts into a
+// redeploy; caller-supplied text passes cleanText before it is printed or stored.
 package main
 
 import (
@@ -23,10 +25,11 @@ import (
 	"strings"
 	"syscall"
 	"time"
+	"unicode"
 )
 
-// minSchedulerInterval is the shortest interval the scheduler accepts (SPEC.md: minimum 60 s);
-// a shorter one is raised to it with a warning. A variable so that tests can lower it.
+// minSchedulerInterval is the shortest interval the scheduler accepts, as pod-upgrade-trigger
+// did (60 s); a shorter one is raised to it with a warning. A variable so that tests can lower it.
 var minSchedulerInterval = 60 * time.Second
 
 const usageScheduler = `usage: webhook-auto-update scheduler [--interval SECS] [--max-iterations N] [--state-dir DIR] [--db URL]
@@ -347,7 +350,7 @@ func cleanList(ids []string) []string {
 
 // Manual triggers: /auto-update and /api/manual/*. A token is compared in constant time and
 // never reaches a log line or an event row (the query is redacted by the middleware, and bodies
-// are never stored). Units reach systemctl only through triggerUnits (systemd.go), which
+// are never stored). Units reach systemctl only through triggerUnits (below), which
 // validates them; commands run detached from the request's cancellation, so a client that hangs
 // up cannot kill systemctl halfway through a restart.
 
@@ -583,4 +586,143 @@ func (s *server) handleManualService(w http.ResponseWriter, r *http.Request) {
 	}
 	ri.meta["status"] = resp.Status
 	replyJSON(w, status, resp)
+}
+
+// Manual triggers. The HTTP API (/api/manual/*) and the trigger-units / trigger-all commands
+// share the code below, so both resolve, de-duplicate, run and report units the same way.
+
+// Statuses of one unit in a manual trigger, as pod-upgrade-trigger reported them (the "status"
+// of each entry in the API's "triggered" list and of each line trigger-units prints).
+const (
+	triggerOK      = "triggered" // systemctl succeeded
+	triggerDryRun  = "dry-run"   // nothing was run
+	triggerFailed  = "failed"    // systemctl ran and exited non-zero
+	triggerError   = "error"     // systemctl could not be run (not on PATH, timed out, killed)
+	triggerInvalid = "invalid"   // the identifier is not a unit this program may touch
+)
+
+// triggerResult is what happened to one unit of a manual trigger.
+type triggerResult struct {
+	Unit    string `json:"unit"`
+	Status  string `json:"status"`
+	Message string `json:"message"`
+	busy    bool   // an error because the unit's lock is held (see triggerUnits)
+}
+
+// planTrigger resolves unit identifiers (see resolveUnit) in the order given. With all set, or
+// when ids is empty, the auto-update unit and WEBHOOK_MANUAL_UNITS come first. A unit named twice,
+// in any spelling, appears once; an identifier that does not resolve is reported invalid and
+// will never reach systemctl.
+func planTrigger(cfg *config, ids []string, all bool) []triggerResult {
+	if all || len(ids) == 0 {
+		ids = append(append([]string{cfg.autoUpdateUnit}, cfg.manualUnits...), ids...)
+	}
+	seen := map[string]bool{}
+	var plan []triggerResult
+	for _, id := range ids {
+		unit, err := resolveUnit(id)
+		if err != nil {
+			shown := cleanText(id, maxUnitNameLen)
+			if !seen["invalid:"+shown] {
+				seen["invalid:"+shown] = true
+				plan = append(plan, triggerResult{Unit: shown, Status: triggerInvalid, Message: err.Error()})
+			}
+			continue
+		}
+		if !seen[unit] {
+			seen[unit] = true
+			plan = append(plan, triggerResult{Unit: unit})
+		}
+	}
+	return plan
+}
+
+// triggerUnits plans a manual trigger and runs it, one unit after the other: the auto-update unit
+// is started (it is usually a oneshot that must not be interrupted), every other unit is
+// restarted. A failure is reported and the remaining units are still processed. A unit is
+// restarted while holding its unit lock, the one run-task holds for a whole redeploy: a restart
+// in the middle of one could fail its health gate and roll a good image back. So a unit whose
+// lock is held (by a redeploy, or another restart) is not restarted but reported as an error, to
+// be retried once it is free.
+func triggerUnits(ctx context.Context, cfg *config, ids []string, all, dryRun bool) []triggerResult {
+	plan := planTrigger(cfg, ids, all)
+	auto, _ := resolveUnit(cfg.autoUpdateUnit)
+	for i := range plan {
+		r := &plan[i]
+		if r.Status == triggerInvalid {
+			continue
+		}
+		verb := "restart"
+		if r.Unit == auto {
+			verb = "start"
+		}
+		if dryRun {
+			r.Status, r.Message = triggerDryRun, "would "+verb+" "+r.Unit
+			continue
+		}
+		var res cmdResult
+		if r.Unit == auto {
+			res = startUnit(ctx, cfg, r.Unit)
+		} else if res, r.busy = restartLocked(ctx, cfg, r.Unit); r.busy {
+			r.Status, r.Message = triggerError, r.Unit+" is busy (a redeploy or another restart holds its lock): not restarted; try again once it is done"
+			continue
+		}
+		switch {
+		case res.err == nil:
+			r.Status, r.Message = triggerOK, res.note
+		case res.exitCode > 0:
+			r.Status, r.Message = triggerFailed, res.err.Error()
+		default:
+			r.Status, r.Message = triggerError, res.err.Error()
+		}
+	}
+	return plan
+}
+
+// restartLocked restarts unit while holding its unit lock, without waiting for it: busy when
+// another holds it. A lock that cannot be taken for another reason is reported as the result.
+func restartLocked(ctx context.Context, cfg *config, unit string) (res cmdResult, busy bool) {
+	lock, err := lockFile(ctx, unitLockPath(cfg.stateDir, unit), 0)
+	if errors.Is(err, errLockTimeout) {
+		return cmdResult{}, true
+	}
+	if err != nil {
+		return cmdResult{exitCode: -1, err: fmt.Errorf("cannot take the unit's lock: %w", err)}, false
+	}
+	defer lock.Unlock()
+	return restartUnit(ctx, cfg, unit), false
+}
+
+// triggerOutcome sums up a manual trigger: valid is how many units were valid, ok whether every
+// unit was triggered (or would be, on a dry run).
+func triggerOutcome(results []triggerResult) (valid int, ok bool) {
+	ok = true
+	for _, r := range results {
+		if r.Status != triggerInvalid {
+			valid++
+		}
+		if r.Status != triggerOK && r.Status != triggerDryRun {
+			ok = false
+		}
+	}
+	return valid, ok
+}
+
+// cleanText makes a caller-supplied string safe to print and store: invalid UTF-8 replaced,
+// control characters (newlines, escapes) dropped, surrounding space trimmed, at most max runes.
+func cleanText(s string, max int) string {
+	s = strings.ToValidUTF8(s, "\uFFFD")
+	var b strings.Builder
+	n := 0
+	for _, r := range s {
+		if unicode.IsControl(r) || r == '\u2028' || r == '\u2029' {
+			continue
+		}
+		if n == max {
+			break
+		}
+		b.WriteRune(r)
+		n++
+	}
+	return strings.TrimSpace(b.String())
 }

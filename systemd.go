@@ -1,6 +1,10 @@
 // systemd.go owns everything that talks to systemd: socket activation (sd_listen_fds(3)),
-// readiness and watchdog notifications (sd_notify(3)), and, for the redeploy, unit name
-// validation and the systemctl / systemd-run command lines.
+// readiness and watchdog notifications (sd_notify(3)), unit name validation and resolution, the
+// systemctl command lines (start, restart, show, and a start that outlives its time limit), a
+// delivery's unit lookup (the unit's Quadlet file and its Image=, concurrent systemctl show calls
+// shared), the run-task transient unit (its name, its systemd-run argv and the allow-listed
+// environment of every child process), and the health gate's unit samples and verdict. The manual
+// triggers that restart units are scheduler.go's.
 //
 // Rules: the activation and notify variables are read straight from the environment and unset
 // once read, so no child process (systemctl, podman, systemd-run) inherits them; passed fds are
@@ -23,7 +27,6 @@ import (
 	"sync"
 	"syscall"
 	"time"
-	"unicode"
 )
 
 // firstListenFD is SD_LISTEN_FDS_START. It is a variable so that a test can hand in the fd of a
@@ -457,10 +460,9 @@ type unitSample struct {
 	subState    string
 	result      string // success, exit-code, signal, …
 	nRestarts   int    // automatic restarts by systemd (Restart=)
-	mainPID     string
 }
 
-var unitSampleProps = []string{"ActiveState", "SubState", "Result", "NRestarts", "MainPID"}
+var unitSampleProps = []string{"ActiveState", "SubState", "Result", "NRestarts"}
 
 func sampleUnit(ctx context.Context, cfg *config, unit string) (unitSample, error) {
 	p, err := showUnit(ctx, cfg, unit, unitSampleProps...)
@@ -469,7 +471,7 @@ func sampleUnit(ctx context.Context, cfg *config, unit string) (unitSample, erro
 	}
 	n, _ := strconv.Atoi(p["NRestarts"])
 	return unitSample{activeState: p["ActiveState"], subState: p["SubState"], result: p["Result"],
-		nRestarts: n, mainPID: p["MainPID"]}, nil
+		nRestarts: n}, nil
 }
 
 // sampleProblem says what is wrong with one sample, or "" when nothing is (yet).
@@ -528,142 +530,4 @@ func watchUnit(ctx context.Context, cfg *config, unit string, baseline unitSampl
 		case <-time.After(min(cfg.healthPoll, time.Until(deadline))):
 		}
 	}
-}
-
-// Manual triggers. The HTTP API (/api/manual/*) and the trigger-units / trigger-all commands
-// share the code below, so both resolve, de-duplicate, run and report units the same way.
-
-// Statuses of one unit in a manual trigger, as SPEC.md names them.
-const (
-	triggerOK      = "triggered" // systemctl succeeded
-	triggerDryRun  = "dry-run"   // nothing was run
-	triggerFailed  = "failed"    // systemctl ran and exited non-zero
-	triggerError   = "error"     // systemctl could not be run (not on PATH, timed out, killed)
-	triggerInvalid = "invalid"   // the identifier is not a unit this program may touch
-)
-
-// triggerResult is what happened to one unit of a manual trigger.
-type triggerResult struct {
-	Unit    string `json:"unit"`
-	Status  string `json:"status"`
-	Message string `json:"message"`
-	busy    bool   // an error because the unit's lock is held (see triggerUnits)
-}
-
-// planTrigger resolves unit identifiers (see resolveUnit) in the order given. With all set, or
-// when ids is empty, the auto-update unit and WEBHOOK_MANUAL_UNITS come first. A unit named twice,
-// in any spelling, appears once; an identifier that does not resolve is reported invalid and
-// will never reach systemctl.
-func planTrigger(cfg *config, ids []string, all bool) []triggerResult {
-	if all || len(ids) == 0 {
-		ids = append(append([]string{cfg.autoUpdateUnit}, cfg.manualUnits...), ids...)
-	}
-	seen := map[string]bool{}
-	var plan []triggerResult
-	for _, id := range ids {
-		unit, err := resolveUnit(id)
-		if err != nil {
-			shown := cleanText(id, maxUnitNameLen)
-			if !seen["invalid:"+shown] {
-				seen["invalid:"+shown] = true
-				plan = append(plan, triggerResult{Unit: shown, Status: triggerInvalid, Message: err.Error()})
-			}
-			continue
-		}
-		if !seen[unit] {
-			seen[unit] = true
-			plan = append(plan, triggerResult{Unit: unit})
-		}
-	}
-	return plan
-}
-
-// triggerUnits plans a manual trigger and runs it, one unit after the other: the auto-update unit
-// is started (it is usually a oneshot that must not be interrupted), every other unit is
-// restarted. A failure is reported and the remaining units are still processed. A unit is
-// restarted while holding its unit lock, the one run-task holds for a whole redeploy: a restart
-// in the middle of one could fail its health gate and roll a good image back. So a unit whose
-// lock is held (by a redeploy, or another restart) is not restarted but reported as an error, to
-// be retried once it is free.
-func triggerUnits(ctx context.Context, cfg *config, ids []string, all, dryRun bool) []triggerResult {
-	plan := planTrigger(cfg, ids, all)
-	auto, _ := resolveUnit(cfg.autoUpdateUnit)
-	for i := range plan {
-		r := &plan[i]
-		if r.Status == triggerInvalid {
-			continue
-		}
-		verb := "restart"
-		if r.Unit == auto {
-			verb = "start"
-		}
-		if dryRun {
-			r.Status, r.Message = triggerDryRun, "would "+verb+" "+r.Unit
-			continue
-		}
-		var res cmdResult
-		if r.Unit == auto {
-			res = startUnit(ctx, cfg, r.Unit)
-		} else if res, r.busy = restartLocked(ctx, cfg, r.Unit); r.busy {
-			r.Status, r.Message = triggerError, r.Unit+" is busy (a redeploy or another restart holds its lock): not restarted; try again once it is done"
-			continue
-		}
-		switch {
-		case res.err == nil:
-			r.Status, r.Message = triggerOK, res.note
-		case res.exitCode > 0:
-			r.Status, r.Message = triggerFailed, res.err.Error()
-		default:
-			r.Status, r.Message = triggerError, res.err.Error()
-		}
-	}
-	return plan
-}
-
-// restartLocked restarts unit while holding its unit lock, without waiting for it: busy when
-// another holds it. A lock that cannot be taken for another reason is reported as the result.
-func restartLocked(ctx context.Context, cfg *config, unit string) (res cmdResult, busy bool) {
-	lock, err := lockFile(ctx, unitLockPath(cfg.stateDir, unit), 0)
-	if errors.Is(err, errLockTimeout) {
-		return cmdResult{}, true
-	}
-	if err != nil {
-		return cmdResult{exitCode: -1, err: fmt.Errorf("cannot take the unit's lock: %w", err)}, false
-	}
-	defer lock.Unlock()
-	return restartUnit(ctx, cfg, unit), false
-}
-
-// triggerOutcome sums up a manual trigger: valid is how many units were valid, ok whether every
-// unit was triggered (or would be, on a dry run).
-func triggerOutcome(results []triggerResult) (valid int, ok bool) {
-	ok = true
-	for _, r := range results {
-		if r.Status != triggerInvalid {
-			valid++
-		}
-		if r.Status != triggerOK && r.Status != triggerDryRun {
-			ok = false
-		}
-	}
-	return valid, ok
-}
-
-// cleanText makes a caller-supplied string safe to print and store: invalid UTF-8 replaced,
-// control characters (newlines, escapes) dropped, surrounding space trimmed, at most max runes.
-func cleanText(s string, max int) string {
-	s = strings.ToValidUTF8(s, "\uFFFD")
-	var b strings.Builder
-	n := 0
-	for _, r := range s {
-		if unicode.IsControl(r) || r == '\u2028' || r == '\u2029' {
-			continue
-		}
-		if n == max {
-			break
-		}
-		b.WriteRune(r)
-		n++
-	}
-	return strings.TrimSpace(b.String())
 }

@@ -766,7 +766,8 @@ func FuzzQuadletImage(f *testing.F) {
 
 // TestStartStillRunning: when systemctl is killed at its time limit while the unit's job goes on
 // (a long podman auto-update), the start is reported as triggered with a note, not as failed; a
-// unit that is not starting stays an error.
+// unit that is not starting stays an error. The fake start never ends; the time limit also bounds
+// the systemctl show that follows, so it is seconds, not a margin a slow (-race) run could miss.
 func TestStartStillRunning(t *testing.T) {
 	for _, tc := range []struct {
 		name    string
@@ -779,9 +780,10 @@ func TestStartStillRunning(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			h := newFakeHost(t)
-			h.set("systemctl-start.sleep", "5s")
+			h.set("systemctl-start.sleep", "1h")
 			h.set("unit.state", tc.state)
-			cfg := &config{commandTimeout: 300 * time.Millisecond}
+			const limit = 2 * time.Second
+			cfg := &config{commandTimeout: limit}
 			res := startUnit(context.Background(), cfg, "podman-auto-update.service")
 			if (res.err != nil) != tc.wantErr {
 				t.Fatalf("err %v, want error %v", res.err, tc.wantErr)
@@ -789,7 +791,7 @@ func TestStartStillRunning(t *testing.T) {
 			if !tc.wantErr && !strings.Contains(res.note, "stopped waiting") {
 				t.Errorf("note %q, want it to say systemctl stopped waiting", res.note)
 			}
-			results := triggerUnits(context.Background(), &config{commandTimeout: 300 * time.Millisecond,
+			results := triggerUnits(context.Background(), &config{commandTimeout: limit,
 				autoUpdateUnit: "podman-auto-update.service"}, nil, true, false)
 			if got := results[0].Status; (got == triggerOK) == tc.wantErr {
 				t.Errorf("trigger status %q (%s)", got, results[0].Message)

@@ -775,8 +775,9 @@ func reply(w http.ResponseWriter, r *http.Request, status int, reason, text stri
 }
 
 // handleGitHub receives a GitHub package delivery for the unit in the path. The checks run in
-// SPEC.md's order and the request path never pulls or restarts: GitHub gives up after 10 s, so
-// the redeploy is handed to a transient systemd unit (run-task).
+// the order the README's "What happens on a delivery" lists, and the request path never pulls or
+// restarts: GitHub gives up after 10 s, so the redeploy is handed to a transient systemd unit
+// (run-task).
 func (s *server) handleGitHub(w http.ResponseWriter, r *http.Request) {
 	ri := info(r)
 	ri.action = "github-webhook"
