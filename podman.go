@@ -21,6 +21,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"maps"
 	"net/http"
 	"net/url"
 	"os"
@@ -578,19 +579,29 @@ func dockerHubPushes(body []byte, _ http.Header) ([]delivery, error) {
 }
 
 // quayPushes reads a Quay "Push to Repository" notification: the tags in updated_tags of the
-// image at docker_url. Other notifications (builds, vulnerabilities) carry no updated_tags. Quay
-// sends neither an id nor a time, so the handler claims each request under its own id.
+// image at docker_url (a list; early Quay sent an object of tag → image id, read too). Other
+// notifications (builds, vulnerabilities) carry no updated_tags. Quay sends neither an id nor a
+// time, so the handler claims each request under its own id.
 func quayPushes(body []byte, _ http.Header) ([]delivery, error) {
 	var ev struct {
-		DockerURL   string   `json:"docker_url"`
-		UpdatedTags []string `json:"updated_tags"`
+		DockerURL   string          `json:"docker_url"`
+		UpdatedTags json.RawMessage `json:"updated_tags"`
 	}
 	if err := json.Unmarshal(body, &ev); err != nil {
 		return nil, ignored("invalid-json", "%v", err)
 	}
+	var tags []string
+	if bytes.HasPrefix(bytes.TrimSpace(ev.UpdatedTags), []byte("{")) {
+		var byTag map[string]any
+		if json.Unmarshal(ev.UpdatedTags, &byTag) == nil {
+			tags = slices.Sorted(maps.Keys(byTag))
+		}
+	} else if len(ev.UpdatedTags) > 0 && json.Unmarshal(ev.UpdatedTags, &tags) != nil {
+		return nil, ignored("invalid-json", "updated_tags is neither a list nor an object")
+	}
 	d := delivery{action: "push"}
 	d.host, d.path = splitImageURL(ev.DockerURL)
-	for _, t := range ev.UpdatedTags {
+	for _, t := range tags {
 		if !isUntagged(t) && !slices.Contains(d.tags, t) {
 			d.tags = append(d.tags, t)
 		}
