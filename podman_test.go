@@ -1275,6 +1275,8 @@ func TestDispatchArgv(t *testing.T) {
 		"WEBHOOK_MANUAL_TOKEN=manual-s3cret",
 		"WEBHOOK_METRICS_TOKEN=metrics-s3cret",
 		"GITHUB_WEBHOOK_SECRET=gh-s3cret",
+		"WEBHOOK_REGISTRY_TOKEN_DISTRIBUTION=dist-s3cret",
+		"WEBHOOK_REGISTRY_TOKEN_GITEA=gitea-s3cret",
 		"WEBHOOK_HEALTH_SETTLE_SECS=20",
 		"CONTAINERS_CONF=/etc/containers/x.conf",
 		"PATH=/usr/local/bin:/usr/bin",
@@ -1343,7 +1345,8 @@ func TestDispatchArgv(t *testing.T) {
 					t.Errorf("argv element %q carries a value: variables must be passed by name", a)
 				}
 			}
-			for _, secret := range []string{"s3cret", "WEBHOOK_TOKEN", "WEBHOOK_MANUAL_TOKEN", "WEBHOOK_METRICS_TOKEN", "GITHUB_WEBHOOK_SECRET", "NOTIFY_SOCKET", "LISTEN_FDS"} {
+			for _, secret := range []string{"s3cret", "WEBHOOK_TOKEN", "WEBHOOK_MANUAL_TOKEN", "WEBHOOK_METRICS_TOKEN", "GITHUB_WEBHOOK_SECRET",
+				"WEBHOOK_REGISTRY_TOKEN_DISTRIBUTION", "WEBHOOK_REGISTRY_TOKEN_GITEA", "NOTIFY_SOCKET", "LISTEN_FDS"} {
 				if slices.Contains(argv, secret) || strings.Contains(joined, "s3cret") {
 					t.Errorf("argv passes %s: %q", secret, argv)
 				}

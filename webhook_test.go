@@ -1,6 +1,6 @@
 // webhook_test.go tests the HTTP surface through a real client against httptest servers (routes,
 // static files, traversal attempts written as raw request lines, the body cap, one event row per
-// request), the configuration and command line through run, and the built binary's graceful
+// request, the GitHub and registry push routes against adversarial requests), the configuration and command line through run, and the built binary's graceful
 // shutdown on SIGTERM.
 package main
 
@@ -2058,6 +2058,222 @@ func TestAdversarialSecretUnset(t *testing.T) {
 		{name: "signed with the empty secret", body: ok, sig: hubSignature("", ok), status: 500, text: "server misconfigured", reason: "secret-unset"},
 		{name: "unsigned", body: ok, status: 500, reason: "secret-unset"},
 		{name: "ping", event: "ping", body: []byte(`{}`), sig: hubSignature("", []byte(`{}`)), status: 500, reason: "secret-unset"},
+	})
+}
+
+// Registry push routes: one secret per source, units that name their image in a Quadlet file.
+const (
+	advRegistryToken = "adv-REGISTRY-3e4f5a6b"
+	advGiteaSecret   = "adv gitea secret"
+)
+
+// newAdvRegistryServer is newAdvServer with every registry source's secret set and a Quadlet
+// file per unit in images (unit name → Image=) under the server's HOME.
+func newAdvRegistryServer(t *testing.T, env map[string]string, images map[string]string) *advServer {
+	t.Helper()
+	full := map[string]string{}
+	for name := range registrySources {
+		full[registryTokenEnv(name)] = advRegistryToken
+	}
+	full[registryTokenEnv("gitea")] = advGiteaSecret
+	for k, v := range env {
+		full[k] = v
+	}
+	s := newAdvServer(t, full)
+	home := t.TempDir()
+	dir := filepath.Join(home, ".config", "containers", "systemd")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for unit, image := range images {
+		if err := os.WriteFile(filepath.Join(dir, unit+".container"), []byte("[Container]\nImage="+image+"\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s.srv.getenv = mapEnv(map[string]string{"HOME": home})
+	return s
+}
+
+// giteaHeaders are the headers Gitea sends with a package event, signed under secret.
+func giteaHeaders(secret string, body []byte, delivery string) [][2]string {
+	mac := hmac.New(sha256.New, []byte(secret))
+	mac.Write(body)
+	return [][2]string{{"X-Gitea-Event", "package"}, {"X-Gitea-Delivery", delivery}, {"X-Gitea-Signature", hex.EncodeToString(mac.Sum(nil))}}
+}
+
+// TestAdversarialRegistry sends each registry source the push it documents and every way of
+// getting it wrong: missing and wrong credentials, other events, untagged pushes, hostile
+// references, oversized bodies, units that name no image or another one. Each case names its
+// status, what ran (nothing but the unit lookup, for every refusal) and its row; no secret
+// reaches a row or the log, whether it came in a header, the query or the path.
+func TestAdversarialRegistry(t *testing.T) {
+	s := newAdvRegistryServer(t, nil, map[string]string{
+		"dist":   "reg.example:5000/e2e/app",
+		"harbor": "hub.harbor.com/test-webhook/debian:latest",
+		"gitea":  "gitea.example.com/octo/web:v1.4.0",
+		"hub":    "docker.io/svendowideit/testhook:latest",
+		"quay":   "quay.io/mynamespace/repository:latest",
+	})
+	queued := []string{"systemctl-show", keySystemdRun}
+	looked := []string{"systemctl-show"}
+	bearer := func(tok string) [][2]string { return [][2]string{{"Authorization", "Bearer " + tok}} }
+	okAuth := bearer(advRegistryToken)
+	dist := func(events ...map[string]any) []byte { return distEnvelope(events...) }
+	push := func(id, repo, tag string) map[string]any {
+		return distEvent(id, "push", manifestV2, repo, tag, "reg.example:5000")
+	}
+	harbor := loadPayload(t, "harbor-push-artifact.json")
+	gitea := loadPayload(t, "gitea-package-created.json")
+	giteaID := "6b1e1a6c-3ef4-4c2e-9c41-0f8e2c3d4a5b"
+	hub := loadPayload(t, "dockerhub-push.json")
+	quay := loadPayload(t, "quay-push.json")
+	huge := bytes.Repeat([]byte(" "), advMaxBody+1)
+	cases := []advCase{
+		// Distribution.
+		{name: "distribution push", target: "/registry/distribution/dist", header: okAuth, body: dist(push("d-1", "e2e/app", "latest")),
+			status: 202, text: "auto-update queued", action: "registry-webhook", reason: "queued", calls: queued,
+			argvHas: " -- dist.service reg.example:5000/e2e/app:latest distribution dist-d-1 /registry/distribution/dist"},
+		{name: "distribution retry of the same event", target: "/registry/distribution/dist", header: okAuth, body: dist(push("d-1", "e2e/app", "latest")),
+			status: 202, text: "duplicate delivery", reason: "duplicate", calls: looked},
+		{name: "distribution blobs and a manifest in one envelope", target: "/registry/distribution/dist", header: okAuth,
+			body:   dist(distEvent("b-1", "push", "application/octet-stream", "e2e/app", "", "reg.example:5000"), push("d-2", "e2e/app", "latest")),
+			status: 202, reason: "queued", calls: queued, argvHas: " distribution dist-d-2 "},
+		{name: "distribution two tags, the unit's second", target: "/registry/distribution/dist", header: okAuth,
+			body: dist(push("d-3", "e2e/app", "v9"), push("d-4", "e2e/app", "latest")), status: 202, reason: "queued", calls: queued, argvHas: " distribution dist-d-4 "},
+		{name: "distribution without a token", target: "/registry/distribution/dist", body: dist(push("d-5", "e2e/app", "latest")), status: 401, reason: "unauthorized"},
+		{name: "distribution wrong token", target: "/registry/distribution/dist", header: bearer(advWrongToken), body: dist(push("d-6", "e2e/app", "latest")), status: 401, reason: "unauthorized"},
+		{name: "distribution token as Basic", target: "/registry/distribution/dist", header: [][2]string{{"Authorization", "Basic " + advRegistryToken}},
+			body: dist(push("d-7", "e2e/app", "latest")), status: 401, reason: "unauthorized"},
+		{name: "distribution token in the query instead of the header", target: "/registry/distribution/dist?token=" + advRegistryToken,
+			body: dist(push("d-8", "e2e/app", "latest")), status: 401, reason: "unauthorized"},
+		{name: "distribution another source's secret", target: "/registry/distribution/dist", header: bearer(advGiteaSecret), body: dist(push("d-9", "e2e/app", "latest")), status: 401},
+		{name: "distribution blob only", target: "/registry/distribution/dist", header: okAuth,
+			body: dist(distEvent("b-2", "push", "application/octet-stream", "e2e/app", "", "reg.example:5000")), status: 202, reason: "not-a-manifest"},
+		{name: "distribution pull", target: "/registry/distribution/dist", header: okAuth,
+			body: dist(distEvent("p-1", "pull", manifestV2, "e2e/app", "latest", "reg.example:5000")), status: 202, reason: "not-a-push"},
+		{name: "distribution untagged", target: "/registry/distribution/dist", header: okAuth, body: dist(push("u-1", "e2e/app", "")), status: 202, reason: "missing-tag"},
+		{name: "distribution repository -q", target: "/registry/distribution/dist", header: okAuth, body: dist(push("i-1", "-q", "latest")), status: 400, reason: "invalid-image"},
+		{name: "distribution tag --authfile=x", target: "/registry/distribution/dist", header: okAuth, body: dist(push("i-2", "e2e/app", "--authfile=x")), status: 400, reason: "invalid-image"},
+		{name: "distribution host dir:", target: "/registry/distribution/dist", header: okAuth,
+			body: dist(distEvent("i-3", "push", manifestV2, "e2e/app", "latest", "dir:")), status: 400, reason: "invalid-image"},
+		{name: "distribution another repository", target: "/registry/distribution/dist", header: okAuth, body: dist(push("m-1", "e2e/other", "latest")),
+			status: 202, text: "tag mismatch", reason: "tag-mismatch", calls: looked},
+		{name: "distribution another tag", target: "/registry/distribution/dist", header: okAuth, body: dist(push("m-2", "e2e/app", "v2")), status: 202, reason: "tag-mismatch", calls: looked},
+		{name: "distribution unit that names no image", target: "/registry/distribution/noimage", header: okAuth, body: dist(push("n-1", "e2e/app", "latest")),
+			status: 202, reason: "unit-image-unknown", calls: looked},
+		{name: "distribution unit -q", target: "/registry/distribution/-q", header: okAuth, body: dist(push("n-2", "e2e/app", "latest")), status: 400, reason: "invalid-unit"},
+		{name: "distribution oversized body", target: "/registry/distribution/dist", header: okAuth, body: huge, status: 413, action: "body-too-large"},
+		{name: "distribution oversized chunked body", target: "/registry/distribution/dist", header: okAuth, body: huge, chunked: true, status: 413,
+			action: "registry-webhook", reason: "body-too-large"},
+
+		// Harbor.
+		{name: "harbor push", target: "/registry/harbor/harbor", header: okAuth, body: harbor, status: 202, reason: "queued", calls: queued,
+			argvHas: " -- harbor.service hub.harbor.com/test-webhook/debian:latest harbor harbor-"},
+		{name: "harbor retry", target: "/registry/harbor/harbor", header: okAuth, body: harbor, status: 202, reason: "duplicate", calls: looked},
+		{name: "harbor auth header without Bearer", target: "/registry/harbor/harbor", header: [][2]string{{"Authorization", advRegistryToken}}, body: harbor, status: 401},
+		{name: "harbor no auth", target: "/registry/harbor/harbor", body: harbor, status: 401, reason: "unauthorized"},
+		{name: "harbor pull event", target: "/registry/harbor/harbor", header: okAuth, body: loadPayload(t, "harbor-pull-artifact.json"), status: 202, reason: "not-a-push"},
+		{name: "harbor untagged", target: "/registry/harbor/harbor", header: okAuth,
+			body:   loadPayload(t, "harbor-push-artifact.json", setField("event_data.resources", []any{map[string]any{"digest": digestV1, "tag": "", "resource_url": "hub.harbor.com/test-webhook/debian@" + digestV1}})),
+			status: 202, reason: "missing-tag"},
+		{name: "harbor repository ../x", target: "/registry/harbor/harbor", header: okAuth,
+			body: loadPayload(t, "harbor-push-artifact.json", setField("event_data.repository.repo_full_name", "../x")), status: 400, reason: "invalid-image"},
+		{name: "harbor oversized", target: "/registry/harbor/harbor", header: okAuth, body: huge, status: 413},
+
+		// Gitea and Forgejo.
+		{name: "gitea package created", target: "/registry/gitea/gitea", header: giteaHeaders(advGiteaSecret, gitea, giteaID), body: gitea,
+			status: 202, reason: "queued", calls: queued, argvHas: " -- gitea.service gitea.example.com/octo/web:v1.4.0 gitea gitea-" + giteaID + " "},
+		{name: "gitea redelivery", target: "/registry/gitea/gitea", header: giteaHeaders(advGiteaSecret, gitea, giteaID), body: gitea, status: 202, reason: "duplicate", calls: looked},
+		{name: "forgejo signature header", target: "/registry/gitea/gitea", body: gitea, header: [][2]string{{"X-Forgejo-Event", "package"},
+			{"X-Forgejo-Delivery", "f-1"}, {"X-Forgejo-Signature", giteaHeaders(advGiteaSecret, gitea, "")[2][1]}}, status: 202, reason: "queued", calls: queued, argvHas: " gitea-f-1 "},
+		{name: "gitea unsigned", target: "/registry/gitea/gitea", header: giteaHeaders(advGiteaSecret, gitea, "g-2")[:2], body: gitea, status: 401, reason: "unauthorized"},
+		{name: "gitea signed under another secret", target: "/registry/gitea/gitea", header: giteaHeaders(advRegistryToken, gitea, "g-3"), body: gitea, status: 401},
+		{name: "gitea signature of another body", target: "/registry/gitea/gitea", header: giteaHeaders(advGiteaSecret, hub, "g-4"), body: gitea, status: 401},
+		{name: "gitea signature with GitHub's prefix", target: "/registry/gitea/gitea", header: [][2]string{{"X-Gitea-Event", "package"},
+			{"X-Gitea-Signature", "sha256=" + giteaHeaders(advGiteaSecret, gitea, "")[2][1]}}, body: gitea, status: 401},
+		{name: "gitea bearer token instead of a signature", target: "/registry/gitea/gitea", header: bearer(advGiteaSecret), body: gitea, status: 401},
+		{name: "gitea push event", target: "/registry/gitea/gitea", body: gitea,
+			header: append(giteaHeaders(advGiteaSecret, gitea, "g-5")[1:], [2]string{"X-Gitea-Event", "push"}), status: 202, reason: "not-a-package"},
+		{name: "gitea package deleted", target: "/registry/gitea/gitea", body: loadPayload(t, "gitea-package-created.json", setField("action", "deleted")),
+			header: giteaHeaders(advGiteaSecret, loadPayload(t, "gitea-package-created.json", setField("action", "deleted")), "g-6"), status: 202, reason: "not-created"},
+		{name: "gitea untagged", target: "/registry/gitea/gitea", body: loadPayload(t, "gitea-package-created.json", setField("package.version", digestV1)),
+			header: giteaHeaders(advGiteaSecret, loadPayload(t, "gitea-package-created.json", setField("package.version", digestV1)), "g-7"), status: 202, reason: "missing-tag"},
+		{name: "gitea name --authfile=x", target: "/registry/gitea/gitea", body: loadPayload(t, "gitea-package-created.json", setField("package.name", "--authfile=x")),
+			header: giteaHeaders(advGiteaSecret, loadPayload(t, "gitea-package-created.json", setField("package.name", "--authfile=x")), "g-8"), status: 400, reason: "invalid-image"},
+		{name: "gitea oversized", target: "/registry/gitea/gitea", header: giteaHeaders(advGiteaSecret, huge, "g-9"), body: huge, status: 413},
+
+		// Docker Hub: the token in the path or the query.
+		{name: "dockerhub push, token in the path", target: "/registry/dockerhub/hub/" + advRegistryToken, body: hub, status: 202, reason: "queued", calls: queued,
+			argvHas: " -- hub.service docker.io/svendowideit/testhook:latest dockerhub hub-"},
+		{name: "dockerhub same push, token in the query", target: "/registry/dockerhub/hub?token=" + advRegistryToken, body: hub, status: 202, reason: "duplicate", calls: looked},
+		{name: "dockerhub without a token", target: "/registry/dockerhub/hub", body: hub, status: 401, reason: "unauthorized"},
+		{name: "dockerhub wrong path token", target: "/registry/dockerhub/hub/" + advWrongToken, body: hub, status: 401, reason: "unauthorized"},
+		{name: "dockerhub wrong path token, right query token", target: "/registry/dockerhub/hub/" + advWrongToken + "?token=" + advRegistryToken, body: hub, status: 401},
+		{name: "dockerhub bearer header instead", target: "/registry/dockerhub/hub", header: okAuth, body: hub, status: 401},
+		{name: "dockerhub token and more path", target: "/registry/dockerhub/hub/" + advRegistryToken + "/x", body: hub, status: 404},
+		{name: "dockerhub no tag", target: "/registry/dockerhub/hub/" + advRegistryToken, body: loadPayload(t, "dockerhub-push.json", setField("push_data.tag", "")),
+			status: 202, reason: "missing-tag"},
+		{name: "dockerhub not a push", target: "/registry/dockerhub/hub/" + advRegistryToken, body: []byte(`{"repository":{"repo_name":"a/b"}}`), status: 202, reason: "not-a-push"},
+		{name: "dockerhub tag -q", target: "/registry/dockerhub/hub/" + advRegistryToken, body: loadPayload(t, "dockerhub-push.json", setField("push_data.tag", "-q")),
+			status: 400, reason: "invalid-image"},
+		{name: "dockerhub oversized", target: "/registry/dockerhub/hub/" + advRegistryToken, body: huge, status: 413},
+
+		// Quay: no id, so each request stands alone.
+		{name: "quay push, token in the query", target: "/registry/quay/quay?token=" + advRegistryToken, body: quay, status: 202, reason: "queued", calls: queued,
+			argvHas: " -- quay.service quay.io/mynamespace/repository:latest quay quay-"},
+		{name: "quay same push again is its own delivery", target: "/registry/quay/quay/" + advRegistryToken, body: quay, status: 202, reason: "queued", calls: queued},
+		{name: "quay without a token", target: "/registry/quay/quay", body: quay, status: 401, reason: "unauthorized"},
+		{name: "quay wrong token", target: "/registry/quay/quay?token=" + advWrongToken, body: quay, status: 401},
+		{name: "quay build notification", target: "/registry/quay/quay?token=" + advRegistryToken, body: loadPayload(t, "quay-build-queued.json"), status: 202, reason: "not-a-push"},
+		{name: "quay docker_url docker-archive:", target: "/registry/quay/quay?token=" + advRegistryToken,
+			body: loadPayload(t, "quay-push.json", setField("docker_url", "docker-archive:/tmp/x.tar")), status: 400, reason: "invalid-image"},
+		{name: "quay oversized", target: "/registry/quay/quay?token=" + advRegistryToken, body: huge, status: 413},
+
+		// Routes.
+		{name: "unknown source", target: "/registry/nexus/dist", header: okAuth, body: dist(push("x-1", "e2e/app", "latest")), status: 404, reason: "unknown-source"},
+		{name: "GET a registry route", method: "GET", target: "/registry/dockerhub/hub/" + advRegistryToken, status: 405, action: "method-not-allowed"},
+		{name: "no unit", target: "/registry/distribution/", header: okAuth, body: dist(push("x-2", "e2e/app", "latest")), status: 404},
+	}
+	n := runAdvCases(t, s, cases)
+
+	var stored strings.Builder
+	for _, r := range readRows(t, rawDB(t, s.cfg.dbPath), "") {
+		fmt.Fprintf(&stored, "%s %s %s\n", r.path.String, r.action, r.meta)
+	}
+	for _, secret := range []string{advRegistryToken, advGiteaSecret, advWrongToken} {
+		if strings.Contains(stored.String(), secret) {
+			t.Errorf("%q reached an event row:\n%s", secret, stored.String())
+		}
+		if strings.Contains(s.logs.String(), secret) {
+			t.Errorf("%q reached the log:\n%s", secret, s.logs)
+		}
+		for _, c := range s.h.callsOf(keySystemdRun) {
+			if strings.Contains(strings.Join(c, " "), secret) {
+				t.Errorf("%q reached a systemd-run command line: %q", secret, c)
+			}
+		}
+	}
+	for _, want := range []string{"/registry/dockerhub/hub/REDACTED", "token=REDACTED"} {
+		if !strings.Contains(stored.String(), want) {
+			t.Errorf("no row shows %s; rows:\n%s", want, stored.String())
+		}
+	}
+	t.Logf("%d adversarial registry requests", n)
+}
+
+// TestAdversarialRegistrySecretUnset: a source whose secret is unset refuses every push with 500,
+// whatever it carries, and runs nothing; the other sources are not affected.
+func TestAdversarialRegistrySecretUnset(t *testing.T) {
+	s := newAdvRegistryServer(t, map[string]string{registryTokenEnv("distribution"): "", registryTokenEnv("dockerhub"): " "},
+		map[string]string{"dist": "reg.example:5000/e2e/app"})
+	body := distEnvelope(distEvent("s-1", "push", manifestV2, "e2e/app", "latest", "reg.example:5000"))
+	runAdvCases(t, s, []advCase{
+		{name: "distribution with a bearer token", target: "/registry/distribution/dist", header: [][2]string{{"Authorization", "Bearer " + advRegistryToken}},
+			body: body, status: 500, text: "server misconfigured", action: "registry-webhook", reason: "secret-unset"},
+		{name: "distribution with an empty bearer token", target: "/registry/distribution/dist", header: [][2]string{{"Authorization", "Bearer "}}, body: body, status: 500, reason: "secret-unset"},
+		{name: "dockerhub with a blank secret", target: "/registry/dockerhub/dist/%20", body: loadPayload(t, "dockerhub-push.json"), status: 500, reason: "secret-unset"},
+		{name: "harbor still works", target: "/registry/harbor/dist", header: [][2]string{{"Authorization", "Bearer " + advRegistryToken}},
+			body: loadPayload(t, "harbor-push-artifact.json"), status: 202, reason: "tag-mismatch", calls: []string{"systemctl-show"}},
 	})
 }
 
