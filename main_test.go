@@ -458,21 +458,40 @@ func (r *rig) startRegistry() error {
 }
 
 func (r *rig) tryRegistry(bin, storage string) error {
-	port, err := rigFreePort()
+	reg, err := rigServeRegistry(bin, r.dir, storage, "")
 	if err != nil {
 		return err
+	}
+	r.registry, r.registryCmd, r.registryCancel, r.registryDone = reg.addr, reg.cmd, reg.cancel, reg.done
+	return nil
+}
+
+// rigRegistry is a running docker-registry.
+type rigRegistry struct {
+	addr   string
+	cmd    *exec.Cmd
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+// rigServeRegistry runs docker-registry on a free port with its config, log and storage under
+// dir; extra is appended to the config (top-level YAML sections, such as notifications).
+func rigServeRegistry(bin, dir, storage, extra string) (*rigRegistry, error) {
+	port, err := rigFreePort()
+	if err != nil {
+		return nil, err
 	}
 	addr := fmt.Sprintf("127.0.0.1:%d", port)
 	// No auth section: Debian's default config demands htpasswd.
 	cfg := fmt.Sprintf("version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nhttp:\n  addr: %s\nstorage:\n  filesystem:\n    rootdirectory: %s\n  delete:\n    enabled: true\n", addr, storage)
-	cfgPath := filepath.Join(r.dir, "registry.yml")
-	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
-		return err
+	cfgPath := filepath.Join(dir, "registry.yml")
+	if err := os.WriteFile(cfgPath, []byte(cfg+extra), 0o600); err != nil {
+		return nil, err
 	}
-	logPath := filepath.Join(r.dir, "registry.log")
+	logPath := filepath.Join(dir, "registry.log")
 	logFile, err := os.Create(logPath)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer logFile.Close()
 	ctx, cancel := context.WithCancel(context.Background())
@@ -482,7 +501,7 @@ func (r *rig) tryRegistry(bin, storage string) error {
 	cmd.WaitDelay = 5 * time.Second
 	if err := cmd.Start(); err != nil {
 		cancel()
-		return fmt.Errorf("start %s serve %s: %w", bin, cfgPath, err)
+		return nil, fmt.Errorf("start %s serve %s: %w", bin, cfgPath, err)
 	}
 	done := make(chan struct{})
 	go func() {
@@ -496,8 +515,7 @@ func (r *rig) tryRegistry(bin, storage string) error {
 		if err == nil {
 			resp.Body.Close()
 			if resp.StatusCode == http.StatusOK {
-				r.registry, r.registryCmd, r.registryCancel, r.registryDone = addr, cmd, cancel, done
-				return nil
+				return &rigRegistry{addr: addr, cmd: cmd, cancel: cancel, done: done}, nil
 			}
 		}
 		exited := false
@@ -510,10 +528,33 @@ func (r *rig) tryRegistry(bin, storage string) error {
 			cancel()
 			<-done
 			log, _ := os.ReadFile(logPath)
-			return fmt.Errorf("%s serve %s: not answering GET http://%s/v2/ (last error %v); its output: %s", bin, cfgPath, addr, err, strings.TrimSpace(string(log)))
+			return nil, fmt.Errorf("%s serve %s: not answering GET http://%s/v2/ (last error %v); its output: %s", bin, cfgPath, addr, err, strings.TrimSpace(string(log)))
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+// StartRegistry runs another docker-registry, with its own storage and extra appended to its
+// config (a notifications section, say), until the test ends, and returns its host:port. Podman
+// reaches it over plain HTTP with --tls-verify=false, or through a registries.conf naming it.
+func (r *rig) StartRegistry(t *testing.T, extra string) string {
+	t.Helper()
+	bin, err := rigLookPath("docker-registry")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	var reg *rigRegistry
+	for attempt := 1; reg == nil; attempt++ {
+		if reg, err = rigServeRegistry(bin, dir, filepath.Join(dir, "storage"), extra); err != nil && attempt == 3 {
+			t.Fatal(err)
+		}
+	}
+	t.Cleanup(func() {
+		reg.cancel()
+		<-reg.done
+	})
+	return reg.addr
 }
 
 // rigEnvNames are the variables the rig sets in the test process and in the

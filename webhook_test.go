@@ -1279,7 +1279,12 @@ func (s *e2eServer) leader(t *testing.T, r *rig, delivery string) string {
 // SourcePath, starts it and waits until its container runs wantID.
 func e2eContainerUnit(t *testing.T, r *rig, ref, wantID string) (unit, ctr string) {
 	t.Helper()
-	base := rigUniqueName(t, "app")
+	return e2eNamedContainerUnit(t, r, rigUniqueName(t, "app"), ref, wantID)
+}
+
+// e2eNamedContainerUnit is e2eContainerUnit for the unit base.service, whose container is base.
+func e2eNamedContainerUnit(t *testing.T, r *rig, base, ref, wantID string) (unit, ctr string) {
+	t.Helper()
 	unit, ctr = base+".service", base
 	quadlet := filepath.Join(t.TempDir(), base+".container")
 	if err := os.WriteFile(quadlet, []byte("[Unit]\nDescription=e2e\n\n[Container]\nImage="+ref+"\n"), 0o644); err != nil {
@@ -1471,6 +1476,157 @@ func TestE2EGitHubDelivery(t *testing.T) {
 		if now := r.Show(t, unit, "MainPID")["MainPID"]; now == pid {
 			t.Fatalf("MainPID unchanged (%s): not restarted", pid)
 		}
+	})
+}
+
+// TestE2ERegistryPush drives a registry push end to end with no hand-made payload: a real
+// docker-registry whose notifications point at the server, and podman push. A push of v2 ends
+// with the unit's container on v2; the same image pushed again is up to date; a push to another
+// repository restarts nothing. A second endpoint with a wrong token is refused 401 on every
+// retry of the same events, which never become claims of their own: each pushed manifest is
+// claimed once, under its Distribution event id.
+func TestE2ERegistryPush(t *testing.T) {
+	r := needRig(t)
+	token := rigUniqueName(t, "token")
+	registries := filepath.Join(t.TempDir(), "registries.conf")
+	s := startE2EServer(t, registryTokenEnv("distribution")+"="+token, "CONTAINERS_REGISTRIES_CONF="+registries)
+	base := rigUniqueName(t, "app")
+	hook := s.url + "/registry/distribution/" + base
+	// The README's notifications section, plus a second endpoint whose token is wrong.
+	reg := r.StartRegistry(t, fmt.Sprintf(`notifications:
+  endpoints:
+    - name: webhook-auto-update
+      url: %[1]s
+      headers:
+        Authorization: [Bearer %[2]s]
+      timeout: 5s
+      threshold: 3
+      backoff: 1s
+      ignoredmediatypes:
+        - application/octet-stream
+    - name: wrong-token
+      url: %[1]s
+      headers:
+        Authorization: [Bearer wrong-%[2]s]
+      timeout: 5s
+      threshold: 1
+      backoff: 1s
+`, hook, token))
+	// The redeploy's podman pull reads the server's registries.conf: the rig's, if it has one in
+	// the environment, and this registry.
+	var rigConf []byte
+	if conf := os.Getenv("CONTAINERS_REGISTRIES_CONF"); conf != "" {
+		var err error
+		if rigConf, err = os.ReadFile(conf); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.WriteFile(registries, fmt.Appendf(rigConf, "\n[[registry]]\nlocation = %q\ninsecure = true\n", reg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+
+	name := rigUniqueName(t, "demo")
+	ref := reg + "/e2e/" + name + ":latest"
+	_, id1 := r.PushImage(t, "e2e/"+name, "latest", "v1") // built through the rig's registry
+	_, id2 := r.PushImage(t, "e2e/"+name, "latest", "v2")
+	if id1 == id2 {
+		t.Fatal("v1 and v2 have the same image ID")
+	}
+	r.TagLocal(t, id1, ref)
+	unit, ctr := e2eNamedContainerUnit(t, r, base, ref, id1)
+	// pushTo pushes a local image to the notifying registry without retagging it here, so the
+	// host keeps running and holding what it had.
+	pushTo := func(t *testing.T, id, dest string) time.Time {
+		t.Helper()
+		if out, err := r.Podman(t, "push", "--quiet", "--tls-verify=false", id, "docker://"+dest); err != nil {
+			t.Fatalf("push %s: %v %s", dest, err, out)
+		}
+		return time.Now()
+	}
+	claims := func() []string {
+		rows, err := s.db.Query(`SELECT delivery_id FROM github_deliveries WHERE unit = ? ORDER BY rowid`, unit)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer rows.Close()
+		var ids []string
+		for rows.Next() {
+			var id string
+			rows.Scan(&id)
+			ids = append(ids, id)
+		}
+		return ids
+	}
+	// nextClaim waits for the claim after the n claims so far, notes when it was seen, and waits
+	// for its task to end.
+	var claimed time.Time
+	nextClaim := func(t *testing.T, n int) (string, []taskRow) {
+		t.Helper()
+		var ids []string
+		r.WaitFor(t, 60*time.Second, func() bool { ids = claims(); return len(ids) > n }, "the registry's push to be claimed")
+		claimed = time.Now()
+		if len(ids) != n+1 {
+			t.Fatalf("claims %v after %d: one push was claimed more than once", ids, n)
+		}
+		return ids[n], s.waitTask(t, r, ids[n])
+	}
+	rowCount := func(where string) int {
+		var n int
+		if err := s.db.QueryRow(`SELECT count(*) FROM event_log WHERE action = 'registry-webhook' AND ` + where).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+
+	pushTo(t, id1, ref)
+	id, rows := nextClaim(t, 0)
+	if last := rows[len(rows)-1].step; last != "up-to-date" || !strings.HasPrefix(id, "dist-") {
+		t.Fatalf("push of the running image: claim %s, steps %v; want a dist- claim ending up-to-date; server log:\n%s", id, steps(rows), s.log)
+	}
+
+	pushed := pushTo(t, id2, ref)
+	id, rows = nextClaim(t, 1)
+	r.WaitFor(t, 60*time.Second, func() bool { return r.ContainerImage(t, ctr) == id2 }, ctr+" to run v2")
+	running := time.Since(pushed)
+	if got := strings.Join(steps(rows), ","); got != "started,pulled,restarted,healthy,completed" {
+		t.Fatalf("push of v2: claim %s, steps %s; server log:\n%s", id, got, s.log)
+	}
+	t.Logf("podman push of v2 → claimed within %s → container on v2 after %s (claim %s)",
+		claimed.Sub(pushed).Round(time.Millisecond), running.Round(time.Millisecond), id)
+
+	t.Run("same image pushed again is up to date", func(t *testing.T) {
+		pid := r.Show(t, unit, "MainPID")["MainPID"]
+		pushTo(t, id2, ref)
+		_, rows := nextClaim(t, 2)
+		if last := rows[len(rows)-1].step; last != "up-to-date" {
+			t.Fatalf("steps %v, want to end up-to-date", steps(rows))
+		}
+		if now := r.Show(t, unit, "MainPID")["MainPID"]; now != pid {
+			t.Fatalf("MainPID changed %s → %s: the unit was restarted", pid, now)
+		}
+	})
+
+	t.Run("a push to another repository restarts nothing", func(t *testing.T) {
+		pid := r.Show(t, unit, "MainPID")["MainPID"]
+		before := rowCount(`json_extract(meta, '$.reason') = 'tag-mismatch'`)
+		pushTo(t, id2, reg+"/e2e/"+name+"-other:latest") // v1 is gone: the redeploy pruned it
+		r.WaitFor(t, 60*time.Second, func() bool { return rowCount(`json_extract(meta, '$.reason') = 'tag-mismatch'`) > before },
+			"the push to another repository to be answered")
+		if ids := claims(); len(ids) != 3 {
+			t.Fatalf("claims %v: the push to another repository was claimed", ids)
+		}
+		if now := r.Show(t, unit, "MainPID")["MainPID"]; now != pid || r.ContainerImage(t, ctr) != id2 {
+			t.Fatalf("MainPID %s → %s, image %s: the unit was touched", pid, now, r.ContainerImage(t, ctr))
+		}
+	})
+
+	t.Run("a wrong token is refused on every retry and never claimed", func(t *testing.T) {
+		r.WaitFor(t, 60*time.Second, func() bool { return rowCount(`status = 401`) >= 3 }, "the wrong-token endpoint to retry a refused event")
+		refused, claimed := rowCount(`status = 401`), claims()
+		if len(claimed) != 3 {
+			t.Fatalf("claims %v after %d refused retries: want the 3 pushes claimed once each", claimed, refused)
+		}
+		t.Logf("%d refused requests from the wrong-token endpoint; claims %v", refused, claimed)
 	})
 }
 
