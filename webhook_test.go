@@ -3559,6 +3559,30 @@ func BenchmarkGitHubDelivery(b *testing.B) {
 	benchDeliveries(b, "", githubPackagePayload("ghcr.io", "octo-org", "web", "v1", ""), 202, "auto-update queued")
 }
 
+// BenchmarkRegistryPush: a Distribution envelope (a blob push and a tagged manifest push, as
+// podman push sends them) through the whole handler, up to its 202, for the unit whose Quadlet
+// file names the pushed image: beside BenchmarkGitHubDelivery, what the bearer check and the
+// envelope cost instead of the HMAC and GitHub's payload.
+func BenchmarkRegistryPush(b *testing.B) {
+	ts := benchServer(b, "reg.example:5000/e2e/app:latest")
+	ts.cfg.registryTokens["distribution"] = advRegistryToken
+	b.ReportAllocs()
+	i := 0
+	for b.Loop() {
+		i++
+		id := "bench-" + strconv.Itoa(i)
+		body := distEnvelope(distEvent(id+"-blob", "push", "application/octet-stream", "e2e/app", "", "reg.example:5000"),
+			distEvent(id, "push", manifestV2, "e2e/app", "latest", "reg.example:5000"))
+		req := httptest.NewRequest("POST", "/registry/distribution/web", bytes.NewReader(body))
+		req.Header.Set("Authorization", "Bearer "+advRegistryToken)
+		rec := httptest.NewRecorder()
+		ts.srv.ServeHTTP(rec, req)
+		if rec.Code != 202 || !strings.Contains(rec.Body.String(), "auto-update queued") {
+			b.Fatalf("%d %q, want 202 auto-update queued", rec.Code, rec.Body)
+		}
+	}
+}
+
 // BenchmarkGitHubIgnored: a signed delivery of an npm package, acknowledged and ignored.
 func BenchmarkGitHubIgnored(b *testing.B) {
 	body, err := os.ReadFile(filepath.Join("testdata", "payloads", "package-published-npm.json"))
