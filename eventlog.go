@@ -563,6 +563,21 @@ func newRequestID() string {
 // secretParams are query parameters whose values never reach a log line or a row.
 var secretParams = map[string]bool{"token": true, "access_token": true, "secret": true}
 
+// redactPath hides the token of a registry route, /registry/<source>/<unit>/<token>: every
+// segment after the unit becomes REDACTED, however the path is spelled ("//", "/./", "..").
+func redactPath(p string) string {
+	var segs []string
+	for _, s := range strings.Split(p, "/") {
+		if s != "" && s != "." {
+			segs = append(segs, s)
+		}
+	}
+	if len(segs) < 4 || segs[0] != "registry" {
+		return p
+	}
+	return "/registry/" + segs[1] + "/" + segs[2] + "/REDACTED"
+}
+
 // redactQuery replaces the values of secret parameters in a raw query string. It works on the
 // raw text, splitting on "&" and ";" (which some parsers also accept) and keeping the separators,
 // so a query that does not parse is still redacted rather than logged as it came.

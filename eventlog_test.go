@@ -651,6 +651,27 @@ func TestDatabasePath(t *testing.T) {
 	}
 }
 
+// TestRedactPath: the token segment of a registry route never reaches a row, however the path
+// is spelled; every other path is stored as it came.
+func TestRedactPath(t *testing.T) {
+	for _, tc := range []struct{ in, want string }{
+		{"/registry/dockerhub/app/s3cret", "/registry/dockerhub/app/REDACTED"},
+		{"/registry/quay/app", "/registry/quay/app"},
+		{"/registry/quay/app/", "/registry/quay/app/"},
+		{"/registry/dockerhub/app/s3cret/more", "/registry/dockerhub/app/REDACTED"},
+		{"//registry//dockerhub/app/s3cret", "/registry/dockerhub/app/REDACTED"},
+		{"/./registry/dockerhub/./app/s3cret", "/registry/dockerhub/app/REDACTED"},
+		{"/registry/dockerhub/app/../s3cret", "/registry/dockerhub/app/REDACTED"},
+		{"/github-package-update/app/redeploy", "/github-package-update/app/redeploy"},
+		{"/x/registry/a/b/c", "/x/registry/a/b/c"},
+		{"", ""},
+	} {
+		if got := redactPath(tc.in); got != tc.want || strings.Contains(got, "s3cret") {
+			t.Errorf("redactPath(%q) = %q, want %q", tc.in, got, tc.want)
+		}
+	}
+}
+
 func TestRedactQuery(t *testing.T) {
 	for _, tc := range []struct {
 		name, raw, want string

@@ -144,8 +144,9 @@ type config struct {
 	dbPath           string
 	listen           string
 	secret           string
-	allowedEvents    []string // empty: every event
-	registryHosts    []string // registry hosts a GitHub delivery may pull from, lowercase
+	registryTokens   map[string]string // the secret of each registry source; "" or none: refused
+	allowedEvents    []string          // empty: every event
+	registryHosts    []string          // registry hosts a GitHub delivery may pull from, lowercase
 	token            string
 	manualToken      string
 	metricsToken     string
@@ -324,6 +325,10 @@ func loadConfig(getenv func(string) string) (*config, error) {
 	}
 	if cfg.manualToken == "" {
 		cfg.manualToken = cfg.token
+	}
+	cfg.registryTokens = map[string]string{}
+	for name := range registrySources {
+		cfg.registryTokens[name] = strings.TrimSpace(getenv(registryTokenEnv(name)))
 	}
 	return cfg, p.err
 }

@@ -720,21 +720,40 @@ func (r *rig) startRegistry() error {
 }
 
 func (r *rig) tryRegistry(bin, storage string) error {
-	port, err := rigFreePort()
+	reg, err := rigServeRegistry(bin, r.dir, storage, "")
 	if err != nil {
 		return err
+	}
+	r.registry, r.registryCmd, r.registryCancel, r.registryDone = reg.addr, reg.cmd, reg.cancel, reg.done
+	return nil
+}
+
+// rigRegistry is a running docker-registry.
+type rigRegistry struct {
+	addr   string
+	cmd    *exec.Cmd
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+// rigServeRegistry runs docker-registry on a free port with its config, log and storage under
+// dir; extra is appended to the config (top-level YAML sections, such as notifications).
+func rigServeRegistry(bin, dir, storage, extra string) (*rigRegistry, error) {
+	port, err := rigFreePort()
+	if err != nil {
+		return nil, err
 	}
 	addr := fmt.Sprintf("127.0.0.1:%d", port)
 	// No auth section: Debian's default config demands htpasswd.
 	cfg := fmt.Sprintf("version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nhttp:\n  addr: %s\nstorage:\n  filesystem:\n    rootdirectory: %s\n  delete:\n    enabled: true\n", addr, storage)
-	cfgPath := filepath.Join(r.dir, "registry.yml")
-	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
-		return err
+	cfgPath := filepath.Join(dir, "registry.yml")
+	if err := os.WriteFile(cfgPath, []byte(cfg+extra), 0o600); err != nil {
+		return nil, err
 	}
-	logPath := filepath.Join(r.dir, "registry.log")
+	logPath := filepath.Join(dir, "registry.log")
 	logFile, err := os.Create(logPath)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer logFile.Close()
 	ctx, cancel := context.WithCancel(context.Background())
@@ -744,7 +763,7 @@ func (r *rig) tryRegistry(bin, storage string) error {
 	cmd.WaitDelay = 5 * time.Second
 	if err := cmd.Start(); err != nil {
 		cancel()
-		return fmt.Errorf("start %s serve %s: %w", bin, cfgPath, err)
+		return nil, fmt.Errorf("start %s serve %s: %w", bin, cfgPath, err)
 	}
 	done := make(chan struct{})
 	go func() {
@@ -758,8 +777,7 @@ func (r *rig) tryRegistry(bin, storage string) error {
 		if err == nil {
 			resp.Body.Close()
 			if resp.StatusCode == http.StatusOK {
-				r.registry, r.registryCmd, r.registryCancel, r.registryDone = addr, cmd, cancel, done
-				return nil
+				return &rigRegistry{addr: addr, cmd: cmd, cancel: cancel, done: done}, nil
 			}
 		}
 		exited := false
@@ -772,10 +790,33 @@ func (r *rig) tryRegistry(bin, storage string) error {
 			cancel()
 			<-done
 			log, _ := os.ReadFile(logPath)
-			return fmt.Errorf("%s serve %s: not answering GET http://%s/v2/ (last error %v); its output: %s", bin, cfgPath, addr, err, strings.TrimSpace(string(log)))
+			return nil, fmt.Errorf("%s serve %s: not answering GET http://%s/v2/ (last error %v); its output: %s", bin, cfgPath, addr, err, strings.TrimSpace(string(log)))
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+// StartRegistry runs another docker-registry, with its own storage and extra appended to its
+// config (a notifications section, say), until the test ends, and returns its host:port. Podman
+// reaches it over plain HTTP with --tls-verify=false, or through a registries.conf naming it.
+func (r *rig) StartRegistry(t *testing.T, extra string) string {
+	t.Helper()
+	bin, err := rigLookPath("docker-registry")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	var reg *rigRegistry
+	for attempt := 1; reg == nil; attempt++ {
+		if reg, err = rigServeRegistry(bin, dir, filepath.Join(dir, "storage"), extra); err != nil && attempt == 3 {
+			t.Fatal(err)
+		}
+	}
+	t.Cleanup(func() {
+		reg.cancel()
+		<-reg.done
+	})
+	return reg.addr
 }
 
 // configurePodman writes the user's rootless podman configuration: runc
@@ -1672,15 +1713,17 @@ func TestREADMEHandWrittenUnit(t *testing.T) {
 		s = strings.ReplaceAll(s, "/usr/bin/podman", r.podman)
 		return strings.ReplaceAll(s, "myapp", name)
 	}
-	home := r.TempDir(t) // the server runs as the rig's user and reads the .container file
-	quadlet := filepath.Join(home, ".config", "containers", "systemd", name+".container")
+	// Where Quadlet keeps .container files: the rig user's own ~/.config/containers/systemd,
+	// beside the podman configuration its tasks need.
+	quadlet := filepath.Join(r.home, ".config", "containers", "systemd", name+".container")
 	if err := os.MkdirAll(filepath.Dir(quadlet), 0o700); err != nil {
 		t.Fatal(err)
 	}
 	if err := os.WriteFile(quadlet, []byte(fill(quadletText)), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	r.Chown(t, filepath.Join(home, ".config"), filepath.Join(home, ".config", "containers"), filepath.Dir(quadlet), quadlet)
+	t.Cleanup(func() { os.Remove(quadlet) })
+	r.Chown(t, filepath.Dir(quadlet), quadlet)
 	unit, ctr := name+".service", "systemd-"+name
 	r.InstallUnit(t, unit, fill(unitText))
 	if _, err := r.Systemctl(t, "start", unit); err != nil {
@@ -1688,7 +1731,7 @@ func TestREADMEHandWrittenUnit(t *testing.T) {
 	}
 	r.WaitFor(t, 60*time.Second, func() bool { return r.ContainerImage(t, ctr) == id1 }, unit+" to run v1 (unit:\n"+fill(unitText)+")")
 
-	s := startE2EServer(t, "HOME="+home)
+	s := startE2EServer(t)
 	if code, text := s.deliver(t, unit, "package", "hw-other", githubPackagePayload(r.Registry(), "e2e", name+"-x", "latest", ""), s.secret); code != http.StatusAccepted || !strings.HasPrefix(text, "repository mismatch") {
 		t.Errorf("a push of another repository: %d %q, want 202 repository mismatch (the .container file's Image= was not read)", code, text)
 	}

@@ -1,8 +1,11 @@
-// podman.go owns container images: turning a GitHub package payload into an image reference,
-// validating references, and the podman command lines (pull, image inspect, prune). It also owns
-// runCommand, the one way this program starts another program.
+// podman.go owns container images: turning a push notification (a GitHub package payload, or a
+// registry's push event: Distribution, Harbor, Gitea/Forgejo, Docker Hub, Quay) into image
+// references, validating references, and the podman command lines (pull, image inspect, prune).
+// It also owns runCommand, the one way this program starts another program.
 //
-// Rules: a reference reaches podman's argv only after validImageRef accepted it against the
+// Rules: payload parsers are pure functions of the request; what is fine but not a tagged push
+// is an *ignoredError, and one invalid reference refuses the whole payload. A reference reaches
+// podman's argv only after validImageRef accepted it against the
 // OCI distribution grammar (registry host required, lowercase path, tag or digest), and it is
 // always pulled as "docker://REF" after "--", so no other transport (dir:, docker-archive:,
 // containers-storage:) can ever be selected and no value can be read as a flag. Only the
@@ -16,10 +19,13 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
+	"maps"
 	"net/http"
 	"net/url"
 	"os"
@@ -171,13 +177,14 @@ func withDefaultTag(s string) string {
 	return s + ":latest"
 }
 
-// delivery is what a GitHub package payload says was pushed.
+// delivery is what a push notification says was pushed: one repository, and its tags.
 type delivery struct {
 	host   string
 	path   string   // owner/name, lowercased
 	tags   []string // every non-empty pushed tag, first the primary one
 	digest string   // manifest digest when the payload carries one
 	action string
+	id     string // the delivery id it is claimed under, unique per source ("" until known)
 }
 
 // repo is the pushed repository, host/owner/name.
@@ -379,6 +386,278 @@ func pushedTags(pkg *packageBody) (tags []string, digest string) {
 		digest = v.Version
 	}
 	return tags, digest
+}
+
+// Registry push events, as each project documents its webhook payload. Every parser returns one
+// delivery per pushed repository and tag set, with the id it is claimed under: the source's own
+// event id where it sends one, else a hash of what identifies the push (so a retry of the same
+// event is a duplicate), prefixed with the source, so ids of different sources never meet.
+
+// pushID is the delivery id of an event a source identified as id: "<prefix>-<id>" when that is a
+// valid delivery id, else a stable hash of it.
+func pushID(prefix, id string) string {
+	if reDeliveryID.MatchString(prefix+"-"+id) && id != "" {
+		return prefix + "-" + id
+	}
+	return hashID(prefix, id)
+}
+
+// hashID is "<prefix>-" and 32 hex digits of the SHA-256 of parts: a stable id for an event its
+// source does not number.
+func hashID(prefix string, parts ...string) string {
+	sum := sha256.Sum256([]byte(strings.Join(parts, "\x00")))
+	return prefix + "-" + hex.EncodeToString(sum[:16])
+}
+
+// splitImageURL splits "host/path" (a scheme, as in "https://host/path", is dropped) into its
+// lowercased host and path.
+func splitImageURL(s string) (host, path string) {
+	s = strings.TrimSpace(s)
+	if _, rest, ok := strings.Cut(s, "://"); ok {
+		s = rest
+	}
+	host, path, _ = strings.Cut(s, "/")
+	return strings.ToLower(host), strings.ToLower(path)
+}
+
+// checkPushes returns ds when every reference in it is valid, refusing the whole payload
+// otherwise; no push at all is ignored with why.
+func checkPushes(ds []delivery, why error) ([]delivery, error) {
+	if len(ds) == 0 {
+		return nil, why
+	}
+	for _, d := range ds {
+		for _, t := range d.tags {
+			if _, err := parseImageRef(d.ref(t).String()); err != nil {
+				return nil, fmt.Errorf("payload names an invalid image: %w", err)
+			}
+		}
+	}
+	return ds, nil
+}
+
+// isUntagged reports a tag that is empty or a digest: registries name an untagged manifest by
+// its digest where a tag would be.
+func isUntagged(tag string) bool {
+	return strings.TrimSpace(tag) == "" || strings.HasPrefix(tag, "sha256:")
+}
+
+// manifestTypes are the media types of manifests and indexes; every other target of a
+// Distribution event is a blob (a layer or a config).
+var manifestTypes = map[string]bool{
+	"application/vnd.docker.distribution.manifest.v1+json":      true,
+	"application/vnd.docker.distribution.manifest.v1+prettyjws": true,
+	"application/vnd.docker.distribution.manifest.v2+json":      true,
+	"application/vnd.docker.distribution.manifest.list.v2+json": true,
+	"application/vnd.oci.image.manifest.v1+json":                true,
+	"application/vnd.oci.image.index.v1+json":                   true,
+}
+
+// distributionPushes reads a CNCF Distribution (registry:2) notification envelope
+// (application/vnd.docker.distribution.events.v1+json): the manifest pushes with a tag. Blob
+// pushes, pulls, deletes and untagged manifests (a multi-platform image's per-platform ones) are
+// skipped. The host is the one the client pushed to (request.host), which is the one units pull
+// from; the event id is Distribution's own.
+func distributionPushes(body []byte, _ http.Header) ([]delivery, error) {
+	var env struct {
+		Events []struct {
+			ID     string `json:"id"`
+			Action string `json:"action"`
+			Target struct {
+				MediaType  string `json:"mediaType"`
+				Digest     string `json:"digest"`
+				Repository string `json:"repository"`
+				URL        string `json:"url"`
+				Tag        string `json:"tag"`
+			} `json:"target"`
+			Request struct {
+				Host string `json:"host"`
+			} `json:"request"`
+		} `json:"events"`
+	}
+	if err := json.Unmarshal(body, &env); err != nil {
+		return nil, ignored("invalid-json", "%v", err)
+	}
+	why := ignored("no-events", "the envelope holds no events")
+	var ds []delivery
+	for _, e := range env.Events {
+		switch {
+		case e.Action != "push":
+			why = ignored("not-a-push", "%q events do not redeploy", e.Action)
+			continue
+		case !manifestTypes[e.Target.MediaType]:
+			why = ignored("not-a-manifest", "a push of %q is a blob, not a manifest", e.Target.MediaType)
+			continue
+		case isUntagged(e.Target.Tag):
+			why = ignored("missing-tag", "the pushed manifest has no tag (an untagged or per-platform manifest)")
+			continue
+		}
+		host := e.Request.Host
+		if host == "" {
+			host, _ = splitImageURL(e.Target.URL)
+		}
+		d := delivery{host: strings.ToLower(strings.TrimSpace(host)), path: strings.ToLower(e.Target.Repository),
+			tags: []string{e.Target.Tag}, action: e.Action, id: pushID("dist", e.ID)}
+		if reDigest.MatchString(e.Target.Digest) {
+			d.digest = e.Target.Digest
+		}
+		ds = append(ds, d)
+	}
+	return checkPushes(ds, why)
+}
+
+// harborPushes reads a Harbor webhook in its default payload format: a PUSH_ARTIFACT event, one
+// delivery per tagged resource. Harbor numbers no events, so the id hashes the resource and the
+// event's time (occur_at), which a retry keeps.
+func harborPushes(body []byte, _ http.Header) ([]delivery, error) {
+	var ev struct {
+		Type      string      `json:"type"`
+		OccurAt   json.Number `json:"occur_at"`
+		EventData struct {
+			Resources []struct {
+				Digest      string `json:"digest"`
+				Tag         string `json:"tag"`
+				ResourceURL string `json:"resource_url"`
+			} `json:"resources"`
+			Repository struct {
+				RepoFullName string `json:"repo_full_name"`
+			} `json:"repository"`
+		} `json:"event_data"`
+	}
+	if err := json.Unmarshal(body, &ev); err != nil {
+		return nil, ignored("invalid-json", "%v", err)
+	}
+	if ev.Type != "PUSH_ARTIFACT" {
+		return nil, ignored("not-a-push", "%q events do not redeploy (and a CloudEvents payload is not read: choose Harbor's default format)", ev.Type)
+	}
+	why := ignored("missing-tag", "the pushed artifact has no tag")
+	var ds []delivery
+	for _, res := range ev.EventData.Resources {
+		if isUntagged(res.Tag) {
+			continue
+		}
+		host, _ := splitImageURL(res.ResourceURL)
+		path := strings.ToLower(ev.EventData.Repository.RepoFullName)
+		d := delivery{host: host, path: path, tags: []string{res.Tag}, action: ev.Type,
+			id: hashID("harbor", host, path, res.Tag, res.Digest, ev.OccurAt.String())}
+		if reDigest.MatchString(res.Digest) {
+			d.digest = res.Digest
+		}
+		ds = append(ds, d)
+	}
+	return checkPushes(ds, why)
+}
+
+// giteaPushes reads a Gitea or Forgejo "package" webhook: a container package version created.
+// The version is the tag (a digest for an untagged manifest); the registry is the instance
+// itself, so the host comes from the package's html_url. The id is the delivery header's.
+func giteaPushes(body []byte, h http.Header) ([]delivery, error) {
+	event, deliveryID := h.Get("X-Gitea-Event"), h.Get("X-Gitea-Delivery")
+	if event == "" {
+		event, deliveryID = h.Get("X-Forgejo-Event"), h.Get("X-Forgejo-Delivery")
+	}
+	if event != "package" {
+		return nil, ignored("not-a-package", "%q events do not redeploy", event)
+	}
+	var ev struct {
+		Action  string `json:"action"`
+		Package *struct {
+			Type      string  `json:"type"`
+			Name      string  `json:"name"`
+			Version   string  `json:"version"`
+			HTMLURL   string  `json:"html_url"`
+			CreatedAt string  `json:"created_at"`
+			Owner     *ghUser `json:"owner"`
+		} `json:"package"`
+	}
+	if err := json.Unmarshal(body, &ev); err != nil {
+		return nil, ignored("invalid-json", "%v", err)
+	}
+	p := ev.Package
+	switch {
+	case p == nil:
+		return nil, ignored("not-a-package", "the payload has no package")
+	case ev.Action != "created":
+		return nil, ignored("not-created", "%q package events do not redeploy", ev.Action)
+	case p.Type != "container":
+		return nil, ignored("not-container", "package type %q is not a container image", p.Type)
+	case isUntagged(p.Version):
+		return nil, ignored("missing-tag", "the pushed manifest has no tag (an untagged or per-platform manifest)")
+	case p.Owner == nil || p.Owner.Login == "" || p.Name == "":
+		return nil, ignored("missing-name", "the payload names no package owner or name")
+	}
+	host, _ := splitImageURL(p.HTMLURL)
+	path := strings.ToLower(p.Owner.Login + "/" + p.Name)
+	id := pushID("gitea", deliveryID)
+	if deliveryID == "" {
+		id = hashID("gitea", host, path, p.Version, p.CreatedAt)
+	}
+	return checkPushes([]delivery{{host: host, path: path, tags: []string{p.Version}, action: ev.Action, id: id}}, nil)
+}
+
+// dockerHubPushes reads a Docker Hub repository webhook: a push of push_data.tag to
+// repository.repo_name on docker.io ("nginx" is "library/nginx"). Docker Hub numbers no events,
+// so the id hashes the repository, the tag and the push time.
+func dockerHubPushes(body []byte, _ http.Header) ([]delivery, error) {
+	var ev struct {
+		PushData *struct {
+			Tag      string      `json:"tag"`
+			PushedAt json.Number `json:"pushed_at"`
+		} `json:"push_data"`
+		Repository *struct {
+			RepoName string `json:"repo_name"`
+		} `json:"repository"`
+	}
+	if err := json.Unmarshal(body, &ev); err != nil {
+		return nil, ignored("invalid-json", "%v", err)
+	}
+	switch {
+	case ev.PushData == nil || ev.Repository == nil:
+		return nil, ignored("not-a-push", "the payload has no push_data or repository")
+	case isUntagged(ev.PushData.Tag):
+		return nil, ignored("missing-tag", "the push has no tag")
+	}
+	path := strings.ToLower(strings.TrimSpace(ev.Repository.RepoName))
+	if path != "" && !strings.Contains(path, "/") {
+		path = "library/" + path
+	}
+	tag := ev.PushData.Tag
+	return checkPushes([]delivery{{host: "docker.io", path: path, tags: []string{tag}, action: "push",
+		id: hashID("hub", path, tag, ev.PushData.PushedAt.String())}}, nil)
+}
+
+// quayPushes reads a Quay "Push to Repository" notification: the tags in updated_tags of the
+// image at docker_url (a list; early Quay sent an object of tag → image id, read too). Other
+// notifications (builds, vulnerabilities) carry no updated_tags. Quay sends neither an id nor a
+// time, so the handler claims each request under its own id.
+func quayPushes(body []byte, _ http.Header) ([]delivery, error) {
+	var ev struct {
+		DockerURL   string          `json:"docker_url"`
+		UpdatedTags json.RawMessage `json:"updated_tags"`
+	}
+	if err := json.Unmarshal(body, &ev); err != nil {
+		return nil, ignored("invalid-json", "%v", err)
+	}
+	var tags []string
+	if bytes.HasPrefix(bytes.TrimSpace(ev.UpdatedTags), []byte("{")) {
+		var byTag map[string]any
+		if json.Unmarshal(ev.UpdatedTags, &byTag) == nil {
+			tags = slices.Sorted(maps.Keys(byTag))
+		}
+	} else if len(ev.UpdatedTags) > 0 && json.Unmarshal(ev.UpdatedTags, &tags) != nil {
+		return nil, ignored("invalid-json", "updated_tags is neither a list nor an object")
+	}
+	d := delivery{action: "push"}
+	d.host, d.path = splitImageURL(ev.DockerURL)
+	for _, t := range tags {
+		if !isUntagged(t) && !slices.Contains(d.tags, t) {
+			d.tags = append(d.tags, t)
+		}
+	}
+	if len(d.tags) == 0 {
+		return nil, ignored("not-a-push", "the notification names no updated_tags: not a push with a tag")
+	}
+	return checkPushes([]delivery{d}, nil)
 }
 
 // pullImage pulls ref with retries: cfg.pullAttempts attempts, cfg.pullRetryDelay apart, each

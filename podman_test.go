@@ -1,4 +1,5 @@
-// podman_test.go tests podman.go and the redeploy it runs: payload → image reference, reference
+// podman_test.go tests podman.go and the redeploy it runs: payload → image reference (GitHub's
+// and each registry's, on the documented samples in testdata/payloads), reference
 // validation, the restart and rollback decisions, runCommand, pullImage with retries, the whole
 // run-task flow against fake podman and systemctl, and the systemd-run argv that dispatches it.
 //
@@ -18,6 +19,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -1422,6 +1424,8 @@ func TestDispatchArgv(t *testing.T) {
 		"WEBHOOK_MANUAL_TOKEN=manual-s3cret",
 		"WEBHOOK_METRICS_TOKEN=metrics-s3cret",
 		"GITHUB_WEBHOOK_SECRET=gh-s3cret",
+		"WEBHOOK_REGISTRY_TOKEN_DISTRIBUTION=dist-s3cret",
+		"WEBHOOK_REGISTRY_TOKEN_GITEA=gitea-s3cret",
 		"WEBHOOK_HEALTH_SETTLE_SECS=20",
 		"CONTAINERS_CONF=/etc/containers/x.conf",
 		"PATH=/usr/local/bin:/usr/bin",
@@ -1490,7 +1494,8 @@ func TestDispatchArgv(t *testing.T) {
 					t.Errorf("argv element %q carries a value: variables must be passed by name", a)
 				}
 			}
-			for _, secret := range []string{"s3cret", "WEBHOOK_TOKEN", "WEBHOOK_MANUAL_TOKEN", "WEBHOOK_METRICS_TOKEN", "GITHUB_WEBHOOK_SECRET", "NOTIFY_SOCKET", "LISTEN_FDS"} {
+			for _, secret := range []string{"s3cret", "WEBHOOK_TOKEN", "WEBHOOK_MANUAL_TOKEN", "WEBHOOK_METRICS_TOKEN", "GITHUB_WEBHOOK_SECRET",
+				"WEBHOOK_REGISTRY_TOKEN_DISTRIBUTION", "WEBHOOK_REGISTRY_TOKEN_GITEA", "NOTIFY_SOCKET", "LISTEN_FDS"} {
 				if slices.Contains(argv, secret) || strings.Contains(joined, "s3cret") {
 					t.Errorf("argv passes %s: %q", secret, argv)
 				}
@@ -1707,6 +1712,13 @@ func checkDelivery(t *testing.T, body []byte) {
 	if err != nil {
 		return
 	}
+	checkDeliveryInvariants(t, d)
+}
+
+// checkDeliveryInvariants checks an accepted delivery: tags, a lowercase host and repository,
+// and references that parse back unchanged and cannot read as a flag.
+func checkDeliveryInvariants(t *testing.T, d delivery) {
+	t.Helper()
 	if len(d.tags) == 0 {
 		t.Fatalf("accepted a delivery without tags: %+v", d)
 	}
@@ -1793,4 +1805,246 @@ func TestRunTaskPullFaults(t *testing.T) {
 			}
 		})
 	}
+}
+
+// distEvent is one Distribution notification event, laid out as registry:2 sends it.
+func distEvent(id, action, mediaType, repo, tag, host string) map[string]any {
+	return map[string]any{"id": id, "timestamp": "2026-11-27T10:00:00Z", "action": action,
+		"target": map[string]any{"mediaType": mediaType, "size": 528, "digest": digestV1, "length": 528, "repository": repo,
+			"url": "http://" + host + "/v2/" + repo + "/manifests/" + digestV1, "tag": tag},
+		"request": map[string]any{"id": "r1", "addr": "127.0.0.1:40000", "host": host, "method": "PUT", "useragent": "containers/5.23"},
+		"actor":   map[string]any{}, "source": map[string]any{"addr": "box:5000", "instanceID": "i1"}}
+}
+
+// noRequestHost drops request.host from a Distribution event.
+func noRequestHost(e map[string]any) map[string]any {
+	delete(e["request"].(map[string]any), "host")
+	return e
+}
+
+// distEnvelope is a Distribution notification envelope of events.
+func distEnvelope(events ...map[string]any) []byte {
+	b, _ := json.Marshal(map[string]any{"events": events})
+	return b
+}
+
+const manifestV2 = "application/vnd.docker.distribution.manifest.v2+json"
+
+// TestRegistryPushes reads each source's documented sample payload, and variants of it, with
+// the source's parser: what is a tagged push becomes deliveries (image and id), what is fine
+// but not one is ignored with a reason, and an invalid reference refuses the whole payload.
+func TestRegistryPushes(t *testing.T) {
+	type want struct{ host, path, tag, digest, id string }
+	gitea := http.Header{"X-Gitea-Event": {"package"}, "X-Gitea-Delivery": {"6b1e1a6c-3ef4-4c2e-9c41-0f8e2c3d4a5b"}}
+	forgejo := http.Header{"X-Forgejo-Event": {"package"}, "X-Forgejo-Delivery": {"0c6b7c55-1f0e-4f2a-8a3b-5d9e8f7a6b5c"}}
+	const harborDigest = "sha256:8a9e9863dbb6e10edb5adfe917c00da84e1700fa76e7ed02476aa6e6fb8ee0d8"
+	harborID := hashID("harbor", "hub.harbor.com", "test-webhook/debian", "latest", harborDigest, "1586922308")
+	hubID := hashID("hub", "svendowideit/testhook", "latest", "1417566161")
+	push := func(tag string) map[string]any {
+		return distEvent("e-"+tag, "push", manifestV2, "e2e/app", tag, "127.0.0.1:5000")
+	}
+	for _, tc := range []struct {
+		name, source string
+		file         string
+		edits        []payloadEdit
+		raw          []byte // instead of file
+		header       http.Header
+		want         []want
+		ignored      string
+		wantErr      bool
+	}{
+		// Distribution: the documented sample holds a pull, a blob push and a manifest push.
+		{name: "distribution sample", source: "distribution", file: "distribution-push.json",
+			want: []want{{"registrycluster.local", "library/test", "latest", "sha256:fea8895f450959fa676bcc1df0611ea93823a735a01205fd8622846041d0c7cf", "dist-asdf-asdf-asdf-asdf-0"}}},
+		{name: "distribution OCI manifest", source: "distribution", raw: distEnvelope(distEvent("x1", "push", "application/vnd.oci.image.manifest.v1+json", "e2e/app", "v2", "127.0.0.1:5000")),
+			want: []want{{"127.0.0.1:5000", "e2e/app", "v2", digestV1, "dist-x1"}}},
+		{name: "distribution OCI index", source: "distribution", raw: distEnvelope(distEvent("x2", "push", "application/vnd.oci.image.index.v1+json", "e2e/app", "v2", "127.0.0.1:5000")),
+			want: []want{{"127.0.0.1:5000", "e2e/app", "v2", digestV1, "dist-x2"}}},
+		{name: "distribution two tags in one envelope", source: "distribution", raw: distEnvelope(push("v1"), push("latest")),
+			want: []want{{"127.0.0.1:5000", "e2e/app", "v1", digestV1, "dist-e-v1"}, {"127.0.0.1:5000", "e2e/app", "latest", digestV1, "dist-e-latest"}}},
+		{name: "distribution host from target.url when request.host is empty", source: "distribution",
+			raw:  distEnvelope(noRequestHost(distEvent("x3", "push", manifestV2, "e2e/app", "v1", "Reg.Example:5000"))),
+			want: []want{{"reg.example:5000", "e2e/app", "v1", digestV1, "dist-x3"}}},
+		{name: "distribution with no host at all", source: "distribution",
+			raw: distEnvelope(noRequestHost(distEvent("x4", "push", manifestV2, "e2e/app", "v1", ""))), wantErr: true},
+		{name: "distribution id that is not a delivery id is hashed", source: "distribution",
+			raw:  distEnvelope(distEvent("../../x y", "push", manifestV2, "e2e/app", "v1", "127.0.0.1:5000")),
+			want: []want{{"127.0.0.1:5000", "e2e/app", "v1", digestV1, hashID("dist", "../../x y")}}},
+		{name: "distribution blob push only", source: "distribution", raw: distEnvelope(distEvent("b", "push", "application/octet-stream", "e2e/app", "", "h:5000")), ignored: "not-a-manifest"},
+		{name: "distribution layer push", source: "distribution", raw: distEnvelope(distEvent("b", "push", "application/vnd.oci.image.layer.v1.tar+gzip", "e2e/app", "", "h:5000")), ignored: "not-a-manifest"},
+		{name: "distribution pull", source: "distribution", raw: distEnvelope(distEvent("p", "pull", manifestV2, "e2e/app", "v1", "h:5000")), ignored: "not-a-push"},
+		{name: "distribution delete", source: "distribution", raw: distEnvelope(distEvent("d", "delete", manifestV2, "e2e/app", "v1", "h:5000")), ignored: "not-a-push"},
+		{name: "distribution untagged manifest", source: "distribution", raw: distEnvelope(distEvent("u", "push", manifestV2, "e2e/app", "", "h:5000")), ignored: "missing-tag"},
+		{name: "distribution empty envelope", source: "distribution", raw: []byte(`{"events":[]}`), ignored: "no-events"},
+		{name: "distribution not JSON", source: "distribution", raw: []byte(`events=1`), ignored: "invalid-json"},
+		{name: "distribution repository that reads as a flag", source: "distribution", raw: distEnvelope(distEvent("f", "push", manifestV2, "-q", "v1", "h:5000")), wantErr: true},
+		{name: "distribution tag that reads as a flag", source: "distribution", raw: distEnvelope(distEvent("f", "push", manifestV2, "e2e/app", "--authfile=x", "h:5000")), wantErr: true},
+		{name: "distribution host that is a transport", source: "distribution", raw: distEnvelope(distEvent("f", "push", manifestV2, "e2e/app", "v1", "docker-archive:")), wantErr: true},
+		{name: "distribution one bad event refuses the envelope", source: "distribution", raw: distEnvelope(push("v1"), distEvent("f", "push", manifestV2, "e2e/../x", "v1", "h:5000")), wantErr: true},
+
+		// Harbor, default payload format.
+		{name: "harbor sample", source: "harbor", file: "harbor-push-artifact.json", want: []want{{"hub.harbor.com", "test-webhook/debian", "latest", harborDigest, harborID}}},
+		{name: "harbor pull", source: "harbor", file: "harbor-pull-artifact.json", ignored: "not-a-push"},
+		{name: "harbor scan event", source: "harbor", file: "harbor-push-artifact.json", edits: []payloadEdit{setField("type", "SCANNING_COMPLETED")}, ignored: "not-a-push"},
+		{name: "harbor CloudEvents format", source: "harbor", raw: []byte(`{"specversion":"1.0","type":"harbor.artifact.pushed","data":{}}`), ignored: "not-a-push"},
+		{name: "harbor untagged artifact", source: "harbor", file: "harbor-push-artifact.json",
+			raw:     []byte(`{"type":"PUSH_ARTIFACT","occur_at":1,"event_data":{"resources":[{"digest":"` + harborDigest + `","tag":"` + harborDigest + `","resource_url":"h.io/p/a@` + harborDigest + `"}],"repository":{"repo_full_name":"p/a"}}}`),
+			ignored: "missing-tag"},
+		{name: "harbor resource_url with a scheme", source: "harbor",
+			raw:  []byte(`{"type":"PUSH_ARTIFACT","occur_at":7,"event_data":{"resources":[{"tag":"v1","resource_url":"https://H.io:8443/p/a:v1"}],"repository":{"repo_full_name":"p/a"}}}`),
+			want: []want{{"h.io:8443", "p/a", "v1", "", hashID("harbor", "h.io:8443", "p/a", "v1", "", "7")}}},
+		{name: "harbor repository that reads as a flag", source: "harbor", file: "harbor-push-artifact.json",
+			edits: []payloadEdit{setField("event_data.repository.repo_full_name", "-q")}, wantErr: true},
+
+		// Gitea and Forgejo.
+		{name: "gitea sample", source: "gitea", file: "gitea-package-created.json", header: gitea,
+			want: []want{{"gitea.example.com", "octo/web", "v1.4.0", "", "gitea-6b1e1a6c-3ef4-4c2e-9c41-0f8e2c3d4a5b"}}},
+		{name: "forgejo headers", source: "gitea", file: "gitea-package-created.json", header: forgejo,
+			want: []want{{"gitea.example.com", "octo/web", "v1.4.0", "", "gitea-0c6b7c55-1f0e-4f2a-8a3b-5d9e8f7a6b5c"}}},
+		{name: "gitea without a delivery header", source: "gitea", file: "gitea-package-created.json", header: http.Header{"X-Gitea-Event": {"package"}},
+			want: []want{{"gitea.example.com", "octo/web", "v1.4.0", "", hashID("gitea", "gitea.example.com", "octo/web", "v1.4.0", "2024-05-06T10:11:12Z")}}},
+		{name: "gitea push event", source: "gitea", file: "gitea-package-created.json", header: http.Header{"X-Gitea-Event": {"push"}}, ignored: "not-a-package"},
+		{name: "gitea no event header", source: "gitea", file: "gitea-package-created.json", ignored: "not-a-package"},
+		{name: "gitea package deleted", source: "gitea", file: "gitea-package-created.json", header: gitea, edits: []payloadEdit{setField("action", "deleted")}, ignored: "not-created"},
+		{name: "gitea npm package", source: "gitea", file: "gitea-package-created.json", header: gitea, edits: []payloadEdit{setField("package.type", "npm")}, ignored: "not-container"},
+		{name: "gitea untagged manifest", source: "gitea", file: "gitea-package-created.json", header: gitea, edits: []payloadEdit{setField("package.version", digestV1)}, ignored: "missing-tag"},
+		{name: "gitea no owner", source: "gitea", file: "gitea-package-created.json", header: gitea, edits: []payloadEdit{dropField("package.owner")}, ignored: "missing-name"},
+		{name: "gitea version that reads as a flag", source: "gitea", file: "gitea-package-created.json", header: gitea, edits: []payloadEdit{setField("package.version", "-q")}, wantErr: true},
+		{name: "gitea html_url missing", source: "gitea", file: "gitea-package-created.json", header: gitea, edits: []payloadEdit{dropField("package.html_url")}, wantErr: true},
+
+		// Docker Hub.
+		{name: "dockerhub sample", source: "dockerhub", file: "dockerhub-push.json", want: []want{{"docker.io", "svendowideit/testhook", "latest", "", hubID}}},
+		{name: "dockerhub official image", source: "dockerhub", file: "dockerhub-push.json", edits: []payloadEdit{setField("repository.repo_name", "nginx")},
+			want: []want{{"docker.io", "library/nginx", "latest", "", hashID("hub", "library/nginx", "latest", "1417566161")}}},
+		{name: "dockerhub no tag", source: "dockerhub", file: "dockerhub-push.json", edits: []payloadEdit{setField("push_data.tag", "")}, ignored: "missing-tag"},
+		{name: "dockerhub no push_data", source: "dockerhub", file: "dockerhub-push.json", edits: []payloadEdit{dropField("push_data")}, ignored: "not-a-push"},
+		{name: "dockerhub tag that reads as a flag", source: "dockerhub", file: "dockerhub-push.json", edits: []payloadEdit{setField("push_data.tag", "--authfile=x")}, wantErr: true},
+
+		// Quay.
+		{name: "quay sample", source: "quay", file: "quay-push.json", want: []want{{"quay.io", "mynamespace/repository", "latest", "", ""}}},
+		{name: "quay legacy updated_tags object", source: "quay", file: "quay-push-legacy.json", want: []want{{"quay.io", "devtable/ubuntu", "latest", "", ""}}},
+		{name: "quay build queued", source: "quay", file: "quay-build-queued.json", ignored: "not-a-push"},
+		{name: "quay updated_tags of the wrong type", source: "quay", file: "quay-push.json", edits: []payloadEdit{setField("updated_tags", 7)}, ignored: "invalid-json"},
+		{name: "quay self-hosted with a port", source: "quay", file: "quay-push.json", edits: []payloadEdit{setField("docker_url", "Quay.Example.com:8443/ns/app")},
+			want: []want{{"quay.example.com:8443", "ns/app", "latest", "", ""}}},
+		{name: "quay tag that reads as a flag", source: "quay", file: "quay-push.json", edits: []payloadEdit{setField("updated_tags", []any{"latest", "-q"})}, wantErr: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			body := tc.raw
+			if body == nil {
+				body = loadPayload(t, tc.file, tc.edits...)
+			}
+			ds, err := registrySources[tc.source].parse(body, tc.header)
+			var ig *ignoredError
+			switch {
+			case tc.ignored != "":
+				if !errors.As(err, &ig) || ig.reason != tc.ignored {
+					t.Fatalf("%s parser = %+v, %v; want ignored %q", tc.source, ds, err, tc.ignored)
+				}
+				return
+			case tc.wantErr:
+				if err == nil || errors.As(err, &ig) {
+					t.Fatalf("%s parser = %+v, %v; want a refusal that is not merely ignored", tc.source, ds, err)
+				}
+				return
+			case err != nil:
+				t.Fatalf("%s parser: %v", tc.source, err)
+			}
+			var got []want
+			for _, d := range ds {
+				checkDeliveryInvariants(t, d)
+				for _, tag := range d.tags {
+					got = append(got, want{d.host, d.path, tag, d.digest, d.id})
+				}
+			}
+			if !slices.Equal(got, tc.want) {
+				t.Errorf("%s parser =\n  %+v\nwant\n  %+v", tc.source, got, tc.want)
+			}
+		})
+	}
+}
+
+// TestPushIDs: a derived id is stable for the same push and differs for another push of the
+// same tag, and every id is a delivery id whose task unit name is unchanged.
+func TestPushIDs(t *testing.T) {
+	body := loadPayload(t, "harbor-push-artifact.json")
+	later := loadPayload(t, "harbor-push-artifact.json", setField("occur_at", 1586922999))
+	a, _ := harborPushes(body, nil)
+	b, _ := harborPushes(body, nil)
+	c, _ := harborPushes(later, nil)
+	if a[0].id != b[0].id {
+		t.Errorf("the same event gave ids %s and %s: a retry would not be a duplicate", a[0].id, b[0].id)
+	}
+	if a[0].id == c[0].id {
+		t.Errorf("two pushes of one tag share id %s: the second would be taken for a duplicate", a[0].id)
+	}
+	for _, id := range []string{a[0].id, pushID("dist", strings.Repeat("x", 70)), pushID("dist", ""), pushID("gitea", "a/b"), hashID("hub", "a")} {
+		if !reDeliveryID.MatchString(id) || taskUnitName(id) != "webhook-task-"+id {
+			t.Errorf("id %q is not a delivery id kept as it is in its task unit's name", id)
+		}
+	}
+}
+
+// checkRegistryPushes is checkDelivery for the registry parsers: whatever one accepts is a set of
+// deliveries with valid, claimable ids.
+func checkRegistryPushes(t *testing.T, source string, body []byte, h http.Header) {
+	t.Helper()
+	ds, err := registrySources[source].parse(body, h)
+	if err != nil {
+		return
+	}
+	if len(ds) == 0 {
+		t.Fatalf("%s: accepted a payload with no push", source)
+	}
+	for _, d := range ds {
+		checkDeliveryInvariants(t, d)
+		if !reDeliveryID.MatchString(d.id) && !(source == "quay" && d.id == "") {
+			t.Errorf("%s: accepted delivery id %q", source, d.id)
+		}
+	}
+}
+
+// registryFuzzSeeds adds the documented samples of a source (testdata/payloads/<prefix>*.json).
+func registryFuzzSeeds(f *testing.F, prefix string, add func([]byte)) {
+	files, _ := filepath.Glob(filepath.Join("testdata", "payloads", prefix+"*.json"))
+	if len(files) == 0 {
+		f.Fatalf("no testdata/payloads/%s*.json samples", prefix)
+	}
+	for _, name := range files {
+		data, err := os.ReadFile(name)
+		if err != nil {
+			f.Fatal(err)
+		}
+		add(data)
+	}
+}
+
+// FuzzDistributionPushes, FuzzHarborPushes, FuzzGiteaPushes, FuzzDockerHubPushes and
+// FuzzQuayPushes feed raw bodies to each registry parser, seeded with its documented samples and
+// the corpus under testdata/fuzz; the invariants are checkRegistryPushes'.
+func FuzzDistributionPushes(f *testing.F) {
+	registryFuzzSeeds(f, "distribution", func(b []byte) { f.Add(b) })
+	f.Fuzz(func(t *testing.T, body []byte) { checkRegistryPushes(t, "distribution", body, nil) })
+}
+
+func FuzzHarborPushes(f *testing.F) {
+	registryFuzzSeeds(f, "harbor", func(b []byte) { f.Add(b) })
+	f.Fuzz(func(t *testing.T, body []byte) { checkRegistryPushes(t, "harbor", body, nil) })
+}
+
+func FuzzGiteaPushes(f *testing.F) {
+	registryFuzzSeeds(f, "gitea", func(b []byte) { f.Add(b, "package", "6b1e1a6c-3ef4-4c2e-9c41-0f8e2c3d4a5b") })
+	f.Fuzz(func(t *testing.T, body []byte, event, delivery string) {
+		checkRegistryPushes(t, "gitea", body, http.Header{"X-Gitea-Event": {event}, "X-Gitea-Delivery": {delivery}})
+	})
+}
+
+func FuzzDockerHubPushes(f *testing.F) {
+	registryFuzzSeeds(f, "dockerhub", func(b []byte) { f.Add(b) })
+	f.Fuzz(func(t *testing.T, body []byte) { checkRegistryPushes(t, "dockerhub", body, nil) })
+}
+
+func FuzzQuayPushes(f *testing.F) {
+	registryFuzzSeeds(f, "quay", func(b []byte) { f.Add(b) })
+	f.Fuzz(func(t *testing.T, body []byte) { checkRegistryPushes(t, "quay", body, nil) })
 }

@@ -849,9 +849,12 @@ func TestChildEnvHasNoSecrets(t *testing.T) {
 	t.Setenv("WEBHOOK_TOKEN", "token-value")
 	t.Setenv("WEBHOOK_MANUAL_TOKEN", "manual-value")
 	t.Setenv("WEBHOOK_FUTURE_API_KEY", "future-value")
+	for name := range registrySources {
+		t.Setenv(registryTokenEnv(name), name+"-registry-value")
+	}
 	t.Setenv("WEBHOOK_STATE_DIR", "/state")
 	env := strings.Join(childEnv(), "\n")
-	for _, secret := range []string{"gh-secret-value", "token-value", "manual-value", "future-value"} {
+	for _, secret := range []string{"gh-secret-value", "token-value", "manual-value", "future-value", "registry-value"} {
 		if strings.Contains(env, secret) {
 			t.Errorf("child environment carries %q", secret)
 		}

@@ -1,18 +1,22 @@
 // webhook.go owns the HTTP surface of `webhook-auto-update server`: the listeners, the routing,
-// the GitHub delivery route, the static web UI, the observability routes and the per-request
-// event row. The manual-trigger handlers live with the other triggers in scheduler.go.
+// the GitHub delivery route, the registry push routes (/registry/<source>/<unit>: each source's
+// authentication and secret), the checks every push shares before it is queued, the static web
+// UI, the observability routes and the per-request event row. The manual-trigger handlers live
+// with the other triggers in scheduler.go; payload parsing lives in podman.go.
 //
 // Rules: every request that reaches the handler, including 404s, 405s and refused bodies,
 // produces exactly one event_log row, written by the middleware in ServeHTTP unless a handler
 // committed it itself; a request line and headers over maxHeaderBytes are refused by net/http
 // (431) before that. Every value a row stores from a request is cut to maxFieldBytes, and query
-// strings are redacted before they are logged or stored. Bodies are capped
-// (WEBHOOK_MAX_BODY_BYTES → 413), and all bodies in memory together are bounded
-// (WEBHOOK_BODY_BUDGET_BYTES → 503 with Retry-After). A request with both Content-Length and
-// Transfer-Encoding is 400 and ends its connection (framedConn). A refused payload is saved at
-// most once a second, never while its client waits. No path containing a ".." segment, however
-// encoded, reaches a handler, and static files are opened through os.Root so nothing outside
-// the web dist directory can be served, and without blocking, so a FIFO cannot hold a request.
+// strings and the token segment of a registry path are redacted before they are logged or
+// stored. A push source whose secret is unset refuses every request (500), and every secret is
+// compared in constant time. Bodies are capped (WEBHOOK_MAX_BODY_BYTES → 413), and all bodies in
+// memory together are bounded (WEBHOOK_BODY_BUDGET_BYTES → 503 with Retry-After). A request with
+// both Content-Length and Transfer-Encoding is 400 and ends its connection (framedConn). A
+// refused payload is saved at most once a second, never while its client waits. No path
+// containing a ".." segment, however encoded, reaches a handler, and static files are opened
+// through os.Root so nothing outside the web dist directory can be served, and without
+// blocking, so a FIFO cannot hold a request.
 package main
 
 import (
@@ -343,6 +347,8 @@ func newServer(cfg *config, lg *logger, events *eventLog) *server {
 	s.exe, _ = os.Executable()
 	s.mux.HandleFunc("POST /github-package-update/{unit}", s.handleGitHub)
 	s.mux.HandleFunc("POST /github-package-update/{unit}/redeploy", s.handleGitHub)
+	s.mux.HandleFunc("POST /registry/{source}/{unit}", s.handleRegistry)
+	s.mux.HandleFunc("POST /registry/{source}/{unit}/{token}", s.handleRegistry)
 	s.mux.HandleFunc("GET /health", s.handleHealth)
 	s.mux.HandleFunc("GET /sse/hello", s.handleHello)
 	s.mux.HandleFunc("GET /metrics", s.handleMetrics)
@@ -559,7 +565,7 @@ func (s *server) requestEvent(r *http.Request, ri *requestInfo, status int, d ti
 		action = defaultAction(r.Pattern, status)
 	}
 	meta := ri.meta
-	meta["path"] = r.URL.Path
+	meta["path"] = redactPath(r.URL.Path)
 	if q := redactQuery(r.URL.RawQuery); q != "" {
 		meta["query"] = q
 	}
@@ -569,7 +575,7 @@ func (s *server) requestEvent(r *http.Request, ri *requestInfo, status int, d ti
 	for k, v := range meta {
 		meta[k] = boundValue(v)
 	}
-	return event{RequestID: ri.id, TS: s.now(), Method: boundField(r.Method), Path: boundField(r.URL.Path),
+	return event{RequestID: ri.id, TS: s.now(), Method: boundField(r.Method), Path: boundField(redactPath(r.URL.Path)),
 		Status: status, Action: action, Duration: d, Meta: meta}
 }
 
@@ -721,9 +727,15 @@ func verifySignature(secret string, body []byte, header string) error {
 	if !ok {
 		return errors.New("X-Hub-Signature-256 is not a sha256= signature")
 	}
+	return checkHMAC(secret, body, hexSig, "X-Hub-Signature-256")
+}
+
+// checkHMAC checks that hexSig, taken from the named header, is the hex HMAC-SHA256 of body
+// under secret, in constant time.
+func checkHMAC(secret string, body []byte, hexSig, header string) error {
 	got, err := hex.DecodeString(hexSig)
 	if err != nil || len(got) != sha256.Size {
-		return errors.New("X-Hub-Signature-256 is not 64 hex digits")
+		return fmt.Errorf("%s is not 64 hex digits", header)
 	}
 	mac := hmac.New(sha256.New, []byte(secret))
 	mac.Write(body)
@@ -786,14 +798,8 @@ func (s *server) handleGitHub(w http.ResponseWriter, r *http.Request) {
 		reply(w, r, http.StatusInternalServerError, "secret-unset", "server misconfigured")
 		return
 	}
-	body, err := readBody(r)
-	if err != nil {
-		var tooLarge *http.MaxBytesError
-		if errors.As(err, &tooLarge) {
-			reply(w, r, http.StatusRequestEntityTooLarge, "body-too-large", "request body too large")
-			return
-		}
-		reply(w, r, http.StatusBadRequest, "body-unreadable", "cannot read request body")
+	body, ok := readPushBody(w, r)
+	if !ok {
 		return
 	}
 	if err := verifySignature(s.cfg.secret, body, r.Header.Get("X-Hub-Signature-256")); err != nil {
@@ -863,18 +869,54 @@ func (s *server) handleGitHub(w http.ResponseWriter, r *http.Request) {
 			"registry host "+d.host+" is not allowed: add it to WEBHOOK_REGISTRY_HOSTS to pull from it")
 		return
 	}
-	ri.meta["tags"] = d.tags
-	if d.digest != "" {
-		ri.meta["digest"] = d.digest
+	d.id = deliveryID
+	s.queuePush(w, r, unit, eventName, []delivery{d}, true)
+}
+
+// readPushBody reads a push notification's body (readBody), answering 413 past the body cap.
+func readPushBody(w http.ResponseWriter, r *http.Request) ([]byte, bool) {
+	body, err := readBody(r)
+	if err != nil {
+		var tooLarge *http.MaxBytesError
+		if errors.As(err, &tooLarge) {
+			reply(w, r, http.StatusRequestEntityTooLarge, "body-too-large", "request body too large")
+			return nil, false
+		}
+		reply(w, r, http.StatusBadRequest, "body-unreadable", "cannot read request body")
+		return nil, false
+	}
+	return body, true
+}
+
+// queuePush runs the checks every authenticated and parsed push notification shares, GitHub's
+// and the registries': the unit's image must match one of the pushes, the per-image limit must
+// allow one more redeploy, and then the delivery is claimed and queued (enqueue). anyImage lets
+// a unit whose Quadlet file names no image take the first pushed tag, which the task then checks
+// against the unit's running container before it pulls (task.checkImage), as GitHub deliveries
+// always could; a registry push redeploys only a unit whose image is known.
+func (s *server) queuePush(w http.ResponseWriter, r *http.Request, unit, event string, pushes []delivery, anyImage bool) {
+	ri := info(r)
+	if len(pushes) == 1 {
+		ri.meta["pushed"] = pushes[0].repo()
+		ri.meta["tags"] = pushes[0].tags
+		if pushes[0].digest != "" {
+			ri.meta["digest"] = pushes[0].digest
+		}
+	} else {
+		var pushed []string
+		for _, p := range pushes[:min(len(pushes), 16)] {
+			pushed = append(pushed, p.repo()+":"+strings.Join(p.tags, ","))
+		}
+		ri.meta["pushed"] = pushed
 	}
 
-	ref, status, reason, text := s.matchUnitImage(r.Context(), unit, d)
+	d, ref, status, reason, text := s.matchUnitImage(r.Context(), unit, pushes, anyImage)
 	if status != 0 {
 		reply(w, r, status, reason, text)
 		return
 	}
 	image := ref.String()
-	ri.meta["image"] = image
+	ri.meta["image"], ri.meta["delivery"] = image, d.id
 
 	lim, err := imageLimiter(s.cfg, image).check(r.Context())
 	if err != nil {
@@ -888,44 +930,172 @@ func (s *server) handleGitHub(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if err := s.events.usable(); err != nil {
-		s.log.errorf("github delivery refused: %v", err)
+		s.log.errorf("delivery refused: %v", err)
 		w.Header().Set("Retry-After", "60")
 		reply(w, r, http.StatusServiceUnavailable, "database-replaced", "cannot record the delivery: the server's database was deleted or replaced; redeliver it after a restart")
 		return
 	}
-	s.enqueue(w, r, taskSpec{unit: unit, image: image, event: eventName, delivery: deliveryID,
-		path: r.URL.Path, digest: d.digest})
+	s.enqueue(w, r, taskSpec{unit: unit, image: image, event: event, delivery: d.id,
+		path: redactPath(r.URL.Path), digest: d.digest})
 }
 
-// matchUnitImage picks the reference to pull. When the unit's Quadlet file names an Image=, the
-// delivery must be for the same registry host and repository and carry its tag, and a refusal
-// names the check that failed; otherwise the first pushed tag is used, and the task checks it
-// against the unit's running container before it pulls (task.checkImage). A non-zero status is
-// the answer to send instead.
-func (s *server) matchUnitImage(ctx context.Context, unit string, d delivery) (imageRef, int, string, string) {
+// matchUnitImage picks the push to act on and the reference to pull. When the unit's Quadlet
+// file names an Image=, a push must be for the same registry host and repository and carry its
+// tag (of several that do, the last one, the newest, is taken), and a refusal names the check
+// that failed; otherwise, with anyImage, the first pushed tag is used. A non-zero status is the
+// answer to send instead.
+func (s *server) matchUnitImage(ctx context.Context, unit string, pushes []delivery, anyImage bool) (delivery, imageRef, int, string, string) {
 	configured, source, err := s.units.configuredImage(ctx, s.cfg, s.getenv, unit)
 	if errors.Is(err, errUnitNotFound) {
-		return imageRef{}, http.StatusNotFound, "unit-not-found", "unit " + unit + " not found"
+		return delivery{}, imageRef{}, http.StatusNotFound, "unit-not-found", "unit " + unit + " not found"
 	}
 	if err != nil {
 		s.log.errorf("cannot read the definition of %s: %v", unit, err)
-		return imageRef{}, http.StatusInternalServerError, "unit-unreadable", "cannot read the unit definition"
+		return delivery{}, imageRef{}, http.StatusInternalServerError, "unit-unreadable", "cannot read the unit definition"
+	}
+	if configured == "" && anyImage {
+		return pushes[0], pushes[0].ref(pushes[0].tags[0]), 0, "", ""
 	}
 	if configured == "" {
-		return d.ref(d.tags[0]), 0, "", ""
+		return delivery{}, imageRef{}, http.StatusAccepted, "unit-image-unknown",
+			"ignored: " + unit + " names no image (Image= in its Quadlet .container file), so no registry push can match it"
 	}
 	want, err := parseImageRef(withDefaultTag(configured))
 	if err != nil {
 		// Not a "tag mismatch": nothing this unit names could ever match, and the operator must
-		// see that in GitHub's delivery log, not find a 202.
+		// see that in the sender's delivery log, not find a 202.
 		s.log.errorf("%s names an image this program cannot match (%v): refusing the delivery", source, err)
-		return imageRef{}, http.StatusInternalServerError, "unit-image-unreadable",
+		return delivery{}, imageRef{}, http.StatusInternalServerError, "unit-image-unreadable",
 			"the unit's Image= is not a full image reference (registry/owner/name[:tag])"
 	}
-	if reason, text := imageMismatch(want, d.host, d.path, d.tags); reason != "" {
-		return imageRef{}, http.StatusAccepted, reason, text
+	var reason, text string
+	for _, d := range slices.Backward(pushes) {
+		if reason, text = imageMismatch(want, d.host, d.path, d.tags); reason == "" {
+			return d, d.ref(want.tag), 0, "", ""
+		}
 	}
-	return d.ref(want.tag), 0, "", ""
+	return delivery{}, imageRef{}, http.StatusAccepted, reason, text // of the first push
+}
+
+// registrySource is a registry that may push to /registry/<name>/<unit>: how it authenticates
+// and how its body is read (podman.go).
+type registrySource struct {
+	auth  func(secret string, r *http.Request, body []byte) error
+	parse func(body []byte, h http.Header) ([]delivery, error)
+}
+
+// registrySources are the registries the README documents, by the name in the route. Each has
+// its own secret, WEBHOOK_REGISTRY_TOKEN_<NAME> (registryTokenEnv).
+var registrySources = map[string]registrySource{
+	"distribution": {auth: bearerAuth, parse: distributionPushes},
+	"harbor":       {auth: bearerAuth, parse: harborPushes},
+	"gitea":        {auth: giteaAuth, parse: giteaPushes},
+	"dockerhub":    {auth: urlTokenAuth, parse: dockerHubPushes},
+	"quay":         {auth: urlTokenAuth, parse: quayPushes},
+}
+
+// registryTokenEnv names the variable holding a source's secret. isSecretEnv keeps it from child
+// processes, as it does every WEBHOOK_*TOKEN* variable.
+func registryTokenEnv(source string) string {
+	return "WEBHOOK_REGISTRY_TOKEN_" + strings.ToUpper(source)
+}
+
+// bearerAuth accepts "Authorization: Bearer <secret>": what a Distribution endpoint's headers
+// and Harbor's "Auth Header" are set to send.
+func bearerAuth(secret string, r *http.Request, _ []byte) error {
+	token, ok := bearerToken(r)
+	if !ok {
+		return errors.New("no Authorization: Bearer header")
+	}
+	if !tokenMatches(secret, token) {
+		return errors.New("wrong bearer token")
+	}
+	return nil
+}
+
+// giteaAuth checks the hex HMAC-SHA256 of the body that Gitea sends as X-Gitea-Signature and
+// Forgejo as X-Forgejo-Signature (it sends X-Gitea-Signature too).
+func giteaAuth(secret string, r *http.Request, body []byte) error {
+	header := "X-Gitea-Signature"
+	sig := strings.TrimSpace(r.Header.Get(header))
+	if sig == "" {
+		header = "X-Forgejo-Signature"
+		sig = strings.TrimSpace(r.Header.Get(header))
+	}
+	if sig == "" {
+		return errors.New("no X-Gitea-Signature or X-Forgejo-Signature header")
+	}
+	return checkHMAC(secret, body, sig, header)
+}
+
+// urlTokenAuth accepts the secret as the path's last segment (/registry/<source>/<unit>/<secret>)
+// or as ?token=, for registries that sign nothing and send no header of the operator's choice
+// (Docker Hub, Quay). Both places are redacted in rows and logs (redactPath, redactQuery).
+func urlTokenAuth(secret string, r *http.Request, _ []byte) error {
+	token := r.PathValue("token")
+	if token == "" {
+		token = r.URL.Query().Get("token")
+	}
+	if token == "" {
+		return errors.New("no token in the path or the query")
+	}
+	if !tokenMatches(secret, token) {
+		return errors.New("wrong token")
+	}
+	return nil
+}
+
+// handleRegistry receives a push notification from a self-hosted registry for the unit in the
+// path. Once the source's own authentication passed and its payload was read, the checks, claim
+// and queue are a GitHub delivery's (queuePush). A registry that retries a refused event (as
+// Distribution and Harbor do) sends the same event id, so its copies are duplicates.
+func (s *server) handleRegistry(w http.ResponseWriter, r *http.Request) {
+	ri := info(r)
+	ri.action = "registry-webhook"
+	name := r.PathValue("source")
+	src, ok := registrySources[name]
+	if !ok {
+		reply(w, r, http.StatusNotFound, "unknown-source", "unknown registry source: want distribution, harbor, gitea, dockerhub or quay")
+		return
+	}
+	ri.meta["source"] = name
+	secret := s.cfg.registryTokens[name]
+	if secret == "" {
+		s.log.errorf("%s push refused: %s is not set", name, registryTokenEnv(name))
+		reply(w, r, http.StatusInternalServerError, "secret-unset", "server misconfigured")
+		return
+	}
+	body, ok := readPushBody(w, r)
+	if !ok {
+		return
+	}
+	if err := src.auth(secret, r, body); err != nil {
+		s.log.warnf("%s push to %s refused: %v", name, redactPath(r.URL.Path), err)
+		reply(w, r, http.StatusUnauthorized, "unauthorized", "unauthorized")
+		return
+	}
+	unit, err := resolveUnit(r.PathValue("unit"))
+	if err != nil {
+		reply(w, r, http.StatusBadRequest, "invalid-unit", err.Error())
+		return
+	}
+	ri.meta["unit"] = unit
+	pushes, err := src.parse(body, r.Header)
+	var ign *ignoredError
+	if errors.As(err, &ign) {
+		reply(w, r, http.StatusAccepted, ign.reason, "ignored: "+ign.Error())
+		return
+	}
+	if err != nil {
+		reply(w, r, http.StatusBadRequest, "invalid-image", err.Error())
+		return
+	}
+	for i := range pushes {
+		if pushes[i].id == "" { // a source with no event id: this request stands alone
+			pushes[i].id = name + "-" + ri.id
+		}
+	}
+	s.queuePush(w, r, unit, name, pushes, false)
 }
 
 // enqueue claims the delivery and answers 202 as soon as the claim and the request's row are

@@ -1,6 +1,6 @@
 // webhook_test.go tests the HTTP surface through a real client against httptest servers (routes,
 // static files, traversal attempts written as raw request lines, the body cap, one event row per
-// request), the configuration and command line through run, and the built binary's graceful
+// request, the GitHub and registry push routes against adversarial requests), the configuration and command line through run, and the built binary's graceful
 // shutdown on SIGTERM.
 package main
 
@@ -1491,7 +1491,12 @@ func (s *e2eServer) leader(t *testing.T, r *rig, delivery string) string {
 // SourcePath, starts it and waits until its container runs wantID.
 func e2eContainerUnit(t *testing.T, r *rig, ref, wantID string) (unit, ctr string) {
 	t.Helper()
-	base := rigUniqueName(t, "app")
+	return e2eNamedContainerUnit(t, r, rigUniqueName(t, "app"), ref, wantID)
+}
+
+// e2eNamedContainerUnit is e2eContainerUnit for the unit base.service, whose container is base.
+func e2eNamedContainerUnit(t *testing.T, r *rig, base, ref, wantID string) (unit, ctr string) {
+	t.Helper()
 	unit, ctr = base+".service", base
 	quadlet := filepath.Join(r.TempDir(t), base+".container")
 	if err := os.WriteFile(quadlet, []byte("[Unit]\nDescription=e2e\n\n[Container]\nImage="+ref+"\n"), 0o644); err != nil {
@@ -1696,8 +1701,8 @@ func TestE2EGitHubDelivery(t *testing.T) {
 // push of the image its container runs.
 func TestE2EUnitWithoutImage(t *testing.T) {
 	r := needRig(t)
-	// A HOME without ~/.config/containers/systemd: the unit has no Image= anywhere.
-	s := startE2EServer(t, "HOME="+t.TempDir())
+	// The rig user's HOME has no .container file for this unit: it has no Image= anywhere.
+	s := startE2EServer(t)
 	name := rigUniqueName(t, "plain")
 	ref, id1 := r.PushImage(t, "e2e/"+name, "latest", "v1")
 	base := rigUniqueName(t, "plain")
@@ -1793,7 +1798,7 @@ func TestE2EDeployedUserCLI(t *testing.T) {
 		{"state directory from the environment file", "WEBHOOK_STATE_DIR={home}/elsewhere\n", "elsewhere"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			home := t.TempDir()
+			home := r.TempDir(t) // the deployed user's
 			envFile := filepath.Join(home, ".config", "webhook-auto-update", "webhook-auto-update.env")
 			if tc.envFile != "" {
 				if err := os.MkdirAll(filepath.Dir(envFile), 0o700); err != nil {
@@ -1802,6 +1807,7 @@ func TestE2EDeployedUserCLI(t *testing.T) {
 				if err := os.WriteFile(envFile, []byte(strings.ReplaceAll(tc.envFile, "{home}", home)), 0o600); err != nil {
 					t.Fatal(err)
 				}
+				r.Chown(t, filepath.Join(home, ".config"), filepath.Dir(envFile), envFile)
 			}
 			port, err := rigFreePort()
 			if err != nil {
@@ -1832,8 +1838,8 @@ ExecStart=%s server --listen 127.0.0.1:%d
 			// The deployed user's shell: HOME and the user manager's runtime directory, nothing else.
 			cli := func(args ...string) string {
 				t.Helper()
-				cmd := exec.Command(bin, args...)
-				cmd.Env = []string{"HOME=" + home, "PATH=" + rigSystemPath, "XDG_RUNTIME_DIR=" + os.Getenv("XDG_RUNTIME_DIR")}
+				cmd := r.Command(bin, args...)
+				cmd.Env = []string{"HOME=" + home, "PATH=" + rigSystemPath, "XDG_RUNTIME_DIR=" + r.runtimeDir}
 				out, err := cmd.CombinedOutput()
 				if err != nil {
 					t.Fatalf("webhook-auto-update %s: %v\n%s", strings.Join(args, " "), err, out)
@@ -1858,6 +1864,154 @@ ExecStart=%s server --listen 127.0.0.1:%d
 			}
 		})
 	}
+}
+
+// TestE2ERegistryPush drives a registry push end to end with no hand-made payload: a real
+// docker-registry whose notifications point at the server, and podman push. A push of v2 ends
+// with the unit's container on v2; the same image pushed again is up to date; a push to another
+// repository restarts nothing. A second endpoint with a wrong token is refused 401 on every
+// retry of the same events, which never become claims of their own: each pushed manifest is
+// claimed once, under its Distribution event id.
+func TestE2ERegistryPush(t *testing.T) {
+	r := needRig(t)
+	token := rigUniqueName(t, "token")
+	registries := filepath.Join(r.TempDir(t), "registries.conf") // read by the server's tasks, as the rig's user
+	s := startE2EServer(t, registryTokenEnv("distribution")+"="+token, "CONTAINERS_REGISTRIES_CONF="+registries)
+	base := rigUniqueName(t, "app")
+	hook := s.url + "/registry/distribution/" + base
+	// The README's notifications section, plus a second endpoint whose token is wrong.
+	reg := r.StartRegistry(t, fmt.Sprintf(`notifications:
+  endpoints:
+    - name: webhook-auto-update
+      url: %[1]s
+      headers:
+        Authorization: [Bearer %[2]s]
+      timeout: 5s
+      threshold: 3
+      backoff: 1s
+      ignoredmediatypes:
+        - application/octet-stream
+    - name: wrong-token
+      url: %[1]s
+      headers:
+        Authorization: [Bearer wrong-%[2]s]
+      timeout: 5s
+      threshold: 1
+      backoff: 1s
+`, hook, token))
+	// The redeploy's podman pull reads the server's registries.conf: the rig user's, and this
+	// registry.
+	rigConf, err := os.ReadFile(filepath.Join(r.home, ".config", "containers", "registries.conf"))
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(registries, fmt.Appendf(rigConf, "\n[[registry]]\nlocation = %q\ninsecure = true\n", reg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+
+	name := rigUniqueName(t, "demo")
+	ref := reg + "/e2e/" + name + ":latest"
+	_, id1 := r.PushImage(t, "e2e/"+name, "latest", "v1") // built through the rig's registry
+	_, id2 := r.PushImage(t, "e2e/"+name, "latest", "v2")
+	if id1 == id2 {
+		t.Fatal("v1 and v2 have the same image ID")
+	}
+	r.TagLocal(t, id1, ref)
+	unit, ctr := e2eNamedContainerUnit(t, r, base, ref, id1)
+	// pushTo pushes a local image to the notifying registry without retagging it here, so the
+	// host keeps running and holding what it had.
+	pushTo := func(t *testing.T, id, dest string) time.Time {
+		t.Helper()
+		if out, err := r.Podman(t, "push", "--quiet", "--tls-verify=false", id, "docker://"+dest); err != nil {
+			t.Fatalf("push %s: %v %s", dest, err, out)
+		}
+		return time.Now()
+	}
+	claims := func() []string {
+		rows, err := s.db.Query(`SELECT delivery_id FROM github_deliveries WHERE unit = ? ORDER BY rowid`, unit)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer rows.Close()
+		var ids []string
+		for rows.Next() {
+			var id string
+			rows.Scan(&id)
+			ids = append(ids, id)
+		}
+		return ids
+	}
+	// nextClaim waits for the claim after the n claims so far, notes when it was seen, and waits
+	// for its task to end.
+	var claimed time.Time
+	nextClaim := func(t *testing.T, n int) (string, []taskRow) {
+		t.Helper()
+		var ids []string
+		r.WaitFor(t, 60*time.Second, func() bool { ids = claims(); return len(ids) > n }, "the registry's push to be claimed")
+		claimed = time.Now()
+		if len(ids) != n+1 {
+			t.Fatalf("claims %v after %d: one push was claimed more than once", ids, n)
+		}
+		return ids[n], s.waitTask(t, r, ids[n])
+	}
+	rowCount := func(where string) int {
+		var n int
+		if err := s.db.QueryRow(`SELECT count(*) FROM event_log WHERE action = 'registry-webhook' AND ` + where).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+
+	pushTo(t, id1, ref)
+	id, rows := nextClaim(t, 0)
+	if last := rows[len(rows)-1].step; last != "up-to-date" || !strings.HasPrefix(id, "dist-") {
+		t.Fatalf("push of the running image: claim %s, steps %v; want a dist- claim ending up-to-date; server log:\n%s", id, steps(rows), s.log)
+	}
+
+	pushed := pushTo(t, id2, ref)
+	id, rows = nextClaim(t, 1)
+	r.WaitFor(t, 60*time.Second, func() bool { return r.ContainerImage(t, ctr) == id2 }, ctr+" to run v2")
+	running := time.Since(pushed)
+	if got := strings.Join(steps(rows), ","); got != "started,pulled,restarted,healthy,completed" {
+		t.Fatalf("push of v2: claim %s, steps %s; server log:\n%s", id, got, s.log)
+	}
+	t.Logf("podman push of v2 → claimed within %s → container on v2 after %s (claim %s)",
+		claimed.Sub(pushed).Round(time.Millisecond), running.Round(time.Millisecond), id)
+
+	t.Run("same image pushed again is up to date", func(t *testing.T) {
+		pid := r.Show(t, unit, "MainPID")["MainPID"]
+		pushTo(t, id2, ref)
+		_, rows := nextClaim(t, 2)
+		if last := rows[len(rows)-1].step; last != "up-to-date" {
+			t.Fatalf("steps %v, want to end up-to-date", steps(rows))
+		}
+		if now := r.Show(t, unit, "MainPID")["MainPID"]; now != pid {
+			t.Fatalf("MainPID changed %s → %s: the unit was restarted", pid, now)
+		}
+	})
+
+	t.Run("a push to another repository restarts nothing", func(t *testing.T) {
+		pid := r.Show(t, unit, "MainPID")["MainPID"]
+		before := rowCount(`json_extract(meta, '$.reason') = 'repository-mismatch'`)
+		pushTo(t, id2, reg+"/e2e/"+name+"-other:latest") // v1 is gone: the redeploy pruned it
+		r.WaitFor(t, 60*time.Second, func() bool { return rowCount(`json_extract(meta, '$.reason') = 'repository-mismatch'`) > before },
+			"the push to another repository to be answered")
+		if ids := claims(); len(ids) != 3 {
+			t.Fatalf("claims %v: the push to another repository was claimed", ids)
+		}
+		if now := r.Show(t, unit, "MainPID")["MainPID"]; now != pid || r.ContainerImage(t, ctr) != id2 {
+			t.Fatalf("MainPID %s → %s, image %s: the unit was touched", pid, now, r.ContainerImage(t, ctr))
+		}
+	})
+
+	t.Run("a wrong token is refused on every retry and never claimed", func(t *testing.T) {
+		r.WaitFor(t, 60*time.Second, func() bool { return rowCount(`status = 401`) >= 3 }, "the wrong-token endpoint to retry a refused event")
+		refused, claimed := rowCount(`status = 401`), claims()
+		if len(claimed) != 3 {
+			t.Fatalf("claims %v after %d refused retries: want the 3 pushes claimed once each", claimed, refused)
+		}
+		t.Logf("%d refused requests from the wrong-token endpoint; claims %v", refused, claimed)
+	})
 }
 
 // Proof suites (issue 7): fuzzing of the request path's parsers, an adversarial table against
@@ -2456,6 +2610,222 @@ func TestAdversarialSecretUnset(t *testing.T) {
 		{name: "signed with the empty secret", body: ok, sig: hubSignature("", ok), status: 500, text: "server misconfigured", reason: "secret-unset"},
 		{name: "unsigned", body: ok, status: 500, reason: "secret-unset"},
 		{name: "ping", event: "ping", body: []byte(`{}`), sig: hubSignature("", []byte(`{}`)), status: 500, reason: "secret-unset"},
+	})
+}
+
+// Registry push routes: one secret per source, units that name their image in a Quadlet file.
+const (
+	advRegistryToken = "adv-REGISTRY-3e4f5a6b"
+	advGiteaSecret   = "adv gitea secret"
+)
+
+// newAdvRegistryServer is newAdvServer with every registry source's secret set and a Quadlet
+// file per unit in images (unit name → Image=) under the server's HOME.
+func newAdvRegistryServer(t *testing.T, env map[string]string, images map[string]string) *advServer {
+	t.Helper()
+	full := map[string]string{}
+	for name := range registrySources {
+		full[registryTokenEnv(name)] = advRegistryToken
+	}
+	full[registryTokenEnv("gitea")] = advGiteaSecret
+	for k, v := range env {
+		full[k] = v
+	}
+	s := newAdvServer(t, full)
+	home := t.TempDir()
+	dir := filepath.Join(home, ".config", "containers", "systemd")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for unit, image := range images {
+		if err := os.WriteFile(filepath.Join(dir, unit+".container"), []byte("[Container]\nImage="+image+"\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s.srv.getenv = mapEnv(map[string]string{"HOME": home})
+	return s
+}
+
+// giteaHeaders are the headers Gitea sends with a package event, signed under secret.
+func giteaHeaders(secret string, body []byte, delivery string) [][2]string {
+	mac := hmac.New(sha256.New, []byte(secret))
+	mac.Write(body)
+	return [][2]string{{"X-Gitea-Event", "package"}, {"X-Gitea-Delivery", delivery}, {"X-Gitea-Signature", hex.EncodeToString(mac.Sum(nil))}}
+}
+
+// TestAdversarialRegistry sends each registry source the push it documents and every way of
+// getting it wrong: missing and wrong credentials, other events, untagged pushes, hostile
+// references, oversized bodies, units that name no image or another one. Each case names its
+// status, what ran (nothing but the unit lookup, for every refusal) and its row; no secret
+// reaches a row or the log, whether it came in a header, the query or the path.
+func TestAdversarialRegistry(t *testing.T) {
+	s := newAdvRegistryServer(t, nil, map[string]string{
+		"dist":   "reg.example:5000/e2e/app",
+		"harbor": "hub.harbor.com/test-webhook/debian:latest",
+		"gitea":  "gitea.example.com/octo/web:v1.4.0",
+		"hub":    "docker.io/svendowideit/testhook:latest",
+		"quay":   "quay.io/mynamespace/repository:latest",
+	})
+	queued := []string{"systemctl-show", keySystemdRun}
+	looked := []string{"systemctl-show"}
+	bearer := func(tok string) [][2]string { return [][2]string{{"Authorization", "Bearer " + tok}} }
+	okAuth := bearer(advRegistryToken)
+	dist := func(events ...map[string]any) []byte { return distEnvelope(events...) }
+	push := func(id, repo, tag string) map[string]any {
+		return distEvent(id, "push", manifestV2, repo, tag, "reg.example:5000")
+	}
+	harbor := loadPayload(t, "harbor-push-artifact.json")
+	gitea := loadPayload(t, "gitea-package-created.json")
+	giteaID := "6b1e1a6c-3ef4-4c2e-9c41-0f8e2c3d4a5b"
+	hub := loadPayload(t, "dockerhub-push.json")
+	quay := loadPayload(t, "quay-push.json")
+	huge := bytes.Repeat([]byte(" "), advMaxBody+1)
+	cases := []advCase{
+		// Distribution.
+		{name: "distribution push", target: "/registry/distribution/dist", header: okAuth, body: dist(push("d-1", "e2e/app", "latest")),
+			status: 202, text: "auto-update queued", action: "registry-webhook", reason: "queued", calls: queued,
+			argvHas: " -- dist.service reg.example:5000/e2e/app:latest distribution dist-d-1 /registry/distribution/dist"},
+		{name: "distribution retry of the same event", target: "/registry/distribution/dist", header: okAuth, body: dist(push("d-1", "e2e/app", "latest")),
+			status: 202, text: "duplicate delivery", reason: "duplicate", calls: looked},
+		{name: "distribution blobs and a manifest in one envelope", target: "/registry/distribution/dist", header: okAuth,
+			body:   dist(distEvent("b-1", "push", "application/octet-stream", "e2e/app", "", "reg.example:5000"), push("d-2", "e2e/app", "latest")),
+			status: 202, reason: "queued", calls: queued, argvHas: " distribution dist-d-2 "},
+		{name: "distribution two tags, the unit's second", target: "/registry/distribution/dist", header: okAuth,
+			body: dist(push("d-3", "e2e/app", "v9"), push("d-4", "e2e/app", "latest")), status: 202, reason: "queued", calls: queued, argvHas: " distribution dist-d-4 "},
+		{name: "distribution without a token", target: "/registry/distribution/dist", body: dist(push("d-5", "e2e/app", "latest")), status: 401, reason: "unauthorized"},
+		{name: "distribution wrong token", target: "/registry/distribution/dist", header: bearer(advWrongToken), body: dist(push("d-6", "e2e/app", "latest")), status: 401, reason: "unauthorized"},
+		{name: "distribution token as Basic", target: "/registry/distribution/dist", header: [][2]string{{"Authorization", "Basic " + advRegistryToken}},
+			body: dist(push("d-7", "e2e/app", "latest")), status: 401, reason: "unauthorized"},
+		{name: "distribution token in the query instead of the header", target: "/registry/distribution/dist?token=" + advRegistryToken,
+			body: dist(push("d-8", "e2e/app", "latest")), status: 401, reason: "unauthorized"},
+		{name: "distribution another source's secret", target: "/registry/distribution/dist", header: bearer(advGiteaSecret), body: dist(push("d-9", "e2e/app", "latest")), status: 401},
+		{name: "distribution blob only", target: "/registry/distribution/dist", header: okAuth,
+			body: dist(distEvent("b-2", "push", "application/octet-stream", "e2e/app", "", "reg.example:5000")), status: 202, reason: "not-a-manifest"},
+		{name: "distribution pull", target: "/registry/distribution/dist", header: okAuth,
+			body: dist(distEvent("p-1", "pull", manifestV2, "e2e/app", "latest", "reg.example:5000")), status: 202, reason: "not-a-push"},
+		{name: "distribution untagged", target: "/registry/distribution/dist", header: okAuth, body: dist(push("u-1", "e2e/app", "")), status: 202, reason: "missing-tag"},
+		{name: "distribution repository -q", target: "/registry/distribution/dist", header: okAuth, body: dist(push("i-1", "-q", "latest")), status: 400, reason: "invalid-image"},
+		{name: "distribution tag --authfile=x", target: "/registry/distribution/dist", header: okAuth, body: dist(push("i-2", "e2e/app", "--authfile=x")), status: 400, reason: "invalid-image"},
+		{name: "distribution host dir:", target: "/registry/distribution/dist", header: okAuth,
+			body: dist(distEvent("i-3", "push", manifestV2, "e2e/app", "latest", "dir:")), status: 400, reason: "invalid-image"},
+		{name: "distribution another repository", target: "/registry/distribution/dist", header: okAuth, body: dist(push("m-1", "e2e/other", "latest")),
+			status: 202, text: "repository mismatch", reason: "repository-mismatch", calls: looked},
+		{name: "distribution another tag", target: "/registry/distribution/dist", header: okAuth, body: dist(push("m-2", "e2e/app", "v2")), status: 202, reason: "tag-mismatch", calls: looked},
+		{name: "distribution unit that names no image", target: "/registry/distribution/noimage", header: okAuth, body: dist(push("n-1", "e2e/app", "latest")),
+			status: 202, reason: "unit-image-unknown", calls: looked},
+		{name: "distribution unit -q", target: "/registry/distribution/-q", header: okAuth, body: dist(push("n-2", "e2e/app", "latest")), status: 400, reason: "invalid-unit"},
+		{name: "distribution oversized body", target: "/registry/distribution/dist", header: okAuth, body: huge, status: 413, action: "body-too-large"},
+		{name: "distribution oversized chunked body", target: "/registry/distribution/dist", header: okAuth, body: huge, chunked: true, status: 413,
+			action: "registry-webhook", reason: "body-too-large"},
+
+		// Harbor.
+		{name: "harbor push", target: "/registry/harbor/harbor", header: okAuth, body: harbor, status: 202, reason: "queued", calls: queued,
+			argvHas: " -- harbor.service hub.harbor.com/test-webhook/debian:latest harbor harbor-"},
+		{name: "harbor retry", target: "/registry/harbor/harbor", header: okAuth, body: harbor, status: 202, reason: "duplicate", calls: looked},
+		{name: "harbor auth header without Bearer", target: "/registry/harbor/harbor", header: [][2]string{{"Authorization", advRegistryToken}}, body: harbor, status: 401},
+		{name: "harbor no auth", target: "/registry/harbor/harbor", body: harbor, status: 401, reason: "unauthorized"},
+		{name: "harbor pull event", target: "/registry/harbor/harbor", header: okAuth, body: loadPayload(t, "harbor-pull-artifact.json"), status: 202, reason: "not-a-push"},
+		{name: "harbor untagged", target: "/registry/harbor/harbor", header: okAuth,
+			body:   loadPayload(t, "harbor-push-artifact.json", setField("event_data.resources", []any{map[string]any{"digest": digestV1, "tag": "", "resource_url": "hub.harbor.com/test-webhook/debian@" + digestV1}})),
+			status: 202, reason: "missing-tag"},
+		{name: "harbor repository ../x", target: "/registry/harbor/harbor", header: okAuth,
+			body: loadPayload(t, "harbor-push-artifact.json", setField("event_data.repository.repo_full_name", "../x")), status: 400, reason: "invalid-image"},
+		{name: "harbor oversized", target: "/registry/harbor/harbor", header: okAuth, body: huge, status: 413},
+
+		// Gitea and Forgejo.
+		{name: "gitea package created", target: "/registry/gitea/gitea", header: giteaHeaders(advGiteaSecret, gitea, giteaID), body: gitea,
+			status: 202, reason: "queued", calls: queued, argvHas: " -- gitea.service gitea.example.com/octo/web:v1.4.0 gitea gitea-" + giteaID + " "},
+		{name: "gitea redelivery", target: "/registry/gitea/gitea", header: giteaHeaders(advGiteaSecret, gitea, giteaID), body: gitea, status: 202, reason: "duplicate", calls: looked},
+		{name: "forgejo signature header", target: "/registry/gitea/gitea", body: gitea, header: [][2]string{{"X-Forgejo-Event", "package"},
+			{"X-Forgejo-Delivery", "f-1"}, {"X-Forgejo-Signature", giteaHeaders(advGiteaSecret, gitea, "")[2][1]}}, status: 202, reason: "queued", calls: queued, argvHas: " gitea-f-1 "},
+		{name: "gitea unsigned", target: "/registry/gitea/gitea", header: giteaHeaders(advGiteaSecret, gitea, "g-2")[:2], body: gitea, status: 401, reason: "unauthorized"},
+		{name: "gitea signed under another secret", target: "/registry/gitea/gitea", header: giteaHeaders(advRegistryToken, gitea, "g-3"), body: gitea, status: 401},
+		{name: "gitea signature of another body", target: "/registry/gitea/gitea", header: giteaHeaders(advGiteaSecret, hub, "g-4"), body: gitea, status: 401},
+		{name: "gitea signature with GitHub's prefix", target: "/registry/gitea/gitea", header: [][2]string{{"X-Gitea-Event", "package"},
+			{"X-Gitea-Signature", "sha256=" + giteaHeaders(advGiteaSecret, gitea, "")[2][1]}}, body: gitea, status: 401},
+		{name: "gitea bearer token instead of a signature", target: "/registry/gitea/gitea", header: bearer(advGiteaSecret), body: gitea, status: 401},
+		{name: "gitea push event", target: "/registry/gitea/gitea", body: gitea,
+			header: append(giteaHeaders(advGiteaSecret, gitea, "g-5")[1:], [2]string{"X-Gitea-Event", "push"}), status: 202, reason: "not-a-package"},
+		{name: "gitea package deleted", target: "/registry/gitea/gitea", body: loadPayload(t, "gitea-package-created.json", setField("action", "deleted")),
+			header: giteaHeaders(advGiteaSecret, loadPayload(t, "gitea-package-created.json", setField("action", "deleted")), "g-6"), status: 202, reason: "not-created"},
+		{name: "gitea untagged", target: "/registry/gitea/gitea", body: loadPayload(t, "gitea-package-created.json", setField("package.version", digestV1)),
+			header: giteaHeaders(advGiteaSecret, loadPayload(t, "gitea-package-created.json", setField("package.version", digestV1)), "g-7"), status: 202, reason: "missing-tag"},
+		{name: "gitea name --authfile=x", target: "/registry/gitea/gitea", body: loadPayload(t, "gitea-package-created.json", setField("package.name", "--authfile=x")),
+			header: giteaHeaders(advGiteaSecret, loadPayload(t, "gitea-package-created.json", setField("package.name", "--authfile=x")), "g-8"), status: 400, reason: "invalid-image"},
+		{name: "gitea oversized", target: "/registry/gitea/gitea", header: giteaHeaders(advGiteaSecret, huge, "g-9"), body: huge, status: 413},
+
+		// Docker Hub: the token in the path or the query.
+		{name: "dockerhub push, token in the path", target: "/registry/dockerhub/hub/" + advRegistryToken, body: hub, status: 202, reason: "queued", calls: queued,
+			argvHas: " -- hub.service docker.io/svendowideit/testhook:latest dockerhub hub-"},
+		{name: "dockerhub same push, token in the query", target: "/registry/dockerhub/hub?token=" + advRegistryToken, body: hub, status: 202, reason: "duplicate", calls: looked},
+		{name: "dockerhub without a token", target: "/registry/dockerhub/hub", body: hub, status: 401, reason: "unauthorized"},
+		{name: "dockerhub wrong path token", target: "/registry/dockerhub/hub/" + advWrongToken, body: hub, status: 401, reason: "unauthorized"},
+		{name: "dockerhub wrong path token, right query token", target: "/registry/dockerhub/hub/" + advWrongToken + "?token=" + advRegistryToken, body: hub, status: 401},
+		{name: "dockerhub bearer header instead", target: "/registry/dockerhub/hub", header: okAuth, body: hub, status: 401},
+		{name: "dockerhub token and more path", target: "/registry/dockerhub/hub/" + advRegistryToken + "/x", body: hub, status: 404},
+		{name: "dockerhub no tag", target: "/registry/dockerhub/hub/" + advRegistryToken, body: loadPayload(t, "dockerhub-push.json", setField("push_data.tag", "")),
+			status: 202, reason: "missing-tag"},
+		{name: "dockerhub not a push", target: "/registry/dockerhub/hub/" + advRegistryToken, body: []byte(`{"repository":{"repo_name":"a/b"}}`), status: 202, reason: "not-a-push"},
+		{name: "dockerhub tag -q", target: "/registry/dockerhub/hub/" + advRegistryToken, body: loadPayload(t, "dockerhub-push.json", setField("push_data.tag", "-q")),
+			status: 400, reason: "invalid-image"},
+		{name: "dockerhub oversized", target: "/registry/dockerhub/hub/" + advRegistryToken, body: huge, status: 413},
+
+		// Quay: no id, so each request stands alone.
+		{name: "quay push, token in the query", target: "/registry/quay/quay?token=" + advRegistryToken, body: quay, status: 202, reason: "queued", calls: queued,
+			argvHas: " -- quay.service quay.io/mynamespace/repository:latest quay quay-"},
+		{name: "quay same push again is its own delivery", target: "/registry/quay/quay/" + advRegistryToken, body: quay, status: 202, reason: "queued", calls: queued},
+		{name: "quay without a token", target: "/registry/quay/quay", body: quay, status: 401, reason: "unauthorized"},
+		{name: "quay wrong token", target: "/registry/quay/quay?token=" + advWrongToken, body: quay, status: 401},
+		{name: "quay build notification", target: "/registry/quay/quay?token=" + advRegistryToken, body: loadPayload(t, "quay-build-queued.json"), status: 202, reason: "not-a-push"},
+		{name: "quay docker_url docker-archive:", target: "/registry/quay/quay?token=" + advRegistryToken,
+			body: loadPayload(t, "quay-push.json", setField("docker_url", "docker-archive:/tmp/x.tar")), status: 400, reason: "invalid-image"},
+		{name: "quay oversized", target: "/registry/quay/quay?token=" + advRegistryToken, body: huge, status: 413},
+
+		// Routes.
+		{name: "unknown source", target: "/registry/nexus/dist", header: okAuth, body: dist(push("x-1", "e2e/app", "latest")), status: 404, reason: "unknown-source"},
+		{name: "GET a registry route", method: "GET", target: "/registry/dockerhub/hub/" + advRegistryToken, status: 405, action: "method-not-allowed"},
+		{name: "no unit", target: "/registry/distribution/", header: okAuth, body: dist(push("x-2", "e2e/app", "latest")), status: 404},
+	}
+	n := runAdvCases(t, s, cases)
+
+	var stored strings.Builder
+	for _, r := range readRows(t, rawDB(t, s.cfg.dbPath), "") {
+		fmt.Fprintf(&stored, "%s %s %s\n", r.path.String, r.action, r.meta)
+	}
+	for _, secret := range []string{advRegistryToken, advGiteaSecret, advWrongToken} {
+		if strings.Contains(stored.String(), secret) {
+			t.Errorf("%q reached an event row:\n%s", secret, stored.String())
+		}
+		if strings.Contains(s.logs.String(), secret) {
+			t.Errorf("%q reached the log:\n%s", secret, s.logs)
+		}
+		for _, c := range s.h.callsOf(keySystemdRun) {
+			if strings.Contains(strings.Join(c, " "), secret) {
+				t.Errorf("%q reached a systemd-run command line: %q", secret, c)
+			}
+		}
+	}
+	for _, want := range []string{"/registry/dockerhub/hub/REDACTED", "token=REDACTED"} {
+		if !strings.Contains(stored.String(), want) {
+			t.Errorf("no row shows %s; rows:\n%s", want, stored.String())
+		}
+	}
+	t.Logf("%d adversarial registry requests", n)
+}
+
+// TestAdversarialRegistrySecretUnset: a source whose secret is unset refuses every push with 500,
+// whatever it carries, and runs nothing; the other sources are not affected.
+func TestAdversarialRegistrySecretUnset(t *testing.T) {
+	s := newAdvRegistryServer(t, map[string]string{registryTokenEnv("distribution"): "", registryTokenEnv("dockerhub"): " "},
+		map[string]string{"dist": "reg.example:5000/e2e/app"})
+	body := distEnvelope(distEvent("s-1", "push", manifestV2, "e2e/app", "latest", "reg.example:5000"))
+	runAdvCases(t, s, []advCase{
+		{name: "distribution with a bearer token", target: "/registry/distribution/dist", header: [][2]string{{"Authorization", "Bearer " + advRegistryToken}},
+			body: body, status: 500, text: "server misconfigured", action: "registry-webhook", reason: "secret-unset"},
+		{name: "distribution with an empty bearer token", target: "/registry/distribution/dist", header: [][2]string{{"Authorization", "Bearer "}}, body: body, status: 500, reason: "secret-unset"},
+		{name: "dockerhub with a blank secret", target: "/registry/dockerhub/dist/%20", body: loadPayload(t, "dockerhub-push.json"), status: 500, reason: "secret-unset"},
+		{name: "harbor still works", target: "/registry/harbor/dist", header: [][2]string{{"Authorization", "Bearer " + advRegistryToken}},
+			body: loadPayload(t, "harbor-push-artifact.json"), status: 202, reason: "host-mismatch", calls: []string{"systemctl-show"}},
 	})
 }
 
@@ -3612,6 +3982,30 @@ func benchDeliveries(b *testing.B, quadletImage string, body []byte, want int, w
 // its 202; the dispatcher is not running.
 func BenchmarkGitHubDelivery(b *testing.B) {
 	benchDeliveries(b, "", githubPackagePayload("ghcr.io", "octo-org", "web", "v1", ""), 202, "auto-update queued")
+}
+
+// BenchmarkRegistryPush: a Distribution envelope (a blob push and a tagged manifest push, as
+// podman push sends them) through the whole handler, up to its 202, for the unit whose Quadlet
+// file names the pushed image: beside BenchmarkGitHubDelivery, what the bearer check and the
+// envelope cost instead of the HMAC and GitHub's payload.
+func BenchmarkRegistryPush(b *testing.B) {
+	ts := benchServer(b, "reg.example:5000/e2e/app:latest")
+	ts.cfg.registryTokens["distribution"] = advRegistryToken
+	b.ReportAllocs()
+	i := 0
+	for b.Loop() {
+		i++
+		id := "bench-" + strconv.Itoa(i)
+		body := distEnvelope(distEvent(id+"-blob", "push", "application/octet-stream", "e2e/app", "", "reg.example:5000"),
+			distEvent(id, "push", manifestV2, "e2e/app", "latest", "reg.example:5000"))
+		req := httptest.NewRequest("POST", "/registry/distribution/web", bytes.NewReader(body))
+		req.Header.Set("Authorization", "Bearer "+advRegistryToken)
+		rec := httptest.NewRecorder()
+		ts.srv.ServeHTTP(rec, req)
+		if rec.Code != 202 || !strings.Contains(rec.Body.String(), "auto-update queued") {
+			b.Fatalf("%d %q, want 202 auto-update queued", rec.Code, rec.Body)
+		}
+	}
 }
 
 // BenchmarkGitHubIgnored: a signed delivery of an npm package, acknowledged and ignored.
