@@ -8,11 +8,14 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"database/sql"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
+	"html/template"
 	"io"
 	"math"
 	"net/http"
@@ -2681,6 +2684,412 @@ func BenchmarkEventLogWrite(b *testing.B) {
 		i++
 		if err := l.Write(ctx, benchEvent(i)); err != nil {
 			b.Fatal(err)
+		}
+	}
+}
+
+// Tests of the status page: its session, who may see it, what it shows and how it escapes it,
+// a real browser driving it, and the time to render the overview over a large log.
+
+// statusToken is the manual token of the status page tests.
+const statusToken = "status-page-token-9c1e"
+
+// scriptText is attacker-influenced text stored in the log: if a page ran it, the title changed.
+const scriptText = `<script>document.title='pwned'</script>`
+
+// seedStatusRows writes a log with the kinds of story the page tells, relative to now: a unit
+// whose last redeploy failed (its error text holds scriptText), one rolled back, one restarted
+// healthy after a covered delivery, one whose task is running, one only ever refused (its unit
+// name holds scriptText), redeploys on earlier days for the chart, and two pending claims.
+func seedStatusRows(t testing.TB, l *eventLog, now time.Time) {
+	t.Helper()
+	req := func(ts time.Time, delivery, unit, image, reason string, status int, extra map[string]any) event {
+		meta := map[string]any{"delivery": delivery, "unit": unit, "image": image, "reason": reason, "event": "package"}
+		for k, v := range extra {
+			meta[k] = v
+		}
+		return event{RequestID: "req-" + delivery, TS: ts, Method: "POST", Path: "/github-package-update/" + strings.TrimSuffix(unit, ".service"),
+			Status: status, Action: "github-webhook", Duration: 30 * time.Millisecond, Meta: meta}
+	}
+	task := func(ts time.Time, delivery, unit, image, step string, status int, extra map[string]any) event {
+		meta := map[string]any{"delivery": delivery, "unit": unit, "image": image, "event": "package", "step": step}
+		for k, v := range extra {
+			meta[k] = v
+		}
+		return event{RequestID: "task-" + delivery, TS: ts, Method: "TASK", Path: "/github-package-update/" + strings.TrimSuffix(unit, ".service"),
+			Status: status, Action: "github-task", Duration: 2 * time.Second, Meta: meta}
+	}
+	redeploy := func(ts time.Time, delivery, unit, image string, last ...event) []event {
+		evs := []event{req(ts, delivery, unit, image, "queued", 202, nil), task(ts.Add(time.Second), delivery, unit, image, "started", 202, nil)}
+		return append(evs, last...)
+	}
+	const web, api, demo, cache = "ghcr.io/acme/web:stable", "ghcr.io/acme/api:v2", "ghcr.io/acme/demo:latest", "ghcr.io/acme/cache:7"
+	var evs []event
+	// Earlier days, for the chart: one healthy redeploy of demo every day for 20 days, a rollback
+	// every fifth day and a failure every seventh.
+	for d := 20; d >= 1; d-- {
+		at := now.AddDate(0, 0, -d)
+		id := fmt.Sprintf("hist-%02d", d)
+		evs = append(evs, redeploy(at, id, "demo.service", demo, task(at.Add(20*time.Second), id, "demo.service", demo, "completed", 200, nil))...)
+		if d%5 == 0 {
+			evs = append(evs, redeploy(at.Add(time.Hour), id+"-r", "api.service", api,
+				task(at.Add(time.Hour+time.Minute), id+"-r", "api.service", api, "rolled-back", 500, map[string]any{"error": "health gate: unit failed"}))...)
+		}
+		if d%7 == 0 {
+			evs = append(evs, redeploy(at.Add(2*time.Hour), id+"-f", "web.service", web,
+				task(at.Add(2*time.Hour+time.Minute), id+"-f", "web.service", web, "pull-failed", 502, map[string]any{"error": "pull failed"}))...)
+		}
+	}
+	evs = append(evs, redeploy(now.Add(-3*time.Hour), "d-api", "api.service", api,
+		task(now.Add(-3*time.Hour+5*time.Second), "d-api", "api.service", api, "restarted", 200, map[string]any{"restart_ms": 700}),
+		task(now.Add(-3*time.Hour+30*time.Second), "d-api", "api.service", api, "rolled-back", 500,
+			map[string]any{"error": "health gate: the unit restarted 3 times", "image_id": "aaaa"}))...)
+	evs = append(evs, redeploy(now.Add(-2*time.Hour), "d-demo-1", "demo.service", demo)...)
+	evs = append(evs, req(now.Add(-2*time.Hour+time.Second), "d-demo-2", "demo.service", demo, "queued", 202,
+		map[string]any{"coalesced_into": "d-demo-1", "covered_by": "d-demo-1", "task_unit": "webhook-task-d-demo-1.service"}))
+	evs = append(evs,
+		task(now.Add(-2*time.Hour+4*time.Second), "d-demo-1", "demo.service", demo, "pulled", 200, map[string]any{"pull_ms": 1500, "image_id": "bbbb"}),
+		task(now.Add(-2*time.Hour+6*time.Second), "d-demo-1", "demo.service", demo, "restarted", 200, map[string]any{"restart_ms": 800}),
+		task(now.Add(-2*time.Hour+26*time.Second), "d-demo-1", "demo.service", demo, "healthy", 200, map[string]any{"pulled_digest": "sha256:d1g35t"}),
+		task(now.Add(-2*time.Hour+26*time.Second), "d-demo-1", "demo.service", demo, "completed", 200, map[string]any{"image_id": "bbbb"}))
+	evs = append(evs, redeploy(now.Add(-time.Hour), "d-web", "web.service", web,
+		task(now.Add(-time.Hour+9*time.Second), "d-web", "web.service", web, "pull-failed", 502, map[string]any{
+			"attempts": 3, "exit_code": 125, "error": "podman pull failed: manifest unknown " + scriptText, "stderr": "Error: " + scriptText}))...)
+	evs = append(evs, redeploy(now.Add(-time.Minute), "d-cache", "cache.service", cache)...)
+	evs = append(evs, req(now.Add(-30*time.Minute), "d-evil", "x"+scriptText+".service", "ghcr.io/acme/"+scriptText, "tag-mismatch", 202, nil))
+	evs = append(evs, event{RequestID: "req-health", TS: now, Method: "GET", Path: "/health", Status: 200, Action: "health", Meta: map[string]any{}})
+	if err := l.Write(context.Background(), evs...); err != nil {
+		t.Fatalf("seed the event log: %v", err)
+	}
+	for i, id := range []string{"p-1", "p-2"} {
+		if _, err := l.db.Exec(`INSERT INTO github_deliveries (delivery_id, unit, image, event, request_id, status, received_at, updated_at)
+			VALUES (?, 'cache.service', ?, 'package', 'r', 'dispatching', ?, ?)`, id, cache, now.Add(-time.Duration(90-i)*time.Second).Unix(), now.Unix()); err != nil {
+			t.Fatalf("seed github_deliveries: %v", err)
+		}
+	}
+}
+
+func TestStatusSession(t *testing.T) {
+	now := time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)
+	valid := statusSession(statusToken, now.Add(time.Hour))
+	exp, sig, _ := strings.Cut(valid, ".")
+	for _, tc := range []struct {
+		name, token, value string
+		want               bool
+	}{
+		{"valid", statusToken, valid, true},
+		{"expired", statusToken, statusSession(statusToken, now.Add(-time.Second)), false},
+		{"expires now", statusToken, statusSession(statusToken, now), false},
+		{"lasts longer than a login gives", statusToken, statusSession(statusToken, now.Add(statusSessionTTL+time.Minute)), false},
+		{"the token was rotated", "another token", valid, false},
+		{"no token configured", "", valid, false},
+		{"expiry moved", statusToken, exp + "1." + sig, false},
+		{"signature changed", statusToken, exp + "." + strings.Repeat("A", len(sig)), false},
+		{"no signature", statusToken, exp, false},
+		{"empty", statusToken, "", false},
+		{"the token itself", statusToken, statusToken, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := validStatusSession(tc.token, tc.value, now); got != tc.want {
+				t.Errorf("validStatusSession(%q) = %v, want %v", tc.value, got, tc.want)
+			}
+		})
+	}
+}
+
+func TestStatusNext(t *testing.T) {
+	for in, want := range map[string]string{
+		"/status/deliveries?unit=web": "/status/deliveries?unit=web",
+		"/":                           "/",
+		"":                            "/status/",
+		"//evil.example/":             "/status/",
+		"/\\evil.example":             "/status/",
+		"https://evil.example/":       "/status/",
+		"status/":                     "/status/",
+		"/x\r\nSet-Cookie: a=b":       "/status/",
+	} {
+		if got := statusNext(in); got != want {
+			t.Errorf("statusNext(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
+
+// statusClient sends requests to a test server without following redirects, sending cookie
+// (if set) as the browser would.
+func statusGet(t *testing.T, ts *testServer, target, cookie string, hdr ...string) (*http.Response, string) {
+	t.Helper()
+	return statusDo(t, ts, "GET", target, cookie, nil, hdr...)
+}
+
+func statusDo(t *testing.T, ts *testServer, method, target, cookie string, form url.Values, hdr ...string) (*http.Response, string) {
+	t.Helper()
+	var body io.Reader
+	if form != nil {
+		body = strings.NewReader(form.Encode())
+	}
+	req, err := http.NewRequest(method, ts.URL+target, body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if form != nil {
+		req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+	}
+	if cookie != "" {
+		req.AddCookie(&http.Cookie{Name: statusCookie, Value: cookie})
+	}
+	for i := 0; i+1 < len(hdr); i += 2 {
+		req.Header.Set(hdr[i], hdr[i+1])
+	}
+	c := *ts.Client()
+	c.CheckRedirect = func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
+	resp, err := c.Do(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, target, err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp, string(b)
+}
+
+// statusLogin logs in through the form and returns the session cookie's value.
+func statusLogin(t *testing.T, ts *testServer) string {
+	t.Helper()
+	resp, body := statusDo(t, ts, "POST", "/status/login", "", url.Values{"token": {statusToken}, "next": {"/status/"}})
+	for _, c := range resp.Cookies() {
+		if c.Name == statusCookie && c.Value != "" {
+			return c.Value
+		}
+	}
+	t.Fatalf("login answered %d without a session cookie:\n%s", resp.StatusCode, body)
+	return ""
+}
+
+// TestStatusPageAccess checks who sees what: nothing but how to set a token without one, the
+// login form without a session, the page with one; the cookie's attributes; and that the token
+// never comes back in an answer, a log line or a row.
+func TestStatusPageAccess(t *testing.T) {
+	now := time.Now()
+	t.Run("no token configured", func(t *testing.T) {
+		ts := newTestServer(t, nil, nil)
+		seedStatusRows(t, ts.events, now)
+		for _, target := range []string{"/", "/status/", "/status/deliveries", "/status/deliveries/d-web"} {
+			resp, body := statusGet(t, ts, target, "")
+			if resp.StatusCode != 403 || !strings.Contains(body, "WEBHOOK_MANUAL_TOKEN") || strings.Contains(body, "web.service") ||
+				strings.Contains(body, "<form") {
+				t.Errorf("GET %s = %d, want 403 saying how to set WEBHOOK_MANUAL_TOKEN and nothing else:\n%s", target, resp.StatusCode, body)
+			}
+		}
+		resp, body := statusDo(t, ts, "POST", "/status/login", "", url.Values{"token": {""}})
+		if resp.StatusCode != 403 || len(resp.Cookies()) != 0 {
+			t.Errorf("login without a configured token = %d %v, want 403 and no cookie:\n%s", resp.StatusCode, resp.Cookies(), body)
+		}
+	})
+
+	ts := newTestServer(t, map[string]string{"WEBHOOK_MANUAL_TOKEN": statusToken}, nil)
+	seedStatusRows(t, ts.events, now)
+	var bodies []string
+	for _, target := range []string{"/", "/status/", "/status/deliveries?unit=web", "/status/deliveries/d-web"} {
+		resp, body := statusGet(t, ts, target, "")
+		bodies = append(bodies, body)
+		if resp.StatusCode != 200 || !strings.Contains(body, `action="/status/login"`) || strings.Contains(body, "web.service") {
+			t.Errorf("GET %s without a session = %d, want the login form and no data:\n%s", target, resp.StatusCode, body)
+		}
+		if want := `name="next" value="` + target + `"`; !strings.Contains(body, want) {
+			t.Errorf("GET %s: the login form does not return there (want %s)", target, want)
+		}
+	}
+	for _, tc := range []struct {
+		name   string
+		target string
+		form   url.Values
+		hdr    []string
+	}{
+		{"wrong token", "/status/login", url.Values{"token": {statusToken + "x"}}, nil},
+		{"empty token", "/status/login", url.Values{"token": {""}}, nil},
+		{"token in the URL only", "/status/login?token=" + statusToken, url.Values{}, nil},
+		{"cookie forged under another token", "/status/", nil, nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			method, cookie := "POST", ""
+			if tc.form == nil {
+				method, cookie = "GET", statusSession("old token", now.Add(time.Hour))
+			}
+			resp, body := statusDo(t, ts, method, tc.target, cookie, tc.form, tc.hdr...)
+			bodies = append(bodies, body)
+			if len(resp.Cookies()) != 0 || strings.Contains(body, "web.service") || !strings.Contains(body, `action="/status/login"`) {
+				t.Errorf("%s %s = %d with cookies %v, want the login form again and no session:\n%s", method, tc.target, resp.StatusCode, resp.Cookies(), body)
+			}
+		})
+	}
+
+	for _, tc := range []struct {
+		name   string
+		hdr    []string
+		secure bool
+	}{
+		{"plain http", nil, false},
+		{"behind a TLS proxy", []string{"X-Forwarded-Proto", "https"}, true},
+	} {
+		t.Run("login over "+tc.name, func(t *testing.T) {
+			resp, body := statusDo(t, ts, "POST", "/status/login", "", url.Values{"token": {statusToken}, "next": {"/status/deliveries"}}, tc.hdr...)
+			bodies = append(bodies, body)
+			if resp.StatusCode != 303 || resp.Header.Get("Location") != "/status/deliveries" {
+				t.Errorf("login = %d to %q, want 303 to /status/deliveries", resp.StatusCode, resp.Header.Get("Location"))
+			}
+			set := resp.Header.Get("Set-Cookie")
+			for _, attr := range []string{statusCookie + "=", "HttpOnly", "SameSite=Strict", "Path=/", "Max-Age=43200"} {
+				if !strings.Contains(set, attr) {
+					t.Errorf("Set-Cookie: %s lacks %s", set, attr)
+				}
+			}
+			if strings.Contains(set, "Secure") != tc.secure {
+				t.Errorf("Set-Cookie: %s, want Secure %v", set, tc.secure)
+			}
+		})
+	}
+
+	cookie := statusLogin(t, ts)
+	for _, target := range []string{"/", "/status/", "/status/deliveries", "/status/deliveries/d-web"} {
+		resp, body := statusGet(t, ts, target, cookie)
+		bodies = append(bodies, body)
+		if resp.StatusCode != 200 || !strings.Contains(body, "web.service") {
+			t.Errorf("GET %s with a session = %d, want the page:\n%s", target, resp.StatusCode, body)
+		}
+	}
+	resp, _ := statusDo(t, ts, "POST", "/status/logout", cookie, url.Values{})
+	if set := resp.Header.Get("Set-Cookie"); resp.StatusCode != 303 || !strings.Contains(set, statusCookie+"=;") || !strings.Contains(set, "Max-Age=0") {
+		t.Errorf("logout = %d, Set-Cookie: %q, want 303 clearing the cookie", resp.StatusCode, set)
+	}
+
+	ts.shutdown()
+	var rows []string
+	db := rawDB(t, ts.cfg.dbPath)
+	r, err := db.Query(`SELECT action || ' ' || coalesce(path, '') || ' ' || meta FROM event_log`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for r.Next() {
+		var s string
+		r.Scan(&s)
+		rows = append(rows, s)
+	}
+	r.Close()
+	for name, text := range map[string]string{"an answer": strings.Join(bodies, "\n"), "the log": ts.logs.String(), "a row": strings.Join(rows, "\n")} {
+		if strings.Contains(text, statusToken) {
+			t.Errorf("the token appears in %s", name)
+		}
+	}
+	if !slices.ContainsFunc(rows, func(s string) bool {
+		return strings.HasPrefix(s, "status-login ") && strings.Contains(s, `"reason":"wrong-token"`)
+	}) {
+		t.Errorf("no status-login row says wrong-token:\n%s", strings.Join(rows, "\n"))
+	}
+}
+
+// TestStatusPageContent reads each page of a seeded log as a logged-in operator: what each
+// shows, that every stored value is escaped, and that the CSP allows exactly the page's style.
+func TestStatusPageContent(t *testing.T) {
+	now := time.Now()
+	ts := newTestServer(t, map[string]string{"WEBHOOK_MANUAL_TOKEN": statusToken}, nil)
+	ts.srv.now = func() time.Time { return now }
+	seedStatusRows(t, ts.events, now)
+	cookie := statusLogin(t, ts)
+	escaped := template.HTMLEscapeString(scriptText)
+	row := func(cells ...string) string { return strings.Join(cells, `\s*(?:<[^>]*>\s*)*`) }
+	for _, tc := range []struct {
+		target string
+		status int
+		want   []string // regular expressions, in page order
+		not    []string // plain text
+	}{
+		{"/status/", 200, []string{
+			`<meta http-equiv="refresh" content="30">`,
+			`5 units, <strong class="alert">1 failed on their last redeploy`,
+			`Queue: <strong>2 pending</strong>, the oldest waiting 1m30s`,
+			row(`<tr class="rolled-back">`, `api.service`, `ghcr.io/acme/api:v2`, `<span class="badge rolled-back">rolled-back</span> rolled back`,
+				`<pre class="err">health gate: the unit restarted 3 times</pre>`),
+			row(`<tr class="">`, `cache.service`, `ghcr.io/acme/cache:7`, `none yet<br><span class="badge running">running</span> since`),
+			row(`<tr class="ok">`, `demo.service`, `ghcr.io/acme/demo:latest`, `<span class="badge ok">ok</span> restarted, healthy`),
+			row(`<tr class="failed">`, `web.service`, `ghcr.io/acme/web:stable`, `<span class="badge failed">failed</span> pull failed`,
+				`<pre class="err">podman pull failed: manifest unknown `+regexp.QuoteMeta(escaped)),
+			row(`<tr class="">`, `x`+regexp.QuoteMeta(escaped)+`.service`, `ghcr.io/acme/`+regexp.QuoteMeta(escaped),
+				`none yet<br>last delivery: `, `tag-mismatch`),
+			`restarted healthy: 21</span><span><i class="rolled-back"></i>rolled back: 5</span><span><i class="failed"></i>failed: 3`,
+		}, nil},
+		{"/status/deliveries", 200, []string{
+			row(`d-evil`), row(`cache.service`, `ghcr.io/acme/cache:7`, `<span class="badge running">running</span> started`, `d-cache`),
+			row(`web.service`, `ghcr.io/acme/web:stable`, `<span class="badge failed">failed</span> pull failed`, `d-web`),
+			row(`demo.service`, `ghcr.io/acme/demo:latest`, `<span class="badge ok">ok</span> restarted, healthy`, `d-demo-2`),
+			`<a href="/status/deliveries\?unit=&amp;outcome=&amp;before=\d+">Older</a>`,
+		}, []string{">Newest<"}},
+		{"/status/deliveries?unit=web", 200, []string{`d-web`, `hist-07-f`, `hist-14-f`}, []string{"demo.service", "Older"}},
+		{"/status/deliveries?outcome=failed", 200, []string{`d-web`, `hist-07-f`, `hist-14-f`}, []string{"d-api", "d-evil", "demo.service"}},
+		{"/status/deliveries?outcome=rolled-back&unit=api.service", 200, []string{`d-api`, `hist-05-r`}, []string{"web.service"}},
+		{"/status/deliveries?outcome=ignored", 200, []string{`<span class="badge ignored">ignored</span> tag mismatch`, `d-evil`}, []string{"d-web"}},
+		{"/status/deliveries?outcome=running", 200, []string{`d-cache`}, []string{"d-web", "d-demo"}},
+		{"/status/deliveries?before=1000000", 200, []string{`d-evil`}, nil},
+		{"/status/deliveries?outcome=nope", 400, []string{`unknown outcome: choose one of ok, rolled-back, failed, running, skipped, ignored`}, nil},
+		{"/status/deliveries?unit=../x", 400, []string{`invalid`}, nil},
+		{"/status/deliveries?before=x", 400, []string{`invalid before`}, nil},
+		{"/status/deliveries/d-demo-2", 200, []string{
+			`<span class="badge ok">ok</span> restarted, healthy`, `<dt>Image</dt><dd><code>ghcr.io/acme/demo:latest`,
+			`<dt>Digest</dt><dd><code>sha256:d1g35t`, `<dt>Pull</dt><dd>1.5s`, `<dt>Restart</dt><dd>800ms`,
+			`the task of delivery <a href="/status/deliveries/d-demo-1">d-demo-1</a>`, `<code>webhook-task-d-demo-1.service</code>`,
+			row(`github-webhook`, `queued`, `202`), row(`github-task`, `pulled`, `200`), row(`github-task`, `completed`, `200`),
+		}, nil},
+		{"/status/deliveries/d-web", 200, []string{
+			`<span class="badge failed">failed</span> pull failed`,
+			`<dt>Error</dt><dd><pre class="err">podman pull failed: manifest unknown ` + regexp.QuoteMeta(escaped),
+			`<tr class="failed">\s*<td>[^<]*</td><td>github-task</td><td>pull-failed</td><td>502</td>`, `<code>attempts=3</code>`,
+			`<pre>Error: ` + regexp.QuoteMeta(escaped) + `</pre>`,
+		}, nil},
+		{"/status/deliveries/d-cache", 200, []string{`<span class="badge running">running</span> started`}, nil},
+		{"/status/deliveries/nope", 404, []string{`no row of delivery nope`}, nil},
+		{"/status/deliveries/-bad", 400, []string{`invalid delivery id`}, nil},
+	} {
+		t.Run(tc.target, func(t *testing.T) {
+			resp, body := statusGet(t, ts, tc.target, cookie)
+			if resp.StatusCode != tc.status {
+				t.Errorf("status %d, want %d", resp.StatusCode, tc.status)
+			}
+			rest := body
+			for _, w := range tc.want {
+				loc := regexp.MustCompile(w).FindStringIndex(rest)
+				if loc == nil {
+					t.Errorf("no match for %s (in this order) in:\n%s", w, body)
+					break
+				}
+				rest = rest[loc[1]:]
+			}
+			for _, n := range append(tc.not, "<script", "pwned'") {
+				if strings.Contains(body, n) {
+					t.Errorf("the page contains %q:\n%s", n, body)
+				}
+			}
+			if csp := resp.Header.Get("Content-Security-Policy"); csp != statusCSP {
+				t.Errorf("Content-Security-Policy: %q, want %q", csp, statusCSP)
+			}
+			if resp.Header.Get("Cache-Control") != "no-store" || resp.Header.Get("X-Content-Type-Options") != "nosniff" {
+				t.Errorf("headers %v, want Cache-Control no-store and nosniff", resp.Header)
+			}
+		})
+	}
+	// The policy names the hash of the stylesheet as the browser reads it from the page.
+	_, body := statusGet(t, ts, "/status/", cookie)
+	m := regexp.MustCompile(`(?s)<style>(.*?)</style>`).FindStringSubmatch(body)
+	if m == nil {
+		t.Fatal("no <style> in the page")
+	}
+	sum := sha256.Sum256([]byte(m[1]))
+	if want := "style-src 'sha256-" + base64.StdEncoding.EncodeToString(sum[:]) + "'"; !strings.Contains(statusCSP, want) {
+		t.Errorf("CSP %q does not allow the page's style (%s)", statusCSP, want)
+	}
+	for _, want := range []string{"default-src 'none'", "form-action 'self'", "frame-ancestors 'none'", "base-uri 'none'"} {
+		if !strings.Contains(statusCSP, want) {
+			t.Errorf("CSP %q lacks %s", statusCSP, want)
 		}
 	}
 }
