@@ -1467,39 +1467,50 @@ type unitStatus struct {
 	Delivery         string // whose task it was, linked when it is a valid delivery id
 	Linkable         bool
 	Error            string
-	RunningSince     string // a task newer than the last finished one started then
-	LastSeen         string
-	LastSeenRequest  string // the last delivery's reason, for units without a task
+	Running          string // the newest step of a task newer than the last finished one
+	RunningAt        string
+	LastSeenRequest  string // the last delivery's reason, when newer than any task
 	LastSeenLinkable bool
 	LastSeenDelivery string
 }
 
 // statusUnits returns every unit named by a delivery, a task or a manual redeploy, by name:
-// the last finished redeploy, any task running since, and the image last seen. One pass over
-// the rows of those actions, then a lookup by id of the few rows it picked.
+// the last finished redeploy, any task running since, and the image last seen. It walks the
+// distinct units of idx_event_log_unit, then picks each unit's rows through the same index
+// (newest first), so the cost grows with the number of units, not of rows.
 func statusUnits(ctx context.Context, db *sql.DB, loc *time.Location) ([]unitStatus, error) {
-	rows, err := db.QueryContext(ctx, `SELECT unit, max(id),
-			coalesce(max(CASE WHEN action = 'github-task' AND step IN `+terminalStepsSQL()+` THEN id END), 0),
-			coalesce(max(CASE WHEN action = 'github-task' THEN id END), 0),
-			coalesce(max(CASE WHEN action = 'github-webhook' THEN id END), 0)
-		FROM (SELECT id, action, json_extract(meta, '$.unit') AS unit, json_extract(meta, '$.step') AS step
-			FROM event_log WHERE action IN ('github-webhook', 'github-task', 'manual-service'))
-		WHERE unit IS NOT NULL AND unit <> '' GROUP BY unit ORDER BY unit LIMIT 1000`)
+	const byUnit = `FROM event_log WHERE json_extract(meta, '$.unit') = u.unit AND action = `
+	// units hops from one unit to the next in the index (a skip scan) instead of reading every
+	// entry of it.
+	rows, err := db.QueryContext(ctx, `WITH RECURSIVE units(unit) AS (
+			SELECT min(json_extract(meta, '$.unit')) FROM event_log WHERE json_extract(meta, '$.unit') > ''
+			UNION ALL
+			SELECT (SELECT min(json_extract(meta, '$.unit')) FROM event_log WHERE json_extract(meta, '$.unit') > units.unit)
+			FROM units WHERE units.unit IS NOT NULL LIMIT 10000)
+		SELECT unit, done, task, webhook, manual FROM (SELECT u.unit,
+			coalesce((SELECT id `+byUnit+`'github-task' AND json_extract(meta, '$.step') IN `+terminalStepsSQL()+`
+				ORDER BY id DESC LIMIT 1), 0) AS done,
+			coalesce((SELECT max(id) `+byUnit+`'github-task'), 0) AS task,
+			coalesce((SELECT max(id) `+byUnit+`'github-webhook'), 0) AS webhook,
+			coalesce((SELECT max(id) `+byUnit+`'manual-service'), 0) AS manual
+		FROM units AS u WHERE u.unit IS NOT NULL)
+		WHERE task + webhook + manual > 0 ORDER BY unit LIMIT 1000`)
 	if err != nil {
 		return nil, err
 	}
 	type picked struct {
-		unit                      string
-		last, done, task, webhook int64
+		unit                              string
+		done, task, webhook, manual, last int64
 	}
 	var ps []picked
 	var ids []any
 	for rows.Next() {
 		var p picked
-		if err := rows.Scan(&p.unit, &p.last, &p.done, &p.task, &p.webhook); err != nil {
+		if err := rows.Scan(&p.unit, &p.done, &p.task, &p.webhook, &p.manual); err != nil {
 			rows.Close()
 			return nil, err
 		}
+		p.last = max(p.task, p.webhook, p.manual)
 		ps = append(ps, p)
 		ids = append(ids, p.last, p.done, p.task, p.webhook)
 	}
@@ -1514,9 +1525,7 @@ func statusUnits(ctx context.Context, db *sql.DB, loc *time.Location) ([]unitSta
 	out := make([]unitStatus, 0, len(ps))
 	for _, p := range ps {
 		u := unitStatus{Unit: p.unit}
-		last := byID[p.last]
-		u.LastSeen = statusTime(last.TS, loc)
-		u.Image = metaString(last.Meta, "image")
+		u.Image = metaString(byID[p.last].Meta, "image")
 		if done, ok := byID[p.done]; ok {
 			step := metaString(done.Meta, "step")
 			u.Outcome, u.Label, u.When = stepOutcomes[step], stepLabel(step), statusTime(done.TS, loc)
@@ -1528,7 +1537,7 @@ func statusUnits(ctx context.Context, db *sql.DB, loc *time.Location) ([]unitSta
 			}
 		}
 		if task, ok := byID[p.task]; ok && p.task > p.done {
-			u.RunningSince = statusTime(task.TS, loc)
+			u.Running, u.RunningAt = stepLabel(metaString(task.Meta, "step")), statusTime(task.TS, loc)
 		}
 		if wh, ok := byID[p.webhook]; ok && p.webhook > p.task {
 			u.LastSeenRequest = metaString(wh.Meta, "reason")
@@ -1648,8 +1657,9 @@ func redeployChart(ctx context.Context, db *sql.DB, now time.Time, loc *time.Loc
 	now = now.In(loc)
 	today := time.Date(now.Year(), now.Month(), now.Day(), 0, 0, 0, 0, loc)
 	first := today.AddDate(0, 0, -(chartDays - 1))
-	rows, err := db.QueryContext(ctx, `SELECT ts, json_extract(meta, '$.step') FROM event_log
-		WHERE action = 'github-task' AND ts >= ? AND json_extract(meta, '$.step') IN `+terminalStepsSQL(), first.Unix())
+	// Without statistics SQLite would pick idx_event_log_action and parse every task row's JSON.
+	rows, err := db.QueryContext(ctx, `SELECT ts, json_extract(meta, '$.step') FROM event_log INDEXED BY idx_event_log_task_step
+		WHERE action = 'github-task' AND json_extract(meta, '$.step') IN `+terminalStepsSQL()+` AND ts >= ?`, first.Unix())
 	if err != nil {
 		return chartView{}, err
 	}
@@ -1699,7 +1709,7 @@ func redeployChart(ctx context.Context, db *sql.DB, now time.Time, loc *time.Loc
 			bar.Segs = append(bar.Segs, chartSeg{X: x, Y: y, W: 16, H: h, Class: class})
 		}
 		c.Bars = append(c.Bars, bar)
-		if i%7 == 0 || i == chartDays-1 {
+		if (chartDays-1-i)%7 == 0 { // weekly, ending today
 			c.Ticks = append(c.Ticks, chartTick{X: x + 8, Label: day.Format("2 Jan")})
 		}
 	}
@@ -1726,29 +1736,39 @@ type deliveryRow struct {
 }
 
 // statusDeliveries returns one page of GitHub deliveries, newest first: each request row with
-// the outcome of the task that ran it (its own, or the one that covered it).
+// the outcome of the task that ran it (its own, or the one that covered it). Request rows are
+// read newest first and each one's newest task step is looked up through idx_event_log_delivery,
+// so a page reads its own rows plus those the outcome filter skips.
 func statusDeliveries(ctx context.Context, db *sql.DB, f deliveryFilter, loc *time.Location) ([]deliveryRow, error) {
-	rows, err := db.QueryContext(ctx, `WITH req AS (
-			SELECT id, ts, status,
+	where := []string{`action = 'github-webhook'`, `json_extract(meta, '$.delivery') IS NOT NULL`}
+	var args []any
+	if f.Unit != "" {
+		where, args = append(where, `json_extract(meta, '$.unit') = ?`), append(args, f.Unit)
+	}
+	if f.Before > 0 {
+		where, args = append(where, `id < ?`), append(args, f.Before)
+	}
+	outcome := ""
+	if f.Outcome != "" {
+		outcome, args = `WHERE outcome = ?`, append(args, f.Outcome)
+	}
+	args = append(args, statusPageSize)
+	rows, err := db.QueryContext(ctx, `SELECT id, ts, status, delivery, unit, image, reason, step,
+			CASE WHEN reason NOT IN ('queued', 'dispatching', 'pending') THEN
+				CASE WHEN status >= 400 THEN 'failed' ELSE 'ignored' END
+			ELSE `+outcomeSQL("step")+` END AS outcome
+		FROM (SELECT id, ts, status,
 				json_extract(meta, '$.delivery') AS delivery,
 				coalesce(json_extract(meta, '$.unit'), '') AS unit,
 				coalesce(json_extract(meta, '$.image'), '') AS image,
 				coalesce(json_extract(meta, '$.reason'), '') AS reason,
-				coalesce(json_extract(meta, '$.covered_by'), json_extract(meta, '$.coalesced_into'), json_extract(meta, '$.delivery')) AS task
-			FROM event_log
-			WHERE action = 'github-webhook' AND json_extract(meta, '$.delivery') IS NOT NULL
-				AND (?1 = '' OR json_extract(meta, '$.unit') = ?1) AND (?2 = 0 OR id < ?2)),
-		last AS (
-			SELECT json_extract(meta, '$.delivery') AS delivery, max(id), json_extract(meta, '$.step') AS step
-			FROM event_log WHERE action = 'github-task' GROUP BY 1),
-		out AS (
-			SELECT req.id, req.ts, req.status, req.delivery, req.unit, req.image, req.reason, coalesce(last.step, '') AS step,
-				CASE WHEN req.reason NOT IN ('queued', 'dispatching', 'pending') THEN
-					CASE WHEN req.status >= 400 THEN 'failed' ELSE 'ignored' END
-				ELSE `+outcomeSQL("last.step")+` END AS outcome
-			FROM req LEFT JOIN last ON last.delivery = req.task)
-		SELECT id, ts, status, delivery, unit, image, reason, step, outcome FROM out
-		WHERE ?3 = '' OR outcome = ?3 ORDER BY id DESC LIMIT ?4`, f.Unit, f.Before, f.Outcome, statusPageSize)
+				coalesce((SELECT json_extract(t.meta, '$.step') FROM event_log AS t
+					WHERE json_extract(t.meta, '$.delivery') = coalesce(json_extract(r.meta, '$.covered_by'),
+						json_extract(r.meta, '$.coalesced_into'), json_extract(r.meta, '$.delivery'))
+						AND t.action = 'github-task'
+					ORDER BY t.id DESC LIMIT 1), '') AS step
+			FROM event_log AS r WHERE `+strings.Join(where, " AND ")+` ORDER BY id DESC)
+		`+outcome+` ORDER BY id DESC LIMIT ?`, args...)
 	if err != nil {
 		return nil, err
 	}
@@ -2001,7 +2021,7 @@ restart the server, then log in here with that token.</p>
 <td class="wrap">{{.Unit}}</td>
 <td class="wrap"><code>{{.Image}}</code></td>
 <td>{{if .Outcome}}<span class="badge {{.Outcome}}">{{.Outcome}}</span> {{.Label}}{{else}}none yet{{end}}
-{{- if .RunningSince}}<br><span class="badge running">running</span> since {{.RunningSince}}{{end}}
+{{- if .Running}}<br><span class="badge running">running</span> {{.Running}} at {{.RunningAt}}{{end}}
 {{- if .Error}}<pre class="err">{{.Error}}</pre>{{end}}
 {{- if .LastSeenRequest}}<br>last delivery: {{if .LastSeenLinkable}}<a href="/status/deliveries/{{.LastSeenDelivery}}">{{.LastSeenRequest}}</a>{{else}}{{.LastSeenRequest}}{{end}}{{end}}</td>
 <td>{{.When}}</td>

@@ -3011,7 +3011,7 @@ func TestStatusPageContent(t *testing.T) {
 			`Queue: <strong>2 pending</strong>, the oldest waiting 1m30s`,
 			row(`<tr class="rolled-back">`, `api.service`, `ghcr.io/acme/api:v2`, `<span class="badge rolled-back">rolled-back</span> rolled back`,
 				`<pre class="err">health gate: the unit restarted 3 times</pre>`),
-			row(`<tr class="">`, `cache.service`, `ghcr.io/acme/cache:7`, `none yet<br><span class="badge running">running</span> since`),
+			row(`<tr class="">`, `cache.service`, `ghcr.io/acme/cache:7`, `none yet<br><span class="badge running">running</span> started at`),
 			row(`<tr class="ok">`, `demo.service`, `ghcr.io/acme/demo:latest`, `<span class="badge ok">ok</span> restarted, healthy`),
 			row(`<tr class="failed">`, `web.service`, `ghcr.io/acme/web:stable`, `<span class="badge failed">failed</span> pull failed`,
 				`<pre class="err">podman pull failed: manifest unknown `+regexp.QuoteMeta(escaped)),
@@ -3091,5 +3091,77 @@ func TestStatusPageContent(t *testing.T) {
 		if !strings.Contains(statusCSP, want) {
 			t.Errorf("CSP %q lacks %s", statusCSP, want)
 		}
+	}
+}
+
+// BenchmarkStatusPage renders the status pages over an event log of 100,000 rows, all of them
+// deliveries and their task steps (the rows the page reads; health probes and other requests
+// would only dilute them): 16,667 deliveries of 50 units over 60 days, one in eight failed or
+// rolled back. The handler is called directly, so the figure is the queries and the template.
+func BenchmarkStatusPage(b *testing.B) {
+	const rows = 100_000
+	now := time.Now()
+	ts := newTestServer(b, map[string]string{"WEBHOOK_MANUAL_TOKEN": statusToken}, nil)
+	ts.srv.now = func() time.Time { return now }
+	var batch []event
+	flush := func() {
+		if err := ts.events.Write(context.Background(), batch...); err != nil {
+			b.Fatal(err)
+		}
+		batch = batch[:0]
+	}
+	for i := 0; len(batch) == 0 || i*6 < rows; i++ {
+		at := now.Add(-time.Duration(rows/6-i) * 5 * time.Minute)
+		id, unit := fmt.Sprintf("bench-%06d", i), fmt.Sprintf("app-%02d.service", i%50)
+		image := "ghcr.io/acme/" + strings.TrimSuffix(unit, ".service") + ":latest"
+		meta := func(step string) map[string]any {
+			return map[string]any{"delivery": id, "unit": unit, "image": image, "event": "package", "step": step}
+		}
+		last := "completed"
+		switch i % 8 {
+		case 3:
+			last = "rolled-back"
+		case 5:
+			last = "pull-failed"
+		}
+		batch = append(batch, event{RequestID: "r" + id, TS: at, Method: "POST", Path: "/github-package-update/x", Status: 202,
+			Action: "github-webhook", Meta: map[string]any{"delivery": id, "unit": unit, "image": image, "reason": "queued"}})
+		for j, step := range []string{"started", "pulled", "restarted", "healthy", last} {
+			batch = append(batch, event{RequestID: "t" + id, TS: at.Add(time.Duration(j) * time.Second), Method: "TASK", Status: 200,
+				Action: "github-task", Meta: meta(step)})
+		}
+		if len(batch) >= 6000 {
+			flush()
+		}
+	}
+	if len(batch) > 0 {
+		flush()
+	}
+	cookie := &http.Cookie{Name: statusCookie, Value: statusSession(statusToken, now.Add(time.Hour))}
+	for _, tc := range []struct {
+		name, target string
+		handler      http.HandlerFunc
+	}{
+		{"overview", "/status/", ts.srv.handleStatusOverview},
+		{"deliveries", "/status/deliveries", ts.srv.handleStatusDeliveries},
+		{"deliveries-failed-of-one-unit", "/status/deliveries?outcome=failed&unit=app-05", ts.srv.handleStatusDeliveries},
+		{"story", "/status/deliveries/bench-000005", nil},
+	} {
+		b.Run(tc.name, func(b *testing.B) {
+			for b.Loop() {
+				req := httptest.NewRequest("GET", tc.target, nil)
+				req.AddCookie(cookie)
+				w := httptest.NewRecorder()
+				if tc.handler != nil {
+					tc.handler(w, req)
+				} else {
+					req.SetPathValue("id", "bench-000005")
+					ts.srv.handleStatusStory(w, req)
+				}
+				if w.Code != 200 {
+					b.Fatalf("GET %s = %d:\n%s", tc.target, w.Code, w.Body)
+				}
+			}
+		})
 	}
 }
