@@ -8,6 +8,8 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/rand"
+	"crypto/sha1"
 	"crypto/sha256"
 	"database/sql"
 	"encoding/base64"
@@ -16,8 +18,10 @@ import (
 	"flag"
 	"fmt"
 	"html/template"
+	"image/png"
 	"io"
 	"math"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -712,8 +716,9 @@ func TestNewRequestIDIsUnique(t *testing.T) {
 
 // Reading the log: filters, the events command, the events API, /metrics and /health details.
 
-// update rewrites the golden files under testdata/events instead of comparing with them.
-var update = flag.Bool("update", false, "rewrite the golden files under testdata/events")
+// update rewrites the golden files under testdata/events instead of comparing with them, and
+// saves the status page's screenshot.
+var update = flag.Bool("update", false, "rewrite the golden files under testdata/events and testdata/status-page.png")
 
 // fixtureNow is the "now" the filter tests resolve relative times against.
 var fixtureNow = time.Date(2024, 3, 1, 15, 0, 0, 0, time.UTC)
@@ -3091,6 +3096,381 @@ func TestStatusPageContent(t *testing.T) {
 		if !strings.Contains(statusCSP, want) {
 			t.Errorf("CSP %q lacks %s", statusCSP, want)
 		}
+	}
+}
+
+// cdp is a minimal Chrome DevTools Protocol client over one WebSocket, enough to drive a
+// headless chromium from a test with the standard library: the RFC 6455 opening handshake,
+// masked text frames out, unmasked (possibly fragmented) frames in.
+type cdp struct {
+	conn net.Conn
+	r    *bufio.Reader
+	next int
+}
+
+func dialCDP(wsURL string) (*cdp, error) {
+	u, err := url.Parse(wsURL)
+	if err != nil {
+		return nil, err
+	}
+	conn, err := net.DialTimeout("tcp", u.Host, hangGuard)
+	if err != nil {
+		return nil, err
+	}
+	conn.SetDeadline(time.Now().Add(hangGuard))
+	var nonce [16]byte
+	rand.Read(nonce[:])
+	key := base64.StdEncoding.EncodeToString(nonce[:])
+	fmt.Fprintf(conn, "GET %s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
+		"Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n", u.RequestURI(), u.Host, key)
+	r := bufio.NewReader(conn)
+	resp, err := http.ReadResponse(r, nil)
+	if err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("websocket handshake with %s: %w", wsURL, err)
+	}
+	sum := sha1.Sum([]byte(key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"))
+	if resp.StatusCode != http.StatusSwitchingProtocols || resp.Header.Get("Sec-WebSocket-Accept") != base64.StdEncoding.EncodeToString(sum[:]) {
+		conn.Close()
+		return nil, fmt.Errorf("websocket handshake with %s: %s, accept %q", wsURL, resp.Status, resp.Header.Get("Sec-WebSocket-Accept"))
+	}
+	return &cdp{conn: conn, r: r}, nil
+}
+
+// send writes one masked text frame, as RFC 6455 requires of a client.
+func (c *cdp) send(payload []byte) error {
+	hdr := []byte{0x81} // FIN, text
+	switch n := len(payload); {
+	case n < 126:
+		hdr = append(hdr, 0x80|byte(n))
+	case n < 1<<16:
+		hdr = append(hdr, 0x80|126, byte(n>>8), byte(n))
+	default:
+		hdr = append(hdr, 0x80|127)
+		for i := 7; i >= 0; i-- {
+			hdr = append(hdr, byte(uint64(n)>>(8*i)))
+		}
+	}
+	var mask [4]byte
+	rand.Read(mask[:])
+	frame := append(hdr, mask[:]...)
+	for i, b := range payload {
+		frame = append(frame, b^mask[i%4])
+	}
+	_, err := c.conn.Write(frame)
+	return err
+}
+
+// receive reads one message, joining continuation frames and skipping pings and pongs.
+func (c *cdp) receive() ([]byte, error) {
+	var msg []byte
+	for {
+		var h [2]byte
+		if _, err := io.ReadFull(c.r, h[:]); err != nil {
+			return nil, err
+		}
+		n := uint64(h[1] & 0x7f)
+		if n >= 126 {
+			ext := make([]byte, 2)
+			if n == 127 {
+				ext = make([]byte, 8)
+			}
+			if _, err := io.ReadFull(c.r, ext); err != nil {
+				return nil, err
+			}
+			n = 0
+			for _, b := range ext {
+				n = n<<8 | uint64(b)
+			}
+		}
+		var mask [4]byte
+		if h[1]&0x80 != 0 {
+			if _, err := io.ReadFull(c.r, mask[:]); err != nil {
+				return nil, err
+			}
+		}
+		payload := make([]byte, n)
+		if _, err := io.ReadFull(c.r, payload); err != nil {
+			return nil, err
+		}
+		for i := range payload {
+			payload[i] ^= mask[i%4]
+		}
+		switch h[0] & 0x0f {
+		case 0x8:
+			return nil, errors.New("the browser closed the websocket")
+		case 0x9, 0xa:
+			continue
+		}
+		msg = append(msg, payload...)
+		if h[0]&0x80 != 0 {
+			return msg, nil
+		}
+	}
+}
+
+// call sends a command, to a page's session when session is set, and decodes its result into
+// result (if not nil), skipping the events that arrive meanwhile.
+func (c *cdp) call(session, method string, params map[string]any, result any) error {
+	c.next++
+	if params == nil {
+		params = map[string]any{}
+	}
+	msg := map[string]any{"id": c.next, "method": method, "params": params}
+	if session != "" {
+		msg["sessionId"] = session
+	}
+	b, err := json.Marshal(msg)
+	if err != nil {
+		return err
+	}
+	c.conn.SetDeadline(time.Now().Add(hangGuard))
+	if err := c.send(b); err != nil {
+		return fmt.Errorf("%s: %w", method, err)
+	}
+	for {
+		raw, err := c.receive()
+		if err != nil {
+			return fmt.Errorf("%s: %w", method, err)
+		}
+		var resp struct {
+			ID     int             `json:"id"`
+			Result json.RawMessage `json:"result"`
+			Error  *struct {
+				Message string `json:"message"`
+			} `json:"error"`
+		}
+		if err := json.Unmarshal(raw, &resp); err != nil || resp.ID != c.next {
+			continue
+		}
+		if resp.Error != nil {
+			return fmt.Errorf("%s: %s", method, resp.Error.Message)
+		}
+		if result == nil {
+			return nil
+		}
+		return json.Unmarshal(resp.Result, result)
+	}
+}
+
+// browserPage is one tab of a headless chromium started for a test.
+type browserPage struct {
+	t       *testing.T
+	c       *cdp
+	session string
+}
+
+// startBrowser starts chromium headless in its own process group with a throwaway profile,
+// opens a tab, and stops the whole group when the test ends.
+func startBrowser(t *testing.T, bin string) *browserPage {
+	t.Helper()
+	cmd := exec.Command(bin, "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-port=0",
+		"--user-data-dir="+t.TempDir(), "--disable-background-networking", "--disable-component-update",
+		"--disable-sync", "--no-first-run", "--disable-quic", "--hide-scrollbars", "about:blank")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start %s: %v", bin, err)
+	}
+	t.Cleanup(func() {
+		syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+		cmd.Wait()
+	})
+	// Chromium prints where its DevTools endpoint listens; the rest of its stderr is kept for a
+	// failure message, and read to the end so chromium never blocks on a full pipe.
+	found := make(chan string, 1)
+	logs := &syncBuffer{}
+	go func() {
+		sc := bufio.NewScanner(stderr)
+		sc.Buffer(make([]byte, 64*1024), 1024*1024)
+		for sc.Scan() {
+			line := sc.Text()
+			if ws, ok := strings.CutPrefix(line, "DevTools listening on "); ok {
+				found <- strings.TrimSpace(ws)
+			}
+			fmt.Fprintln(logs, line)
+		}
+	}()
+	var ws string
+	select {
+	case ws = <-found:
+	case <-time.After(hangGuard):
+		t.Fatalf("%s printed no DevTools endpoint within %s:\n%s", bin, hangGuard, logs)
+	}
+	c, err := dialCDP(ws)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.conn.Close() })
+	var target struct{ TargetID string }
+	if err := c.call("", "Target.createTarget", map[string]any{"url": "about:blank"}, &target); err != nil {
+		t.Fatal(err)
+	}
+	var attached struct{ SessionID string }
+	if err := c.call("", "Target.attachToTarget", map[string]any{"targetId": target.TargetID, "flatten": true}, &attached); err != nil {
+		t.Fatal(err)
+	}
+	return &browserPage{t: t, c: c, session: attached.SessionID}
+}
+
+func (p *browserPage) call(method string, params map[string]any, result any) {
+	p.t.Helper()
+	if err := p.c.call(p.session, method, params, result); err != nil {
+		p.t.Fatal(err)
+	}
+}
+
+// eval runs a JavaScript expression in the page (from DevTools, which the page's CSP does not
+// govern) and decodes its JSON value into v.
+func (p *browserPage) eval(expr string, v any) {
+	p.t.Helper()
+	var res struct {
+		Result struct {
+			Value json.RawMessage `json:"value"`
+		} `json:"result"`
+		ExceptionDetails *struct {
+			Text string `json:"text"`
+		} `json:"exceptionDetails"`
+	}
+	p.call("Runtime.evaluate", map[string]any{"expression": expr, "returnByValue": true}, &res)
+	if res.ExceptionDetails != nil {
+		p.t.Fatalf("evaluate %s: %s", expr, res.ExceptionDetails.Text)
+	}
+	if v != nil {
+		if err := json.Unmarshal(res.Result.Value, v); err != nil {
+			p.t.Fatalf("evaluate %s: %v (value %s)", expr, err, res.Result.Value)
+		}
+	}
+}
+
+// waitFor polls a JavaScript condition until it holds; hangGuard bounds a page that never gets
+// there.
+func (p *browserPage) waitFor(cond string) {
+	p.t.Helper()
+	deadline := time.Now().Add(hangGuard)
+	for {
+		var ok bool
+		p.eval("!!("+cond+")", &ok)
+		if ok {
+			return
+		}
+		if time.Now().After(deadline) {
+			var html string
+			p.eval("document.documentElement.outerHTML", &html)
+			p.t.Fatalf("waited %s for %s; the page is:\n%s", hangGuard, cond, html)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// pageFacts is what the browser test reads from the page after each step.
+type pageFacts struct {
+	Title, Path, Cookie, H1, Text string
+	Scripts                       int
+	BadgeColour                   string
+}
+
+func (p *browserPage) facts() pageFacts {
+	p.t.Helper()
+	var f pageFacts
+	p.eval(`({Title: document.title, Path: location.pathname, Cookie: document.cookie, Scripts: document.scripts.length,
+		H1: (document.querySelector('h1') || {}).textContent || '', Text: document.body.innerText,
+		BadgeColour: (() => { const b = document.querySelector('.badge.failed'); return b ? getComputedStyle(b).backgroundColor : '' })()})`, &f)
+	return f
+}
+
+// chromiumPath finds the browser the status page test drives: Debian's chromium.
+func chromiumPath() (string, error) {
+	for _, name := range []string{"chromium", "chromium-browser"} {
+		if p, err := exec.LookPath(name); err == nil {
+			return p, nil
+		}
+	}
+	return "", errors.New("chromium not found on PATH (apt-get install chromium)")
+}
+
+// TestStatusPageInBrowser drives a real headless chromium through the status page of a seeded
+// log: log in through the form, read the overview and a failed delivery's story, and check that
+// the <script> stored in a unit name and an error text is shown as text and never runs (it
+// would retitle the page), that the session cookie is out of the page's reach (HttpOnly), and
+// that the CSP lets the page's own stylesheet apply. It saves a screenshot of the overview to
+// testdata/status-page.png under -update, for the README.
+func TestStatusPageInBrowser(t *testing.T) {
+	if testing.Short() {
+		t.Skip("-short: this test starts chromium")
+	}
+	bin, err := chromiumPath()
+	if err != nil {
+		rigSkipOrFail(t, "%v", err)
+	}
+	now := time.Now()
+	ts := newTestServer(t, map[string]string{"WEBHOOK_MANUAL_TOKEN": statusToken}, nil)
+	seedStatusRows(t, ts.events, now)
+	p := startBrowser(t, bin)
+	p.call("Emulation.setDeviceMetricsOverride", map[string]any{"width": 1200, "height": 900, "deviceScaleFactor": 1, "mobile": false}, nil)
+
+	p.call("Page.navigate", map[string]any{"url": ts.URL + "/"}, nil)
+	p.waitFor(`document.readyState === 'complete' && document.getElementById('token')`)
+	if f := p.facts(); f.H1 != "Log in" || strings.Contains(f.Text, "web.service") {
+		t.Fatalf("before logging in the page shows %q:\n%s", f.H1, f.Text)
+	}
+	p.eval(`document.getElementById('token').focus()`, nil)
+	p.call("Input.insertText", map[string]any{"text": statusToken}, nil)
+	for _, typ := range []string{"keyDown", "keyUp"} {
+		p.call("Input.dispatchKeyEvent", map[string]any{"type": typ, "key": "Enter", "code": "Enter", "windowsVirtualKeyCode": 13, "text": "\r"}, nil)
+	}
+	p.waitFor(`document.readyState === 'complete' && document.querySelector('h1') && document.querySelector('h1').textContent === 'Overview'`)
+	f := p.facts()
+	for _, c := range []struct {
+		what string
+		ok   bool
+	}{
+		{"the login returned to /", f.Path == "/"},
+		{"the title is the page's own (no stored script ran)", f.Title == "Overview · webhook-auto-update"},
+		{"the page has no script element", f.Scripts == 0},
+		{"the unit name's <script> shows as text", strings.Contains(f.Text, "x"+scriptText+".service")},
+		{"the error's <script> shows as text", strings.Contains(f.Text, "manifest unknown "+scriptText)},
+		{"the session cookie is HttpOnly (invisible to the page)", f.Cookie == ""},
+		{"the stylesheet applies under the CSP (the failed badge is red)", f.BadgeColour == "rgb(179, 38, 30)"},
+		{"the failure stands out in words too", strings.Contains(f.Text, "FAILED") && strings.Contains(f.Text, "pull failed")},
+		{"the queue shows", strings.Contains(f.Text, "Queue: 2 pending")},
+	} {
+		if !c.ok {
+			t.Errorf("overview: want %s; got %+v", c.what, f)
+		}
+	}
+
+	var height int
+	p.eval(`document.documentElement.scrollHeight`, &height)
+	p.call("Emulation.setDeviceMetricsOverride", map[string]any{"width": 1200, "height": height, "deviceScaleFactor": 1, "mobile": false}, nil)
+	var shot struct{ Data []byte }
+	p.call("Page.captureScreenshot", map[string]any{"format": "png"}, &shot)
+	img, err := png.Decode(bytes.NewReader(shot.Data))
+	if err != nil || img.Bounds().Dx() != 1200 || img.Bounds().Dy() != height {
+		t.Errorf("screenshot: %v, bounds %v, want a 1200x%d PNG", err, img.Bounds(), height)
+	} else if *update {
+		if err := os.WriteFile(filepath.Join("testdata", "status-page.png"), shot.Data, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	p.eval(`document.querySelector('a[href="/status/deliveries/d-web"]').click()`, nil)
+	p.waitFor(`document.readyState === 'complete' && location.pathname === '/status/deliveries/d-web'`)
+	f = p.facts()
+	if f.H1 != "Delivery d-web" || f.Title != "Delivery d-web · webhook-auto-update" || f.Scripts != 0 ||
+		!strings.Contains(f.Text, "pull-failed") || !strings.Contains(f.Text, "Error: "+scriptText) {
+		t.Errorf("story of d-web: %+v", f)
+	}
+
+	p.eval(`document.querySelector('form[action="/status/logout"] button').click()`, nil)
+	p.waitFor(`document.readyState === 'complete' && location.pathname === '/status/' && document.getElementById('token')`)
+	p.call("Page.navigate", map[string]any{"url": ts.URL + "/status/deliveries"}, nil)
+	p.waitFor(`document.readyState === 'complete' && location.pathname === '/status/deliveries'`)
+	if f := p.facts(); f.H1 != "Log in" || strings.Contains(f.Text, "web.service") {
+		t.Errorf("after logging out the deliveries page shows %q:\n%s", f.H1, f.Text)
 	}
 }
 
