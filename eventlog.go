@@ -2010,7 +2010,7 @@ restart the server, then log in here with that token.</p>
 <p class="alert">{{.Message}}</p>
 {{- else if eq .Page "overview"}}
 <h1>Overview</h1>
-<p>As of {{.Now}}. {{len .Units}} units{{if .Failing}}, <strong class="alert">{{.Failing}} failed on their last redeploy</strong>{{end}}.</p>
+<p>As of {{.Now}}. Units in the log: {{len .Units}}{{if .Failing}}; <strong class="alert">failed on their last redeploy: {{.Failing}}</strong>{{end}}.</p>
 <p class="queue">Queue: {{if .Queue.Pending}}<strong>{{.Queue.Pending}} pending</strong>, the oldest waiting {{.Queue.Oldest}}{{else}}empty{{end}}</p>
 <h2>Units</h2>
 <table>

@@ -3012,7 +3012,7 @@ func TestStatusPageContent(t *testing.T) {
 	}{
 		{"/status/", 200, []string{
 			`<meta http-equiv="refresh" content="30">`,
-			`5 units, <strong class="alert">1 failed on their last redeploy`,
+			`Units in the log: 5; <strong class="alert">failed on their last redeploy: 1</strong>`,
 			`Queue: <strong>2 pending</strong>, the oldest waiting 1m30s`,
 			row(`<tr class="rolled-back">`, `api.service`, `ghcr.io/acme/api:v2`, `<span class="badge rolled-back">rolled-back</span> rolled back`,
 				`<pre class="err">health gate: the unit restarted 3 times</pre>`),
