@@ -885,8 +885,8 @@ type storedEvent struct {
 	Meta       map[string]any `json:"meta"`
 }
 
-// queryEvents returns matching rows, newest first (oldest first with afterID).
-func queryEvents(ctx context.Context, db *sql.DB, f eventFilter) ([]storedEvent, error) {
+// eventsSQL is the query of queryEvents and its arguments.
+func eventsSQL(f eventFilter) (string, []any) {
 	var where []string
 	var args []any
 	add := func(cond string, v any) {
@@ -924,6 +924,12 @@ func queryEvents(ctx context.Context, db *sql.DB, f eventFilter) ([]storedEvent,
 	if f.limit > 0 {
 		q += " LIMIT " + strconv.Itoa(f.limit)
 	}
+	return q, args
+}
+
+// queryEvents returns matching rows, newest first (oldest first with afterID).
+func queryEvents(ctx context.Context, db *sql.DB, f eventFilter) ([]storedEvent, error) {
+	q, args := eventsSQL(f)
 	rows, err := db.QueryContext(ctx, q, args...)
 	if err != nil {
 		return nil, err
@@ -1474,27 +1480,32 @@ type unitStatus struct {
 	LastSeenDelivery string
 }
 
-// statusUnits returns every unit named by a delivery, a task or a manual redeploy, by name:
-// the last finished redeploy, any task running since, and the image last seen. It walks the
-// distinct units of idx_event_log_unit, then picks each unit's rows through the same index
-// (newest first), so the cost grows with the number of units, not of rows.
-func statusUnits(ctx context.Context, db *sql.DB, loc *time.Location) ([]unitStatus, error) {
+// statusUnitsSQL picks, for each unit, the ids of its newest finished task row, newest task row,
+// newest delivery and newest manual redeploy. Its units hop from one unit to the next in
+// idx_event_log_unit (a skip scan) instead of reading every entry.
+var statusUnitsSQL = func() string {
 	const byUnit = `FROM event_log WHERE json_extract(meta, '$.unit') = u.unit AND action = `
-	// units hops from one unit to the next in the index (a skip scan) instead of reading every
-	// entry of it.
-	rows, err := db.QueryContext(ctx, `WITH RECURSIVE units(unit) AS (
+	return `WITH RECURSIVE units(unit) AS (
 			SELECT min(json_extract(meta, '$.unit')) FROM event_log WHERE json_extract(meta, '$.unit') > ''
 			UNION ALL
 			SELECT (SELECT min(json_extract(meta, '$.unit')) FROM event_log WHERE json_extract(meta, '$.unit') > units.unit)
 			FROM units WHERE units.unit IS NOT NULL LIMIT 10000)
 		SELECT unit, done, task, webhook, manual FROM (SELECT u.unit,
-			coalesce((SELECT id `+byUnit+`'github-task' AND json_extract(meta, '$.step') IN `+terminalStepsSQL()+`
+			coalesce((SELECT id ` + byUnit + `'github-task' AND json_extract(meta, '$.step') IN ` + terminalStepsSQL() + `
 				ORDER BY id DESC LIMIT 1), 0) AS done,
-			coalesce((SELECT max(id) `+byUnit+`'github-task'), 0) AS task,
-			coalesce((SELECT max(id) `+byUnit+`'github-webhook'), 0) AS webhook,
-			coalesce((SELECT max(id) `+byUnit+`'manual-service'), 0) AS manual
+			coalesce((SELECT max(id) ` + byUnit + `'github-task'), 0) AS task,
+			coalesce((SELECT max(id) ` + byUnit + `'github-webhook'), 0) AS webhook,
+			coalesce((SELECT max(id) ` + byUnit + `'manual-service'), 0) AS manual
 		FROM units AS u WHERE u.unit IS NOT NULL)
-		WHERE task + webhook + manual > 0 ORDER BY unit LIMIT 1000`)
+		WHERE task + webhook + manual > 0 ORDER BY unit LIMIT 1000`
+}()
+
+// statusUnits returns every unit named by a delivery, a task or a manual redeploy, by name:
+// the last finished redeploy, any task running since, and the image last seen. It walks the
+// distinct units of idx_event_log_unit, then picks each unit's rows through the same index
+// (newest first), so the cost grows with the number of units, not of rows.
+func statusUnits(ctx context.Context, db *sql.DB, loc *time.Location) ([]unitStatus, error) {
+	rows, err := db.QueryContext(ctx, statusUnitsSQL)
 	if err != nil {
 		return nil, err
 	}
@@ -1650,6 +1661,11 @@ type chartTick struct {
 	Label string
 }
 
+// chartSQL reads the finished task steps since a time. Without statistics SQLite would pick
+// idx_event_log_action and parse every task row's JSON, hence INDEXED BY.
+var chartSQL = `SELECT ts, json_extract(meta, '$.step') FROM event_log INDEXED BY idx_event_log_task_step
+	WHERE action = 'github-task' AND json_extract(meta, '$.step') IN ` + terminalStepsSQL() + ` AND ts >= ?`
+
 // redeployChart counts finished redeploys that restarted something (restarted healthy, rolled
 // back, failed; up-to-date and rate-limited runs changed nothing) per local day, for the last
 // chartDays days.
@@ -1657,9 +1673,7 @@ func redeployChart(ctx context.Context, db *sql.DB, now time.Time, loc *time.Loc
 	now = now.In(loc)
 	today := time.Date(now.Year(), now.Month(), now.Day(), 0, 0, 0, 0, loc)
 	first := today.AddDate(0, 0, -(chartDays - 1))
-	// Without statistics SQLite would pick idx_event_log_action and parse every task row's JSON.
-	rows, err := db.QueryContext(ctx, `SELECT ts, json_extract(meta, '$.step') FROM event_log INDEXED BY idx_event_log_task_step
-		WHERE action = 'github-task' AND json_extract(meta, '$.step') IN `+terminalStepsSQL()+` AND ts >= ?`, first.Unix())
+	rows, err := db.QueryContext(ctx, chartSQL, first.Unix())
 	if err != nil {
 		return chartView{}, err
 	}
@@ -1735,11 +1749,8 @@ type deliveryRow struct {
 	Linkable               bool
 }
 
-// statusDeliveries returns one page of GitHub deliveries, newest first: each request row with
-// the outcome of the task that ran it (its own, or the one that covered it). Request rows are
-// read newest first and each one's newest task step is looked up through idx_event_log_delivery,
-// so a page reads its own rows plus those the outcome filter skips.
-func statusDeliveries(ctx context.Context, db *sql.DB, f deliveryFilter, loc *time.Location) ([]deliveryRow, error) {
+// deliveriesSQL is the query of one deliveries page and its arguments.
+func deliveriesSQL(f deliveryFilter) (string, []any) {
 	where := []string{`action = 'github-webhook'`, `json_extract(meta, '$.delivery') IS NOT NULL`}
 	var args []any
 	if f.Unit != "" {
@@ -1753,10 +1764,10 @@ func statusDeliveries(ctx context.Context, db *sql.DB, f deliveryFilter, loc *ti
 		outcome, args = `WHERE outcome = ?`, append(args, f.Outcome)
 	}
 	args = append(args, statusPageSize)
-	rows, err := db.QueryContext(ctx, `SELECT id, ts, status, delivery, unit, image, reason, step,
+	return `SELECT id, ts, status, delivery, unit, image, reason, step,
 			CASE WHEN reason NOT IN ('queued', 'dispatching', 'pending') THEN
 				CASE WHEN status >= 400 THEN 'failed' ELSE 'ignored' END
-			ELSE `+outcomeSQL("step")+` END AS outcome
+			ELSE ` + outcomeSQL("step") + ` END AS outcome
 		FROM (SELECT id, ts, status,
 				json_extract(meta, '$.delivery') AS delivery,
 				coalesce(json_extract(meta, '$.unit'), '') AS unit,
@@ -1767,8 +1778,17 @@ func statusDeliveries(ctx context.Context, db *sql.DB, f deliveryFilter, loc *ti
 						json_extract(r.meta, '$.coalesced_into'), json_extract(r.meta, '$.delivery'))
 						AND t.action = 'github-task'
 					ORDER BY t.id DESC LIMIT 1), '') AS step
-			FROM event_log AS r WHERE `+strings.Join(where, " AND ")+` ORDER BY id DESC)
-		`+outcome+` ORDER BY id DESC LIMIT ?`, args...)
+			FROM event_log AS r WHERE ` + strings.Join(where, " AND ") + ` ORDER BY id DESC)
+		` + outcome + ` ORDER BY id DESC LIMIT ?`, args
+}
+
+// statusDeliveries returns one page of GitHub deliveries, newest first: each request row with
+// the outcome of the task that ran it (its own, or the one that covered it). Request rows are
+// read newest first and each one's newest task step is looked up through idx_event_log_delivery,
+// so a page reads its own rows plus those the outcome filter skips.
+func statusDeliveries(ctx context.Context, db *sql.DB, f deliveryFilter, loc *time.Location) ([]deliveryRow, error) {
+	q, args := deliveriesSQL(f)
+	rows, err := db.QueryContext(ctx, q, args...)
 	if err != nil {
 		return nil, err
 	}

@@ -3545,3 +3545,59 @@ func BenchmarkStatusPage(b *testing.B) {
 		})
 	}
 }
+
+// TestStatusQueriesUseIndexes checks SQLite's plan for each status page query: every read of
+// event_log must go through an index (a SEARCH), never a SCAN of the table or of a whole index,
+// so the page's cost follows the rows it shows, not the size of the log (BenchmarkStatusPage
+// measures it). The expression indexes of migration 0004 are only used when a query spells the
+// expression the same way.
+func TestStatusQueriesUseIndexes(t *testing.T) {
+	l := openTestLog(t, filepath.Join(t.TempDir(), "events.db"), &syncBuffer{})
+	story, storyArgs := eventsSQL(eventFilter{delivery: "d-1", afterID: -1})
+	taskSteps, taskArgs := eventsSQL(eventFilter{action: "github-task", delivery: "d-1", afterID: -1})
+	type query struct {
+		name, sql string
+		args      []any
+		indexes   []string
+	}
+	queries := []query{
+		{"units", statusUnitsSQL, nil, []string{"idx_event_log_unit"}},
+		{"chart", chartSQL, []any{0}, []string{"idx_event_log_task_step"}},
+		{"story", story, storyArgs, []string{"idx_event_log_delivery"}},
+		{"story of the covering task", taskSteps, taskArgs, []string{"idx_event_log_delivery"}},
+	}
+	for _, f := range []deliveryFilter{{}, {Unit: "web.service"}, {Outcome: "failed", Before: 10}} {
+		q, args := deliveriesSQL(f)
+		queries = append(queries, query{fmt.Sprintf("deliveries %+v", f), q, args, []string{"idx_event_log_delivery"}})
+	}
+	scan := regexp.MustCompile(`^SCAN (event_log|r|t)\b`)
+	for _, q := range queries {
+		t.Run(q.name, func(t *testing.T) {
+			rows, err := l.db.Query("EXPLAIN QUERY PLAN "+q.sql, q.args...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer rows.Close()
+			var plan []string
+			for rows.Next() {
+				var id, parent, unused int
+				var detail string
+				if err := rows.Scan(&id, &parent, &unused, &detail); err != nil {
+					t.Fatal(err)
+				}
+				plan = append(plan, detail)
+			}
+			text := strings.Join(plan, "\n")
+			for _, line := range plan {
+				if scan.MatchString(line) {
+					t.Errorf("the plan reads all of event_log (%s):\n%s", line, text)
+				}
+			}
+			for _, ix := range q.indexes {
+				if !strings.Contains(text, ix) {
+					t.Errorf("the plan does not use %s:\n%s", ix, text)
+				}
+			}
+		})
+	}
+}
