@@ -1481,7 +1481,7 @@ type unitStatus struct {
 }
 
 // statusUnitsSQL picks, for each unit, the ids of its newest finished task row, newest task row,
-// newest delivery and newest manual redeploy. Its units hop from one unit to the next in
+// newest delivery, newest manual redeploy and newest dispatch row. Its units hop from one unit to the next in
 // idx_event_log_unit (a skip scan) instead of reading every entry.
 var statusUnitsSQL = func() string {
 	const byUnit = `FROM event_log WHERE json_extract(meta, '$.unit') = u.unit AND action = `
@@ -1490,14 +1490,15 @@ var statusUnitsSQL = func() string {
 			UNION ALL
 			SELECT (SELECT min(json_extract(meta, '$.unit')) FROM event_log WHERE json_extract(meta, '$.unit') > units.unit)
 			FROM units WHERE units.unit IS NOT NULL LIMIT 10000)
-		SELECT unit, done, task, webhook, manual FROM (SELECT u.unit,
+		SELECT unit, done, task, webhook, manual, dispatch FROM (SELECT u.unit,
 			coalesce((SELECT id ` + byUnit + `'github-task' AND json_extract(meta, '$.step') IN ` + terminalStepsSQL() + `
 				ORDER BY id DESC LIMIT 1), 0) AS done,
 			coalesce((SELECT max(id) ` + byUnit + `'github-task'), 0) AS task,
 			coalesce((SELECT max(id) ` + byUnit + `'github-webhook'), 0) AS webhook,
-			coalesce((SELECT max(id) ` + byUnit + `'manual-service'), 0) AS manual
+			coalesce((SELECT max(id) ` + byUnit + `'manual-service'), 0) AS manual,
+			coalesce((SELECT max(id) ` + byUnit + `'github-dispatch'), 0) AS dispatch
 		FROM units AS u WHERE u.unit IS NOT NULL)
-		WHERE task + webhook + manual > 0 ORDER BY unit LIMIT 1000`
+		WHERE task + webhook + manual + dispatch > 0 ORDER BY unit LIMIT 1000`
 }()
 
 // statusUnits returns every unit named by a delivery, a task or a manual redeploy, by name:
@@ -1510,20 +1511,20 @@ func statusUnits(ctx context.Context, db *sql.DB, loc *time.Location) ([]unitSta
 		return nil, err
 	}
 	type picked struct {
-		unit                              string
-		done, task, webhook, manual, last int64
+		unit                                        string
+		done, task, webhook, manual, dispatch, last int64
 	}
 	var ps []picked
 	var ids []any
 	for rows.Next() {
 		var p picked
-		if err := rows.Scan(&p.unit, &p.done, &p.task, &p.webhook, &p.manual); err != nil {
+		if err := rows.Scan(&p.unit, &p.done, &p.task, &p.webhook, &p.manual, &p.dispatch); err != nil {
 			rows.Close()
 			return nil, err
 		}
-		p.last = max(p.task, p.webhook, p.manual)
+		p.last = max(p.task, p.webhook, p.manual, p.dispatch)
 		ps = append(ps, p)
-		ids = append(ids, p.last, p.done, p.task, p.webhook)
+		ids = append(ids, p.last, p.done, p.task, p.webhook, p.dispatch)
 	}
 	rows.Close()
 	if err := rows.Err(); err != nil {
@@ -1537,9 +1538,17 @@ func statusUnits(ctx context.Context, db *sql.DB, loc *time.Location) ([]unitSta
 	for _, p := range ps {
 		u := unitStatus{Unit: p.unit}
 		u.Image = metaString(byID[p.last].Meta, "image")
+		// A dispatch that failed for good, newer than the last task's end, is the last redeploy:
+		// it never ran.
+		if d, ok := byID[p.dispatch]; ok && p.dispatch > p.done && metaString(d.Meta, "reason") == "dispatch-failed" {
+			p.done = p.dispatch
+		}
 		if done, ok := byID[p.done]; ok {
 			step := metaString(done.Meta, "step")
 			u.Outcome, u.Label, u.When = stepOutcomes[step], stepLabel(step), statusTime(done.TS, loc)
+			if done.Action == "github-dispatch" {
+				u.Outcome, u.Label = "failed", "dispatch failed"
+			}
 			u.Delivery = metaString(done.Meta, "delivery")
 			u.Linkable = reDeliveryID.MatchString(u.Delivery)
 			u.Error = metaString(done.Meta, "error")
@@ -1550,7 +1559,7 @@ func statusUnits(ctx context.Context, db *sql.DB, loc *time.Location) ([]unitSta
 		if task, ok := byID[p.task]; ok && p.task > p.done {
 			u.Running, u.RunningAt = stepLabel(metaString(task.Meta, "step")), statusTime(task.TS, loc)
 		}
-		if wh, ok := byID[p.webhook]; ok && p.webhook > p.task {
+		if wh, ok := byID[p.webhook]; ok && p.webhook > max(p.task, p.done) {
 			u.LastSeenRequest = metaString(wh.Meta, "reason")
 			u.LastSeenDelivery = metaString(wh.Meta, "delivery")
 			u.LastSeenLinkable = reDeliveryID.MatchString(u.LastSeenDelivery)
@@ -1764,21 +1773,29 @@ func deliveriesSQL(f deliveryFilter) (string, []any) {
 		outcome, args = `WHERE outcome = ?`, append(args, f.Outcome)
 	}
 	args = append(args, statusPageSize)
-	return `SELECT id, ts, status, delivery, unit, image, reason, step,
+	// A delivery's newest github-dispatch row names the claim whose task covered it (covered_by)
+	// and whether its dispatch failed for good; its outcome is that task's newest step.
+	const dispatch = `(SELECT json_extract(d.meta, '$.%s') FROM event_log AS d
+		WHERE json_extract(d.meta, '$.delivery') = json_extract(r.meta, '$.delivery') AND d.action = 'github-dispatch'
+		ORDER BY d.id DESC LIMIT 1)`
+	return `SELECT id, ts, status, delivery, unit, image, reason, step, dispatch,
 			CASE WHEN reason NOT IN ('queued', 'dispatching', 'pending') THEN
 				CASE WHEN status >= 400 THEN 'failed' ELSE 'ignored' END
-			ELSE ` + outcomeSQL("step") + ` END AS outcome
-		FROM (SELECT id, ts, status,
-				json_extract(meta, '$.delivery') AS delivery,
-				coalesce(json_extract(meta, '$.unit'), '') AS unit,
-				coalesce(json_extract(meta, '$.image'), '') AS image,
-				coalesce(json_extract(meta, '$.reason'), '') AS reason,
+			WHEN step <> '' THEN ` + outcomeSQL("step") + `
+			WHEN dispatch = 'dispatch-failed' THEN 'failed'
+			ELSE 'running' END AS outcome
+		FROM (SELECT id, ts, status, delivery, unit, image, reason, dispatch,
 				coalesce((SELECT json_extract(t.meta, '$.step') FROM event_log AS t
-					WHERE json_extract(t.meta, '$.delivery') = coalesce(json_extract(r.meta, '$.covered_by'),
-						json_extract(r.meta, '$.coalesced_into'), json_extract(r.meta, '$.delivery'))
-						AND t.action = 'github-task'
+					WHERE json_extract(t.meta, '$.delivery') = task AND t.action = 'github-task'
 					ORDER BY t.id DESC LIMIT 1), '') AS step
-			FROM event_log AS r WHERE ` + strings.Join(where, " AND ") + ` ORDER BY id DESC)
+			FROM (SELECT id, ts, status,
+					json_extract(meta, '$.delivery') AS delivery,
+					coalesce(json_extract(meta, '$.unit'), '') AS unit,
+					coalesce(json_extract(meta, '$.image'), '') AS image,
+					coalesce(json_extract(meta, '$.reason'), '') AS reason,
+					coalesce(` + fmt.Sprintf(dispatch, "reason") + `, '') AS dispatch,
+					coalesce(` + fmt.Sprintf(dispatch, "covered_by") + `, json_extract(meta, '$.delivery')) AS task
+				FROM event_log AS r WHERE ` + strings.Join(where, " AND ") + ` ORDER BY id DESC))
 		` + outcome + ` ORDER BY id DESC LIMIT ?`, args
 }
 
@@ -1797,14 +1814,18 @@ func statusDeliveries(ctx context.Context, db *sql.DB, f deliveryFilter, loc *ti
 	for rows.Next() {
 		var d deliveryRow
 		var ts int64
-		var step string
-		if err := rows.Scan(&d.ID, &ts, &d.Status, &d.Delivery, &d.Unit, &d.Image, &d.Reason, &step, &d.Outcome); err != nil {
+		var step, dispatch string
+		if err := rows.Scan(&d.ID, &ts, &d.Status, &d.Delivery, &d.Unit, &d.Image, &d.Reason, &step, &dispatch, &d.Outcome); err != nil {
 			return nil, err
 		}
 		d.When, d.Linkable = statusTime(ts, loc), reDeliveryID.MatchString(d.Delivery)
-		d.Label = stepLabel(step)
-		if d.Outcome == "ignored" || d.Outcome == "failed" && step == "" {
+		switch {
+		case d.Outcome == "ignored" || d.Outcome == "failed" && d.Reason != "queued":
 			d.Label = strings.ReplaceAll(d.Reason, "-", " ")
+		case step != "":
+			d.Label = stepLabel(step)
+		default:
+			d.Label = strings.ReplaceAll(cmp.Or(dispatch, d.Reason), "-", " ")
 		}
 		out = append(out, d)
 	}
@@ -1846,9 +1867,6 @@ func deliveryStory(ctx context.Context, db *sql.DB, id string, loc *time.Locatio
 	}
 	carrier := taskDelivery(evs)
 	for _, e := range evs {
-		if c := metaString(e.Meta, "covered_by"); e.Action == "github-webhook" && reDeliveryID.MatchString(c) && c != id {
-			carrier = c
-		}
 		if tu := metaString(e.Meta, "task_unit"); tu != "" {
 			v.TaskUnit = tu
 		}
@@ -1862,7 +1880,7 @@ func deliveryStory(ctx context.Context, db *sql.DB, id string, loc *time.Locatio
 		slices.SortFunc(evs, func(a, b storedEvent) int { return cmp.Compare(a.ID, b.ID) })
 		v.Task = carrier
 	}
-	var lastStep string
+	var lastStep, dispatch string
 	for _, e := range evs {
 		if u := metaString(e.Meta, "unit"); u != "" {
 			v.Unit = u
@@ -1882,11 +1900,14 @@ func deliveryStory(ctx context.Context, db *sql.DB, id string, loc *time.Locatio
 			v.Restart = (time.Duration(ms) * time.Millisecond).String()
 		}
 		step := metaString(e.Meta, "step")
+		if e.Action == "github-dispatch" {
+			dispatch = metaString(e.Meta, "reason")
+		}
+		if err := metaString(e.Meta, "error"); err != "" && e.Action != "github-webhook" {
+			v.Error = err
+		}
 		if e.Action == "github-task" {
 			lastStep = step
-			if err := metaString(e.Meta, "error"); err != "" {
-				v.Error = err
-			}
 		} else if step == "" {
 			step = metaString(e.Meta, "reason")
 		}
@@ -1908,16 +1929,21 @@ func deliveryStory(ctx context.Context, db *sql.DB, id string, loc *time.Locatio
 		}
 		v.Rows = append(v.Rows, r)
 	}
+	reason := metaString(evs[0].Meta, "reason")
 	switch {
 	case lastStep != "":
 		v.Outcome, v.Label = cmp.Or(stepOutcomes[lastStep], "running"), stepLabel(lastStep)
+	case dispatch == "dispatch-failed":
+		v.Outcome, v.Label = "failed", "dispatch failed"
+	case dispatch != "" || reason == "queued":
+		v.Outcome, v.Label = "running", strings.ReplaceAll(cmp.Or(dispatch, reason), "-", " ")+", no task step yet"
 	case evs[0].Status >= 400:
-		v.Outcome, v.Label = "failed", strings.ReplaceAll(metaString(evs[0].Meta, "reason"), "-", " ")
+		v.Outcome, v.Label = "failed", strings.ReplaceAll(reason, "-", " ")
 	default:
-		v.Outcome, v.Label = "ignored", strings.ReplaceAll(metaString(evs[0].Meta, "reason"), "-", " ")
-		if r := metaString(evs[0].Meta, "reason"); r == "queued" || r == "dispatching" || r == "pending" {
-			v.Outcome, v.Label = "running", "queued, no task step yet"
-		}
+		v.Outcome, v.Label = "ignored", strings.ReplaceAll(reason, "-", " ")
+	}
+	if v.Outcome != "failed" && v.Outcome != "rolled-back" {
+		v.Error = "" // a retried dispatch's error, say: the rows still show it
 	}
 	return v, true, nil
 }

@@ -2704,8 +2704,9 @@ const scriptText = `<script>document.title='pwned'</script>`
 
 // seedStatusRows writes a log with the kinds of story the page tells, relative to now: a unit
 // whose last redeploy failed (its error text holds scriptText), one rolled back, one restarted
-// healthy after a covered delivery, one whose task is running, one only ever refused (its unit
-// name holds scriptText), redeploys on earlier days for the chart, and two pending claims.
+// healthy after a covered delivery, one whose task is running, one whose dispatch failed, one
+// only ever refused (its unit name holds scriptText), redeploys on earlier days for the chart,
+// and two pending claims.
 func seedStatusRows(t testing.TB, l *eventLog, now time.Time) {
 	t.Helper()
 	req := func(ts time.Time, delivery, unit, image, reason string, status int, extra map[string]any) event {
@@ -2724,11 +2725,22 @@ func seedStatusRows(t testing.TB, l *eventLog, now time.Time) {
 		return event{RequestID: "task-" + delivery, TS: ts, Method: "TASK", Path: "/github-package-update/" + strings.TrimSuffix(unit, ".service"),
 			Status: status, Action: "github-task", Duration: 2 * time.Second, Meta: meta}
 	}
+	dispatch := func(ts time.Time, delivery, unit, image, reason string, status int, extra map[string]any) event {
+		meta := map[string]any{"delivery": delivery, "unit": unit, "image": image, "event": "package", "reason": reason,
+			"attempt": 1, "task_unit": "webhook-task-" + delivery + ".service"}
+		for k, v := range extra {
+			meta[k] = v
+		}
+		return event{RequestID: "dispatch-" + delivery, TS: ts, Method: "QUEUE", Path: "/github-package-update/" + strings.TrimSuffix(unit, ".service"),
+			Status: status, Action: "github-dispatch", Meta: meta}
+	}
 	redeploy := func(ts time.Time, delivery, unit, image string, last ...event) []event {
-		evs := []event{req(ts, delivery, unit, image, "queued", 202, nil), task(ts.Add(time.Second), delivery, unit, image, "started", 202, nil)}
+		evs := []event{req(ts, delivery, unit, image, "queued", 202, nil), dispatch(ts, delivery, unit, image, "dispatching", 202, nil),
+			task(ts.Add(time.Second), delivery, unit, image, "started", 202, nil)}
 		return append(evs, last...)
 	}
-	const web, api, demo, cache = "ghcr.io/acme/web:stable", "ghcr.io/acme/api:v2", "ghcr.io/acme/demo:latest", "ghcr.io/acme/cache:7"
+	const web, api, demo, cache, batch = "ghcr.io/acme/web:stable", "ghcr.io/acme/api:v2", "ghcr.io/acme/demo:latest",
+		"ghcr.io/acme/cache:7", "ghcr.io/acme/batch:1"
 	var evs []event
 	// Earlier days, for the chart: one healthy redeploy of demo every day for 20 days, a rollback
 	// every fifth day and a failure every seventh.
@@ -2750,8 +2762,9 @@ func seedStatusRows(t testing.TB, l *eventLog, now time.Time) {
 		task(now.Add(-3*time.Hour+30*time.Second), "d-api", "api.service", api, "rolled-back", 500,
 			map[string]any{"error": "health gate: the unit restarted 3 times", "image_id": "aaaa"}))...)
 	evs = append(evs, redeploy(now.Add(-2*time.Hour), "d-demo-1", "demo.service", demo)...)
-	evs = append(evs, req(now.Add(-2*time.Hour+time.Second), "d-demo-2", "demo.service", demo, "queued", 202,
-		map[string]any{"coalesced_into": "d-demo-1", "covered_by": "d-demo-1", "task_unit": "webhook-task-d-demo-1.service"}))
+	evs = append(evs, req(now.Add(-2*time.Hour+time.Second), "d-demo-2", "demo.service", demo, "queued", 202, nil),
+		dispatch(now.Add(-2*time.Hour+time.Second), "d-demo-2", "demo.service", demo, "dispatching", 202,
+			map[string]any{"covered_by": "d-demo-1", "task_unit": "webhook-task-d-demo-1.service"}))
 	evs = append(evs,
 		task(now.Add(-2*time.Hour+4*time.Second), "d-demo-1", "demo.service", demo, "pulled", 200, map[string]any{"pull_ms": 1500, "image_id": "bbbb"}),
 		task(now.Add(-2*time.Hour+6*time.Second), "d-demo-1", "demo.service", demo, "restarted", 200, map[string]any{"restart_ms": 800}),
@@ -2761,6 +2774,10 @@ func seedStatusRows(t testing.TB, l *eventLog, now time.Time) {
 		task(now.Add(-time.Hour+9*time.Second), "d-web", "web.service", web, "pull-failed", 502, map[string]any{
 			"attempts": 3, "exit_code": 125, "error": "podman pull failed: manifest unknown " + scriptText, "stderr": "Error: " + scriptText}))...)
 	evs = append(evs, redeploy(now.Add(-time.Minute), "d-cache", "cache.service", cache)...)
+	// A delivery whose systemd-run kept failing: its redeploy never ran.
+	evs = append(evs, req(now.Add(-40*time.Minute), "d-lost", "batch.service", batch, "queued", 202, nil),
+		dispatch(now.Add(-40*time.Minute), "d-lost", "batch.service", batch, "dispatch-retry", 503, map[string]any{"error": "systemd-run: exit 1"}),
+		dispatch(now.Add(-35*time.Minute), "d-lost", "batch.service", batch, "dispatch-failed", 500, map[string]any{"error": "systemd-run: exit 1, gave up"}))
 	evs = append(evs, req(now.Add(-30*time.Minute), "d-evil", "x"+scriptText+".service", "ghcr.io/acme/"+scriptText, "tag-mismatch", 202, nil))
 	evs = append(evs, event{RequestID: "req-health", TS: now, Method: "GET", Path: "/health", Status: 200, Action: "health", Meta: map[string]any{}})
 	if err := l.Write(context.Background(), evs...); err != nil {
@@ -2768,7 +2785,7 @@ func seedStatusRows(t testing.TB, l *eventLog, now time.Time) {
 	}
 	for i, id := range []string{"p-1", "p-2"} {
 		if _, err := l.db.Exec(`INSERT INTO github_deliveries (delivery_id, unit, image, event, request_id, status, received_at, updated_at)
-			VALUES (?, 'cache.service', ?, 'package', 'r', 'dispatching', ?, ?)`, id, cache, now.Add(-time.Duration(90-i)*time.Second).Unix(), now.Unix()); err != nil {
+			VALUES (?, 'cache.service', ?, 'package', 'r', 'pending', ?, ?)`, id, cache, now.Add(-time.Duration(90-i)*time.Second).Unix(), now.Unix()); err != nil {
 			t.Fatalf("seed github_deliveries: %v", err)
 		}
 	}
@@ -3012,10 +3029,12 @@ func TestStatusPageContent(t *testing.T) {
 	}{
 		{"/status/", 200, []string{
 			`<meta http-equiv="refresh" content="30">`,
-			`Units in the log: 5; <strong class="alert">failed on their last redeploy: 1</strong>`,
+			`Units in the log: 6; <strong class="alert">failed on their last redeploy: 2</strong>`,
 			`Queue: <strong>2 pending</strong>, the oldest waiting 1m30s`,
 			row(`<tr class="rolled-back">`, `api.service`, `ghcr.io/acme/api:v2`, `<span class="badge rolled-back">rolled-back</span> rolled back`,
 				`<pre class="err">health gate: the unit restarted 3 times</pre>`),
+			row(`<tr class="failed">`, `batch.service`, `ghcr.io/acme/batch:1`, `<span class="badge failed">failed</span> dispatch failed`,
+				`<pre class="err">systemd-run: exit 1, gave up</pre>`),
 			row(`<tr class="">`, `cache.service`, `ghcr.io/acme/cache:7`, `none yet<br><span class="badge running">running</span> started at`),
 			row(`<tr class="ok">`, `demo.service`, `ghcr.io/acme/demo:latest`, `<span class="badge ok">ok</span> restarted, healthy`),
 			row(`<tr class="failed">`, `web.service`, `ghcr.io/acme/web:stable`, `<span class="badge failed">failed</span> pull failed`,
@@ -3031,7 +3050,8 @@ func TestStatusPageContent(t *testing.T) {
 			`<a href="/status/deliveries\?unit=&amp;outcome=&amp;before=\d+">Older</a>`,
 		}, []string{">Newest<"}},
 		{"/status/deliveries?unit=web", 200, []string{`d-web`, `hist-07-f`, `hist-14-f`}, []string{"demo.service", "Older"}},
-		{"/status/deliveries?outcome=failed", 200, []string{`d-web`, `hist-07-f`, `hist-14-f`}, []string{"d-api", "d-evil", "demo.service"}},
+		{"/status/deliveries?outcome=failed", 200, []string{`<span class="badge failed">failed</span> dispatch failed`, `d-lost`, `d-web`, `hist-07-f`, `hist-14-f`},
+			[]string{"d-api", "d-evil", "demo.service"}},
 		{"/status/deliveries?outcome=rolled-back&unit=api.service", 200, []string{`d-api`, `hist-05-r`}, []string{"web.service"}},
 		{"/status/deliveries?outcome=ignored", 200, []string{`<span class="badge ignored">ignored</span> tag mismatch`, `d-evil`}, []string{"d-web"}},
 		{"/status/deliveries?outcome=running", 200, []string{`d-cache`}, []string{"d-web", "d-demo"}},
@@ -3050,6 +3070,10 @@ func TestStatusPageContent(t *testing.T) {
 			`<dt>Error</dt><dd><pre class="err">podman pull failed: manifest unknown ` + regexp.QuoteMeta(escaped),
 			`<tr class="failed">\s*<td>[^<]*</td><td>github-task</td><td>pull-failed</td><td>502</td>`, `<code>attempts=3</code>`,
 			`<pre>Error: ` + regexp.QuoteMeta(escaped) + `</pre>`,
+		}, nil},
+		{"/status/deliveries/d-lost", 200, []string{
+			`<span class="badge failed">failed</span> dispatch failed`, `<dt>Error</dt><dd><pre class="err">systemd-run: exit 1, gave up`,
+			`<td>github-dispatch</td><td>dispatch-retry</td><td>503</td>`, `<td>github-dispatch</td><td>dispatch-failed</td><td>500</td>`,
 		}, nil},
 		{"/status/deliveries/d-cache", 200, []string{`<span class="badge running">running</span> started`}, nil},
 		{"/status/deliveries/nope", 404, []string{`no row of delivery nope`}, nil},
@@ -3475,9 +3499,10 @@ func TestStatusPageInBrowser(t *testing.T) {
 }
 
 // BenchmarkStatusPage renders the status pages over an event log of 100,000 rows, all of them
-// deliveries and their task steps (the rows the page reads; health probes and other requests
-// would only dilute them): 16,667 deliveries of 50 units over 60 days, one in eight failed or
-// rolled back. The handler is called directly, so the figure is the queries and the template.
+// deliveries, their dispatch and their task steps (the rows the page reads; health probes and
+// other requests would only dilute them): 14,286 deliveries of 50 units over 50 days, one in
+// eight failed or rolled back. The handler is called directly, so the figure is the queries and
+// the template.
 func BenchmarkStatusPage(b *testing.B) {
 	const rows = 100_000
 	now := time.Now()
@@ -3490,8 +3515,8 @@ func BenchmarkStatusPage(b *testing.B) {
 		}
 		batch = batch[:0]
 	}
-	for i := 0; len(batch) == 0 || i*6 < rows; i++ {
-		at := now.Add(-time.Duration(rows/6-i) * 5 * time.Minute)
+	for i := 0; i*7 < rows; i++ {
+		at := now.Add(-time.Duration(rows/7-i) * 5 * time.Minute)
 		id, unit := fmt.Sprintf("bench-%06d", i), fmt.Sprintf("app-%02d.service", i%50)
 		image := "ghcr.io/acme/" + strings.TrimSuffix(unit, ".service") + ":latest"
 		meta := func(step string) map[string]any {
@@ -3505,7 +3530,9 @@ func BenchmarkStatusPage(b *testing.B) {
 			last = "pull-failed"
 		}
 		batch = append(batch, event{RequestID: "r" + id, TS: at, Method: "POST", Path: "/github-package-update/x", Status: 202,
-			Action: "github-webhook", Meta: map[string]any{"delivery": id, "unit": unit, "image": image, "reason": "queued"}})
+			Action: "github-webhook", Meta: map[string]any{"delivery": id, "unit": unit, "image": image, "reason": "queued"}},
+			event{RequestID: "d" + id, TS: at, Method: "QUEUE", Path: "/github-package-update/x", Status: 202, Action: "github-dispatch",
+				Meta: map[string]any{"delivery": id, "unit": unit, "image": image, "reason": "dispatching", "task_unit": "webhook-task-" + id}})
 		for j, step := range []string{"started", "pulled", "restarted", "healthy", last} {
 			batch = append(batch, event{RequestID: "t" + id, TS: at.Add(time.Duration(j) * time.Second), Method: "TASK", Status: 200,
 				Action: "github-task", Meta: meta(step)})
