@@ -1,5 +1,7 @@
 // eventlog.go owns the SQLite audit log: opening the database named by WEBHOOK_DB_URL, applying
-// the embedded migrations, and writing event_log rows.
+// the embedded migrations, writing event_log rows, and reading them back for the events command,
+// /api/events, /metrics and the built-in status page (its queries, handlers, session cookie,
+// html/template text and SVG chart, in the last section).
 //
 // Rules: the event_log schema is the original tool's (migrations/0001), so a database it created
 // keeps working. Every migration runs once, in its own BEGIN IMMEDIATE transaction that records
@@ -9,27 +11,40 @@
 // cannot be written is printed to stderr as one JSON line, so no event is silently lost. Secrets
 // never reach a row: query strings pass through redactQuery. The log knows the device and inode
 // of the file it opened and the outcome of its newest write, so /health can tell when its path
-// names another file now (usable) or writes fail (lastWriteFailed).
+// names another file now (usable) or writes fail (lastWriteFailed). The status page only reads;
+// what it shows from the log reaches HTML only through html/template; it runs no script and
+// sends a Content-Security-Policy that allows nothing but its own hashed stylesheet and forms;
+// the manual token is only ever posted to its login form, never put in a URL, a page or a log
+// line.
 package main
 
 import (
+	"bytes"
+	"cmp"
 	"context"
+	"crypto/hmac"
 	"crypto/rand"
+	"crypto/sha256"
 	"database/sql"
 	"embed"
+	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
+	"html/template"
 	"io"
 	"io/fs"
+	"math"
+	"net/http"
 	"net/url"
 	"os"
 	"os/signal"
 	"path/filepath"
 	"regexp"
 	"runtime"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -885,8 +900,8 @@ type storedEvent struct {
 	Meta       map[string]any `json:"meta"`
 }
 
-// queryEvents returns matching rows, newest first (oldest first with afterID).
-func queryEvents(ctx context.Context, db *sql.DB, f eventFilter) ([]storedEvent, error) {
+// eventsSQL is the query of queryEvents and its arguments.
+func eventsSQL(f eventFilter) (string, []any) {
 	var where []string
 	var args []any
 	add := func(cond string, v any) {
@@ -924,6 +939,12 @@ func queryEvents(ctx context.Context, db *sql.DB, f eventFilter) ([]storedEvent,
 	if f.limit > 0 {
 		q += " LIMIT " + strconv.Itoa(f.limit)
 	}
+	return q, args
+}
+
+// queryEvents returns matching rows, newest first (oldest first with afterID).
+func queryEvents(ctx context.Context, db *sql.DB, f eventFilter) ([]storedEvent, error) {
+	q, args := eventsSQL(f)
 	rows, err := db.QueryContext(ctx, q, args...)
 	if err != nil {
 		return nil, err
@@ -1390,4 +1411,975 @@ func (l *eventLog) deleteOlderThan(ctx context.Context, cutoff time.Time, dryRun
 			return total, err
 		}
 	}
+}
+
+// ---------------------------------------------------------------------------------------------
+// The status page: what was redeployed, when, and what failed, for a person with a browser.
+//
+// It is served at / when there is no web/dist bundle and always under /status/: an overview
+// (every unit seen in the log with the outcome of its last redeploy, the queue of pending
+// claims, redeploys per day over 30 days as an SVG chart drawn here), the deliveries newest
+// first, and the story of one delivery. It only reads. Everything from event_log reaches the
+// HTML through html/template, which escapes it for where it lands; the page runs no script,
+// and the Content-Security-Policy allows only its own stylesheet (by hash), its forms and
+// nothing else. Access takes the manual token once, in a POST form; the session cookie that
+// replaces it is signed with a key derived from that token (a new token ends every session),
+// so the token never travels in a URL, a page or a log line.
+
+// statusPageSize is how many deliveries one page lists.
+const statusPageSize = 25
+
+// statusSessionTTL is how long a login to the status page lasts.
+const statusSessionTTL = 12 * time.Hour
+
+// statusCookie names the session cookie.
+const statusCookie = "wau_status"
+
+// stepOutcomes classifies the github-task steps that end a redeploy. A task whose newest row has
+// any other step (started, pulled, restarted, health-failed, healthy…) is still running, or
+// ended without a last word.
+var stepOutcomes = map[string]string{
+	"completed": "ok", "up-to-date": "ok",
+	"rolled-back":  "rolled-back",
+	"rate-limited": "skipped",
+	"pull-failed":  "failed", "rollback-failed": "failed", "rollback-impossible": "failed",
+	"lock-failed": "failed", "limit-failed": "failed", "invalid": "failed",
+}
+
+// statusOutcomes are the outcome classes a delivery can be filtered by, in the order offered.
+var statusOutcomes = []string{"ok", "rolled-back", "failed", "running", "skipped", "ignored"}
+
+// outcomeSQL is a CASE expression that classifies the step in column col as stepOutcomes does.
+func outcomeSQL(col string) string {
+	var b strings.Builder
+	b.WriteString("CASE " + col)
+	for _, step := range sortedKeys(stepOutcomes, func(a, b string) bool { return a < b }) {
+		fmt.Fprintf(&b, " WHEN '%s' THEN '%s'", step, stepOutcomes[step])
+	}
+	b.WriteString(" ELSE 'running' END")
+	return b.String()
+}
+
+// stepLabel is the words shown for a step: "completed" reads "restarted, healthy".
+func stepLabel(step string) string {
+	switch step {
+	case "completed":
+		return "restarted, healthy"
+	case "":
+		return "no task yet"
+	}
+	return strings.ReplaceAll(step, "-", " ")
+}
+
+// terminalStepsSQL lists the steps of stepOutcomes as an SQL list.
+func terminalStepsSQL() string {
+	var q []string
+	for _, step := range sortedKeys(stepOutcomes, func(a, b string) bool { return a < b }) {
+		q = append(q, "'"+step+"'")
+	}
+	return "(" + strings.Join(q, ", ") + ")"
+}
+
+// unitStatus is one line of the overview.
+type unitStatus struct {
+	Unit, Image      string
+	Outcome, Label   string // class and words of the last finished redeploy ("" none yet)
+	When             string // when it finished
+	Delivery         string // whose task it was, linked when it is a valid delivery id
+	Linkable         bool
+	Error            string
+	Running          string // the newest step of a task newer than the last finished one
+	RunningAt        string
+	LastSeenRequest  string // the last delivery's reason, when newer than any task
+	LastSeenLinkable bool
+	LastSeenDelivery string
+}
+
+// statusUnitsSQL picks, for each unit, the ids of its newest finished task row, newest task row,
+// newest delivery, newest manual redeploy and newest dispatch row. Its units hop from one unit to the next in
+// idx_event_log_unit (a skip scan) instead of reading every entry.
+var statusUnitsSQL = func() string {
+	const byUnit = `FROM event_log WHERE json_extract(meta, '$.unit') = u.unit AND action = `
+	return `WITH RECURSIVE units(unit) AS (
+			SELECT min(json_extract(meta, '$.unit')) FROM event_log WHERE json_extract(meta, '$.unit') > ''
+			UNION ALL
+			SELECT (SELECT min(json_extract(meta, '$.unit')) FROM event_log WHERE json_extract(meta, '$.unit') > units.unit)
+			FROM units WHERE units.unit IS NOT NULL LIMIT 10000)
+		SELECT unit, done, task, webhook, manual, dispatch FROM (SELECT u.unit,
+			coalesce((SELECT id ` + byUnit + `'github-task' AND json_extract(meta, '$.step') IN ` + terminalStepsSQL() + `
+				ORDER BY id DESC LIMIT 1), 0) AS done,
+			coalesce((SELECT max(id) ` + byUnit + `'github-task'), 0) AS task,
+			coalesce((SELECT max(id) ` + byUnit + `'github-webhook'), 0) AS webhook,
+			coalesce((SELECT max(id) ` + byUnit + `'manual-service'), 0) AS manual,
+			coalesce((SELECT max(id) ` + byUnit + `'github-dispatch'), 0) AS dispatch
+		FROM units AS u WHERE u.unit IS NOT NULL)
+		WHERE task + webhook + manual + dispatch > 0 ORDER BY unit LIMIT 1000`
+}()
+
+// statusUnits returns every unit named by a delivery, a task or a manual redeploy, by name:
+// the last finished redeploy, any task running since, and the image last seen. It walks the
+// distinct units of idx_event_log_unit, then picks each unit's rows through the same index
+// (newest first), so the cost grows with the number of units, not of rows.
+func statusUnits(ctx context.Context, db *sql.DB, loc *time.Location) ([]unitStatus, error) {
+	rows, err := db.QueryContext(ctx, statusUnitsSQL)
+	if err != nil {
+		return nil, err
+	}
+	type picked struct {
+		unit                                        string
+		done, task, webhook, manual, dispatch, last int64
+	}
+	var ps []picked
+	var ids []any
+	for rows.Next() {
+		var p picked
+		if err := rows.Scan(&p.unit, &p.done, &p.task, &p.webhook, &p.manual, &p.dispatch); err != nil {
+			rows.Close()
+			return nil, err
+		}
+		p.last = max(p.task, p.webhook, p.manual, p.dispatch)
+		ps = append(ps, p)
+		ids = append(ids, p.last, p.done, p.task, p.webhook, p.dispatch)
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	byID, err := eventsByID(ctx, db, ids)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]unitStatus, 0, len(ps))
+	for _, p := range ps {
+		u := unitStatus{Unit: p.unit}
+		u.Image = metaString(byID[p.last].Meta, "image")
+		// A dispatch that failed for good, newer than the last task's end, is the last redeploy:
+		// it never ran.
+		if d, ok := byID[p.dispatch]; ok && p.dispatch > p.done && metaString(d.Meta, "reason") == "dispatch-failed" {
+			p.done = p.dispatch
+		}
+		if done, ok := byID[p.done]; ok {
+			step := metaString(done.Meta, "step")
+			u.Outcome, u.Label, u.When = stepOutcomes[step], stepLabel(step), statusTime(done.TS, loc)
+			if done.Action == "github-dispatch" {
+				u.Outcome, u.Label = "failed", "dispatch failed"
+			}
+			u.Delivery = metaString(done.Meta, "delivery")
+			u.Linkable = reDeliveryID.MatchString(u.Delivery)
+			u.Error = metaString(done.Meta, "error")
+			if img := metaString(done.Meta, "image"); u.Image == "" {
+				u.Image = img
+			}
+		}
+		if task, ok := byID[p.task]; ok && p.task > p.done {
+			u.Running, u.RunningAt = stepLabel(metaString(task.Meta, "step")), statusTime(task.TS, loc)
+		}
+		if wh, ok := byID[p.webhook]; ok && p.webhook > max(p.task, p.done) {
+			u.LastSeenRequest = metaString(wh.Meta, "reason")
+			u.LastSeenDelivery = metaString(wh.Meta, "delivery")
+			u.LastSeenLinkable = reDeliveryID.MatchString(u.LastSeenDelivery)
+		}
+		out = append(out, u)
+	}
+	return out, nil
+}
+
+// eventsByID reads the rows with the given ids (0 is skipped), meta redacted as queryEvents does.
+func eventsByID(ctx context.Context, db *sql.DB, ids []any) (map[int64]storedEvent, error) {
+	out := map[int64]storedEvent{}
+	var want []any
+	for _, id := range ids {
+		if id.(int64) != 0 {
+			want = append(want, id)
+		}
+	}
+	for len(want) > 0 {
+		chunk := want[:min(len(want), 500)]
+		want = want[len(chunk):]
+		rows, err := db.QueryContext(ctx, `SELECT id, ts, action, status, meta FROM event_log WHERE id IN (?`+
+			strings.Repeat(", ?", len(chunk)-1)+`)`, chunk...)
+		if err != nil {
+			return nil, err
+		}
+		for rows.Next() {
+			var e storedEvent
+			var meta string
+			if err := rows.Scan(&e.ID, &e.TS, &e.Action, &e.Status, &meta); err != nil {
+				rows.Close()
+				return nil, err
+			}
+			if json.Unmarshal([]byte(meta), &e.Meta) != nil {
+				e.Meta = map[string]any{}
+			}
+			redactMeta(e.Meta)
+			out[e.ID] = e
+		}
+		rows.Close()
+		if err := rows.Err(); err != nil {
+			return nil, err
+		}
+	}
+	return out, nil
+}
+
+// metaString returns a meta value as text: strings as they are, anything else as JSON.
+func metaString(m map[string]any, k string) string {
+	switch v := m[k].(type) {
+	case nil:
+		return ""
+	case string:
+		return v
+	default:
+		return marshalJSON(v)
+	}
+}
+
+// statusTime formats a unix time for the page.
+func statusTime(ts int64, loc *time.Location) string {
+	return time.Unix(ts, 0).In(loc).Format("2006-01-02 15:04:05 MST")
+}
+
+// queueStatus is the queue of claimed deliveries not yet handed to a task.
+type queueStatus struct {
+	Pending int64
+	Oldest  string // age of the oldest pending claim
+}
+
+// statusQueue counts pending claims in github_deliveries and the age of the oldest.
+func statusQueue(ctx context.Context, db *sql.DB, now time.Time) (queueStatus, error) {
+	var q queueStatus
+	var oldest int64
+	err := db.QueryRowContext(ctx, `SELECT count(*), coalesce(min(received_at), 0) FROM github_deliveries
+		WHERE status IN ('pending', 'dispatching')`).Scan(&q.Pending, &oldest)
+	if q.Pending > 0 {
+		q.Oldest = max(now.Sub(time.Unix(oldest, 0)), 0).Truncate(time.Second).String()
+	}
+	return q, err
+}
+
+// chartDays is how many days the chart shows, today included.
+const chartDays = 30
+
+// chartView is the redeploys-per-day chart, laid out here so the template only places shapes.
+type chartView struct {
+	Width, Height, Base int
+	Max                 int
+	Bars                []chartBar
+	Ticks               []chartTick
+	Totals              map[string]int
+	Summary             string
+}
+
+type chartBar struct {
+	Title string
+	Segs  []chartSeg
+}
+
+type chartSeg struct {
+	X, Y, W, H int
+	Class      string
+}
+
+type chartTick struct {
+	X     int
+	Label string
+}
+
+// chartSQL reads the finished task steps since a time. Without statistics SQLite would pick
+// idx_event_log_action and parse every task row's JSON, hence INDEXED BY.
+var chartSQL = `SELECT ts, json_extract(meta, '$.step') FROM event_log INDEXED BY idx_event_log_task_step
+	WHERE action = 'github-task' AND json_extract(meta, '$.step') IN ` + terminalStepsSQL() + ` AND ts >= ?`
+
+// redeployChart counts finished redeploys that restarted something (restarted healthy, rolled
+// back, failed; up-to-date and rate-limited runs changed nothing) per local day, for the last
+// chartDays days.
+func redeployChart(ctx context.Context, db *sql.DB, now time.Time, loc *time.Location) (chartView, error) {
+	now = now.In(loc)
+	today := time.Date(now.Year(), now.Month(), now.Day(), 0, 0, 0, 0, loc)
+	first := today.AddDate(0, 0, -(chartDays - 1))
+	rows, err := db.QueryContext(ctx, chartSQL, first.Unix())
+	if err != nil {
+		return chartView{}, err
+	}
+	defer rows.Close()
+	counts := make([]map[string]int, chartDays)
+	for i := range counts {
+		counts[i] = map[string]int{}
+	}
+	totals := map[string]int{}
+	for rows.Next() {
+		var ts int64
+		var step string
+		if err := rows.Scan(&ts, &step); err != nil {
+			return chartView{}, err
+		}
+		class := stepOutcomes[step]
+		if step == "up-to-date" || class == "skipped" {
+			continue
+		}
+		t := time.Unix(ts, 0).In(loc)
+		day := time.Date(t.Year(), t.Month(), t.Day(), 0, 0, 0, 0, loc)
+		i := int(math.Round(day.Sub(first).Hours() / 24)) // a DST day is 23 or 25 hours long
+		if i < 0 || i >= chartDays {
+			continue
+		}
+		counts[i][class]++
+		totals[class]++
+	}
+	if err := rows.Err(); err != nil {
+		return chartView{}, err
+	}
+	c := chartView{Width: 40 + chartDays*20 + 10, Height: 150, Base: 120, Max: 1, Totals: totals}
+	for _, m := range counts {
+		c.Max = max(c.Max, m["ok"]+m["rolled-back"]+m["failed"])
+	}
+	for i, m := range counts {
+		day := first.AddDate(0, 0, i)
+		x, y := 40+i*20, c.Base
+		bar := chartBar{Title: fmt.Sprintf("%s: %d restarted healthy, %d rolled back, %d failed",
+			day.Format("Mon 2 Jan"), m["ok"], m["rolled-back"], m["failed"])}
+		for _, class := range []string{"ok", "rolled-back", "failed"} {
+			if m[class] == 0 {
+				continue
+			}
+			h := max(m[class]*(c.Base-10)/c.Max, 2)
+			y -= h
+			bar.Segs = append(bar.Segs, chartSeg{X: x, Y: y, W: 16, H: h, Class: class})
+		}
+		c.Bars = append(c.Bars, bar)
+		if (chartDays-1-i)%7 == 0 { // weekly, ending today
+			c.Ticks = append(c.Ticks, chartTick{X: x + 8, Label: day.Format("2 Jan")})
+		}
+	}
+	c.Summary = fmt.Sprintf("Redeploys per day over the last %d days: %d restarted healthy, %d rolled back, %d failed",
+		chartDays, totals["ok"], totals["rolled-back"], totals["failed"])
+	return c, nil
+}
+
+// deliveryFilter selects the deliveries page.
+type deliveryFilter struct {
+	Unit    string
+	Outcome string
+	Before  int64 // keyset paging: request rows with a smaller id
+}
+
+// deliveryRow is one delivery on the deliveries page.
+type deliveryRow struct {
+	ID                     int64
+	When                   string
+	Status                 int
+	Delivery, Unit, Image  string
+	Reason, Outcome, Label string
+	Linkable               bool
+}
+
+// deliveriesSQL is the query of one deliveries page and its arguments.
+func deliveriesSQL(f deliveryFilter) (string, []any) {
+	where := []string{`action = 'github-webhook'`, `json_extract(meta, '$.delivery') IS NOT NULL`}
+	var args []any
+	if f.Unit != "" {
+		where, args = append(where, `json_extract(meta, '$.unit') = ?`), append(args, f.Unit)
+	}
+	if f.Before > 0 {
+		where, args = append(where, `id < ?`), append(args, f.Before)
+	}
+	outcome := ""
+	if f.Outcome != "" {
+		outcome, args = `WHERE outcome = ?`, append(args, f.Outcome)
+	}
+	args = append(args, statusPageSize)
+	// A delivery's newest github-dispatch row names the claim whose task covered it (covered_by)
+	// and whether its dispatch failed for good; its outcome is that task's newest step.
+	const dispatch = `(SELECT json_extract(d.meta, '$.%s') FROM event_log AS d
+		WHERE json_extract(d.meta, '$.delivery') = json_extract(r.meta, '$.delivery') AND d.action = 'github-dispatch'
+		ORDER BY d.id DESC LIMIT 1)`
+	return `SELECT id, ts, status, delivery, unit, image, reason, step, dispatch,
+			CASE WHEN reason NOT IN ('queued', 'dispatching', 'pending') THEN
+				CASE WHEN status >= 400 THEN 'failed' ELSE 'ignored' END
+			WHEN step <> '' THEN ` + outcomeSQL("step") + `
+			WHEN dispatch = 'dispatch-failed' THEN 'failed'
+			ELSE 'running' END AS outcome
+		FROM (SELECT id, ts, status, delivery, unit, image, reason, dispatch,
+				coalesce((SELECT json_extract(t.meta, '$.step') FROM event_log AS t
+					WHERE json_extract(t.meta, '$.delivery') = task AND t.action = 'github-task'
+					ORDER BY t.id DESC LIMIT 1), '') AS step
+			FROM (SELECT id, ts, status,
+					json_extract(meta, '$.delivery') AS delivery,
+					coalesce(json_extract(meta, '$.unit'), '') AS unit,
+					coalesce(json_extract(meta, '$.image'), '') AS image,
+					coalesce(json_extract(meta, '$.reason'), '') AS reason,
+					coalesce(` + fmt.Sprintf(dispatch, "reason") + `, '') AS dispatch,
+					coalesce(` + fmt.Sprintf(dispatch, "covered_by") + `, json_extract(meta, '$.delivery')) AS task
+				FROM event_log AS r WHERE ` + strings.Join(where, " AND ") + ` ORDER BY id DESC))
+		` + outcome + ` ORDER BY id DESC LIMIT ?`, args
+}
+
+// statusDeliveries returns one page of GitHub deliveries, newest first: each request row with
+// the outcome of the task that ran it (its own, or the one that covered it). Request rows are
+// read newest first and each one's newest task step is looked up through idx_event_log_delivery,
+// so a page reads its own rows plus those the outcome filter skips.
+func statusDeliveries(ctx context.Context, db *sql.DB, f deliveryFilter, loc *time.Location) ([]deliveryRow, error) {
+	q, args := deliveriesSQL(f)
+	rows, err := db.QueryContext(ctx, q, args...)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []deliveryRow
+	for rows.Next() {
+		var d deliveryRow
+		var ts int64
+		var step, dispatch string
+		if err := rows.Scan(&d.ID, &ts, &d.Status, &d.Delivery, &d.Unit, &d.Image, &d.Reason, &step, &dispatch, &d.Outcome); err != nil {
+			return nil, err
+		}
+		d.When, d.Linkable = statusTime(ts, loc), reDeliveryID.MatchString(d.Delivery)
+		switch {
+		case d.Outcome == "ignored" || d.Outcome == "failed" && d.Reason != "queued":
+			d.Label = strings.ReplaceAll(d.Reason, "-", " ")
+		case step != "":
+			d.Label = stepLabel(step)
+		default:
+			d.Label = strings.ReplaceAll(cmp.Or(dispatch, d.Reason), "-", " ")
+		}
+		out = append(out, d)
+	}
+	return out, rows.Err()
+}
+
+// storyView is one delivery: what GitHub sent, what was decided, and every step of its task.
+type storyView struct {
+	Delivery, Unit, Image, Digest string
+	Outcome, Label                string
+	Task, TaskUnit                string // the delivery whose task ran this one, when another's
+	Pull, Restart                 string
+	Error                         string
+	Rows                          []storyRow
+}
+
+type storyRow struct {
+	When, Action, Step string
+	Status             int
+	Class              string
+	Elapsed            string
+	Details            []storyDetail
+	Error, Stderr      string
+}
+
+type storyDetail struct{ Key, Value string }
+
+// storyHidden are meta keys the story shows elsewhere or that say nothing new on each row.
+var storyHidden = map[string]bool{"delivery": true, "unit": true, "image": true, "event": true, "step": true,
+	"path": true, "error": true, "stderr": true}
+
+// deliveryStory reads a delivery's rows, and the steps of the task that covered it when that is
+// another delivery's. It returns ok false when the log has no row of it.
+func deliveryStory(ctx context.Context, db *sql.DB, id string, loc *time.Location) (storyView, bool, error) {
+	v := storyView{Delivery: id}
+	evs, err := queryEvents(ctx, db, eventFilter{delivery: id, afterID: -1})
+	if err != nil || len(evs) == 0 {
+		return v, false, err
+	}
+	carrier := taskDelivery(evs)
+	for _, e := range evs {
+		if tu := metaString(e.Meta, "task_unit"); tu != "" {
+			v.TaskUnit = tu
+		}
+	}
+	if carrier != "" {
+		steps, err := queryEvents(ctx, db, eventFilter{action: "github-task", delivery: carrier, afterID: -1})
+		if err != nil {
+			return v, false, err
+		}
+		evs = append(evs, steps...)
+		slices.SortFunc(evs, func(a, b storedEvent) int { return cmp.Compare(a.ID, b.ID) })
+		v.Task = carrier
+	}
+	var lastStep, dispatch string
+	for _, e := range evs {
+		if u := metaString(e.Meta, "unit"); u != "" {
+			v.Unit = u
+		}
+		if img := metaString(e.Meta, "image"); img != "" {
+			v.Image = img
+		}
+		for _, k := range []string{"digest", "delivery_digest", "pulled_digest"} {
+			if d := metaString(e.Meta, k); d != "" {
+				v.Digest = d
+			}
+		}
+		if ms, ok := e.Meta["pull_ms"].(float64); ok {
+			v.Pull = (time.Duration(ms) * time.Millisecond).String()
+		}
+		if ms, ok := e.Meta["restart_ms"].(float64); ok {
+			v.Restart = (time.Duration(ms) * time.Millisecond).String()
+		}
+		step := metaString(e.Meta, "step")
+		if e.Action == "github-dispatch" {
+			dispatch = metaString(e.Meta, "reason")
+		}
+		if err := metaString(e.Meta, "error"); err != "" && e.Action != "github-webhook" {
+			v.Error = err
+		}
+		if e.Action == "github-task" {
+			lastStep = step
+		} else if step == "" {
+			step = metaString(e.Meta, "reason")
+		}
+		r := storyRow{When: statusTime(e.TS, loc), Action: e.Action, Step: step, Status: e.Status,
+			Elapsed: (time.Duration(e.DurationMS) * time.Millisecond).String(),
+			Error:   metaString(e.Meta, "error"), Stderr: metaString(e.Meta, "stderr")}
+		switch {
+		case e.Status >= 500 || stepOutcomes[step] == "failed":
+			r.Class = "failed"
+		case stepOutcomes[step] == "rolled-back":
+			r.Class = "rolled-back"
+		case e.Status >= 400:
+			r.Class = "skipped"
+		}
+		for _, k := range sortedKeys(e.Meta, func(a, b string) bool { return a < b }) {
+			if !storyHidden[k] {
+				r.Details = append(r.Details, storyDetail{k, metaString(e.Meta, k)})
+			}
+		}
+		v.Rows = append(v.Rows, r)
+	}
+	reason := metaString(evs[0].Meta, "reason")
+	switch {
+	case lastStep != "":
+		v.Outcome, v.Label = cmp.Or(stepOutcomes[lastStep], "running"), stepLabel(lastStep)
+	case dispatch == "dispatch-failed":
+		v.Outcome, v.Label = "failed", "dispatch failed"
+	case dispatch != "" || reason == "queued":
+		v.Outcome, v.Label = "running", strings.ReplaceAll(cmp.Or(dispatch, reason), "-", " ")+", no task step yet"
+	case evs[0].Status >= 400:
+		v.Outcome, v.Label = "failed", strings.ReplaceAll(reason, "-", " ")
+	default:
+		v.Outcome, v.Label = "ignored", strings.ReplaceAll(reason, "-", " ")
+	}
+	if v.Outcome != "failed" && v.Outcome != "rolled-back" {
+		v.Error = "" // a retried dispatch's error, say: the rows still show it
+	}
+	return v, true, nil
+}
+
+// statusView is what one status page shows; Page picks the template's section.
+type statusView struct {
+	Page    string // overview, deliveries, story, login, no-token, error
+	Title   string
+	Nav     bool
+	Refresh bool
+	Message string
+	Next    string // where the login form returns to
+
+	Now        string
+	Units      []unitStatus
+	Failing    int
+	Queue      queueStatus
+	Chart      chartView
+	Filter     deliveryFilter
+	Outcomes   []string
+	Deliveries []deliveryRow
+	Older      int64 // before= of the next page, 0 when this is the last
+	Story      storyView
+}
+
+// statusStyle is the page's only stylesheet, inline and allowed by its hash in the CSP.
+const statusStyle = `
+body{font:14px/1.45 system-ui,sans-serif;margin:0;color:#1d232a;background:#f6f7f9}
+header{display:flex;gap:1.5em;align-items:center;padding:.6em 1.2em;background:#1d232a;color:#fff}
+header a,header button{color:#fff;background:none;border:0;font:inherit;cursor:pointer;text-decoration:underline}
+header form{margin:0}
+main{padding:1em 1.2em;max-width:1200px}
+h1{font-size:1.3em;margin:.2em 0 .6em}h2{font-size:1.1em;margin:1.4em 0 .5em}
+table{border-collapse:collapse;width:100%;background:#fff}
+th,td{text-align:left;padding:.35em .6em;border-bottom:1px solid #e3e6ea;vertical-align:top}
+th{background:#eef0f3;font-weight:600}
+td.wrap,code{word-break:break-all}
+code{font:12px ui-monospace,monospace}
+pre{white-space:pre-wrap;word-break:break-all;max-height:12em;overflow:auto;margin:.3em 0;font:12px ui-monospace,monospace}
+.badge{display:inline-block;padding:0 .5em;border-radius:3px;font-weight:600;font-size:12px;text-transform:uppercase}
+.badge.ok{background:#d5f0dc;color:#14522a}.badge.rolled-back{background:#ffe8b3;color:#6b4500}
+.badge.failed{background:#b3261e;color:#fff}.badge.running{background:#dbe7ff;color:#123e8c}
+.badge.skipped,.badge.ignored{background:#e6e6e6;color:#333}
+tr.failed td{background:#fdecea}tr.failed td:first-child{border-left:4px solid #b3261e}
+tr.rolled-back td:first-child{border-left:4px solid #d08a00}
+pre.err{color:#8c1d18;background:#fdecea;padding:.3em}
+.note{background:#fff;border:1px solid #e3e6ea;padding:.8em 1em;max-width:40em}
+.alert{color:#8c1d18;font-weight:600}
+.queue{background:#fff;border:1px solid #e3e6ea;padding:.5em 1em;display:inline-block}
+form.filter{margin:.5em 0;display:flex;gap:.8em;align-items:end;flex-wrap:wrap}
+label{display:block;font-size:12px;color:#555}
+input,select,button{font:inherit}
+.pager{margin:.8em 0;display:flex;gap:1.5em}
+svg{background:#fff;border:1px solid #e3e6ea}
+svg .ok{fill:#2e9b4f}svg .rolled-back{fill:#e0a100}svg .failed{fill:#b3261e}
+svg text{font:11px system-ui,sans-serif;fill:#555}svg line{stroke:#aaa}
+.legend span{margin-right:1.2em}.legend i{display:inline-block;width:.9em;height:.9em;margin-right:.3em;vertical-align:-.1em}
+.legend .ok{background:#2e9b4f}.legend .rolled-back{background:#e0a100}.legend .failed{background:#b3261e}
+dl{display:grid;grid-template-columns:max-content auto;gap:.2em 1em;background:#fff;padding:.8em 1em;border:1px solid #e3e6ea}
+dt{color:#555}dd{margin:0;word-break:break-all}
+`
+
+// statusCSP is the page's Content-Security-Policy: nothing may load or run except the inline
+// stylesheet above, and forms post only to this server.
+var statusCSP = func() string {
+	sum := sha256.Sum256([]byte(statusStyle))
+	return "default-src 'none'; style-src 'sha256-" + base64.StdEncoding.EncodeToString(sum[:]) + "'; " +
+		"form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+}()
+
+// statusTemplate renders every status page; escaping is html/template's, by context.
+var statusTemplate = template.Must(template.New("status").Parse(`<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+{{- if .Refresh}}
+<meta http-equiv="refresh" content="30">{{end}}
+<title>{{.Title}} · webhook-auto-update</title>
+<style>` + statusStyle + `</style>
+</head>
+<body>
+<header><strong>webhook-auto-update</strong>
+{{- if .Nav}}
+<a href="/status/">Overview</a>
+<a href="/status/deliveries">Deliveries</a>
+<form method="post" action="/status/logout"><button type="submit">Log out</button></form>
+{{- end}}
+</header>
+<main>
+{{- if eq .Page "no-token"}}
+<h1>Status page</h1>
+<div class="note">
+<p>The status page needs the manual token, and this server has none.</p>
+<p>Set <code>WEBHOOK_MANUAL_TOKEN</code> (or <code>WEBHOOK_TOKEN</code>) in the server's
+environment, for example in <code>~/.config/webhook-auto-update/webhook-auto-update.env</code> for the user unit,
+restart the server, then log in here with that token.</p>
+</div>
+{{- else if eq .Page "login"}}
+<h1>Log in</h1>
+<form method="post" action="/status/login" class="note login">
+{{- if .Message}}<p class="alert" role="alert">{{.Message}}</p>{{end}}
+<label for="token">Manual token (WEBHOOK_MANUAL_TOKEN)</label>
+<input id="token" name="token" type="password" autocomplete="current-password" required autofocus>
+<input type="hidden" name="next" value="{{.Next}}">
+<button type="submit">Log in</button>
+</form>
+{{- else if eq .Page "error"}}
+<h1>{{.Title}}</h1>
+<p class="alert">{{.Message}}</p>
+{{- else if eq .Page "overview"}}
+<h1>Overview</h1>
+<p>As of {{.Now}}. Units in the log: {{len .Units}}{{if .Failing}}; <strong class="alert">failed on their last redeploy: {{.Failing}}</strong>{{end}}.</p>
+<p class="queue">Queue: {{if .Queue.Pending}}<strong>{{.Queue.Pending}} pending</strong>, the oldest waiting {{.Queue.Oldest}}{{else}}empty{{end}}</p>
+<h2>Units</h2>
+<table>
+<thead><tr><th>Unit</th><th>Image</th><th>Last redeploy</th><th>Finished</th><th>Delivery</th></tr></thead>
+<tbody>
+{{- range .Units}}
+<tr class="{{.Outcome}}">
+<td class="wrap">{{.Unit}}</td>
+<td class="wrap"><code>{{.Image}}</code></td>
+<td>{{if .Outcome}}<span class="badge {{.Outcome}}">{{.Outcome}}</span> {{.Label}}{{else}}none yet{{end}}
+{{- if .Running}}<br><span class="badge running">running</span> {{.Running}} at {{.RunningAt}}{{end}}
+{{- if .Error}}<pre class="err">{{.Error}}</pre>{{end}}
+{{- if .LastSeenRequest}}<br>last delivery: {{if .LastSeenLinkable}}<a href="/status/deliveries/{{.LastSeenDelivery}}">{{.LastSeenRequest}}</a>{{else}}{{.LastSeenRequest}}{{end}}{{end}}</td>
+<td>{{.When}}</td>
+<td class="wrap">{{if .Linkable}}<a href="/status/deliveries/{{.Delivery}}">{{.Delivery}}</a>{{else}}{{.Delivery}}{{end}}</td>
+</tr>
+{{- else}}
+<tr><td colspan="5">No unit in the event log yet: nothing was delivered or redeployed.</td></tr>
+{{- end}}
+</tbody>
+</table>
+<h2>Redeploys per day</h2>
+<svg role="img" aria-labelledby="chart-title" width="{{.Chart.Width}}" height="{{.Chart.Height}}" viewBox="0 0 {{.Chart.Width}} {{.Chart.Height}}" xmlns="http://www.w3.org/2000/svg">
+<title id="chart-title">{{.Chart.Summary}}</title>
+<line x1="36" y1="{{.Chart.Base}}" x2="{{.Chart.Width}}" y2="{{.Chart.Base}}"/>
+<text x="4" y="14">{{.Chart.Max}}</text><text x="4" y="{{.Chart.Base}}">0</text>
+{{- range .Chart.Bars}}
+<g><title>{{.Title}}</title>{{range .Segs}}<rect class="{{.Class}}" x="{{.X}}" y="{{.Y}}" width="{{.W}}" height="{{.H}}"/>{{end}}</g>
+{{- end}}
+{{- range .Chart.Ticks}}
+<text x="{{.X}}" y="{{$.Chart.Height}}" text-anchor="middle" dy="-12">{{.Label}}</text>
+{{- end}}
+</svg>
+<p class="legend"><span><i class="ok"></i>restarted healthy: {{index .Chart.Totals "ok"}}</span><span><i class="rolled-back"></i>rolled back: {{index .Chart.Totals "rolled-back"}}</span><span><i class="failed"></i>failed: {{index .Chart.Totals "failed"}}</span></p>
+{{- else if eq .Page "deliveries"}}
+<h1>Deliveries</h1>
+<form method="get" action="/status/deliveries" class="filter">
+<div><label for="unit">Unit</label><input id="unit" name="unit" value="{{.Filter.Unit}}" placeholder="all units"></div>
+<div><label for="outcome">Outcome</label><select id="outcome" name="outcome"><option value="">all</option>
+{{- range .Outcomes}}<option{{if eq . $.Filter.Outcome}} selected{{end}}>{{.}}</option>{{end}}</select></div>
+<button type="submit">Filter</button>
+</form>
+<table>
+<thead><tr><th>Received</th><th>Unit</th><th>Image</th><th>Outcome</th><th>Delivery</th></tr></thead>
+<tbody>
+{{- range .Deliveries}}
+<tr class="{{.Outcome}}">
+<td>{{.When}}</td>
+<td class="wrap">{{.Unit}}</td>
+<td class="wrap"><code>{{.Image}}</code></td>
+<td><span class="badge {{.Outcome}}">{{.Outcome}}</span> {{.Label}}</td>
+<td class="wrap">{{if .Linkable}}<a href="/status/deliveries/{{.Delivery}}">{{.Delivery}}</a>{{else}}{{.Delivery}}{{end}}</td>
+</tr>
+{{- else}}
+<tr><td colspan="5">No delivery matches.</td></tr>
+{{- end}}
+</tbody>
+</table>
+<p class="pager">{{if .Filter.Before}}<a href="/status/deliveries?unit={{.Filter.Unit}}&amp;outcome={{.Filter.Outcome}}">Newest</a>{{end}}
+{{- if .Older}} <a href="/status/deliveries?unit={{.Filter.Unit}}&amp;outcome={{.Filter.Outcome}}&amp;before={{.Older}}">Older</a>{{end}}</p>
+{{- else if eq .Page "story"}}
+{{- with .Story}}
+<h1>Delivery <code>{{.Delivery}}</code></h1>
+<dl>
+<dt>Outcome</dt><dd><span class="badge {{.Outcome}}">{{.Outcome}}</span> {{.Label}}</dd>
+<dt>Unit</dt><dd>{{.Unit}}</dd>
+<dt>Image</dt><dd><code>{{.Image}}</code></dd>
+{{- if .Digest}}<dt>Digest</dt><dd><code>{{.Digest}}</code></dd>{{end}}
+{{- if .Pull}}<dt>Pull</dt><dd>{{.Pull}}</dd>{{end}}
+{{- if .Restart}}<dt>Restart</dt><dd>{{.Restart}}</dd>{{end}}
+{{- if .Task}}<dt>Covered by</dt><dd>the task of delivery <a href="/status/deliveries/{{.Task}}">{{.Task}}</a></dd>{{end}}
+{{- if .TaskUnit}}<dt>Task unit</dt><dd><code>{{.TaskUnit}}</code></dd>{{end}}
+{{- if .Error}}<dt>Error</dt><dd><pre class="err">{{.Error}}</pre></dd>{{end}}
+</dl>
+<h2>Steps</h2>
+<table>
+<thead><tr><th>Time</th><th>Action</th><th>Step</th><th>Status</th><th>Elapsed</th><th>Details</th></tr></thead>
+<tbody>
+{{- range .Rows}}
+<tr class="{{.Class}}">
+<td>{{.When}}</td><td>{{.Action}}</td><td>{{.Step}}</td><td>{{.Status}}</td><td>{{.Elapsed}}</td>
+<td class="wrap">{{range .Details}}<code>{{.Key}}={{.Value}}</code> {{end}}
+{{- if .Error}}<pre class="err">{{.Error}}</pre>{{end}}{{if .Stderr}}<pre>{{.Stderr}}</pre>{{end}}</td>
+</tr>
+{{- end}}
+</tbody>
+</table>
+{{- end}}
+{{- end}}
+</main>
+</body>
+</html>
+`))
+
+// statusHeaders are sent with every status page: no caching of what a login showed, no
+// framing, no referrer, and the CSP.
+func statusHeaders(w http.ResponseWriter) {
+	h := w.Header()
+	h.Set("Content-Type", "text/html; charset=utf-8")
+	h.Set("Content-Security-Policy", statusCSP)
+	h.Set("X-Content-Type-Options", "nosniff")
+	h.Set("Referrer-Policy", "no-referrer")
+	h.Set("Cache-Control", "no-store")
+}
+
+// renderStatus writes one status page; a template failure is a 500 and a log line.
+func (s *server) renderStatus(w http.ResponseWriter, status int, v statusView) {
+	var buf bytes.Buffer
+	if err := statusTemplate.Execute(&buf, v); err != nil {
+		s.log.errorf("status page %s: %v", v.Page, err)
+		http.Error(w, "cannot render the status page", http.StatusInternalServerError)
+		return
+	}
+	statusHeaders(w)
+	w.WriteHeader(status)
+	w.Write(buf.Bytes())
+}
+
+// statusSessionKey derives the key that signs sessions from the manual token, so a new token
+// ends every session and the key itself is never stored.
+func statusSessionKey(token string) []byte {
+	m := hmac.New(sha256.New, []byte(token))
+	m.Write([]byte("webhook-auto-update status page session"))
+	return m.Sum(nil)
+}
+
+// statusSession is the cookie value of a session that ends at expires: the unix time and its
+// HMAC under statusSessionKey.
+func statusSession(token string, expires time.Time) string {
+	exp := strconv.FormatInt(expires.Unix(), 10)
+	m := hmac.New(sha256.New, statusSessionKey(token))
+	m.Write([]byte(exp))
+	return exp + "." + base64.RawURLEncoding.EncodeToString(m.Sum(nil))
+}
+
+// validStatusSession reports whether a cookie value is a session signed under token that has
+// not expired (and does not claim to last longer than a login gives).
+func validStatusSession(token, value string, now time.Time) bool {
+	exp, _, ok := strings.Cut(value, ".")
+	n, err := strconv.ParseInt(exp, 10, 64)
+	if token == "" || !ok || err != nil || n <= now.Unix() || n > now.Add(statusSessionTTL).Unix() {
+		return false
+	}
+	return hmac.Equal([]byte(value), []byte(statusSession(token, time.Unix(n, 0))))
+}
+
+// statusAllowed answers the request itself and returns false unless it carries a valid session:
+// without a manual token configured the page says how to set one, else it shows the login form.
+func (s *server) statusAllowed(w http.ResponseWriter, r *http.Request) bool {
+	info(r).action = "status-page"
+	if s.cfg.manualToken == "" {
+		s.renderStatus(w, http.StatusForbidden, statusView{Page: "no-token", Title: "Status page"})
+		return false
+	}
+	if c, err := r.Cookie(statusCookie); err == nil && validStatusSession(s.cfg.manualToken, c.Value, s.now()) {
+		return true
+	}
+	next := r.URL.Path
+	if r.URL.RawQuery != "" {
+		next += "?" + r.URL.RawQuery
+	}
+	s.renderStatus(w, http.StatusOK, statusView{Page: "login", Title: "Log in", Next: next})
+	return false
+}
+
+// statusNext is where a login returns to: a path on this server, else the overview.
+func statusNext(next string) string {
+	u, err := url.Parse(next)
+	if err != nil || u.Scheme != "" || u.Host != "" || !strings.HasPrefix(next, "/") || strings.HasPrefix(next, "//") ||
+		strings.ContainsAny(next, "\\\r\n") {
+		return "/status/"
+	}
+	return next
+}
+
+// handleStatusLogin exchanges the manual token, posted in the login form, for a session cookie:
+// HttpOnly, SameSite=Strict (so no other site can make the browser send it, which is also what
+// keeps the two forms safe from cross-site posts), Secure when the request came over TLS.
+func (s *server) handleStatusLogin(w http.ResponseWriter, r *http.Request) {
+	ri := info(r)
+	ri.action = "status-login"
+	next := statusNext(r.PostFormValue("next"))
+	if s.cfg.manualToken == "" {
+		ri.meta["reason"] = "no-token"
+		s.renderStatus(w, http.StatusForbidden, statusView{Page: "no-token", Title: "Status page"})
+		return
+	}
+	if !tokenMatches(s.cfg.manualToken, r.PostFormValue("token")) {
+		ri.meta["reason"] = "wrong-token"
+		s.renderStatus(w, http.StatusForbidden, statusView{Page: "login", Title: "Log in", Next: next,
+			Message: "That is not the manual token: check WEBHOOK_MANUAL_TOKEN (or WEBHOOK_TOKEN) in the server's environment."})
+		return
+	}
+	ri.meta["reason"] = "ok"
+	expires := s.now().Add(statusSessionTTL)
+	http.SetCookie(w, &http.Cookie{Name: statusCookie, Value: statusSession(s.cfg.manualToken, expires), Path: "/",
+		Expires: expires, MaxAge: int(statusSessionTTL / time.Second), HttpOnly: true, SameSite: http.SameSiteStrictMode,
+		Secure: r.TLS != nil || r.Header.Get("X-Forwarded-Proto") == "https"})
+	http.Redirect(w, r, next, http.StatusSeeOther)
+}
+
+// handleStatusLogout clears the session cookie. The session itself stays valid until it expires
+// or the token changes: a browser that kept a copy is not logged out, a token rotation is.
+func (s *server) handleStatusLogout(w http.ResponseWriter, r *http.Request) {
+	info(r).action = "status-logout"
+	http.SetCookie(w, &http.Cookie{Name: statusCookie, Value: "", Path: "/", MaxAge: -1, HttpOnly: true,
+		SameSite: http.SameSiteStrictMode, Secure: r.TLS != nil || r.Header.Get("X-Forwarded-Proto") == "https"})
+	http.Redirect(w, r, "/status/", http.StatusSeeOther)
+}
+
+// statusFailed answers a page whose query failed.
+func (s *server) statusFailed(w http.ResponseWriter, page string, err error) {
+	s.log.errorf("status page %s: cannot read the event log: %v", page, err)
+	s.renderStatus(w, http.StatusInternalServerError, statusView{Page: "error", Title: "Error", Nav: true,
+		Message: "Cannot read the event log; the server's log says why."})
+}
+
+// handleStatusOverview shows every unit, the queue and the chart; it refreshes itself every 30 s.
+func (s *server) handleStatusOverview(w http.ResponseWriter, r *http.Request) {
+	if !s.statusAllowed(w, r) {
+		return
+	}
+	ctx := r.Context()
+	now := s.now()
+	v := statusView{Page: "overview", Title: "Overview", Nav: true, Refresh: true, Now: statusTime(now.Unix(), time.Local)}
+	var err error
+	if v.Units, err = statusUnits(ctx, s.events.db, time.Local); err != nil {
+		s.statusFailed(w, "overview", err)
+		return
+	}
+	for _, u := range v.Units {
+		if u.Outcome == "failed" {
+			v.Failing++
+		}
+	}
+	if v.Queue, err = statusQueue(ctx, s.events.db, now); err != nil {
+		s.statusFailed(w, "overview", err)
+		return
+	}
+	if v.Chart, err = redeployChart(ctx, s.events.db, now, time.Local); err != nil {
+		s.statusFailed(w, "overview", err)
+		return
+	}
+	s.renderStatus(w, http.StatusOK, v)
+}
+
+// handleStatusDeliveries lists deliveries newest first, filtered by ?unit= and ?outcome=, paged
+// by ?before=.
+func (s *server) handleStatusDeliveries(w http.ResponseWriter, r *http.Request) {
+	if !s.statusAllowed(w, r) {
+		return
+	}
+	q := r.URL.Query()
+	v := statusView{Page: "deliveries", Title: "Deliveries", Nav: true, Outcomes: statusOutcomes,
+		Filter: deliveryFilter{Outcome: q.Get("outcome")}}
+	bad := func(msg string) {
+		s.renderStatus(w, http.StatusBadRequest, statusView{Page: "error", Title: "Deliveries", Nav: true, Message: msg})
+	}
+	if u := strings.TrimSpace(q.Get("unit")); u != "" {
+		unit, err := resolveUnit(u)
+		if err != nil {
+			bad(err.Error())
+			return
+		}
+		v.Filter.Unit = unit
+	}
+	if v.Filter.Outcome != "" && !slices.Contains(statusOutcomes, v.Filter.Outcome) {
+		bad("unknown outcome: choose one of " + strings.Join(statusOutcomes, ", "))
+		return
+	}
+	if b := q.Get("before"); b != "" {
+		n, err := strconv.ParseInt(b, 10, 64)
+		if err != nil || n <= 0 {
+			bad("invalid before: want the id of a delivery row")
+			return
+		}
+		v.Filter.Before = n
+	}
+	var err error
+	if v.Deliveries, err = statusDeliveries(r.Context(), s.events.db, v.Filter, time.Local); err != nil {
+		s.statusFailed(w, "deliveries", err)
+		return
+	}
+	if len(v.Deliveries) == statusPageSize {
+		v.Older = v.Deliveries[len(v.Deliveries)-1].ID
+	}
+	s.renderStatus(w, http.StatusOK, v)
+}
+
+// handleStatusStory shows one delivery's story.
+func (s *server) handleStatusStory(w http.ResponseWriter, r *http.Request) {
+	if !s.statusAllowed(w, r) {
+		return
+	}
+	id := r.PathValue("id")
+	if !reDeliveryID.MatchString(id) {
+		s.renderStatus(w, http.StatusBadRequest, statusView{Page: "error", Title: "Delivery", Nav: true, Message: "invalid delivery id"})
+		return
+	}
+	story, ok, err := deliveryStory(r.Context(), s.events.db, id, time.Local)
+	if err != nil {
+		s.statusFailed(w, "delivery", err)
+		return
+	}
+	if !ok {
+		s.renderStatus(w, http.StatusNotFound, statusView{Page: "error", Title: "Delivery", Nav: true,
+			Message: "The event log has no row of delivery " + id + "."})
+		return
+	}
+	s.renderStatus(w, http.StatusOK, statusView{Page: "story", Title: "Delivery " + id, Nav: true, Story: story})
 }

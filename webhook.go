@@ -2,7 +2,8 @@
 // the GitHub delivery route, the registry push routes (/registry/<source>/<unit>: each source's
 // authentication and secret), the checks every push shares before it is queued, the static web
 // UI, the observability routes and the per-request event row. The manual-trigger handlers live
-// with the other triggers in scheduler.go; payload parsing lives in podman.go.
+// with the other triggers in scheduler.go; payload parsing lives in podman.go; the status page's
+// handlers (routed here: / without a web dist bundle, and /status/) live in eventlog.go.
 //
 // Rules: every request that reaches the handler, including 404s, 405s and refused bodies,
 // produces exactly one event_log row, written by the middleware in ServeHTTP unless a handler
@@ -361,6 +362,11 @@ func newServer(cfg *config, lg *logger, events *eventLog) *server {
 	for _, p := range []string{"/{$}", "/index.html", "/assets/", "/favicon.ico", "/vite.svg"} {
 		s.mux.HandleFunc("GET "+p, s.handleStatic)
 	}
+	s.mux.HandleFunc("GET /status/{$}", s.handleStatusOverview)
+	s.mux.HandleFunc("GET /status/deliveries", s.handleStatusDeliveries)
+	s.mux.HandleFunc("GET /status/deliveries/{id}", s.handleStatusStory)
+	s.mux.HandleFunc("POST /status/login", s.handleStatusLogin)
+	s.mux.HandleFunc("POST /status/logout", s.handleStatusLogout)
 	return s
 }
 
@@ -670,7 +676,8 @@ var staticTypes = map[string]string{
 }
 
 // handleStatic serves the web UI bundle: regular files only, anything else is 404. os.Root
-// refuses any name, symlinks included, that resolves outside the dist directory.
+// refuses any name, symlinks included, that resolves outside the dist directory. Without a
+// bundle, / is the built-in status page.
 func (s *server) handleStatic(w http.ResponseWriter, r *http.Request) {
 	name := strings.TrimPrefix(r.URL.Path, "/")
 	if name == "" {
@@ -678,6 +685,10 @@ func (s *server) handleStatic(w http.ResponseWriter, r *http.Request) {
 	}
 	root, err := os.OpenRoot(s.cfg.webDist)
 	if err != nil {
+		if r.URL.Path == "/" {
+			s.handleStatusOverview(w, r)
+			return
+		}
 		if name == "index.html" {
 			http.Error(w, "web ui not built", http.StatusNotFound)
 			return
@@ -690,6 +701,10 @@ func (s *server) handleStatic(w http.ResponseWriter, r *http.Request) {
 	// request and the server's shutdown; what is not a regular file is refused below.
 	f, err := root.OpenFile(name, os.O_RDONLY|syscall.O_NONBLOCK, 0)
 	if err != nil {
+		if r.URL.Path == "/" && errors.Is(err, fs.ErrNotExist) {
+			s.handleStatusOverview(w, r)
+			return
+		}
 		if name == "index.html" && errors.Is(err, fs.ErrNotExist) {
 			http.Error(w, "web ui not built", http.StatusNotFound)
 			return

@@ -279,11 +279,12 @@ func TestRoutes(t *testing.T) {
 
 func TestStaticWithoutBundle(t *testing.T) {
 	ts := newTestServer(t, nil, nil)
-	for _, p := range []string{"/", "/index.html"} {
-		resp, body := ts.do(t, "GET", p, nil)
-		if resp.StatusCode != 404 || strings.TrimSpace(body) != "web ui not built" {
-			t.Errorf("GET %s without a bundle = %d %q, want 404 \"web ui not built\"", p, resp.StatusCode, body)
-		}
+	if resp, body := ts.do(t, "GET", "/index.html", nil); resp.StatusCode != 404 || strings.TrimSpace(body) != "web ui not built" {
+		t.Errorf("GET /index.html without a bundle = %d %q, want 404 \"web ui not built\"", resp.StatusCode, body)
+	}
+	// / is the built-in status page, which without a manual token says how to set one.
+	if resp, body := ts.do(t, "GET", "/", nil); resp.StatusCode != 403 || !strings.Contains(body, "<h1>Status page</h1>") {
+		t.Errorf("GET / without a bundle = %d, want the status page:\n%s", resp.StatusCode, body)
 	}
 	for _, p := range []string{"/assets/app.js", "/favicon.ico", "/vite.svg"} {
 		if resp, _ := ts.do(t, "GET", p, nil); resp.StatusCode != 404 {
