@@ -503,28 +503,32 @@ func (l *eventLog) writeTx(ctx context.Context, fn func(tx *sql.Tx) error) error
 }
 
 func (l *eventLog) insert(ctx context.Context, evs []event) error {
-	return l.write(ctx, func(tx *sql.Tx) error {
-		stmt, err := tx.PrepareContext(ctx, insertEventSQL) // once per batch, not once per row
-		if err != nil {
-			return err
-		}
-		defer stmt.Close()
-		for _, ev := range evs {
-			if _, err := stmt.ExecContext(ctx, ev.insertArgs()...); err != nil {
-				return err
-			}
-		}
-		return nil
-	})
+	return l.write(ctx, func(tx *sql.Tx) error { return insertEvents(ctx, tx, evs) })
 }
+
+// rowsPerWrite bounds the rows one transaction of the dispatcher writes, and so how long the
+// claims behind it wait for the write lock.
+const rowsPerWrite = 128
 
 const insertEventSQL = `INSERT INTO event_log
 	(request_id, ts, method, path, status, action, duration_ms, meta) VALUES (?, ?, ?, ?, ?, ?, ?, ?)`
 
-// insertEvent writes one row inside tx; an empty path is stored as NULL, as the original did.
-func insertEvent(ctx context.Context, tx *sql.Tx, ev event) error {
-	_, err := tx.ExecContext(ctx, insertEventSQL, ev.insertArgs()...)
-	return err
+// insertEvents writes evs inside tx; an empty path is stored as NULL, as the original did.
+func insertEvents(ctx context.Context, tx *sql.Tx, evs []event) error {
+	if len(evs) == 0 {
+		return nil
+	}
+	stmt, err := tx.PrepareContext(ctx, insertEventSQL) // once per batch, not once per row
+	if err != nil {
+		return err
+	}
+	defer stmt.Close()
+	for _, ev := range evs {
+		if _, err := stmt.ExecContext(ctx, ev.insertArgs()...); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // insertArgs are the values of insertEventSQL for ev.
@@ -716,6 +720,7 @@ func (l *eventLog) nextTask(ctx context.Context, now time.Time, rows func(queued
 		return qt, false, 0, err
 	}
 	qt.claimed = time.UnixMilli(claimedMS)
+	var evs []event
 	err = l.write(ctx, func(tx *sql.Tx) error {
 		taken, err := tx.QueryContext(ctx, `UPDATE github_deliveries
 			SET status = 'dispatching', covered_by = ?, task_unit = ?, updated_at = ?
@@ -749,14 +754,23 @@ func (l *eventLog) nextTask(ctx context.Context, now time.Time, rows func(queued
 		if len(qt.covered) == 0 || qt.covered[0] != qt.delivery {
 			return fmt.Errorf("claim %s is no longer pending", qt.delivery)
 		}
-		for _, ev := range rows(qt) {
-			if err := insertEvent(ctx, tx, ev); err != nil {
-				return err
-			}
-		}
-		return nil
+		evs = rows(qt)
+		return insertEvents(ctx, tx, evs[:min(len(evs), rowsPerWrite)])
 	})
-	return qt, err == nil, 0, err
+	if err != nil {
+		return qt, false, 0, err
+	}
+	// The rows of the other covered claims follow in transactions of rowsPerWrite, still before
+	// the task starts, so every story reads dispatching before the task's steps. In one
+	// transaction, a burst's thousand covered claims held the write lock, and every claim
+	// waiting behind it, for over 100 ms.
+	for evs = evs[min(len(evs), rowsPerWrite):]; len(evs) > 0; evs = evs[min(len(evs), rowsPerWrite):] {
+		chunk := evs[:min(len(evs), rowsPerWrite)]
+		if err := l.insert(ctx, chunk); err != nil {
+			l.spill(chunk, err)
+		}
+	}
+	return qt, true, 0, nil
 }
 
 // settleTask moves the claims of a task unit that are dispatching or dispatched to status:
@@ -778,12 +792,7 @@ func (l *eventLog) settleTask(ctx context.Context, taskUnit, status, errText str
 		if err != nil {
 			return err
 		}
-		for _, ev := range evs {
-			if err := insertEvent(ctx, tx, ev); err != nil {
-				return err
-			}
-		}
-		return nil
+		return insertEvents(ctx, tx, evs)
 	})
 }
 
