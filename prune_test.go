@@ -467,31 +467,6 @@ func TestPruneOldEvents(t *testing.T) {
 	}
 }
 
-// seedRetention writes, 40 days old, 1500 request rows (more than one delete batch) and one row
-// each of a redeploy task, a CLI trigger and a scheduler tick, and 3 request rows of yesterday.
-func seedRetention(t *testing.T, dbPath string) {
-	t.Helper()
-	events, err := openEventLog(dbPath, newLogger(io.Discard))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer events.Close()
-	old, recent := time.Now().Add(-40*24*time.Hour), time.Now().Add(-24*time.Hour)
-	var evs []event
-	for i := range 1500 {
-		evs = append(evs, event{RequestID: fmt.Sprint("old-", i), TS: old, Method: "POST", Path: "/x", Status: 401, Action: "github-webhook"})
-	}
-	for _, m := range []string{"TASK", "CLI", "SCHEDULER"} {
-		evs = append(evs, event{RequestID: "old-" + m, TS: old, Method: m, Status: 200, Action: "kept"})
-	}
-	for i := range 3 {
-		evs = append(evs, event{RequestID: fmt.Sprint("new-", i), TS: recent, Method: "GET", Status: 200, Action: "health"})
-	}
-	if err := events.Write(context.Background(), evs...); err != nil {
-		t.Fatal(err)
-	}
-}
-
 // TestPruneRequestRetention: prune-state deletes request rows older than
 // WEBHOOK_REQUEST_RETENTION_DAYS (default 30) and keeps every row of redeploys, triggers and
 // scheduler ticks; a dry run counts and deletes nothing.

@@ -3,7 +3,6 @@ package main
 import (
 	"bytes"
 	"context"
-	"database/sql"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -15,55 +14,10 @@ import (
 	"reflect"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 )
-
-// The fake systemctl records its argv, one line per call, to the file named by
-// fakeSystemctlLogEnv, and fails (exit 1, with a systemd-like message on stderr) for the units
-// listed in fakeSystemctlFailEnv.
-const (
-	fakeSystemctlLogEnv  = "WAU_FAKE_SYSTEMCTL_LOG"
-	fakeSystemctlFailEnv = "WAU_FAKE_SYSTEMCTL_FAIL"
-)
-
-func init() {
-	// Another test file may register a systemctl fake too; ours only answers when its log
-	// variable is set, and hands over otherwise.
-	prev := fakePrograms["systemctl"]
-	fakePrograms["systemctl"] = func() int {
-		if os.Getenv(fakeSystemctlLogEnv) == "" && prev != nil {
-			return prev()
-		}
-		return fakeSystemctl()
-	}
-}
-
-func fakeSystemctl() int {
-	args := os.Args[1:]
-	if p := os.Getenv(fakeSystemctlLogEnv); p != "" {
-		f, err := os.OpenFile(p, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
-		if err != nil {
-			fmt.Fprintln(os.Stderr, "fake systemctl:", err)
-			return 99
-		}
-		fmt.Fprintln(f, strings.Join(args, " "))
-		f.Close()
-	}
-	if len(args) == 0 {
-		return 0
-	}
-	unit := args[len(args)-1]
-	for _, u := range splitList(os.Getenv(fakeSystemctlFailEnv)) {
-		if u == unit {
-			fmt.Fprintf(os.Stderr, "Job for %s failed because the control process exited with error code.\nSee \"systemctl --user status %s\" for details.\n", unit, unit)
-			return 1
-		}
-	}
-	return 0
-}
 
 // fakeSystemd is a fake systemctl alone on PATH.
 type fakeSystemd struct{ log string }
@@ -89,62 +43,6 @@ func (f *fakeSystemd) calls(t *testing.T) []string {
 		t.Fatal(err)
 	}
 	return strings.Split(strings.TrimSuffix(string(b), "\n"), "\n")
-}
-
-// actionRow is an event_log row as the tests of this file read it.
-type actionRow struct {
-	Method string
-	Path   string
-	Status int
-	Action string
-	Meta   map[string]any
-}
-
-// actionRows reads the rows of one action (all rows when action is "") from a database file.
-func actionRows(t *testing.T, dbPath, action string) []actionRow {
-	t.Helper()
-	db, err := sql.Open("sqlite", dbPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer db.Close()
-	rows, err := db.Query(`SELECT method, COALESCE(path, ''), status, action, meta FROM event_log
-		WHERE ? = '' OR action = ? ORDER BY id`, action, action)
-	if err != nil {
-		t.Fatalf("read event_log of %s: %v", dbPath, err)
-	}
-	defer rows.Close()
-	var out []actionRow
-	for rows.Next() {
-		var r actionRow
-		var meta string
-		if err := rows.Scan(&r.Method, &r.Path, &r.Status, &r.Action, &meta); err != nil {
-			t.Fatal(err)
-		}
-		if err := json.Unmarshal([]byte(meta), &r.Meta); err != nil {
-			t.Fatalf("meta %q: %v", meta, err)
-		}
-		out = append(out, r)
-	}
-	return out
-}
-
-// logBuffer is a goroutine-safe log sink.
-type logBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *logBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *logBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
 
 // The scheduler
