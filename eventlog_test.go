@@ -1,7 +1,11 @@
 // eventlog_test.go tests the SQLite event log on real database files: creation and migration,
 // compatibility with databases the original tool created, concurrent writers (goroutines and a
-// second process), the spill to stderr when a write fails, and the pure helpers databasePath
-// and redactQuery.
+// second process), the spill to stderr when a write fails, the pure helpers databasePath,
+// redactPath, redactQuery and newRequestID, and the write benchmarks. It also holds what the
+// other eventlog_*_test.go files share: openTestLog, the -update flag and the event fixture
+// (fixtureEvents, writeFixture, fixtureDB). The events command is eventlog_cli_test.go's,
+// /api/events eventlog_api_test.go's, /metrics eventlog_metrics_test.go's and the status page
+// eventlog_status_test.go's.
 package main
 
 import (

@@ -30,7 +30,7 @@ type e2eServer struct {
 	url    string
 	state  string
 	secret string
-	log    *logBuffer // written by the server process as it runs
+	log    *syncBuffer // written by the server process as it runs
 	db     *sql.DB
 }
 
@@ -50,7 +50,7 @@ func startE2EServer(t *testing.T, extraEnv ...string) *e2eServer {
 		t.Fatal(err)
 	}
 	s := &e2eServer{url: fmt.Sprintf("http://127.0.0.1:%d", port), state: r.TempDir(t),
-		secret: "e2e secret " + rigUniqueName(t, "s"), log: &logBuffer{}}
+		secret: "e2e secret " + rigUniqueName(t, "s"), log: &syncBuffer{}}
 	cmd := r.Command(bin, "server", "--listen", fmt.Sprintf("127.0.0.1:%d", port), "--state-dir", s.state)
 	cmd.Env = append(cmd.Env, "GITHUB_WEBHOOK_SECRET="+s.secret, e2eHealthSettle,
 		"WEBHOOK_PULL_RETRY_SECS=1")

@@ -1,23 +1,15 @@
-// main_test.go owns the test harness: TestMain, the fake programs the test
-// binary impersonates, the rig: the real programs the tool drives in
-// production (a systemd --user manager, rootless podman and a local registry),
-// for system tests, and TestREADME, which runs README.md's examples (its
-// convention is below).
+// main_test.go owns the test harness every concern's tests share: TestMain; the fake programs
+// the test binary impersonates (podman, systemctl, systemd-run, loginctl), all registered by the
+// one init below; the in-process test server and configuration builders; payload builders and
+// signatures; readers of event_log rows; waits; and the built binary and the processes started
+// from it. Helpers one concern uses stay in that concern's test file; the rig of the system tests
+// is main_rig_test.go's, and the end-to-end server harness on it main_e2e_test.go's.
 //
-// The rig is one throwaway non-root user per test run, wau-rig-<pid>, with its
-// own user manager (in a cgroup it owns, XDG_RUNTIME_DIR /run/user/<uid>), its
-// own rootless podman store (driver vfs, configured in its
-// ~/.config/containers) and its own docker-registry on a free port, so two test
-// runs on one host never share a manager, a store or a registry. The server and
-// run-task processes of system tests run as that user (rig.Command).
-//
-// Rules: the rig starts once per test binary, on the first needRig call, and
-// TestMain tears it down; TestMain first sweeps what runs that died (a timeout
-// panic skips teardown) left behind, recognised by the owner marker each holds
-// (the owning test process's PID and start time), never touching a live run's;
-// every unit, container and image a test creates is removed by that test's
-// t.Cleanup; every command runs with a timeout; a missing prerequisite skips,
-// except under CI=true or WEBHOOK_E2E=1, where it fails.
+// Rules: the fakes are the test binary itself (installFakes), scripted through files in a state
+// directory named by FAKE_PODMAN_DIR / FAKE_SYSTEMCTL_DIR / FAKE_SYSTEMD_RUN_DIR: every call
+// appends its argv to argv.log, and a file <prog>-<verb>.{sleep,fails,exit,stdout,stderr} changes
+// what one subcommand does. A test that puts only the fakes on PATH cannot reach a real podman or
+// systemd. Waits are bounded by hangGuard, which is never a measurement.
 package main
 
 import (
@@ -49,132 +41,9 @@ import (
 	"time"
 )
 
-// syncBuffer is a bytes.Buffer safe to read while the writer goroutine may log.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
-// rawDB opens the database file directly, as another process would, independent of eventlog.go.
-func rawDB(t *testing.T, path string) *sql.DB {
-	t.Helper()
-	db, err := sql.Open("sqlite", "file:"+path+"?_pragma=busy_timeout(10000)")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { db.Close() })
-	return db
-}
-
-func queryInt(t *testing.T, db *sql.DB, query string, args ...any) int {
-	t.Helper()
-	var n int
-	if err := db.QueryRow(query, args...).Scan(&n); err != nil {
-		t.Fatalf("%s: %v", query, err)
-	}
-	return n
-}
-
-// eventRow is an event_log row as stored.
-type eventRow struct {
-	id         int64
-	requestID  string
-	ts         int64
-	method     string
-	path       sql.NullString
-	status     int
-	action     string
-	durationMS int64
-	meta       string
-	createdAt  int64
-}
-
-func readRows(t *testing.T, db *sql.DB, where string, args ...any) []eventRow {
-	t.Helper()
-	rows, err := db.Query(`SELECT id, request_id, ts, method, path, status, action, duration_ms, meta, created_at
-		FROM event_log `+where+` ORDER BY id`, args...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer rows.Close()
-	var out []eventRow
-	for rows.Next() {
-		var r eventRow
-		if err := rows.Scan(&r.id, &r.requestID, &r.ts, &r.method, &r.path, &r.status, &r.action,
-			&r.durationMS, &r.meta, &r.createdAt); err != nil {
-			t.Fatal(err)
-		}
-		out = append(out, r)
-	}
-	if err := rows.Err(); err != nil {
-		t.Fatal(err)
-	}
-	return out
-}
-
-// spilled parses the JSON events a logger printed after a failed write.
-func spilled(t *testing.T, logs string) []map[string]any {
-	t.Helper()
-	var out []map[string]any
-	sc := bufio.NewScanner(strings.NewReader(logs))
-	for sc.Scan() {
-		line := sc.Text()
-		_, js, ok := strings.Cut(line, "unwritten event: ")
-		if !ok {
-			continue
-		}
-		if !strings.HasPrefix(line, "<4>") {
-			t.Errorf("spilled event without the warning priority: %q", line)
-		}
-		var m map[string]any
-		if err := json.Unmarshal([]byte(js), &m); err != nil {
-			t.Fatalf("spilled event is not one JSON object: %q: %v", js, err)
-		}
-		out = append(out, m)
-	}
-	return out
-}
-
-// obsClient bounds every request of these tests; a hang is a failure, not a measurement.
-var obsClient = &http.Client{Timeout: hangGuard}
-
-// obsGet sends a GET with headers to the test server.
-func obsGet(t *testing.T, ts *testServer, target string, hdr map[string]string) (*http.Response, string) {
-	t.Helper()
-	req, err := http.NewRequest("GET", ts.URL+target, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for k, v := range hdr {
-		req.Header.Set(k, v)
-	}
-	resp, err := obsClient.Do(req)
-	if err != nil {
-		t.Fatalf("GET %s: %v", target, err)
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return resp, string(b)
-}
-
 // fakePrograms maps a program name to the fake that runs when the test binary
-// is started under that name (see installFakes). Other test files register
-// their fakes from init.
+// is started under that name (see installFakes). The init below registers
+// every fake.
 var fakePrograms = map[string]func() int{}
 
 func TestMain(m *testing.M) {
@@ -192,6 +61,42 @@ func TestMain(m *testing.M) {
 		os.RemoveAll(binaryDir)
 	}
 	os.Exit(code)
+}
+
+// fake programs
+
+func init() {
+	// loginctl enable-linger needs logind; the README's deploy block only has to reach it.
+	fakePrograms["loginctl"] = func() int { return 0 }
+	chainFake("podman", fakePodmanDirEnv)
+	chainFake("systemctl", fakeSystemctlDirEnv)
+	// systemd-run only records (and obeys systemd-run---user.{exit,fails,sleep,...}); a test that
+	// wants the transient unit's work done runs the recorded command itself.
+	chainFake("systemd-run", fakeSystemdRunDirEnv)
+	// The pull recorder wraps the scripted podman.
+	prevPodman := fakePrograms["podman"]
+	fakePrograms["podman"] = func() int {
+		path := os.Getenv(fakePullIntervalsEnv)
+		if path == "" || len(os.Args) < 2 || os.Args[1] != "pull" {
+			return prevPodman()
+		}
+		start := time.Now().UnixNano()
+		code := prevPodman()
+		if f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600); err == nil {
+			fmt.Fprintf(f, "%d %d %d\n", start, time.Now().UnixNano(), os.Getpid())
+			f.Close()
+		}
+		return code
+	}
+	// The logging systemctl only answers when its log variable is set, and hands over to the
+	// scripted one otherwise.
+	prevSystemctl := fakePrograms["systemctl"]
+	fakePrograms["systemctl"] = func() int {
+		if os.Getenv(fakeSystemctlLogEnv) == "" && prevSystemctl != nil {
+			return prevSystemctl()
+		}
+		return fakeSystemctl()
+	}
 }
 
 // installFakes links the test binary into a fresh directory under each of
@@ -235,62 +140,21 @@ func copyExecutable(src, dst string, mode os.FileMode) error {
 	return out.Close()
 }
 
-var (
-	binaryOnce sync.Once
-	binaryDir  string
-	binaryPath string
-	binaryErr  error
-)
-
-// buildBinary builds webhook-auto-update once per test binary and returns its
-// path; TestMain removes it.
-func buildBinary(t *testing.T) string {
-	t.Helper()
-	binaryOnce.Do(func() {
-		goBin, err := exec.LookPath("go")
-		if err != nil {
-			goBin = filepath.Join(os.Getenv("GOROOT"), "bin", "go")
-			if _, err := os.Stat(goBin); err != nil {
-				binaryErr = errors.New("go not found on PATH or in $GOROOT/bin")
-				return
-			}
-		}
-		if binaryDir, binaryErr = os.MkdirTemp("", "webhook-bin-"); binaryErr != nil {
-			return
-		}
-		// The rig's user runs the binary too; the marker lets rigSweep remove
-		// the directory if this process dies before TestMain does.
-		if binaryErr = os.Chmod(binaryDir, 0o755); binaryErr != nil {
-			return
-		}
-		if binaryErr = rigWriteOwner(binaryDir); binaryErr != nil {
-			return
-		}
-		p := filepath.Join(binaryDir, "webhook-auto-update")
-		if _, binaryErr = rigRun(5*time.Minute, goBin, "build", "-buildvcs=false", "-o", p, "."); binaryErr == nil {
-			binaryPath = p
-		}
-	})
-	if binaryErr != nil {
-		t.Fatalf("build webhook-auto-update: %v", binaryErr)
-	}
-	return binaryPath
-}
-
-func init() {
-	// loginctl enable-linger needs logind; the README's deploy block only has to reach it.
-	fakePrograms["loginctl"] = func() int { return 0 }
-}
-
 const (
 	fakePodmanDirEnv    = "FAKE_PODMAN_DIR"
 	fakeSystemctlDirEnv = "FAKE_SYSTEMCTL_DIR"
 )
 
-func init() {
-	chainFake("podman", fakePodmanDirEnv)
-	chainFake("systemctl", fakeSystemctlDirEnv)
-}
+const (
+	// fakeSystemdRunDirEnv names the state directory of the fake systemd-run; newFakeHostWithRun
+	// points it at the podman/systemctl one, so one argv.log lists every program run.
+	fakeSystemdRunDirEnv = "FAKE_SYSTEMD_RUN_DIR"
+	// fakePullIntervalsEnv names a file to which the fake podman appends "START END PID" (unix
+	// nanoseconds) for every pull, so a test can check that pulls never overlapped.
+	fakePullIntervalsEnv = "FAKE_PULL_INTERVALS"
+	// keySystemdRun is the runFake key of systemd-run: its first argument is always --user.
+	keySystemdRun = "systemd-run---user"
+)
 
 // chainFake registers the scripted fake for prog. A fake another test file registered earlier
 // keeps running whenever this one's state directory is not set.
@@ -522,84 +386,6 @@ func fakeCallLines(calls [][]string) string {
 	return b.String()
 }
 
-// payload → image reference
-
-// payloadEdit sets one dotted path of a JSON payload to value, or deletes it when drop is set.
-type payloadEdit struct {
-	path  string
-	value any
-	drop  bool
-}
-
-func setField(path string, v any) payloadEdit { return payloadEdit{path: path, value: v} }
-func dropField(path string) payloadEdit       { return payloadEdit{path: path, drop: true} }
-
-// loadPayload reads testdata/payloads/<name> and applies edits.
-func loadPayload(t *testing.T, name string, edits ...payloadEdit) []byte {
-	t.Helper()
-	data, err := os.ReadFile(filepath.Join("testdata", "payloads", name))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(edits) == 0 {
-		return data
-	}
-	var doc map[string]any
-	if err := json.Unmarshal(data, &doc); err != nil {
-		t.Fatalf("%s: %v", name, err)
-	}
-	for _, e := range edits {
-		parts := strings.Split(e.path, ".")
-		m := doc
-		for _, p := range parts[:len(parts)-1] {
-			next, ok := m[p].(map[string]any)
-			if !ok {
-				t.Fatalf("%s: no object at %q of %s", name, p, e.path)
-			}
-			m = next
-		}
-		if e.drop {
-			delete(m, parts[len(parts)-1])
-		} else {
-			m[parts[len(parts)-1]] = e.value
-		}
-	}
-	out, err := json.Marshal(doc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return out
-}
-
-const (
-	digestV1       = "sha256:ec68d7c2581952ba5cec6a35581e19ff826cc2c6a3d7e70a577fc1f3fde96175"
-	digestV2       = "sha256:4cb489d904a289e570cfb53d545a9ed23477eadff1d4a8f0a6d3a8177aac679a"
-	digestPlatform = "sha256:88c7275ef3ef13f6eb8bf6a201c972557ab952d4d6ebe115ca80d40a1c9b64c3"
-)
-
-// checkRefInvariants holds for every accepted reference: it round-trips through String, and
-// what reaches argv can be neither a flag nor a transport.
-func checkRefInvariants(t *testing.T, r imageRef) {
-	t.Helper()
-	s := r.String()
-	again, err := parseImageRef(s)
-	if err != nil || again != r {
-		t.Errorf("round trip of %q: %+v, %v; want %+v", s, again, err, r)
-	}
-	if strings.HasPrefix(s, "-") || strings.Contains(s, "://") || strings.ContainsAny(s, " \t\r\n\x00") {
-		t.Errorf("accepted reference %q could be read as a flag, a transport or two arguments", s)
-	}
-	if r.tag == "" && r.digest == "" {
-		t.Errorf("accepted reference %q names neither a tag nor a digest", s)
-	}
-}
-
-var (
-	oldImageID   = strings.Repeat("a", 64)
-	otherImageID = strings.Repeat("c", 64)
-	newImageID   = strings.Repeat("b", 64)
-)
-
 // wantCalls checks the exact argv of every call of one fake subcommand.
 func wantCalls(t *testing.T, h *fakeHost, key string, want ...[]string) {
 	t.Helper()
@@ -610,43 +396,6 @@ func wantCalls(t *testing.T, h *fakeHost, key string, want ...[]string) {
 	}
 	if !ok {
 		t.Errorf("%s calls:\n%swant:\n%s", key, fakeCallLines(got), fakeCallLines(want))
-	}
-}
-
-// Proof suites (issue 7): the fake systemd-run, a pull recorder for the one-redeploy-at-a-time
-// check, payload fuzzing, and the pull faults of a whole run-task. The pull faults of pullImage
-// alone (fails then succeeds, hangs and is killed, fails for good) are TestPullImage's cases, and
-// "pull fails for good: no restart" is a TestRunTaskFlow case; the tests below add the same
-// faults seen through a whole run-task.
-
-const (
-	// fakeSystemdRunDirEnv names the state directory of the fake systemd-run; newFakeHostWithRun
-	// points it at the podman/systemctl one, so one argv.log lists every program run.
-	fakeSystemdRunDirEnv = "FAKE_SYSTEMD_RUN_DIR"
-	// fakePullIntervalsEnv names a file to which the fake podman appends "START END PID" (unix
-	// nanoseconds) for every pull, so a test can check that pulls never overlapped.
-	fakePullIntervalsEnv = "FAKE_PULL_INTERVALS"
-	// keySystemdRun is the runFake key of systemd-run: its first argument is always --user.
-	keySystemdRun = "systemd-run---user"
-)
-
-func init() {
-	// systemd-run only records (and obeys systemd-run---user.{exit,fails,sleep,...}); a test that
-	// wants the transient unit's work done runs the recorded command itself.
-	chainFake("systemd-run", fakeSystemdRunDirEnv)
-	prev := fakePrograms["podman"]
-	fakePrograms["podman"] = func() int {
-		path := os.Getenv(fakePullIntervalsEnv)
-		if path == "" || len(os.Args) < 2 || os.Args[1] != "pull" {
-			return prev()
-		}
-		start := time.Now().UnixNano()
-		code := prev()
-		if f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600); err == nil {
-			fmt.Fprintf(f, "%d %d %d\n", start, time.Now().UnixNano(), os.Getpid())
-			f.Close()
-		}
-		return code
 	}
 }
 
@@ -693,73 +442,11 @@ func overlapping(ps []pullInterval) []pullInterval {
 	return nil
 }
 
-// distEvent is one Distribution notification event, laid out as registry:2 sends it.
-func distEvent(id, action, mediaType, repo, tag, host string) map[string]any {
-	return map[string]any{"id": id, "timestamp": "2026-11-27T10:00:00Z", "action": action,
-		"target": map[string]any{"mediaType": mediaType, "size": 528, "digest": digestV1, "length": 528, "repository": repo,
-			"url": "http://" + host + "/v2/" + repo + "/manifests/" + digestV1, "tag": tag},
-		"request": map[string]any{"id": "r1", "addr": "127.0.0.1:40000", "host": host, "method": "PUT", "useragent": "containers/5.23"},
-		"actor":   map[string]any{}, "source": map[string]any{"addr": "box:5000", "instanceID": "i1"}}
-}
-
-// distEnvelope is a Distribution notification envelope of events.
-func distEnvelope(events ...map[string]any) []byte {
-	b, _ := json.Marshal(map[string]any{"events": events})
-	return b
-}
-
-const manifestV2 = "application/vnd.docker.distribution.manifest.v2+json"
-
-// seedRetention writes, 40 days old, 1500 request rows (more than one delete batch) and one row
-// each of a redeploy task, a CLI trigger and a scheduler tick, and 3 request rows of yesterday.
-func seedRetention(t *testing.T, dbPath string) {
-	t.Helper()
-	events, err := openEventLog(dbPath, newLogger(io.Discard))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer events.Close()
-	old, recent := time.Now().Add(-40*24*time.Hour), time.Now().Add(-24*time.Hour)
-	var evs []event
-	for i := range 1500 {
-		evs = append(evs, event{RequestID: fmt.Sprint("old-", i), TS: old, Method: "POST", Path: "/x", Status: 401, Action: "github-webhook"})
-	}
-	for _, m := range []string{"TASK", "CLI", "SCHEDULER"} {
-		evs = append(evs, event{RequestID: "old-" + m, TS: old, Method: m, Status: 200, Action: "kept"})
-	}
-	for i := range 3 {
-		evs = append(evs, event{RequestID: fmt.Sprint("new-", i), TS: recent, Method: "GET", Status: 200, Action: "health"})
-	}
-	if err := events.Write(context.Background(), evs...); err != nil {
-		t.Fatal(err)
-	}
-}
-
-// holdFlock takes an exclusive flock on path through a separate open file description (so it
-// conflicts with any other open of the file, in this process too) and returns its release.
-func holdFlock(t *testing.T, path string) (release func()) {
-	t.Helper()
-	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
-		t.Fatal(err)
-	}
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
-		f.Close()
-		t.Fatalf("flock %s: %v", path, err)
-	}
-	done := false
-	release = func() {
-		if !done {
-			done = true
-			f.Close()
-		}
-	}
-	t.Cleanup(release)
-	return release
-}
+var (
+	oldImageID   = strings.Repeat("a", 64)
+	otherImageID = strings.Repeat("c", 64)
+	newImageID   = strings.Repeat("b", 64)
+)
 
 // The fake systemctl records its argv, one line per call, to the file named by
 // fakeSystemctlLogEnv, and fails (exit 1, with a systemd-like message on stderr) for the units
@@ -768,18 +455,6 @@ const (
 	fakeSystemctlLogEnv  = "WAU_FAKE_SYSTEMCTL_LOG"
 	fakeSystemctlFailEnv = "WAU_FAKE_SYSTEMCTL_FAIL"
 )
-
-func init() {
-	// Another test file may register a systemctl fake too; ours only answers when its log
-	// variable is set, and hands over otherwise.
-	prev := fakePrograms["systemctl"]
-	fakePrograms["systemctl"] = func() int {
-		if os.Getenv(fakeSystemctlLogEnv) == "" && prev != nil {
-			return prev()
-		}
-		return fakeSystemctl()
-	}
-}
 
 func fakeSystemctl() int {
 	args := os.Args[1:]
@@ -805,90 +480,7 @@ func fakeSystemctl() int {
 	return 0
 }
 
-// actionRow is an event_log row as the tests of this file read it.
-type actionRow struct {
-	Method string
-	Path   string
-	Status int
-	Action string
-	Meta   map[string]any
-}
-
-// actionRows reads the rows of one action (all rows when action is "") from a database file.
-func actionRows(t *testing.T, dbPath, action string) []actionRow {
-	t.Helper()
-	db, err := sql.Open("sqlite", dbPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer db.Close()
-	rows, err := db.Query(`SELECT method, COALESCE(path, ''), status, action, meta FROM event_log
-		WHERE ? = '' OR action = ? ORDER BY id`, action, action)
-	if err != nil {
-		t.Fatalf("read event_log of %s: %v", dbPath, err)
-	}
-	defer rows.Close()
-	var out []actionRow
-	for rows.Next() {
-		var r actionRow
-		var meta string
-		if err := rows.Scan(&r.Method, &r.Path, &r.Status, &r.Action, &meta); err != nil {
-			t.Fatal(err)
-		}
-		if err := json.Unmarshal([]byte(meta), &r.Meta); err != nil {
-			t.Fatalf("meta %q: %v", meta, err)
-		}
-		out = append(out, r)
-	}
-	return out
-}
-
-// logBuffer is a goroutine-safe log sink.
-type logBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *logBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *logBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
-func randomName(t *testing.T) string {
-	t.Helper()
-	var b [8]byte
-	if _, err := rand.Read(b[:]); err != nil {
-		t.Fatal(err)
-	}
-	return hex.EncodeToString(b[:])
-}
-
-// Fuzzing (issue 7): unit identifiers and Quadlet files. Seeds are below and under
-// testdata/fuzz/<target>; `go test -fuzz` explores from there.
-
-// checkUnitInvariants holds for every name this program may hand to systemctl.
-func checkUnitInvariants(t *testing.T, from, u string) {
-	t.Helper()
-	if err := validUnitName(u); err != nil {
-		t.Fatalf("%q was accepted as %q, which validUnitName refuses: %v", from, u, err)
-	}
-	if strings.HasPrefix(u, "-") || !strings.HasSuffix(u, ".service") || len(u) > maxUnitNameLen {
-		t.Errorf("%q was accepted as %q: a flag, not a service, or too long", from, u)
-	}
-	if strings.ContainsAny(u, "*?[]/\\ \t\r\n\x00%\"'$;|&") {
-		t.Errorf("%q was accepted as %q, which holds a glob, path, quote or control character", from, u)
-	}
-	if again, err := resolveUnit(u); err != nil || again != u {
-		t.Errorf("resolveUnit(%q) = %q, %v: a resolved name must resolve to itself", u, again, err)
-	}
-}
+// the in-process server and its configuration
 
 // hangGuard bounds waits that only end early when the code is broken; it is never a measurement.
 const hangGuard = 30 * time.Second
@@ -1055,7 +647,16 @@ func (ts *testServer) rowsSoFar(t *testing.T) map[string]eventRow {
 	return out
 }
 
-// configuration and command line
+// deliveryRows are the rows of a delivery, oldest first.
+func (ts *testServer) deliveryRows(t *testing.T, delivery string) []storedEvent {
+	t.Helper()
+	waitPending(t, ts.events)
+	evs, err := queryEvents(context.Background(), ts.events.db, eventFilter{delivery: delivery, afterID: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return evs
+}
 
 // runCLI runs the whole program in-process. A server that fails to exit is a test failure,
 // not a hang.
@@ -1072,7 +673,450 @@ func runCLI(t *testing.T, env map[string]string, args ...string) (code int, stdo
 	return code, out.String(), errb.String()
 }
 
+// obsClient bounds every request of these tests; a hang is a failure, not a measurement.
+var obsClient = &http.Client{Timeout: hangGuard}
+
+// obsGet sends a GET with headers to the test server.
+func obsGet(t *testing.T, ts *testServer, target string, hdr map[string]string) (*http.Response, string) {
+	t.Helper()
+	req, err := http.NewRequest("GET", ts.URL+target, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for k, v := range hdr {
+		req.Header.Set(k, v)
+	}
+	resp, err := obsClient.Do(req)
+	if err != nil {
+		t.Fatalf("GET %s: %v", target, err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp, string(b)
+}
+
+// payloads, signatures and the invariants of what parses them
+
+// payloadEdit sets one dotted path of a JSON payload to value, or deletes it when drop is set.
+type payloadEdit struct {
+	path  string
+	value any
+	drop  bool
+}
+
+func setField(path string, v any) payloadEdit { return payloadEdit{path: path, value: v} }
+func dropField(path string) payloadEdit       { return payloadEdit{path: path, drop: true} }
+
+// loadPayload reads testdata/payloads/<name> and applies edits.
+func loadPayload(t *testing.T, name string, edits ...payloadEdit) []byte {
+	t.Helper()
+	data, err := os.ReadFile(filepath.Join("testdata", "payloads", name))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(edits) == 0 {
+		return data
+	}
+	var doc map[string]any
+	if err := json.Unmarshal(data, &doc); err != nil {
+		t.Fatalf("%s: %v", name, err)
+	}
+	for _, e := range edits {
+		parts := strings.Split(e.path, ".")
+		m := doc
+		for _, p := range parts[:len(parts)-1] {
+			next, ok := m[p].(map[string]any)
+			if !ok {
+				t.Fatalf("%s: no object at %q of %s", name, p, e.path)
+			}
+			m = next
+		}
+		if e.drop {
+			delete(m, parts[len(parts)-1])
+		} else {
+			m[parts[len(parts)-1]] = e.value
+		}
+	}
+	out, err := json.Marshal(doc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+const (
+	digestV1       = "sha256:ec68d7c2581952ba5cec6a35581e19ff826cc2c6a3d7e70a577fc1f3fde96175"
+	digestV2       = "sha256:4cb489d904a289e570cfb53d545a9ed23477eadff1d4a8f0a6d3a8177aac679a"
+	digestPlatform = "sha256:88c7275ef3ef13f6eb8bf6a201c972557ab952d4d6ebe115ca80d40a1c9b64c3"
+)
+
+const manifestV2 = "application/vnd.docker.distribution.manifest.v2+json"
+
+// distEvent is one Distribution notification event, laid out as registry:2 sends it.
+func distEvent(id, action, mediaType, repo, tag, host string) map[string]any {
+	return map[string]any{"id": id, "timestamp": "2026-11-27T10:00:00Z", "action": action,
+		"target": map[string]any{"mediaType": mediaType, "size": 528, "digest": digestV1, "length": 528, "repository": repo,
+			"url": "http://" + host + "/v2/" + repo + "/manifests/" + digestV1, "tag": tag},
+		"request": map[string]any{"id": "r1", "addr": "127.0.0.1:40000", "host": host, "method": "PUT", "useragent": "containers/5.23"},
+		"actor":   map[string]any{}, "source": map[string]any{"addr": "box:5000", "instanceID": "i1"}}
+}
+
+// distEnvelope is a Distribution notification envelope of events.
+func distEnvelope(events ...map[string]any) []byte {
+	b, _ := json.Marshal(map[string]any{"events": events})
+	return b
+}
+
+// withAction returns a package payload with its action replaced ("" drops it).
+func withAction(body []byte, action string) []byte {
+	var p map[string]any
+	json.Unmarshal(body, &p)
+	if action == "" {
+		delete(p, "action")
+	} else {
+		p["action"] = action
+	}
+	b, _ := json.Marshal(p)
+	return b
+}
+
+// packagePayload is a GitHub "package" event for host/owner/name:tag, laid out as GitHub sends it.
+func githubPackagePayload(host, owner, name, tag, digest string) []byte {
+	p := map[string]any{
+		"action": "published",
+		"package": map[string]any{
+			"id": 1, "name": name, "namespace": owner, "ecosystem": "CONTAINER", "package_type": "CONTAINER",
+			"owner": map[string]any{"login": owner, "type": "User"},
+			"package_version": map[string]any{
+				"id": 2, "version": digest, "name": digest,
+				"container_metadata": map[string]any{
+					"tag":      map[string]any{"name": tag, "digest": digest},
+					"labels":   map[string]any{},
+					"manifest": map[string]any{},
+				},
+				"package_url": host + "/" + owner + "/" + name + ":" + tag,
+			},
+			"registry": map[string]any{"about_url": "https://docs.github.com", "name": "GitHub CONTAINER registry",
+				"type": "CONTAINER", "url": "http://" + host + "/" + owner, "vendor": "GitHub Inc"},
+		},
+		"repository": map[string]any{"name": name, "owner": map[string]any{"login": owner}},
+		"sender":     map[string]any{"login": owner},
+	}
+	b, _ := json.Marshal(p)
+	return b
+}
+
+// hubSignature is GitHub's X-Hub-Signature-256 value for body under secret.
+func hubSignature(secret string, body []byte) string {
+	mac := hmac.New(sha256.New, []byte(secret))
+	mac.Write(body)
+	return "sha256=" + hex.EncodeToString(mac.Sum(nil))
+}
+
+// checkRefInvariants holds for every accepted reference: it round-trips through String, and
+// what reaches argv can be neither a flag nor a transport.
+func checkRefInvariants(t *testing.T, r imageRef) {
+	t.Helper()
+	s := r.String()
+	again, err := parseImageRef(s)
+	if err != nil || again != r {
+		t.Errorf("round trip of %q: %+v, %v; want %+v", s, again, err, r)
+	}
+	if strings.HasPrefix(s, "-") || strings.Contains(s, "://") || strings.ContainsAny(s, " \t\r\n\x00") {
+		t.Errorf("accepted reference %q could be read as a flag, a transport or two arguments", s)
+	}
+	if r.tag == "" && r.digest == "" {
+		t.Errorf("accepted reference %q names neither a tag nor a digest", s)
+	}
+}
+
+// checkUnitInvariants holds for every name this program may hand to systemctl.
+func checkUnitInvariants(t *testing.T, from, u string) {
+	t.Helper()
+	if err := validUnitName(u); err != nil {
+		t.Fatalf("%q was accepted as %q, which validUnitName refuses: %v", from, u, err)
+	}
+	if strings.HasPrefix(u, "-") || !strings.HasSuffix(u, ".service") || len(u) > maxUnitNameLen {
+		t.Errorf("%q was accepted as %q: a flag, not a service, or too long", from, u)
+	}
+	if strings.ContainsAny(u, "*?[]/\\ \t\r\n\x00%\"'$;|&") {
+		t.Errorf("%q was accepted as %q, which holds a glob, path, quote or control character", from, u)
+	}
+	if again, err := resolveUnit(u); err != nil || again != u {
+		t.Errorf("resolveUnit(%q) = %q, %v: a resolved name must resolve to itself", u, again, err)
+	}
+}
+
+// logs, event_log rows and state files
+
+// syncBuffer is a bytes.Buffer safe to read while the writer goroutine may log.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// rawDB opens the database file directly, as another process would, independent of eventlog.go.
+func rawDB(t *testing.T, path string) *sql.DB {
+	t.Helper()
+	db, err := sql.Open("sqlite", "file:"+path+"?_pragma=busy_timeout(10000)")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Close() })
+	return db
+}
+
+func queryInt(t *testing.T, db *sql.DB, query string, args ...any) int {
+	t.Helper()
+	var n int
+	if err := db.QueryRow(query, args...).Scan(&n); err != nil {
+		t.Fatalf("%s: %v", query, err)
+	}
+	return n
+}
+
+// eventRow is an event_log row as stored.
+type eventRow struct {
+	id         int64
+	requestID  string
+	ts         int64
+	method     string
+	path       sql.NullString
+	status     int
+	action     string
+	durationMS int64
+	meta       string
+	createdAt  int64
+}
+
+func readRows(t *testing.T, db *sql.DB, where string, args ...any) []eventRow {
+	t.Helper()
+	rows, err := db.Query(`SELECT id, request_id, ts, method, path, status, action, duration_ms, meta, created_at
+		FROM event_log `+where+` ORDER BY id`, args...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rows.Close()
+	var out []eventRow
+	for rows.Next() {
+		var r eventRow
+		if err := rows.Scan(&r.id, &r.requestID, &r.ts, &r.method, &r.path, &r.status, &r.action,
+			&r.durationMS, &r.meta, &r.createdAt); err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, r)
+	}
+	if err := rows.Err(); err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// actionRow is an event_log row as the tests of this file read it.
+type actionRow struct {
+	Method string
+	Path   string
+	Status int
+	Action string
+	Meta   map[string]any
+}
+
+// actionRows reads the rows of one action (all rows when action is "") from a database file.
+func actionRows(t *testing.T, dbPath, action string) []actionRow {
+	t.Helper()
+	db, err := sql.Open("sqlite", dbPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	rows, err := db.Query(`SELECT method, COALESCE(path, ''), status, action, meta FROM event_log
+		WHERE ? = '' OR action = ? ORDER BY id`, action, action)
+	if err != nil {
+		t.Fatalf("read event_log of %s: %v", dbPath, err)
+	}
+	defer rows.Close()
+	var out []actionRow
+	for rows.Next() {
+		var r actionRow
+		var meta string
+		if err := rows.Scan(&r.Method, &r.Path, &r.Status, &r.Action, &meta); err != nil {
+			t.Fatal(err)
+		}
+		if err := json.Unmarshal([]byte(meta), &r.Meta); err != nil {
+			t.Fatalf("meta %q: %v", meta, err)
+		}
+		out = append(out, r)
+	}
+	return out
+}
+
+// spilled parses the JSON events a logger printed after a failed write.
+func spilled(t *testing.T, logs string) []map[string]any {
+	t.Helper()
+	var out []map[string]any
+	sc := bufio.NewScanner(strings.NewReader(logs))
+	for sc.Scan() {
+		line := sc.Text()
+		_, js, ok := strings.Cut(line, "unwritten event: ")
+		if !ok {
+			continue
+		}
+		if !strings.HasPrefix(line, "<4>") {
+			t.Errorf("spilled event without the warning priority: %q", line)
+		}
+		var m map[string]any
+		if err := json.Unmarshal([]byte(js), &m); err != nil {
+			t.Fatalf("spilled event is not one JSON object: %q: %v", js, err)
+		}
+		out = append(out, m)
+	}
+	return out
+}
+
+// seedRetention writes, 40 days old, 1500 request rows (more than one delete batch) and one row
+// each of a redeploy task, a CLI trigger and a scheduler tick, and 3 request rows of yesterday.
+func seedRetention(t *testing.T, dbPath string) {
+	t.Helper()
+	events, err := openEventLog(dbPath, newLogger(io.Discard))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer events.Close()
+	old, recent := time.Now().Add(-40*24*time.Hour), time.Now().Add(-24*time.Hour)
+	var evs []event
+	for i := range 1500 {
+		evs = append(evs, event{RequestID: fmt.Sprint("old-", i), TS: old, Method: "POST", Path: "/x", Status: 401, Action: "github-webhook"})
+	}
+	for _, m := range []string{"TASK", "CLI", "SCHEDULER"} {
+		evs = append(evs, event{RequestID: "old-" + m, TS: old, Method: m, Status: 200, Action: "kept"})
+	}
+	for i := range 3 {
+		evs = append(evs, event{RequestID: fmt.Sprint("new-", i), TS: recent, Method: "GET", Status: 200, Action: "health"})
+	}
+	if err := events.Write(context.Background(), evs...); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// holdFlock takes an exclusive flock on path through a separate open file description (so it
+// conflicts with any other open of the file, in this process too) and returns its release.
+func holdFlock(t *testing.T, path string) (release func()) {
+	t.Helper()
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		f.Close()
+		t.Fatalf("flock %s: %v", path, err)
+	}
+	done := false
+	release = func() {
+		if !done {
+			done = true
+			f.Close()
+		}
+	}
+	t.Cleanup(release)
+	return release
+}
+
+func randomName(t *testing.T) string {
+	t.Helper()
+	var b [8]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		t.Fatal(err)
+	}
+	return hex.EncodeToString(b[:])
+}
+
+// waits
+
+// waitFor polls cond until it holds, failing the test after hangGuard.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(hangGuard)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting until %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// waitPending waits until the event log's writer has handled everything queued.
+func waitPending(t *testing.T, l *eventLog) {
+	t.Helper()
+	deadline := time.Now().Add(hangGuard)
+	for l.pending.Load() > 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d events still queued after %s", l.pending.Load(), hangGuard)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
 // the built binary
+
+var (
+	binaryOnce sync.Once
+	binaryDir  string
+	binaryPath string
+	binaryErr  error
+)
+
+// buildBinary builds webhook-auto-update once per test binary and returns its
+// path; TestMain removes it.
+func buildBinary(t *testing.T) string {
+	t.Helper()
+	binaryOnce.Do(func() {
+		goBin, err := exec.LookPath("go")
+		if err != nil {
+			goBin = filepath.Join(os.Getenv("GOROOT"), "bin", "go")
+			if _, err := os.Stat(goBin); err != nil {
+				binaryErr = errors.New("go not found on PATH or in $GOROOT/bin")
+				return
+			}
+		}
+		if binaryDir, binaryErr = os.MkdirTemp("", "webhook-bin-"); binaryErr != nil {
+			return
+		}
+		// The rig's user runs the binary too; the marker lets rigSweep remove
+		// the directory if this process dies before TestMain does.
+		if binaryErr = os.Chmod(binaryDir, 0o755); binaryErr != nil {
+			return
+		}
+		if binaryErr = rigWriteOwner(binaryDir); binaryErr != nil {
+			return
+		}
+		p := filepath.Join(binaryDir, "webhook-auto-update")
+		if _, binaryErr = rigRun(5*time.Minute, goBin, "build", "-buildvcs=false", "-o", p, "."); binaryErr == nil {
+			binaryPath = p
+		}
+	})
+	if binaryErr != nil {
+		t.Fatalf("build webhook-auto-update: %v", binaryErr)
+	}
+	return binaryPath
+}
 
 // buildServerBinary is the binary built once per test run (buildBinary in main_test.go); -short
 // skips the tests that need it.
@@ -1174,90 +1218,4 @@ func (p *serverProc) waitLog(t *testing.T, s string) string {
 			t.Fatalf("no log line with %q; stderr:\n%s", s, p.stderr())
 		}
 	}
-}
-
-// withAction returns a package payload with its action replaced ("" drops it).
-func withAction(body []byte, action string) []byte {
-	var p map[string]any
-	json.Unmarshal(body, &p)
-	if action == "" {
-		delete(p, "action")
-	} else {
-		p["action"] = action
-	}
-	b, _ := json.Marshal(p)
-	return b
-}
-
-// packagePayload is a GitHub "package" event for host/owner/name:tag, laid out as GitHub sends it.
-func githubPackagePayload(host, owner, name, tag, digest string) []byte {
-	p := map[string]any{
-		"action": "published",
-		"package": map[string]any{
-			"id": 1, "name": name, "namespace": owner, "ecosystem": "CONTAINER", "package_type": "CONTAINER",
-			"owner": map[string]any{"login": owner, "type": "User"},
-			"package_version": map[string]any{
-				"id": 2, "version": digest, "name": digest,
-				"container_metadata": map[string]any{
-					"tag":      map[string]any{"name": tag, "digest": digest},
-					"labels":   map[string]any{},
-					"manifest": map[string]any{},
-				},
-				"package_url": host + "/" + owner + "/" + name + ":" + tag,
-			},
-			"registry": map[string]any{"about_url": "https://docs.github.com", "name": "GitHub CONTAINER registry",
-				"type": "CONTAINER", "url": "http://" + host + "/" + owner, "vendor": "GitHub Inc"},
-		},
-		"repository": map[string]any{"name": name, "owner": map[string]any{"login": owner}},
-		"sender":     map[string]any{"login": owner},
-	}
-	b, _ := json.Marshal(p)
-	return b
-}
-
-// Proof suites (issue 7): fuzzing of the request path's parsers, an adversarial table against
-// the running server, faults, load and benchmarks. Fake podman, systemctl and systemd-run are
-// podman_test.go's (newFakeHostWithRun): every program the server runs is recorded, and PATH
-// holds nothing real.
-
-// hubSignature is GitHub's X-Hub-Signature-256 value for body under secret.
-func hubSignature(secret string, body []byte) string {
-	mac := hmac.New(sha256.New, []byte(secret))
-	mac.Write(body)
-	return "sha256=" + hex.EncodeToString(mac.Sum(nil))
-}
-
-// waitPending waits until the event log's writer has handled everything queued.
-func waitPending(t *testing.T, l *eventLog) {
-	t.Helper()
-	deadline := time.Now().Add(hangGuard)
-	for l.pending.Load() > 0 {
-		if time.Now().After(deadline) {
-			t.Fatalf("%d events still queued after %s", l.pending.Load(), hangGuard)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
-// waitFor polls cond until it holds, failing the test after hangGuard.
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(hangGuard)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting until %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
-
-// deliveryRows are the rows of a delivery, oldest first.
-func (ts *testServer) deliveryRows(t *testing.T, delivery string) []storedEvent {
-	t.Helper()
-	waitPending(t, ts.events)
-	evs, err := queryEvents(context.Background(), ts.events.db, eventFilter{delivery: delivery, afterID: -1})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return evs
 }

@@ -1,4 +1,8 @@
-// podman_runtask_test.go TODO header
+// podman_runtask_test.go tests the redeploy podman.go runs (run-task): the whole flow against
+// fake podman and systemctl (its rows, per-image limit, locks and state file keys), the
+// systemd-run argv that dispatches it, the task unit's name, pull faults seen through a whole
+// run-task, and, on the rig, the rollback to the image the container ran. The fakes and their
+// rules are main_test.go's.
 package main
 
 import (
@@ -683,6 +687,12 @@ func TestTaskUnitName(t *testing.T) {
 		})
 	}
 }
+
+// Proof suites (issue 7): the fake systemd-run and the pull recorder (main_test.go) for the
+// one-redeploy-at-a-time check, and the pull faults of a whole run-task. The pull faults of
+// pullImage alone (fails then succeeds, hangs and is killed, fails for good) are TestPullImage's
+// cases, and "pull fails for good: no restart" is a TestRunTaskFlow case; the tests below add the
+// same faults seen through a whole run-task.
 
 func TestOverlapping(t *testing.T) {
 	if got := overlapping([]pullInterval{{1, 2, 1}, {2, 3, 2}, {5, 9, 3}}); got != nil {

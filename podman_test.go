@@ -1,14 +1,14 @@
-// podman_test.go tests podman.go and the redeploy it runs: payload → image reference (GitHub's
-// and each registry's, on the documented samples in testdata/payloads), reference
-// validation, the restart and rollback decisions, runCommand, pullImage with retries, the whole
-// run-task flow against fake podman and systemctl, and the systemd-run argv that dispatches it.
+// podman_test.go tests podman.go's images: payload → image reference (GitHub's and each
+// registry's, on the documented samples in testdata/payloads, and fuzzed), reference validation,
+// the restart, image-check and rollback decisions, runCommand and pullImage with retries. The
+// whole run-task flow is podman_runtask_test.go's.
 //
-// Rules: the fakes are the test binary itself (installFakes in main_test.go), registered here as
-// "podman" and "systemctl" and scripted through files in a state directory named by
-// FAKE_PODMAN_DIR / FAKE_SYSTEMCTL_DIR: every call appends its argv to argv.log, and a file
-// <prog>-<verb>.{sleep,fails,exit,stdout,stderr} changes what one subcommand does. PATH holds only
-// the fakes, so no test here can reach a real podman or systemd. No test measures wall-clock time;
-// timeouts only bound a fake that would otherwise sleep.
+// Rules: the fakes are the test binary itself (installFakes and the one init in main_test.go),
+// scripted through files in a state directory named by FAKE_PODMAN_DIR / FAKE_SYSTEMCTL_DIR: every
+// call appends its argv to argv.log, and a file <prog>-<verb>.{sleep,fails,exit,stdout,stderr}
+// changes what one subcommand does. PATH holds only the fakes, so no test here can reach a real
+// podman or systemd. No test measures wall-clock time; timeouts only bound a fake that would
+// otherwise sleep.
 package main
 
 import (
@@ -24,6 +24,8 @@ import (
 	"testing"
 	"time"
 )
+
+// payload → image reference
 
 func TestDeliveryFromPayload(t *testing.T) {
 	const pub = "package-published-container.json"

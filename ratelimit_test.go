@@ -1,3 +1,7 @@
+// ratelimit_test.go tests ratelimit.go's timestamp logs and locks: the limiter's windows, corrupt
+// lines, bounded lock waits, two processes sharing a log, a lock file that survives deletion,
+// timestamp parsing (fuzzed), the limiter benchmarks, and, on the rig, a killed run-task whose
+// image lock the kernel releases.
 package main
 
 import (

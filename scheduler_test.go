@@ -1,3 +1,8 @@
+// scheduler_test.go tests scheduler.go's triggers: the scheduler's fixed schedule (a fake clock),
+// its command and SIGTERM, the manual API (/api/manual/*: auth, bad bodies, triggers, caller and
+// reason, cleanText, the service view), /auto-update, trigger-units / trigger-all on the command
+// line, request-row retention after each tick, and, on the rig, the same triggers against real
+// units.
 package main
 
 import (
@@ -109,7 +114,7 @@ func TestSchedulerSchedule(t *testing.T) {
 				d, r := tc.durations[min(i, len(tc.durations)-1)], tc.results[min(i, len(tc.results)-1)]
 				return d, r
 			}
-			var logs logBuffer
+			var logs syncBuffer
 			sc := &scheduler{unit: "podman-auto-update.service", interval: interval, maxTicks: tc.maxTicks,
 				log: newLogger(&logs), now: func() time.Time { return clock.now },
 				tick: func(ctx context.Context) cmdResult {
@@ -210,7 +215,7 @@ func TestSchedulerCommand(t *testing.T) {
 			for k, v := range tc.env {
 				env[k] = v
 			}
-			var out, errb logBuffer
+			var out, errb syncBuffer
 			exit := run(append([]string{"scheduler"}, tc.args...), mapEnv(env), &out, &errb)
 			if exit != tc.wantExit {
 				t.Fatalf("exit %d, want %d; stderr:\n%s", exit, tc.wantExit, errb.String())
@@ -262,7 +267,7 @@ func TestSchedulerStopsOnSIGTERM(t *testing.T) {
 			fake := useFakeSystemctl(t)
 			state := t.TempDir()
 			cmd := exec.Command(bin, "scheduler", "--interval", "60", "--state-dir", state)
-			var stderr logBuffer
+			var stderr syncBuffer
 			cmd.Stderr = &stderr
 			if err := cmd.Start(); err != nil {
 				t.Fatal(err)
@@ -308,7 +313,7 @@ func TestSchedulerStopsOnSIGTERM(t *testing.T) {
 type manualHarness struct {
 	srv        *server
 	cfg        *config
-	logs       *logBuffer
+	logs       *syncBuffer
 	fake       *fakeSystemd
 	dispatched [][]string
 	dispatch   cmdResult
@@ -316,7 +321,7 @@ type manualHarness struct {
 
 func newManualHarness(t *testing.T, env map[string]string, failing ...string) *manualHarness {
 	t.Helper()
-	h := &manualHarness{logs: &logBuffer{}, fake: useFakeSystemctl(t, failing...)}
+	h := &manualHarness{logs: &syncBuffer{}, fake: useFakeSystemctl(t, failing...)}
 	cfg := testConfig(t, env)
 	lg := newLogger(h.logs)
 	events, err := openEventLog(cfg.dbPath, lg)
@@ -868,7 +873,7 @@ func TestTriggerCommands(t *testing.T) {
 				}
 				defer lock.Unlock()
 			}
-			var out, errb logBuffer
+			var out, errb syncBuffer
 			got := run(tc.args, mapEnv(env), &out, &errb)
 			if got != tc.want || out.String() != tc.wantOut || !strings.Contains(errb.String(), tc.wantErr) {
 				t.Fatalf("exit %d, stdout:\n%s\nwant exit %d, stdout:\n%s\nstderr (want %q):\n%s", got, out.String(), tc.want, tc.wantOut, tc.wantErr, errb.String())
@@ -1090,7 +1095,7 @@ func TestE2ESchedulerOnce(t *testing.T) {
 	state := r.TempDir(t)
 	cmd := r.Command(bin, "scheduler", "--interval", "60", "--max-iterations", "1")
 	cmd.Env = append(cmd.Env, "WEBHOOK_STATE_DIR="+state, "MANUAL_AUTO_UPDATE_UNIT="+unit)
-	var out logBuffer
+	var out syncBuffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -1158,7 +1163,7 @@ func TestSchedulerEnforcesRequestRetention(t *testing.T) {
 	state := t.TempDir()
 	dbPath := filepath.Join(state, "data", "pod-upgrade-trigger.db")
 	seedRetention(t, dbPath)
-	var out, errb logBuffer
+	var out, errb syncBuffer
 	if code := run([]string{"scheduler", "--max-iterations", "1"}, mapEnv(map[string]string{"WEBHOOK_STATE_DIR": state}), &out, &errb); code != 0 {
 		t.Fatalf("exit %d\n%s", code, errb.String())
 	}

@@ -551,7 +551,7 @@ func TestE2EKillServerMidBurst(t *testing.T) {
 		t.Fatalf("%s: MainPID %s after the kill of %s: not restarted", service, newPID, oldPID)
 	}
 
-	e2e := &e2eServer{url: url, state: state, secret: secret, log: &logBuffer{}, db: rawDB(t, filepath.Join(state, "data", "pod-upgrade-trigger.db"))}
+	e2e := &e2eServer{url: url, state: state, secret: secret, log: &syncBuffer{}, db: rawDB(t, filepath.Join(state, "data", "pod-upgrade-trigger.db"))}
 	accepted := map[string]string{"kill-first": ""}
 	counts := map[string]int{}
 	check := func(id string, a answer, how string) {

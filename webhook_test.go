@@ -1,7 +1,9 @@
-// webhook_test.go tests the HTTP surface through a real client against httptest servers (routes,
-// static files, traversal attempts written as raw request lines, the body cap, one event row per
-// request, the GitHub and registry push routes against adversarial requests), the configuration and command line through run, and the built binary's graceful
-// shutdown on SIGTERM.
+// webhook_test.go tests webhook.go's HTTP surface through a real client against httptest servers:
+// routes, static files (traversal attempts written as raw request lines, non-regular files), the
+// body cap and budget, ambiguous framing, one bounded event row per request, refused payloads, the
+// push routes' image matching, signature verification and strict decoding (fuzzed), the server's
+// start and its refusals, and the built binary's graceful shutdown on SIGTERM. Its other aspects
+// are webhook_adversarial, webhook_queue, webhook_e2e, webhook_health and webhook_bench_test.go.
 package main
 
 import (
@@ -614,6 +616,11 @@ func TestServerOnInterrupt(t *testing.T) {
 		t.Fatalf("exit after SIGINT: %v\nstderr:\n%s", err, p.stderr())
 	}
 }
+
+// Proof suites (issue 7): fuzzing of the request path's parsers, an adversarial table against
+// the running server (webhook_adversarial_test.go), faults, load and benchmarks. Fake podman,
+// systemctl and systemd-run are main_test.go's (newFakeHostWithRun): every program the server
+// runs is recorded, and PATH holds nothing real.
 
 // TestVerifySignatureGitHubVector checks the example GitHub documents for validating webhook
 // deliveries, and the header shapes around it. Hex digits are accepted in either case: they
