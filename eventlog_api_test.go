@@ -33,19 +33,10 @@ type eventsPage struct {
 // getPage sends GET target with the bearer token (none when "") and decodes the answer.
 func getPage(t *testing.T, ts *testServer, target, bearer string) (int, eventsPage, string) {
 	t.Helper()
-	hdr := map[string]string{}
 	if bearer != "" {
-		hdr["Authorization"] = "Bearer " + bearer
+		bearer = "Bearer " + bearer
 	}
-	resp, body := obsGet(t, ts, target, hdr)
-	var p eventsPage
-	if err := json.Unmarshal([]byte(body), &p); err != nil {
-		t.Fatalf("GET %s: %d, body %q is not JSON: %v", target, resp.StatusCode, body, err)
-	}
-	if ct := resp.Header.Get("Content-Type"); ct != "application/json" {
-		t.Errorf("GET %s: Content-Type %q", target, ct)
-	}
-	return resp.StatusCode, p, body
+	return obsGetJSON[eventsPage](t, ts, target, "Authorization", bearer)
 }
 
 const apiToken = "api-token-9c2d"

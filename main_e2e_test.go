@@ -6,10 +6,7 @@ package main
 
 import (
 	"bytes"
-	"crypto/hmac"
-	"crypto/sha256"
 	"database/sql"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -103,9 +100,7 @@ func startE2EServer(t *testing.T, extraEnv ...string) *e2eServer {
 func (s *e2eServer) deliver(t *testing.T, unit, event, delivery string, body []byte, secret string) (int, string) {
 	t.Helper()
 	req, _ := http.NewRequest("POST", s.url+"/github-package-update/"+unit, bytes.NewReader(body))
-	mac := hmac.New(sha256.New, []byte(secret))
-	mac.Write(body)
-	req.Header.Set("X-Hub-Signature-256", "sha256="+hex.EncodeToString(mac.Sum(nil)))
+	req.Header.Set("X-Hub-Signature-256", hubSignature(secret, body))
 	req.Header.Set("X-GitHub-Event", event)
 	req.Header.Set("X-GitHub-Delivery", delivery)
 	req.Header.Set("Content-Type", "application/json")

@@ -698,6 +698,26 @@ func obsGet(t *testing.T, ts *testServer, target string, hdr map[string]string) 
 	return resp, string(b)
 }
 
+// obsGetJSON sends a GET with the header name: value (none if value is empty) and decodes the
+// answer, which must be JSON with Content-Type application/json. It returns the status, the
+// decoded body and the raw body.
+func obsGetJSON[T any](t *testing.T, ts *testServer, target, name, value string) (int, T, string) {
+	t.Helper()
+	hdr := map[string]string{}
+	if value != "" {
+		hdr[name] = value
+	}
+	resp, body := obsGet(t, ts, target, hdr)
+	var v T
+	if err := json.Unmarshal([]byte(body), &v); err != nil {
+		t.Fatalf("GET %s: %d, body %q is not JSON: %v", target, resp.StatusCode, body, err)
+	}
+	if ct := resp.Header.Get("Content-Type"); ct != "application/json" {
+		t.Errorf("GET %s: Content-Type %q", target, ct)
+	}
+	return resp.StatusCode, v, body
+}
+
 // payloads, signatures and the invariants of what parses them
 
 // payloadEdit sets one dotted path of a JSON payload to value, or deletes it when drop is set.

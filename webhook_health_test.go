@@ -97,19 +97,7 @@ type healthBody struct {
 // getHealth sends GET target (with Accept when accept is set) and decodes a JSON answer.
 func getHealth(t *testing.T, ts *testServer, target, accept string) (int, healthBody, string) {
 	t.Helper()
-	hdr := map[string]string{}
-	if accept != "" {
-		hdr["Accept"] = accept
-	}
-	resp, body := obsGet(t, ts, target, hdr)
-	var h healthBody
-	if err := json.Unmarshal([]byte(body), &h); err != nil {
-		t.Fatalf("GET %s: %d, body %q is not JSON: %v", target, resp.StatusCode, body, err)
-	}
-	if ct := resp.Header.Get("Content-Type"); ct != "application/json" {
-		t.Errorf("GET %s: Content-Type %q", target, ct)
-	}
-	return resp.StatusCode, h, body
+	return obsGetJSON[healthBody](t, ts, target, "Accept", accept)
 }
 
 func TestHealthVerbose(t *testing.T) {
