@@ -1,55 +1,49 @@
-// main_test.go owns the test harness: TestMain, the fake programs the test
-// binary impersonates, the rig: the real programs the tool drives in
-// production (a systemd --user manager, rootless podman and a local registry),
-// for system tests, and TestREADME, which runs README.md's examples (its
-// convention is below).
+// main_test.go owns the test harness every concern's tests share: TestMain; the fake programs
+// the test binary impersonates (podman, systemctl, systemd-run, loginctl), all registered by the
+// one init below; the in-process test server and configuration builders; payload builders and
+// signatures; readers of event_log rows; waits; and the built binary and the processes started
+// from it. Helpers one concern uses stay in that concern's test file; the rig of the system tests
+// is main_rig_test.go's, and the end-to-end server harness on it main_e2e_test.go's.
 //
-// The rig is one throwaway non-root user per test run, wau-rig-<pid>, with its
-// own user manager (in a cgroup it owns, XDG_RUNTIME_DIR /run/user/<uid>), its
-// own rootless podman store (driver vfs, configured in its
-// ~/.config/containers) and its own docker-registry on a free port, so two test
-// runs on one host never share a manager, a store or a registry. The server and
-// run-task processes of system tests run as that user (rig.Command).
-//
-// Rules: the rig starts once per test binary, on the first needRig call, and
-// TestMain tears it down; TestMain first sweeps what runs that died (a timeout
-// panic skips teardown) left behind, recognised by the owner marker each holds
-// (the owning test process's PID and start time), never touching a live run's;
-// every unit, container and image a test creates is removed by that test's
-// t.Cleanup; every command runs with a timeout; a missing prerequisite skips,
-// except under CI=true or WEBHOOK_E2E=1, where it fails.
+// Rules: the fakes are the test binary itself (installFakes), scripted through files in a state
+// directory named by FAKE_PODMAN_DIR / FAKE_SYSTEMCTL_DIR / FAKE_SYSTEMD_RUN_DIR: every call
+// appends its argv to argv.log, and a file <prog>-<verb>.{sleep,fails,exit,stdout,stderr} changes
+// what one subcommand does. A test that puts only the fakes on PATH cannot reach a real podman or
+// systemd. Waits are bounded by hangGuard, which is never a measurement.
 package main
 
 import (
-	"archive/tar"
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
+	"crypto/hmac"
+	"crypto/rand"
+	"crypto/sha256"
 	"database/sql"
-	"debug/elf"
+	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
-	"io/fs"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
-	"os/user"
 	"path/filepath"
-	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
 )
 
 // fakePrograms maps a program name to the fake that runs when the test binary
-// is started under that name (see installFakes). Other test files register
-// their fakes from init.
+// is started under that name (see installFakes). The init below registers
+// every fake.
 var fakePrograms = map[string]func() int{}
 
 func TestMain(m *testing.M) {
@@ -67,6 +61,42 @@ func TestMain(m *testing.M) {
 		os.RemoveAll(binaryDir)
 	}
 	os.Exit(code)
+}
+
+// fake programs
+
+func init() {
+	// loginctl enable-linger needs logind; the README's deploy block only has to reach it.
+	fakePrograms["loginctl"] = func() int { return 0 }
+	chainFake("podman", fakePodmanDirEnv)
+	chainFake("systemctl", fakeSystemctlDirEnv)
+	// systemd-run only records (and obeys systemd-run---user.{exit,fails,sleep,...}); a test that
+	// wants the transient unit's work done runs the recorded command itself.
+	chainFake("systemd-run", fakeSystemdRunDirEnv)
+	// The pull recorder wraps the scripted podman.
+	prevPodman := fakePrograms["podman"]
+	fakePrograms["podman"] = func() int {
+		path := os.Getenv(fakePullIntervalsEnv)
+		if path == "" || len(os.Args) < 2 || os.Args[1] != "pull" {
+			return prevPodman()
+		}
+		start := time.Now().UnixNano()
+		code := prevPodman()
+		if f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600); err == nil {
+			fmt.Fprintf(f, "%d %d %d\n", start, time.Now().UnixNano(), os.Getpid())
+			f.Close()
+		}
+		return code
+	}
+	// The logging systemctl only answers when its log variable is set, and hands over to the
+	// scripted one otherwise.
+	prevSystemctl := fakePrograms["systemctl"]
+	fakePrograms["systemctl"] = func() int {
+		if os.Getenv(fakeSystemctlLogEnv) == "" && prevSystemctl != nil {
+			return prevSystemctl()
+		}
+		return fakeSystemctl()
+	}
 }
 
 // installFakes links the test binary into a fresh directory under each of
@@ -111,1193 +141,960 @@ func copyExecutable(src, dst string, mode os.FileMode) error {
 }
 
 const (
-	// rigCmdTimeout bounds every command the rig runs.
-	rigCmdTimeout = 2 * time.Minute
-	// rigSystemPath is where the rig looks for the real programs, so a test
-	// that put fakes on PATH never hands a fake to the rig.
-	rigSystemPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-	// rigUserManager is the systemd --user manager binary.
-	rigUserManager = "/lib/systemd/systemd"
-	// rigUserPrefix names the rig's throwaway users: rigUserPrefix + the PID of
-	// the test process that owns it.
-	rigUserPrefix = "wau-rig-"
-	// rigOwnerFile, in the rig user's home (and in buildBinary's directory),
-	// records the owning test process as "<pid> <start time>".
-	rigOwnerFile = ".wau-rig-owner"
-	// rigSystemDir must exist for systemd --user to start (it is how systemd
-	// tells it was booted with systemd); on a host without systemd as PID 1 the
-	// rig makes it and leaves rigSystemDirMark in it.
-	rigSystemDir     = "/run/systemd/system"
-	rigSystemDirMark = rigSystemDir + "/.made-by-wau-rig"
+	fakePodmanDirEnv    = "FAKE_PODMAN_DIR"
+	fakeSystemctlDirEnv = "FAKE_SYSTEMCTL_DIR"
 )
 
-// rigRun runs name with args and a timeout as the test process and returns
-// its standard output; an error names the command and carries its output.
-func rigRun(timeout time.Duration, name string, args ...string) (string, error) {
-	return rigRunCmd(timeout, exec.Command(name, args...))
-}
-
-// rigRunCmd runs cmd with a timeout and returns its standard output; an error
-// names the command and carries its standard error and output. Only standard
-// output is returned: rootless podman warns on standard error, which must not
-// end up in an image ID.
-func rigRunCmd(timeout time.Duration, cmd *exec.Cmd) (string, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), timeout)
-	defer cancel()
-	c := exec.CommandContext(ctx, cmd.Path, cmd.Args[1:]...)
-	c.Env, c.Dir, c.SysProcAttr = cmd.Env, cmd.Dir, cmd.SysProcAttr
-	var stdout, stderr bytes.Buffer
-	c.Stdout, c.Stderr = &stdout, &stderr
-	// A child such as conmon may keep the output pipe open after the
-	// command itself has exited.
-	c.WaitDelay = 5 * time.Second
-	err := c.Run()
-	if errors.Is(err, exec.ErrWaitDelay) && c.ProcessState != nil && c.ProcessState.Success() {
-		err = nil
-	}
-	if ctx.Err() != nil {
-		err = fmt.Errorf("timed out after %s: %w", timeout, err)
-	}
-	if err != nil {
-		return stdout.String(), fmt.Errorf("%s: %w: %s", strings.Join(cmd.Args, " "), err,
-			strings.TrimSpace(stderr.String()+"\n"+stdout.String()))
-	}
-	return stdout.String(), nil
-}
-
-// rigLookPath finds a program in rigSystemPath, ignoring PATH.
-func rigLookPath(name string) (string, error) {
-	for _, dir := range filepath.SplitList(rigSystemPath) {
-		p := filepath.Join(dir, name)
-		if fi, err := os.Stat(p); err == nil && fi.Mode().IsRegular() && fi.Mode()&0o111 != 0 {
-			return p, nil
-		}
-	}
-	return "", fmt.Errorf("%s not found in %s", name, rigSystemPath)
-}
-
-// rigRequired reports whether system tests must run rather than skip.
-func rigRequired() bool {
-	return os.Getenv("CI") == "true" || os.Getenv("WEBHOOK_E2E") == "1"
-}
-
-// rigSkipOrFail skips the test, or fails it when rigRequired.
-func rigSkipOrFail(t *testing.T, format string, args ...any) {
-	t.Helper()
-	if rigRequired() {
-		t.Fatalf(format+" (CI=true or WEBHOOK_E2E=1 demands system tests)", args...)
-	}
-	t.Skipf(format, args...)
-}
-
-// rigMissing lists what the rig needs and this machine lacks, each with
-// the Debian package that provides it.
-func rigMissing() []string {
-	var missing []string
-	if os.Geteuid() != 0 {
-		missing = append(missing, "root (uid 0), to add the rig's user")
-	}
-	for _, p := range []struct{ name, pkg string }{
-		{"podman", "podman"},
-		{"runc", "runc"},
-		{"docker-registry", "docker-registry"},
-		{"systemctl", "systemd"},
-		{"systemd-run", "systemd"},
-		{"newuidmap", "uidmap"},
-		{"useradd", "passwd"},
-		{"userdel", "passwd"},
-		{"setpriv", "util-linux"},
-	} {
-		if _, err := rigLookPath(p.name); err != nil {
-			missing = append(missing, fmt.Sprintf("%s (apt package %s)", p.name, p.pkg))
-		}
-	}
-	if fi, err := os.Stat(rigUserManager); err != nil || fi.Mode()&0o111 == 0 {
-		missing = append(missing, rigUserManager+" (apt package systemd)")
-	}
-	if err := rigCheckStatic("/bin/busybox"); err != nil {
-		missing = append(missing, fmt.Sprintf("static /bin/busybox (apt package busybox-static): %v", err))
-	}
-	if len(rigCgroupRoots()) == 0 {
-		missing = append(missing, "a writable cgroup hierarchy under /sys/fs/cgroup")
-	}
-	return missing
-}
-
-// rigCheckStatic reports an error unless path is a statically linked ELF
-// executable, which is what lets it run alone in a test image.
-func rigCheckStatic(path string) error {
-	f, err := elf.Open(path)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	for _, p := range f.Progs {
-		if p.Type == elf.PT_INTERP {
-			return fmt.Errorf("%s is dynamically linked", path)
-		}
-	}
-	return nil
-}
-
-// rigCgroupRoots returns the cgroup hierarchies a user manager needs a cgroup
-// of its own in (what logind's user@.service gives it on a real host): the
-// cgroup2 hierarchy, and on a hybrid host also the name=systemd one.
-func rigCgroupRoots() []string {
-	if _, err := os.Stat("/sys/fs/cgroup/cgroup.controllers"); err == nil {
-		return []string{"/sys/fs/cgroup"}
-	}
-	var roots []string
-	for _, h := range []string{"/sys/fs/cgroup/unified", "/sys/fs/cgroup/systemd"} {
-		if _, err := os.Stat(filepath.Join(h, "cgroup.procs")); err == nil {
-			roots = append(roots, h)
-		}
-	}
-	return roots
-}
-
-// rig is the real system a test run drives: a throwaway user with its own
-// systemd --user manager and rootless podman, and a local registry.
-type rig struct {
-	user       string // wau-rig-<pid>
-	uid, gid   int
-	home       string // the user's home: podman's store and configuration, and dir
-	dir        string // what the rig itself keeps (registry storage, logs), in home
-	runtimeDir string // XDG_RUNTIME_DIR of the user manager
-	unitDir    string // runtime unit directory of the user manager
-	registry   string // host:port of the local registry
-	podman     string
-	systemctl  string
-	storage    string // storage driver of the user's store
-
-	manager        *exec.Cmd
-	managerCancel  context.CancelFunc
-	managerDone    chan struct{}
-	registryCmd    *exec.Cmd
-	registryCancel context.CancelFunc
-	registryDone   chan struct{}
-	systemDir      *os.File // a shared flock on rigSystemDir while the manager needs it
-}
-
-var (
-	rigOnce     sync.Once
-	rigMu       sync.Mutex // guards theRig for teardown
-	theRig      *rig
-	rigErr      error
-	rigStartup  time.Duration
-	rigReported atomic.Bool
+const (
+	// fakeSystemdRunDirEnv names the state directory of the fake systemd-run; newFakeHostWithRun
+	// points it at the podman/systemctl one, so one argv.log lists every program run.
+	fakeSystemdRunDirEnv = "FAKE_SYSTEMD_RUN_DIR"
+	// fakePullIntervalsEnv names a file to which the fake podman appends "START END PID" (unix
+	// nanoseconds) for every pull, so a test can check that pulls never overlapped.
+	fakePullIntervalsEnv = "FAKE_PULL_INTERVALS"
+	// keySystemdRun is the runFake key of systemd-run: its first argument is always --user.
+	keySystemdRun = "systemd-run---user"
 )
 
-// needRig returns the shared rig, starting it on first use. It skips the test
-// when the machine cannot run it (see rigSkipOrFail) and fails it when the rig
-// did not come up.
-func needRig(t *testing.T) *rig {
-	t.Helper()
-	if testing.Short() {
-		rigSkipOrFail(t, "system test skipped in -short mode")
-	}
-	if missing := rigMissing(); len(missing) > 0 {
-		rigSkipOrFail(t, "system test needs %s", strings.Join(missing, ", "))
-	}
-	rigOnce.Do(func() {
-		start := time.Now()
-		r, err := rigStart()
-		rigMu.Lock()
-		theRig, rigErr = r, err
-		rigMu.Unlock()
-		rigStartup = time.Since(start)
-	})
-	if rigErr != nil {
-		t.Fatalf("start test rig: %v", rigErr)
-	}
-	if !rigReported.Swap(true) {
-		t.Logf("test rig ready in %s: user %s (uid %d), registry %s, storage %s",
-			rigStartup.Round(time.Millisecond), theRig.user, theRig.uid, theRig.registry, theRig.storage)
-	}
-	return theRig
-}
-
-// rigStart brings up the rig; on error it tears down what it started.
-func rigStart() (_ *rig, err error) {
-	r := &rig{user: rigUserPrefix + strconv.Itoa(os.Getpid())}
-	rigMu.Lock()
-	theRig = r // so rigTeardown cleans up a half-started rig too
-	rigMu.Unlock()
-	defer func() {
-		if err != nil {
-			if terr := rigTeardown(); terr != nil {
-				err = fmt.Errorf("%w (teardown: %v)", err, terr)
-			}
+// chainFake registers the scripted fake for prog. A fake another test file registered earlier
+// keeps running whenever this one's state directory is not set.
+func chainFake(prog, env string) {
+	prev := fakePrograms[prog]
+	fakePrograms[prog] = func() int {
+		dir := os.Getenv(env)
+		if dir == "" && prev != nil {
+			return prev()
 		}
-	}()
-	if r.podman, err = rigLookPath("podman"); err != nil {
-		return nil, err
+		return runFake(prog, env, dir, os.Args[1:])
 	}
-	if r.systemctl, err = rigLookPath("systemctl"); err != nil {
-		return nil, err
-	}
-	if err := r.addUser(); err != nil {
-		return nil, err
-	}
-	if err := r.startManager(); err != nil {
-		return nil, err
-	}
-	if err := r.startRegistry(); err != nil {
-		return nil, err
-	}
-	if err := r.configurePodman(); err != nil {
-		return nil, err
-	}
-	return r, nil
 }
 
-// addUser adds the rig's user, marks its home as this process's, and makes
-// the directories the rig keeps there.
-func (r *rig) addUser() error {
-	if _, err := rigRun(rigCmdTimeout, "useradd", "--create-home", "--shell", "/bin/sh",
-		"--comment", "webhook-auto-update test rig", "--", r.user); err != nil {
-		return err
+// fakeVerb names the subcommand of a call: "pull", "image-inspect", "restart".
+// argsAfterDashes drops a leading "--", as podman's flag parser does.
+func argsAfterDashes(args []string) []string {
+	if len(args) > 0 && args[0] == "--" {
+		return args[1:]
 	}
-	u, err := user.Lookup(r.user)
-	if err != nil {
-		return err
-	}
-	r.home = u.HomeDir
-	if r.uid, err = strconv.Atoi(u.Uid); err != nil {
-		return err
-	}
-	if r.gid, err = strconv.Atoi(u.Gid); err != nil {
-		return err
-	}
-	if err := rigWriteOwner(r.home); err != nil {
-		return err
-	}
-	// Others may enter the home (not list it): root's registry keeps its
-	// storage in dir, and nothing secret lives here.
-	if err := os.Chmod(r.home, 0o711); err != nil {
-		return err
-	}
-	r.dir = filepath.Join(r.home, "rig")
-	r.runtimeDir = fmt.Sprintf("/run/user/%d", r.uid)
-	r.unitDir = filepath.Join(r.runtimeDir, "systemd", "user")
-	if err := os.Mkdir(r.dir, 0o700); err != nil {
-		return err
-	}
-	if err := r.mkdirOwned(filepath.Join(r.home, "tmp")); err != nil {
-		return err
-	}
-	// A runtime directory left by an earlier user with this uid is not ours.
-	if err := os.RemoveAll(r.runtimeDir); err != nil {
-		return err
-	}
-	for _, d := range []string{r.runtimeDir, filepath.Dir(r.unitDir), r.unitDir} {
-		if err := r.mkdirOwned(d); err != nil {
-			return err
+	return args
+}
+
+func fakeVerb(prog string, args []string) string {
+	if prog == "systemctl" {
+		for len(args) > 0 && args[0] == "--user" {
+			args = args[1:]
 		}
 	}
-	return nil
-}
-
-// mkdirOwned makes dir (mode 0700) owned by the rig's user.
-func (r *rig) mkdirOwned(dir string) error {
-	if err := os.Mkdir(dir, 0o700); err != nil {
-		return err
-	}
-	return os.Chown(dir, r.uid, r.gid)
-}
-
-// rigWriteOwner records this test process as the owner of dir.
-func rigWriteOwner(dir string) error {
-	start, err := rigStartTime(os.Getpid())
-	if err != nil {
-		return err
-	}
-	tmp := filepath.Join(dir, rigOwnerFile+".tmp")
-	if err := os.WriteFile(tmp, []byte(fmt.Sprintf("%d %d\n", os.Getpid(), start)), 0o644); err != nil {
-		return err
-	}
-	return os.Rename(tmp, filepath.Join(dir, rigOwnerFile))
-}
-
-// rigStartTime returns the start time of process pid, in clock ticks since
-// boot (field 22 of /proc/<pid>/stat): with the PID it names one process,
-// however PIDs are reused.
-func rigStartTime(pid int) (uint64, error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0, err
-	}
-	// The command name, field 2, may hold spaces and parentheses.
-	i := bytes.LastIndexByte(b, ')')
-	fields := strings.Fields(string(b[i+1:]))
-	if i < 0 || len(fields) < 20 {
-		return 0, fmt.Errorf("/proc/%d/stat: unexpected format", pid)
-	}
-	return strconv.ParseUint(fields[19], 10, 64)
-}
-
-// rigOwnerAlive reports whether the test process recorded in dir's owner
-// marker still runs. Without a marker (its owner may be about to write it) it
-// reports whether pid runs, and true if pid is 0: what is not known to be dead
-// is left alone.
-func rigOwnerAlive(dir string, pid int) bool {
-	b, err := os.ReadFile(filepath.Join(dir, rigOwnerFile))
-	if err != nil {
-		if pid == 0 {
-			return true
-		}
-		_, err := os.Stat(fmt.Sprintf("/proc/%d", pid))
-		return err == nil
-	}
-	var start uint64
-	if _, err := fmt.Sscanf(string(b), "%d %d", &pid, &start); err != nil {
-		return false
-	}
-	now, err := rigStartTime(pid)
-	return err == nil && now == start
-}
-
-// rigEnv is the environment of everything that runs as the rig's user: a
-// login's, as on a real host, and nothing of the test process's.
-func (r *rig) rigEnv() []string {
-	return []string{
-		"HOME=" + r.home, "USER=" + r.user, "LOGNAME=" + r.user, "SHELL=/bin/sh",
-		"PATH=" + rigSystemPath, "LANG=C.UTF-8", "XDG_RUNTIME_DIR=" + r.runtimeDir,
-		"DBUS_SESSION_BUS_ADDRESS=unix:path=" + filepath.Join(r.runtimeDir, "bus"),
-	}
-}
-
-// Command returns a command that runs name as the rig's user, in its home,
-// with its login environment (rigEnv); the caller may append to Env. The
-// process is the command itself, so signals and PIDs are the caller's to use.
-func (r *rig) Command(name string, args ...string) *exec.Cmd {
-	cmd := exec.Command(name, args...)
-	cmd.Env = r.rigEnv()
-	cmd.Dir = r.home
-	cmd.SysProcAttr = &syscall.SysProcAttr{
-		Credential: &syscall.Credential{Uid: uint32(r.uid), Gid: uint32(r.gid), Groups: []uint32{}},
-	}
-	return cmd
-}
-
-// TempDir returns a new directory owned by the rig's user (t.TempDir's are
-// root's and closed to it), removed when the test ends.
-func (r *rig) TempDir(t *testing.T) string {
-	t.Helper()
-	dir, err := os.MkdirTemp(filepath.Join(r.home, "tmp"), "t-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Chown(dir, r.uid, r.gid); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	return dir
-}
-
-// Chown gives paths to the rig's user, for files a test wrote as root where
-// the rig's processes write too.
-func (r *rig) Chown(t *testing.T, paths ...string) {
-	t.Helper()
-	for _, p := range paths {
-		if err := os.Lchown(p, r.uid, r.gid); err != nil {
-			t.Fatal(err)
-		}
-	}
-}
-
-// runAs runs name as the rig's user and returns its standard output.
-func (r *rig) runAs(name string, args ...string) (string, error) {
-	return rigRunCmd(rigCmdTimeout, r.Command(name, args...))
-}
-
-func (r *rig) systemctlUser(args ...string) (string, error) {
-	return r.runAs(r.systemctl, append([]string{"--user"}, args...)...)
-}
-
-// managerState returns the first line systemctl --user is-system-running prints.
-func (r *rig) managerState() string {
-	out, _ := r.systemctlUser("is-system-running")
-	line, _, _ := strings.Cut(strings.TrimSpace(out), "\n")
-	return line
-}
-
-// startManager starts the user's systemd --user manager in a cgroup it owns,
-// which it needs to start at all (without one it exits 1 silently: EACCES on
-// its cgroup.procs). Only root may move a process into that cgroup, so a
-// shell moves itself there first and then becomes the user and the manager,
-// keeping its PID; setpriv's --pdeathsig stops the manager if the test
-// process dies.
-func (r *rig) startManager() error {
-	release, err := rigHoldSystemDir()
-	if err != nil {
-		return err
-	}
-	r.systemDir = release
-	var procs []string
-	for _, root := range rigCgroupRoots() {
-		cg := filepath.Join(root, r.user, fmt.Sprintf("user@%d.service", r.uid))
-		if err := os.MkdirAll(cg, 0o755); err != nil {
-			return fmt.Errorf("make the user manager's cgroup: %w", err)
-		}
-		if err := filepath.WalkDir(filepath.Join(root, r.user), func(p string, _ fs.DirEntry, err error) error {
-			if err != nil {
-				return err
-			}
-			return os.Lchown(p, r.uid, r.gid)
-		}); err != nil {
-			return fmt.Errorf("give the user manager's cgroup to %s: %w", r.user, err)
-		}
-		procs = append(procs, filepath.Join(cg, "cgroup.procs"))
-	}
-
-	logPath := filepath.Join(r.dir, "systemd-user.log")
-	logFile, err := os.Create(logPath)
-	if err != nil {
-		return err
-	}
-	defer logFile.Close()
-	ctx, cancel := context.WithCancel(context.Background())
-	args := []string{"-c", `while [ "$1" != -- ]; do echo $$ >"$1" || exit 1; shift; done; shift; exec "$@"`, "sh"}
-	args = append(args, procs...)
-	args = append(args, "--", "setpriv", "--reuid", strconv.Itoa(r.uid), "--regid", strconv.Itoa(r.gid),
-		"--init-groups", "--pdeathsig", "TERM", "--", "env", "-i")
-	args = append(args, r.rigEnv()...)
-	args = append(args, rigUserManager, "--user")
-	cmd := exec.CommandContext(ctx, "/bin/sh", args...)
-	cmd.Dir = r.home
-	cmd.Env = []string{"PATH=" + rigSystemPath}
-	cmd.Stdout, cmd.Stderr = logFile, logFile
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	// SIGTERM makes a user manager start exit.target, stopping every unit.
-	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
-	cmd.WaitDelay = 30 * time.Second
-	if err := cmd.Start(); err != nil {
-		cancel()
-		return fmt.Errorf("start %s --user: %w", rigUserManager, err)
-	}
-	done := make(chan struct{})
-	go func() {
-		cmd.Wait()
-		close(done)
-	}()
-	r.manager, r.managerCancel, r.managerDone = cmd, cancel, done
-	return r.waitManager(done, logPath)
-}
-
-// waitManager polls until the user manager is running or degraded.
-func (r *rig) waitManager(done chan struct{}, logPath string) error {
-	const limit = 60 * time.Second
-	deadline := time.Now().Add(limit)
-	for {
-		state := r.managerState()
-		if state == "running" || state == "degraded" {
-			return nil
-		}
-		exited := false
-		select {
-		case <-done:
-			exited = true
-		default:
-		}
-		if exited || time.Now().After(deadline) {
-			why := fmt.Sprintf("did not become running within %s", limit)
-			if exited {
-				why = "exited: " + r.manager.ProcessState.String()
-			}
-			log, _ := os.ReadFile(logPath)
-			return fmt.Errorf("%s --user as %s %s (systemctl --user is-system-running: %q); its output: %s",
-				rigUserManager, r.user, why, state, strings.TrimSpace(string(log)))
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-}
-
-// rigHoldSystemDir makes sure rigSystemDir exists and holds a shared flock on
-// it until the returned file is closed. Two runs need it at once and either
-// may finish first: the flock tells the last one out (rigReleaseSystemDir)
-// that it may remove the directory, and only if a rig made it. Making and
-// removing happen under an exclusive flock on its parent.
-func rigHoldSystemDir() (*os.File, error) {
-	parent, err := rigLockParent()
-	if err != nil {
-		return nil, err
-	}
-	defer parent.Close()
-	if _, err := os.Stat(rigSystemDir); errors.Is(err, os.ErrNotExist) {
-		if err := os.Mkdir(rigSystemDir, 0o755); err != nil {
-			return nil, err
-		}
-		if err := os.WriteFile(rigSystemDirMark, nil, 0o644); err != nil {
-			return nil, err
-		}
-	}
-	d, err := os.Open(rigSystemDir)
-	if err != nil {
-		return nil, err
-	}
-	// Exclusive flocks on it are only taken under the parent's: this cannot wait.
-	if err := syscall.Flock(int(d.Fd()), syscall.LOCK_SH); err != nil {
-		d.Close()
-		return nil, fmt.Errorf("flock %s: %w", rigSystemDir, err)
-	}
-	return d, nil
-}
-
-// rigReleaseSystemDir drops held (nil if none) and removes rigSystemDir if a
-// rig made it and no rig holds it any more.
-func rigReleaseSystemDir(held *os.File) error {
-	parent, err := rigLockParent()
-	if err != nil {
-		return err
-	}
-	defer parent.Close()
-	if held != nil {
-		held.Close()
-	}
-	d, err := os.Open(rigSystemDir)
-	if err != nil {
-		return nil
-	}
-	defer d.Close()
-	if syscall.Flock(int(d.Fd()), syscall.LOCK_EX|syscall.LOCK_NB) != nil {
-		return nil // another run's manager still needs it
-	}
-	if _, err := os.Stat(rigSystemDirMark); err != nil {
-		return nil // not a rig's
-	}
-	if err := os.Remove(rigSystemDirMark); err != nil {
-		return err
-	}
-	return os.Remove(rigSystemDir)
-}
-
-// rigLockParent opens rigSystemDir's parent with an exclusive flock, released
-// when the file is closed.
-func rigLockParent() (*os.File, error) {
-	dir := filepath.Dir(rigSystemDir)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return nil, err
-	}
-	f, err := os.Open(dir)
-	if err != nil {
-		return nil, err
-	}
-	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("flock %s: %w", dir, err)
-	}
-	return f, nil
-}
-
-// rigFreePort returns a TCP port on 127.0.0.1 that was free a moment ago.
-func rigFreePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
-}
-
-// startRegistry runs docker-registry on a free port, retrying another port if
-// the first one was taken meanwhile.
-func (r *rig) startRegistry() error {
-	bin, err := rigLookPath("docker-registry")
-	if err != nil {
-		return err
-	}
-	storage := filepath.Join(r.dir, "registry")
-	if err := os.MkdirAll(storage, 0o700); err != nil {
-		return err
-	}
-	for attempt := 1; ; attempt++ {
-		err := r.tryRegistry(bin, storage)
-		if err == nil || attempt == 3 {
-			return err
-		}
-	}
-}
-
-func (r *rig) tryRegistry(bin, storage string) error {
-	reg, err := rigServeRegistry(bin, r.dir, storage, "")
-	if err != nil {
-		return err
-	}
-	r.registry, r.registryCmd, r.registryCancel, r.registryDone = reg.addr, reg.cmd, reg.cancel, reg.done
-	return nil
-}
-
-// rigRegistry is a running docker-registry.
-type rigRegistry struct {
-	addr   string
-	cmd    *exec.Cmd
-	cancel context.CancelFunc
-	done   chan struct{}
-}
-
-// rigServeRegistry runs docker-registry on a free port with its config, log and storage under
-// dir; extra is appended to the config (top-level YAML sections, such as notifications).
-func rigServeRegistry(bin, dir, storage, extra string) (*rigRegistry, error) {
-	port, err := rigFreePort()
-	if err != nil {
-		return nil, err
-	}
-	addr := fmt.Sprintf("127.0.0.1:%d", port)
-	// No auth section: Debian's default config demands htpasswd.
-	cfg := fmt.Sprintf("version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nhttp:\n  addr: %s\nstorage:\n  filesystem:\n    rootdirectory: %s\n  delete:\n    enabled: true\n", addr, storage)
-	cfgPath := filepath.Join(dir, "registry.yml")
-	if err := os.WriteFile(cfgPath, []byte(cfg+extra), 0o600); err != nil {
-		return nil, err
-	}
-	logPath := filepath.Join(dir, "registry.log")
-	logFile, err := os.Create(logPath)
-	if err != nil {
-		return nil, err
-	}
-	defer logFile.Close()
-	ctx, cancel := context.WithCancel(context.Background())
-	cmd := exec.CommandContext(ctx, bin, "serve", cfgPath)
-	cmd.Stdout, cmd.Stderr = logFile, logFile
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	cmd.WaitDelay = 5 * time.Second
-	if err := cmd.Start(); err != nil {
-		cancel()
-		return nil, fmt.Errorf("start %s serve %s: %w", bin, cfgPath, err)
-	}
-	done := make(chan struct{})
-	go func() {
-		cmd.Wait()
-		close(done)
-	}()
-	client := &http.Client{Timeout: 2 * time.Second}
-	deadline := time.Now().Add(time.Minute)
-	for {
-		resp, err := client.Get("http://" + addr + "/v2/")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return &rigRegistry{addr: addr, cmd: cmd, cancel: cancel, done: done}, nil
-			}
-		}
-		exited := false
-		select {
-		case <-done:
-			exited = true
-		default:
-		}
-		if exited || time.Now().After(deadline) {
-			cancel()
-			<-done
-			log, _ := os.ReadFile(logPath)
-			return nil, fmt.Errorf("%s serve %s: not answering GET http://%s/v2/ (last error %v); its output: %s", bin, cfgPath, addr, err, strings.TrimSpace(string(log)))
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-}
-
-// StartRegistry runs another docker-registry, with its own storage and extra appended to its
-// config (a notifications section, say), until the test ends, and returns its host:port. Podman
-// reaches it over plain HTTP with --tls-verify=false, or through a registries.conf naming it.
-func (r *rig) StartRegistry(t *testing.T, extra string) string {
-	t.Helper()
-	bin, err := rigLookPath("docker-registry")
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir := t.TempDir()
-	var reg *rigRegistry
-	for attempt := 1; reg == nil; attempt++ {
-		if reg, err = rigServeRegistry(bin, dir, filepath.Join(dir, "storage"), extra); err != nil && attempt == 3 {
-			t.Fatal(err)
-		}
-	}
-	t.Cleanup(func() {
-		reg.cancel()
-		<-reg.done
-	})
-	return reg.addr
-}
-
-// configurePodman writes the user's rootless podman configuration: runc
-// rather than crun (which fails on hosts with hybrid cgroups and rlimits),
-// cgroupfs, no network namespace, the vfs storage driver (which needs
-// nothing from the kernel), and the rig's registry as an insecure (plain
-// HTTP) one. The units podman auto-update restarts and podman-auto-update.service
-// read it too: they run as the user, without the test's environment.
-func (r *rig) configurePodman() error {
-	dir := filepath.Join(r.home, ".config", "containers")
-	for _, d := range []string{filepath.Dir(dir), dir} {
-		if err := r.mkdirOwned(d); err != nil && !errors.Is(err, os.ErrExist) {
-			return err
-		}
-	}
-	files := map[string]string{
-		"containers.conf": `[containers]
-default_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]
-netns = "none"
-[engine]
-runtime = "runc"
-cgroup_manager = "cgroupfs"
-events_logger = "file"
-`,
-		"storage.conf":    "[storage]\ndriver = \"vfs\"\n",
-		"registries.conf": fmt.Sprintf("[[registry]]\nlocation = %q\ninsecure = true\n", r.registry),
-	}
-	for name, text := range files {
-		p := filepath.Join(dir, name)
-		if err := os.WriteFile(p, []byte(text), 0o644); err != nil {
-			return err
-		}
-		if err := os.Chown(p, r.uid, r.gid); err != nil {
-			return err
-		}
-	}
-	out, err := r.runAs(r.podman, "info", "--format", "{{.Store.GraphDriverName}}")
-	if err != nil {
-		return fmt.Errorf("rootless podman as %s: %w", r.user, err)
-	}
-	r.storage = strings.TrimSpace(out)
-	if r.storage != "vfs" {
-		return fmt.Errorf("rootless podman as %s uses storage driver %q, want vfs from %s", r.user, r.storage, filepath.Join(dir, "storage.conf"))
-	}
-	return nil
-}
-
-// rigTeardown stops and removes whatever the rig started; it is safe to call
-// when no rig was started.
-func rigTeardown() error {
-	rigMu.Lock()
-	r := theRig
-	theRig = nil
-	rigMu.Unlock()
-	if r == nil {
-		return nil
-	}
-	var errs []error
-	if r.manager != nil {
-		// Stops every unit; WaitDelay bounds a manager that hangs.
-		r.managerCancel()
-		<-r.managerDone
-	}
-	if r.registryCmd != nil {
-		r.registryCancel()
-		<-r.registryDone
-	}
-	if err := rigRemoveUser(r.user); err != nil {
-		errs = append(errs, err)
-	}
-	if r.systemDir != nil {
-		if err := rigReleaseSystemDir(r.systemDir); err != nil {
-			errs = append(errs, err)
-		}
-	}
-	return errors.Join(errs...)
-}
-
-// rigSweep removes what test runs that are gone left behind: rig users
-// (wau-rig-*) whose home's owner marker names a process that no longer runs,
-// and buildBinary directories likewise. A timeout panic ends the test binary
-// without TestMain's teardown; the next run cleans up here. A live run's
-// leftovers-to-be are never touched.
-func rigSweep() []error {
-	if os.Geteuid() != 0 {
-		return nil
-	}
-	var errs []error
-	users, err := rigUsers()
-	if err != nil {
-		errs = append(errs, err)
-	}
-	for name, home := range users {
-		pid, _ := strconv.Atoi(strings.TrimPrefix(name, rigUserPrefix))
-		if !rigOwnerAlive(home, pid) {
-			if err := rigRemoveUser(name); err != nil {
-				errs = append(errs, err)
-			}
-		}
-	}
-	bins, _ := filepath.Glob(filepath.Join(os.TempDir(), "webhook-bin-*"))
-	for _, dir := range bins {
-		if _, err := os.Stat(filepath.Join(dir, rigOwnerFile)); err == nil && !rigOwnerAlive(dir, 0) {
-			if err := os.RemoveAll(dir); err != nil {
-				errs = append(errs, err)
-			}
-		}
-	}
-	if err := rigReleaseSystemDir(nil); err != nil {
-		errs = append(errs, err)
-	}
-	return errs
-}
-
-// rigUsers returns the rig users in /etc/passwd and their homes.
-func rigUsers() (map[string]string, error) {
-	f, err := os.Open("/etc/passwd")
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	users := map[string]string{}
-	s := bufio.NewScanner(f)
-	for s.Scan() {
-		fields := strings.Split(s.Text(), ":")
-		if len(fields) >= 6 && strings.HasPrefix(fields[0], rigUserPrefix) {
-			users[fields[0]] = fields[5]
-		}
-	}
-	return users, s.Err()
-}
-
-// rigRemoveUser removes a rig user and everything it ran and owned: its
-// processes (the manager, its units, conmon, podman's pause process, a
-// server a test started), its cgroups, its runtime directory, and the user
-// with its home. The user is removed last, so an interrupted removal is
-// found again by rigSweep.
-func rigRemoveUser(name string) error {
-	if !strings.HasPrefix(name, rigUserPrefix) {
-		return fmt.Errorf("remove rig user %q: not a rig user", name)
-	}
-	u, err := user.Lookup(name)
-	if err != nil {
-		var unknown user.UnknownUserError
-		if errors.As(err, &unknown) {
-			return nil
-		}
-		return err
-	}
-	uid, err := strconv.Atoi(u.Uid)
-	if err != nil || uid == 0 {
-		return fmt.Errorf("remove rig user %s: bad uid %q", name, u.Uid)
-	}
-	var errs []error
-	if err := rigKillUID(uid); err != nil {
-		errs = append(errs, err)
-	}
-	for _, root := range rigCgroupRoots() {
-		if err := rigRemoveCgroup(filepath.Join(root, name)); err != nil {
-			errs = append(errs, err)
-		}
-	}
-	if err := os.RemoveAll(fmt.Sprintf("/run/user/%d", uid)); err != nil {
-		errs = append(errs, err)
-	}
-	if _, err := rigRun(rigCmdTimeout, "userdel", "--remove", "--", name); err != nil &&
-		!strings.Contains(err.Error(), "mail spool") {
-		errs = append(errs, err)
-	}
-	if len(errs) > 0 {
-		return fmt.Errorf("remove rig user %s: %w", name, errors.Join(errs...))
-	}
-	return nil
-}
-
-// rigKillUID kills every process whose real or effective uid is uid and
-// waits until none is left.
-func rigKillUID(uid int) error {
-	const limit = 30 * time.Second
-	deadline := time.Now().Add(limit)
-	for {
-		pids := rigPIDsOf(uid)
-		if len(pids) == 0 {
-			return nil
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("processes %v of uid %d still run %s after SIGKILL", pids, uid, limit)
-		}
-		for _, pid := range pids {
-			syscall.Kill(pid, syscall.SIGKILL)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-}
-
-// rigPIDsOf lists the processes whose real or effective uid is uid, zombies
-// aside (they are gone but for their parent's wait).
-func rigPIDsOf(uid int) []int {
-	entries, _ := os.ReadDir("/proc")
-	var pids []int
-	for _, e := range entries {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "status"))
-		if err != nil {
-			continue
-		}
-		mine, zombie := false, false
-		for _, line := range strings.Split(string(b), "\n") {
-			f := strings.Fields(line)
-			switch {
-			case len(f) >= 3 && f[0] == "Uid:":
-				mine = f[1] == strconv.Itoa(uid) || f[2] == strconv.Itoa(uid)
-			case len(f) >= 2 && f[0] == "State:":
-				zombie = f[1] == "Z"
-			}
-		}
-		if mine && !zombie {
-			pids = append(pids, pid)
-		}
-	}
-	return pids
-}
-
-// rigRemoveCgroup removes the cgroup tree at dir, deepest first, waiting for
-// the kernel to let go of processes that just died.
-func rigRemoveCgroup(dir string) error {
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		var dirs []string
-		filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
-			if err == nil && d.IsDir() {
-				dirs = append(dirs, p)
-			}
-			return nil
-		})
-		var last error
-		for i := len(dirs) - 1; i >= 0; i-- {
-			if err := os.Remove(dirs[i]); err != nil && !errors.Is(err, os.ErrNotExist) {
-				last = err
-			}
-		}
-		if last == nil || time.Now().After(deadline) {
-			return last
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-}
-
-// Registry returns the local registry's host:port.
-func (r *rig) Registry() string { return r.registry }
-
-// UnitDir returns the user manager's runtime unit directory that InstallUnit
-// writes to.
-func (r *rig) UnitDir() string { return r.unitDir }
-
-// Podman runs the real podman as the rig's user and returns its standard
-// output; an error carries its standard error.
-func (r *rig) Podman(t *testing.T, args ...string) (string, error) {
-	t.Helper()
-	return r.runAs(r.podman, args...)
-}
-
-func (r *rig) mustPodman(t *testing.T, args ...string) string {
-	t.Helper()
-	out, err := r.Podman(t, args...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return strings.TrimSpace(out)
-}
-
-// Systemctl runs systemctl --user args as the rig's user and returns its
-// standard output; an error carries its standard error.
-func (r *rig) Systemctl(t *testing.T, args ...string) (string, error) {
-	t.Helper()
-	return r.systemctlUser(args...)
-}
-
-// Show returns the named properties of unit, from systemctl --user show.
-func (r *rig) Show(t *testing.T, unit string, props ...string) map[string]string {
-	t.Helper()
-	args := []string{"show"}
-	for _, p := range props {
-		args = append(args, "--property="+p)
-	}
-	out, err := r.systemctlUser(append(args, "--", unit)...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	m := map[string]string{}
-	for _, line := range strings.Split(out, "\n") {
-		if k, v, ok := strings.Cut(line, "="); ok {
-			m[k] = v
-		}
-	}
-	return m
-}
-
-// WaitFor polls cond until it holds, failing the test after timeout.
-func (r *rig) WaitFor(t *testing.T, timeout time.Duration, cond func() bool, what string) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s", timeout, what)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-}
-
-// PushImage pushes repo:tag to the local registry as a busybox image whose
-// /VERSION holds version, and returns its reference and image ID. The image
-// stays tagged ref in the local store until the test ends.
-func (r *rig) PushImage(t *testing.T, repo, tag, version string) (ref, imageID string) {
-	t.Helper()
-	return r.pushImage(t, repo, tag, version, true)
-}
-
-// PushBrokenImage pushes repo:tag as an image without /bin/busybox, so a
-// container running /bin/busybox fails at once.
-func (r *rig) PushBrokenImage(t *testing.T, repo, tag string) (ref, imageID string) {
-	t.Helper()
-	return r.pushImage(t, repo, tag, "broken", false)
-}
-
-func (r *rig) pushImage(t *testing.T, repo, tag, version string, busybox bool) (string, string) {
-	t.Helper()
-	ref := r.registry + "/" + repo + ":" + tag
-	archive := filepath.Join(r.TempDir(t), "image.tar")
-	if err := rigImageTar(archive, version, busybox); err != nil {
-		t.Fatalf("build image %s: %v", ref, err)
-	}
-	r.mustPodman(t, "import", "--quiet", archive, ref)
-	r.mustPodman(t, "push", "--quiet", ref)
-	id := r.mustPodman(t, "image", "inspect", "--format", "{{.Id}}", ref)
-	t.Cleanup(func() {
-		if _, err := r.Podman(t, "rmi", "--force", id); err != nil && !strings.Contains(err.Error(), "image not known") {
-			t.Errorf("remove image %s: %v", ref, err)
-		}
-	})
-	return ref, id
-}
-
-// rigImageTar writes a root filesystem holding VERSION and, if busybox, a
-// copy of the static /bin/busybox as bin/busybox.
-func rigImageTar(path, version string, busybox bool) error {
-	f, err := os.Create(path)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	tw := tar.NewWriter(f)
-	mtime := time.Unix(1700000000, 0)
-	if busybox {
-		bb, err := os.ReadFile("/bin/busybox")
-		if err != nil {
-			return err
-		}
-		if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeDir, Name: "bin/", Mode: 0o755, ModTime: mtime}); err != nil {
-			return err
-		}
-		if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeReg, Name: "bin/busybox", Mode: 0o755, Size: int64(len(bb)), ModTime: mtime}); err != nil {
-			return err
-		}
-		if _, err := tw.Write(bb); err != nil {
-			return err
-		}
-	}
-	body := []byte(version + "\n")
-	if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeReg, Name: "VERSION", Mode: 0o644, Size: int64(len(body)), ModTime: mtime}); err != nil {
-		return err
-	}
-	if _, err := tw.Write(body); err != nil {
-		return err
-	}
-	if err := tw.Close(); err != nil {
-		return err
-	}
-	return f.Close()
-}
-
-// TagLocal points ref at imageID in the local store only, so that a unit runs
-// an older image than the registry holds.
-func (r *rig) TagLocal(t *testing.T, imageID, ref string) {
-	t.Helper()
-	r.mustPodman(t, "tag", imageID, ref)
-}
-
-// ContainerImage returns the image ID the running container name uses, or ""
-// when no such container runs.
-func (r *rig) ContainerImage(t *testing.T, name string) string {
-	t.Helper()
-	out, err := r.Podman(t, "ps", "--no-trunc", "--filter", "name=^"+name+"$", "--format", "{{.ImageID}}")
-	if err != nil {
+	if len(args) == 0 {
 		return ""
 	}
-	return strings.TrimSpace(out)
+	if prog == "podman" && (args[0] == "image" || args[0] == "container") && len(args) > 1 {
+		return args[0] + "-" + args[1]
+	}
+	return args[0]
 }
 
-// ContainerUnit returns a service that runs image as container name the way
-// podman generate systemd does: labelled for podman auto-update and with
-// PODMAN_SYSTEMD_UNIT, so podman auto-update can restart it. unitLines go
-// into its [Unit] section (for example SourcePath=).
-func (r *rig) ContainerUnit(name, image string, unitLines ...string) string {
-	var b strings.Builder
-	fmt.Fprintf(&b, "[Unit]\nDescription=test container %s\n", name)
-	for _, l := range unitLines {
-		b.WriteString(l + "\n")
+// activeUnit is what "systemctl show" prints when the test set no unit.state; failedUnit is a
+// unit whose main process exited with an error.
+const (
+	activeUnit = "ActiveState=active\nSubState=running\nResult=success\nNRestarts=0\nMainPID=4242\nLoadState=loaded\n"
+	failedUnit = "ActiveState=failed\nSubState=failed\nResult=exit-code\nNRestarts=0\nMainPID=0\nLoadState=loaded\n"
+)
+
+// runFake is the whole fake podman / systemctl. Scripted files win over the built-in behaviour:
+//
+//	<key>.sleep   a Go duration slept first; <key>.woke is created after it
+//	<key>.fails   fail (exit 1) this many more times
+//	<key>.exit, <key>.stdout, <key>.stderr   print these and exit with that status (default 0)
+//
+// where key is "<prog>-<verb>". Built in: pull moves image.next into image.id; image inspect
+// prints image.id ("image not known" when empty); tag sets image.id to its source; healthcheck
+// reports no healthcheck (125); systemctl show prints unit.state; the Nth restart copies
+// restart.after.N into unit.state.
+func runFake(prog, env, dir string, args []string) int {
+	if dir == "" {
+		fmt.Fprintf(os.Stderr, "fake %s: %s is not set\n", prog, env)
+		return 127
 	}
-	// rm -t 0 kills the container at once (busybox sleep as PID 1 ignores
-	// SIGTERM), so podman run exits 137.
-	fmt.Fprintf(&b, `
-[Service]
-Environment=PODMAN_SYSTEMD_UNIT=%%n
-SuccessExitStatus=137 143
-ExecStartPre=-%[1]s rm --force --ignore --time 0 %[2]s
-ExecStart=%[1]s run --rm --name %[2]s --label io.containers.autoupdate=registry %[3]s /bin/busybox sleep 1000
-ExecStop=%[1]s rm --force --ignore --time 0 %[2]s
-`, r.podman, name, image)
+	if len(args) == 1 && args[0] == "fake-ping" {
+		fmt.Printf("fake %s\n", prog)
+		return 0
+	}
+	file := func(name string) string { return filepath.Join(dir, name) }
+	read := func(name string) string {
+		b, _ := os.ReadFile(file(name))
+		return string(b)
+	}
+	write := func(name, s string) { os.WriteFile(file(name), []byte(s), 0o600) }
+	exists := func(name string) bool { _, err := os.Stat(file(name)); return err == nil }
+	number := func(name string) int { n, _ := strconv.Atoi(strings.TrimSpace(read(name))); return n }
+
+	line, _ := json.Marshal(append([]string{prog}, args...))
+	if f, err := os.OpenFile(file("argv.log"), os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600); err == nil {
+		f.Write(append(line, '\n'))
+		f.Close()
+	}
+	key := prog + "-" + fakeVerb(prog, args)
+	n := number(key+".count") + 1
+	write(key+".count", strconv.Itoa(n))
+
+	if d, err := time.ParseDuration(strings.TrimSpace(read(key + ".sleep"))); err == nil {
+		time.Sleep(d)
+		write(key+".woke", "")
+	}
+	if left := number(key + ".fails"); left > 0 {
+		write(key+".fails", strconv.Itoa(left-1))
+		fmt.Fprintf(os.Stderr, "Error: scripted failure of %s\n", key)
+		return 1
+	}
+	if exists(key+".exit") || exists(key+".stdout") || exists(key+".stderr") {
+		fmt.Print(read(key + ".stdout"))
+		fmt.Fprint(os.Stderr, read(key+".stderr"))
+		return number(key + ".exit")
+	}
+	switch key {
+	case "podman-pull":
+		if next := strings.TrimSpace(read("image.next")); next != "" {
+			write("image.id", next)
+			os.Remove(file("image.next"))
+		}
+		fmt.Println(strings.TrimSpace(read("image.id")))
+	case "podman-image-inspect":
+		if slices.ContainsFunc(args, func(a string) bool { return strings.Contains(a, ".Digest") }) {
+			fmt.Println("sha256:" + strings.Repeat("d", 64))
+			return 0
+		}
+		id := strings.TrimSpace(read("image.id"))
+		if id == "" {
+			fmt.Fprintf(os.Stderr, "Error: %s: image not known\n", args[len(args)-1])
+			return 125
+		}
+		fmt.Println(id)
+	case "podman-tag":
+		if a := argsAfterDashes(args[1:]); len(a) > 0 {
+			write("image.id", a[0])
+		}
+	case "podman-healthcheck":
+		fmt.Fprintln(os.Stderr, "Error: container has no defined healthcheck")
+		return 125
+	case "systemctl-show":
+		state := read("unit.state")
+		if state == "" {
+			state = activeUnit
+		}
+		// A redeploy's transient unit exists only once the fake systemd-run has started it.
+		if last := args[len(args)-1]; strings.HasPrefix(last, "webhook-task-") {
+			state = "LoadState=not-found\nActiveState=inactive\nSubState=dead\n"
+			if exists("started." + strings.TrimSuffix(last, ".service")) {
+				state = activeUnit
+			}
+		}
+		fmt.Print(state)
+	case keySystemdRun:
+		for _, a := range args {
+			if name, ok := strings.CutPrefix(a, "--unit="); ok {
+				write("started."+name, "")
+			}
+		}
+	case "systemctl-restart":
+		if s := read(fmt.Sprintf("restart.after.%d", n)); s != "" {
+			write("unit.state", s)
+		}
+	}
+	return 0
+}
+
+// fakeHost is the state directory of the fakes for one test.
+type fakeHost struct {
+	t   *testing.T
+	dir string
+}
+
+// newFakeHost puts fake podman and systemctl alone on PATH and checks that they answer.
+func newFakeHost(t *testing.T) *fakeHost {
+	t.Helper()
+	bin := installFakes(t, "podman", "systemctl")
+	dir := t.TempDir()
+	t.Setenv("PATH", bin)
+	t.Setenv(fakePodmanDirEnv, dir)
+	t.Setenv(fakeSystemctlDirEnv, dir)
+	for _, prog := range []string{"podman", "systemctl"} {
+		out, err := exec.Command(prog, "fake-ping").Output()
+		if err != nil || strings.TrimSpace(string(out)) != "fake "+prog {
+			t.Fatalf("%s on PATH is not this file's fake (output %q, %v): did another test file replace fakePrograms[%q]?", prog, out, err, prog)
+		}
+	}
+	return &fakeHost{t: t, dir: dir}
+}
+
+func (h *fakeHost) set(name, content string) {
+	h.t.Helper()
+	if err := os.WriteFile(filepath.Join(h.dir, name), []byte(content), 0o600); err != nil {
+		h.t.Fatal(err)
+	}
+}
+
+func (h *fakeHost) has(name string) bool {
+	_, err := os.Stat(filepath.Join(h.dir, name))
+	return err == nil
+}
+
+func (h *fakeHost) read(name string) string {
+	b, _ := os.ReadFile(filepath.Join(h.dir, name))
+	return strings.TrimSpace(string(b))
+}
+
+// calls returns the argv of every fake call so far, in order.
+func (h *fakeHost) calls() [][]string {
+	h.t.Helper()
+	data, err := os.ReadFile(filepath.Join(h.dir, "argv.log"))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	var out [][]string
+	for _, line := range strings.Split(strings.TrimSpace(string(data)), "\n") {
+		if line == "" {
+			continue
+		}
+		var argv []string
+		if err := json.Unmarshal([]byte(line), &argv); err != nil {
+			h.t.Fatalf("argv.log line %q: %v", line, err)
+		}
+		out = append(out, argv)
+	}
+	return out
+}
+
+// callsOf returns the calls of one "<prog>-<verb>" key.
+func (h *fakeHost) callsOf(key string) [][]string {
+	var out [][]string
+	for _, c := range h.calls() {
+		if c[0]+"-"+fakeVerb(c[0], c[1:]) == key {
+			out = append(out, c)
+		}
+	}
+	return out
+}
+
+func fakeCallLines(calls [][]string) string {
+	var b strings.Builder
+	for _, c := range calls {
+		b.WriteString("  " + strings.Join(c, " ") + "\n")
+	}
 	return b.String()
 }
 
-// InstallUnit writes unit name into the user manager's runtime unit directory
-// and reloads; at cleanup it stops the unit, removes its containers and the
-// file, and reloads again.
-func (r *rig) InstallUnit(t *testing.T, name, content string) string {
+// wantCalls checks the exact argv of every call of one fake subcommand.
+func wantCalls(t *testing.T, h *fakeHost, key string, want ...[]string) {
 	t.Helper()
-	if name == "" || strings.ContainsAny(name, "/\x00") {
-		t.Fatalf("install unit: bad unit name %q", name)
+	got := h.callsOf(key)
+	ok := len(got) == len(want)
+	for i := 0; ok && i < len(got); i++ {
+		ok = slices.Equal(got[i], want[i])
 	}
-	path := filepath.Join(r.unitDir, name)
-	if err := os.WriteFile(path, []byte(content), 0o644); err != nil {
-		t.Fatalf("install unit %s: %v", name, err)
+	if !ok {
+		t.Errorf("%s calls:\n%swant:\n%s", key, fakeCallLines(got), fakeCallLines(want))
 	}
-	t.Cleanup(func() {
-		if _, err := r.systemctlUser("stop", "--", name); err != nil {
-			t.Errorf("clean up unit %s: %v", name, err)
-		}
-		if out, err := r.Podman(t, "ps", "--all", "--quiet", "--filter", "label=PODMAN_SYSTEMD_UNIT="+name); err == nil {
-			for _, id := range strings.Fields(out) {
-				if _, err := r.Podman(t, "rm", "--force", "--ignore", "--time", "0", id); err != nil {
-					t.Errorf("clean up unit %s: %v", name, err)
-				}
-			}
-		}
-		r.systemctlUser("reset-failed", "--", name)
-		if err := os.Remove(path); err != nil {
-			t.Errorf("clean up unit %s: %v", name, err)
-		}
-		if _, err := r.systemctlUser("daemon-reload"); err != nil {
-			t.Errorf("clean up unit %s: %v", name, err)
-		}
-	})
-	if _, err := r.systemctlUser("daemon-reload"); err != nil {
+}
+
+// newFakeHostWithRun is newFakeHost plus the fake systemd-run on PATH, recording into the same
+// state directory. It returns the PATH that holds the three fakes.
+func newFakeHostWithRun(t *testing.T) (*fakeHost, string) {
+	t.Helper()
+	h := newFakeHost(t)
+	path := installFakes(t, "systemd-run") + string(os.PathListSeparator) + os.Getenv("PATH")
+	t.Setenv("PATH", path)
+	t.Setenv(fakeSystemdRunDirEnv, h.dir)
+	return h, path
+}
+
+// pullInterval is one recorded pull.
+type pullInterval struct{ start, end, pid int64 }
+
+// readPullIntervals reads what the fake podman recorded, sorted by start.
+func readPullIntervals(t *testing.T, path string) []pullInterval {
+	t.Helper()
+	data, err := os.ReadFile(path)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		t.Fatal(err)
 	}
-	return path
-}
-
-var rigUniqueCounter atomic.Int64
-
-// rigUniqueName returns prefix plus the test name and a counter, lowercased to
-// what unit, container and repository names all accept.
-func rigUniqueName(t *testing.T, prefix string) string {
-	name := strings.Map(func(c rune) rune {
-		switch {
-		case c >= 'a' && c <= 'z', c >= '0' && c <= '9':
-			return c
-		case c >= 'A' && c <= 'Z':
-			return c + 'a' - 'A'
+	var out []pullInterval
+	for _, line := range strings.Fields(strings.ReplaceAll(string(data), " ", ",")) {
+		var p pullInterval
+		if _, err := fmt.Sscanf(line, "%d,%d,%d", &p.start, &p.end, &p.pid); err != nil {
+			t.Fatalf("pull interval %q: %v", line, err)
 		}
-		return '-'
-	}, strings.TrimPrefix(t.Name(), "Test"))
-	if len(name) > 40 {
-		name = name[:40]
+		out = append(out, p)
 	}
-	return fmt.Sprintf("%s-%s-%d", prefix, strings.Trim(name, "-"), rigUniqueCounter.Add(1))
+	slices.SortFunc(out, func(a, b pullInterval) int { return cmp.Compare(a.start, b.start) })
+	return out
 }
+
+// overlapping returns the first pair of recorded pulls that overlapped, or nil.
+func overlapping(ps []pullInterval) []pullInterval {
+	for i := 1; i < len(ps); i++ {
+		if ps[i].start < ps[i-1].end {
+			return ps[i-1 : i+1]
+		}
+	}
+	return nil
+}
+
+var (
+	oldImageID   = strings.Repeat("a", 64)
+	otherImageID = strings.Repeat("c", 64)
+	newImageID   = strings.Repeat("b", 64)
+)
+
+// The fake systemctl records its argv, one line per call, to the file named by
+// fakeSystemctlLogEnv, and fails (exit 1, with a systemd-like message on stderr) for the units
+// listed in fakeSystemctlFailEnv.
+const (
+	fakeSystemctlLogEnv  = "WAU_FAKE_SYSTEMCTL_LOG"
+	fakeSystemctlFailEnv = "WAU_FAKE_SYSTEMCTL_FAIL"
+)
+
+func fakeSystemctl() int {
+	args := os.Args[1:]
+	if p := os.Getenv(fakeSystemctlLogEnv); p != "" {
+		f, err := os.OpenFile(p, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "fake systemctl:", err)
+			return 99
+		}
+		fmt.Fprintln(f, strings.Join(args, " "))
+		f.Close()
+	}
+	if len(args) == 0 {
+		return 0
+	}
+	unit := args[len(args)-1]
+	for _, u := range splitList(os.Getenv(fakeSystemctlFailEnv)) {
+		if u == unit {
+			fmt.Fprintf(os.Stderr, "Job for %s failed because the control process exited with error code.\nSee \"systemctl --user status %s\" for details.\n", unit, unit)
+			return 1
+		}
+	}
+	return 0
+}
+
+// the in-process server and its configuration
+
+// hangGuard bounds waits that only end early when the code is broken; it is never a measurement.
+const hangGuard = 30 * time.Second
+
+// mapEnv is a getenv over a fixed map.
+func mapEnv(m map[string]string) func(string) string {
+	return func(k string) string { return m[k] }
+}
+
+// testConfig loads the configuration from env and finishes it as cmdServer does, with the state
+// directory in a temp dir unless env names one.
+func testConfig(t testing.TB, env map[string]string) *config {
+	t.Helper()
+	full := map[string]string{"WEBHOOK_STATE_DIR": t.TempDir()}
+	for k, v := range env {
+		full[k] = v
+	}
+	cfg, err := loadConfig(mapEnv(full))
+	if err != nil {
+		t.Fatalf("loadConfig: %v", err)
+	}
+	if err := cfg.finish(); err != nil {
+		t.Fatalf("finish: %v", err)
+	}
+	return cfg
+}
+
+// testServer is a server on an httptest listener with its event log.
+type testServer struct {
+	*httptest.Server
+	srv    *server
+	cfg    *config
+	events *eventLog
+	logs   *syncBuffer
+	closed bool
+}
+
+// newTestServer builds the server of cmdServer from env, with the state directory in a temp dir.
+// edit may change the configuration before the server is built.
+func newTestServer(t testing.TB, env map[string]string, edit func(cfg *config)) *testServer {
+	t.Helper()
+	cfg := testConfig(t, env)
+	if edit != nil {
+		edit(cfg)
+	}
+	logs := &syncBuffer{}
+	lg := newLogger(logs)
+	events, err := openEventLog(cfg.dbPath, lg)
+	if err != nil {
+		t.Fatalf("openEventLog: %v", err)
+	}
+	srv := newServer(cfg, lg, events)
+	hs := httptest.NewUnstartedServer(srv)
+	hs.Config = newHTTPServer(cfg, srv, lg) // cmdServer's settings, header bound included
+	hs.Listener = framedListener{hs.Listener}
+	hs.Start()
+	ts := &testServer{Server: hs, srv: srv, cfg: cfg, events: events, logs: logs}
+	t.Cleanup(ts.shutdown)
+	return ts
+}
+
+// shutdown stops the server after every request finished, then flushes the event log, as
+// cmdServer does.
+func (ts *testServer) shutdown() {
+	if ts.closed {
+		return
+	}
+	ts.closed = true
+	ts.Server.Close()
+	if ev := ts.srv.probes.take(time.Now(), true); ev != nil {
+		ts.events.Record(*ev)
+	}
+	ts.events.Close()
+}
+
+// probeCount adds up the probes counted by the probe-summary rows.
+func probeCount(t *testing.T, rows map[string]eventRow) int {
+	t.Helper()
+	n := 0
+	for _, r := range rows {
+		if r.action != "probe-summary" {
+			continue
+		}
+		var meta struct{ Count int }
+		if err := json.Unmarshal([]byte(r.meta), &meta); err != nil {
+			t.Fatal(err)
+		}
+		n += meta.Count
+	}
+	return n
+}
+
+// drain runs the dispatcher until nothing is due, as its goroutine does after a wake-up, so a
+// test sees every queued task started (or retried) when drain returns.
+func (ts *testServer) drain(t testing.TB) {
+	t.Helper()
+	for i := 0; ts.srv.dispatchNext(context.Background()) == 0; i++ {
+		if i == 10000 {
+			t.Fatal("the dispatcher never ran out of work")
+		}
+	}
+}
+
+// do sends one request through a real client and returns the response and its body.
+func (ts *testServer) do(t *testing.T, method, path string, body io.Reader) (*http.Response, string) {
+	t.Helper()
+	req, err := http.NewRequest(method, ts.URL+path, body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := ts.Client().Do(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, path, err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatalf("%s %s: reading the body: %v", method, path, err)
+	}
+	return resp, string(b)
+}
+
+// raw writes a request line by hand, so the path reaches the server exactly as written (Go's
+// client would clean it), and reads the response.
+func (ts *testServer) raw(t *testing.T, method, target string) (*http.Response, string) {
+	t.Helper()
+	c, err := net.Dial("tcp", ts.Listener.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(hangGuard))
+	if _, err := fmt.Fprintf(c, "%s %s HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n", method, target); err != nil {
+		t.Fatal(err)
+	}
+	req, _ := http.NewRequest(method, "http://test/", nil)
+	resp, err := http.ReadResponse(bufio.NewReader(c), req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, target, err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp, string(b)
+}
+
+// rows closes the server and returns the event_log rows by request id.
+func (ts *testServer) rows(t *testing.T) map[string]eventRow {
+	t.Helper()
+	ts.shutdown()
+	return ts.rowsSoFar(t)
+}
+
+// rowsSoFar returns the event_log rows by request id with the server still running: the rows of
+// the requests answered so far (a delivery is answered after its row is committed).
+func (ts *testServer) rowsSoFar(t *testing.T) map[string]eventRow {
+	t.Helper()
+	out := map[string]eventRow{}
+	for _, r := range readRows(t, rawDB(t, ts.cfg.dbPath), "") {
+		if _, dup := out[r.requestID]; dup && r.method != "QUEUE" { // the rows of one dispatch share an id
+			t.Errorf("request id %s has two rows", r.requestID)
+		}
+		out[r.requestID] = r
+	}
+	return out
+}
+
+// deliveryRows are the rows of a delivery, oldest first.
+func (ts *testServer) deliveryRows(t *testing.T, delivery string) []storedEvent {
+	t.Helper()
+	waitPending(t, ts.events)
+	evs, err := queryEvents(context.Background(), ts.events.db, eventFilter{delivery: delivery, afterID: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return evs
+}
+
+// runCLI runs the whole program in-process. A server that fails to exit is a test failure,
+// not a hang.
+func runCLI(t *testing.T, env map[string]string, args ...string) (code int, stdout, stderr string) {
+	t.Helper()
+	var out, errb syncBuffer
+	done := make(chan int, 1)
+	go func() { done <- run(args, mapEnv(env), &out, &errb) }()
+	select {
+	case code = <-done:
+	case <-time.After(hangGuard):
+		t.Fatalf("run(%q) did not return; stderr:\n%s", args, errb.String())
+	}
+	return code, out.String(), errb.String()
+}
+
+// obsClient bounds every request of these tests; a hang is a failure, not a measurement.
+var obsClient = &http.Client{Timeout: hangGuard}
+
+// obsGet sends a GET with headers to the test server.
+func obsGet(t *testing.T, ts *testServer, target string, hdr map[string]string) (*http.Response, string) {
+	t.Helper()
+	req, err := http.NewRequest("GET", ts.URL+target, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for k, v := range hdr {
+		req.Header.Set(k, v)
+	}
+	resp, err := obsClient.Do(req)
+	if err != nil {
+		t.Fatalf("GET %s: %v", target, err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp, string(b)
+}
+
+// obsGetJSON sends a GET with the header name: value (none if value is empty) and decodes the
+// answer, which must be JSON with Content-Type application/json. It returns the status, the
+// decoded body and the raw body.
+func obsGetJSON[T any](t *testing.T, ts *testServer, target, name, value string) (int, T, string) {
+	t.Helper()
+	hdr := map[string]string{}
+	if value != "" {
+		hdr[name] = value
+	}
+	resp, body := obsGet(t, ts, target, hdr)
+	var v T
+	if err := json.Unmarshal([]byte(body), &v); err != nil {
+		t.Fatalf("GET %s: %d, body %q is not JSON: %v", target, resp.StatusCode, body, err)
+	}
+	if ct := resp.Header.Get("Content-Type"); ct != "application/json" {
+		t.Errorf("GET %s: Content-Type %q", target, ct)
+	}
+	return resp.StatusCode, v, body
+}
+
+// payloads, signatures and the invariants of what parses them
+
+// payloadEdit sets one dotted path of a JSON payload to value, or deletes it when drop is set.
+type payloadEdit struct {
+	path  string
+	value any
+	drop  bool
+}
+
+func setField(path string, v any) payloadEdit { return payloadEdit{path: path, value: v} }
+func dropField(path string) payloadEdit       { return payloadEdit{path: path, drop: true} }
+
+// loadPayload reads testdata/payloads/<name> and applies edits.
+func loadPayload(t *testing.T, name string, edits ...payloadEdit) []byte {
+	t.Helper()
+	data, err := os.ReadFile(filepath.Join("testdata", "payloads", name))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(edits) == 0 {
+		return data
+	}
+	var doc map[string]any
+	if err := json.Unmarshal(data, &doc); err != nil {
+		t.Fatalf("%s: %v", name, err)
+	}
+	for _, e := range edits {
+		parts := strings.Split(e.path, ".")
+		m := doc
+		for _, p := range parts[:len(parts)-1] {
+			next, ok := m[p].(map[string]any)
+			if !ok {
+				t.Fatalf("%s: no object at %q of %s", name, p, e.path)
+			}
+			m = next
+		}
+		if e.drop {
+			delete(m, parts[len(parts)-1])
+		} else {
+			m[parts[len(parts)-1]] = e.value
+		}
+	}
+	out, err := json.Marshal(doc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+const (
+	digestV1       = "sha256:ec68d7c2581952ba5cec6a35581e19ff826cc2c6a3d7e70a577fc1f3fde96175"
+	digestV2       = "sha256:4cb489d904a289e570cfb53d545a9ed23477eadff1d4a8f0a6d3a8177aac679a"
+	digestPlatform = "sha256:88c7275ef3ef13f6eb8bf6a201c972557ab952d4d6ebe115ca80d40a1c9b64c3"
+)
+
+const manifestV2 = "application/vnd.docker.distribution.manifest.v2+json"
+
+// distEvent is one Distribution notification event, laid out as registry:2 sends it.
+func distEvent(id, action, mediaType, repo, tag, host string) map[string]any {
+	return map[string]any{"id": id, "timestamp": "2026-11-27T10:00:00Z", "action": action,
+		"target": map[string]any{"mediaType": mediaType, "size": 528, "digest": digestV1, "length": 528, "repository": repo,
+			"url": "http://" + host + "/v2/" + repo + "/manifests/" + digestV1, "tag": tag},
+		"request": map[string]any{"id": "r1", "addr": "127.0.0.1:40000", "host": host, "method": "PUT", "useragent": "containers/5.23"},
+		"actor":   map[string]any{}, "source": map[string]any{"addr": "box:5000", "instanceID": "i1"}}
+}
+
+// distEnvelope is a Distribution notification envelope of events.
+func distEnvelope(events ...map[string]any) []byte {
+	b, _ := json.Marshal(map[string]any{"events": events})
+	return b
+}
+
+// withAction returns a package payload with its action replaced ("" drops it).
+func withAction(body []byte, action string) []byte {
+	var p map[string]any
+	json.Unmarshal(body, &p)
+	if action == "" {
+		delete(p, "action")
+	} else {
+		p["action"] = action
+	}
+	b, _ := json.Marshal(p)
+	return b
+}
+
+// packagePayload is a GitHub "package" event for host/owner/name:tag, laid out as GitHub sends it.
+func githubPackagePayload(host, owner, name, tag, digest string) []byte {
+	p := map[string]any{
+		"action": "published",
+		"package": map[string]any{
+			"id": 1, "name": name, "namespace": owner, "ecosystem": "CONTAINER", "package_type": "CONTAINER",
+			"owner": map[string]any{"login": owner, "type": "User"},
+			"package_version": map[string]any{
+				"id": 2, "version": digest, "name": digest,
+				"container_metadata": map[string]any{
+					"tag":      map[string]any{"name": tag, "digest": digest},
+					"labels":   map[string]any{},
+					"manifest": map[string]any{},
+				},
+				"package_url": host + "/" + owner + "/" + name + ":" + tag,
+			},
+			"registry": map[string]any{"about_url": "https://docs.github.com", "name": "GitHub CONTAINER registry",
+				"type": "CONTAINER", "url": "http://" + host + "/" + owner, "vendor": "GitHub Inc"},
+		},
+		"repository": map[string]any{"name": name, "owner": map[string]any{"login": owner}},
+		"sender":     map[string]any{"login": owner},
+	}
+	b, _ := json.Marshal(p)
+	return b
+}
+
+// hubSignature is GitHub's X-Hub-Signature-256 value for body under secret.
+func hubSignature(secret string, body []byte) string {
+	mac := hmac.New(sha256.New, []byte(secret))
+	mac.Write(body)
+	return "sha256=" + hex.EncodeToString(mac.Sum(nil))
+}
+
+// checkRefInvariants holds for every accepted reference: it round-trips through String, and
+// what reaches argv can be neither a flag nor a transport.
+func checkRefInvariants(t *testing.T, r imageRef) {
+	t.Helper()
+	s := r.String()
+	again, err := parseImageRef(s)
+	if err != nil || again != r {
+		t.Errorf("round trip of %q: %+v, %v; want %+v", s, again, err, r)
+	}
+	if strings.HasPrefix(s, "-") || strings.Contains(s, "://") || strings.ContainsAny(s, " \t\r\n\x00") {
+		t.Errorf("accepted reference %q could be read as a flag, a transport or two arguments", s)
+	}
+	if r.tag == "" && r.digest == "" {
+		t.Errorf("accepted reference %q names neither a tag nor a digest", s)
+	}
+}
+
+// checkUnitInvariants holds for every name this program may hand to systemctl.
+func checkUnitInvariants(t *testing.T, from, u string) {
+	t.Helper()
+	if err := validUnitName(u); err != nil {
+		t.Fatalf("%q was accepted as %q, which validUnitName refuses: %v", from, u, err)
+	}
+	if strings.HasPrefix(u, "-") || !strings.HasSuffix(u, ".service") || len(u) > maxUnitNameLen {
+		t.Errorf("%q was accepted as %q: a flag, not a service, or too long", from, u)
+	}
+	if strings.ContainsAny(u, "*?[]/\\ \t\r\n\x00%\"'$;|&") {
+		t.Errorf("%q was accepted as %q, which holds a glob, path, quote or control character", from, u)
+	}
+	if again, err := resolveUnit(u); err != nil || again != u {
+		t.Errorf("resolveUnit(%q) = %q, %v: a resolved name must resolve to itself", u, again, err)
+	}
+}
+
+// logs, event_log rows and state files
+
+// syncBuffer is a bytes.Buffer safe to read while the writer goroutine may log.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// rawDB opens the database file directly, as another process would, independent of eventlog.go.
+func rawDB(t *testing.T, path string) *sql.DB {
+	t.Helper()
+	db, err := sql.Open("sqlite", "file:"+path+"?_pragma=busy_timeout(10000)")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Close() })
+	return db
+}
+
+func queryInt(t *testing.T, db *sql.DB, query string, args ...any) int {
+	t.Helper()
+	var n int
+	if err := db.QueryRow(query, args...).Scan(&n); err != nil {
+		t.Fatalf("%s: %v", query, err)
+	}
+	return n
+}
+
+// eventRow is an event_log row as stored.
+type eventRow struct {
+	id         int64
+	requestID  string
+	ts         int64
+	method     string
+	path       sql.NullString
+	status     int
+	action     string
+	durationMS int64
+	meta       string
+	createdAt  int64
+}
+
+func readRows(t *testing.T, db *sql.DB, where string, args ...any) []eventRow {
+	t.Helper()
+	rows, err := db.Query(`SELECT id, request_id, ts, method, path, status, action, duration_ms, meta, created_at
+		FROM event_log `+where+` ORDER BY id`, args...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rows.Close()
+	var out []eventRow
+	for rows.Next() {
+		var r eventRow
+		if err := rows.Scan(&r.id, &r.requestID, &r.ts, &r.method, &r.path, &r.status, &r.action,
+			&r.durationMS, &r.meta, &r.createdAt); err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, r)
+	}
+	if err := rows.Err(); err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// actionRow is an event_log row as the tests of this file read it.
+type actionRow struct {
+	Method string
+	Path   string
+	Status int
+	Action string
+	Meta   map[string]any
+}
+
+// actionRows reads the rows of one action (all rows when action is "") from a database file.
+func actionRows(t *testing.T, dbPath, action string) []actionRow {
+	t.Helper()
+	db, err := sql.Open("sqlite", dbPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	rows, err := db.Query(`SELECT method, COALESCE(path, ''), status, action, meta FROM event_log
+		WHERE ? = '' OR action = ? ORDER BY id`, action, action)
+	if err != nil {
+		t.Fatalf("read event_log of %s: %v", dbPath, err)
+	}
+	defer rows.Close()
+	var out []actionRow
+	for rows.Next() {
+		var r actionRow
+		var meta string
+		if err := rows.Scan(&r.Method, &r.Path, &r.Status, &r.Action, &meta); err != nil {
+			t.Fatal(err)
+		}
+		if err := json.Unmarshal([]byte(meta), &r.Meta); err != nil {
+			t.Fatalf("meta %q: %v", meta, err)
+		}
+		out = append(out, r)
+	}
+	return out
+}
+
+// spilled parses the JSON events a logger printed after a failed write.
+func spilled(t *testing.T, logs string) []map[string]any {
+	t.Helper()
+	var out []map[string]any
+	sc := bufio.NewScanner(strings.NewReader(logs))
+	for sc.Scan() {
+		line := sc.Text()
+		_, js, ok := strings.Cut(line, "unwritten event: ")
+		if !ok {
+			continue
+		}
+		if !strings.HasPrefix(line, "<4>") {
+			t.Errorf("spilled event without the warning priority: %q", line)
+		}
+		var m map[string]any
+		if err := json.Unmarshal([]byte(js), &m); err != nil {
+			t.Fatalf("spilled event is not one JSON object: %q: %v", js, err)
+		}
+		out = append(out, m)
+	}
+	return out
+}
+
+// seedRetention writes, 40 days old, 1500 request rows (more than one delete batch) and one row
+// each of a redeploy task, a CLI trigger and a scheduler tick, and 3 request rows of yesterday.
+func seedRetention(t *testing.T, dbPath string) {
+	t.Helper()
+	events, err := openEventLog(dbPath, newLogger(io.Discard))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer events.Close()
+	old, recent := time.Now().Add(-40*24*time.Hour), time.Now().Add(-24*time.Hour)
+	var evs []event
+	for i := range 1500 {
+		evs = append(evs, event{RequestID: fmt.Sprint("old-", i), TS: old, Method: "POST", Path: "/x", Status: 401, Action: "github-webhook"})
+	}
+	for _, m := range []string{"TASK", "CLI", "SCHEDULER"} {
+		evs = append(evs, event{RequestID: "old-" + m, TS: old, Method: m, Status: 200, Action: "kept"})
+	}
+	for i := range 3 {
+		evs = append(evs, event{RequestID: fmt.Sprint("new-", i), TS: recent, Method: "GET", Status: 200, Action: "health"})
+	}
+	if err := events.Write(context.Background(), evs...); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// holdFlock takes an exclusive flock on path through a separate open file description (so it
+// conflicts with any other open of the file, in this process too) and returns its release.
+func holdFlock(t *testing.T, path string) (release func()) {
+	t.Helper()
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		f.Close()
+		t.Fatalf("flock %s: %v", path, err)
+	}
+	done := false
+	release = func() {
+		if !done {
+			done = true
+			f.Close()
+		}
+	}
+	t.Cleanup(release)
+	return release
+}
+
+func randomName(t *testing.T) string {
+	t.Helper()
+	var b [8]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		t.Fatal(err)
+	}
+	return hex.EncodeToString(b[:])
+}
+
+// waits
+
+// waitFor polls cond until it holds, failing the test after hangGuard.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(hangGuard)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting until %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// waitPending waits until the event log's writer has handled everything queued.
+func waitPending(t *testing.T, l *eventLog) {
+	t.Helper()
+	deadline := time.Now().Add(hangGuard)
+	for l.pending.Load() > 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d events still queued after %s", l.pending.Load(), hangGuard)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// the built binary
 
 var (
 	binaryOnce sync.Once
@@ -1341,416 +1138,104 @@ func buildBinary(t *testing.T) string {
 	return binaryPath
 }
 
-// TestRigOwnerAlive: rigSweep removes a rig only when the test process its marker names is gone,
-// a PID reused by another process included, and leaves alone what it cannot tell.
-func TestRigOwnerAlive(t *testing.T) {
-	self := os.Getpid()
-	start, err := rigStartTime(self)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, tc := range []struct {
-		name   string
-		marker string // "" writes none
-		pid    int    // the PID a rig user's name carries, 0 for none
-		alive  bool
-	}{
-		{"this process", fmt.Sprintf("%d %d\n", self, start), 0, true},
-		{"its PID, another start time", fmt.Sprintf("%d %d\n", self, start+1), 0, false},
-		{"a PID nobody runs", fmt.Sprintf("%d %d\n", 1<<22+1, start), 0, false},
-		{"a torn marker", "12", 0, false},
-		{"no marker, no PID", "", 0, true},
-		{"no marker, a live PID", "", self, true},
-		{"no marker, a PID nobody runs", "", 1<<22 + 1, false},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			dir := t.TempDir()
-			if tc.marker != "" {
-				if err := os.WriteFile(filepath.Join(dir, rigOwnerFile), []byte(tc.marker), 0o644); err != nil {
-					t.Fatal(err)
-				}
-			}
-			if got := rigOwnerAlive(dir, tc.pid); got != tc.alive {
-				t.Errorf("rigOwnerAlive with marker %q and pid %d = %v, want %v", tc.marker, tc.pid, got, tc.alive)
-			}
-		})
-	}
-}
-
-// TestRigSmoke checks the rig itself: two pushed images differ, a unit runs
-// the older one, and podman auto-update moves it to the newer one through the
-// user manager.
-func TestRigSmoke(t *testing.T) {
-	r := needRig(t)
-	ref, v1 := r.PushImage(t, "demo", "latest", "v1")
-	_, v2 := r.PushImage(t, "demo", "latest", "v2")
-	if v1 == v2 {
-		t.Fatalf("v1 and v2 of %s have the same image id %s", ref, v1)
-	}
-	r.TagLocal(t, v1, ref)
-
-	const unit = "rig-smoke.service"
-	r.InstallUnit(t, unit, r.ContainerUnit("rig-smoke", ref))
-	if _, err := r.Systemctl(t, "start", unit); err != nil {
-		t.Fatal(err)
-	}
-	r.WaitFor(t, 30*time.Second, func() bool { return r.ContainerImage(t, "rig-smoke") == v1 }, "rig-smoke to run v1 "+v1)
-	if out, err := r.Systemctl(t, "is-active", unit); err != nil || strings.TrimSpace(out) != "active" {
-		t.Fatalf("%s is not active: %q %v", unit, out, err)
-	}
-
-	// As the server's /auto-update does: podman's own oneshot unit, which
-	// finds the rig's registry in the user's podman configuration.
-	if _, err := r.Systemctl(t, "start", "podman-auto-update.service"); err != nil {
-		t.Fatal(err)
-	}
-	r.WaitFor(t, 30*time.Second, func() bool { return r.ContainerImage(t, "rig-smoke") == v2 }, "rig-smoke to run v2 "+v2+" after podman-auto-update.service")
-}
-
-// installSocketServer installs the built server as it is deployed: a Type=notify service behind a
-// socket unit on 127.0.0.1:port, with extra [Service] lines and its output appended to logPath.
-// The service is installed before the socket, so cleanup stops the socket first. It returns the
-// two unit names; the caller starts the socket.
-func (r *rig) installSocketServer(t *testing.T, bin, state, logPath string, port int, extra ...string) (service, socket string) {
+// buildServerBinary is the binary built once per test run (buildBinary in main_test.go); -short
+// skips the tests that need it.
+func buildServerBinary(t *testing.T) string {
 	t.Helper()
-	name := rigUniqueName(t, "webhook")
-	service, socket = name+".service", name+".socket"
-	r.InstallUnit(t, service, fmt.Sprintf(`[Unit]
-Description=webhook-auto-update e2e server
-
-[Service]
-Type=notify
-NotifyAccess=main
-ExecStart=%s server --state-dir %s
-%sStandardOutput=append:%s
-StandardError=append:%s
-`, bin, state, strings.Join(append(extra, ""), "\n"), logPath, logPath))
-	r.InstallUnit(t, socket, fmt.Sprintf("[Socket]\nListenStream=127.0.0.1:%d\nAccept=no\n", port))
-	return service, socket
-}
-
-// TestE2ESocketActivation runs the built server under the user manager behind
-// a socket unit, as deployed, and checks it answers, stops cleanly on SIGTERM
-// and logged the request.
-func TestE2ESocketActivation(t *testing.T) {
-	r := needRig(t)
-	bin := buildBinary(t)
-	state := r.TempDir(t)
-	logPath := filepath.Join(r.TempDir(t), "server.log")
-	port, err := rigFreePort()
-	if err != nil {
-		t.Fatal(err)
-	}
-	service, socket := r.installSocketServer(t, bin, state, logPath, port)
-	serverLog := func() string {
-		b, _ := os.ReadFile(logPath)
-		return strings.TrimSpace(string(b))
-	}
-
-	if _, err := r.Systemctl(t, "start", socket); err != nil {
-		t.Fatal(err)
-	}
-	client := &http.Client{Timeout: 30 * time.Second}
-	resp, err := client.Get(fmt.Sprintf("http://127.0.0.1:%d/health", port))
-	if err != nil {
-		t.Fatalf("get /health through %s: %v; server output: %s", socket, err, serverLog())
-	}
-	body, err := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if resp.StatusCode != http.StatusOK || strings.TrimSpace(string(body)) != "ok" {
-		t.Fatalf("get /health: %d %q, want 200 \"ok\"", resp.StatusCode, body)
-	}
-	if out, err := r.Systemctl(t, "is-active", service); err != nil || strings.TrimSpace(out) != "active" {
-		t.Fatalf("%s is not active after a request: %q %v; server output: %s", service, out, err, serverLog())
-	}
-
-	if _, err := r.Systemctl(t, "stop", socket, service); err != nil {
-		t.Fatal(err)
-	}
-	got := r.Show(t, service, "ActiveState", "Result", "ExecMainStatus")
-	if got["Result"] != "success" || got["ExecMainStatus"] != "0" {
-		t.Fatalf("%s after stop: %v, want Result=success ExecMainStatus=0; server output: %s", service, got, serverLog())
-	}
-
-	db, err := sql.Open("sqlite", filepath.Join(state, "data", "pod-upgrade-trigger.db"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer db.Close()
-	var n int
-	// A successful probe is counted in the probe summary, which the stopping server flushes.
-	if err := db.QueryRow(`SELECT COUNT(*) FROM event_log WHERE action = 'probe-summary'
-		AND json_extract(meta, '$.routes."GET /health"') = 1`).Scan(&n); err != nil {
-		t.Fatalf("read event_log: %v", err)
-	}
-	if n != 1 {
-		t.Fatalf("event_log has %d probe summaries counting the GET /health, want 1; server output: %s", n, serverLog())
-	}
-}
-
-// The README's examples, run as a reader would run them.
-//
-// Convention, for everyone who edits README.md:
-//   - A fenced block whose info string is "sh" is an example, and TestREADME runs it: the blocks
-//     in README order, each with "bash -euo pipefail" in one sandbox shared by all (a copy of the
-//     module as the working directory, a fresh HOME, PATH = fake podman/systemctl/systemd-run/
-//     loginctl, then ~/.local/bin, then the system's, EDITOR=true) and in a network namespace of
-//     its own, so 127.0.0.1:8088 is the example's. A block must exit 0, and every "# => TEXT"
-//     comment in it must appear in its output.
-//   - Every other block (```ini, ```toml, ```text, a bare ```) is not run: output, usage, files.
-//   - An HTML comment on the line just before a fence changes that:
-//     <!-- readme-test: skip: REASON --> does not run an sh block (a reason is required);
-//     <!-- readme-test: background CMD --> runs CMD in the background first, waits until
-//     127.0.0.1:8088/health answers, and stops it with SIGTERM after the block;
-//     <!-- readme-test: rig-unit --> and <!-- readme-test: rig-quadlet --> mark the hand-written
-//     .service and its .container file, which TestREADMEHandWrittenUnit installs on the real rig.
-//   - An unknown marker fails the test, so a typo cannot silently skip an example.
-
-// readmeBlock is one fenced block of README.md.
-type readmeBlock struct {
-	line   int    // of the opening fence, 1-based
-	lang   string // the fence's info string
-	marker string // the readme-test marker before it, "" none
-	body   string
-}
-
-var reReadmeMarker = regexp.MustCompile(`^<!-- readme-test: (.*) -->$`)
-
-// readmeBlocks splits README.md into its fenced blocks.
-func readmeBlocks(t *testing.T) []readmeBlock {
-	t.Helper()
-	data, err := os.ReadFile("README.md")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var blocks []readmeBlock
-	var cur *readmeBlock
-	prev := ""
-	for i, line := range strings.Split(string(data), "\n") {
-		switch {
-		case cur == nil && strings.HasPrefix(line, "```"):
-			cur = &readmeBlock{line: i + 1, lang: strings.TrimSpace(strings.TrimPrefix(line, "```"))}
-			if m := reReadmeMarker.FindStringSubmatch(strings.TrimSpace(prev)); m != nil {
-				cur.marker = strings.TrimSpace(m[1])
-			}
-		case cur != nil && strings.TrimSpace(line) == "```":
-			blocks = append(blocks, *cur)
-			cur = nil
-		case cur != nil:
-			cur.body += line + "\n"
-		}
-		prev = line
-	}
-	if cur != nil {
-		t.Fatalf("README.md:%d: unclosed fence", cur.line)
-	}
-	return blocks
-}
-
-// readmeSandbox copies what the examples need (the module's sources, migrations/, systemd/) into
-// a fresh directory, so no example writes into the checkout.
-func readmeSandbox(t *testing.T) (work, home string) {
-	t.Helper()
-	dir := t.TempDir()
-	work, home = filepath.Join(dir, "src"), filepath.Join(dir, "home")
-	for _, d := range []string{work, home, filepath.Join(work, "migrations"), filepath.Join(work, "systemd")} {
-		if err := os.MkdirAll(d, 0o755); err != nil {
-			t.Fatal(err)
-		}
-	}
-	var files []string
-	for _, pattern := range []string{"go.mod", "go.sum", "*.go", "migrations/*", "systemd/*"} {
-		m, err := filepath.Glob(pattern)
-		if err != nil {
-			t.Fatal(err)
-		}
-		files = append(files, m...)
-	}
-	for _, f := range files {
-		if strings.HasSuffix(f, "_test.go") {
-			continue
-		}
-		if err := copyExecutable(f, filepath.Join(work, f), 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
-	return work, home
-}
-
-func init() {
-	// loginctl enable-linger needs logind; the README's deploy block only has to reach it.
-	fakePrograms["loginctl"] = func() int { return 0 }
-}
-
-// TestREADME runs the README's sh blocks (see the convention above) against fakes of podman,
-// systemctl and systemd-run: the real binary, built by the examples themselves, and real curl.
-func TestREADME(t *testing.T) {
 	if testing.Short() {
-		t.Skip("builds the binary the way the README does")
+		t.Skip("builds the binary")
 	}
-	var missing []string
-	for _, p := range []string{"bash", "curl", "unshare", "ip", "go"} {
-		if _, err := exec.LookPath(p); err != nil {
-			missing = append(missing, p)
-		}
-	}
-	if len(missing) > 0 {
-		rigSkipOrFail(t, "TestREADME needs %s", strings.Join(missing, ", "))
-	}
-	if _, err := os.Stat(legacyStateDir); err == nil {
-		t.Fatalf("%s exists on this host: the examples would use it as their state directory", legacyStateDir)
-	}
-	work, home := readmeSandbox(t)
-	fakes := installFakes(t, "podman", "systemctl", "systemd-run", "loginctl")
-	fakeState := t.TempDir()
-	goEnv := func(name string) string {
-		out, err := exec.Command("go", "env", name).Output()
-		if err != nil {
-			t.Fatalf("go env %s: %v", name, err)
-		}
-		return strings.TrimSpace(string(out))
-	}
-	goBin, _ := exec.LookPath("go")
-	env := []string{
-		"HOME=" + home, "USER=readme", "EDITOR=true", "LANG=C.UTF-8",
-		"PATH=" + strings.Join([]string{fakes, filepath.Join(home, ".local", "bin"), filepath.Dir(goBin), rigSystemPath}, ":"),
-		// The examples' go build uses this test run's caches, offline.
-		"GOCACHE=" + goEnv("GOCACHE"), "GOMODCACHE=" + goEnv("GOMODCACHE"), "GOPATH=" + goEnv("GOPATH"),
-		"GOTOOLCHAIN=local", "GOPROXY=off", "GOFLAGS=-mod=mod",
-		fakePodmanDirEnv + "=" + fakeState, fakeSystemctlDirEnv + "=" + fakeState, fakeSystemdRunDirEnv + "=" + fakeState,
-	}
-	unshare := []string{"unshare", "--net"}
-	if os.Geteuid() != 0 {
-		unshare = append(unshare, "--map-root-user")
-	}
-
-	ran := 0
-	for _, b := range readmeBlocks(t) {
-		where := fmt.Sprintf("README.md:%d", b.line)
-		background := ""
-		switch {
-		case b.marker == "":
-		case strings.HasPrefix(b.marker, "skip:") && strings.TrimSpace(strings.TrimPrefix(b.marker, "skip:")) != "":
-			t.Logf("%s: not run: %s", where, strings.TrimSpace(strings.TrimPrefix(b.marker, "skip:")))
-			continue
-		case strings.HasPrefix(b.marker, "background "):
-			background = strings.TrimPrefix(b.marker, "background ")
-		case b.marker == "rig-unit" || b.marker == "rig-quadlet":
-			continue // TestREADMEHandWrittenUnit
-		default:
-			t.Errorf("%s: unknown readme-test marker %q", where, b.marker)
-			continue
-		}
-		if b.lang != "sh" {
-			if background != "" {
-				t.Errorf("%s: a background marker on a %q block, which is not run", where, b.lang)
-			}
-			continue
-		}
-		script := b.body
-		if background != "" {
-			script = fmt.Sprintf(`%s >readme-background.log 2>&1 &
-bg=$!
-trap 'kill $bg; wait $bg' EXIT
-for i in $(seq 100); do curl -sf 127.0.0.1:8088/health >/dev/null && break; sleep 0.1; done
-curl -sf 127.0.0.1:8088/health >/dev/null || { cat readme-background.log; exit 1; }
-%s`, background, b.body)
-		}
-		path := filepath.Join(t.TempDir(), "block.sh")
-		if err := os.WriteFile(path, []byte(script), 0o644); err != nil {
-			t.Fatal(err)
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-		argv := append(append([]string{}, unshare...), "bash", "-c", `ip link set lo up && exec bash -euo pipefail "$0"`, path)
-		cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
-		cmd.Dir, cmd.Env, cmd.WaitDelay = work, env, 5*time.Second
-		out, err := cmd.CombinedOutput()
-		cancel()
-		ran++
-		if err != nil {
-			t.Errorf("%s: the example failed: %v\n--- block ---\n%s--- output ---\n%s", where, err, b.body, out)
-			continue
-		}
-		for _, line := range strings.Split(b.body, "\n") {
-			if _, want, ok := strings.Cut(line, "# => "); ok && !strings.Contains(string(out), strings.TrimSpace(want)) {
-				t.Errorf("%s: the output does not contain %q\n--- output ---\n%s", where, strings.TrimSpace(want), out)
-			}
-		}
-		t.Logf("%s: ok", where)
-	}
-	if ran == 0 {
-		t.Fatal("README.md has no sh example to run")
-	}
+	return buildBinary(t)
 }
 
-// TestREADMEHandWrittenUnit installs the README's hand-written unit and its .container file (the
-// rig-unit and rig-quadlet blocks) on the real rig, with only the names and the image replaced,
-// and checks that a delivery redeploys it: the tool finds its container and its Image=, and its
-// stop works.
-func TestREADMEHandWrittenUnit(t *testing.T) {
-	r := needRig(t)
-	var unitText, quadletText string
-	for _, b := range readmeBlocks(t) {
-		switch b.marker {
-		case "rig-unit":
-			unitText = b.body
-		case "rig-quadlet":
-			quadletText = b.body
-		}
-	}
-	if unitText == "" || quadletText == "" {
-		t.Fatal("README.md has no rig-unit or rig-quadlet block")
-	}
-	name := rigUniqueName(t, "handwritten")
-	ref, id1 := r.PushImage(t, "e2e/"+name, "latest", "v1")
-	// The rig's images have no command of their own, as a real app's has: ExecStart gets one.
-	unitText = strings.ReplaceAll(unitText, "ghcr.io/me/myapp:latest\n", "ghcr.io/me/myapp:latest /bin/busybox sleep 1000\n")
-	fill := func(s string) string {
-		s = strings.ReplaceAll(s, "ghcr.io/me/myapp:latest", ref)
-		s = strings.ReplaceAll(s, "/usr/bin/podman", r.podman)
-		return strings.ReplaceAll(s, "myapp", name)
-	}
-	// Where Quadlet keeps .container files: the rig user's own ~/.config/containers/systemd,
-	// beside the podman configuration its tasks need.
-	quadlet := filepath.Join(r.home, ".config", "containers", "systemd", name+".container")
-	if err := os.MkdirAll(filepath.Dir(quadlet), 0o700); err != nil {
+// freeLoopbackAddr returns a loopback address that was free a moment ago.
+func freeLoopbackAddr(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(quadlet, []byte(fill(quadletText)), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.Remove(quadlet) })
-	r.Chown(t, filepath.Dir(quadlet), quadlet)
-	unit, ctr := name+".service", "systemd-"+name
-	r.InstallUnit(t, unit, fill(unitText))
-	if _, err := r.Systemctl(t, "start", unit); err != nil {
-		t.Fatal(err)
-	}
-	r.WaitFor(t, 60*time.Second, func() bool { return r.ContainerImage(t, ctr) == id1 }, unit+" to run v1 (unit:\n"+fill(unitText)+")")
+	defer l.Close()
+	return l.Addr().String()
+}
 
-	s := startE2EServer(t)
-	if code, text := s.deliver(t, unit, "package", "hw-other", githubPackagePayload(r.Registry(), "e2e", name+"-x", "latest", ""), s.secret); code != http.StatusAccepted || !strings.HasPrefix(text, "repository mismatch") {
-		t.Errorf("a push of another repository: %d %q, want 202 repository mismatch (the .container file's Image= was not read)", code, text)
+// serverProc is a started server process whose stderr is collected line by line.
+type serverProc struct {
+	cmd   *exec.Cmd
+	errb  syncBuffer
+	lines chan string
+	done  chan error
+	err   error
+	once  sync.Once
+}
+
+// startServerProc starts argv (the binary, or a wrapper running it) with a clean environment plus env.
+func startServerProc(t *testing.T, bin string, args, env []string, files []*os.File) *serverProc {
+	t.Helper()
+	return startProc(t, exec.Command(bin, append([]string{"server"}, args...)...), env, files)
+}
+
+func startProc(t *testing.T, cmd *exec.Cmd, env []string, files []*os.File) *serverProc {
+	t.Helper()
+	cmd.Env = append([]string{"PATH=" + os.Getenv("PATH"), "HOME=" + t.TempDir()}, env...)
+	cmd.ExtraFiles = files
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
 	}
-	_, id2 := r.PushImage(t, "e2e/"+name, "latest", "v2")
-	r.TagLocal(t, id1, ref)
-	if code, text := s.deliver(t, unit, "package", "hw-1", githubPackagePayload(r.Registry(), "e2e", name, "latest", ""), s.secret); code != http.StatusAccepted {
-		t.Fatalf("delivery: %d %q", code, text)
+	p := &serverProc{cmd: cmd, lines: make(chan string, 1000), done: make(chan error, 1)}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
 	}
-	rows := s.waitTask(t, r, "hw-1")
-	if got := strings.Join(steps(rows), ","); got != "started,pulled,restarted,healthy,completed" {
-		t.Fatalf("steps %s; server log:\n%s", got, s.log)
-	}
-	for _, row := range rows {
-		if row.step == "restarted" {
-			t.Logf("restart of the hand-written unit took %v ms (its ExecStop waits up to 10 s for a PID 1 that ignores SIGTERM)", row.meta["restart_ms"])
+	go func() {
+		sc := bufio.NewScanner(stderr)
+		for sc.Scan() {
+			p.errb.Write([]byte(sc.Text() + "\n"))
+			select {
+			case p.lines <- sc.Text():
+			default:
+			}
 		}
-		if row.step == "healthy" && row.meta["container_id"] == nil {
-			t.Errorf("the healthy row names no container: the tool did not find the unit's container (%v)", row.meta)
+		p.done <- cmd.Wait()
+	}()
+	t.Cleanup(func() {
+		select {
+		case <-p.done:
+		default:
+			cmd.Process.Kill()
+			p.wait()
+		}
+	})
+	return p
+}
+
+func (p *serverProc) stderr() string { return p.errb.String() }
+
+// wait returns the exit error of the process, failing loudly only through the caller.
+func (p *serverProc) wait() error {
+	p.once.Do(func() {
+		select {
+		case p.err = <-p.done:
+		case <-time.After(hangGuard):
+			p.cmd.Process.Kill()
+			p.err = fmt.Errorf("did not exit after %s: %w", hangGuard, <-p.done)
+		}
+	})
+	return p.err
+}
+
+// waitLog waits for a stderr line containing s.
+func (p *serverProc) waitLog(t *testing.T, s string) string {
+	t.Helper()
+	timeout := time.After(hangGuard)
+	for {
+		select {
+		case line := <-p.lines:
+			if strings.Contains(line, s) {
+				return line
+			}
+		case <-timeout:
+			t.Fatalf("no log line with %q; stderr:\n%s", s, p.stderr())
 		}
 	}
-	r.WaitFor(t, 30*time.Second, func() bool { return r.ContainerImage(t, ctr) == id2 }, ctr+" to run v2")
 }

@@ -1,3 +1,7 @@
+// prune_test.go tests prune.go's prune-state: trimming and deleting the state directory's
+// timestamp logs and lock files against a snapshot of the tree, keeping what a rate-limit window
+// still counts, the command and its --dry-run, old event rows and request-row retention, and, on
+// the rig, leaving a running redeploy's lock alone.
 package main
 
 import (
@@ -151,7 +155,7 @@ func TestPruneState(t *testing.T) {
 	f := newPruneFixture(t)
 	cfg := f.config(t, nil)
 	held := holdFlock(t, filepath.Join(f.state, "github-image-locks", "busy.lock"))
-	var logs logBuffer
+	var logs syncBuffer
 	lg := newLogger(&logs)
 
 	before := snapshotTree(t, f.state, "")
@@ -264,7 +268,7 @@ func TestPruneKeepsWhatLimitsCount(t *testing.T) {
 				}
 			}
 			f := &pruneFixture{state: state}
-			newPruner(f.config(t, tc.env), tc.maxAge, false, now, newLogger(&logBuffer{})).run(context.Background())
+			newPruner(f.config(t, tc.env), tc.maxAge, false, now, newLogger(&syncBuffer{})).run(context.Background())
 			for _, c := range []struct {
 				path string
 				want int
@@ -303,7 +307,7 @@ func TestPruneStateCommand(t *testing.T) {
 			if tc.missing {
 				state = filepath.Join(t.TempDir(), "nowhere")
 			}
-			var out, errb logBuffer
+			var out, errb syncBuffer
 			got := run(append([]string{"prune-state"}, tc.args...), mapEnv(map[string]string{"WEBHOOK_STATE_DIR": state}), &out, &errb)
 			if got != tc.want || out.String() != tc.wantOut || !strings.Contains(errb.String(), tc.wantErr) {
 				t.Fatalf("exit %d stdout %q, want %d %q; stderr (want %q):\n%s", got, out.String(), tc.want, tc.wantOut, tc.wantErr, errb.String())
@@ -348,7 +352,7 @@ func TestE2EPruneLeavesRunningTaskLock(t *testing.T) {
 
 	task := r.Command(bin, "run-task", "--", "prune-e2e.service", image, "manual", "manual-prune-e2e", "/test")
 	task.Env = env
-	var taskErr logBuffer
+	var taskErr syncBuffer
 	task.Stdout, task.Stderr = &taskErr, &taskErr
 	if err := task.Start(); err != nil {
 		t.Fatal(err)
@@ -450,7 +454,7 @@ func TestPruneOldEvents(t *testing.T) {
 		{[]string{"--events-max-age-days", "2"}, "Deleted events=2500 ", 7},
 		{[]string{"--events-max-age-days", "2"}, "Deleted events=0 ", 7},
 	} {
-		var out, errb logBuffer
+		var out, errb syncBuffer
 		if code := run(append([]string{"prune-state"}, tc.args...), env, &out, &errb); code != 0 {
 			t.Fatalf("%v: exit %d\n%s", tc.args, code, errb.String())
 		}
@@ -461,34 +465,9 @@ func TestPruneOldEvents(t *testing.T) {
 			t.Errorf("%v: %d health rows left, want %d", tc.args, got, tc.wantLeft)
 		}
 	}
-	var out, errb logBuffer
+	var out, errb syncBuffer
 	if code := run([]string{"prune-state", "--events-max-age-days", "0"}, env, &out, &errb); code != 2 {
 		t.Errorf("--events-max-age-days 0: exit %d, want 2", code)
-	}
-}
-
-// seedRetention writes, 40 days old, 1500 request rows (more than one delete batch) and one row
-// each of a redeploy task, a CLI trigger and a scheduler tick, and 3 request rows of yesterday.
-func seedRetention(t *testing.T, dbPath string) {
-	t.Helper()
-	events, err := openEventLog(dbPath, newLogger(io.Discard))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer events.Close()
-	old, recent := time.Now().Add(-40*24*time.Hour), time.Now().Add(-24*time.Hour)
-	var evs []event
-	for i := range 1500 {
-		evs = append(evs, event{RequestID: fmt.Sprint("old-", i), TS: old, Method: "POST", Path: "/x", Status: 401, Action: "github-webhook"})
-	}
-	for _, m := range []string{"TASK", "CLI", "SCHEDULER"} {
-		evs = append(evs, event{RequestID: "old-" + m, TS: old, Method: m, Status: 200, Action: "kept"})
-	}
-	for i := range 3 {
-		evs = append(evs, event{RequestID: fmt.Sprint("new-", i), TS: recent, Method: "GET", Status: 200, Action: "health"})
-	}
-	if err := events.Write(context.Background(), evs...); err != nil {
-		t.Fatal(err)
 	}
 }
 
@@ -519,7 +498,7 @@ func TestPruneRequestRetention(t *testing.T) {
 			for k, v := range tc.env {
 				env[k] = v
 			}
-			var out, errb logBuffer
+			var out, errb syncBuffer
 			if code := run(append([]string{"prune-state"}, tc.args...), mapEnv(env), &out, &errb); code != 0 {
 				t.Fatalf("exit %d\n%s", code, errb.String())
 			}
@@ -534,7 +513,7 @@ func TestPruneRequestRetention(t *testing.T) {
 	if n := queryInt(t, rawDB(t, dbPath), `SELECT count(*) FROM event_log WHERE request_id IN ('old-TASK', 'old-CLI', 'old-SCHEDULER')`); n != 3 {
 		t.Errorf("%d of the 3 old task, CLI and scheduler rows kept, want 3", n)
 	}
-	var out, errb logBuffer
+	var out, errb syncBuffer
 	if code := run([]string{"prune-state"}, mapEnv(map[string]string{"WEBHOOK_STATE_DIR": state, "WEBHOOK_REQUEST_RETENTION_DAYS": "0"}), &out, &errb); code != 2 {
 		t.Errorf("WEBHOOK_REQUEST_RETENTION_DAYS=0: exit %d, want 2", code)
 	}

@@ -1,3 +1,7 @@
+// ratelimit_test.go tests ratelimit.go's timestamp logs and locks: the limiter's windows, corrupt
+// lines, bounded lock waits, two processes sharing a log, a lock file that survives deletion,
+// timestamp parsing (fuzzed), the limiter benchmarks, and, on the rig, a killed run-task whose
+// image lock the kernel releases.
 package main
 
 import (
@@ -8,9 +12,9 @@ import (
 	"os/exec"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 )
@@ -169,32 +173,6 @@ func TestLimiterLockTimeout(t *testing.T) {
 	if d, err := l.take(context.Background()); err != nil || !d.allowed {
 		t.Fatalf("take after the lock was released: %+v %v", d, err)
 	}
-}
-
-// holdFlock takes an exclusive flock on path through a separate open file description (so it
-// conflicts with any other open of the file, in this process too) and returns its release.
-func holdFlock(t *testing.T, path string) (release func()) {
-	t.Helper()
-	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
-		t.Fatal(err)
-	}
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
-		f.Close()
-		t.Fatalf("flock %s: %v", path, err)
-	}
-	done := false
-	release = func() {
-		if !done {
-			done = true
-			f.Close()
-		}
-	}
-	t.Cleanup(release)
-	return release
 }
 
 const limiterChildEnv = "WAU_TEST_LIMITER_CHILD"
@@ -383,5 +361,70 @@ func BenchmarkLimiterTake(b *testing.B) {
 		if d, err := l.take(ctx); err != nil || !d.allowed {
 			b.Fatal(d, err)
 		}
+	}
+}
+
+// TestE2EKillRunTask kills a real run-task (its transient unit, with systemctl --user kill -s
+// KILL) while it holds the image's lock, stuck in the restart of a unit whose start never ends.
+// The kernel drops the flock with the process: the next delivery of the same image gets the lock
+// and redeploys.
+func TestE2EKillRunTask(t *testing.T) {
+	r := needRig(t)
+	// The app runs no container, so it names no image: WEBHOOK_ALLOW_ANY_IMAGE lets the tasks
+	// this test is about pull and restart it.
+	s := startE2EServer(t, "WEBHOOK_TASK_LOCK_TIMEOUT_SECS=60", "WEBHOOK_ALLOW_ANY_IMAGE=true")
+	repo := rigUniqueName(t, "stuck")
+	ref, _ := r.PushImage(t, "e2e/"+repo, "latest", "v1")
+	app := repo + ".service"
+	unitPath := r.InstallUnit(t, app, "[Service]\nExecStartPre=/bin/sleep 1000\nExecStart=/bin/sleep 1000\n")
+	body := githubPackagePayload(r.Registry(), "e2e", repo, "latest", "")
+	lock := imageLockPath(s.state, ref)
+
+	if code, text := s.deliver(t, repo, "package", "stuck-1", body, s.secret); code != 202 {
+		t.Fatalf("first delivery: %d %q; log:\n%s", code, text, s.log)
+	}
+	r.WaitFor(t, 2*time.Minute, func() bool {
+		return slices.Contains(steps(s.taskRows(t, "stuck-1")), "pulled") && r.Show(t, app, "ActiveState")["ActiveState"] == "activating"
+	}, "the first task to hang in the restart of "+app)
+	if lk, free, err := tryLockFile(lock); err != nil || free {
+		lk.Unlock()
+		t.Fatalf("the hanging task does not hold %s (free %v, %v)", lock, free, err)
+	}
+	task := taskUnitName("stuck-1") + ".service"
+	if _, err := r.Systemctl(t, "kill", "-s", "KILL", "--", task); err != nil {
+		t.Fatal(err)
+	}
+	r.WaitFor(t, time.Minute, func() bool {
+		st := r.Show(t, task, "ActiveState")["ActiveState"]
+		return st != "active" && st != "deactivating"
+	}, task+" to die")
+	r.WaitFor(t, 30*time.Second, func() bool {
+		lk, free, err := tryLockFile(lock)
+		lk.Unlock()
+		return err == nil && free
+	}, "the killed task's lock to be released")
+
+	// The unit is fixed and its stuck start cancelled; the next delivery goes through the lock.
+	if _, err := r.Systemctl(t, "stop", "--", app); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(unitPath, []byte("[Service]\nExecStart=/bin/sleep 1000\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.Systemctl(t, "daemon-reload"); err != nil {
+		t.Fatal(err)
+	}
+	if code, text := s.deliver(t, repo, "package", "stuck-2", body, s.secret); code != 202 {
+		t.Fatalf("second delivery: %d %q", code, text)
+	}
+	rows := s.waitTask(t, r, "stuck-2")
+	if got := strings.Join(steps(rows), ","); got != "started,pulled,restarted,healthy,completed" {
+		t.Fatalf("second task: %s; log:\n%s", stepDetails(rows), s.log)
+	}
+	if got := steps(s.taskRows(t, "stuck-1")); !slices.Equal(got, []string{"started", "pulled"}) {
+		t.Errorf("the killed task wrote %v, want [started pulled]", got)
+	}
+	if ts, bad, err := readTimestamps(imageLimitPath(s.state, ref)); err != nil || bad != 0 || len(ts) != 2 {
+		t.Errorf("per-image log: %d timestamps, %d bad, %v; want 2", len(ts), bad, err)
 	}
 }

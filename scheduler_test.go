@@ -1,9 +1,13 @@
+// scheduler_test.go tests scheduler.go's triggers: the scheduler's fixed schedule (a fake clock),
+// its command and SIGTERM, the manual API (/api/manual/*: auth, bad bodies, triggers, caller and
+// reason, cleanText, the service view), /auto-update, trigger-units / trigger-all on the command
+// line, request-row retention after each tick, and, on the rig, the same triggers against real
+// units.
 package main
 
 import (
 	"bytes"
 	"context"
-	"database/sql"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -15,55 +19,10 @@ import (
 	"reflect"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 )
-
-// The fake systemctl records its argv, one line per call, to the file named by
-// fakeSystemctlLogEnv, and fails (exit 1, with a systemd-like message on stderr) for the units
-// listed in fakeSystemctlFailEnv.
-const (
-	fakeSystemctlLogEnv  = "WAU_FAKE_SYSTEMCTL_LOG"
-	fakeSystemctlFailEnv = "WAU_FAKE_SYSTEMCTL_FAIL"
-)
-
-func init() {
-	// Another test file may register a systemctl fake too; ours only answers when its log
-	// variable is set, and hands over otherwise.
-	prev := fakePrograms["systemctl"]
-	fakePrograms["systemctl"] = func() int {
-		if os.Getenv(fakeSystemctlLogEnv) == "" && prev != nil {
-			return prev()
-		}
-		return fakeSystemctl()
-	}
-}
-
-func fakeSystemctl() int {
-	args := os.Args[1:]
-	if p := os.Getenv(fakeSystemctlLogEnv); p != "" {
-		f, err := os.OpenFile(p, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
-		if err != nil {
-			fmt.Fprintln(os.Stderr, "fake systemctl:", err)
-			return 99
-		}
-		fmt.Fprintln(f, strings.Join(args, " "))
-		f.Close()
-	}
-	if len(args) == 0 {
-		return 0
-	}
-	unit := args[len(args)-1]
-	for _, u := range splitList(os.Getenv(fakeSystemctlFailEnv)) {
-		if u == unit {
-			fmt.Fprintf(os.Stderr, "Job for %s failed because the control process exited with error code.\nSee \"systemctl --user status %s\" for details.\n", unit, unit)
-			return 1
-		}
-	}
-	return 0
-}
 
 // fakeSystemd is a fake systemctl alone on PATH.
 type fakeSystemd struct{ log string }
@@ -89,62 +48,6 @@ func (f *fakeSystemd) calls(t *testing.T) []string {
 		t.Fatal(err)
 	}
 	return strings.Split(strings.TrimSuffix(string(b), "\n"), "\n")
-}
-
-// actionRow is an event_log row as the tests of this file read it.
-type actionRow struct {
-	Method string
-	Path   string
-	Status int
-	Action string
-	Meta   map[string]any
-}
-
-// actionRows reads the rows of one action (all rows when action is "") from a database file.
-func actionRows(t *testing.T, dbPath, action string) []actionRow {
-	t.Helper()
-	db, err := sql.Open("sqlite", dbPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer db.Close()
-	rows, err := db.Query(`SELECT method, COALESCE(path, ''), status, action, meta FROM event_log
-		WHERE ? = '' OR action = ? ORDER BY id`, action, action)
-	if err != nil {
-		t.Fatalf("read event_log of %s: %v", dbPath, err)
-	}
-	defer rows.Close()
-	var out []actionRow
-	for rows.Next() {
-		var r actionRow
-		var meta string
-		if err := rows.Scan(&r.Method, &r.Path, &r.Status, &r.Action, &meta); err != nil {
-			t.Fatal(err)
-		}
-		if err := json.Unmarshal([]byte(meta), &r.Meta); err != nil {
-			t.Fatalf("meta %q: %v", meta, err)
-		}
-		out = append(out, r)
-	}
-	return out
-}
-
-// logBuffer is a goroutine-safe log sink.
-type logBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *logBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *logBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
 
 // The scheduler
@@ -211,7 +114,7 @@ func TestSchedulerSchedule(t *testing.T) {
 				d, r := tc.durations[min(i, len(tc.durations)-1)], tc.results[min(i, len(tc.results)-1)]
 				return d, r
 			}
-			var logs logBuffer
+			var logs syncBuffer
 			sc := &scheduler{unit: "podman-auto-update.service", interval: interval, maxTicks: tc.maxTicks,
 				log: newLogger(&logs), now: func() time.Time { return clock.now },
 				tick: func(ctx context.Context) cmdResult {
@@ -312,7 +215,7 @@ func TestSchedulerCommand(t *testing.T) {
 			for k, v := range tc.env {
 				env[k] = v
 			}
-			var out, errb logBuffer
+			var out, errb syncBuffer
 			exit := run(append([]string{"scheduler"}, tc.args...), mapEnv(env), &out, &errb)
 			if exit != tc.wantExit {
 				t.Fatalf("exit %d, want %d; stderr:\n%s", exit, tc.wantExit, errb.String())
@@ -364,7 +267,7 @@ func TestSchedulerStopsOnSIGTERM(t *testing.T) {
 			fake := useFakeSystemctl(t)
 			state := t.TempDir()
 			cmd := exec.Command(bin, "scheduler", "--interval", "60", "--state-dir", state)
-			var stderr logBuffer
+			var stderr syncBuffer
 			cmd.Stderr = &stderr
 			if err := cmd.Start(); err != nil {
 				t.Fatal(err)
@@ -410,7 +313,7 @@ func TestSchedulerStopsOnSIGTERM(t *testing.T) {
 type manualHarness struct {
 	srv        *server
 	cfg        *config
-	logs       *logBuffer
+	logs       *syncBuffer
 	fake       *fakeSystemd
 	dispatched [][]string
 	dispatch   cmdResult
@@ -418,7 +321,7 @@ type manualHarness struct {
 
 func newManualHarness(t *testing.T, env map[string]string, failing ...string) *manualHarness {
 	t.Helper()
-	h := &manualHarness{logs: &logBuffer{}, fake: useFakeSystemctl(t, failing...)}
+	h := &manualHarness{logs: &syncBuffer{}, fake: useFakeSystemctl(t, failing...)}
 	cfg := testConfig(t, env)
 	lg := newLogger(h.logs)
 	events, err := openEventLog(cfg.dbPath, lg)
@@ -970,7 +873,7 @@ func TestTriggerCommands(t *testing.T) {
 				}
 				defer lock.Unlock()
 			}
-			var out, errb logBuffer
+			var out, errb syncBuffer
 			got := run(tc.args, mapEnv(env), &out, &errb)
 			if got != tc.want || out.String() != tc.wantOut || !strings.Contains(errb.String(), tc.wantErr) {
 				t.Fatalf("exit %d, stdout:\n%s\nwant exit %d, stdout:\n%s\nstderr (want %q):\n%s", got, out.String(), tc.want, tc.wantOut, tc.wantErr, errb.String())
@@ -1192,7 +1095,7 @@ func TestE2ESchedulerOnce(t *testing.T) {
 	state := r.TempDir(t)
 	cmd := r.Command(bin, "scheduler", "--interval", "60", "--max-iterations", "1")
 	cmd.Env = append(cmd.Env, "WEBHOOK_STATE_DIR="+state, "MANUAL_AUTO_UPDATE_UNIT="+unit)
-	var out logBuffer
+	var out syncBuffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -1260,7 +1163,7 @@ func TestSchedulerEnforcesRequestRetention(t *testing.T) {
 	state := t.TempDir()
 	dbPath := filepath.Join(state, "data", "pod-upgrade-trigger.db")
 	seedRetention(t, dbPath)
-	var out, errb logBuffer
+	var out, errb syncBuffer
 	if code := run([]string{"scheduler", "--max-iterations", "1"}, mapEnv(map[string]string{"WEBHOOK_STATE_DIR": state}), &out, &errb); code != 0 {
 		t.Fatalf("exit %d\n%s", code, errb.String())
 	}

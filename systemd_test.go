@@ -1,14 +1,16 @@
 // systemd_test.go tests socket activation and sd_notify against real sockets (a TCP listener's fd
 // handed in through firstListenFD, datagrams received on a real unixgram socket), and checks the
-// unit files and the environment example under systemd/ against the code they describe.
+// unit files and the environment example under systemd/ against the code they describe. It also
+// tests unit resolution and Quadlet images (fuzzed), starts that outlive their limit, lookups, the
+// child environment, and, with the built binary, readiness after listening and (on the rig) a
+// real socket-activated service.
 package main
 
 import (
 	"bufio"
 	"bytes"
 	"context"
-	"crypto/rand"
-	"encoding/hex"
+	"database/sql"
 	"errors"
 	"fmt"
 	"io"
@@ -317,15 +319,6 @@ func receive(t *testing.T, c *net.UnixConn) string {
 		t.Fatalf("no notification received: %v", err)
 	}
 	return string(buf[:n])
-}
-
-func randomName(t *testing.T) string {
-	t.Helper()
-	var b [8]byte
-	if _, err := rand.Read(b[:]); err != nil {
-		t.Fatal(err)
-	}
-	return hex.EncodeToString(b[:])
 }
 
 var notifyVars = []string{"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"}
@@ -688,23 +681,6 @@ func TestNotifyReadyAfterListening(t *testing.T) {
 // Fuzzing (issue 7): unit identifiers and Quadlet files. Seeds are below and under
 // testdata/fuzz/<target>; `go test -fuzz` explores from there.
 
-// checkUnitInvariants holds for every name this program may hand to systemctl.
-func checkUnitInvariants(t *testing.T, from, u string) {
-	t.Helper()
-	if err := validUnitName(u); err != nil {
-		t.Fatalf("%q was accepted as %q, which validUnitName refuses: %v", from, u, err)
-	}
-	if strings.HasPrefix(u, "-") || !strings.HasSuffix(u, ".service") || len(u) > maxUnitNameLen {
-		t.Errorf("%q was accepted as %q: a flag, not a service, or too long", from, u)
-	}
-	if strings.ContainsAny(u, "*?[]/\\ \t\r\n\x00%\"'$;|&") {
-		t.Errorf("%q was accepted as %q, which holds a glob, path, quote or control character", from, u)
-	}
-	if again, err := resolveUnit(u); err != nil || again != u {
-		t.Errorf("resolveUnit(%q) = %q, %v: a resolved name must resolve to itself", u, again, err)
-	}
-}
-
 // FuzzResolveUnit: whatever resolveUnit or validUnitName accepts passes validUnitName, cannot
 // start with "-", and is stable; the transient unit name of any delivery id is valid too.
 func FuzzResolveUnit(f *testing.F) {
@@ -919,5 +895,89 @@ func TestUnitLookups(t *testing.T) {
 	}
 	if want := []string{"show", "-p", "LoadState", "-p", "SourcePath", "-p", "FragmentPath", "--", "web.service"}; !slices.Equal(h.callsOf("systemctl-show")[0][2:], want) {
 		t.Errorf("lookup argv %q, want systemctl --user %q", h.callsOf("systemctl-show")[0], want)
+	}
+}
+
+// installSocketServer installs the built server as it is deployed: a Type=notify service behind a
+// socket unit on 127.0.0.1:port, with extra [Service] lines and its output appended to logPath.
+// The service is installed before the socket, so cleanup stops the socket first. It returns the
+// two unit names; the caller starts the socket.
+func (r *rig) installSocketServer(t *testing.T, bin, state, logPath string, port int, extra ...string) (service, socket string) {
+	t.Helper()
+	name := rigUniqueName(t, "webhook")
+	service, socket = name+".service", name+".socket"
+	r.InstallUnit(t, service, fmt.Sprintf(`[Unit]
+Description=webhook-auto-update e2e server
+
+[Service]
+Type=notify
+NotifyAccess=main
+ExecStart=%s server --state-dir %s
+%sStandardOutput=append:%s
+StandardError=append:%s
+`, bin, state, strings.Join(append(extra, ""), "\n"), logPath, logPath))
+	r.InstallUnit(t, socket, fmt.Sprintf("[Socket]\nListenStream=127.0.0.1:%d\nAccept=no\n", port))
+	return service, socket
+}
+
+// TestE2ESocketActivation runs the built server under the user manager behind
+// a socket unit, as deployed, and checks it answers, stops cleanly on SIGTERM
+// and logged the request.
+func TestE2ESocketActivation(t *testing.T) {
+	r := needRig(t)
+	bin := buildBinary(t)
+	state := r.TempDir(t)
+	logPath := filepath.Join(r.TempDir(t), "server.log")
+	port, err := rigFreePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	service, socket := r.installSocketServer(t, bin, state, logPath, port)
+	serverLog := func() string {
+		b, _ := os.ReadFile(logPath)
+		return strings.TrimSpace(string(b))
+	}
+
+	if _, err := r.Systemctl(t, "start", socket); err != nil {
+		t.Fatal(err)
+	}
+	client := &http.Client{Timeout: 30 * time.Second}
+	resp, err := client.Get(fmt.Sprintf("http://127.0.0.1:%d/health", port))
+	if err != nil {
+		t.Fatalf("get /health through %s: %v; server output: %s", socket, err, serverLog())
+	}
+	body, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.StatusCode != http.StatusOK || strings.TrimSpace(string(body)) != "ok" {
+		t.Fatalf("get /health: %d %q, want 200 \"ok\"", resp.StatusCode, body)
+	}
+	if out, err := r.Systemctl(t, "is-active", service); err != nil || strings.TrimSpace(out) != "active" {
+		t.Fatalf("%s is not active after a request: %q %v; server output: %s", service, out, err, serverLog())
+	}
+
+	if _, err := r.Systemctl(t, "stop", socket, service); err != nil {
+		t.Fatal(err)
+	}
+	got := r.Show(t, service, "ActiveState", "Result", "ExecMainStatus")
+	if got["Result"] != "success" || got["ExecMainStatus"] != "0" {
+		t.Fatalf("%s after stop: %v, want Result=success ExecMainStatus=0; server output: %s", service, got, serverLog())
+	}
+
+	db, err := sql.Open("sqlite", filepath.Join(state, "data", "pod-upgrade-trigger.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	var n int
+	// A successful probe is counted in the probe summary, which the stopping server flushes.
+	if err := db.QueryRow(`SELECT COUNT(*) FROM event_log WHERE action = 'probe-summary'
+		AND json_extract(meta, '$.routes."GET /health"') = 1`).Scan(&n); err != nil {
+		t.Fatalf("read event_log: %v", err)
+	}
+	if n != 1 {
+		t.Fatalf("event_log has %d probe summaries counting the GET /health, want 1; server output: %s", n, serverLog())
 	}
 }

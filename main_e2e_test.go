@@ -1,0 +1,236 @@
+// main_e2e_test.go owns the harness the end-to-end tests of every concern share: the built
+// server running as the rig's user (e2eServer, startE2EServer), deliveries to it, and readers of
+// the github-task rows a redeploy writes (taskRows, waitTask, steps, stepDetails), plus the
+// container units those tests install.
+package main
+
+import (
+	"bytes"
+	"database/sql"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// GitHub deliveries end to end, on the real rig.
+
+// e2eServer is the built binary serving on a free loopback port, as an operator runs it.
+type e2eServer struct {
+	url    string
+	state  string
+	secret string
+	log    *syncBuffer // written by the server process as it runs
+	db     *sql.DB
+}
+
+// startE2EServer starts `webhook-auto-update server` with the given extra environment and stops
+// it (SIGTERM, expecting exit 0) when the test ends.
+// e2eHealthSettle is the health gate's settle window in the E2E servers. A broken image's
+// container fails only once rootless podman has started it, which on a loaded machine (two runs,
+// -race) took longer than 2 s: the gate then saw an active unit and passed it.
+const e2eHealthSettle = "WEBHOOK_HEALTH_SETTLE_SECS=10"
+
+func startE2EServer(t *testing.T, extraEnv ...string) *e2eServer {
+	t.Helper()
+	r := needRig(t)
+	bin := buildBinary(t)
+	port, err := rigFreePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &e2eServer{url: fmt.Sprintf("http://127.0.0.1:%d", port), state: r.TempDir(t),
+		secret: "e2e secret " + rigUniqueName(t, "s"), log: &syncBuffer{}}
+	cmd := r.Command(bin, "server", "--listen", fmt.Sprintf("127.0.0.1:%d", port), "--state-dir", s.state)
+	cmd.Env = append(cmd.Env, "GITHUB_WEBHOOK_SECRET="+s.secret, e2eHealthSettle,
+		"WEBHOOK_PULL_RETRY_SECS=1")
+	rigMu.Lock()
+	if theRig != nil { // deliveries name the rig's registry
+		cmd.Env = append(cmd.Env, "WEBHOOK_REGISTRY_HOSTS=ghcr.io,"+theRig.registry)
+	}
+	rigMu.Unlock()
+	cmd.Env = append(cmd.Env, extraEnv...)
+	cmd.Stdout, cmd.Stderr = s.log, s.log
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	t.Cleanup(func() {
+		cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("server exit: %v; log:\n%s", err, s.log)
+			}
+		case <-time.After(30 * time.Second):
+			cmd.Process.Kill()
+			t.Errorf("server did not exit after SIGTERM; log:\n%s", s.log)
+		}
+	})
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		resp, err := http.Get(s.url + "/health")
+		if err == nil {
+			resp.Body.Close()
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("server did not answer /health: %v; log:\n%s", err, s.log)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	db, err := sql.Open("sqlite", filepath.Join(s.state, "data", "pod-upgrade-trigger.db")+"?_pragma=busy_timeout(10000)")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Close() })
+	s.db = db
+	return s
+}
+
+// deliver sends a signed GitHub delivery and returns the status and body.
+func (s *e2eServer) deliver(t *testing.T, unit, event, delivery string, body []byte, secret string) (int, string) {
+	t.Helper()
+	req, _ := http.NewRequest("POST", s.url+"/github-package-update/"+unit, bytes.NewReader(body))
+	req.Header.Set("X-Hub-Signature-256", hubSignature(secret, body))
+	req.Header.Set("X-GitHub-Event", event)
+	req.Header.Set("X-GitHub-Delivery", delivery)
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, strings.TrimSpace(string(b))
+}
+
+// taskRow is one github-task row.
+type taskRow struct {
+	id        int64
+	requestID string
+	step      string
+	delivery  string
+	meta      map[string]any
+}
+
+func (s *e2eServer) taskRows(t *testing.T, delivery string) []taskRow {
+	t.Helper()
+	rows, err := s.db.Query(`SELECT id, request_id, meta FROM event_log WHERE action = 'github-task' ORDER BY id`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rows.Close()
+	var out []taskRow
+	for rows.Next() {
+		var r taskRow
+		var meta string
+		if err := rows.Scan(&r.id, &r.requestID, &meta); err != nil {
+			t.Fatal(err)
+		}
+		json.Unmarshal([]byte(meta), &r.meta)
+		r.step, _ = r.meta["step"].(string)
+		r.delivery, _ = r.meta["delivery"].(string)
+		if delivery == "" || r.delivery == delivery {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+func steps(rows []taskRow) []string {
+	var s []string
+	for _, r := range rows {
+		s = append(s, r.step)
+	}
+	return s
+}
+
+var finalSteps = map[string]bool{"completed": true, "up-to-date": true, "rolled-back": true, "rollback-failed": true,
+	"rollback-impossible": true, "pull-failed": true, "image-mismatch": true, "image-unknown": true, "rate-limited": true, "lock-failed": true, "limit-failed": true, "invalid": true}
+
+// waitTask waits until the task that covers a delivery wrote its final row and returns its rows;
+// if it never does, the failure shows the rows so far, with their errors, and the server's log.
+func (s *e2eServer) waitTask(t *testing.T, r *rig, delivery string) []taskRow {
+	t.Helper()
+	leader := s.leader(t, r, delivery)
+	const limit = 3 * time.Minute
+	for deadline := time.Now().Add(limit); ; time.Sleep(100 * time.Millisecond) {
+		rows := s.taskRows(t, leader)
+		if len(rows) > 0 && finalSteps[rows[len(rows)-1].step] {
+			return rows
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the task of delivery %s (covering %s) did not finish within %s; its rows: %s; server log:\n%s",
+				leader, delivery, limit, stepDetails(rows), s.log)
+		}
+	}
+}
+
+// stepDetails lists rows' steps with the error each carries (a pull's stderr, say), for failures.
+func stepDetails(rows []taskRow) string {
+	var b strings.Builder
+	for i, r := range rows {
+		if i > 0 {
+			b.WriteString(", ")
+		}
+		b.WriteString(r.step)
+		if e, ok := r.meta["error"]; ok {
+			fmt.Fprintf(&b, " (error: %v)", e)
+		}
+	}
+	if b.Len() == 0 {
+		return "none"
+	}
+	return b.String()
+}
+
+// leader waits until the claim of delivery is dispatched and returns the delivery whose task
+// covers it (itself, unless it queued behind an earlier claim of the same unit and image, or
+// when run-task was started by hand).
+func (s *e2eServer) leader(t *testing.T, r *rig, delivery string) string {
+	t.Helper()
+	var leader string
+	r.WaitFor(t, 120*time.Second, func() bool {
+		var status string
+		err := s.db.QueryRow(`SELECT status, coalesce(covered_by, '') FROM github_deliveries WHERE delivery_id = ?`, delivery).
+			Scan(&status, &leader)
+		if errors.Is(err, sql.ErrNoRows) && len(s.taskRows(t, delivery)) > 0 {
+			leader = delivery // a run-task started by hand: no claim
+			return true
+		}
+		return err == nil && (status == "dispatched" || status == "done")
+	}, "the claim of "+delivery+" to be dispatched")
+	return leader
+}
+
+// e2eContainerUnit installs a unit running ref from a Quadlet-style .container file as its
+// SourcePath, starts it and waits until its container runs wantID.
+func e2eContainerUnit(t *testing.T, r *rig, ref, wantID string) (unit, ctr string) {
+	t.Helper()
+	return e2eNamedContainerUnit(t, r, rigUniqueName(t, "app"), ref, wantID)
+}
+
+// e2eNamedContainerUnit is e2eContainerUnit for the unit base.service, whose container is base.
+func e2eNamedContainerUnit(t *testing.T, r *rig, base, ref, wantID string) (unit, ctr string) {
+	t.Helper()
+	unit, ctr = base+".service", base
+	quadlet := filepath.Join(r.TempDir(t), base+".container")
+	if err := os.WriteFile(quadlet, []byte("[Unit]\nDescription=e2e\n\n[Container]\nImage="+ref+"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	r.InstallUnit(t, unit, r.ContainerUnit(ctr, ref, "SourcePath="+quadlet))
+	if _, err := r.Systemctl(t, "start", unit); err != nil {
+		t.Fatal(err)
+	}
+	r.WaitFor(t, 60*time.Second, func() bool { return r.ContainerImage(t, ctr) == wantID }, unit+" to run "+wantID)
+	return unit, ctr
+}

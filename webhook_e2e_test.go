@@ -1,0 +1,617 @@
+// webhook_e2e_test.go tests webhook.go end to end on the rig: a signed GitHub delivery and a
+// registry push redeploying a real unit, a unit without a Quadlet image, and a server killed in
+// the middle of a burst.
+package main
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"slices"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// TestE2EGitHubDelivery drives the product's main job on the real rig: a signed delivery for a
+// new image ends with the unit's container running it, with a row for every step.
+func TestE2EGitHubDelivery(t *testing.T) {
+	r := needRig(t)
+	s := startE2EServer(t)
+	name := rigUniqueName(t, "demo")
+	ref, id1 := r.PushImage(t, "e2e/"+name, "latest", "v1")
+	unit, ctr := e2eContainerUnit(t, r, ref, id1)
+	_, id2 := r.PushImage(t, "e2e/"+name, "latest", "v2")
+	r.TagLocal(t, id1, ref) // the host still has v1 locally; the registry has v2
+	if id1 == id2 {
+		t.Fatal("v1 and v2 have the same image ID")
+	}
+	body := githubPackagePayload(r.Registry(), "e2e", name, "latest", "")
+
+	t.Run("bad signature runs nothing", func(t *testing.T) {
+		code, text := s.deliver(t, unit, "package", "bad-sig-1", body, "wrong secret")
+		if code != http.StatusUnauthorized {
+			t.Fatalf("status %d %q, want 401", code, text)
+		}
+	})
+	t.Run("tag mismatch runs nothing", func(t *testing.T) {
+		other := githubPackagePayload(r.Registry(), "e2e", name, "v9", "")
+		code, text := s.deliver(t, unit, "package", "mismatch-1", other, s.secret)
+		if code != http.StatusAccepted || !strings.Contains(text, "tag mismatch") {
+			t.Fatalf("status %d %q, want 202 tag mismatch", code, text)
+		}
+	})
+
+	start := time.Now()
+	code, text := s.deliver(t, unit, "package", "delivery-v2", body, s.secret)
+	answered := time.Since(start)
+	if code != http.StatusAccepted || text != "auto-update queued" {
+		t.Fatalf("delivery: %d %q, want 202 auto-update queued; server log:\n%s", code, text, s.log)
+	}
+	r.WaitFor(t, 3*time.Minute, func() bool {
+		if rows := s.taskRows(t, "delivery-v2"); len(rows) > 0 && finalSteps[rows[len(rows)-1].step] && rows[len(rows)-1].step != "completed" {
+			t.Fatalf("the task ended without running v2: %s; server log:\n%s", stepDetails(rows), s.log)
+		}
+		return r.ContainerImage(t, ctr) == id2
+	}, ctr+" to run v2")
+	running := time.Since(start)
+	rows := s.waitTask(t, r, "delivery-v2")
+	got := strings.Join(steps(rows), ",")
+	if got != "started,pulled,restarted,healthy,completed" {
+		t.Fatalf("task steps %s; server log:\n%s", stepDetails(rows), s.log)
+	}
+	var pullMS, restartMS any
+	for _, row := range rows {
+		switch row.step {
+		case "pulled":
+			pullMS = row.meta["pull_ms"]
+		case "restarted":
+			restartMS = row.meta["restart_ms"]
+		}
+	}
+	t.Logf("delivery answered in %s; container on v2 after %s (podman pull %v ms, systemctl restart %v ms); task rows %s",
+		answered, running, pullMS, restartMS, got)
+	if n := len(s.taskRows(t, "mismatch-1")); n != 0 {
+		t.Errorf("tag mismatch ran a task: %d rows", n)
+	}
+	if st := r.Show(t, unit, "ActiveState")["ActiveState"]; st != "active" {
+		t.Errorf("%s is %s after the redeploy", unit, st)
+	}
+
+	t.Run("same delivery again is a duplicate", func(t *testing.T) {
+		code, text := s.deliver(t, unit, "package", "delivery-v2", body, s.secret)
+		if code != http.StatusAccepted || text != "duplicate delivery" {
+			t.Fatalf("redelivery: %d %q, want 202 duplicate delivery", code, text)
+		}
+	})
+
+	t.Run("same image again does not restart", func(t *testing.T) {
+		pid := r.Show(t, unit, "MainPID")["MainPID"]
+		code, _ := s.deliver(t, unit, "package", "delivery-v2-again", body, s.secret)
+		if code != http.StatusAccepted {
+			t.Fatalf("status %d", code)
+		}
+		rows := s.waitTask(t, r, "delivery-v2-again")
+		if last := rows[len(rows)-1].step; last != "up-to-date" {
+			t.Fatalf("steps %s, want to end up-to-date", stepDetails(rows))
+		}
+		if now := r.Show(t, unit, "MainPID")["MainPID"]; now != pid {
+			t.Fatalf("MainPID changed %s → %s: the unit was restarted", pid, now)
+		}
+	})
+
+	// Images are pushed with the parent test's t: a subtest's cleanup would remove an image that
+	// the unit still runs.
+	tt := t
+	t.Run("three deliveries for one push restart once, one task at a time", func(t *testing.T) {
+		_, id3 := r.PushImage(tt, "e2e/"+name, "latest", "v3")
+		r.TagLocal(t, id2, ref)
+		ids := []string{"multi-1", "multi-2", "multi-3"}
+		for _, d := range ids {
+			if code, text := s.deliver(t, unit, "package", d, body, s.secret); code != http.StatusAccepted {
+				t.Fatalf("%s: %d %q", d, code, text)
+			}
+		}
+		var restarts int
+		type span struct{ first, last int64 }
+		var spans []span
+		tasks := map[string]bool{} // the three are covered by one or two tasks
+		for _, d := range ids {
+			if l := s.leader(t, r, d); tasks[l] {
+				continue
+			} else {
+				tasks[l] = true
+			}
+			rows := s.waitTask(t, r, d)
+			var sp span
+			for _, row := range rows {
+				if row.step == "restarted" {
+					restarts++
+				}
+				if row.step != "started" && sp.first == 0 {
+					sp.first = row.id // the first row written under the image lock
+				}
+				sp.last = row.id
+			}
+			spans = append(spans, sp)
+		}
+		if restarts != 1 {
+			for _, d := range ids {
+				for _, row := range s.taskRows(t, d) {
+					t.Logf("%s %d %s %v", d, row.id, row.step, row.meta["error"])
+				}
+			}
+			t.Fatalf("%d restarts for one push, want 1", restarts)
+		}
+		sort.Slice(spans, func(i, j int) bool { return spans[i].first < spans[j].first })
+		for i := 1; i < len(spans); i++ {
+			if spans[i].first < spans[i-1].last {
+				t.Fatalf("redeploys overlapped: %v", spans)
+			}
+		}
+		if got := r.ContainerImage(t, ctr); got != id3 {
+			t.Fatalf("container runs %s, want v3 %s", got, id3)
+		}
+	})
+
+	t.Run("a broken image is rolled back", func(t *testing.T) {
+		good := r.ContainerImage(t, ctr)
+		_, broken := r.PushBrokenImage(tt, "e2e/"+name, "latest")
+		r.TagLocal(t, good, ref)
+		code, _ := s.deliver(t, unit, "package", "broken-1", body, s.secret)
+		if code != http.StatusAccepted {
+			t.Fatalf("status %d", code)
+		}
+		rows := s.waitTask(t, r, "broken-1")
+		if last := rows[len(rows)-1].step; last != "rolled-back" {
+			t.Fatalf("steps %s, want to end rolled-back; server log:\n%s", stepDetails(rows), s.log)
+		}
+		r.WaitFor(t, 30*time.Second, func() bool { return r.ContainerImage(t, ctr) == good }, ctr+" back on the good image")
+		if st := r.Show(t, unit, "ActiveState")["ActiveState"]; st != "active" {
+			t.Fatalf("%s is %s after the rollback", unit, st)
+		}
+		if out, err := r.Podman(t, "image", "exists", broken); err != nil {
+			t.Fatalf("the failed image %s was removed; it must be kept for inspection: %v %s", broken, err, out)
+		}
+	})
+
+	t.Run("force restarts an unchanged image", func(t *testing.T) {
+		pid := r.Show(t, unit, "MainPID")["MainPID"]
+		bin := buildBinary(t)
+		cmd := r.Command(bin, "run-task", "--force", "--state-dir", s.state, "--", unit, ref, "manual", "force-1", "/manual")
+		cmd.Env = append(cmd.Env, e2eHealthSettle)
+		// The registry holds the broken image under the tag: push the running one back, so the
+		// pull brings nothing new.
+		if out, err := r.Podman(t, "push", "--quiet", ref); err != nil {
+			t.Fatalf("push %s: %v %s", ref, err, out)
+		}
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("run-task --force: %v\n%s", err, out)
+		}
+		rows := s.waitTask(t, r, "force-1")
+		if !strings.Contains(strings.Join(steps(rows), ","), "restarted") {
+			t.Fatalf("steps %s, want a restart", stepDetails(rows))
+		}
+		if now := r.Show(t, unit, "MainPID")["MainPID"]; now == pid {
+			t.Fatalf("MainPID unchanged (%s): not restarted", pid)
+		}
+	})
+}
+
+// TestE2EUnitWithoutImage: a unit with no Quadlet file is not redeployed by a push of another
+// package to its route — nothing is pulled, it is not restarted — and is still redeployed by a
+// push of the image its container runs.
+func TestE2EUnitWithoutImage(t *testing.T) {
+	r := needRig(t)
+	// The rig user's HOME has no .container file for this unit: it has no Image= anywhere.
+	s := startE2EServer(t)
+	name := rigUniqueName(t, "plain")
+	ref, id1 := r.PushImage(t, "e2e/"+name, "latest", "v1")
+	base := rigUniqueName(t, "plain")
+	unit, ctr := base+".service", base
+	r.InstallUnit(t, unit, r.ContainerUnit(ctr, ref))
+	if _, err := r.Systemctl(t, "start", unit); err != nil {
+		t.Fatal(err)
+	}
+	r.WaitFor(t, 60*time.Second, func() bool { return r.ContainerImage(t, ctr) == id1 }, unit+" to run v1")
+	pid := r.Show(t, unit, "MainPID")["MainPID"]
+
+	other := name + "-other"
+	otherRef, otherID := r.PushImage(t, "e2e/"+other, "latest", "other")
+	if _, err := r.Podman(t, "rmi", "--force", otherRef); err != nil {
+		t.Fatal(err) // not in the local store, so a pull would show
+	}
+	code, text := s.deliver(t, unit, "package", "unrelated-1", githubPackagePayload(r.Registry(), "e2e", other, "latest", ""), s.secret)
+	if code != http.StatusAccepted {
+		t.Fatalf("delivery of an unrelated package: %d %q", code, text)
+	}
+	rows := s.waitTask(t, r, "unrelated-1")
+	if got := strings.Join(steps(rows), ","); got != "started,image-mismatch" {
+		t.Fatalf("steps %s, want started,image-mismatch; server log:\n%s", got, s.log)
+	}
+	t.Logf("refused: %v", rows[len(rows)-1].meta["reason"])
+	if now := r.Show(t, unit, "MainPID")["MainPID"]; now != pid {
+		t.Errorf("MainPID %s → %s: the unit was restarted by an unrelated package", pid, now)
+	}
+	if got := r.ContainerImage(t, ctr); got != id1 {
+		t.Errorf("container runs %s, want still v1 %s", got, id1)
+	}
+	if out, err := r.Podman(t, "image", "exists", otherID); err == nil {
+		t.Errorf("the unrelated image %s was pulled: %s", otherID, out)
+	}
+
+	// Its own image still redeploys it.
+	_, id2 := r.PushImage(t, "e2e/"+name, "latest", "v2")
+	r.TagLocal(t, id1, ref)
+	code, text = s.deliver(t, unit, "package", "own-1", githubPackagePayload(r.Registry(), "e2e", name, "latest", ""), s.secret)
+	if code != http.StatusAccepted {
+		t.Fatalf("delivery of the unit's image: %d %q", code, text)
+	}
+	rows = s.waitTask(t, r, "own-1")
+	if got := strings.Join(steps(rows), ","); got != "started,pulled,restarted,healthy,completed" {
+		t.Fatalf("steps %s; server log:\n%s", got, s.log)
+	}
+	r.WaitFor(t, 30*time.Second, func() bool { return r.ContainerImage(t, ctr) == id2 }, ctr+" to run v2")
+}
+
+// TestE2ERegistryPush drives a registry push end to end with no hand-made payload: a real
+// docker-registry whose notifications point at the server, and podman push. A push of v2 ends
+// with the unit's container on v2; the same image pushed again is up to date; a push to another
+// repository restarts nothing. A second endpoint with a wrong token is refused 401 on every
+// retry of the same events, which never become claims of their own: each pushed manifest is
+// claimed once, under its Distribution event id.
+func TestE2ERegistryPush(t *testing.T) {
+	r := needRig(t)
+	token := rigUniqueName(t, "token")
+	registries := filepath.Join(r.TempDir(t), "registries.conf") // read by the server's tasks, as the rig's user
+	s := startE2EServer(t, registryTokenEnv("distribution")+"="+token, "CONTAINERS_REGISTRIES_CONF="+registries)
+	base := rigUniqueName(t, "app")
+	hook := s.url + "/registry/distribution/" + base
+	// The README's notifications section, plus a second endpoint whose token is wrong.
+	reg := r.StartRegistry(t, fmt.Sprintf(`notifications:
+  endpoints:
+    - name: webhook-auto-update
+      url: %[1]s
+      headers:
+        Authorization: [Bearer %[2]s]
+      timeout: 5s
+      threshold: 3
+      backoff: 1s
+      ignoredmediatypes:
+        - application/octet-stream
+    - name: wrong-token
+      url: %[1]s
+      headers:
+        Authorization: [Bearer wrong-%[2]s]
+      timeout: 5s
+      threshold: 1
+      backoff: 1s
+`, hook, token))
+	// The redeploy's podman pull reads the server's registries.conf: the rig user's, and this
+	// registry.
+	rigConf, err := os.ReadFile(filepath.Join(r.home, ".config", "containers", "registries.conf"))
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(registries, fmt.Appendf(rigConf, "\n[[registry]]\nlocation = %q\ninsecure = true\n", reg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+
+	name := rigUniqueName(t, "demo")
+	ref := reg + "/e2e/" + name + ":latest"
+	_, id1 := r.PushImage(t, "e2e/"+name, "latest", "v1") // built through the rig's registry
+	_, id2 := r.PushImage(t, "e2e/"+name, "latest", "v2")
+	if id1 == id2 {
+		t.Fatal("v1 and v2 have the same image ID")
+	}
+	r.TagLocal(t, id1, ref)
+	unit, ctr := e2eNamedContainerUnit(t, r, base, ref, id1)
+	// pushTo pushes a local image to the notifying registry without retagging it here, so the
+	// host keeps running and holding what it had.
+	pushTo := func(t *testing.T, id, dest string) time.Time {
+		t.Helper()
+		if out, err := r.Podman(t, "push", "--quiet", "--tls-verify=false", id, "docker://"+dest); err != nil {
+			t.Fatalf("push %s: %v %s", dest, err, out)
+		}
+		return time.Now()
+	}
+	claims := func() []string {
+		rows, err := s.db.Query(`SELECT delivery_id FROM github_deliveries WHERE unit = ? ORDER BY rowid`, unit)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer rows.Close()
+		var ids []string
+		for rows.Next() {
+			var id string
+			rows.Scan(&id)
+			ids = append(ids, id)
+		}
+		return ids
+	}
+	// nextClaim waits for the claim after the n claims so far, notes when it was seen, and waits
+	// for its task to end.
+	var claimed time.Time
+	nextClaim := func(t *testing.T, n int) (string, []taskRow) {
+		t.Helper()
+		var ids []string
+		r.WaitFor(t, 60*time.Second, func() bool { ids = claims(); return len(ids) > n }, "the registry's push to be claimed")
+		claimed = time.Now()
+		if len(ids) != n+1 {
+			t.Fatalf("claims %v after %d: one push was claimed more than once", ids, n)
+		}
+		return ids[n], s.waitTask(t, r, ids[n])
+	}
+	rowCount := func(where string) int {
+		var n int
+		if err := s.db.QueryRow(`SELECT count(*) FROM event_log WHERE action = 'registry-webhook' AND ` + where).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+
+	pushTo(t, id1, ref)
+	id, rows := nextClaim(t, 0)
+	if last := rows[len(rows)-1].step; last != "up-to-date" || !strings.HasPrefix(id, "dist-") {
+		t.Fatalf("push of the running image: claim %s, steps %v; want a dist- claim ending up-to-date; server log:\n%s", id, steps(rows), s.log)
+	}
+
+	pushed := pushTo(t, id2, ref)
+	id, rows = nextClaim(t, 1)
+	r.WaitFor(t, 60*time.Second, func() bool { return r.ContainerImage(t, ctr) == id2 }, ctr+" to run v2")
+	running := time.Since(pushed)
+	if got := strings.Join(steps(rows), ","); got != "started,pulled,restarted,healthy,completed" {
+		t.Fatalf("push of v2: claim %s, steps %s; server log:\n%s", id, got, s.log)
+	}
+	t.Logf("podman push of v2 → claimed within %s → container on v2 after %s (claim %s)",
+		claimed.Sub(pushed).Round(time.Millisecond), running.Round(time.Millisecond), id)
+
+	t.Run("same image pushed again is up to date", func(t *testing.T) {
+		pid := r.Show(t, unit, "MainPID")["MainPID"]
+		pushTo(t, id2, ref)
+		_, rows := nextClaim(t, 2)
+		if last := rows[len(rows)-1].step; last != "up-to-date" {
+			t.Fatalf("steps %v, want to end up-to-date", steps(rows))
+		}
+		if now := r.Show(t, unit, "MainPID")["MainPID"]; now != pid {
+			t.Fatalf("MainPID changed %s → %s: the unit was restarted", pid, now)
+		}
+	})
+
+	t.Run("a push to another repository restarts nothing", func(t *testing.T) {
+		pid := r.Show(t, unit, "MainPID")["MainPID"]
+		before := rowCount(`json_extract(meta, '$.reason') = 'repository-mismatch'`)
+		pushTo(t, id2, reg+"/e2e/"+name+"-other:latest") // v1 is gone: the redeploy pruned it
+		r.WaitFor(t, 60*time.Second, func() bool { return rowCount(`json_extract(meta, '$.reason') = 'repository-mismatch'`) > before },
+			"the push to another repository to be answered")
+		if ids := claims(); len(ids) != 3 {
+			t.Fatalf("claims %v: the push to another repository was claimed", ids)
+		}
+		if now := r.Show(t, unit, "MainPID")["MainPID"]; now != pid || r.ContainerImage(t, ctr) != id2 {
+			t.Fatalf("MainPID %s → %s, image %s: the unit was touched", pid, now, r.ContainerImage(t, ctr))
+		}
+	})
+
+	t.Run("a wrong token is refused on every retry and never claimed", func(t *testing.T) {
+		r.WaitFor(t, 60*time.Second, func() bool { return rowCount(`status = 401`) >= 3 }, "the wrong-token endpoint to retry a refused event")
+		refused, claimed := rowCount(`status = 401`), claims()
+		if len(claimed) != 3 {
+			t.Fatalf("claims %v after %d refused retries: want the 3 pushes claimed once each", claimed, refused)
+		}
+		t.Logf("%d refused requests from the wrong-token endpoint; claims %v", refused, claimed)
+	})
+}
+
+// watchTimestampFiles checks every timestamp log under state every few milliseconds until stop
+// is closed, and reports the paths it ever saw empty (a torn write).
+func watchTimestampFiles(state string, stop <-chan struct{}) <-chan []string {
+	out := make(chan []string, 1)
+	go func() {
+		var empty []string
+		for {
+			select {
+			case <-stop:
+				out <- empty
+				return
+			case <-time.After(2 * time.Millisecond):
+			}
+			files, _ := filepath.Glob(filepath.Join(state, "github-image-limits", "*.db"))
+			files = append(files, filepath.Join(state, "ratelimit.db"))
+			for _, f := range files {
+				if fi, err := os.Stat(f); err == nil && fi.Size() == 0 && !slices.Contains(empty, f) {
+					empty = append(empty, f)
+				}
+			}
+		}
+	}()
+	return out
+}
+
+// TestE2EKillServerMidBurst runs the built server under a real socket unit (Restart=on-failure,
+// as deployed) and kills it with SIGKILL while a burst of deliveries is in flight. The socket
+// keeps accepting; systemd starts the server again. Every delivery answered 202 must be in
+// github_deliveries with its request row, and its task (a real run-task in a transient unit,
+// pulling from the rig's registry) must finish. Deliveries that lost their connection in the
+// kill are redelivered, as an operator would from GitHub's UI, and the same holds for them. No
+// timestamp log is ever seen empty.
+func TestE2EKillServerMidBurst(t *testing.T) {
+	r := needRig(t)
+	bin := buildBinary(t)
+	state := r.TempDir(t)
+	logPath := filepath.Join(r.TempDir(t), "server.log")
+	port, err := rigFreePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	secret := "kill-e2e-" + randomName(t)
+	repo := rigUniqueName(t, "kill")
+	ref, _ := r.PushImage(t, "e2e/"+repo, "latest", "v1")
+	app := repo + ".service"
+	r.InstallUnit(t, app, "[Service]\nExecStart=/bin/sleep 1000\n")
+	if _, err := r.Systemctl(t, "start", app); err != nil {
+		t.Fatal(err)
+	}
+	// The app runs no container, so it names no image: WEBHOOK_ALLOW_ANY_IMAGE lets its tasks
+	// redeploy it, which is what this test counts.
+	service, socket := r.installSocketServer(t, bin, state, logPath, port, "Environment=GITHUB_WEBHOOK_SECRET="+secret,
+		"Environment=WEBHOOK_HEALTH_SETTLE_SECS=1", "Environment=WEBHOOK_REGISTRY_HOSTS="+r.Registry(),
+		"Environment=WEBHOOK_ALLOW_ANY_IMAGE=true", "Restart=on-failure", "RestartSec=1")
+	if _, err := r.Systemctl(t, "start", socket); err != nil {
+		t.Fatal(err)
+	}
+	serverLog := func() string { b, _ := os.ReadFile(logPath); return string(b) }
+	url := fmt.Sprintf("http://127.0.0.1:%d/github-package-update/%s", port, repo)
+	body := githubPackagePayload(r.Registry(), "e2e", repo, "latest", "")
+	client := &http.Client{Timeout: 2 * time.Minute}
+	send := func(delivery string) (int, string, string, error) {
+		req, _ := http.NewRequest("POST", url, bytes.NewReader(body))
+		req.Header.Set("X-Hub-Signature-256", hubSignature(secret, body))
+		req.Header.Set("X-GitHub-Event", "package")
+		req.Header.Set("X-GitHub-Delivery", delivery)
+		resp, err := client.Do(req)
+		if err != nil {
+			return 0, "", "", err
+		}
+		defer resp.Body.Close()
+		b, err := io.ReadAll(resp.Body)
+		return resp.StatusCode, strings.TrimSpace(string(b)), resp.Header.Get("X-Request-Id"), err
+	}
+	if code, text, _, err := send("kill-first"); err != nil || code != 202 {
+		t.Fatalf("first delivery: %d %q %v; server log:\n%s", code, text, err, serverLog())
+	}
+	oldPID := r.Show(t, service, "MainPID")["MainPID"]
+
+	stopWatch := make(chan struct{})
+	emptySeen := watchTimestampFiles(state, stopWatch)
+	type answer struct {
+		code      int
+		text, rid string
+		err       error
+	}
+	const workers, each = 4, 8
+	var mu sync.Mutex
+	answers := map[string]answer{}
+	var answered atomic.Int32
+	killed := make(chan struct{})
+	var wg sync.WaitGroup
+	for w := 0; w < workers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < each; i++ {
+				id := fmt.Sprintf("kill-%d-%d", w, i)
+				code, text, rid, err := send(id)
+				mu.Lock()
+				answers[id] = answer{code, text, rid, err}
+				mu.Unlock()
+				if answered.Add(1) == workers*each/3 {
+					close(killed)
+				}
+			}
+		}()
+	}
+	<-killed
+	pid, _ := strconv.Atoi(oldPID)
+	if pid <= 1 {
+		t.Fatalf("MainPID of %s is %q", service, oldPID)
+	}
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	wg.Wait()
+
+	// What lost its connection is redelivered, once the server is back.
+	var lost []string
+	for id, a := range answers {
+		if a.err != nil {
+			lost = append(lost, id)
+		}
+	}
+	sort.Strings(lost)
+	redelivered := map[string]answer{}
+	for _, id := range lost {
+		code, text, rid, err := send(id)
+		if err != nil {
+			t.Fatalf("redelivery of %s: %v; server log:\n%s", id, err, serverLog())
+		}
+		redelivered[id] = answer{code, text, rid, err}
+	}
+	newPID := r.Show(t, service, "MainPID")["MainPID"]
+	if newPID == oldPID || newPID == "0" {
+		t.Fatalf("%s: MainPID %s after the kill of %s: not restarted", service, newPID, oldPID)
+	}
+
+	e2e := &e2eServer{url: url, state: state, secret: secret, log: &syncBuffer{}, db: rawDB(t, filepath.Join(state, "data", "pod-upgrade-trigger.db"))}
+	accepted := map[string]string{"kill-first": ""}
+	counts := map[string]int{}
+	check := func(id string, a answer, how string) {
+		counts[how+" "+strconv.Itoa(a.code)+" "+a.text]++
+		if a.err != nil {
+			return
+		}
+		// A redelivery may be refused with 500 (GitHub then shows it failed): its claim's task
+		// unit may still exist. What must never happen is a 2xx without a task.
+		if a.code != 202 && !(how == "redelivered" && a.code == 500) {
+			t.Errorf("%s %s: %d %q", how, id, a.code, a.text)
+		}
+		if a.code/100 == 2 {
+			accepted[id] = a.rid
+		}
+	}
+	for id, a := range answers {
+		check(id, a, "first")
+	}
+	for id, a := range redelivered {
+		check(id, a, "redelivered")
+	}
+	t.Logf("kill -9 of pid %s after %d answers; restarted as %s; answers: %v", oldPID, workers*each/3, newPID, counts)
+	// Every delivery answered 202 runs, once the restarted server has its queue: its claim ends
+	// done, covered by a task that finished. A task started before the kill is not started
+	// again (the restart finds its unit), one never started is.
+	for id, rid := range accepted {
+		if rid != "" && queryInt(t, e2e.db, `SELECT count(*) FROM event_log WHERE request_id = ? AND status = 202`, rid) != 1 {
+			t.Errorf("accepted delivery %s: no 202 row for its request %s", id, rid)
+		}
+		var status, leader string
+		r.WaitFor(t, 120*time.Second, func() bool {
+			err := e2e.db.QueryRow(`SELECT status, coalesce(covered_by, '') FROM github_deliveries WHERE delivery_id = ?`, id).
+				Scan(&status, &leader)
+			return err == nil && status == "done"
+		}, "the claim of "+id+" to be done")
+		rows := e2e.waitTask(t, r, leader)
+		if last := rows[len(rows)-1].step; last != "up-to-date" && last != "completed" {
+			t.Errorf("task of %s (run by %s): steps %s", id, leader, stepDetails(rows))
+		}
+	}
+	if n := queryInt(t, e2e.db, `SELECT count(*) FROM (SELECT json_extract(meta, '$.delivery') d FROM event_log
+		WHERE action = 'github-task' AND json_extract(meta, '$.step') = 'started' GROUP BY d HAVING count(*) > 1)`); n != 0 {
+		t.Errorf("%d tasks started twice", n)
+	}
+	var pulled int
+	for _, row := range e2e.taskRows(t, "") {
+		if row.step == "pulled" {
+			pulled++
+		}
+	}
+	close(stopWatch)
+	if empty := <-emptySeen; len(empty) > 0 {
+		t.Errorf("timestamp logs seen empty: %q", empty)
+	}
+	ts, bad, err := readTimestamps(imageLimitPath(state, ref))
+	if err != nil || bad != 0 || len(ts) != pulled {
+		t.Errorf("per-image log: %d timestamps, %d bad, %v; want one per task that pulled (%d)", len(ts), bad, err, pulled)
+	}
+	if t.Failed() {
+		t.Logf("server log:\n%s", serverLog())
+	}
+}
