@@ -7,7 +7,6 @@ package main
 import (
 	"bytes"
 	"database/sql"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -124,25 +123,22 @@ type taskRow struct {
 
 func (s *e2eServer) taskRows(t *testing.T, delivery string) []taskRow {
 	t.Helper()
-	rows, err := s.db.Query(`SELECT id, request_id, meta FROM event_log WHERE action = 'github-task' ORDER BY id`)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer rows.Close()
 	var out []taskRow
-	for rows.Next() {
-		var r taskRow
-		var meta string
-		if err := rows.Scan(&r.id, &r.requestID, &meta); err != nil {
-			t.Fatal(err)
-		}
-		json.Unmarshal([]byte(meta), &r.meta)
-		r.step, _ = r.meta["step"].(string)
-		r.delivery, _ = r.meta["delivery"].(string)
-		if delivery == "" || r.delivery == delivery {
-			out = append(out, r)
-		}
-	}
+	// A poll of a log still being written: a meta that is not JSON reads as empty, and a read cut
+	// short is looked at again.
+	scanRows(t, s.db, false, `SELECT id, request_id, meta FROM event_log WHERE action = 'github-task' ORDER BY id`, nil,
+		func(rows *sql.Rows) error {
+			var r taskRow
+			if err := scanMeta(rows, false, &r.meta, &r.id, &r.requestID); err != nil {
+				return err
+			}
+			r.step, _ = r.meta["step"].(string)
+			r.delivery, _ = r.meta["delivery"].(string)
+			if delivery == "" || r.delivery == delivery {
+				out = append(out, r)
+			}
+			return nil
+		})
 	return out
 }
 

@@ -10,7 +10,6 @@ import (
 	"cmp"
 	"context"
 	"database/sql"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
@@ -48,29 +47,18 @@ func githubTaskRows(t *testing.T, stateDir, deliveryID string) []githubTaskRow {
 		t.Fatal(err)
 	}
 	defer db.Close()
-	rows, err := db.Query(`SELECT status, method, coalesce(path, ''), duration_ms, meta FROM event_log
-		WHERE action = 'github-task' ORDER BY id`)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer rows.Close()
 	var out []githubTaskRow
-	for rows.Next() {
+	scanRows(t, db, true, `SELECT status, method, coalesce(path, ''), duration_ms, meta FROM event_log
+		WHERE action = 'github-task' ORDER BY id`, nil, func(rows *sql.Rows) error {
 		var r githubTaskRow
-		var meta string
-		if err := rows.Scan(&r.status, &r.method, &r.path, &r.durationMS, &meta); err != nil {
-			t.Fatal(err)
-		}
-		if err := json.Unmarshal([]byte(meta), &r.meta); err != nil {
-			t.Fatalf("meta %q: %v", meta, err)
+		if err := scanMeta(rows, true, &r.meta, &r.status, &r.method, &r.path, &r.durationMS); err != nil {
+			return err
 		}
 		if r.meta["delivery"] == deliveryID {
 			out = append(out, r)
 		}
-	}
-	if err := rows.Err(); err != nil {
-		t.Fatal(err)
-	}
+		return nil
+	})
 	return out
 }
 
