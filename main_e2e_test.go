@@ -1,5 +1,5 @@
 // main_e2e_test.go owns the harness the end-to-end tests of every concern share: the built
-// server running as the rig's user (e2eServer, startE2EServer), deliveries to it, and readers of
+// server running as the rig's user (e2eServer, startE2EServer, e2eSocketRig), deliveries to it, and readers of
 // the github-task rows a redeploy writes (taskRows, waitTask, steps, stepDetails), plus the
 // container units those tests install.
 package main
@@ -20,6 +20,21 @@ import (
 )
 
 // GitHub deliveries end to end, on the real rig.
+
+// e2eSocketRig is the setup of a test that runs the built server under a socket unit on the
+// rig: the binary, a state directory and a log path the rig's user can write, and a free port.
+func e2eSocketRig(t *testing.T) (r *rig, bin, state, logPath string, port int) {
+	t.Helper()
+	r = needRig(t)
+	bin = buildBinary(t)
+	state = r.TempDir(t)
+	logPath = filepath.Join(r.TempDir(t), "server.log")
+	port, err := rigFreePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r, bin, state, logPath, port
+}
 
 // e2eServer is the built binary serving on a free loopback port, as an operator runs it.
 type e2eServer struct {

@@ -326,6 +326,16 @@ func newFakeHost(t *testing.T) *fakeHost {
 	return &fakeHost{t: t, dir: dir}
 }
 
+// newFakeHostFiles is newFakeHost with the scripting files (name → content) already written.
+func newFakeHostFiles(t *testing.T, files map[string]string) *fakeHost {
+	t.Helper()
+	h := newFakeHost(t)
+	for name, content := range files {
+		h.set(name, content)
+	}
+	return h
+}
+
 func (h *fakeHost) set(name, content string) {
 	h.t.Helper()
 	if err := os.WriteFile(filepath.Join(h.dir, name), []byte(content), 0o600); err != nil {

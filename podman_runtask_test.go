@@ -309,10 +309,7 @@ func TestRunTaskFlow(t *testing.T) {
 		{name: "invalid digest", flags: []string{"--digest", "sha256:xyz"}, files: newImage, steps: []string{"invalid"}, code: 2},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			h := newFakeHost(t)
-			for name, content := range tc.files {
-				h.set(name, content)
-			}
+			h := newFakeHostFiles(t, tc.files)
 			state := t.TempDir()
 			unit, image := cmp.Or(tc.unit, flowUnit), cmp.Or(tc.image, flowImage)
 			home := t.TempDir()

@@ -443,14 +443,7 @@ func watchTimestampFiles(state string, stop <-chan struct{}) <-chan []string {
 // kill are redelivered, as an operator would from GitHub's UI, and the same holds for them. No
 // timestamp log is ever seen empty.
 func TestE2EKillServerMidBurst(t *testing.T) {
-	r := needRig(t)
-	bin := buildBinary(t)
-	state := r.TempDir(t)
-	logPath := filepath.Join(r.TempDir(t), "server.log")
-	port, err := rigFreePort()
-	if err != nil {
-		t.Fatal(err)
-	}
+	r, bin, state, logPath, port := e2eSocketRig(t)
 	secret := "kill-e2e-" + randomName(t)
 	repo := rigUniqueName(t, "kill")
 	ref, _ := r.PushImage(t, "e2e/"+repo, "latest", "v1")
