@@ -137,6 +137,17 @@ func newAdvServer(t *testing.T, env map[string]string) *advServer {
 	return &advServer{testServer: ts, h: h}
 }
 
+// storedRows is every event row of s as text, one "path action meta" line each, to search for
+// what must never be stored.
+func (s *advServer) storedRows(t *testing.T) string {
+	t.Helper()
+	var stored strings.Builder
+	for _, r := range readRows(t, rawDB(t, s.cfg.dbPath), "") {
+		fmt.Fprintf(&stored, "%s %s %s\n", r.path.String, r.action, r.meta)
+	}
+	return stored.String()
+}
+
 // settleQueue runs the dispatcher until nothing is due and then ends every task it started, as
 // run-task does, so the next request finds no task running.
 func (s *advServer) settleQueue(t *testing.T) {
@@ -451,20 +462,17 @@ func TestAdversarialRequests(t *testing.T) {
 	n := runAdvCases(t, s, cases)
 
 	// No token, secret or wrong token reaches a log line or a row, whatever the route.
-	var stored strings.Builder
-	for _, r := range readRows(t, rawDB(t, s.cfg.dbPath), "") {
-		fmt.Fprintf(&stored, "%s %s %s\n", r.path.String, r.action, r.meta)
-	}
+	stored := s.storedRows(t)
 	for _, secret := range []string{advToken, advManualToken, advWrongToken, advManualToken[:8], advSecret} {
-		if strings.Contains(stored.String(), secret) {
+		if strings.Contains(stored, secret) {
 			t.Errorf("%q reached an event row", secret)
 		}
 		if strings.Contains(s.logs.String(), secret) {
 			t.Errorf("%q reached the log:\n%s", secret, s.logs)
 		}
 	}
-	if !strings.Contains(stored.String(), "token=REDACTED") {
-		t.Errorf("no row shows a redacted query token; rows:\n%s", stored.String())
+	if !strings.Contains(stored, "token=REDACTED") {
+		t.Errorf("no row shows a redacted query token; rows:\n%s", stored)
 	}
 	t.Logf("%d adversarial requests", n)
 }
@@ -656,13 +664,10 @@ func TestAdversarialRegistry(t *testing.T) {
 	}
 	n := runAdvCases(t, s, cases)
 
-	var stored strings.Builder
-	for _, r := range readRows(t, rawDB(t, s.cfg.dbPath), "") {
-		fmt.Fprintf(&stored, "%s %s %s\n", r.path.String, r.action, r.meta)
-	}
+	stored := s.storedRows(t)
 	for _, secret := range []string{advRegistryToken, advGiteaSecret, advWrongToken} {
-		if strings.Contains(stored.String(), secret) {
-			t.Errorf("%q reached an event row:\n%s", secret, stored.String())
+		if strings.Contains(stored, secret) {
+			t.Errorf("%q reached an event row:\n%s", secret, stored)
 		}
 		if strings.Contains(s.logs.String(), secret) {
 			t.Errorf("%q reached the log:\n%s", secret, s.logs)
@@ -674,8 +679,8 @@ func TestAdversarialRegistry(t *testing.T) {
 		}
 	}
 	for _, want := range []string{"/registry/dockerhub/hub/REDACTED", "token=REDACTED"} {
-		if !strings.Contains(stored.String(), want) {
-			t.Errorf("no row shows %s; rows:\n%s", want, stored.String())
+		if !strings.Contains(stored, want) {
+			t.Errorf("no row shows %s; rows:\n%s", want, stored)
 		}
 	}
 	t.Logf("%d adversarial registry requests", n)
