@@ -1,7 +1,7 @@
 // main_e2e_test.go owns the harness the end-to-end tests of every concern share: the built
-// server running as the rig's user (e2eServer, startE2EServer, e2eSocketRig), deliveries to it, and readers of
-// the github-task rows a redeploy writes (taskRows, waitTask, steps, stepDetails), plus the
-// container units those tests install.
+// server running as the rig's user (e2eServer, startE2EServer, e2eSocketRig, e2eTwoVersions),
+// deliveries to it, and readers of the github-task rows a redeploy writes (taskRows, waitTask,
+// steps, stepDetails), plus the container units those tests install.
 package main
 
 import (
@@ -221,6 +221,20 @@ func (s *e2eServer) leader(t *testing.T, r *rig, delivery string) string {
 		return err == nil && (status == "dispatched" || status == "done")
 	}, "the claim of "+delivery+" to be dispatched")
 	return leader
+}
+
+// e2eTwoVersions is the start of a redeploy test on the rig: the server, a fresh image name
+// (prefix-…) under e2e/ in the rig's registry, a unit whose container runs its v1, and its v2
+// pushed under the same tag.
+func e2eTwoVersions(t *testing.T, prefix string) (r *rig, s *e2eServer, name, ref, id1, id2, unit, ctr string) {
+	t.Helper()
+	r = needRig(t)
+	s = startE2EServer(t)
+	name = rigUniqueName(t, prefix)
+	ref, id1 = r.PushImage(t, "e2e/"+name, "latest", "v1")
+	unit, ctr = e2eContainerUnit(t, r, ref, id1)
+	_, id2 = r.PushImage(t, "e2e/"+name, "latest", "v2")
+	return r, s, name, ref, id1, id2, unit, ctr
 }
 
 // e2eContainerUnit installs a unit running ref from a Quadlet-style .container file as its

@@ -750,12 +750,7 @@ func TestRunTaskPullFaults(t *testing.T) {
 // redeploy of the same tag does); a broken push is rolled back to the image the container ran,
 // not to the one the tag named before the pull.
 func TestE2ERollbackToWhatRan(t *testing.T) {
-	r := needRig(t)
-	s := startE2EServer(t)
-	name := rigUniqueName(t, "rb")
-	ref, id1 := r.PushImage(t, "e2e/"+name, "latest", "v1")
-	unit, ctr := e2eContainerUnit(t, r, ref, id1)
-	_, id2 := r.PushImage(t, "e2e/"+name, "latest", "v2")
+	r, s, name, ref, id1, id2, unit, ctr := e2eTwoVersions(t, "rb")
 	_, broken := r.PushBrokenImage(t, "e2e/"+name, "latest")
 	r.TagLocal(t, id2, ref) // another unit's redeploy moved the local tag to v2; this unit still runs v1
 	if id1 == id2 || id2 == broken {

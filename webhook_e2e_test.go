@@ -26,12 +26,7 @@ import (
 // TestE2EGitHubDelivery drives the product's main job on the real rig: a signed delivery for a
 // new image ends with the unit's container running it, with a row for every step.
 func TestE2EGitHubDelivery(t *testing.T) {
-	r := needRig(t)
-	s := startE2EServer(t)
-	name := rigUniqueName(t, "demo")
-	ref, id1 := r.PushImage(t, "e2e/"+name, "latest", "v1")
-	unit, ctr := e2eContainerUnit(t, r, ref, id1)
-	_, id2 := r.PushImage(t, "e2e/"+name, "latest", "v2")
+	r, s, name, ref, id1, id2, unit, ctr := e2eTwoVersions(t, "demo")
 	r.TagLocal(t, id1, ref) // the host still has v1 locally; the registry has v2
 	if id1 == id2 {
 		t.Fatal("v1 and v2 have the same image ID")
