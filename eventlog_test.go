@@ -419,11 +419,7 @@ func TestNewerDatabaseIsRefused(t *testing.T) {
 }
 
 func TestOpenEventLogFailures(t *testing.T) {
-	dir := t.TempDir()
-	file := filepath.Join(dir, "file")
-	if err := os.WriteFile(file, []byte("x"), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	dir, file := dirWithFile(t)
 	notDB := filepath.Join(dir, "not-a-database.db")
 	if err := os.WriteFile(notDB, bytes.Repeat([]byte("this is not sqlite "), 100), 0o600); err != nil {
 		t.Fatal(err)

@@ -900,6 +900,18 @@ func (s *syncBuffer) String() string {
 	return s.b.String()
 }
 
+// dirWithFile returns a fresh directory and a regular file in it, for paths that must fail
+// because a file stands where a directory should.
+func dirWithFile(t *testing.T) (dir, file string) {
+	t.Helper()
+	dir = t.TempDir()
+	file = filepath.Join(dir, "file")
+	if err := os.WriteFile(file, []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return dir, file
+}
+
 // rawDB opens the database file directly, as another process would, independent of eventlog.go.
 func rawDB(t *testing.T, path string) *sql.DB {
 	t.Helper()

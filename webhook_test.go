@@ -368,11 +368,7 @@ func TestRequestRows(t *testing.T) {
 }
 
 func TestServerCannotStart(t *testing.T) {
-	dir := t.TempDir()
-	file := filepath.Join(dir, "file")
-	if err := os.WriteFile(file, []byte("x"), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	dir, file := dirWithFile(t)
 	newer := filepath.Join(dir, "newer.db")
 	db := rawDB(t, newer)
 	if _, err := db.Exec(`CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL);
