@@ -310,50 +310,54 @@ func TestDeliveryAPI(t *testing.T) {
 	); err != nil {
 		t.Fatal(err)
 	}
-	code, p, body := getPage(t, ts, "/api/deliveries/d-1", apiToken)
-	if code != 200 || p.Delivery != "d-1" {
-		t.Fatalf("%d %s", code, body)
-	}
-	if got := eventIDs(p.Events); !reflect.DeepEqual(got, []int64{7, 8, 9, 10, 11, 12, 17}) {
-		t.Errorf("ids %v, want 7 to 12 and 17 in ascending order", got)
-	}
-	var story []string
-	for _, e := range p.Events {
-		s, _ := e.Meta["step"].(string)
-		story = append(story, e.Action+":"+s)
-	}
-	if want := "github-webhook:,github-task:started,github-task:pulled,github-task:restarted,github-task:healthy,github-task:completed,github-task:prune-failed"; strings.Join(story, ",") != want {
-		t.Errorf("story %s, want %s", strings.Join(story, ","), want)
-	}
-	if strings.Contains(body, fixtureToken) {
-		t.Errorf("the request row's stored token came back: %s", body)
-	}
-	if p.TaskDelivery != "" {
-		t.Errorf("d-1 ran its own task, yet task_delivery is %q", p.TaskDelivery)
-	}
+	t.Run("a delivery's own task", func(t *testing.T) {
+		code, p, body := getPage(t, ts, "/api/deliveries/d-1", apiToken)
+		if code != 200 || p.Delivery != "d-1" {
+			t.Fatalf("%d %s", code, body)
+		}
+		if got := eventIDs(p.Events); !reflect.DeepEqual(got, []int64{7, 8, 9, 10, 11, 12, 17}) {
+			t.Errorf("ids %v, want 7 to 12 and 17 in ascending order", got)
+		}
+		var story []string
+		for _, e := range p.Events {
+			s, _ := e.Meta["step"].(string)
+			story = append(story, e.Action+":"+s)
+		}
+		if want := "github-webhook:,github-task:started,github-task:pulled,github-task:restarted,github-task:healthy,github-task:completed,github-task:prune-failed"; strings.Join(story, ",") != want {
+			t.Errorf("story %s, want %s", strings.Join(story, ","), want)
+		}
+		if strings.Contains(body, fixtureToken) {
+			t.Errorf("the request row's stored token came back: %s", body)
+		}
+		if p.TaskDelivery != "" {
+			t.Errorf("d-1 ran its own task, yet task_delivery is %q", p.TaskDelivery)
+		}
+	})
 
 	// A delivery covered by d-1's task: its story goes on with its dispatch row, then d-1's
 	// task steps, not d-1's request, and the answer names d-1.
-	if err := ts.events.Write(context.Background(),
-		event{RequestID: "req-d20", TS: fixtureNow, Method: "POST", Path: "/github-package-update/demo", Status: 202,
-			Action: "github-webhook", Meta: map[string]any{"delivery": "d-20", "reason": "queued"}},
-		event{RequestID: "req-d20", TS: fixtureNow, Method: "QUEUE", Path: "/github-package-update/demo", Status: 202,
-			Action: "github-dispatch", Meta: map[string]any{"delivery": "d-20", "reason": "dispatching", "covered_by": "d-1"}},
-	); err != nil {
-		t.Fatal(err)
-	}
-	code, p, body = getPage(t, ts, "/api/deliveries/d-20", apiToken)
-	if code != 200 || p.Delivery != "d-20" || p.TaskDelivery != "d-1" {
-		t.Fatalf("covered delivery: %d %s", code, body)
-	}
-	story = nil
-	for _, e := range p.Events {
-		s, _ := e.Meta["step"].(string)
-		story = append(story, e.Action+":"+s+":"+e.Meta["delivery"].(string))
-	}
-	if want := "github-task:started:d-1,github-task:pulled:d-1,github-task:restarted:d-1,github-task:healthy:d-1,github-task:completed:d-1,github-task:prune-failed:d-1,github-webhook::d-20,github-dispatch::d-20"; strings.Join(story, ",") != want {
-		t.Errorf("story of the covered delivery %s, want %s", strings.Join(story, ","), want)
-	}
+	t.Run("a delivery covered by another's task", func(t *testing.T) {
+		if err := ts.events.Write(context.Background(),
+			event{RequestID: "req-d20", TS: fixtureNow, Method: "POST", Path: "/github-package-update/demo", Status: 202,
+				Action: "github-webhook", Meta: map[string]any{"delivery": "d-20", "reason": "queued"}},
+			event{RequestID: "req-d20", TS: fixtureNow, Method: "QUEUE", Path: "/github-package-update/demo", Status: 202,
+				Action: "github-dispatch", Meta: map[string]any{"delivery": "d-20", "reason": "dispatching", "covered_by": "d-1"}},
+		); err != nil {
+			t.Fatal(err)
+		}
+		code, p, body := getPage(t, ts, "/api/deliveries/d-20", apiToken)
+		if code != 200 || p.Delivery != "d-20" || p.TaskDelivery != "d-1" {
+			t.Fatalf("covered delivery: %d %s", code, body)
+		}
+		var story []string
+		for _, e := range p.Events {
+			s, _ := e.Meta["step"].(string)
+			story = append(story, e.Action+":"+s+":"+e.Meta["delivery"].(string))
+		}
+		if want := "github-task:started:d-1,github-task:pulled:d-1,github-task:restarted:d-1,github-task:healthy:d-1,github-task:completed:d-1,github-task:prune-failed:d-1,github-webhook::d-20,github-dispatch::d-20"; strings.Join(story, ",") != want {
+			t.Errorf("story of the covered delivery %s, want %s", strings.Join(story, ","), want)
+		}
+	})
 
 	for _, tc := range []struct {
 		name, target string

@@ -486,91 +486,108 @@ func TestMetrics(t *testing.T) {
 		}
 	}
 
+	// One scrape after those requests, which the first four subtests read; the subtests run in order.
 	fams := scrape(t, ts, nil)
-	wantTypes := map[string]string{
-		"webhook_http_requests_total": "counter", "webhook_github_deliveries_total": "counter",
-		"webhook_rate_limit_rejections_total": "counter", "webhook_event_log_write_failures_total": "counter",
-		"webhook_event_log_queue_depth": "gauge", "process_start_time_seconds": "gauge", "webhook_build_info": "gauge",
-		"webhook_delivery_queue_pending": "gauge", "webhook_delivery_queue_oldest_age_seconds": "gauge",
-		"webhook_dispatches_total":     "counter",
-		"webhook_redeploy_steps_total": "counter", "webhook_pull_duration_seconds": "histogram",
-		"webhook_restart_duration_seconds": "histogram",
-	}
-	gotTypes := map[string]string{}
-	for name, f := range fams {
-		gotTypes[name] = f.typ
-		if f.help == "" {
-			t.Errorf("%s has no HELP", name)
-		}
-	}
-	if !reflect.DeepEqual(gotTypes, wantTypes) {
-		t.Errorf("families and types\n got %v\nwant %v", gotTypes, wantTypes)
-	}
-	check := func(name string, got, want map[string]float64) {
+	check := func(t *testing.T, name string, got, want map[string]float64) {
 		t.Helper()
 		if !reflect.DeepEqual(got, want) {
 			t.Errorf("%s\n got %v\nwant %v", name, got, want)
 		}
 	}
-	check("webhook_http_requests_total", samplesBy(t, fams, "webhook_http_requests_total", "webhook_http_requests_total", "route", "status"),
-		map[string]float64{
-			"GET /health|200": 3, "unmatched|404": 2, "unmatched|405": 1,
-			"POST /github-package-update/{unit}|401": 2, "POST /github-package-update/{unit}|200": 1,
-			"POST /github-package-update/{unit}|202": 1, "POST /github-package-update/{unit}/redeploy|202": 1,
-			"GET /api/events|401": 1,
-		})
-	check("webhook_github_deliveries_total", samplesBy(t, fams, "webhook_github_deliveries_total", "webhook_github_deliveries_total", "outcome"),
-		map[string]float64{"bad-signature": 2, "ping": 1, "not-container": 2})
-	check("webhook_rate_limit_rejections_total", samplesBy(t, fams, "webhook_rate_limit_rejections_total", "webhook_rate_limit_rejections_total", "action"),
-		map[string]float64{})
-	check("webhook_redeploy_steps_total", samplesBy(t, fams, "webhook_redeploy_steps_total", "webhook_redeploy_steps_total", "step"),
-		map[string]float64{"started": 4, "pulled": 4, "restarted": 2, "healthy": 1, "completed": 1, "up-to-date": 1,
-			"health-failed": 1, "rolled-back": 1})
-	// Pulls of 0.25 s, 1.5 s and 4 s; restarts of 0.125 s and 3 s. A value on a bound is in it.
-	check("webhook_pull_duration_seconds_bucket", samplesBy(t, fams, "webhook_pull_duration_seconds", "webhook_pull_duration_seconds_bucket", "le"),
-		map[string]float64{"0.1": 0, "0.25": 1, "0.5": 1, "1": 1, "2.5": 2, "5": 3, "10": 3, "30": 3, "60": 3, "120": 3,
-			"300": 3, "600": 3, "+Inf": 3})
-	check("webhook_pull_duration_seconds sum and count", map[string]float64{
-		"sum":   samplesBy(t, fams, "webhook_pull_duration_seconds", "webhook_pull_duration_seconds_sum")[""],
-		"count": samplesBy(t, fams, "webhook_pull_duration_seconds", "webhook_pull_duration_seconds_count")[""],
-	}, map[string]float64{"sum": 5.75, "count": 3})
-	check("webhook_restart_duration_seconds_bucket", samplesBy(t, fams, "webhook_restart_duration_seconds", "webhook_restart_duration_seconds_bucket", "le"),
-		map[string]float64{"0.05": 0, "0.1": 0, "0.25": 1, "0.5": 1, "1": 1, "2.5": 1, "5": 2, "10": 2, "30": 2, "60": 2, "+Inf": 2})
-	check("webhook_restart_duration_seconds sum and count", map[string]float64{
-		"sum":   samplesBy(t, fams, "webhook_restart_duration_seconds", "webhook_restart_duration_seconds_sum")[""],
-		"count": samplesBy(t, fams, "webhook_restart_duration_seconds", "webhook_restart_duration_seconds_count")[""],
-	}, map[string]float64{"sum": 3.125, "count": 2})
-	check("webhook_event_log_write_failures_total", samplesBy(t, fams, "webhook_event_log_write_failures_total", "webhook_event_log_write_failures_total"),
-		map[string]float64{"": 0})
-	if q := samplesBy(t, fams, "webhook_event_log_queue_depth", "webhook_event_log_queue_depth"); len(q) != 1 || q[""] < 0 {
-		t.Errorf("webhook_event_log_queue_depth = %v, want one sample >= 0", q)
-	}
-	start := samplesBy(t, fams, "process_start_time_seconds", "process_start_time_seconds")
-	if len(start) != 1 || start[""] <= 0 || start[""] > float64(time.Now().Unix()) {
-		t.Errorf("process_start_time_seconds = %v, want one sample of a past unix time", start)
-	}
-	if bi := fams["webhook_build_info"].samples; len(bi) != 1 || bi[0].value != 1 || bi[0].labels["goversion"] != runtime.Version() {
-		t.Errorf("webhook_build_info = %+v, want one sample of value 1 with goversion %s", bi, runtime.Version())
-	} else if _, ok := bi[0].labels["version"]; !ok {
-		t.Errorf("webhook_build_info has no version label: %v", bi[0].labels)
-	}
+
+	t.Run("families and types", func(t *testing.T) {
+		wantTypes := map[string]string{
+			"webhook_http_requests_total": "counter", "webhook_github_deliveries_total": "counter",
+			"webhook_rate_limit_rejections_total": "counter", "webhook_event_log_write_failures_total": "counter",
+			"webhook_event_log_queue_depth": "gauge", "process_start_time_seconds": "gauge", "webhook_build_info": "gauge",
+			"webhook_delivery_queue_pending": "gauge", "webhook_delivery_queue_oldest_age_seconds": "gauge",
+			"webhook_dispatches_total":     "counter",
+			"webhook_redeploy_steps_total": "counter", "webhook_pull_duration_seconds": "histogram",
+			"webhook_restart_duration_seconds": "histogram",
+		}
+		gotTypes := map[string]string{}
+		for name, f := range fams {
+			gotTypes[name] = f.typ
+			if f.help == "" {
+				t.Errorf("%s has no HELP", name)
+			}
+		}
+		if !reflect.DeepEqual(gotTypes, wantTypes) {
+			t.Errorf("families and types\n got %v\nwant %v", gotTypes, wantTypes)
+		}
+	})
+
+	t.Run("counters", func(t *testing.T) {
+		check(t, "webhook_http_requests_total", samplesBy(t, fams, "webhook_http_requests_total", "webhook_http_requests_total", "route", "status"),
+			map[string]float64{
+				"GET /health|200": 3, "unmatched|404": 2, "unmatched|405": 1,
+				"POST /github-package-update/{unit}|401": 2, "POST /github-package-update/{unit}|200": 1,
+				"POST /github-package-update/{unit}|202": 1, "POST /github-package-update/{unit}/redeploy|202": 1,
+				"GET /api/events|401": 1,
+			})
+		check(t, "webhook_github_deliveries_total", samplesBy(t, fams, "webhook_github_deliveries_total", "webhook_github_deliveries_total", "outcome"),
+			map[string]float64{"bad-signature": 2, "ping": 1, "not-container": 2})
+		check(t, "webhook_rate_limit_rejections_total", samplesBy(t, fams, "webhook_rate_limit_rejections_total", "webhook_rate_limit_rejections_total", "action"),
+			map[string]float64{})
+		check(t, "webhook_redeploy_steps_total", samplesBy(t, fams, "webhook_redeploy_steps_total", "webhook_redeploy_steps_total", "step"),
+			map[string]float64{"started": 4, "pulled": 4, "restarted": 2, "healthy": 1, "completed": 1, "up-to-date": 1,
+				"health-failed": 1, "rolled-back": 1})
+	})
+
+	t.Run("histograms", func(t *testing.T) {
+		// Pulls of 0.25 s, 1.5 s and 4 s; restarts of 0.125 s and 3 s. A value on a bound is in it.
+		check(t, "webhook_pull_duration_seconds_bucket", samplesBy(t, fams, "webhook_pull_duration_seconds", "webhook_pull_duration_seconds_bucket", "le"),
+			map[string]float64{"0.1": 0, "0.25": 1, "0.5": 1, "1": 1, "2.5": 2, "5": 3, "10": 3, "30": 3, "60": 3, "120": 3,
+				"300": 3, "600": 3, "+Inf": 3})
+		check(t, "webhook_pull_duration_seconds sum and count", map[string]float64{
+			"sum":   samplesBy(t, fams, "webhook_pull_duration_seconds", "webhook_pull_duration_seconds_sum")[""],
+			"count": samplesBy(t, fams, "webhook_pull_duration_seconds", "webhook_pull_duration_seconds_count")[""],
+		}, map[string]float64{"sum": 5.75, "count": 3})
+		check(t, "webhook_restart_duration_seconds_bucket", samplesBy(t, fams, "webhook_restart_duration_seconds", "webhook_restart_duration_seconds_bucket", "le"),
+			map[string]float64{"0.05": 0, "0.1": 0, "0.25": 1, "0.5": 1, "1": 1, "2.5": 1, "5": 2, "10": 2, "30": 2, "60": 2, "+Inf": 2})
+		check(t, "webhook_restart_duration_seconds sum and count", map[string]float64{
+			"sum":   samplesBy(t, fams, "webhook_restart_duration_seconds", "webhook_restart_duration_seconds_sum")[""],
+			"count": samplesBy(t, fams, "webhook_restart_duration_seconds", "webhook_restart_duration_seconds_count")[""],
+		}, map[string]float64{"sum": 3.125, "count": 2})
+	})
+
+	t.Run("gauges and build info", func(t *testing.T) {
+		check(t, "webhook_event_log_write_failures_total", samplesBy(t, fams, "webhook_event_log_write_failures_total", "webhook_event_log_write_failures_total"),
+			map[string]float64{"": 0})
+		if q := samplesBy(t, fams, "webhook_event_log_queue_depth", "webhook_event_log_queue_depth"); len(q) != 1 || q[""] < 0 {
+			t.Errorf("webhook_event_log_queue_depth = %v, want one sample >= 0", q)
+		}
+		start := samplesBy(t, fams, "process_start_time_seconds", "process_start_time_seconds")
+		if len(start) != 1 || start[""] <= 0 || start[""] > float64(time.Now().Unix()) {
+			t.Errorf("process_start_time_seconds = %v, want one sample of a past unix time", start)
+		}
+		if bi := fams["webhook_build_info"].samples; len(bi) != 1 || bi[0].value != 1 || bi[0].labels["goversion"] != runtime.Version() {
+			t.Errorf("webhook_build_info = %+v, want one sample of value 1 with goversion %s", bi, runtime.Version())
+		} else if _, ok := bi[0].labels["version"]; !ok {
+			t.Errorf("webhook_build_info has no version label: %v", bi[0].labels)
+		}
+	})
 
 	// A scrape is itself counted, by the next one.
-	fams = scrape(t, ts, nil)
-	if got := samplesBy(t, fams, "webhook_http_requests_total", "webhook_http_requests_total", "route", "status")["GET /metrics|200"]; got != 1 {
-		t.Errorf("after one scrape, GET /metrics|200 = %v, want 1", got)
-	}
+	t.Run("a scrape is counted by the next", func(t *testing.T) {
+		fams := scrape(t, ts, nil)
+		if got := samplesBy(t, fams, "webhook_http_requests_total", "webhook_http_requests_total", "route", "status")["GET /metrics|200"]; got != 1 {
+			t.Errorf("after one scrape, GET /metrics|200 = %v, want 1", got)
+		}
+	})
 
 	// The run-task counters come from event_log: a task row written now shows in the next scrape.
-	if err := ts.events.Write(context.Background(), event{RequestID: "e", TS: time.Now(), Method: "TASK", Status: 200,
-		Action: "github-task", Meta: map[string]any{"step": "restarted", "restart_ms": 20000}}); err != nil {
-		t.Fatal(err)
-	}
-	fams = scrape(t, ts, nil)
-	if got := samplesBy(t, fams, "webhook_redeploy_steps_total", "webhook_redeploy_steps_total", "step")["restarted"]; got != 3 {
-		t.Errorf("restarted steps = %v after one more row, want 3", got)
-	}
-	if got := samplesBy(t, fams, "webhook_restart_duration_seconds", "webhook_restart_duration_seconds_bucket", "le"); got["10"] != 2 || got["30"] != 3 {
-		t.Errorf("restart buckets after a 20 s restart: %v", got)
-	}
+	t.Run("task counters come from event_log", func(t *testing.T) {
+		if err := ts.events.Write(context.Background(), event{RequestID: "e", TS: time.Now(), Method: "TASK", Status: 200,
+			Action: "github-task", Meta: map[string]any{"step": "restarted", "restart_ms": 20000}}); err != nil {
+			t.Fatal(err)
+		}
+		fams := scrape(t, ts, nil)
+		if got := samplesBy(t, fams, "webhook_redeploy_steps_total", "webhook_redeploy_steps_total", "step")["restarted"]; got != 3 {
+			t.Errorf("restarted steps = %v after one more row, want 3", got)
+		}
+		if got := samplesBy(t, fams, "webhook_restart_duration_seconds", "webhook_restart_duration_seconds_bucket", "le"); got["10"] != 2 || got["30"] != 3 {
+			t.Errorf("restart buckets after a 20 s restart: %v", got)
+		}
+	})
 }

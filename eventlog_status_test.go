@@ -11,6 +11,7 @@ import (
 	"crypto/rand"
 	"crypto/sha1"
 	"crypto/sha256"
+	"database/sql"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
@@ -250,19 +251,23 @@ func TestStatusPageAccess(t *testing.T) {
 		}
 	})
 
+	// The subtests below share one server; every answer they get goes into bodies, which the last
+	// one searches for the token.
 	ts := newTestServer(t, map[string]string{"WEBHOOK_MANUAL_TOKEN": statusToken}, nil)
 	seedStatusRows(t, ts.events, now)
 	var bodies []string
-	for _, target := range []string{"/", "/status/", "/status/deliveries?unit=web", "/status/deliveries/d-web"} {
-		resp, body := statusGet(t, ts, target, "")
-		bodies = append(bodies, body)
-		if resp.StatusCode != 200 || !strings.Contains(body, `action="/status/login"`) || strings.Contains(body, "web.service") {
-			t.Errorf("GET %s without a session = %d, want the login form and no data:\n%s", target, resp.StatusCode, body)
+	t.Run("without a session", func(t *testing.T) {
+		for _, target := range []string{"/", "/status/", "/status/deliveries?unit=web", "/status/deliveries/d-web"} {
+			resp, body := statusGet(t, ts, target, "")
+			bodies = append(bodies, body)
+			if resp.StatusCode != 200 || !strings.Contains(body, `action="/status/login"`) || strings.Contains(body, "web.service") {
+				t.Errorf("GET %s without a session = %d, want the login form and no data:\n%s", target, resp.StatusCode, body)
+			}
+			if want := `name="next" value="` + target + `"`; !strings.Contains(body, want) {
+				t.Errorf("GET %s: the login form does not return there (want %s)", target, want)
+			}
 		}
-		if want := `name="next" value="` + target + `"`; !strings.Contains(body, want) {
-			t.Errorf("GET %s: the login form does not return there (want %s)", target, want)
-		}
-	}
+	})
 	for _, tc := range []struct {
 		name   string
 		target string
@@ -313,42 +318,42 @@ func TestStatusPageAccess(t *testing.T) {
 		})
 	}
 
-	cookie := statusLogin(t, ts)
-	for _, target := range []string{"/", "/status/", "/status/deliveries", "/status/deliveries/d-web"} {
-		resp, body := statusGet(t, ts, target, cookie)
-		bodies = append(bodies, body)
-		if resp.StatusCode != 200 || !strings.Contains(body, "web.service") {
-			t.Errorf("GET %s with a session = %d, want the page:\n%s", target, resp.StatusCode, body)
+	t.Run("with a session, then logout", func(t *testing.T) {
+		cookie := statusLogin(t, ts)
+		for _, target := range []string{"/", "/status/", "/status/deliveries", "/status/deliveries/d-web"} {
+			resp, body := statusGet(t, ts, target, cookie)
+			bodies = append(bodies, body)
+			if resp.StatusCode != 200 || !strings.Contains(body, "web.service") {
+				t.Errorf("GET %s with a session = %d, want the page:\n%s", target, resp.StatusCode, body)
+			}
 		}
-	}
-	resp, _ := statusDo(t, ts, "POST", "/status/logout", cookie, url.Values{})
-	if set := resp.Header.Get("Set-Cookie"); resp.StatusCode != 303 || !strings.Contains(set, statusCookie+"=;") || !strings.Contains(set, "Max-Age=0") {
-		t.Errorf("logout = %d, Set-Cookie: %q, want 303 clearing the cookie", resp.StatusCode, set)
-	}
+		resp, _ := statusDo(t, ts, "POST", "/status/logout", cookie, url.Values{})
+		if set := resp.Header.Get("Set-Cookie"); resp.StatusCode != 303 || !strings.Contains(set, statusCookie+"=;") || !strings.Contains(set, "Max-Age=0") {
+			t.Errorf("logout = %d, Set-Cookie: %q, want 303 clearing the cookie", resp.StatusCode, set)
+		}
+	})
 
-	ts.shutdown()
-	var rows []string
-	db := rawDB(t, ts.cfg.dbPath)
-	r, err := db.Query(`SELECT action || ' ' || coalesce(path, '') || ' ' || meta FROM event_log`)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for r.Next() {
-		var s string
-		r.Scan(&s)
-		rows = append(rows, s)
-	}
-	r.Close()
-	for name, text := range map[string]string{"an answer": strings.Join(bodies, "\n"), "the log": ts.logs.String(), "a row": strings.Join(rows, "\n")} {
-		if strings.Contains(text, statusToken) {
-			t.Errorf("the token appears in %s", name)
+	t.Run("the token never comes back", func(t *testing.T) {
+		ts.shutdown()
+		var rows []string
+		scanRows(t, rawDB(t, ts.cfg.dbPath), false, `SELECT action || ' ' || coalesce(path, '') || ' ' || meta FROM event_log`, nil,
+			func(r *sql.Rows) error {
+				var s string
+				r.Scan(&s) // a row it cannot read is searched as ""
+				rows = append(rows, s)
+				return nil
+			})
+		for name, text := range map[string]string{"an answer": strings.Join(bodies, "\n"), "the log": ts.logs.String(), "a row": strings.Join(rows, "\n")} {
+			if strings.Contains(text, statusToken) {
+				t.Errorf("the token appears in %s", name)
+			}
 		}
-	}
-	if !slices.ContainsFunc(rows, func(s string) bool {
-		return strings.HasPrefix(s, "status-login ") && strings.Contains(s, `"reason":"wrong-token"`)
-	}) {
-		t.Errorf("no status-login row says wrong-token:\n%s", strings.Join(rows, "\n"))
-	}
+		if !slices.ContainsFunc(rows, func(s string) bool {
+			return strings.HasPrefix(s, "status-login ") && strings.Contains(s, `"reason":"wrong-token"`)
+		}) {
+			t.Errorf("no status-login row says wrong-token:\n%s", strings.Join(rows, "\n"))
+		}
+	})
 }
 
 // TestStatusPageContent reads each page of a seeded log as a logged-in operator: what each
@@ -447,20 +452,22 @@ func TestStatusPageContent(t *testing.T) {
 		})
 	}
 	// The policy names the hash of the stylesheet as the browser reads it from the page.
-	_, body := statusGet(t, ts, "/status/", cookie)
-	m := regexp.MustCompile(`(?s)<style>(.*?)</style>`).FindStringSubmatch(body)
-	if m == nil {
-		t.Fatal("no <style> in the page")
-	}
-	sum := sha256.Sum256([]byte(m[1]))
-	if want := "style-src 'sha256-" + base64.StdEncoding.EncodeToString(sum[:]) + "'"; !strings.Contains(statusCSP, want) {
-		t.Errorf("CSP %q does not allow the page's style (%s)", statusCSP, want)
-	}
-	for _, want := range []string{"default-src 'none'", "form-action 'self'", "frame-ancestors 'none'", "base-uri 'none'"} {
-		if !strings.Contains(statusCSP, want) {
-			t.Errorf("CSP %q lacks %s", statusCSP, want)
+	t.Run("the policy allows the page's own stylesheet", func(t *testing.T) {
+		_, body := statusGet(t, ts, "/status/", cookie)
+		m := regexp.MustCompile(`(?s)<style>(.*?)</style>`).FindStringSubmatch(body)
+		if m == nil {
+			t.Fatal("no <style> in the page")
 		}
-	}
+		sum := sha256.Sum256([]byte(m[1]))
+		if want := "style-src 'sha256-" + base64.StdEncoding.EncodeToString(sum[:]) + "'"; !strings.Contains(statusCSP, want) {
+			t.Errorf("CSP %q does not allow the page's style (%s)", statusCSP, want)
+		}
+		for _, want := range []string{"default-src 'none'", "form-action 'self'", "frame-ancestors 'none'", "base-uri 'none'"} {
+			if !strings.Contains(statusCSP, want) {
+				t.Errorf("CSP %q lacks %s", statusCSP, want)
+			}
+		}
+	})
 }
 
 // cdp is a minimal Chrome DevTools Protocol client over one WebSocket, enough to drive a

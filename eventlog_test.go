@@ -37,6 +37,14 @@ func openTestLog(t *testing.T, path string, buf *syncBuffer) *eventLog {
 	return l
 }
 
+// openTestLogDB opens a fresh event log that logs to buf and, beside it, the same file as
+// another process would (rawDB).
+func openTestLogDB(t *testing.T, buf *syncBuffer) (*eventLog, *sql.DB) {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "events.db")
+	return openTestLog(t, path, buf), rawDB(t, path)
+}
+
 func TestOpenEventLogCreatesAndMigrates(t *testing.T) {
 	dir := t.TempDir()
 	path := filepath.Join(dir, "a", "b", "events.db")
@@ -189,10 +197,8 @@ func TestRecordWritesEveryEvent(t *testing.T) {
 }
 
 func TestWriteCommitsBeforeReturning(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "events.db")
 	var logs syncBuffer
-	l := openTestLog(t, path, &logs)
-	db := rawDB(t, path)
+	l, db := openTestLogDB(t, &logs)
 	evs := []event{
 		{RequestID: "w1", TS: time.Now(), Method: "CLI", Status: 202, Action: "trigger-units"},
 		{RequestID: "w2", TS: time.Now(), Method: "CLI", Status: 500, Action: "trigger-units"},
@@ -413,11 +419,7 @@ func TestNewerDatabaseIsRefused(t *testing.T) {
 }
 
 func TestOpenEventLogFailures(t *testing.T) {
-	dir := t.TempDir()
-	file := filepath.Join(dir, "file")
-	if err := os.WriteFile(file, []byte("x"), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	dir, file := dirWithFile(t)
 	notDB := filepath.Join(dir, "not-a-database.db")
 	if err := os.WriteFile(notDB, bytes.Repeat([]byte("this is not sqlite "), 100), 0o600); err != nil {
 		t.Fatal(err)
@@ -441,11 +443,9 @@ func TestOpenEventLogFailures(t *testing.T) {
 }
 
 func TestFailedWritesSpillToStderr(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "events.db")
 	var logs syncBuffer
-	l := openTestLog(t, path, &logs)
+	l, db := openTestLogDB(t, &logs)
 	// Another process breaks the database under the writer.
-	db := rawDB(t, path)
 	if _, err := db.Exec(`DROP TABLE event_log`); err != nil {
 		t.Fatal(err)
 	}

@@ -1,13 +1,12 @@
 // main_e2e_test.go owns the harness the end-to-end tests of every concern share: the built
-// server running as the rig's user (e2eServer, startE2EServer), deliveries to it, and readers of
-// the github-task rows a redeploy writes (taskRows, waitTask, steps, stepDetails), plus the
-// container units those tests install.
+// server running as the rig's user (e2eServer, startE2EServer, e2eSocketRig, e2eTwoVersions),
+// deliveries to it, and readers of the github-task rows a redeploy writes (taskRows, waitTask,
+// steps, stepDetails), plus the container units those tests install.
 package main
 
 import (
 	"bytes"
 	"database/sql"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -21,6 +20,21 @@ import (
 )
 
 // GitHub deliveries end to end, on the real rig.
+
+// e2eSocketRig is the setup of a test that runs the built server under a socket unit on the
+// rig: the binary, a state directory and a log path the rig's user can write, and a free port.
+func e2eSocketRig(t *testing.T) (r *rig, bin, state, logPath string, port int) {
+	t.Helper()
+	r = needRig(t)
+	bin = buildBinary(t)
+	state = r.TempDir(t)
+	logPath = filepath.Join(r.TempDir(t), "server.log")
+	port, err := rigFreePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r, bin, state, logPath, port
+}
 
 // e2eServer is the built binary serving on a free loopback port, as an operator runs it.
 type e2eServer struct {
@@ -124,25 +138,22 @@ type taskRow struct {
 
 func (s *e2eServer) taskRows(t *testing.T, delivery string) []taskRow {
 	t.Helper()
-	rows, err := s.db.Query(`SELECT id, request_id, meta FROM event_log WHERE action = 'github-task' ORDER BY id`)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer rows.Close()
 	var out []taskRow
-	for rows.Next() {
-		var r taskRow
-		var meta string
-		if err := rows.Scan(&r.id, &r.requestID, &meta); err != nil {
-			t.Fatal(err)
-		}
-		json.Unmarshal([]byte(meta), &r.meta)
-		r.step, _ = r.meta["step"].(string)
-		r.delivery, _ = r.meta["delivery"].(string)
-		if delivery == "" || r.delivery == delivery {
-			out = append(out, r)
-		}
-	}
+	// A poll of a log still being written: a meta that is not JSON reads as empty, and a read cut
+	// short is looked at again.
+	scanRows(t, s.db, false, `SELECT id, request_id, meta FROM event_log WHERE action = 'github-task' ORDER BY id`, nil,
+		func(rows *sql.Rows) error {
+			var r taskRow
+			if err := scanMeta(rows, false, &r.meta, &r.id, &r.requestID); err != nil {
+				return err
+			}
+			r.step, _ = r.meta["step"].(string)
+			r.delivery, _ = r.meta["delivery"].(string)
+			if delivery == "" || r.delivery == delivery {
+				out = append(out, r)
+			}
+			return nil
+		})
 	return out
 }
 
@@ -210,6 +221,20 @@ func (s *e2eServer) leader(t *testing.T, r *rig, delivery string) string {
 		return err == nil && (status == "dispatched" || status == "done")
 	}, "the claim of "+delivery+" to be dispatched")
 	return leader
+}
+
+// e2eTwoVersions is the start of a redeploy test on the rig: the server, a fresh image name
+// (prefix-…) under e2e/ in the rig's registry, a unit whose container runs its v1, and its v2
+// pushed under the same tag.
+func e2eTwoVersions(t *testing.T, prefix string) (r *rig, s *e2eServer, name, ref, id1, id2, unit, ctr string) {
+	t.Helper()
+	r = needRig(t)
+	s = startE2EServer(t)
+	name = rigUniqueName(t, prefix)
+	ref, id1 = r.PushImage(t, "e2e/"+name, "latest", "v1")
+	unit, ctr = e2eContainerUnit(t, r, ref, id1)
+	_, id2 = r.PushImage(t, "e2e/"+name, "latest", "v2")
+	return r, s, name, ref, id1, id2, unit, ctr
 }
 
 // e2eContainerUnit installs a unit running ref from a Quadlet-style .container file as its

@@ -326,6 +326,16 @@ func newFakeHost(t *testing.T) *fakeHost {
 	return &fakeHost{t: t, dir: dir}
 }
 
+// newFakeHostFiles is newFakeHost with the scripting files (name → content) already written.
+func newFakeHostFiles(t *testing.T, files map[string]string) *fakeHost {
+	t.Helper()
+	h := newFakeHost(t)
+	for name, content := range files {
+		h.set(name, content)
+	}
+	return h
+}
+
 func (h *fakeHost) set(name, content string) {
 	h.t.Helper()
 	if err := os.WriteFile(filepath.Join(h.dir, name), []byte(content), 0o600); err != nil {
@@ -890,6 +900,18 @@ func (s *syncBuffer) String() string {
 	return s.b.String()
 }
 
+// dirWithFile returns a fresh directory and a regular file in it, for paths that must fail
+// because a file stands where a directory should.
+func dirWithFile(t *testing.T) (dir, file string) {
+	t.Helper()
+	dir = t.TempDir()
+	file = filepath.Join(dir, "file")
+	if err := os.WriteFile(file, []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return dir, file
+}
+
 // rawDB opens the database file directly, as another process would, independent of eventlog.go.
 func rawDB(t *testing.T, path string) *sql.DB {
 	t.Helper()
@@ -924,26 +946,55 @@ type eventRow struct {
 	createdAt  int64
 }
 
-func readRows(t *testing.T, db *sql.DB, where string, args ...any) []eventRow {
+// scanRows is the query-and-scan loop of every reader of event_log and github_deliveries rows: it
+// runs query against db and calls scan for each row, in order. A failed query fails the test, and
+// so does an error scan returns; a reader that tolerates a bad row (a poll of a log still being
+// written) ignores the error inside scan and returns nil. With checkEnd, an error that ends the
+// rows early fails the test too; without it the reader sees a short read, as a poll that simply
+// looks again wants.
+func scanRows(t testing.TB, db *sql.DB, checkEnd bool, query string, args []any, scan func(*sql.Rows) error) {
 	t.Helper()
-	rows, err := db.Query(`SELECT id, request_id, ts, method, path, status, action, duration_ms, meta, created_at
-		FROM event_log `+where+` ORDER BY id`, args...)
+	rows, err := db.Query(query, args...)
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("%s: %v", query, err)
 	}
 	defer rows.Close()
-	var out []eventRow
 	for rows.Next() {
+		if err := scan(rows); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := rows.Err(); checkEnd && err != nil {
+		t.Fatal(err)
+	}
+}
+
+// scanMeta scans a row whose last column is a meta JSON object into dest and meta; a meta that is
+// not JSON is an error only when strict.
+func scanMeta(rows *sql.Rows, strict bool, meta *map[string]any, dest ...any) error {
+	var js string
+	if err := rows.Scan(append(dest, &js)...); err != nil {
+		return err
+	}
+	if err := json.Unmarshal([]byte(js), meta); err != nil && strict {
+		return fmt.Errorf("meta %q: %v", js, err)
+	}
+	return nil
+}
+
+func readRows(t *testing.T, db *sql.DB, where string, args ...any) []eventRow {
+	t.Helper()
+	var out []eventRow
+	scanRows(t, db, true, `SELECT id, request_id, ts, method, path, status, action, duration_ms, meta, created_at
+		FROM event_log `+where+` ORDER BY id`, args, func(rows *sql.Rows) error {
 		var r eventRow
 		if err := rows.Scan(&r.id, &r.requestID, &r.ts, &r.method, &r.path, &r.status, &r.action,
 			&r.durationMS, &r.meta, &r.createdAt); err != nil {
-			t.Fatal(err)
+			return err
 		}
 		out = append(out, r)
-	}
-	if err := rows.Err(); err != nil {
-		t.Fatal(err)
-	}
+		return nil
+	})
 	return out
 }
 
@@ -964,24 +1015,16 @@ func actionRows(t *testing.T, dbPath, action string) []actionRow {
 		t.Fatal(err)
 	}
 	defer db.Close()
-	rows, err := db.Query(`SELECT method, COALESCE(path, ''), status, action, meta FROM event_log
-		WHERE ? = '' OR action = ? ORDER BY id`, action, action)
-	if err != nil {
-		t.Fatalf("read event_log of %s: %v", dbPath, err)
-	}
-	defer rows.Close()
 	var out []actionRow
-	for rows.Next() {
+	scanRows(t, db, false, `SELECT method, COALESCE(path, ''), status, action, meta FROM event_log
+		WHERE ? = '' OR action = ? ORDER BY id`, []any{action, action}, func(rows *sql.Rows) error {
 		var r actionRow
-		var meta string
-		if err := rows.Scan(&r.Method, &r.Path, &r.Status, &r.Action, &meta); err != nil {
-			t.Fatal(err)
-		}
-		if err := json.Unmarshal([]byte(meta), &r.Meta); err != nil {
-			t.Fatalf("meta %q: %v", meta, err)
+		if err := scanMeta(rows, true, &r.Meta, &r.Method, &r.Path, &r.Status, &r.Action); err != nil {
+			return err
 		}
 		out = append(out, r)
-	}
+		return nil
+	})
 	return out
 }
 

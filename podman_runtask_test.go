@@ -10,7 +10,6 @@ import (
 	"cmp"
 	"context"
 	"database/sql"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
@@ -48,29 +47,18 @@ func githubTaskRows(t *testing.T, stateDir, deliveryID string) []githubTaskRow {
 		t.Fatal(err)
 	}
 	defer db.Close()
-	rows, err := db.Query(`SELECT status, method, coalesce(path, ''), duration_ms, meta FROM event_log
-		WHERE action = 'github-task' ORDER BY id`)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer rows.Close()
 	var out []githubTaskRow
-	for rows.Next() {
+	scanRows(t, db, true, `SELECT status, method, coalesce(path, ''), duration_ms, meta FROM event_log
+		WHERE action = 'github-task' ORDER BY id`, nil, func(rows *sql.Rows) error {
 		var r githubTaskRow
-		var meta string
-		if err := rows.Scan(&r.status, &r.method, &r.path, &r.durationMS, &meta); err != nil {
-			t.Fatal(err)
-		}
-		if err := json.Unmarshal([]byte(meta), &r.meta); err != nil {
-			t.Fatalf("meta %q: %v", meta, err)
+		if err := scanMeta(rows, true, &r.meta, &r.status, &r.method, &r.path, &r.durationMS); err != nil {
+			return err
 		}
 		if r.meta["delivery"] == deliveryID {
 			out = append(out, r)
 		}
-	}
-	if err := rows.Err(); err != nil {
-		t.Fatal(err)
-	}
+		return nil
+	})
 	return out
 }
 
@@ -321,10 +309,7 @@ func TestRunTaskFlow(t *testing.T) {
 		{name: "invalid digest", flags: []string{"--digest", "sha256:xyz"}, files: newImage, steps: []string{"invalid"}, code: 2},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			h := newFakeHost(t)
-			for name, content := range tc.files {
-				h.set(name, content)
-			}
+			h := newFakeHostFiles(t, tc.files)
 			state := t.TempDir()
 			unit, image := cmp.Or(tc.unit, flowUnit), cmp.Or(tc.image, flowImage)
 			home := t.TempDir()
@@ -765,12 +750,7 @@ func TestRunTaskPullFaults(t *testing.T) {
 // redeploy of the same tag does); a broken push is rolled back to the image the container ran,
 // not to the one the tag named before the pull.
 func TestE2ERollbackToWhatRan(t *testing.T) {
-	r := needRig(t)
-	s := startE2EServer(t)
-	name := rigUniqueName(t, "rb")
-	ref, id1 := r.PushImage(t, "e2e/"+name, "latest", "v1")
-	unit, ctr := e2eContainerUnit(t, r, ref, id1)
-	_, id2 := r.PushImage(t, "e2e/"+name, "latest", "v2")
+	r, s, name, ref, id1, id2, unit, ctr := e2eTwoVersions(t, "rb")
 	_, broken := r.PushBrokenImage(t, "e2e/"+name, "latest")
 	r.TagLocal(t, id2, ref) // another unit's redeploy moved the local tag to v2; this unit still runs v1
 	if id1 == id2 || id2 == broken {

@@ -444,10 +444,7 @@ func TestRunCommand(t *testing.T) {
 			}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			h := newFakeHost(t)
-			for name, content := range tc.files {
-				h.set(name, content)
-			}
+			h := newFakeHostFiles(t, tc.files)
 			timeout := tc.timeout
 			if timeout == 0 {
 				timeout = time.Minute
@@ -512,10 +509,7 @@ func TestPullImage(t *testing.T) {
 			}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			h := newFakeHost(t)
-			for name, content := range tc.files {
-				h.set(name, content)
-			}
+			h := newFakeHostFiles(t, tc.files)
 			cfg := &config{pullAttempts: tc.attempts, pullRetryDelay: 10 * time.Millisecond, pullTimeout: tc.timeout, commandTimeout: time.Minute}
 			if cfg.pullTimeout == 0 {
 				cfg.pullTimeout = time.Minute

@@ -161,81 +161,93 @@ func TestPruneState(t *testing.T) {
 	before := snapshotTree(t, f.state, "")
 	outsideBefore := snapshotTree(t, f.outside, "")
 	dry := newPruner(cfg, 24*time.Hour, true, f.now, lg).run(context.Background())
-	if after := snapshotTree(t, f.state, ""); !reflect.DeepEqual(after, before) {
-		t.Fatalf("the dry run changed the state directory:\nbefore %v\nafter  %v", before, after)
+	// The real run only makes sense on the tree the dry run left as it was.
+	if !t.Run("the dry run changes nothing", func(t *testing.T) {
+		if after := snapshotTree(t, f.state, ""); !reflect.DeepEqual(after, before) {
+			t.Fatalf("the dry run changed the state directory:\nbefore %v\nafter  %v", before, after)
+		}
+	}) {
+		return
 	}
 
 	real := newPruner(cfg, 24*time.Hour, false, f.now, lg).run(context.Background())
-	if dry.counts() != real.counts() {
-		t.Errorf("dry run reported %s, the real run did %s", dry.counts(), real.counts())
-	}
-	limits := filepath.Join(f.state, "github-image-limits")
-	locks := filepath.Join(f.state, "github-image-locks")
-	want := fmt.Sprintf("entries=6 dbs=2 locks=2 temp=2 busy=[%s %s] errs=[]", filepath.Join(limits, "busy.db"), filepath.Join(locks, "busy.lock"))
-	if real.counts() != want {
-		t.Errorf("report %s, want %s", real.counts(), want)
-	}
-
 	after := snapshotTree(t, f.state, "")
-	ts := func(h float64) string {
-		return fmt.Sprint(f.now.Add(-time.Duration(h*float64(time.Hour))).Unix()) + "\n"
-	}
-	for _, tc := range []struct {
-		path    string
-		gone    bool
-		data    string // "" with !gone: unchanged since before
-		changed bool
-	}{
-		{path: "ratelimit.db", data: ts(1) + ts(0), changed: true},
-		{path: "ratelimit.lock"},
-		{path: "github-image-limits/old.db", gone: true},
-		{path: "github-image-limits/mixed.db", data: ts(2), changed: true},
-		{path: "github-image-limits/fresh.db"},
-		{path: "github-image-limits/empty.db", gone: true},
-		{path: "github-image-limits/busy.db"},
-		{path: "github-image-limits/notes.txt"},
-		{path: "github-image-limits/link.db"},
-		{path: "github-image-limits/.mixed.db.tmp-123456", gone: true},
-		{path: "github-image-limits/.fresh.db.tmp-654321"},
-		{path: ".ratelimit.db.tmp-42", gone: true},
-		{path: "github-image-locks/old.lock", gone: true},
-		{path: "github-image-locks/empty.lock", gone: true},
-		{path: "github-image-locks/fresh.lock"},
-		{path: "github-image-locks/busy.lock"},
-		{path: "github-image-locks/readme"},
-		{path: "github-image-locks/link.lock"},
-		{path: "github-image-locks/dir-link.d"},
-	} {
-		got, ok := after[tc.path]
-		switch {
-		case tc.gone && ok:
-			t.Errorf("%s still exists", tc.path)
-		case tc.gone:
-		case !ok:
-			t.Errorf("%s was deleted", tc.path)
-		case tc.changed && (got.data != tc.data || got.mode.Perm() != 0o600):
-			t.Errorf("%s = %q mode %v, want %q mode 0600", tc.path, got.data, got.mode, tc.data)
-		case !tc.changed && !reflect.DeepEqual(got, before[tc.path]):
-			t.Errorf("%s changed: %+v, was %+v", tc.path, got, before[tc.path])
+	t.Run("the real run does what the dry run reported", func(t *testing.T) {
+		if dry.counts() != real.counts() {
+			t.Errorf("dry run reported %s, the real run did %s", dry.counts(), real.counts())
 		}
-	}
-	// The log pass created the missing lock of mixed.db, as run-task would, so it took the lock.
-	if _, ok := after["github-image-locks/mixed.lock"]; !ok {
-		t.Errorf("mixed.db was rewritten without its lock file")
-	}
-	if got := snapshotTree(t, f.outside, ""); !reflect.DeepEqual(got, outsideBefore) {
-		t.Errorf("a symlink was followed out of the state directory:\nbefore %v\nafter  %v", outsideBefore, got)
-	}
+		limits := filepath.Join(f.state, "github-image-limits")
+		locks := filepath.Join(f.state, "github-image-locks")
+		want := fmt.Sprintf("entries=6 dbs=2 locks=2 temp=2 busy=[%s %s] errs=[]", filepath.Join(limits, "busy.db"), filepath.Join(locks, "busy.lock"))
+		if real.counts() != want {
+			t.Errorf("report %s, want %s", real.counts(), want)
+		}
+	})
+	t.Run("each path is trimmed, deleted or kept", func(t *testing.T) {
+		ts := func(h float64) string {
+			return fmt.Sprint(f.now.Add(-time.Duration(h*float64(time.Hour))).Unix()) + "\n"
+		}
+		for _, tc := range []struct {
+			path    string
+			gone    bool
+			data    string // "" with !gone: unchanged since before
+			changed bool
+		}{
+			{path: "ratelimit.db", data: ts(1) + ts(0), changed: true},
+			{path: "ratelimit.lock"},
+			{path: "github-image-limits/old.db", gone: true},
+			{path: "github-image-limits/mixed.db", data: ts(2), changed: true},
+			{path: "github-image-limits/fresh.db"},
+			{path: "github-image-limits/empty.db", gone: true},
+			{path: "github-image-limits/busy.db"},
+			{path: "github-image-limits/notes.txt"},
+			{path: "github-image-limits/link.db"},
+			{path: "github-image-limits/.mixed.db.tmp-123456", gone: true},
+			{path: "github-image-limits/.fresh.db.tmp-654321"},
+			{path: ".ratelimit.db.tmp-42", gone: true},
+			{path: "github-image-locks/old.lock", gone: true},
+			{path: "github-image-locks/empty.lock", gone: true},
+			{path: "github-image-locks/fresh.lock"},
+			{path: "github-image-locks/busy.lock"},
+			{path: "github-image-locks/readme"},
+			{path: "github-image-locks/link.lock"},
+			{path: "github-image-locks/dir-link.d"},
+		} {
+			got, ok := after[tc.path]
+			switch {
+			case tc.gone && ok:
+				t.Errorf("%s still exists", tc.path)
+			case tc.gone:
+			case !ok:
+				t.Errorf("%s was deleted", tc.path)
+			case tc.changed && (got.data != tc.data || got.mode.Perm() != 0o600):
+				t.Errorf("%s = %q mode %v, want %q mode 0600", tc.path, got.data, got.mode, tc.data)
+			case !tc.changed && !reflect.DeepEqual(got, before[tc.path]):
+				t.Errorf("%s changed: %+v, was %+v", tc.path, got, before[tc.path])
+			}
+		}
+	})
+	t.Run("a rewritten log has its lock, and no symlink is followed", func(t *testing.T) {
+		// The log pass created the missing lock of mixed.db, as run-task would, so it took the lock.
+		if _, ok := after["github-image-locks/mixed.lock"]; !ok {
+			t.Errorf("mixed.db was rewritten without its lock file")
+		}
+		if got := snapshotTree(t, f.outside, ""); !reflect.DeepEqual(got, outsideBefore) {
+			t.Errorf("a symlink was followed out of the state directory:\nbefore %v\nafter  %v", outsideBefore, got)
+		}
+	})
 
 	// Once the redeploy is done, its lock and log go too; a further run finds nothing else.
-	held()
-	again := newPruner(cfg, 24*time.Hour, false, f.now, lg).run(context.Background())
-	if got := again.counts(); got != "entries=1 dbs=1 locks=1 temp=0 busy=[] errs=[]" {
-		t.Errorf("after the lock was released: %s, want busy.db and busy.lock pruned", got)
-	}
-	if got := newPruner(cfg, 24*time.Hour, false, f.now, lg).run(context.Background()).counts(); got != "entries=0 dbs=0 locks=0 temp=0 busy=[] errs=[]" {
-		t.Errorf("a third run found %s, want nothing", got)
-	}
+	t.Run("a released lock and its log go too", func(t *testing.T) {
+		held()
+		again := newPruner(cfg, 24*time.Hour, false, f.now, lg).run(context.Background())
+		if got := again.counts(); got != "entries=1 dbs=1 locks=1 temp=0 busy=[] errs=[]" {
+			t.Errorf("after the lock was released: %s, want busy.db and busy.lock pruned", got)
+		}
+		if got := newPruner(cfg, 24*time.Hour, false, f.now, lg).run(context.Background()).counts(); got != "entries=0 dbs=0 locks=0 temp=0 busy=[] errs=[]" {
+			t.Errorf("a third run found %s, want nothing", got)
+		}
+	})
 }
 
 // TestPruneKeepsWhatLimitsCount: a retention shorter than a rate-limit window never drops a

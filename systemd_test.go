@@ -924,14 +924,7 @@ StandardError=append:%s
 // a socket unit, as deployed, and checks it answers, stops cleanly on SIGTERM
 // and logged the request.
 func TestE2ESocketActivation(t *testing.T) {
-	r := needRig(t)
-	bin := buildBinary(t)
-	state := r.TempDir(t)
-	logPath := filepath.Join(r.TempDir(t), "server.log")
-	port, err := rigFreePort()
-	if err != nil {
-		t.Fatal(err)
-	}
+	r, bin, state, logPath, port := e2eSocketRig(t)
 	service, socket := r.installSocketServer(t, bin, state, logPath, port)
 	serverLog := func() string {
 		b, _ := os.ReadFile(logPath)

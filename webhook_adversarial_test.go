@@ -137,6 +137,17 @@ func newAdvServer(t *testing.T, env map[string]string) *advServer {
 	return &advServer{testServer: ts, h: h}
 }
 
+// storedRows is every event row of s as text, one "path action meta" line each, to search for
+// what must never be stored.
+func (s *advServer) storedRows(t *testing.T) string {
+	t.Helper()
+	var stored strings.Builder
+	for _, r := range readRows(t, rawDB(t, s.cfg.dbPath), "") {
+		fmt.Fprintf(&stored, "%s %s %s\n", r.path.String, r.action, r.meta)
+	}
+	return stored.String()
+}
+
 // settleQueue runs the dispatcher until nothing is due and then ends every task it started, as
 // run-task does, so the next request finds no task running.
 func (s *advServer) settleQueue(t *testing.T) {
@@ -451,21 +462,20 @@ func TestAdversarialRequests(t *testing.T) {
 	n := runAdvCases(t, s, cases)
 
 	// No token, secret or wrong token reaches a log line or a row, whatever the route.
-	var stored strings.Builder
-	for _, r := range readRows(t, rawDB(t, s.cfg.dbPath), "") {
-		fmt.Fprintf(&stored, "%s %s %s\n", r.path.String, r.action, r.meta)
-	}
-	for _, secret := range []string{advToken, advManualToken, advWrongToken, advManualToken[:8], advSecret} {
-		if strings.Contains(stored.String(), secret) {
-			t.Errorf("%q reached an event row", secret)
+	t.Run("no secret reaches a log line or a row", func(t *testing.T) {
+		stored := s.storedRows(t)
+		for _, secret := range []string{advToken, advManualToken, advWrongToken, advManualToken[:8], advSecret} {
+			if strings.Contains(stored, secret) {
+				t.Errorf("%q reached an event row", secret)
+			}
+			if strings.Contains(s.logs.String(), secret) {
+				t.Errorf("%q reached the log:\n%s", secret, s.logs)
+			}
 		}
-		if strings.Contains(s.logs.String(), secret) {
-			t.Errorf("%q reached the log:\n%s", secret, s.logs)
+		if !strings.Contains(stored, "token=REDACTED") {
+			t.Errorf("no row shows a redacted query token; rows:\n%s", stored)
 		}
-	}
-	if !strings.Contains(stored.String(), "token=REDACTED") {
-		t.Errorf("no row shows a redacted query token; rows:\n%s", stored.String())
-	}
+	})
 	t.Logf("%d adversarial requests", n)
 }
 
@@ -656,28 +666,27 @@ func TestAdversarialRegistry(t *testing.T) {
 	}
 	n := runAdvCases(t, s, cases)
 
-	var stored strings.Builder
-	for _, r := range readRows(t, rawDB(t, s.cfg.dbPath), "") {
-		fmt.Fprintf(&stored, "%s %s %s\n", r.path.String, r.action, r.meta)
-	}
-	for _, secret := range []string{advRegistryToken, advGiteaSecret, advWrongToken} {
-		if strings.Contains(stored.String(), secret) {
-			t.Errorf("%q reached an event row:\n%s", secret, stored.String())
-		}
-		if strings.Contains(s.logs.String(), secret) {
-			t.Errorf("%q reached the log:\n%s", secret, s.logs)
-		}
-		for _, c := range s.h.callsOf(keySystemdRun) {
-			if strings.Contains(strings.Join(c, " "), secret) {
-				t.Errorf("%q reached a systemd-run command line: %q", secret, c)
+	t.Run("no secret reaches a row, the log or a command line", func(t *testing.T) {
+		stored := s.storedRows(t)
+		for _, secret := range []string{advRegistryToken, advGiteaSecret, advWrongToken} {
+			if strings.Contains(stored, secret) {
+				t.Errorf("%q reached an event row:\n%s", secret, stored)
+			}
+			if strings.Contains(s.logs.String(), secret) {
+				t.Errorf("%q reached the log:\n%s", secret, s.logs)
+			}
+			for _, c := range s.h.callsOf(keySystemdRun) {
+				if strings.Contains(strings.Join(c, " "), secret) {
+					t.Errorf("%q reached a systemd-run command line: %q", secret, c)
+				}
 			}
 		}
-	}
-	for _, want := range []string{"/registry/dockerhub/hub/REDACTED", "token=REDACTED"} {
-		if !strings.Contains(stored.String(), want) {
-			t.Errorf("no row shows %s; rows:\n%s", want, stored.String())
+		for _, want := range []string{"/registry/dockerhub/hub/REDACTED", "token=REDACTED"} {
+			if !strings.Contains(stored, want) {
+				t.Errorf("no row shows %s; rows:\n%s", want, stored)
+			}
 		}
-	}
+	})
 	t.Logf("%d adversarial registry requests", n)
 }
 
@@ -987,51 +996,8 @@ func TestFaultDatabaseUnwritable(t *testing.T) {
 	}
 	filler.Close()
 
-	body := githubPackagePayload("ghcr.io", "octo-org", "web", "v1", "")
-	var ids []string
-	for _, c := range []struct {
-		name   string
-		do     func() *http.Response
-		status int
-	}{
-		{"hello", func() *http.Response { r, _ := s.Client().Get(s.URL + "/sse/hello"); return r }, 200},
-		{"not found", func() *http.Response { r, _ := s.Client().Get(s.URL + "/nope?token=" + advToken); return r }, 404},
-		{"bad signature", func() *http.Response {
-			r, _ := s.Client().Post(s.URL+advUnitPath, "application/json", bytes.NewReader(body))
-			return r
-		}, 401},
-		{"delivery", func() *http.Response { r, _ := s.signedDelivery(t, "web", "full-1", body); return r }, 500},
-	} {
-		resp := c.do()
-		if resp == nil {
-			t.Fatalf("%s: no answer while the database is unwritable", c.name)
-		}
-		resp.Body.Close()
-		if resp.StatusCode != c.status {
-			t.Errorf("%s: %d, want %d", c.name, resp.StatusCode, c.status)
-		}
-		ids = append(ids, resp.Header.Get("X-Request-Id"))
-	}
-	waitPending(t, s.events)
-	spilt := map[string]bool{}
-	for _, e := range spilled(t, s.logs.String()) {
-		spilt[fmt.Sprint(e["request_id"])] = true
-	}
-	for _, id := range ids {
-		if !spilt[id] {
-			t.Errorf("request %s was neither written nor spilled to stderr; log:\n%s", id, s.logs)
-		}
-	}
-	if n := len(s.h.callsOf(keySystemdRun)); n != 0 {
-		t.Errorf("a delivery that could not be recorded was dispatched %d times", n)
-	}
-	if strings.Contains(s.logs.String(), advToken) {
-		t.Errorf("a spilled row carries the token:\n%s", s.logs)
-	}
-
-	// /health says so (within the second its answer is kept), naming the database. Polled
-	// slowly: every request writes a row, and the tmpfs has room for few.
-	waitHealth := func(what string, ok func(code int, body string) bool) {
+	// waitHealth polls /health until ok accepts its answer.
+	waitHealth := func(t *testing.T, what string, ok func(code int, body string) bool) {
 		t.Helper()
 		for deadline := time.Now().Add(hangGuard); ; time.Sleep(200 * time.Millisecond) {
 			resp, err := s.Client().Get(s.URL + "/health")
@@ -1048,18 +1014,69 @@ func TestFaultDatabaseUnwritable(t *testing.T) {
 			}
 		}
 	}
-	waitHealth("plain /health fails naming the database while rows cannot be written", func(code int, body string) bool {
-		return code == 503 && body == "fail: database\n"
+
+	t.Run("every request is answered, and spilled when it cannot be written", func(t *testing.T) {
+		body := githubPackagePayload("ghcr.io", "octo-org", "web", "v1", "")
+		var ids []string
+		for _, c := range []struct {
+			name   string
+			do     func() *http.Response
+			status int
+		}{
+			{"hello", func() *http.Response { r, _ := s.Client().Get(s.URL + "/sse/hello"); return r }, 200},
+			{"not found", func() *http.Response { r, _ := s.Client().Get(s.URL + "/nope?token=" + advToken); return r }, 404},
+			{"bad signature", func() *http.Response {
+				r, _ := s.Client().Post(s.URL+advUnitPath, "application/json", bytes.NewReader(body))
+				return r
+			}, 401},
+			{"delivery", func() *http.Response { r, _ := s.signedDelivery(t, "web", "full-1", body); return r }, 500},
+		} {
+			resp := c.do()
+			if resp == nil {
+				t.Fatalf("%s: no answer while the database is unwritable", c.name)
+			}
+			resp.Body.Close()
+			if resp.StatusCode != c.status {
+				t.Errorf("%s: %d, want %d", c.name, resp.StatusCode, c.status)
+			}
+			ids = append(ids, resp.Header.Get("X-Request-Id"))
+		}
+		waitPending(t, s.events)
+		spilt := map[string]bool{}
+		for _, e := range spilled(t, s.logs.String()) {
+			spilt[fmt.Sprint(e["request_id"])] = true
+		}
+		for _, id := range ids {
+			if !spilt[id] {
+				t.Errorf("request %s was neither written nor spilled to stderr; log:\n%s", id, s.logs)
+			}
+		}
+		if n := len(s.h.callsOf(keySystemdRun)); n != 0 {
+			t.Errorf("a delivery that could not be recorded was dispatched %d times", n)
+		}
+		if strings.Contains(s.logs.String(), advToken) {
+			t.Errorf("a spilled row carries the token:\n%s", s.logs)
+		}
+	})
+
+	// /health says so (within the second its answer is kept), naming the database. Polled
+	// slowly: every request writes a row, and the tmpfs has room for few.
+	t.Run("health fails naming the database", func(t *testing.T) {
+		waitHealth(t, "plain /health fails naming the database while rows cannot be written", func(code int, body string) bool {
+			return code == 503 && body == "fail: database\n"
+		})
 	})
 
 	// Space again: the next request is written, and /health is fine again.
-	if err := os.Remove(filepath.Join(mnt, "filler")); err != nil {
-		t.Fatal(err)
-	}
-	waitHealth("plain /health answers 200 once rows are written again", func(code int, _ string) bool { return code == 200 })
-	after, _ := s.getHello(t)
-	rows := s.rows(t)
-	if _, ok := rows[after]; !ok {
-		t.Errorf("the event log did not recover once space was back; log:\n%s", s.logs)
-	}
+	t.Run("rows are written again once space is back", func(t *testing.T) {
+		if err := os.Remove(filepath.Join(mnt, "filler")); err != nil {
+			t.Fatal(err)
+		}
+		waitHealth(t, "plain /health answers 200 once rows are written again", func(code int, _ string) bool { return code == 200 })
+		after, _ := s.getHello(t)
+		rows := s.rows(t)
+		if _, ok := rows[after]; !ok {
+			t.Errorf("the event log did not recover once space was back; log:\n%s", s.logs)
+		}
+	})
 }

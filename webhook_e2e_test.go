@@ -5,6 +5,7 @@ package main
 
 import (
 	"bytes"
+	"database/sql"
 	"errors"
 	"fmt"
 	"io"
@@ -25,12 +26,7 @@ import (
 // TestE2EGitHubDelivery drives the product's main job on the real rig: a signed delivery for a
 // new image ends with the unit's container running it, with a row for every step.
 func TestE2EGitHubDelivery(t *testing.T) {
-	r := needRig(t)
-	s := startE2EServer(t)
-	name := rigUniqueName(t, "demo")
-	ref, id1 := r.PushImage(t, "e2e/"+name, "latest", "v1")
-	unit, ctr := e2eContainerUnit(t, r, ref, id1)
-	_, id2 := r.PushImage(t, "e2e/"+name, "latest", "v2")
+	r, s, name, ref, id1, id2, unit, ctr := e2eTwoVersions(t, "demo")
 	r.TagLocal(t, id1, ref) // the host still has v1 locally; the registry has v2
 	if id1 == id2 {
 		t.Fatal("v1 and v2 have the same image ID")
@@ -326,17 +322,14 @@ func TestE2ERegistryPush(t *testing.T) {
 		return time.Now()
 	}
 	claims := func() []string {
-		rows, err := s.db.Query(`SELECT delivery_id FROM github_deliveries WHERE unit = ? ORDER BY rowid`, unit)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer rows.Close()
 		var ids []string
-		for rows.Next() {
-			var id string
-			rows.Scan(&id)
-			ids = append(ids, id)
-		}
+		scanRows(t, s.db, false, `SELECT delivery_id FROM github_deliveries WHERE unit = ? ORDER BY rowid`, []any{unit},
+			func(rows *sql.Rows) error {
+				var id string
+				rows.Scan(&id) // a poll: a row it cannot read counts as ""
+				ids = append(ids, id)
+				return nil
+			})
 		return ids
 	}
 	// nextClaim waits for the claim after the n claims so far, notes when it was seen, and waits
@@ -445,14 +438,7 @@ func watchTimestampFiles(state string, stop <-chan struct{}) <-chan []string {
 // kill are redelivered, as an operator would from GitHub's UI, and the same holds for them. No
 // timestamp log is ever seen empty.
 func TestE2EKillServerMidBurst(t *testing.T) {
-	r := needRig(t)
-	bin := buildBinary(t)
-	state := r.TempDir(t)
-	logPath := filepath.Join(r.TempDir(t), "server.log")
-	port, err := rigFreePort()
-	if err != nil {
-		t.Fatal(err)
-	}
+	r, bin, state, logPath, port := e2eSocketRig(t)
 	secret := "kill-e2e-" + randomName(t)
 	repo := rigUniqueName(t, "kill")
 	ref, _ := r.PushImage(t, "e2e/"+repo, "latest", "v1")

@@ -550,111 +550,122 @@ func (d *dispatchRig) state(t *testing.T) map[string]string {
 func TestDispatcherRules(t *testing.T) {
 	const imgA, imgB = "ghcr.io/o/a:v1", "ghcr.io/o/a:v2"
 	d := newDispatchRig(t)
-
-	d.claim(t, "a-1", "a.service", imgA)
-	d.claim(t, "b-1", "b.service", imgA)
-	d.claim(t, "a-2", "a.service", imgA)
-	d.drain(t)
-	if !slices.Equal(d.runs, []string{"a-1", "b-1"}) {
-		t.Fatalf("tasks started for %q, want a-1 (covering a-2) then b-1, in arrival order", d.runs)
-	}
-	if st := d.state(t); st["a-2"] != "dispatched/a-1" || st["a-1"] != "dispatched/a-1" || st["b-1"] != "dispatched/b-1" {
-		t.Errorf("claims %v, want a-2 covered by a-1's task", st)
-	}
-
-	d.claim(t, "a-3", "a.service", imgA)
-	d.claim(t, "a-4", "a.service", imgB)
-	d.claim(t, "c-1", "c.service", imgA)
-	d.drain(t)
-	if !slices.Equal(d.runs[2:], []string{"c-1"}) {
-		t.Fatalf("while a's task runs: tasks %q, want only c-1's", d.runs[2:])
-	}
-	d.end(t, "a-1", false)
-	d.drain(t)
-	if !slices.Equal(d.runs[3:], []string{"a-3"}) || d.state(t)["a-4"] != "pending/" {
-		t.Fatalf("after a's task ended: tasks %q, claims %v; want a-3's task, a-4 (another image) waiting for it", d.runs[3:], d.state(t))
-	}
-	d.end(t, "a-3", true) // killed: its claims stay dispatched until the dispatcher looks
-	d.drain(t)
-	if len(d.runs) != 4 {
-		t.Fatalf("a task started before the killed one was noticed: %q", d.runs)
-	}
-	d.now = d.now.Add(taskCheckAfter + 2*time.Second)
-	d.drain(t)
-	if !slices.Equal(d.runs[4:], []string{"a-4"}) || d.state(t)["a-3"] != "done/a-3" {
-		t.Fatalf("after the killed task was noticed: tasks %q, claims %v", d.runs[4:], d.state(t))
+	// The subtests share d and run in order: each goes on from the queue the one before left.
+	// The second uses the first's tasks, so it runs only when the first passed.
+	if t.Run("claims in arrival order, one task per unit and image", func(t *testing.T) {
+		d.claim(t, "a-1", "a.service", imgA)
+		d.claim(t, "b-1", "b.service", imgA)
+		d.claim(t, "a-2", "a.service", imgA)
+		d.drain(t)
+		if !slices.Equal(d.runs, []string{"a-1", "b-1"}) {
+			t.Fatalf("tasks started for %q, want a-1 (covering a-2) then b-1, in arrival order", d.runs)
+		}
+		if st := d.state(t); st["a-2"] != "dispatched/a-1" || st["a-1"] != "dispatched/a-1" || st["b-1"] != "dispatched/b-1" {
+			t.Errorf("claims %v, want a-2 covered by a-1's task", st)
+		}
+	}) {
+		t.Run("a unit's later claims wait for its task, also a killed one", func(t *testing.T) {
+			d.claim(t, "a-3", "a.service", imgA)
+			d.claim(t, "a-4", "a.service", imgB)
+			d.claim(t, "c-1", "c.service", imgA)
+			d.drain(t)
+			if !slices.Equal(d.runs[2:], []string{"c-1"}) {
+				t.Fatalf("while a's task runs: tasks %q, want only c-1's", d.runs[2:])
+			}
+			d.end(t, "a-1", false)
+			d.drain(t)
+			if !slices.Equal(d.runs[3:], []string{"a-3"}) || d.state(t)["a-4"] != "pending/" {
+				t.Fatalf("after a's task ended: tasks %q, claims %v; want a-3's task, a-4 (another image) waiting for it", d.runs[3:], d.state(t))
+			}
+			d.end(t, "a-3", true) // killed: its claims stay dispatched until the dispatcher looks
+			d.drain(t)
+			if len(d.runs) != 4 {
+				t.Fatalf("a task started before the killed one was noticed: %q", d.runs)
+			}
+			d.now = d.now.Add(taskCheckAfter + 2*time.Second)
+			d.drain(t)
+			if !slices.Equal(d.runs[4:], []string{"a-4"}) || d.state(t)["a-3"] != "done/a-3" {
+				t.Fatalf("after the killed task was noticed: tasks %q, claims %v", d.runs[4:], d.state(t))
+			}
+		})
 	}
 
 	// Retries with backoff, then failure; the redelivery takes the failed claim over.
-	d.fail = dispatchAttempts
-	d.claim(t, "e-1", "e.service", imgA)
-	for attempt := 1; attempt <= dispatchAttempts; attempt++ {
+	t.Run("failed systemd-runs are retried, then fail; a redelivery takes over", func(t *testing.T) {
+		d.fail = dispatchAttempts
+		d.claim(t, "e-1", "e.service", imgA)
+		for attempt := 1; attempt <= dispatchAttempts; attempt++ {
+			d.drain(t)
+			d.drain(t) // not due again before its backoff
+			if n := slices.Index(d.runs, "e-1"); n < 0 || len(d.runs)-n != attempt {
+				t.Fatalf("attempt %d: systemd-runs %q", attempt, d.runs)
+			}
+			d.now = d.now.Add(retryDelay(attempt - 1))
+		}
+		if st := d.state(t)["e-1"]; st != "failed/e-1" {
+			t.Fatalf("e-1 after %d failed systemd-runs: %s, want failed", dispatchAttempts, st)
+		}
+		var reasons []string
+		for _, e := range d.deliveryRows(t, "e-1") {
+			reasons = append(reasons, fmt.Sprint(e.Meta["reason"]))
+			if r := e.Meta["reason"]; (r == "dispatch-retry" || r == "dispatch-failed") && !strings.Contains(fmt.Sprint(e.Meta["stderr"]), "Failed to start") {
+				t.Errorf("row %v lacks systemd-run's stderr", e.Meta)
+			}
+		}
+		want := []string{"queued"}
+		for i := 1; i < dispatchAttempts; i++ {
+			want = append(want, "dispatching", "dispatch-retry")
+		}
+		want = append(want, "dispatching", "dispatch-failed")
+		if !slices.Equal(reasons, want) {
+			t.Errorf("rows of e-1: %q, want %q", reasons, want)
+		}
+		if !strings.Contains(d.logs.String(), "giving up on delivery e-1") {
+			t.Errorf("the give-up is not in the log:\n%s", d.logs)
+		}
+		d.seq++
+		if ok, err := d.events.claimDelivery(context.Background(), taskSpec{unit: "e.service", image: imgA, event: "package", delivery: "e-1"},
+			event{RequestID: "req-e-1-again", TS: d.now, Method: "POST", Status: 202, Action: "github-webhook"}); !ok || err != nil {
+			t.Fatalf("redelivery of a failed claim: %v %v, want it taken over", ok, err)
+		}
+		if ok, _ := d.events.claimDelivery(context.Background(), taskSpec{unit: "e.service", image: imgA, event: "package", delivery: "e-1"},
+			event{RequestID: "req-e-1-copy", TS: d.now, Method: "POST", Status: 202, Action: "github-webhook"}); ok {
+			t.Error("a copy of a pending claim was claimed again")
+		}
 		d.drain(t)
-		d.drain(t) // not due again before its backoff
-		if n := slices.Index(d.runs, "e-1"); n < 0 || len(d.runs)-n != attempt {
-			t.Fatalf("attempt %d: systemd-runs %q", attempt, d.runs)
+		if st := d.state(t)["e-1"]; st != "dispatched/e-1" {
+			t.Errorf("redelivered e-1: %s, want dispatched", st)
 		}
-		d.now = d.now.Add(retryDelay(attempt - 1))
-	}
-	if st := d.state(t)["e-1"]; st != "failed/e-1" {
-		t.Fatalf("e-1 after %d failed systemd-runs: %s, want failed", dispatchAttempts, st)
-	}
-	var reasons []string
-	for _, e := range d.deliveryRows(t, "e-1") {
-		reasons = append(reasons, fmt.Sprint(e.Meta["reason"]))
-		if r := e.Meta["reason"]; (r == "dispatch-retry" || r == "dispatch-failed") && !strings.Contains(fmt.Sprint(e.Meta["stderr"]), "Failed to start") {
-			t.Errorf("row %v lacks systemd-run's stderr", e.Meta)
-		}
-	}
-	want := []string{"queued"}
-	for i := 1; i < dispatchAttempts; i++ {
-		want = append(want, "dispatching", "dispatch-retry")
-	}
-	want = append(want, "dispatching", "dispatch-failed")
-	if !slices.Equal(reasons, want) {
-		t.Errorf("rows of e-1: %q, want %q", reasons, want)
-	}
-	if !strings.Contains(d.logs.String(), "giving up on delivery e-1") {
-		t.Errorf("the give-up is not in the log:\n%s", d.logs)
-	}
-	d.seq++
-	if ok, err := d.events.claimDelivery(context.Background(), taskSpec{unit: "e.service", image: imgA, event: "package", delivery: "e-1"},
-		event{RequestID: "req-e-1-again", TS: d.now, Method: "POST", Status: 202, Action: "github-webhook"}); !ok || err != nil {
-		t.Fatalf("redelivery of a failed claim: %v %v, want it taken over", ok, err)
-	}
-	if ok, _ := d.events.claimDelivery(context.Background(), taskSpec{unit: "e.service", image: imgA, event: "package", delivery: "e-1"},
-		event{RequestID: "req-e-1-copy", TS: d.now, Method: "POST", Status: 202, Action: "github-webhook"}); ok {
-		t.Error("a copy of a pending claim was claimed again")
-	}
-	d.drain(t)
-	if st := d.state(t)["e-1"]; st != "dispatched/e-1" {
-		t.Errorf("redelivered e-1: %s, want dispatched", st)
-	}
+	})
 
 	// systemd-run failed, but the task had started: dispatched, not retried.
-	d.fail, d.started = 1, true
-	d.claim(t, "f-1", "f.service", imgA)
-	d.drain(t)
-	if st := d.state(t)["f-1"]; st != "dispatched/f-1" {
-		t.Errorf("f-1, whose systemd-run failed after the task started: %s, want dispatched", st)
-	}
-	d.started = false
+	t.Run("a failed systemd-run whose task started is dispatched", func(t *testing.T) {
+		d.fail, d.started = 1, true
+		d.claim(t, "f-1", "f.service", imgA)
+		d.drain(t)
+		if st := d.state(t)["f-1"]; st != "dispatched/f-1" {
+			t.Errorf("f-1, whose systemd-run failed after the task started: %s, want dispatched", st)
+		}
+		d.started = false
+	})
 
 	// A server stopped during systemd-run: the task never started, so the claim is queued again.
-	d.claim(t, "g-1", "g.service", imgA)
-	if _, ok, _, err := d.events.nextTask(context.Background(), d.now, func(queuedTask) []event { return nil }); !ok || err != nil {
-		t.Fatal(ok, err)
-	}
-	d.srv.reconcile(context.Background(), "dispatching", d.now.Add(time.Minute))
-	if st := d.state(t)["g-1"]; st != "pending/" {
-		t.Errorf("g-1 left dispatching with no task: %s, want pending", st)
-	}
-	d.drain(t)
-	if st := d.state(t)["g-1"]; st != "dispatched/g-1" {
-		t.Errorf("g-1 after the restart: %s, want dispatched", st)
-	}
-	pending, oldest, err := d.events.queueStats(context.Background())
-	if err != nil || pending != 0 || !oldest.IsZero() {
-		t.Errorf("queueStats with nothing pending: %d %v %v", pending, oldest, err)
-	}
+	t.Run("a claim a stopped server left dispatching is queued again", func(t *testing.T) {
+		d.claim(t, "g-1", "g.service", imgA)
+		if _, ok, _, err := d.events.nextTask(context.Background(), d.now, func(queuedTask) []event { return nil }); !ok || err != nil {
+			t.Fatal(ok, err)
+		}
+		d.srv.reconcile(context.Background(), "dispatching", d.now.Add(time.Minute))
+		if st := d.state(t)["g-1"]; st != "pending/" {
+			t.Errorf("g-1 left dispatching with no task: %s, want pending", st)
+		}
+		d.drain(t)
+		if st := d.state(t)["g-1"]; st != "dispatched/g-1" {
+			t.Errorf("g-1 after the restart: %s, want dispatched", st)
+		}
+		pending, oldest, err := d.events.queueStats(context.Background())
+		if err != nil || pending != 0 || !oldest.IsZero() {
+			t.Errorf("queueStats with nothing pending: %d %v %v", pending, oldest, err)
+		}
+	})
 }

@@ -368,11 +368,7 @@ func TestRequestRows(t *testing.T) {
 }
 
 func TestServerCannotStart(t *testing.T) {
-	dir := t.TempDir()
-	file := filepath.Join(dir, "file")
-	if err := os.WriteFile(file, []byte("x"), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	dir, file := dirWithFile(t)
 	newer := filepath.Join(dir, "newer.db")
 	db := rawDB(t, newer)
 	if _, err := db.Exec(`CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL);
@@ -475,6 +471,35 @@ func TestServerStartLog(t *testing.T) {
 	}
 }
 
+// startServerMode starts the built server on a free loopback port, either listening itself
+// ("listen") or handed the socket as systemd's socket activation does ("socket-activated").
+func startServerMode(t *testing.T, bin, mode, state string) (p *serverProc, addr string) {
+	t.Helper()
+	switch mode {
+	case "listen":
+		addr = freeLoopbackAddr(t)
+		p = startServerProc(t, bin, []string{"--listen", addr, "--state-dir", state}, nil, nil)
+	case "socket-activated":
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		addr = l.Addr().String()
+		f, err := l.(*net.TCPListener).File()
+		if err != nil {
+			t.Fatal(err)
+		}
+		// The shell learns its own pid and execs the server, which keeps it. --listen
+		// names a port nobody may use: it must be ignored.
+		cmd := exec.Command("/bin/sh", "-c", `LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@"`,
+			bin, "server", "--listen", "192.0.2.1:1", "--state-dir", state)
+		p = startProc(t, cmd, []string{"LISTEN_FDS=1", "LISTEN_FDNAMES=web"}, []*os.File{f})
+		f.Close()
+		l.Close()
+	}
+	return p, addr
+}
+
 // TestGracefulShutdown runs the built binary, once on --listen and once socket-activated the way
 // systemd does it (fd 3, LISTEN_PID of the server process), and checks that SIGTERM lets a
 // response in flight finish, exits 0 and leaves every request's row in the database. The
@@ -493,30 +518,7 @@ func TestGracefulShutdown(t *testing.T) {
 			if err := os.WriteFile(bigPath, big, 0o600); err != nil {
 				t.Fatal(err)
 			}
-			var p *serverProc
-			var addr string
-			switch mode {
-			case "listen":
-				addr = freeLoopbackAddr(t)
-				p = startServerProc(t, bin, []string{"--listen", addr, "--state-dir", state}, nil, nil)
-			case "socket-activated":
-				l, err := net.Listen("tcp", "127.0.0.1:0")
-				if err != nil {
-					t.Fatal(err)
-				}
-				addr = l.Addr().String()
-				f, err := l.(*net.TCPListener).File()
-				if err != nil {
-					t.Fatal(err)
-				}
-				// The shell learns its own pid and execs the server, which keeps it. --listen
-				// names a port nobody may use: it must be ignored.
-				cmd := exec.Command("/bin/sh", "-c", `LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@"`,
-					bin, "server", "--listen", "192.0.2.1:1", "--state-dir", state)
-				p = startProc(t, cmd, []string{"LISTEN_FDS=1", "LISTEN_FDNAMES=web"}, []*os.File{f})
-				f.Close()
-				l.Close()
-			}
+			p, addr := startServerMode(t, bin, mode, state)
 			line := p.waitLog(t, "listening on")
 			if !strings.Contains(line, addr) {
 				t.Fatalf("server says %q, want it to listen on %s", line, addr)
