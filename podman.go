@@ -183,8 +183,7 @@ type delivery struct {
 	path   string   // owner/name, lowercased
 	tags   []string // every non-empty pushed tag, first the primary one
 	digest string   // manifest digest when the payload carries one
-	action string
-	id     string // the delivery id it is claimed under, unique per source ("" until known)
+	id     string   // the delivery id it is claimed under, unique per source ("" until known)
 }
 
 // repo is the pushed repository, host/owner/name.
@@ -297,7 +296,7 @@ func deliveryFromPayload(body []byte) (delivery, error) {
 	if owner == "" || name == "" {
 		return delivery{}, ignored("missing-name", "the payload names no package owner or name")
 	}
-	d := delivery{host: host, path: owner + "/" + name, action: p.Action}
+	d := delivery{host: host, path: owner + "/" + name}
 	d.tags, d.digest = pushedTags(pkg)
 	if len(d.tags) == 0 {
 		return d, ignored("missing-tag", "the pushed manifest has no tag (an untagged or per-platform manifest)")
@@ -497,7 +496,7 @@ func distributionPushes(body []byte, _ http.Header) ([]delivery, error) {
 			host, _ = splitImageURL(e.Target.URL)
 		}
 		d := delivery{host: strings.ToLower(strings.TrimSpace(host)), path: strings.ToLower(e.Target.Repository),
-			tags: []string{e.Target.Tag}, action: e.Action, id: pushID("dist", e.ID)}
+			tags: []string{e.Target.Tag}, id: pushID("dist", e.ID)}
 		if reDigest.MatchString(e.Target.Digest) {
 			d.digest = e.Target.Digest
 		}
@@ -538,7 +537,7 @@ func harborPushes(body []byte, _ http.Header) ([]delivery, error) {
 		}
 		host, _ := splitImageURL(res.ResourceURL)
 		path := strings.ToLower(ev.EventData.Repository.RepoFullName)
-		d := delivery{host: host, path: path, tags: []string{res.Tag}, action: ev.Type,
+		d := delivery{host: host, path: path, tags: []string{res.Tag},
 			id: hashID("harbor", host, path, res.Tag, res.Digest, ev.OccurAt.String())}
 		if reDigest.MatchString(res.Digest) {
 			d.digest = res.Digest
@@ -592,7 +591,7 @@ func giteaPushes(body []byte, h http.Header) ([]delivery, error) {
 	if deliveryID == "" {
 		id = hashID("gitea", host, path, p.Version, p.CreatedAt)
 	}
-	return checkPushes([]delivery{{host: host, path: path, tags: []string{p.Version}, action: ev.Action, id: id}}, nil)
+	return checkPushes([]delivery{{host: host, path: path, tags: []string{p.Version}, id: id}}, nil)
 }
 
 // dockerHubPushes reads a Docker Hub repository webhook: a push of push_data.tag to
@@ -622,7 +621,7 @@ func dockerHubPushes(body []byte, _ http.Header) ([]delivery, error) {
 		path = "library/" + path
 	}
 	tag := ev.PushData.Tag
-	return checkPushes([]delivery{{host: "docker.io", path: path, tags: []string{tag}, action: "push",
+	return checkPushes([]delivery{{host: "docker.io", path: path, tags: []string{tag},
 		id: hashID("hub", path, tag, ev.PushData.PushedAt.String())}}, nil)
 }
 
@@ -647,7 +646,7 @@ func quayPushes(body []byte, _ http.Header) ([]delivery, error) {
 	} else if len(ev.UpdatedTags) > 0 && json.Unmarshal(ev.UpdatedTags, &tags) != nil {
 		return nil, ignored("invalid-json", "updated_tags is neither a list nor an object")
 	}
-	d := delivery{action: "push"}
+	var d delivery
 	d.host, d.path = splitImageURL(ev.DockerURL)
 	for _, t := range tags {
 		if !isUntagged(t) && !slices.Contains(d.tags, t) {

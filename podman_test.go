@@ -30,7 +30,7 @@ import (
 func TestDeliveryFromPayload(t *testing.T) {
 	const pub = "package-published-container.json"
 	ghcr := func(tags ...string) delivery {
-		return delivery{host: "ghcr.io", path: "octo-org/hello-world", tags: tags, digest: digestV1, action: "published"}
+		return delivery{host: "ghcr.io", path: "octo-org/hello-world", tags: tags, digest: digestV1}
 	}
 	withHost := func(d delivery, host string) delivery { d.host = host; return d }
 	withPath := func(d delivery, path string) delivery { d.path = path; return d }
@@ -46,7 +46,7 @@ func TestDeliveryFromPayload(t *testing.T) {
 	}{
 		{name: "package published to ghcr", file: pub, want: ghcr("v1.2.3", "latest")},
 		{name: "package updated, tags deduplicated, primary first", file: "package-updated-container.json",
-			want: delivery{host: "ghcr.io", path: "octo-org/hello-world", tags: []string{"v2", "latest"}, digest: digestV2, action: "updated"}},
+			want: delivery{host: "ghcr.io", path: "octo-org/hello-world", tags: []string{"v2", "latest"}, digest: digestV2}},
 		{name: "registry_package root", file: "registry-package-published-container.json", want: ghcr("v1.2.3", "latest")},
 		{name: "package_type container lowercase", file: pub, edits: []payloadEdit{setField("package.package_type", "container")},
 			want: ghcr("v1.2.3", "latest")},
@@ -92,7 +92,7 @@ func TestDeliveryFromPayload(t *testing.T) {
 		{name: "action missing", file: pub, edits: []payloadEdit{dropField("action")}, ignored: "action-ignored"},
 		{name: "action in capitals", file: pub, edits: []payloadEdit{setField("action", "Published")}, ignored: "action-ignored"},
 		{name: "registry_package updated", file: "registry-package-published-container.json", edits: []payloadEdit{setField("action", "updated")},
-			want: delivery{host: "ghcr.io", path: "octo-org/hello-world", tags: []string{"v1.2.3", "latest"}, digest: digestV1, action: "updated"}},
+			want: delivery{host: "ghcr.io", path: "octo-org/hello-world", tags: []string{"v1.2.3", "latest"}, digest: digestV1}},
 		{name: "name that reads as a flag", file: pub, edits: []payloadEdit{setField("package.name", "-q")}, wantErr: true},
 		{name: "name with a space", file: pub, edits: []payloadEdit{setField("package.name", "a b")}, wantErr: true},
 		{name: "name is dot-dot", file: pub, edits: []payloadEdit{setField("package.name", "..")}, wantErr: true},
@@ -139,7 +139,7 @@ func TestDeliveryFromPayload(t *testing.T) {
 				t.Fatalf("deliveryFromPayload: %v", err)
 			}
 			if d.host != tc.want.host || d.path != tc.want.path || !slices.Equal(d.tags, tc.want.tags) ||
-				d.digest != tc.want.digest || d.action != tc.want.action {
+				d.digest != tc.want.digest {
 				t.Errorf("deliveryFromPayload =\n  %+v\nwant\n  %+v", d, tc.want)
 			}
 			// Whatever is accepted must be a reference podman can be given safely.
