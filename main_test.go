@@ -1,7 +1,8 @@
 // main_test.go owns the test harness every concern's tests share: TestMain; the fake programs
 // the test binary impersonates (podman, systemctl, systemd-run, loginctl), all registered by the
 // one init below; the in-process test server and configuration builders; payload builders and
-// signatures; readers of event_log rows; waits; and the built binary and the processes started
+// signatures; readers of event_log rows; waits; the host-wide lock a test that loads the machine
+// takes (hostExclusive); and the built binary and the processes started
 // from it. Helpers one concern uses stay in that concern's test file; the rig of the system tests
 // is main_rig_test.go's, and the end-to-end server harness on it main_e2e_test.go's.
 //
@@ -1122,6 +1123,32 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 			t.Fatalf("timed out waiting until %s", what)
 		}
 		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// hostExclusive holds the host-wide flock named name until t ends. A test that loads the
+// machine on purpose (hundreds of processes at once) takes it, so two test runs on one host take
+// turns at it instead of each meeting the other's load on top of its own: on 2 vCPUs, two such
+// bursts at once left deliveries unanswered after a minute. The wait is bounded, and says who
+// it waited for.
+func hostExclusive(t *testing.T, name string) {
+	t.Helper()
+	path := filepath.Join(os.TempDir(), "webhook-auto-update-test-"+name+".lock")
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o666)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	deadline := time.Now().Add(20 * hangGuard)
+	for {
+		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+		if err == nil {
+			return
+		}
+		if !errors.Is(err, syscall.EWOULDBLOCK) || time.Now().After(deadline) {
+			t.Fatalf("flock %s (held by another test run's %s for %s?): %v", path, name, 20*hangGuard, err)
+		}
+		time.Sleep(100 * time.Millisecond)
 	}
 }
 

@@ -722,7 +722,7 @@ func cmdRunTask(c *cli, args []string) int {
 		c.log.errorf("%v", err)
 		return 1
 	}
-	events, err := openEventLog(cfg.dbPath, c.log)
+	events, err := openEventLogWaiting(cfg.dbPath, c.log, taskBusyTimeout)
 	if err != nil {
 		// The redeploy still runs: its rows go to stderr (and so to the journal) instead.
 		c.log.errorf("event log unavailable, task events go to stderr: %v", err)
@@ -731,7 +731,7 @@ func cmdRunTask(c *cli, args []string) int {
 		t.events = events
 		// The server's queue runs the unit's next task once this one's claims are done.
 		defer func() {
-			ctx, cancel := context.WithTimeout(context.Background(), 3*busyTimeout)
+			ctx, cancel := context.WithTimeout(context.Background(), 2*taskBusyTimeout)
 			defer cancel()
 			if err := events.settleTask(ctx, taskUnitName(t.delivery), "done", "", time.Time{}, nil); err != nil {
 				c.log.errorf("cannot mark the deliveries of %s done (the server will find it ended): %v", taskUnitName(t.delivery), err)
@@ -791,7 +791,7 @@ func (t *task) step(name string, status int, res *cmdResult, extra map[string]an
 		t.log.warnf("unwritten event: %s", marshalJSON(meta))
 		return
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 3*busyTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*taskBusyTimeout)
 	defer cancel()
 	t.events.Write(ctx, ev) // a failure is already on stderr
 }
