@@ -28,6 +28,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -698,6 +699,14 @@ func (p *browserPage) call(method string, params map[string]any, result any) {
 // govern) and decodes its JSON value into v.
 func (p *browserPage) eval(expr string, v any) {
 	p.t.Helper()
+	if err := p.tryEval(expr, v); err != nil {
+		p.t.Fatal(err)
+	}
+}
+
+// tryEval is eval that returns its failure: while a page navigates, an evaluation can be cut
+// short ("Inspected target navigated or closed"), which to a poll only means "not yet".
+func (p *browserPage) tryEval(expr string, v any) error {
 	var res struct {
 		Result struct {
 			Value json.RawMessage `json:"value"`
@@ -706,14 +715,29 @@ func (p *browserPage) eval(expr string, v any) {
 			Text string `json:"text"`
 		} `json:"exceptionDetails"`
 	}
-	p.call("Runtime.evaluate", map[string]any{"expression": expr, "returnByValue": true}, &res)
+	if err := p.c.call(p.session, "Runtime.evaluate", map[string]any{"expression": expr, "returnByValue": true}, &res); err != nil {
+		return fmt.Errorf("evaluate %s: %w", expr, err)
+	}
 	if res.ExceptionDetails != nil {
-		p.t.Fatalf("evaluate %s: %s", expr, res.ExceptionDetails.Text)
+		return fmt.Errorf("evaluate %s: %s", expr, res.ExceptionDetails.Text)
 	}
 	if v != nil {
 		if err := json.Unmarshal(res.Result.Value, v); err != nil {
-			p.t.Fatalf("evaluate %s: %v (value %s)", expr, err, res.Result.Value)
+			return fmt.Errorf("evaluate %s: %v (value %s)", expr, err, res.Result.Value)
 		}
+	}
+	return nil
+}
+
+// click clicks the element selector names once the evaluation that finds it has returned, so
+// the navigation the click starts cannot cut that evaluation's answer short.
+func (p *browserPage) click(selector string) {
+	p.t.Helper()
+	var found bool
+	p.eval(`(() => { const el = document.querySelector(`+strconv.Quote(selector)+`); if (!el) return false;
+		setTimeout(() => el.click(), 0); return true })()`, &found)
+	if !found {
+		p.t.Fatalf("no element %s to click", selector)
 	}
 }
 
@@ -724,14 +748,14 @@ func (p *browserPage) waitFor(cond string) {
 	deadline := time.Now().Add(hangGuard)
 	for {
 		var ok bool
-		p.eval("!!("+cond+")", &ok)
+		err := p.tryEval("!!("+cond+")", &ok) // an error while the page navigates: look again
 		if ok {
 			return
 		}
 		if time.Now().After(deadline) {
 			var html string
-			p.eval("document.documentElement.outerHTML", &html)
-			p.t.Fatalf("waited %s for %s; the page is:\n%s", hangGuard, cond, html)
+			p.tryEval("document.documentElement.outerHTML", &html)
+			p.t.Fatalf("waited %s for %s (last evaluation: %v); the page is:\n%s", hangGuard, cond, err, html)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
@@ -828,7 +852,7 @@ func TestStatusPageInBrowser(t *testing.T) {
 		}
 	}
 
-	p.eval(`document.querySelector('a[href="/status/deliveries/d-web"]').click()`, nil)
+	p.click(`a[href="/status/deliveries/d-web"]`)
 	p.waitFor(`document.readyState === 'complete' && location.pathname === '/status/deliveries/d-web'`)
 	f = p.facts()
 	if f.H1 != "Delivery d-web" || f.Title != "Delivery d-web · webhook-auto-update" || f.Scripts != 0 ||
@@ -836,7 +860,7 @@ func TestStatusPageInBrowser(t *testing.T) {
 		t.Errorf("story of d-web: %+v", f)
 	}
 
-	p.eval(`document.querySelector('form[action="/status/logout"] button').click()`, nil)
+	p.click(`form[action="/status/logout"] button`)
 	p.waitFor(`document.readyState === 'complete' && location.pathname === '/status/' && document.getElementById('token')`)
 	p.call("Page.navigate", map[string]any{"url": ts.URL + "/status/deliveries"}, nil)
 	p.waitFor(`document.readyState === 'complete' && location.pathname === '/status/deliveries'`)
