@@ -257,8 +257,8 @@ type packageBody struct {
 	} `json:"registry"`
 }
 
-// errInvalidJSON is a body that does not parse as JSON: GitHub never sends one, so it is
-// refused (400), not acknowledged as something merely not for us.
+// errInvalidJSON is a body that does not parse as the JSON its source sends: no source sends
+// one, so it is refused (400), not acknowledged as something merely not for us.
 var errInvalidJSON = errors.New("the body is not valid JSON")
 
 // redeployActions are the package event actions that redeploy: GitHub's package and
@@ -475,7 +475,7 @@ func distributionPushes(body []byte, _ http.Header) ([]delivery, error) {
 		} `json:"events"`
 	}
 	if err := json.Unmarshal(body, &env); err != nil {
-		return nil, ignored("invalid-json", "%v", err)
+		return nil, fmt.Errorf("%w: %v", errInvalidJSON, err)
 	}
 	why := ignored("no-events", "the envelope holds no events")
 	var ds []delivery
@@ -524,7 +524,7 @@ func harborPushes(body []byte, _ http.Header) ([]delivery, error) {
 		} `json:"event_data"`
 	}
 	if err := json.Unmarshal(body, &ev); err != nil {
-		return nil, ignored("invalid-json", "%v", err)
+		return nil, fmt.Errorf("%w: %v", errInvalidJSON, err)
 	}
 	if ev.Type != "PUSH_ARTIFACT" {
 		return nil, ignored("not-a-push", "%q events do not redeploy (and a CloudEvents payload is not read: choose Harbor's default format)", ev.Type)
@@ -570,7 +570,7 @@ func giteaPushes(body []byte, h http.Header) ([]delivery, error) {
 		} `json:"package"`
 	}
 	if err := json.Unmarshal(body, &ev); err != nil {
-		return nil, ignored("invalid-json", "%v", err)
+		return nil, fmt.Errorf("%w: %v", errInvalidJSON, err)
 	}
 	p := ev.Package
 	switch {
@@ -608,7 +608,7 @@ func dockerHubPushes(body []byte, _ http.Header) ([]delivery, error) {
 		} `json:"repository"`
 	}
 	if err := json.Unmarshal(body, &ev); err != nil {
-		return nil, ignored("invalid-json", "%v", err)
+		return nil, fmt.Errorf("%w: %v", errInvalidJSON, err)
 	}
 	switch {
 	case ev.PushData == nil || ev.Repository == nil:
@@ -635,7 +635,7 @@ func quayPushes(body []byte, _ http.Header) ([]delivery, error) {
 		UpdatedTags json.RawMessage `json:"updated_tags"`
 	}
 	if err := json.Unmarshal(body, &ev); err != nil {
-		return nil, ignored("invalid-json", "%v", err)
+		return nil, fmt.Errorf("%w: %v", errInvalidJSON, err)
 	}
 	var tags []string
 	if bytes.HasPrefix(bytes.TrimSpace(ev.UpdatedTags), []byte("{")) {
@@ -644,7 +644,7 @@ func quayPushes(body []byte, _ http.Header) ([]delivery, error) {
 			tags = slices.Sorted(maps.Keys(byTag))
 		}
 	} else if len(ev.UpdatedTags) > 0 && json.Unmarshal(ev.UpdatedTags, &tags) != nil {
-		return nil, ignored("invalid-json", "updated_tags is neither a list nor an object")
+		return nil, fmt.Errorf("%w: updated_tags is neither a list nor an object", errInvalidJSON)
 	}
 	var d delivery
 	d.host, d.path = splitImageURL(ev.DockerURL)

@@ -683,6 +683,7 @@ func TestRegistryPushes(t *testing.T) {
 		want         []want
 		ignored      string
 		wantErr      bool
+		notJSON      bool // with wantErr: the refusal is errInvalidJSON (400 invalid-json)
 	}{
 		// Distribution: the documented sample holds a pull, a blob push and a manifest push.
 		{name: "distribution sample", source: "distribution", file: "distribution-push.json",
@@ -707,7 +708,7 @@ func TestRegistryPushes(t *testing.T) {
 		{name: "distribution delete", source: "distribution", raw: distEnvelope(distEvent("d", "delete", manifestV2, "e2e/app", "v1", "h:5000")), ignored: "not-a-push"},
 		{name: "distribution untagged manifest", source: "distribution", raw: distEnvelope(distEvent("u", "push", manifestV2, "e2e/app", "", "h:5000")), ignored: "missing-tag"},
 		{name: "distribution empty envelope", source: "distribution", raw: []byte(`{"events":[]}`), ignored: "no-events"},
-		{name: "distribution not JSON", source: "distribution", raw: []byte(`events=1`), ignored: "invalid-json"},
+		{name: "distribution not JSON", source: "distribution", raw: []byte(`events=1`), wantErr: true, notJSON: true},
 		{name: "distribution repository that reads as a flag", source: "distribution", raw: distEnvelope(distEvent("f", "push", manifestV2, "-q", "v1", "h:5000")), wantErr: true},
 		{name: "distribution tag that reads as a flag", source: "distribution", raw: distEnvelope(distEvent("f", "push", manifestV2, "e2e/app", "--authfile=x", "h:5000")), wantErr: true},
 		{name: "distribution host that is a transport", source: "distribution", raw: distEnvelope(distEvent("f", "push", manifestV2, "e2e/app", "v1", "docker-archive:")), wantErr: true},
@@ -755,7 +756,7 @@ func TestRegistryPushes(t *testing.T) {
 		{name: "quay sample", source: "quay", file: "quay-push.json", want: []want{{"quay.io", "mynamespace/repository", "latest", "", ""}}},
 		{name: "quay legacy updated_tags object", source: "quay", file: "quay-push-legacy.json", want: []want{{"quay.io", "devtable/ubuntu", "latest", "", ""}}},
 		{name: "quay build queued", source: "quay", file: "quay-build-queued.json", ignored: "not-a-push"},
-		{name: "quay updated_tags of the wrong type", source: "quay", file: "quay-push.json", edits: []payloadEdit{setField("updated_tags", 7)}, ignored: "invalid-json"},
+		{name: "quay updated_tags of the wrong type", source: "quay", file: "quay-push.json", edits: []payloadEdit{setField("updated_tags", 7)}, wantErr: true, notJSON: true},
 		{name: "quay self-hosted with a port", source: "quay", file: "quay-push.json", edits: []payloadEdit{setField("docker_url", "Quay.Example.com:8443/ns/app")},
 			want: []want{{"quay.example.com:8443", "ns/app", "latest", "", ""}}},
 		{name: "quay tag that reads as a flag", source: "quay", file: "quay-push.json", edits: []payloadEdit{setField("updated_tags", []any{"latest", "-q"})}, wantErr: true},
@@ -774,8 +775,8 @@ func TestRegistryPushes(t *testing.T) {
 				}
 				return
 			case tc.wantErr:
-				if err == nil || errors.As(err, &ig) {
-					t.Fatalf("%s parser = %+v, %v; want a refusal that is not merely ignored", tc.source, ds, err)
+				if err == nil || errors.As(err, &ig) || errors.Is(err, errInvalidJSON) != tc.notJSON {
+					t.Fatalf("%s parser = %+v, %v; want a refusal that is not merely ignored (invalid JSON: %v)", tc.source, ds, err, tc.notJSON)
 				}
 				return
 			case err != nil:

@@ -864,17 +864,7 @@ func (s *server) handleGitHub(w http.ResponseWriter, r *http.Request) {
 	ri.meta["unit"] = unit
 
 	d, err := deliveryFromPayload(body)
-	var ign *ignoredError
-	if errors.As(err, &ign) {
-		reply(w, r, http.StatusAccepted, ign.reason, "ignored: "+ign.Error())
-		return
-	}
-	if errors.Is(err, errInvalidJSON) {
-		reply(w, r, http.StatusBadRequest, "invalid-json", err.Error())
-		return
-	}
-	if err != nil {
-		reply(w, r, http.StatusBadRequest, "invalid-image", err.Error())
+	if refusePayload(w, r, err) {
 		return
 	}
 	ri.meta["pushed"] = d.repo()
@@ -886,6 +876,24 @@ func (s *server) handleGitHub(w http.ResponseWriter, r *http.Request) {
 	}
 	d.id = deliveryID
 	s.queuePush(w, r, unit, eventName, []delivery{d}, true)
+}
+
+// refusePayload answers the error of a payload parser, GitHub's or a registry's, and reports
+// whether there was one: what is fine but not for us (*ignoredError) is 202 with its reason, a
+// body that is not its source's JSON 400 invalid-json, and a push of an invalid image 400.
+func refusePayload(w http.ResponseWriter, r *http.Request, err error) bool {
+	var ign *ignoredError
+	switch {
+	case err == nil:
+		return false
+	case errors.As(err, &ign):
+		reply(w, r, http.StatusAccepted, ign.reason, "ignored: "+ign.Error())
+	case errors.Is(err, errInvalidJSON):
+		reply(w, r, http.StatusBadRequest, "invalid-json", err.Error())
+	default:
+		reply(w, r, http.StatusBadRequest, "invalid-image", err.Error())
+	}
+	return true
 }
 
 // readPushBody reads a push notification's body (readBody), answering 413 past the body cap.
@@ -1096,13 +1104,7 @@ func (s *server) handleRegistry(w http.ResponseWriter, r *http.Request) {
 	}
 	ri.meta["unit"] = unit
 	pushes, err := src.parse(body, r.Header)
-	var ign *ignoredError
-	if errors.As(err, &ign) {
-		reply(w, r, http.StatusAccepted, ign.reason, "ignored: "+ign.Error())
-		return
-	}
-	if err != nil {
-		reply(w, r, http.StatusBadRequest, "invalid-image", err.Error())
+	if refusePayload(w, r, err) {
 		return
 	}
 	for i := range pushes {

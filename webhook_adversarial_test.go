@@ -571,6 +571,7 @@ func TestAdversarialRegistry(t *testing.T) {
 		{name: "distribution two tags, the unit's second", target: "/registry/distribution/dist", header: okAuth,
 			body: dist(push("d-3", "e2e/app", "v9"), push("d-4", "e2e/app", "latest")), status: 202, reason: "queued", calls: queued, argvHas: " distribution dist-d-4 "},
 		{name: "distribution without a token", target: "/registry/distribution/dist", body: dist(push("d-5", "e2e/app", "latest")), status: 401, reason: "unauthorized"},
+		{name: "distribution body that is not JSON", target: "/registry/distribution/dist", header: okAuth, body: []byte("events=1"), status: 400, reason: "invalid-json"},
 		{name: "distribution wrong token", target: "/registry/distribution/dist", header: bearer(advWrongToken), body: dist(push("d-6", "e2e/app", "latest")), status: 401, reason: "unauthorized"},
 		{name: "distribution token as Basic", target: "/registry/distribution/dist", header: [][2]string{{"Authorization", "Basic " + advRegistryToken}},
 			body: dist(push("d-7", "e2e/app", "latest")), status: 401, reason: "unauthorized"},
