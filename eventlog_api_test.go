@@ -478,9 +478,10 @@ func TestE2EEventsOfADelivery(t *testing.T) {
 	}
 	table := events()
 	lines := strings.Split(strings.TrimSuffix(table, "\n"), "\n")
-	if len(lines) != 8 || !strings.HasPrefix(lines[0], "TIME") {
-		t.Fatalf("events --delivery %s printed %d lines, want a header and 7 rows:\n%s", delivery, len(lines), table)
+	if len(lines) != 9 || !strings.HasPrefix(lines[0], "TIME") || lines[8] != "outcome: ok, restarted, healthy" {
+		t.Fatalf("events --delivery %s printed %d lines, want a header, 7 rows and the outcome:\n%s", delivery, len(lines), table)
 	}
+	lines = lines[:8]
 	// Newest first, and in the order things happened: the request row is committed before the
 	// 202, the dispatch row as the dispatcher takes the claim, before systemd-run starts the task.
 	var story []string

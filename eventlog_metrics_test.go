@@ -7,10 +7,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"math"
 	"reflect"
 	"regexp"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -142,7 +144,7 @@ func parseExposition(text string) (map[string]*promFamily, error) {
 				return nil, fail("bucket without le")
 			}
 			key := s.name + "{"
-			for _, k := range sortedKeys(s.labels, func(a, b string) bool { return a < b }) {
+			for _, k := range slices.Sorted(maps.Keys(s.labels)) {
 				key += k + "=" + strconv.Quote(s.labels[k]) + ","
 			}
 			if series[key] {
@@ -502,7 +504,7 @@ func TestMetrics(t *testing.T) {
 			"webhook_event_log_queue_depth": "gauge", "process_start_time_seconds": "gauge", "webhook_build_info": "gauge",
 			"webhook_delivery_queue_pending": "gauge", "webhook_delivery_queue_oldest_age_seconds": "gauge",
 			"webhook_dispatches_total":     "counter",
-			"webhook_redeploy_steps_total": "counter", "webhook_pull_duration_seconds": "histogram",
+			"webhook_redeploy_steps_total": "counter", "webhook_redeploys_total": "counter", "webhook_pull_duration_seconds": "histogram",
 			"webhook_restart_duration_seconds": "histogram",
 		}
 		gotTypes := map[string]string{}

@@ -18,6 +18,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -781,5 +782,93 @@ func BenchmarkEventLogWrite(b *testing.B) {
 		if err := l.Write(ctx, benchEvent(i)); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// TestMigrationKeepsClaimsStories: a database of the version before migration 0005 (claims
+// without a step, the status page's JSON indexes on event_log) opens with each claim's step taken
+// from its task's newest row, and event_log left with the original tool's indexes only.
+func TestMigrationKeepsClaimsStories(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "events.db")
+	db := rawDB(t, path)
+	ms, err := loadMigrations()
+	if err != nil {
+		t.Fatal(err)
+	}
+	db.Exec(`CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)`)
+	for _, m := range ms[:4] {
+		if _, err := db.Exec(m.sql); err != nil {
+			t.Fatalf("%s: %v", m.name, err)
+		}
+		db.Exec(`INSERT INTO schema_migrations VALUES (?, ?, 1)`, m.version, m.name)
+	}
+	for _, q := range []string{
+		`INSERT INTO github_deliveries (delivery_id, unit, image, event, request_id, status, received_at, updated_at, covered_by, task_unit)
+			VALUES ('d-1', 'a.service', 'ghcr.io/o/a:1', 'package', 'r1', 'done', 1, 2, 'd-1', 'webhook-task-d-1'),
+			('d-2', 'a.service', 'ghcr.io/o/a:1', 'package', 'r2', 'done', 1, 2, 'd-1', 'webhook-task-d-1'),
+			('d-3', 'b.service', 'ghcr.io/o/b:1', 'package', 'r3', 'pending', 1, 2, NULL, NULL)`,
+		`INSERT INTO event_log (request_id, ts, method, status, action, duration_ms, meta) VALUES
+			('t', 1, 'TASK', 200, 'github-task', 0, '{"delivery":"d-1","step":"pulled"}'),
+			('t', 2, 'TASK', 500, 'github-task', 0, '{"delivery":"d-1","step":"rolled-back"}')`,
+	} {
+		if _, err := db.Exec(q); err != nil {
+			t.Fatal(err)
+		}
+	}
+	db.Close()
+	l := openTestLog(t, path, &syncBuffer{})
+	for id, want := range map[string]string{"d-1": "rolled-back", "d-2": "rolled-back", "d-3": ""} {
+		var step string
+		if err := l.db.QueryRow(`SELECT step FROM github_deliveries WHERE delivery_id = ?`, id).Scan(&step); err != nil || step != want {
+			t.Errorf("claim %s: step %q, %v; want %q", id, step, err, want)
+		}
+	}
+	var indexes []string
+	rows, err := l.db.Query(`SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'event_log' AND sql IS NOT NULL ORDER BY name`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for rows.Next() {
+		var n string
+		rows.Scan(&n)
+		indexes = append(indexes, n)
+	}
+	rows.Close()
+	if want := []string{"idx_event_log_action", "idx_event_log_ts"}; !slices.Equal(indexes, want) {
+		t.Errorf("event_log indexes %v, want the original tool's %v", indexes, want)
+	}
+}
+
+// TestClaimOutcome: the one outcome model, from a claim's status and its task's newest step.
+func TestClaimOutcome(t *testing.T) {
+	for _, tc := range []struct {
+		status claimStatus
+		step   string
+		want   outcome
+	}{
+		{claimPending, "", outcome{"running", "queued"}},
+		{claimDispatching, "", outcome{"running", "dispatching"}},
+		{claimDispatched, "", outcome{"running", "dispatched"}},
+		{claimDispatched, "pulled", outcome{"running", "pulled"}},
+		{claimDispatched, "completed", outcome{"ok", "restarted, healthy"}},
+		{claimDone, "completed", outcome{"ok", "restarted, healthy"}},
+		{claimDone, "up-to-date", outcome{"ok", "up to date"}},
+		{claimDone, "rolled-back", outcome{"rolled-back", "rolled back"}},
+		{claimDone, "rate-limited", outcome{"skipped", "rate limited"}},
+		{claimDone, "pull-failed", outcome{"failed", "pull failed"}},
+		{claimDone, "image-mismatch", outcome{"failed", "image mismatch"}},
+		{claimDone, "health-failed", outcome{"failed", "ended without a last step after health failed"}},
+		{claimDone, "", outcome{"failed", "ended without a last step"}},
+		{claimFailed, "", outcome{"failed", "dispatch failed"}},
+	} {
+		if got := claimOutcome(tc.status, tc.step); got != tc.want {
+			t.Errorf("claimOutcome(%s, %q) = %v, want %v", tc.status, tc.step, got, tc.want)
+		}
+	}
+	if got := requestOutcome(202, "tag-mismatch"); got != (outcome{"ignored", "tag mismatch"}) {
+		t.Errorf("requestOutcome(202, tag-mismatch) = %v", got)
+	}
+	if got := requestOutcome(400, "invalid-json"); got != (outcome{"failed", "invalid json"}) {
+		t.Errorf("requestOutcome(400, invalid-json) = %v", got)
 	}
 }

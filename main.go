@@ -129,12 +129,6 @@ func buildVersion() string {
 	return strings.TrimSpace(v)
 }
 
-// window is a sliding-window rate limit: at most count events within span.
-type window struct {
-	count int
-	span  time.Duration
-}
-
 // config is every setting of the program. loadConfig fills it from the environment variables
 // (pod-upgrade-trigger's names, listed in the README's Configuration table), the subcommand's
 // flags override it, and finish derives the paths that depend on the state directory.
@@ -143,8 +137,7 @@ type config struct {
 	dbURL            string
 	dbPath           string
 	listen           string
-	secret           string
-	registryTokens   map[string]string // the secret of each registry source; "" or none: refused
+	secrets          map[string]string // each push source's secret; "" or none: refused
 	allowedEvents    []string          // empty: every event
 	registryHosts    []string          // registry hosts a GitHub delivery may pull from, lowercase
 	token            string
@@ -284,7 +277,6 @@ func loadConfig(getenv func(string) string) (*config, error) {
 		stateDir:         p.str("WEBHOOK_STATE_DIR", defaultStateDir(getenv, legacyErr == nil)),
 		dbURL:            p.str("WEBHOOK_DB_URL", "sqlite://data/pod-upgrade-trigger.db"),
 		listen:           "127.0.0.1:8088",
-		secret:           strings.TrimSpace(getenv("GITHUB_WEBHOOK_SECRET")),
 		allowedEvents:    splitList(getenv("GITHUB_ALLOWED_EVENTS")),
 		registryHosts:    p.hosts("WEBHOOK_REGISTRY_HOSTS", "ghcr.io"),
 		token:            strings.TrimSpace(getenv("WEBHOOK_TOKEN")),
@@ -326,9 +318,9 @@ func loadConfig(getenv func(string) string) (*config, error) {
 	if cfg.manualToken == "" {
 		cfg.manualToken = cfg.token
 	}
-	cfg.registryTokens = map[string]string{}
-	for name := range registrySources {
-		cfg.registryTokens[name] = strings.TrimSpace(getenv(registryTokenEnv(name)))
+	cfg.secrets = map[string]string{}
+	for name := range pushSources {
+		cfg.secrets[name] = strings.TrimSpace(getenv(secretEnv(name)))
 	}
 	return cfg, p.err
 }
@@ -476,15 +468,20 @@ func (c *cli) setup(name, help string, args []string, define func(fs *flag.FlagS
 		return nil, nil, 0
 	}
 	if err != nil {
-		c.log.errorf("%s: %v", name, err)
-		fmt.Fprint(c.stderr, help)
-		return nil, nil, 2
+		return nil, nil, c.usageError(name, help, "%v", err)
 	}
 	if err := cfg.finish(); err != nil {
 		c.log.errorf("%v", err)
 		return nil, nil, 2
 	}
 	return cfg, rest, -1
+}
+
+// usageError reports a command's usage error with its usage text and returns exit status 2.
+func (c *cli) usageError(name, help, format string, a ...any) int {
+	c.log.errorf("%s: %s", name, fmt.Sprintf(format, a...))
+	fmt.Fprint(c.stderr, help)
+	return 2
 }
 
 // parseInterspersed parses flags that may follow positional arguments; "--" ends the flags.

@@ -546,7 +546,6 @@ func newTestServer(t testing.TB, env map[string]string, edit func(cfg *config)) 
 	srv := newServer(cfg, lg, events)
 	hs := httptest.NewUnstartedServer(srv)
 	hs.Config = newHTTPServer(cfg, srv, lg) // cmdServer's settings, header bound included
-	hs.Listener = framedListener{hs.Listener}
 	hs.Start()
 	ts := &testServer{Server: hs, srv: srv, cfg: cfg, events: events, logs: logs}
 	t.Cleanup(ts.shutdown)

@@ -1,19 +1,12 @@
-// podman.go owns container images: turning a push notification (a GitHub package payload, or a
-// registry's push event: Distribution, Harbor, Gitea/Forgejo, Docker Hub, Quay) into image
-// references, validating references, and the podman command lines (pull, image inspect, prune).
-// It also owns runCommand, the one way this program starts another program.
+// podman.go owns container images and the redeploy: reading push payloads (GitHub's package
+// events and each registry's push event) into image references, the reference grammar, the
+// podman command lines, and run-task, which pulls, restarts, gates and rolls back.
 //
-// Rules: payload parsers are pure functions of the request; what is fine but not a tagged push
-// is an *ignoredError, and one invalid reference refuses the whole payload. A reference reaches
-// podman's argv only after validImageRef accepted it against the
-// OCI distribution grammar (registry host required, lowercase path, tag or digest), and it is
-// always pulled as "docker://REF" after "--", so no other transport (dir:, docker-archive:,
-// containers-storage:) can ever be selected and no value can be read as a flag. Only the
-// "published" and "updated" actions of a package payload redeploy. Commands run with an explicit
-// argv, never a shell, and with a timeout. A redeploy pulls only the image the unit runs — its
-// Quadlet Image=, else its running container's image, checked before the pull (checkImage) — and
-// a failed one rolls back to the image the unit's container ran before the pull
-// (rollbackTarget), not to whatever the local tag named.
+// Rules: payload parsers are pure; what is fine but not a tagged push is an *ignoredError, and
+// one invalid reference refuses the whole payload. A reference reaches podman's argv only after
+// parseImageRef accepted it, always as "docker://REF" after "--". A redeploy pulls only the image
+// the unit runs (its Image=, else its container's, checked before the pull) and rolls back to
+// what its container ran before the pull.
 package main
 
 import (
@@ -29,7 +22,6 @@ import (
 	"net/http"
 	"net/url"
 	"os"
-	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"regexp"
@@ -39,58 +31,15 @@ import (
 	"time"
 )
 
-// cmdResult is what one finished command left behind.
-type cmdResult struct {
-	argv     []string
-	stdout   string
-	stderr   string
-	exitCode int // -1 when the command did not run or was killed
-	err      error
-	timedOut bool   // killed at its time limit
-	note     string // a remark on a success, e.g. that systemctl stopped waiting for a running job
-}
-
-// runCommand runs argv with a timeout. A non-zero exit, a timeout or a missing program is an
-// error that names the command and carries the tail of its stderr.
-func runCommand(ctx context.Context, timeout time.Duration, argv ...string) cmdResult {
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
-	cmd.WaitDelay = 5 * time.Second
-	cmd.Env = childEnv() // no secret reaches podman, systemctl or systemd-run
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	err := cmd.Run()
-	res := cmdResult{argv: argv, stdout: stdout.String(), stderr: tail(stderr.String(), 2048), exitCode: -1}
-	if cmd.ProcessState != nil {
-		res.exitCode = cmd.ProcessState.ExitCode()
-	}
-	switch {
-	case err == nil:
-	case errors.Is(err, exec.ErrNotFound):
-		res.err = fmt.Errorf("%s is not installed or not on PATH", argv[0])
-	case ctx.Err() == context.DeadlineExceeded:
-		res.timedOut = true
-		res.err = fmt.Errorf("%s timed out after %s and was killed%s", strings.Join(argv, " "), timeout, withOutput(res.stderr))
-	default:
-		res.err = fmt.Errorf("%s failed (exit %d)%s", strings.Join(argv, " "), res.exitCode, withOutput(res.stderr))
-	}
-	return res
-}
-
-func withOutput(s string) string {
-	if s = strings.TrimSpace(s); s != "" {
-		return ": " + s
-	}
-	return ""
-}
-
-// tail keeps the last n bytes of s, where the reason of a failure usually is.
-func tail(s string, n int) string {
-	if len(s) <= n {
-		return s
-	}
-	return "…" + s[len(s)-n:]
+// taskSpec is what one run-task is asked to do.
+type taskSpec struct {
+	unit     string // validated service name
+	image    string // validated image reference
+	event    string // X-GitHub-Event, or "manual"
+	delivery string // GitHub delivery id, or a generated one; names the transient unit
+	path     string // the request path that caused it
+	force    bool   // restart even when the pulled image is unchanged
+	digest   string // manifest digest the delivery named, recorded for verification
 }
 
 // imageRef is a parsed image reference: host/path with a tag and/or a digest.
@@ -788,12 +737,13 @@ func (t *task) step(name string, status int, res *cmdResult, extra map[string]an
 	ev := event{RequestID: t.id, TS: t.now(), Method: "TASK", Path: t.path, Status: status,
 		Action: "github-task", Duration: t.now().Sub(t.started), Meta: meta}
 	if t.events == nil {
-		t.log.warnf("unwritten event: %s", marshalJSON(meta))
+		spill(t.log, []event{ev}, errors.New("no event log"))
 		return
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*taskBusyTimeout)
 	defer cancel()
-	t.events.Write(ctx, ev) // a failure is already on stderr
+	errText, _ := meta["error"].(string)
+	t.events.taskStep(ctx, taskUnitName(t.delivery), name, errText, ev) // a failure is already on stderr
 }
 
 // run performs the redeploy and returns the exit status: 0 done, up to date, or refused by the

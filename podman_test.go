@@ -766,7 +766,7 @@ func TestRegistryPushes(t *testing.T) {
 			if body == nil {
 				body = loadPayload(t, tc.file, tc.edits...)
 			}
-			ds, err := registrySources[tc.source].parse(body, tc.header)
+			ds, err := pushSources[tc.source].parse(body, tc.header)
 			var ig *ignoredError
 			switch {
 			case tc.ignored != "":
@@ -821,7 +821,7 @@ func TestPushIDs(t *testing.T) {
 // deliveries with valid, claimable ids.
 func checkRegistryPushes(t *testing.T, source string, body []byte, h http.Header) {
 	t.Helper()
-	ds, err := registrySources[source].parse(body, h)
+	ds, err := pushSources[source].parse(body, h)
 	if err != nil {
 		return
 	}

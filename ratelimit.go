@@ -25,6 +25,12 @@ import (
 	"time"
 )
 
+// window is a sliding-window rate limit: at most count events within span.
+type window struct {
+	count int
+	span  time.Duration
+}
+
 // errLockTimeout reports a lock that another process held for longer than the caller waits.
 var errLockTimeout = errors.New("timed out waiting for the lock")
 

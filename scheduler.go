@@ -1,16 +1,10 @@
-// scheduler.go owns every trigger on the operator's behalf rather than GitHub's: the scheduler
-// loop, which starts the auto-update unit on a fixed interval; trigger-units / trigger-all on the
-// command line; and their HTTP faces, /auto-update and /api/manual/* (the server routes them
-// here); and the manual-trigger logic they share (triggerUnits and its plan, statuses and
-// outcome), so the CLI and the HTTP API resolve, run and report units exactly alike.
+// scheduler.go owns the triggers on the operator's behalf: the scheduler loop, trigger-units and
+// trigger-all, their HTTP faces (/auto-update, /api/manual/*), and the manual-trigger logic
+// they share, so the command line and the API resolve, run and report units alike.
 //
-// Rules: ticks follow a fixed schedule (start + n·interval), so they never drift; a tick runs to
-// completion before the next one is scheduled, so two never overlap, and slots a long tick
-// overran are skipped rather than run in a burst. SIGTERM and SIGINT end the scheduler at once,
-// in the middle of a wait too, with exit status 0. Every tick and every CLI trigger writes an
-// event_log row; when the log cannot be opened the work still happens and the rows go to stderr.
-// After each tick the scheduler deletes request rows past WEBHOOK_REQUEST_RETENTION_DAYS.
-// A manual trigger restarts a unit only while holding its unit lock, so it never cuts into a
+// Rules: ticks follow a fixed schedule (start + n·interval), never overlap, and skip the slots a
+// long tick overran; SIGTERM and SIGINT end the scheduler at once with status 0. Every tick and
+// trigger writes a row. A manual restart holds the unit's lock, so it never cuts into a
 // redeploy; caller-supplied text passes cleanText before it is printed or stored.
 package main
 
@@ -354,6 +348,11 @@ func cleanList(ids []string) []string {
 // validates them; commands run detached from the request's cancellation, so a client that hangs
 // up cannot kill systemctl halfway through a restart.
 
+// extendWriteDeadline gives a handler that waits for systemctl the time to answer.
+func extendWriteDeadline(w http.ResponseWriter, d time.Duration) {
+	http.NewResponseController(w).SetWriteDeadline(time.Now().Add(d))
+}
+
 // manualTextMax caps the caller and reason a manual trigger stores.
 const manualTextMax = 200
 
@@ -399,11 +398,7 @@ func (s *server) handleAutoUpdate(w http.ResponseWriter, r *http.Request) {
 		reply(w, r, http.StatusMethodNotAllowed, "method-not-allowed", "method not allowed")
 		return
 	}
-	token, ok := bearerToken(r)
-	if !ok {
-		token = r.URL.Query().Get("token")
-	}
-	if !tokenMatches(s.cfg.token, token) {
+	if !tokenMatches(s.cfg.token, requestToken(r)) {
 		if s.cfg.token == "" {
 			s.log.warnf("/auto-update refused: WEBHOOK_TOKEN is not set")
 		}
@@ -564,8 +559,7 @@ func (s *server) handleManualService(w http.ResponseWriter, r *http.Request) {
 			path: r.URL.Path, force: req.Force}
 		resp.TaskUnit = taskUnitName(spec.delivery)
 		ri.meta["task_unit"], ri.meta["force"] = resp.TaskUnit, req.Force
-		res := s.runTask(context.WithoutCancel(r.Context()), spec)
-		if res.err != nil {
+		if res := s.startManual(r.Context(), spec); res.err != nil {
 			s.log.errorf("cannot dispatch the manual redeploy of %s: %v", unit, res.err)
 			ri.meta["exit_code"], ri.meta["stderr"] = res.exitCode, res.stderr
 			resp.Status, resp.Message, status = triggerError, res.err.Error(), http.StatusInternalServerError
@@ -586,6 +580,24 @@ func (s *server) handleManualService(w http.ResponseWriter, r *http.Request) {
 	}
 	ri.meta["status"] = resp.Status
 	replyJSON(w, status, resp)
+}
+
+// startManual dispatches a redeploy a person asked for at once, as a claim of its own: the queue
+// holds the unit's later claims behind it, and the status page shows it.
+func (s *server) startManual(ctx context.Context, spec taskSpec) cmdResult {
+	ctx = context.WithoutCancel(ctx)
+	if err := s.events.claimDispatching(ctx, spec); err != nil {
+		return cmdResult{exitCode: -1, err: fmt.Errorf("cannot record the redeploy: %w", err)}
+	}
+	res := s.runTask(ctx, spec)
+	status, errText := claimDispatched, ""
+	if res.err != nil {
+		status, errText = claimFailed, res.err.Error()
+	}
+	if err := s.events.settleTask(ctx, taskUnitName(spec.delivery), status, errText, time.Time{}, nil); err != nil {
+		s.log.errorf("cannot record the dispatch of %s: %v", taskUnitName(spec.delivery), err)
+	}
+	return res
 }
 
 // Manual triggers. The HTTP API (/api/manual/*) and the trigger-units / trigger-all commands

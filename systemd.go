@@ -1,23 +1,24 @@
-// systemd.go owns everything that talks to systemd: socket activation (sd_listen_fds(3)),
-// readiness and watchdog notifications (sd_notify(3)), unit name validation and resolution, the
-// systemctl command lines (start, restart, show, and a start that outlives its time limit), a
-// delivery's unit lookup (the unit's Quadlet file and its Image=, concurrent systemctl show calls
-// shared), the run-task transient unit (its name, its systemd-run argv and the allow-listed
-// environment of every child process), and the health gate's unit samples and verdict. The manual
-// triggers that restart units are scheduler.go's.
+// systemd.go owns what talks to systemd and starts programs: socket activation (sd_listen_fds(3)),
+// sd_notify(3), unit names, systemctl, a delivery's unit lookup (its Quadlet file's Image=), the
+// dispatcher that starts each queued redeploy as a transient unit with systemd-run, runCommand
+// and the environment every child gets, and the health gate's samples and verdict.
 //
-// Rules: the activation and notify variables are read straight from the environment and unset
-// once read, so no child process (systemctl, podman, systemd-run) inherits them; passed fds are
-// marked close-on-exec for the same reason. Every value that reaches systemctl's argv has passed
-// validUnitName and follows "--".
+// Rules: the activation and notify variables are unset once read and passed fds are
+// close-on-exec, so no child inherits them; children get no secret (childEnv). Every value in
+// systemctl's argv passed validUnitName and follows "--". One dispatcher goroutine consumes the
+// durable queue, so it needs no lock; a claim only wakes it.
 package main
 
 import (
+	"bytes"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"net"
+	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -443,17 +444,6 @@ func dispatchArgv(exe string, cfg *config, environ []string, t taskSpec) []strin
 	return append(argv, "--", t.unit, t.image, t.event, t.delivery, t.path)
 }
 
-// taskSpec is what one run-task is asked to do.
-type taskSpec struct {
-	unit     string // validated service name
-	image    string // validated image reference
-	event    string // X-GitHub-Event, or "manual"
-	delivery string // GitHub delivery id, or a generated one; names the transient unit
-	path     string // the request path that caused it
-	force    bool   // restart even when the pulled image is unchanged
-	digest   string // manifest digest the delivery named, recorded for verification
-}
-
 // unitSample is one reading of a unit's state during the health gate.
 type unitSample struct {
 	activeState string // active, activating, deactivating, failed, inactive, reloading
@@ -528,6 +518,268 @@ func watchUnit(ctx context.Context, cfg *config, unit string, baseline unitSampl
 			}
 			return samples, true
 		case <-time.After(min(cfg.healthPoll, time.Until(deadline))):
+		}
+	}
+}
+
+// cmdResult is what one finished command left behind.
+type cmdResult struct {
+	argv     []string
+	stdout   string
+	stderr   string
+	exitCode int // -1 when the command did not run or was killed
+	err      error
+	timedOut bool
+	note     string // a remark on a success, e.g. that systemctl stopped waiting for a running job
+}
+
+// runCommand runs argv with a timeout and childEnv; a non-zero exit, a timeout or a missing
+// program is an error naming the command, with the tail of its stderr.
+func runCommand(ctx context.Context, timeout time.Duration, argv ...string) cmdResult {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
+	cmd.WaitDelay = 5 * time.Second
+	cmd.Env = childEnv()
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	res := cmdResult{argv: argv, stdout: stdout.String(), stderr: tail(stderr.String(), 2048), exitCode: -1}
+	if cmd.ProcessState != nil {
+		res.exitCode = cmd.ProcessState.ExitCode()
+	}
+	output := ""
+	if s := strings.TrimSpace(res.stderr); s != "" {
+		output = ": " + s
+	}
+	switch {
+	case err == nil:
+	case errors.Is(err, exec.ErrNotFound):
+		res.err = fmt.Errorf("%s is not installed or not on PATH", argv[0])
+	case ctx.Err() == context.DeadlineExceeded:
+		res.timedOut = true
+		res.err = fmt.Errorf("%s timed out after %s and was killed%s", strings.Join(argv, " "), timeout, output)
+	default:
+		res.err = fmt.Errorf("%s failed (exit %d)%s", strings.Join(argv, " "), res.exitCode, output)
+	}
+	return res
+}
+
+// tail keeps the last n bytes of s, where the reason of a failure usually is.
+func tail(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return "…" + s[len(s)-n:]
+}
+
+// The dispatcher takes the queue's claims in arrival order and starts one task per unit and image
+// (see queuedTask), one unit at a time: while a unit's task runs, its later claims wait.
+const (
+	dispatchTimeout  = 30 * time.Second      // bounds one systemd-run, which returns once the unit started
+	dispatchAttempts = 5                     // systemd-runs tried for one task before its claims fail
+	dispatchMaxAge   = 10 * time.Minute      // no retry for a claim queued longer than this
+	dispatchPoll     = time.Second           // how often a queue waiting for running tasks is read
+	dispatchIdle     = 30 * time.Second      // and an idle one
+	dispatchLookGap  = 50 * time.Millisecond // the least time between two looks claims wake
+	taskCheckAfter   = 10 * time.Second      // a dispatched task not heard of for this long is looked up
+)
+
+func retryDelay(attempts int) time.Duration { return min(time.Second<<min(attempts, 6), time.Minute) }
+
+// runDispatcher dispatches until ctx ends, first settling what a previous server left half-done.
+// In a burst every claim wakes it; looks are dispatchLookGap apart, the wakes between folded.
+func (s *server) runDispatcher(ctx context.Context) {
+	s.reconcile(ctx, claimDispatching, s.now().Add(time.Second))
+	for ctx.Err() == nil {
+		looked := time.Now()
+		wait := s.dispatchNext(ctx)
+		if ev := s.probes.take(s.now(), false); ev != nil {
+			s.events.Record(*ev)
+		}
+		if wait == 0 {
+			continue
+		}
+		select {
+		case <-ctx.Done():
+		case <-s.wake:
+			sleepContext(ctx, dispatchLookGap-time.Since(looked))
+		case <-time.After(wait):
+		}
+	}
+}
+
+// dispatchNext starts the next task that is due and returns how long to wait before looking
+// again (0: at once).
+func (s *server) dispatchNext(ctx context.Context) time.Duration {
+	if now := s.now(); now.Sub(s.reconciled) >= dispatchPoll {
+		s.reconciled = now
+		s.reconcile(ctx, claimDispatching, now.Add(-2*dispatchTimeout))
+		s.reconcile(ctx, claimDispatched, now.Add(-taskCheckAfter))
+	}
+	qt, ok, pending, err := s.events.nextTask(ctx, s.now(), func(qt queuedTask) []event {
+		return dispatchRows(qt, "dispatching", http.StatusAccepted, s.now(), cmdResult{}, time.Time{})
+	})
+	switch {
+	case err != nil:
+		if ctx.Err() == nil {
+			s.log.errorf("delivery queue: %v", err)
+		}
+		return dispatchPoll
+	case ok:
+		s.startTask(ctx, qt)
+		return 0
+	case pending > 0:
+		return dispatchPoll
+	}
+	return dispatchIdle
+}
+
+// startTask runs systemd-run for qt and settles its claims: dispatched, pending again for a retry
+// with backoff, or failed once the attempts or the claim's age are used up. A systemd-run under
+// way is finished and recorded also at shutdown.
+func (s *server) startTask(ctx context.Context, qt queuedTask) {
+	bg := context.WithoutCancel(ctx)
+	taskUnit := taskUnitName(qt.delivery)
+	res := s.runTask(bg, qt.taskSpec)
+	now := s.now()
+	status, reason, code, retryAt := claimDispatched, "", 0, time.Time{}
+	switch {
+	case res.err == nil:
+		s.log.infof("dispatched %s for %s (%s), covering %d deliveries", taskUnit, qt.unit, qt.image, len(qt.covered))
+	case qt.attempts+1 < dispatchAttempts && now.Sub(qt.claimed) < dispatchMaxAge:
+		status, reason, code, retryAt = claimPending, "dispatch-retry", http.StatusServiceUnavailable, now.Add(retryDelay(qt.attempts))
+		s.log.warnf("cannot dispatch the redeploy of %s (attempt %d of %d), retrying in %s: %v",
+			qt.unit, qt.attempts+1, dispatchAttempts, retryDelay(qt.attempts), res.err)
+	default:
+		status, reason, code = claimFailed, "dispatch-failed", http.StatusInternalServerError
+		s.log.errorf("cannot dispatch the redeploy of %s after %d attempts, giving up on delivery %s and %d it covers: %v",
+			qt.unit, qt.attempts+1, qt.delivery, len(qt.covered)-1, res.err)
+	}
+	errText := ""
+	if res.err != nil {
+		errText = res.err.Error()
+	}
+	s.metrics.dispatched(cmp.Or(reason, string(status)))
+	wctx, cancel := context.WithTimeout(bg, 3*busyTimeout)
+	defer cancel()
+	evs := dispatchRows(qt, reason, code, now, res, retryAt)
+	if err := s.events.settleTask(wctx, taskUnit, status, errText, retryAt, evs); err != nil {
+		s.log.errorf("cannot record the dispatch of %s (checked again later): %v", taskUnit, err)
+		s.events.spill(evs, err)
+	}
+}
+
+// dispatchRows are the rows of qt's claims saying reason ("" none), with the command's result
+// when it failed; the rows of one dispatch share a request id, as a task's do.
+func dispatchRows(qt queuedTask, reason string, code int, now time.Time, res cmdResult, retryAt time.Time) []event {
+	if reason == "" {
+		return nil
+	}
+	evs := make([]event, 0, len(qt.covered))
+	id := newRequestID()
+	for _, c := range qt.covered {
+		meta := map[string]any{"delivery": c, "unit": qt.unit, "image": qt.image, "event": qt.event,
+			"reason": reason, "attempt": qt.attempts + 1, "task_unit": taskUnitName(qt.delivery)}
+		if c != qt.delivery {
+			meta["covered_by"] = qt.delivery
+		} else if len(qt.covered) > 1 {
+			meta["covers"] = len(qt.covered)
+		}
+		if res.err != nil {
+			meta["error"], meta["exit_code"] = res.err.Error(), res.exitCode
+			if res.stderr != "" {
+				meta["stderr"] = res.stderr
+			}
+		}
+		if !retryAt.IsZero() {
+			meta["retry_in_ms"] = retryAt.Sub(now).Milliseconds()
+		}
+		evs = append(evs, event{RequestID: id, TS: now, Method: "QUEUE", Path: qt.path, Status: code,
+			Action: "github-dispatch", Duration: now.Sub(qt.claimed), Meta: meta})
+	}
+	return evs
+}
+
+// runTask starts run-task for spec as a transient user unit. A systemd-run that failed although
+// the task started (cut off after the unit was up) counts as done: a second task would redeploy
+// twice.
+func (s *server) runTask(ctx context.Context, spec taskSpec) cmdResult {
+	res := s.exec(ctx, dispatchTimeout, dispatchArgv(s.exe, s.cfg, s.environ(), spec)...)
+	if res.err != nil {
+		if st := s.taskState(ctx, spec.delivery, time.Now().Add(-dispatchTimeout)); st == taskRunning || st == taskEnded {
+			s.log.warnf("systemd-run for %s failed (%v), but %s has started", spec.unit, res.err, taskUnitName(spec.delivery))
+			res.err = nil
+		}
+	}
+	return res
+}
+
+type taskState int
+
+const (
+	taskUnknown    taskState = iota // systemd could not be asked
+	taskNotStarted                  // systemd does not know it and it wrote no row
+	taskRunning
+	taskEnded // systemd reports it ended, or it is collected and wrote rows since since
+)
+
+// taskState asks systemd about a delivery's task unit; a collected one is told by its rows.
+func (s *server) taskState(ctx context.Context, delivery string, since time.Time) taskState {
+	ctx, cancel := context.WithTimeout(ctx, unitLookupTimeout)
+	defer cancel()
+	p, err := showUnit(ctx, s.cfg, taskUnitName(delivery)+".service", "LoadState", "ActiveState")
+	if err != nil {
+		return taskUnknown
+	}
+	if p["LoadState"] == "loaded" {
+		switch p["ActiveState"] {
+		case "active", "activating", "deactivating", "reloading":
+			return taskRunning
+		}
+		return taskEnded
+	}
+	ran, err := s.events.taskRan(ctx, delivery, since)
+	switch {
+	case err != nil:
+		return taskUnknown
+	case ran:
+		return taskEnded
+	}
+	return taskNotStarted
+}
+
+// reconcile settles the claims left in status since before. A dispatching claim (the server
+// stopped during systemd-run) is dispatched if its task started, else pending again; running it
+// again is harmless, as an unchanged image is up-to-date. A dispatched claim whose task unit is
+// gone without marking it done (killed) becomes done, so its unit's queue moves on.
+func (s *server) reconcile(ctx context.Context, status claimStatus, before time.Time) {
+	tasks, err := s.events.tasksIn(ctx, status, before)
+	if err != nil {
+		if ctx.Err() == nil {
+			s.log.errorf("delivery queue: %v", err)
+		}
+		return
+	}
+	for _, t := range tasks {
+		st := s.taskState(ctx, t.delivery, before.Add(-dispatchMaxAge))
+		var err error
+		switch {
+		case st == taskUnknown:
+			continue
+		case status == claimDispatched && st == taskRunning:
+			err = s.events.settleTask(ctx, t.taskUnit, claimDispatched, "", time.Time{}, nil)
+		case status == claimDispatched:
+			s.log.warnf("%s for %s ended without recording its end (killed?)", t.taskUnit, t.unit)
+			err = s.events.settleTask(ctx, t.taskUnit, claimDone, "the task ended without recording its end", time.Time{}, nil)
+		case st == taskNotStarted:
+			s.log.warnf("%s for %s was being dispatched when the server stopped: queued again", t.taskUnit, t.unit)
+			err = s.events.settleTask(ctx, t.taskUnit, claimPending, "the server stopped during systemd-run", s.now(), nil)
+		default:
+			err = s.events.settleTask(ctx, t.taskUnit, claimDispatched, "", time.Time{}, nil)
+		}
+		if err != nil && ctx.Err() == nil {
+			s.log.errorf("delivery queue: %s: %v", t.taskUnit, err)
 		}
 	}
 }

@@ -825,8 +825,8 @@ func TestChildEnvHasNoSecrets(t *testing.T) {
 	t.Setenv("WEBHOOK_TOKEN", "token-value")
 	t.Setenv("WEBHOOK_MANUAL_TOKEN", "manual-value")
 	t.Setenv("WEBHOOK_FUTURE_API_KEY", "future-value")
-	for name := range registrySources {
-		t.Setenv(registryTokenEnv(name), name+"-registry-value")
+	for name := range pushSources {
+		t.Setenv(secretEnv(name), name+"-registry-value")
 	}
 	t.Setenv("WEBHOOK_STATE_DIR", "/state")
 	env := strings.Join(childEnv(), "\n")

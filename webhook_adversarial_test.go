@@ -502,10 +502,12 @@ const (
 func newAdvRegistryServer(t *testing.T, env map[string]string, images map[string]string) *advServer {
 	t.Helper()
 	full := map[string]string{}
-	for name := range registrySources {
-		full[registryTokenEnv(name)] = advRegistryToken
+	for name := range pushSources {
+		if name != "github" {
+			full[secretEnv(name)] = advRegistryToken
+		}
 	}
-	full[registryTokenEnv("gitea")] = advGiteaSecret
+	full[secretEnv("gitea")] = advGiteaSecret
 	for k, v := range env {
 		full[k] = v
 	}
@@ -694,7 +696,7 @@ func TestAdversarialRegistry(t *testing.T) {
 // TestAdversarialRegistrySecretUnset: a source whose secret is unset refuses every push with 500,
 // whatever it carries, and runs nothing; the other sources are not affected.
 func TestAdversarialRegistrySecretUnset(t *testing.T) {
-	s := newAdvRegistryServer(t, map[string]string{registryTokenEnv("distribution"): "", registryTokenEnv("dockerhub"): " "},
+	s := newAdvRegistryServer(t, map[string]string{secretEnv("distribution"): "", secretEnv("dockerhub"): " "},
 		map[string]string{"dist": "reg.example:5000/e2e/app"})
 	body := distEnvelope(distEvent("s-1", "push", manifestV2, "e2e/app", "latest", "reg.example:5000"))
 	runAdvCases(t, s, []advCase{
@@ -717,7 +719,7 @@ func slowServer(t *testing.T, s *advServer) (addr string, stop func()) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	go hs.Serve(framedListener{l})
+	go hs.Serve(l)
 	t.Cleanup(func() { hs.Close() })
 	return l.Addr().String(), func() { hs.Close() }
 }

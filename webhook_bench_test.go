@@ -86,7 +86,7 @@ func BenchmarkGitHubDelivery(b *testing.B) {
 // envelope cost instead of the HMAC and GitHub's payload.
 func BenchmarkRegistryPush(b *testing.B) {
 	ts := benchServer(b, "reg.example:5000/e2e/app:latest")
-	ts.cfg.registryTokens["distribution"] = advRegistryToken
+	ts.cfg.secrets["distribution"] = advRegistryToken
 	b.ReportAllocs()
 	i := 0
 	for b.Loop() {

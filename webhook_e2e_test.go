@@ -270,7 +270,7 @@ func TestE2ERegistryPush(t *testing.T) {
 	r := needRig(t)
 	token := rigUniqueName(t, "token")
 	registries := filepath.Join(r.TempDir(t), "registries.conf") // read by the server's tasks, as the rig's user
-	s := startE2EServer(t, registryTokenEnv("distribution")+"="+token, "CONTAINERS_REGISTRIES_CONF="+registries)
+	s := startE2EServer(t, secretEnv("distribution")+"="+token, "CONTAINERS_REGISTRIES_CONF="+registries)
 	base := rigUniqueName(t, "app")
 	hook := s.url + "/registry/distribution/" + base
 	// The README's notifications section, plus a second endpoint whose token is wrong.
