@@ -126,7 +126,8 @@ func (l *eventLog) lastWriteFailed() error {
 	return fmt.Errorf("the newest write to the database failed: %s", msg)
 }
 
-// probe commits a write that changes nothing but needs the lock and a page, as a row does.
+// probe commits a write that changes nothing but needs the lock and a page, as a row does; a
+// failed probe is /health's answer, not a failed write of the log's.
 func (l *eventLog) probe(ctx context.Context) error {
 	select {
 	case l.writing <- struct{}{}:
@@ -329,20 +330,27 @@ type claimResult struct {
 // Record queues a row for the writer, waiting a bounded time for room; past that, or after
 // Close, the row goes to stderr.
 func (l *eventLog) Record(ev event) {
+	ctx, cancel := context.WithTimeoutCause(context.Background(), 5*time.Second, errors.New("event queue full"))
+	defer cancel()
+	if err := l.enqueue(ctx, queued{event: ev}); err != nil {
+		l.spill([]event{ev}, err)
+	}
+}
+
+// enqueue hands q to the writer unless the log is closed or ctx ends first.
+func (l *eventLog) enqueue(ctx context.Context, q queued) error {
 	l.mu.RLock()
 	defer l.mu.RUnlock()
 	if l.closed {
-		l.spill([]event{ev}, errors.New("event log already closed"))
-		return
+		return errors.New("event log already closed")
 	}
 	l.pending.Add(1)
-	t := time.NewTimer(5 * time.Second)
-	defer t.Stop()
 	select {
-	case l.queue <- queued{event: ev}:
-	case <-t.C:
+	case l.queue <- q:
+		return nil
+	case <-ctx.Done():
 		l.pending.Add(-1)
-		l.spill([]event{ev}, errors.New("event queue full"))
+		return context.Cause(ctx)
 	}
 }
 
@@ -561,20 +569,9 @@ const (
 func (l *eventLog) claimDelivery(ctx context.Context, t taskSpec, ev event) (bool, error) {
 	q := queued{event: ev, claim: &t, result: make(chan claimResult, 1)}
 	fail := func(err error) (bool, error) { return false, fmt.Errorf("record delivery %s: %w", t.delivery, err) }
-	l.mu.RLock()
-	if l.closed {
-		l.mu.RUnlock()
-		return fail(errors.New("event log already closed"))
+	if err := l.enqueue(ctx, q); err != nil {
+		return fail(err)
 	}
-	l.pending.Add(1)
-	select {
-	case l.queue <- q:
-	case <-ctx.Done():
-		l.pending.Add(-1)
-		l.mu.RUnlock()
-		return fail(context.Cause(ctx))
-	}
-	l.mu.RUnlock()
 	select {
 	case r := <-q.result:
 		if r.err != nil {
