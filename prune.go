@@ -1,16 +1,7 @@
-// prune.go owns prune-state: housekeeping of the state directory's timestamp logs and lock files
-// (the layout of ratelimit.go), and of old event_log rows (request rows past their retention
-// always, every row past --events-max-age-days when asked).
-//
-// Rules: a timestamp log is trimmed under the same lock its writers take (ratelimit.lock for
-// ratelimit.db; the image's redeploy lock for github-image-limits/<key>.db, tried without waiting
-// so a running redeploy is skipped, never delayed) and is replaced whole by writeFileAtomic; a
-// log left empty is deleted. A lock file is deleted only while prune holds it, so never under a
-// running redeploy. Timestamps a rate-limit window still counts are kept whatever the retention,
-// so pruning never loosens a limit. Symlinks are never followed: only regular files directly in
-// the state directory and its two sub-directories are touched. --dry-run takes the same locks
-// (without creating any file), computes the same counts and changes no file in the state
-// directory; only its event_log row is written.
+// prune.go owns prune-state: it trims the state directory's timestamp logs (ratelimit.go's layout)
+// under their writers' lock, only tried for an image's so a redeploy is skipped, never delayed,
+// and deletes stale lock files only while holding them, stale temp files and old event_log rows.
+// It keeps timestamps a limit still counts, follows no symlink, and a dry run writes only its row.
 package main
 
 import (
@@ -28,7 +19,6 @@ import (
 	"time"
 )
 
-// defaultRetentionHours is prune-state's retention, the original tool's (86 400 s).
 const defaultRetentionHours = 24
 
 const usagePruneState = `usage: webhook-auto-update prune-state [--max-age-hours N] [--dry-run] [--events-max-age-days N]
@@ -65,52 +55,42 @@ func cmdPruneState(c *cli, args []string) int {
 		return code
 	}
 	if len(rest) > 0 {
-		c.log.errorf("prune-state: unexpected argument %q", rest[0])
-		fmt.Fprint(c.stderr, usagePruneState)
-		return 2
+		return c.usageError("prune-state", usagePruneState, "unexpected argument %q", rest[0])
 	}
 	if fi, err := os.Stat(cfg.stateDir); err != nil || !fi.IsDir() {
-		// Nothing to prune, and nothing is created for it.
 		c.log.infof("prune-state: no state directory at %s", cfg.stateDir)
 		fmt.Fprintf(c.stdout, "Trimmed entries=0 removed_dbs=0 removed_locks=0 dry_run=%t\n", dryRun)
 		return 0
 	}
-	events := openCommandLog(c, cfg)
-	if events != nil {
-		defer events.Close()
-	}
+	events, closeLog := openCommandLog(c, cfg)
+	defer closeLog()
 	start := time.Now()
-	p := newPruner(cfg, time.Duration(hours)*time.Hour, dryRun, start, c.log)
-	rep := p.run(context.Background())
+	rep := newPruner(cfg, time.Duration(hours)*time.Hour, dryRun, start, c.log).run(context.Background())
 	fmt.Fprintf(c.stdout, "Trimmed entries=%d removed_dbs=%d removed_locks=%d dry_run=%t\n",
 		rep.entries, rep.removedDBs, rep.removedLocks, dryRun)
-	status, exit := http.StatusOK, 0
+	deleteRows := func(cutoff time.Time, requestsOnly bool, what string) int64 {
+		n, err := events.deleteOlderThan(context.Background(), cutoff, dryRun, requestsOnly)
+		if err != nil {
+			rep.errs = append(rep.errs, what+": "+err.Error())
+		}
+		return n
+	}
 	var deleted, deletedRequests int64
-	if events != nil { // else openCommandLog warned: the rows cannot be reached
+	if events != nil {
 		cutoff := start.Add(-cfg.requestRetention)
-		var err error
-		if deletedRequests, err = events.deleteOlderThan(context.Background(), cutoff, dryRun, true); err != nil {
-			rep.errs = append(rep.errs, "delete old request rows: "+err.Error())
-		}
+		deletedRequests = deleteRows(cutoff, true, "delete old request rows")
 		// On stderr: stdout keeps the original tool's one line, which scripts read.
-		verb := "deleted"
-		if dryRun {
-			verb = "would delete"
-		}
-		c.log.infof("prune-state: %s %d request rows older than %s (WEBHOOK_REQUEST_RETENTION_DAYS)", verb, deletedRequests, cutoff.UTC().Format(time.RFC3339))
+		c.log.infof("prune-state: %s %d request rows older than %s (WEBHOOK_REQUEST_RETENTION_DAYS)",
+			map[bool]string{false: "deleted", true: "would delete"}[dryRun], deletedRequests, cutoff.UTC().Format(time.RFC3339))
 	}
-	if eventDays > 0 {
-		if events == nil {
-			rep.errs = append(rep.errs, "event log unavailable: old events not deleted")
-		} else {
-			cutoff := start.Add(-time.Duration(eventDays) * 24 * time.Hour)
-			var err error
-			if deleted, err = events.deleteOlderThan(context.Background(), cutoff, dryRun, false); err != nil {
-				rep.errs = append(rep.errs, "delete old events: "+err.Error())
-			}
-			fmt.Fprintf(c.stdout, "Deleted events=%d older_than=%s dry_run=%t\n", deleted, cutoff.UTC().Format(time.RFC3339), dryRun)
-		}
+	if eventDays > 0 && events == nil {
+		rep.errs = append(rep.errs, "event log unavailable: old events not deleted")
+	} else if eventDays > 0 {
+		cutoff := start.Add(-time.Duration(eventDays) * 24 * time.Hour)
+		deleted = deleteRows(cutoff, false, "delete old events")
+		fmt.Fprintf(c.stdout, "Deleted events=%d older_than=%s dry_run=%t\n", deleted, cutoff.UTC().Format(time.RFC3339), dryRun)
 	}
+	status, exit := http.StatusOK, 0
 	if len(rep.errs) > 0 {
 		c.log.errorf("prune-state: %s", strings.Join(rep.errs, "; "))
 		status, exit = http.StatusInternalServerError, 1
@@ -125,7 +105,6 @@ func cmdPruneState(c *cli, args []string) int {
 	return exit
 }
 
-// pruner is one prune-state run.
 type pruner struct {
 	stateDir    string
 	cutoff      time.Time // files last modified before it are stale
@@ -138,12 +117,11 @@ type pruner struct {
 
 // pruneReport is what a run did, or on a dry run would do.
 type pruneReport struct {
-	entries      int      // timestamps and unreadable lines dropped
-	removedDBs   int      // timestamp logs deleted because they were (or became) empty
-	removedLocks int      // stale lock files deleted
-	removedTemp  int      // stale temp files of an interrupted writeFileAtomic deleted
-	busy         []string // files skipped because a redeploy held their lock
-	errs         []string
+	entries                  int // timestamps and unreadable lines dropped
+	removedDBs, removedLocks int
+	removedTemp              int      // stale temp files of an interrupted writeFileAtomic
+	busy                     []string // files skipped because a redeploy held their lock
+	errs                     []string
 }
 
 func (r *pruneReport) fail(lg *logger, format string, a ...any) {
@@ -152,8 +130,7 @@ func (r *pruneReport) fail(lg *logger, format string, a ...any) {
 	r.errs = append(r.errs, msg)
 }
 
-// newPruner sets the cutoffs: now minus the retention, moved back for each log to its longest
-// rate-limit window if that is longer, so that no timestamp a limit still counts is dropped.
+// newPruner extends each log's retention to its longest rate-limit window, so no limit loosens.
 func newPruner(cfg *config, maxAge time.Duration, dryRun bool, now time.Time, lg *logger) *pruner {
 	longest := time.Duration(0)
 	for _, w := range cfg.autoUpdateLimits {
@@ -170,8 +147,7 @@ func newPruner(cfg *config, maxAge time.Duration, dryRun bool, now time.Time, lg
 	}
 }
 
-// run prunes the logs first and the locks after, so a lock file the log pass created (it locks an
-// image whose lock file was missing) is recent and stays.
+// run prunes the logs before the locks, so a lock file the log pass created is recent and stays.
 func (p *pruner) run(ctx context.Context) pruneReport {
 	var rep pruneReport
 	p.pruneGlobalLog(ctx, &rep)
@@ -183,53 +159,74 @@ func (p *pruner) run(ctx context.Context) pruneReport {
 	return rep
 }
 
-// regularFile reports whether path is a regular file without following a symlink; a missing
-// file is (false, nil).
-func regularFile(path string) (fs.FileInfo, bool, error) {
+// regular reports whether path is a regular file; unless quiet it says why not, but not absence.
+func (p *pruner) regular(path string, quiet bool, rep *pruneReport) (fs.FileInfo, bool) {
 	fi, err := os.Lstat(path)
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil, false, nil
+	switch {
+	case err != nil && !quiet && !errors.Is(err, fs.ErrNotExist):
+		rep.fail(p.log, "%v", err)
+	case err == nil && !quiet && !fi.Mode().IsRegular():
+		p.log.warnf("prune-state: %s is not a regular file (a symlink?): left alone", path)
 	}
-	if err != nil {
-		return nil, false, err
-	}
-	return fi, fi.Mode().IsRegular(), nil
+	return fi, err == nil && fi.Mode().IsRegular()
 }
 
-// realDir lists dir when it is a directory and not a symlink; a missing dir lists nothing.
-func (p *pruner) realDir(dir string, rep *pruneReport) []fs.DirEntry {
+// each calls fn for every regular file directly in dir whose name matches; dir is not followed.
+func (p *pruner) each(dir string, match func(string) bool, quiet bool, rep *pruneReport, fn func(string, fs.FileInfo)) {
 	fi, err := os.Lstat(dir)
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
-		return nil
+		return
 	case err != nil:
 		rep.fail(p.log, "%v", err)
-		return nil
+		return
 	case !fi.IsDir():
 		p.log.warnf("prune-state: %s is not a directory (a symlink?): left alone", dir)
-		return nil
+		return
 	}
 	entries, err := os.ReadDir(dir)
 	if err != nil {
 		rep.fail(p.log, "%v", err)
 	}
-	return entries
+	for _, e := range entries {
+		if !match(e.Name()) {
+			continue
+		}
+		path := filepath.Join(dir, e.Name())
+		if fi, ok := p.regular(path, quiet, rep); ok {
+			fn(path, fi)
+		}
+	}
+}
+
+func visible(ext string) func(string) bool {
+	return func(name string) bool { return !strings.HasPrefix(name, ".") && strings.HasSuffix(name, ext) }
+}
+
+// remove deletes path, except on a dry run, and reports whether it is (or would be) gone.
+func (p *pruner) remove(path string, rep *pruneReport) bool {
+	if p.dryRun {
+		return true
+	}
+	if err := os.Remove(path); err != nil {
+		rep.fail(p.log, "%v", err)
+		return false
+	}
+	return true
 }
 
 // pruneGlobalLog trims ratelimit.db under ratelimit.lock, as the /auto-update limiter writes it.
 func (p *pruner) pruneGlobalLog(ctx context.Context, rep *pruneReport) {
-	path := filepath.Join(p.stateDir, "ratelimit.db")
-	if _, ok, err := p.checkRegular(path, rep); !ok || err != nil {
+	path, lockPath := filepath.Join(p.stateDir, "ratelimit.db"), filepath.Join(p.stateDir, "ratelimit.lock")
+	if _, ok := p.regular(path, false, rep); !ok {
 		return
 	}
-	lockPath := filepath.Join(p.stateDir, "ratelimit.lock")
 	if fi, err := os.Lstat(lockPath); err == nil && !fi.Mode().IsRegular() {
 		rep.fail(p.log, "%s is not a regular file: %s left alone", lockPath, path)
 		return
 	}
+	// A dry run reads unlocked, since locking could create ratelimit.lock; logs are replaced whole.
 	if !p.dryRun {
-		// A dry run reads without the lock, since taking it could create ratelimit.lock; the
-		// log is only ever replaced whole, so the read is consistent either way.
 		lk, err := lockFile(ctx, lockPath, p.lockWait)
 		if err != nil {
 			rep.fail(p.log, "%s: %v", path, err)
@@ -240,61 +237,36 @@ func (p *pruner) pruneGlobalLog(ctx context.Context, rep *pruneReport) {
 	p.trim(path, p.limitCutoff, rep)
 }
 
-// checkRegular reports whether path exists as a regular file; a symlink or other file is
-// reported and left alone.
-func (p *pruner) checkRegular(path string, rep *pruneReport) (fs.FileInfo, bool, error) {
-	fi, ok, err := regularFile(path)
-	switch {
-	case err != nil:
-		rep.fail(p.log, "%v", err)
-	case fi != nil && !ok:
-		p.log.warnf("prune-state: %s is not a regular file (a symlink?): left alone", path)
-	}
-	return fi, ok, err
-}
-
-// pruneImageLogs trims every github-image-limits/<key>.db under its image's redeploy lock. A lock
-// a redeploy holds is not waited for: that log is skipped this time.
+// pruneImageLogs trims each github-image-limits/*.db under its redeploy lock, skipping a held one.
 func (p *pruner) pruneImageLogs(rep *pruneReport) {
-	dir := filepath.Join(p.stateDir, "github-image-limits")
-	for _, e := range p.realDir(dir, rep) {
-		name := e.Name()
-		if strings.HasPrefix(name, ".") || !strings.HasSuffix(name, ".db") {
-			continue
-		}
-		path := filepath.Join(dir, name)
-		if _, ok, err := p.checkRegular(path, rep); !ok || err != nil {
-			continue
-		}
-		lockPath := filepath.Join(p.stateDir, "github-image-locks", strings.TrimSuffix(name, ".db")+".lock")
+	p.each(filepath.Join(p.stateDir, "github-image-limits"), visible(".db"), false, rep, func(path string, _ fs.FileInfo) {
+		lockPath := filepath.Join(p.stateDir, "github-image-locks", strings.TrimSuffix(filepath.Base(path), ".db")+".lock")
 		lk, held, err := p.tryImageLock(lockPath)
-		if err != nil {
+		defer lk.Unlock()
+		switch {
+		case err != nil:
 			rep.fail(p.log, "%s: lock %s: %v", path, lockPath, err)
-			continue
-		}
-		if held {
+		case held:
 			p.log.infof("prune-state: %s skipped: a redeploy holds %s", path, lockPath)
 			rep.busy = append(rep.busy, path)
-			continue
+		default:
+			p.trim(path, p.imageCutoff, rep)
 		}
-		p.trim(path, p.imageCutoff, rep)
-		lk.Unlock()
-	}
+	})
 }
 
-// tryImageLock takes an image's redeploy lock without waiting. held reports that another process
-// has it. A missing lock file is created, as run-task would, except on a dry run, where no file
-// may appear and a missing lock counts as free.
+// tryImageLock takes a redeploy lock without waiting. It creates a missing lock file as run-task
+// would, except on a dry run, where a missing lock is free.
 func (p *pruner) tryImageLock(path string) (lk *fileLock, held bool, err error) {
-	fi, ok, err := regularFile(path)
+	fi, err := os.Lstat(path)
 	switch {
-	case err != nil:
-		return nil, false, err
-	case fi != nil && !ok:
+	case err == nil && !fi.Mode().IsRegular():
 		return nil, false, errors.New("not a regular file (a symlink?)")
-	case fi == nil && p.dryRun:
+	case err != nil && !errors.Is(err, fs.ErrNotExist):
+		return nil, false, err
+	case err != nil && p.dryRun:
 		return nil, false, nil
-	case fi == nil:
+	case err != nil:
 		if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 			return nil, false, err
 		}
@@ -304,15 +276,14 @@ func (p *pruner) tryImageLock(path string) (lk *fileLock, held bool, err error) 
 		}
 		f.Close()
 	}
-	lk, ok, err = tryLockFile(path)
+	lk, ok, err := tryLockFile(path)
 	if err != nil {
 		return nil, false, err
 	}
 	return lk, !ok, nil
 }
 
-// trim drops the timestamps before cutoff and the unreadable lines from a log, replacing it
-// atomically, or deletes it when nothing is left.
+// trim drops the timestamps before cutoff and unreadable lines, rewriting or deleting the log.
 func (p *pruner) trim(path string, cutoff int64, rep *pruneReport) {
 	data, err := os.ReadFile(path)
 	if err != nil {
@@ -328,20 +299,13 @@ func (p *pruner) trim(path string, cutoff int64, rep *pruneReport) {
 	}
 	dropped := len(ts) - len(kept) + bad
 	if len(kept) == 0 {
-		if !p.dryRun {
-			if err := os.Remove(path); err != nil {
-				rep.fail(p.log, "%v", err)
-				return
-			}
+		if p.remove(path, rep) {
+			rep.entries += dropped
+			rep.removedDBs++
 		}
-		rep.entries += dropped
-		rep.removedDBs++
 		return
 	}
-	if dropped == 0 {
-		return
-	}
-	if !p.dryRun {
+	if dropped > 0 && !p.dryRun {
 		if err := writeFileAtomic(path, formatTimestamps(kept), 0o600); err != nil {
 			rep.fail(p.log, "rewrite %s: %v", path, err)
 			return
@@ -350,63 +314,34 @@ func (p *pruner) trim(path string, cutoff int64, rep *pruneReport) {
 	rep.entries += dropped
 }
 
-// pruneLocks deletes github-image-locks/*.lock files not modified since the cutoff, each only
-// while holding it: a lock a redeploy holds stays.
+// pruneLocks deletes stale github-image-locks/*.lock files, each only while holding it.
 func (p *pruner) pruneLocks(rep *pruneReport) {
-	dir := filepath.Join(p.stateDir, "github-image-locks")
-	for _, e := range p.realDir(dir, rep) {
-		name := e.Name()
-		if strings.HasPrefix(name, ".") || !strings.HasSuffix(name, ".lock") {
-			continue
-		}
-		path := filepath.Join(dir, name)
-		fi, ok, err := p.checkRegular(path, rep)
-		if !ok || err != nil || !fi.ModTime().Before(p.cutoff) {
-			continue
+	p.each(filepath.Join(p.stateDir, "github-image-locks"), visible(".lock"), false, rep, func(path string, fi fs.FileInfo) {
+		if !fi.ModTime().Before(p.cutoff) {
+			return
 		}
 		lk, free, err := tryLockFile(path)
-		if err != nil {
+		defer lk.Unlock()
+		switch {
+		case err != nil:
 			rep.fail(p.log, "lock %s: %v", path, err)
-			continue
-		}
-		if !free {
+		case !free:
 			p.log.infof("prune-state: %s kept: a redeploy holds it", path)
 			rep.busy = append(rep.busy, path)
-			continue
+		case p.remove(path, rep):
+			rep.removedLocks++
 		}
-		if !p.dryRun {
-			if err := os.Remove(path); err != nil {
-				lk.Unlock()
-				rep.fail(p.log, "%v", err)
-				continue
-			}
-		}
-		lk.Unlock()
-		rep.removedLocks++
-	}
+	})
 }
 
 // reTempFile matches the temp files of writeFileAtomic (os.CreateTemp's "*" is digits).
 var reTempFile = regexp.MustCompile(`^\..+\.tmp-[0-9]+$`)
 
-// pruneTemps deletes temp files an interrupted writeFileAtomic left, once they are older than the
-// cutoff; a younger one may belong to a write in progress.
+// pruneTemps deletes stale writeFileAtomic temp files; a younger one may be a write in progress.
 func (p *pruner) pruneTemps(dir string, rep *pruneReport) {
-	for _, e := range p.realDir(dir, rep) {
-		if !reTempFile.MatchString(e.Name()) {
-			continue
+	p.each(dir, reTempFile.MatchString, true, rep, func(path string, fi fs.FileInfo) {
+		if fi.ModTime().Before(p.cutoff) && p.remove(path, rep) {
+			rep.removedTemp++
 		}
-		path := filepath.Join(dir, e.Name())
-		fi, ok, err := regularFile(path)
-		if err != nil || !ok || !fi.ModTime().Before(p.cutoff) {
-			continue
-		}
-		if !p.dryRun {
-			if err := os.Remove(path); err != nil {
-				rep.fail(p.log, "%v", err)
-				continue
-			}
-		}
-		rep.removedTemp++
-	}
+	})
 }

@@ -1,11 +1,8 @@
-// scheduler.go owns the triggers on the operator's behalf: the scheduler loop, trigger-units and
-// trigger-all, their HTTP faces (/auto-update, /api/manual/*), and the manual-trigger logic
-// they share, so the command line and the API resolve, run and report units alike.
-//
-// Rules: ticks follow a fixed schedule (start + n·interval), never overlap, and skip the slots a
-// long tick overran; SIGTERM and SIGINT end the scheduler at once with status 0. Every tick and
-// trigger writes a row. A manual restart holds the unit's lock, so it never cuts into a
-// redeploy; caller-supplied text passes cleanText before it is printed or stored.
+// scheduler.go owns the triggers: the scheduler loop, trigger-units and trigger-all, /auto-update
+// and /api/manual/*, which share one trigger logic. Ticks follow start + n·interval, never overlap
+// and skip the slots a long tick overran; a manual restart holds the unit's lock, so it never cuts
+// into a redeploy; HTTP commands run detached, so a client that hangs up cannot kill systemctl.
+// Caller-supplied text passes cleanText before it is printed or stored.
 package main
 
 import (
@@ -22,8 +19,7 @@ import (
 	"unicode"
 )
 
-// minSchedulerInterval is the shortest interval the scheduler accepts, as pod-upgrade-trigger
-// did (60 s); a shorter one is raised to it with a warning. A variable so that tests can lower it.
+// minSchedulerInterval is the shortest interval the scheduler accepts; a variable for tests.
 var minSchedulerInterval = 60 * time.Second
 
 const usageScheduler = `usage: webhook-auto-update scheduler [--interval SECS] [--max-iterations N] [--state-dir DIR] [--db URL]
@@ -48,9 +44,7 @@ func cmdScheduler(c *cli, args []string) int {
 		return code
 	}
 	if len(rest) > 0 {
-		c.log.errorf("scheduler: unexpected argument %q", rest[0])
-		fmt.Fprint(c.stderr, usageScheduler)
-		return 2
+		return c.usageError("scheduler", usageScheduler, "unexpected argument %q", rest[0])
 	}
 	unit, err := resolveUnit(cfg.autoUpdateUnit)
 	if err != nil {
@@ -62,26 +56,16 @@ func cmdScheduler(c *cli, args []string) int {
 		c.log.warnf("interval %s is below the minimum: using %s", interval, minSchedulerInterval)
 		interval = minSchedulerInterval
 	}
-	// A tick waits for the unit's start job, which for a oneshot such as podman-auto-update lasts
-	// as long as the update; it may take up to the interval before systemctl is given up on.
+	// A tick waits for a oneshot's whole run, so systemctl may take up to the interval.
 	tickCfg := *cfg
 	tickCfg.commandTimeout = max(cfg.commandTimeout, interval)
-
-	events := openCommandLog(c, cfg)
-	if events != nil {
-		defer events.Close()
-	}
+	events, closeLog := openCommandLog(c, cfg)
+	defer closeLog()
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	s := &scheduler{
-		unit:     unit,
-		interval: interval,
-		maxTicks: maxTicks,
-		log:      c.log,
-		now:      time.Now,
-		sleep:    sleepContext,
-		tick:     func(ctx context.Context) cmdResult { return startUnit(ctx, &tickCfg, unit) },
-		record:   func(ev event) { writeCommandEvent(c.log, events, ev) },
+	s := &scheduler{unit: unit, interval: interval, maxTicks: maxTicks, log: c.log, now: time.Now, sleep: sleepContext,
+		tick:   func(ctx context.Context) cmdResult { return startUnit(ctx, &tickCfg, unit) },
+		record: func(ev event) { writeCommandEvent(c.log, events, ev) },
 		housekeep: func(ctx context.Context) {
 			if events == nil {
 				return
@@ -99,8 +83,7 @@ func cmdScheduler(c *cli, args []string) int {
 	return s.run(ctx)
 }
 
-// scheduler starts a unit on a fixed schedule. Its clock, sleep, tick and record are plain values
-// so a test can run it without waiting and without systemd.
+// scheduler starts a unit on a fixed schedule; its clock, sleep and actions are values for tests.
 type scheduler struct {
 	unit      string
 	interval  time.Duration
@@ -113,12 +96,11 @@ type scheduler struct {
 	housekeep func(ctx context.Context) // after each tick: enforce the event log's retention
 }
 
-// run ticks at start, start+interval, start+2·interval, … until ctx ends or maxTicks ticks have
-// run, and returns the exit status.
+// run ticks at start + n·interval until ctx ends or maxTicks ticks ran, returning the exit status.
 func (s *scheduler) run(ctx context.Context) int {
 	start := s.now()
 	failed := 0
-	var slot int64 // the schedule slot of the current tick; slot n is due at start + n·interval
+	var slot int64
 	for iteration := 1; ; iteration++ {
 		if ctx.Err() != nil {
 			s.log.infof("scheduler: stopped after %d iterations", iteration-1)
@@ -130,17 +112,13 @@ func (s *scheduler) run(ctx context.Context) int {
 		switch {
 		case res.err != nil && ctx.Err() != nil:
 			status, code = "interrupted", http.StatusServiceUnavailable
-		case res.err != nil && res.exitCode > 0:
-			status, code = triggerFailed, http.StatusInternalServerError
 		case res.err != nil:
-			status, code = triggerError, http.StatusInternalServerError
+			status, code = failStatus(res), http.StatusInternalServerError
 		}
 		meta := map[string]any{"iteration": iteration, "slot": slot, "unit": s.unit, "status": status,
 			"interval_secs": int64(s.interval / time.Second)}
 		if res.err != nil {
-			meta["exit_code"] = res.exitCode
-			meta["stderr"] = res.stderr
-			meta["error"] = res.err.Error()
+			meta["exit_code"], meta["stderr"], meta["error"] = res.exitCode, res.stderr, res.err.Error()
 		}
 		s.record(event{RequestID: newRequestID(), TS: s.now(), Method: "SCHEDULER", Status: code,
 			Action: "scheduler", Duration: s.now().Sub(began), Meta: meta})
@@ -158,11 +136,8 @@ func (s *scheduler) run(ctx context.Context) int {
 			s.log.errorf("scheduler: iteration %d: %v", iteration, res.err)
 		}
 		if s.maxTicks > 0 && iteration >= s.maxTicks {
-			break
+			return min(failed, 1)
 		}
-
-		// The next slot is the first one not yet past: a tick that overran the interval skips
-		// the slots it missed instead of starting the unit again at once.
 		next := slot + 1
 		if elapsed := s.now().Sub(start); time.Duration(next)*s.interval < elapsed {
 			next = int64((elapsed + s.interval - 1) / s.interval)
@@ -174,13 +149,8 @@ func (s *scheduler) run(ctx context.Context) int {
 			return 0
 		}
 	}
-	if failed > 0 {
-		return 1
-	}
-	return 0
 }
 
-// sleepContext waits for d or until ctx ends, whichever comes first.
 func sleepContext(ctx context.Context, d time.Duration) error {
 	if d <= 0 {
 		return ctx.Err()
@@ -195,23 +165,20 @@ func sleepContext(ctx context.Context, d time.Duration) error {
 	}
 }
 
-// openCommandLog opens the event log for a command-line run. When it cannot be opened the command
-// still does its work, and its rows go to stderr instead; it then returns nil.
-func openCommandLog(c *cli, cfg *config) *eventLog {
-	if err := ensureStateDir(cfg.stateDir); err != nil {
-		c.log.warnf("event log unavailable, events go to stderr: %v", err)
-		return nil
+// openCommandLog opens the event log for a command-line run, and returns its closer. When it
+// cannot be opened the command still does its work and its rows go to stderr (events is nil).
+func openCommandLog(c *cli, cfg *config) (events *eventLog, closeLog func()) {
+	err := ensureStateDir(cfg.stateDir)
+	if err == nil {
+		if events, err = openEventLog(cfg.dbPath, c.log); err == nil {
+			return events, func() { events.Close() }
+		}
 	}
-	events, err := openEventLog(cfg.dbPath, c.log)
-	if err != nil {
-		c.log.warnf("event log unavailable, events go to stderr: %v", err)
-		return nil
-	}
-	return events
+	c.log.warnf("event log unavailable, events go to stderr: %v", err)
+	return nil, func() {}
 }
 
-// writeCommandEvent commits one row before it returns, or prints it to stderr when there is no
-// event log (a failed write is printed by Write itself).
+// writeCommandEvent commits one row before it returns, or prints it to stderr with no event log.
 func writeCommandEvent(lg *logger, events *eventLog, ev event) {
 	if events == nil {
 		lg.warnf("unwritten event: %s", marshalJSON(map[string]any{"request_id": ev.RequestID,
@@ -251,145 +218,104 @@ one "unit -> status" line per unit, as trigger-units does.
 Exit status: 0 every unit triggered, 1 a unit failed, 2 usage error or nothing valid to trigger.
 `
 
-// triggerFlags are the flags trigger-units and trigger-all share.
-type triggerFlags struct {
-	dryRun         bool
-	caller, reason string
-}
-
-func (f *triggerFlags) define(fs *flag.FlagSet) {
-	fs.BoolVar(&f.dryRun, "dry-run", false, "")
-	fs.StringVar(&f.caller, "caller", "cli", "")
-	fs.StringVar(&f.reason, "reason", "", "")
-}
-
 func cmdTriggerUnits(c *cli, args []string) int {
-	var f triggerFlags
-	var all bool
+	return cmdTrigger(c, args, "trigger-units", usageTriggerUnits)
+}
+
+func cmdTriggerAll(c *cli, args []string) int {
+	return cmdTrigger(c, args, "trigger-all", usageTriggerAll)
+}
+
+// cmdTrigger runs trigger-units or trigger-all, prints the results and writes the cli-trigger row.
+func cmdTrigger(c *cli, args []string, command, usage string) int {
+	var dryRun, all bool
+	var caller, reason string
 	var more []string
-	cfg, rest, code := c.setup("trigger-units", usageTriggerUnits, args, func(fs *flag.FlagSet, cfg *config) {
-		f.define(fs)
-		fs.BoolVar(&all, "all", false, "")
-		fs.Func("units", "", func(s string) error { more = append(more, splitList(s)...); return nil })
+	cfg, rest, code := c.setup(command, usage, args, func(fs *flag.FlagSet, cfg *config) {
+		fs.BoolVar(&dryRun, "dry-run", false, "")
+		fs.StringVar(&caller, "caller", "cli", "")
+		fs.StringVar(&reason, "reason", "", "")
+		if command == "trigger-units" {
+			fs.BoolVar(&all, "all", false, "")
+			fs.Func("units", "", func(s string) error { more = append(more, splitList(s)...); return nil })
+		}
 	})
 	if code >= 0 {
 		return code
 	}
 	ids := append(rest, more...)
-	if len(ids) == 0 && !all {
-		c.log.errorf("trigger-units: nothing to trigger: name units, or use --all or trigger-all")
-		fmt.Fprint(c.stderr, usageTriggerUnits)
-		return 2
+	switch {
+	case command == "trigger-all" && len(rest) > 0:
+		return c.usageError(command, usage, "unexpected argument %q (use trigger-units to name units)", rest[0])
+	case command == "trigger-all":
+		all = true
+	case len(ids) == 0 && !all:
+		return c.usageError(command, usage, "nothing to trigger: name units, or use --all or trigger-all")
 	}
-	return runTrigger(c, cfg, "trigger-units", ids, all, f)
-}
-
-func cmdTriggerAll(c *cli, args []string) int {
-	var f triggerFlags
-	cfg, rest, code := c.setup("trigger-all", usageTriggerAll, args, func(fs *flag.FlagSet, cfg *config) {
-		f.define(fs)
-	})
-	if code >= 0 {
-		return code
-	}
-	if len(rest) > 0 {
-		c.log.errorf("trigger-all: unexpected argument %q (use trigger-units to name units)", rest[0])
-		fmt.Fprint(c.stderr, usageTriggerAll)
-		return 2
-	}
-	return runTrigger(c, cfg, "trigger-all", nil, true, f)
-}
-
-// runTrigger triggers units for trigger-units and trigger-all, prints the results and writes the
-// cli-trigger row.
-func runTrigger(c *cli, cfg *config, command string, ids []string, all bool, f triggerFlags) int {
-	caller, reason := cleanText(f.caller, manualTextMax), cleanText(f.reason, manualTextMax)
-	events := openCommandLog(c, cfg)
-	if events != nil {
-		defer events.Close()
-	}
+	caller, reason = cleanText(caller, manualTextMax), cleanText(reason, manualTextMax)
+	events, closeLog := openCommandLog(c, cfg)
+	defer closeLog()
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	start := time.Now()
-	results := triggerUnits(ctx, cfg, ids, all, f.dryRun)
+	results := triggerUnits(ctx, cfg, ids, all, dryRun)
 	for _, r := range results {
 		fmt.Fprintf(c.stdout, "%s -> %s\n", r.Unit, r.Status)
 		if r.Message != "" {
 			fmt.Fprintf(c.stdout, "    %s\n", strings.ReplaceAll(strings.TrimSpace(r.Message), "\n", "\n    "))
 		}
 	}
-	status, exit := http.StatusAccepted, 0
-	switch valid, ok := triggerOutcome(results); {
-	case valid == 0:
-		status, exit = http.StatusBadRequest, 2
+	status := triggerStatus(results)
+	exit := map[int]int{http.StatusBadRequest: 2, http.StatusMultiStatus: 1}[status]
+	if exit == 2 {
 		c.log.errorf("%s: nothing valid to trigger", command)
-	case !ok:
-		status, exit = http.StatusMultiStatus, 1
+	}
+	requested := make([]string, 0, len(ids))
+	for _, id := range ids {
+		requested = append(requested, cleanText(id, maxUnitNameLen))
 	}
 	writeCommandEvent(c.log, events, event{RequestID: newRequestID(), TS: time.Now(), Method: "CLI",
 		Status: status, Action: "cli-trigger", Duration: time.Since(start), Meta: map[string]any{
-			"command": command, "caller": caller, "reason": reason, "dry_run": f.dryRun, "all": all,
-			"requested": cleanList(ids), "units": results}})
+			"command": command, "caller": caller, "reason": reason, "dry_run": dryRun, "all": all,
+			"requested": requested, "units": results}})
 	return exit
 }
 
-// cleanList applies cleanText to each requested identifier before it is stored.
-func cleanList(ids []string) []string {
-	out := make([]string, 0, len(ids))
-	for _, id := range ids {
-		out = append(out, cleanText(id, maxUnitNameLen))
-	}
-	return out
-}
-
-// Manual triggers: /auto-update and /api/manual/*. A token is compared in constant time and
-// never reaches a log line or an event row (the query is redacted by the middleware, and bodies
-// are never stored). Units reach systemctl only through triggerUnits (below), which
-// validates them; commands run detached from the request's cancellation, so a client that hangs
-// up cannot kill systemctl halfway through a restart.
-
-// extendWriteDeadline gives a handler that waits for systemctl the time to answer.
 func extendWriteDeadline(w http.ResponseWriter, d time.Duration) {
 	http.NewResponseController(w).SetWriteDeadline(time.Now().Add(d))
 }
 
-// manualTextMax caps the caller and reason a manual trigger stores.
-const manualTextMax = 200
+// manualTextMax caps a manual trigger's caller and reason, manualUnitsMax the units it names.
+const (
+	manualTextMax  = 200
+	manualUnitsMax = 256
+)
 
-// manualUnitsMax caps the units one manual trigger may name.
-const manualUnitsMax = 256
-
-// manualRequest reads a manual API body into v and checks the manual token, taken from an
-// "Authorization: Bearer" header or else from the body's token field. It has answered the
-// request when it returns false. A wrong header is refused before the body is read.
+// manualRequest reads a body into v and checks the manual token, from a Bearer header (refused
+// before the body is read) or else the body's token, which it clears; false: it has answered.
 func (s *server) manualRequest(w http.ResponseWriter, r *http.Request, v any, bodyToken *string) bool {
 	if s.cfg.manualToken == "" {
 		s.log.warnf("%s refused: neither WEBHOOK_MANUAL_TOKEN nor WEBHOOK_TOKEN is set", r.URL.Path)
 	}
 	header, hasHeader := bearerToken(r)
-	if hasHeader && !tokenMatches(s.cfg.manualToken, header) {
-		manualError(w, r, http.StatusUnauthorized, "unauthorized", "unauthorized")
-		return false
-	}
-	if err := decodeStrict(r.Body, v); err != nil {
+	status, code, text := http.StatusUnauthorized, "unauthorized", "unauthorized"
+	if !hasHeader || tokenMatches(s.cfg.manualToken, header) {
 		var tooLarge *http.MaxBytesError
-		if errors.As(err, &tooLarge) {
-			manualError(w, r, http.StatusRequestEntityTooLarge, "body-too-large", "request body too large")
-			return false
+		switch err := decodeStrict(r.Body, v); {
+		case errors.As(err, &tooLarge):
+			status, code, text = http.StatusRequestEntityTooLarge, "body-too-large", "request body too large"
+		case err != nil:
+			status, code, text = http.StatusBadRequest, "bad-json", "invalid request body: "+err.Error()
+		case hasHeader || tokenMatches(s.cfg.manualToken, *bodyToken):
+			*bodyToken = ""
+			return true
 		}
-		manualError(w, r, http.StatusBadRequest, "bad-json", "invalid request body: "+err.Error())
-		return false
 	}
-	if !hasHeader && !tokenMatches(s.cfg.manualToken, *bodyToken) {
-		manualError(w, r, http.StatusUnauthorized, "unauthorized", "unauthorized")
-		return false
-	}
-	*bodyToken = ""
-	return true
+	manualError(w, r, status, code, text)
+	return false
 }
 
-// handleAutoUpdate starts the auto-update unit: token (?token=, the original's way, or a Bearer
-// header), then the global two-window limit, then systemctl --user start.
+// handleAutoUpdate checks the token (?token= or Bearer) and global limit, then starts the unit.
 func (s *server) handleAutoUpdate(w http.ResponseWriter, r *http.Request) {
 	ri := info(r)
 	ri.action = "auto-update"
@@ -434,8 +360,7 @@ func (s *server) handleAutoUpdate(w http.ResponseWriter, r *http.Request) {
 		ri.meta["note"] = res.note
 	}
 	if res.err != nil {
-		ri.meta["exit_code"] = res.exitCode
-		ri.meta["stderr"] = res.stderr
+		ri.meta["exit_code"], ri.meta["stderr"] = res.exitCode, res.stderr
 		s.log.errorf("/auto-update: %v", res.err)
 		reply(w, r, http.StatusInternalServerError, "start-failed", res.err.Error())
 		return
@@ -453,7 +378,6 @@ type manualTriggerRequest struct {
 	Reason string   `json:"reason"`
 }
 
-// manualTriggerResponse is its answer.
 type manualTriggerResponse struct {
 	Triggered []triggerResult `json:"triggered"`
 	DryRun    bool            `json:"dry_run"`
@@ -461,9 +385,7 @@ type manualTriggerResponse struct {
 	Reason    string          `json:"reason"`
 }
 
-// handleManualTrigger restarts the named units (or, with all or no units, the auto-update unit and
-// WEBHOOK_MANUAL_UNITS): 202 when every unit was triggered, 207 when one failed, 400 when none
-// was valid.
+// handleManualTrigger runs triggerUnits for the request and answers with triggerStatus.
 func (s *server) handleManualTrigger(w http.ResponseWriter, r *http.Request) {
 	ri := info(r)
 	ri.action = "manual-trigger"
@@ -481,19 +403,12 @@ func (s *server) handleManualTrigger(w http.ResponseWriter, r *http.Request) {
 	extendWriteDeadline(w, time.Duration(len(req.Units)+len(s.cfg.manualUnits)+1)*s.cfg.commandTimeout+10*time.Second)
 	resp.Triggered = triggerUnits(context.WithoutCancel(r.Context()), s.cfg, req.Units, req.All, req.DryRun)
 	ri.meta["units"] = resp.Triggered
-	status := http.StatusAccepted
-	switch valid, ok := triggerOutcome(resp.Triggered); {
-	case valid == 0:
-		status = http.StatusBadRequest
-	case !ok:
-		status = http.StatusMultiStatus
-	}
 	for _, t := range resp.Triggered {
-		if t.Status != triggerOK && t.Status != triggerDryRun {
+		if !t.ok() {
 			s.log.warnf("manual trigger of %s by %q: %s: %s", t.Unit, resp.Caller, t.Status, t.Message)
 		}
 	}
-	replyJSON(w, status, resp)
+	replyJSON(w, triggerStatus(resp.Triggered), resp)
 }
 
 // manualServiceRequest is the body of POST /api/manual/services/<name>.
@@ -506,7 +421,6 @@ type manualServiceRequest struct {
 	Force  bool   `json:"force"`
 }
 
-// manualServiceResponse is its answer.
 type manualServiceResponse struct {
 	Unit     string   `json:"unit"`
 	Image    string   `json:"image,omitempty"`
@@ -519,9 +433,8 @@ type manualServiceResponse struct {
 	Reason   string   `json:"reason"`
 }
 
-// handleManualService redeploys one service. With an image it dispatches the same run-task as a
-// GitHub delivery (pull, then restart) and answers 202 once the task unit started; without one
-// it restarts the unit and answers when systemctl is done.
+// handleManualService redeploys one service: with an image by the run-task a GitHub delivery
+// gets, answering once it started; without one by a restart, answering when systemctl is done.
 func (s *server) handleManualService(w http.ResponseWriter, r *http.Request) {
 	ri := info(r)
 	ri.action = "manual-service"
@@ -570,7 +483,7 @@ func (s *server) handleManualService(w http.ResponseWriter, r *http.Request) {
 		extendWriteDeadline(w, s.cfg.commandTimeout+10*time.Second)
 		t := triggerUnits(context.WithoutCancel(r.Context()), s.cfg, []string{unit}, false, req.DryRun)[0]
 		resp.Status, resp.Message = t.Status, t.Message
-		if t.Status != triggerOK && t.Status != triggerDryRun {
+		if !t.ok() {
 			s.log.warnf("manual restart of %s by %q: %s: %s", unit, resp.Caller, t.Status, t.Message)
 			status = http.StatusInternalServerError
 			if t.busy {
@@ -600,31 +513,34 @@ func (s *server) startManual(ctx context.Context, spec taskSpec) cmdResult {
 	return res
 }
 
-// Manual triggers. The HTTP API (/api/manual/*) and the trigger-units / trigger-all commands
-// share the code below, so both resolve, de-duplicate, run and report units the same way.
-
-// Statuses of one unit in a manual trigger, as pod-upgrade-trigger reported them (the "status"
-// of each entry in the API's "triggered" list and of each line trigger-units prints).
+// Statuses of one unit in a manual trigger, as pod-upgrade-trigger reported them.
 const (
-	triggerOK      = "triggered" // systemctl succeeded
-	triggerDryRun  = "dry-run"   // nothing was run
-	triggerFailed  = "failed"    // systemctl ran and exited non-zero
-	triggerError   = "error"     // systemctl could not be run (not on PATH, timed out, killed)
-	triggerInvalid = "invalid"   // the identifier is not a unit this program may touch
+	triggerOK      = "triggered"
+	triggerDryRun  = "dry-run"
+	triggerFailed  = "failed"  // systemctl ran and exited non-zero
+	triggerError   = "error"   // systemctl could not be run (not on PATH, timed out, killed)
+	triggerInvalid = "invalid" // the identifier is not a unit this program may touch
 )
 
-// triggerResult is what happened to one unit of a manual trigger.
 type triggerResult struct {
 	Unit    string `json:"unit"`
 	Status  string `json:"status"`
 	Message string `json:"message"`
-	busy    bool   // an error because the unit's lock is held (see triggerUnits)
+	busy    bool   // an error because the unit's lock is held
 }
 
-// planTrigger resolves unit identifiers (see resolveUnit) in the order given. With all set, or
-// when ids is empty, the auto-update unit and WEBHOOK_MANUAL_UNITS come first. A unit named twice,
-// in any spelling, appears once; an identifier that does not resolve is reported invalid and
-// will never reach systemctl.
+func (t triggerResult) ok() bool { return t.Status == triggerOK || t.Status == triggerDryRun }
+
+// failStatus is the trigger status of a systemctl run that failed.
+func failStatus(res cmdResult) string {
+	if res.exitCode > 0 {
+		return triggerFailed
+	}
+	return triggerError
+}
+
+// planTrigger resolves ids in order, after the auto-update unit and WEBHOOK_MANUAL_UNITS with all
+// or no ids. A unit named twice, in any spelling, appears once; an invalid id is never run.
 func planTrigger(cfg *config, ids []string, all bool) []triggerResult {
 	if all || len(ids) == 0 {
 		ids = append(append([]string{cfg.autoUpdateUnit}, cfg.manualUnits...), ids...)
@@ -632,30 +548,25 @@ func planTrigger(cfg *config, ids []string, all bool) []triggerResult {
 	seen := map[string]bool{}
 	var plan []triggerResult
 	for _, id := range ids {
-		unit, err := resolveUnit(id)
-		if err != nil {
-			shown := cleanText(id, maxUnitNameLen)
-			if !seen["invalid:"+shown] {
-				seen["invalid:"+shown] = true
-				plan = append(plan, triggerResult{Unit: shown, Status: triggerInvalid, Message: err.Error()})
-			}
-			continue
+		var r triggerResult
+		var key string
+		if unit, err := resolveUnit(id); err != nil {
+			r = triggerResult{Unit: cleanText(id, maxUnitNameLen), Status: triggerInvalid, Message: err.Error()}
+			key = "invalid:" + r.Unit
+		} else {
+			r.Unit, key = unit, unit
 		}
-		if !seen[unit] {
-			seen[unit] = true
-			plan = append(plan, triggerResult{Unit: unit})
+		if !seen[key] {
+			seen[key] = true
+			plan = append(plan, r)
 		}
 	}
 	return plan
 }
 
-// triggerUnits plans a manual trigger and runs it, one unit after the other: the auto-update unit
-// is started (it is usually a oneshot that must not be interrupted), every other unit is
-// restarted. A failure is reported and the remaining units are still processed. A unit is
-// restarted while holding its unit lock, the one run-task holds for a whole redeploy: a restart
-// in the middle of one could fail its health gate and roll a good image back. So a unit whose
-// lock is held (by a redeploy, or another restart) is not restarted but reported as an error, to
-// be retried once it is free.
+// triggerUnits runs planTrigger's units in turn: the auto-update oneshot is started, never cut
+// short; others are restarted under the unit lock run-task holds, since a restart amid a redeploy
+// could fail its health gate and roll a good image back, so a unit whose lock is held is busy.
 func triggerUnits(ctx context.Context, cfg *config, ids []string, all, dryRun bool) []triggerResult {
 	plan := planTrigger(cfg, ids, all)
 	auto, _ := resolveUnit(cfg.autoUpdateUnit)
@@ -679,20 +590,15 @@ func triggerUnits(ctx context.Context, cfg *config, ids []string, all, dryRun bo
 			r.Status, r.Message = triggerError, r.Unit+" is busy (a redeploy or another restart holds its lock): not restarted; try again once it is done"
 			continue
 		}
-		switch {
-		case res.err == nil:
-			r.Status, r.Message = triggerOK, res.note
-		case res.exitCode > 0:
-			r.Status, r.Message = triggerFailed, res.err.Error()
-		default:
-			r.Status, r.Message = triggerError, res.err.Error()
+		r.Status, r.Message = triggerOK, res.note
+		if res.err != nil {
+			r.Status, r.Message = failStatus(res), res.err.Error()
 		}
 	}
 	return plan
 }
 
-// restartLocked restarts unit while holding its unit lock, without waiting for it: busy when
-// another holds it. A lock that cannot be taken for another reason is reported as the result.
+// restartLocked restarts unit holding its unit lock, not waiting for it: busy when another has it.
 func restartLocked(ctx context.Context, cfg *config, unit string) (res cmdResult, busy bool) {
 	lock, err := lockFile(ctx, unitLockPath(cfg.stateDir, unit), 0)
 	if errors.Is(err, errLockTimeout) {
@@ -705,19 +611,20 @@ func restartLocked(ctx context.Context, cfg *config, unit string) (res cmdResult
 	return restartUnit(ctx, cfg, unit), false
 }
 
-// triggerOutcome sums up a manual trigger: valid is how many units were valid, ok whether every
-// unit was triggered (or would be, on a dry run).
-func triggerOutcome(results []triggerResult) (valid int, ok bool) {
-	ok = true
+// triggerStatus is a manual trigger's HTTP status: 400 no unit valid, 207 one not triggered, 202.
+func triggerStatus(results []triggerResult) int {
+	valid, ok := false, true
 	for _, r := range results {
-		if r.Status != triggerInvalid {
-			valid++
-		}
-		if r.Status != triggerOK && r.Status != triggerDryRun {
-			ok = false
-		}
+		valid = valid || r.Status != triggerInvalid
+		ok = ok && r.ok()
 	}
-	return valid, ok
+	switch {
+	case !valid:
+		return http.StatusBadRequest
+	case !ok:
+		return http.StatusMultiStatus
+	}
+	return http.StatusAccepted
 }
 
 // cleanText makes a caller-supplied string safe to print and store: invalid UTF-8 replaced,
