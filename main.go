@@ -1,16 +1,14 @@
-// main.go owns the command line: subcommand dispatch, the configuration read from the
-// environment (backed by the units' environment file) and overridden by flags, the one default
-// state directory rule, the hand-written usage text, and every line the program writes to
-// standard output and standard error.
+// main.go owns the command line: subcommand dispatch, the configuration (environment, the units'
+// environment file, flags), the default state directory, the usage text and the logger.
 //
-// Rules: main is the only function that calls os.Exit; every subcommand returns its exit status
-// (0 all good, 1 a runtime failure, 2 a usage or configuration error). Results go to stdout; log
-// lines go to stderr, one line per event, prefixed with a syslog priority (<3> error, <4> warning,
-// <6> info) so journald files them at the right level. Log text is lowercase with no trailing
-// period, names what failed and how to fix it, and never contains a secret.
+// Rules: only main calls os.Exit; a subcommand returns its exit status (0 all good, 1 a runtime
+// failure, 2 a usage or configuration error). Results go to stdout, log lines to stderr, one per
+// event with a syslog priority prefix (<3> error, <4> warning, <6> info) for journald. Log text is
+// lowercase with no trailing period, names what failed and how to fix it, and holds no secret.
 package main
 
 import (
+	"cmp"
 	"errors"
 	"flag"
 	"fmt"
@@ -49,16 +47,13 @@ Every command reads its configuration from the environment, then from
 Run 'webhook-auto-update <command> -h' for the flags of one command.
 `
 
-// cli carries the process boundaries every subcommand uses, so a test can run the whole program
-// in-process with its own environment and output buffers.
+// cli carries the process boundaries, so a test can run the whole program in-process.
 type cli struct {
-	getenv func(string) string
-	stdout io.Writer
-	stderr io.Writer
-	log    *logger
+	getenv         func(string) string
+	stdout, stderr io.Writer
+	log            *logger
 }
 
-// commands maps a subcommand name to its implementation.
 var commands = map[string]func(c *cli, args []string) int{
 	"server":        cmdServer,
 	"run-task":      cmdRunTask,
@@ -71,7 +66,6 @@ var commands = map[string]func(c *cli, args []string) int{
 	"help":          cmdHelp,
 }
 
-// run is the whole program; main only exits with what it returns.
 func run(args []string, getenv func(string) string, stdout, stderr io.Writer) int {
 	c := &cli{getenv: getenv, stdout: stdout, stderr: stderr, log: newLogger(stderr)}
 	if len(args) == 0 {
@@ -111,17 +105,12 @@ func buildVersion() string {
 	v := info.Main.Version
 	var rev, dirty string
 	for _, s := range info.Settings {
-		switch s.Key {
-		case "vcs.revision":
-			rev = s.Value
-		case "vcs.modified":
-			if s.Value == "true" {
-				dirty = "-dirty"
-			}
+		switch {
+		case s.Key == "vcs.revision":
+			rev = s.Value[:min(len(s.Value), 12)]
+		case s.Key == "vcs.modified" && s.Value == "true":
+			dirty = "-dirty"
 		}
-	}
-	if len(rev) > 12 {
-		rev = rev[:12]
 	}
 	if rev != "" {
 		v += " " + rev + dirty
@@ -129,9 +118,8 @@ func buildVersion() string {
 	return strings.TrimSpace(v)
 }
 
-// config is every setting of the program. loadConfig fills it from the environment variables
-// (pod-upgrade-trigger's names, listed in the README's Configuration table), the subcommand's
-// flags override it, and finish derives the paths that depend on the state directory.
+// config is every setting: loadConfig reads the environment (names in the README's Configuration
+// table), the subcommand's flags override it, and finish derives the state directory's paths.
 type config struct {
 	stateDir         string
 	dbURL            string
@@ -152,9 +140,8 @@ type config struct {
 	envFile          string // the environment file read (envFilePath), "" none
 	allowAnyImage    bool   // units without Image= take any pushed image (see task.checkImage)
 
-	interval time.Duration
-	maxTicks int // 0: unbounded
-
+	interval         time.Duration
+	maxTicks         int           // 0: unbounded
 	requestRetention time.Duration // request rows older than it are deleted (prune-state, scheduler)
 
 	autoUpdateLimits [2]window
@@ -175,14 +162,11 @@ type config struct {
 	shutdownTimeout   time.Duration
 }
 
-// legacyStateDir is the original tool's state directory: used when it exists, so a host that
-// switches binaries keeps its state.
+// legacyStateDir is the original tool's state directory, used when it exists to keep its state.
 const legacyStateDir = "/srv/pod-upgrade-trigger"
 
 // defaultStateDir is the one state directory rule of every subcommand and of the shipped units
-// (which set none): the original tool's directory when it exists, else
-// $XDG_STATE_HOME/webhook-auto-update, else ~/.local/state/webhook-auto-update. It returns ""
-// when none applies (no HOME), which finish reports.
+// (which set none); "" when none applies (no HOME), which finish reports.
 func defaultStateDir(getenv func(string) string, legacyExists bool) string {
 	switch {
 	case legacyExists:
@@ -195,10 +179,8 @@ func defaultStateDir(getenv func(string) string, legacyExists bool) string {
 	return ""
 }
 
-// envFilePath is the environment file the shipped units read (EnvironmentFile=
-// %h/.config/webhook-auto-update/webhook-auto-update.env). Every subcommand reads it too, so a
-// setting made there (WEBHOOK_STATE_DIR, say) holds for a CLI call from a shell as well; a
-// variable set in the environment wins over the file.
+// envFilePath is the shipped units' EnvironmentFile=. Every subcommand reads it too, so a setting
+// made there holds for a CLI call from a shell as well.
 func envFilePath(getenv func(string) string) string {
 	if h := getenv("HOME"); filepath.IsAbs(h) {
 		return filepath.Join(h, ".config", "webhook-auto-update", "webhook-auto-update.env")
@@ -206,14 +188,9 @@ func envFilePath(getenv func(string) string) string {
 	return ""
 }
 
-// withEnvFile returns getenv backed by the environment file at path, and path when it was read:
-// a variable that is empty in the environment takes the file's value. A missing file changes
-// nothing; one that cannot be read or parsed is an error, since settings silently not applied
-// are what it is there to avoid.
+// withEnvFile backs getenv with the file at path (a set variable wins) and returns path when read.
+// A missing file (or path "") changes nothing; a bad one is an error, never a setting ignored.
 func withEnvFile(getenv func(string) string, path string) (func(string) string, string, error) {
-	if path == "" {
-		return getenv, "", nil
-	}
 	data, err := os.ReadFile(path)
 	if errors.Is(err, os.ErrNotExist) {
 		return getenv, "", nil
@@ -225,18 +202,11 @@ func withEnvFile(getenv func(string) string, path string) (func(string) string, 
 	if err != nil {
 		return nil, "", fmt.Errorf("environment file %s: %w", path, err)
 	}
-	return func(name string) string {
-		if v := getenv(name); v != "" {
-			return v
-		}
-		return vars[name]
-	}, path, nil
+	return func(name string) string { return cmp.Or(getenv(name), vars[name]) }, path, nil
 }
 
-// parseEnvFile reads the NAME=value lines of a systemd EnvironmentFile= (systemd.exec(5)):
-// blank lines and lines starting with # or ; are skipped, a value in matching single or double
-// quotes loses them. Line continuations and escapes are not supported; such a line is an error
-// rather than a different value than systemd would read.
+// parseEnvFile reads the NAME=value lines of a systemd EnvironmentFile= (systemd.exec(5)). A line
+// continuation is an error rather than a value other than systemd would read.
 func parseEnvFile(data []byte) (map[string]string, error) {
 	vars := map[string]string{}
 	for i, line := range strings.Split(string(data), "\n") {
@@ -262,9 +232,8 @@ func parseEnvFile(data []byte) (map[string]string, error) {
 
 var reEnvName = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
 
-// loadConfig reads the environment, backed by the units' environment file (envFilePath). An
-// unparsable, negative or zero number is an error naming the variable and its value: a typo must
-// never silently become a default.
+// loadConfig reads the environment, backed by envFilePath. A bad number is an error naming the
+// variable and its value: a typo must never silently become a default.
 func loadConfig(getenv func(string) string) (*config, error) {
 	getenv, envFile, err := withEnvFile(getenv, envFilePath(getenv))
 	if err != nil {
@@ -280,7 +249,7 @@ func loadConfig(getenv func(string) string) (*config, error) {
 		allowedEvents:    splitList(getenv("GITHUB_ALLOWED_EVENTS")),
 		registryHosts:    p.hosts("WEBHOOK_REGISTRY_HOSTS", "ghcr.io"),
 		token:            strings.TrimSpace(getenv("WEBHOOK_TOKEN")),
-		manualToken:      strings.TrimSpace(getenv("WEBHOOK_MANUAL_TOKEN")),
+		manualToken:      p.str("WEBHOOK_MANUAL_TOKEN", strings.TrimSpace(getenv("WEBHOOK_TOKEN"))),
 		metricsToken:     strings.TrimSpace(getenv("WEBHOOK_METRICS_TOKEN")),
 		manualUnits:      splitList(getenv("WEBHOOK_MANUAL_UNITS")),
 		autoUpdateUnit:   p.str("MANUAL_AUTO_UPDATE_UNIT", "podman-auto-update.service"),
@@ -290,9 +259,8 @@ func loadConfig(getenv func(string) string) (*config, error) {
 		bodyBudget:       int64(p.positive("WEBHOOK_BODY_BUDGET_BYTES", 32<<20)),
 		allowAnyImage:    p.boolean("WEBHOOK_ALLOW_ANY_IMAGE"),
 
-		interval: p.seconds("AUTO_UPDATE_INTERVAL_SECS", 900),
-		maxTicks: p.positive("WEBHOOK_SCHEDULER_MAX_TICKS", 0),
-
+		interval:         p.seconds("AUTO_UPDATE_INTERVAL_SECS", 900),
+		maxTicks:         p.positive("WEBHOOK_SCHEDULER_MAX_TICKS", 0),
 		requestRetention: p.days("WEBHOOK_REQUEST_RETENTION_DAYS", 30),
 
 		autoUpdateLimits: [2]window{
@@ -315,9 +283,6 @@ func loadConfig(getenv func(string) string) (*config, error) {
 		idleTimeout:       120 * time.Second,
 		shutdownTimeout:   25 * time.Second,
 	}
-	if cfg.manualToken == "" {
-		cfg.manualToken = cfg.token
-	}
 	cfg.secrets = map[string]string{}
 	for name := range pushSources {
 		cfg.secrets[name] = strings.TrimSpace(getenv(secretEnv(name)))
@@ -336,21 +301,14 @@ func (cfg *config) finish() error {
 		return fmt.Errorf("state directory %s: %w", cfg.stateDir, err)
 	}
 	cfg.stateDir = abs
-	dbPath, err := databasePath(cfg.dbURL, cfg.stateDir)
-	if err != nil {
+	if cfg.dbPath, err = databasePath(cfg.dbURL, cfg.stateDir); err != nil {
 		return err
 	}
-	cfg.dbPath = dbPath
-	if cfg.webDist == "" {
-		cfg.webDist = filepath.Join(cfg.stateDir, "web", "dist")
-	}
-	if cfg.debugPayloadPath == "" {
-		cfg.debugPayloadPath = filepath.Join(cfg.stateDir, "last_payload.bin")
-	}
+	cfg.webDist = cmp.Or(cfg.webDist, filepath.Join(cfg.stateDir, "web", "dist"))
+	cfg.debugPayloadPath = cmp.Or(cfg.debugPayloadPath, filepath.Join(cfg.stateDir, "last_payload.bin"))
 	return nil
 }
 
-// ensureStateDir creates the state directory (0700) when it is missing.
 func ensureStateDir(dir string) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("cannot create the state directory %s: %w (set WEBHOOK_STATE_DIR or --state-dir to a writable directory)", dir, err)
@@ -364,26 +322,25 @@ type envParser struct {
 	err    error
 }
 
-func (p *envParser) str(name, def string) string {
-	if v := strings.TrimSpace(p.getenv(name)); v != "" {
-		return v
+func (p *envParser) fail(format string, a ...any) {
+	if p.err == nil {
+		p.err = fmt.Errorf(format, a...)
 	}
-	return def
 }
 
-// boolean reads a yes/no setting: 1/true/yes or 0/false/no, empty meaning no.
+func (p *envParser) str(name, def string) string {
+	return cmp.Or(strings.TrimSpace(p.getenv(name)), def)
+}
+
 func (p *envParser) boolean(name string) bool {
 	switch v := strings.ToLower(strings.TrimSpace(p.getenv(name))); v {
 	case "", "0", "false", "no":
-		return false
 	case "1", "true", "yes":
 		return true
 	default:
-		if p.err == nil {
-			p.err = fmt.Errorf("invalid %s=%q: want true or false", name, v)
-		}
-		return false
+		p.fail("invalid %s=%q: want true or false", name, v)
 	}
+	return false
 }
 
 func (p *envParser) positive(name string, def int) int {
@@ -393,49 +350,40 @@ func (p *envParser) positive(name string, def int) int {
 	}
 	n, err := strconv.Atoi(v)
 	if err != nil || n <= 0 {
-		if p.err == nil {
-			p.err = fmt.Errorf("invalid %s=%q: want a whole number greater than zero", name, v)
-		}
+		p.fail("invalid %s=%q: want a whole number greater than zero", name, v)
 		return def
 	}
 	return n
 }
 
-func (p *envParser) days(name string, def int) time.Duration {
+// count reads a positive number of units, at most limit of them (tooMany says why).
+func (p *envParser) count(name string, def int, unit time.Duration, limit int64, tooMany string) time.Duration {
 	n := p.positive(name, def)
-	if n > 100*366 {
-		if p.err == nil {
-			p.err = fmt.Errorf("invalid %s=%q: more than 100 years", name, p.getenv(name))
-		}
-		return time.Duration(def) * 24 * time.Hour
+	if int64(n) > limit {
+		p.fail("invalid %s=%q: %s", name, p.getenv(name), tooMany)
+		n = def
 	}
-	return time.Duration(n) * 24 * time.Hour
+	return time.Duration(n) * unit
 }
 
-// hosts reads a comma list of registry hosts (host or host:port), lowercased.
+func (p *envParser) seconds(name string, def int) time.Duration {
+	return p.count(name, def, time.Second, math.MaxInt64/int64(time.Second), "too many seconds")
+}
+
+func (p *envParser) days(name string, def int) time.Duration {
+	return p.count(name, def, 24*time.Hour, 100*366, "more than 100 years")
+}
+
 func (p *envParser) hosts(name, def string) []string {
 	list := splitList(p.str(name, def))
 	for i, h := range list {
-		list[i] = strings.ToLower(h)
-		if !reDomain.MatchString(list[i]) && p.err == nil {
-			p.err = fmt.Errorf("invalid %s=%q: %q is not a registry host (host or host:port, comma-separated)", name, p.getenv(name), h)
+		if list[i] = strings.ToLower(h); !reDomain.MatchString(list[i]) {
+			p.fail("invalid %s=%q: %q is not a registry host (host or host:port, comma-separated)", name, p.getenv(name), h)
 		}
 	}
 	return list
 }
 
-func (p *envParser) seconds(name string, def int) time.Duration {
-	n := p.positive(name, def)
-	if int64(n) > math.MaxInt64/int64(time.Second) {
-		if p.err == nil {
-			p.err = fmt.Errorf("invalid %s=%q: too many seconds", name, p.getenv(name))
-		}
-		return time.Duration(def) * time.Second
-	}
-	return time.Duration(n) * time.Second
-}
-
-// splitList splits a comma- or newline-separated list, dropping blanks.
 func splitList(s string) []string {
 	var out []string
 	for _, f := range strings.FieldsFunc(s, func(r rune) bool { return r == ',' || r == '\n' || r == '\r' }) {
@@ -446,9 +394,8 @@ func splitList(s string) []string {
 	return out
 }
 
-// setup reads the configuration and parses a subcommand's flags. define adds the command's own
-// flags; --state-dir and --db are common to all. Flags and positional arguments may be mixed.
-// It returns the positional arguments and, when the command must stop, an exit status >= 0.
+// setup reads the configuration and a subcommand's flags (define's, --state-dir and --db), mixed
+// with positional arguments. It returns those and, when the command must stop, a status >= 0.
 func (c *cli) setup(name, help string, args []string, define func(fs *flag.FlagSet, cfg *config)) (*config, []string, int) {
 	cfg, err := loadConfig(c.getenv)
 	if err != nil {
@@ -477,7 +424,6 @@ func (c *cli) setup(name, help string, args []string, define func(fs *flag.FlagS
 	return cfg, rest, -1
 }
 
-// usageError reports a command's usage error with its usage text and returns exit status 2.
 func (c *cli) usageError(name, help, format string, a ...any) int {
 	c.log.errorf("%s: %s", name, fmt.Sprintf(format, a...))
 	fmt.Fprint(c.stderr, help)
@@ -503,8 +449,7 @@ func parseInterspersed(fs *flag.FlagSet, args []string) ([]string, error) {
 	}
 }
 
-// positiveInt is a flag.Value for a whole number greater than zero, so that "--interval 0" is a
-// usage error rather than a silent default.
+// positiveInt is a flag.Value that makes "--interval 0" a usage error, not a silent default.
 type positiveInt struct{ p *int }
 
 func (v positiveInt) String() string {
@@ -523,25 +468,20 @@ func (v positiveInt) Set(s string) error {
 	return nil
 }
 
-// isFlagValue reports whether the argument after before is the value of before's last flag
-// (as in "-caller --"), rather than a terminator.
+// isFlagValue reports whether a "--" after before is the value of its last flag ("-caller --").
 func isFlagValue(fs *flag.FlagSet, before []string) bool {
 	if len(before) == 0 {
 		return false
 	}
 	last := before[len(before)-1]
-	if !strings.HasPrefix(last, "-") || strings.Contains(last, "=") || last == "--" {
-		return false
-	}
 	f := fs.Lookup(strings.TrimLeft(last, "-"))
-	if f == nil {
+	if f == nil || !strings.HasPrefix(last, "-") || strings.Contains(last, "=") || last == "--" {
 		return false
 	}
 	b, ok := f.Value.(interface{ IsBoolFlag() bool })
 	return !ok || !b.IsBoolFlag()
 }
 
-// logger writes one line per event to stderr with a syslog priority prefix.
 type logger struct {
 	mu sync.Mutex
 	w  io.Writer
@@ -554,9 +494,8 @@ func (l *logger) warnf(format string, a ...any)  { l.printf("<4>", format, a...)
 func (l *logger) errorf(format string, a ...any) { l.printf("<3>", format, a...) }
 
 func (l *logger) printf(prio, format string, a ...any) {
-	msg := fmt.Sprintf(format, a...)
 	// One event, one line: a multi-line command output must not split the record in journald.
-	msg = strings.ReplaceAll(strings.TrimRight(msg, "\n"), "\n", `\n`)
+	msg := strings.ReplaceAll(strings.TrimRight(fmt.Sprintf(format, a...), "\n"), "\n", `\n`)
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	fmt.Fprintf(l.w, "%swebhook-auto-update: %s\n", prio, msg)

@@ -1,13 +1,7 @@
-// ratelimit.go owns the state directory's timestamp logs and lock files: the global
-// /auto-update limiter (ratelimit.db + ratelimit.lock), the per-image redeploy limit
-// (github-image-limits/<key>.db) and the per-image redeploy lock (github-image-locks/<key>.lock).
-//
-// Rules: a timestamp log is one unix timestamp per line, the original tool's format. It is only
-// ever replaced whole (temp file in the same directory, fsync, rename, fsync of the directory),
-// so a crash leaves the old or the new content, never a torn or empty file. A line that does not
-// parse is skipped, never fatal. Read-modify-write of a log happens under syscall.Flock of a
-// separate, stable lock file (the log itself is replaced, so it cannot carry the lock), and every
-// lock wait is bounded.
+// ratelimit.go owns the state directory's timestamp logs (one unix timestamp per line, the
+// original tool's format; a line that does not parse is skipped) and lock files. A log is only
+// replaced whole (writeFileAtomic), under flock(2) of a separate lock file since the log itself
+// is replaced, and every lock wait is bounded.
 package main
 
 import (
@@ -25,18 +19,17 @@ import (
 	"time"
 )
 
-// window is a sliding-window rate limit: at most count events within span.
 type window struct {
 	count int
 	span  time.Duration
 }
 
-// errLockTimeout reports a lock that another process held for longer than the caller waits.
 var errLockTimeout = errors.New("timed out waiting for the lock")
 
-// imageKey turns an image reference into a file name: lowercased, and every character outside
-// [a-z0-9._-] replaced by "_", as the original tool named its per-image files. A valid reference
-// can be longer than a file name may be (255 bytes): see fitKey.
+// maxKeyLen bounds a state file's key, leaving room in a 255-byte file name for its suffix.
+const maxKeyLen = 200
+
+// imageKey turns an image reference into a file name, as the original tool named its files.
 func imageKey(image string) string {
 	b := []byte(strings.ToLower(image))
 	for i, c := range b {
@@ -47,11 +40,7 @@ func imageKey(image string) string {
 	return fitKey(string(b), strings.ToLower(image))
 }
 
-// maxKeyLen bounds a state file's key, leaving room in a 255-byte file name for its suffix.
-const maxKeyLen = 200
-
-// fitKey returns key when it is at most maxKeyLen bytes; a longer key keeps its first part and
-// ends in the SHA-256 of whole (what the key was made from), so it stays unique.
+// fitKey shortens a key over maxKeyLen, ending it in the SHA-256 of whole so it stays unique.
 func fitKey(key, whole string) string {
 	if len(key) <= maxKeyLen {
 		return key
@@ -68,47 +57,35 @@ func imageLockPath(stateDir, image string) string {
 	return filepath.Join(stateDir, "github-image-locks", imageKey(image)+".lock")
 }
 
-// unitLockPath is the lock that keeps redeploys of one unit one at a time, whatever image or tag
-// each pulls. It sits with the image locks, so prune-state treats it like them; no image key
-// contains "@", so the names never meet. A unit name is at most 255 bytes, hence the hash when
-// the file name would be longer.
+// unitLockPath serializes a unit's redeploys, among the image locks ("@" is in no image key).
 func unitLockPath(stateDir, unit string) string {
 	return filepath.Join(stateDir, "github-image-locks", fitKey("unit@"+unit, unit)+".lock")
 }
 
-// parseTimestamps reads a timestamp log; it returns the valid timestamps in file order and how
-// many lines were skipped as corrupt.
 func parseTimestamps(data []byte) (ts []int64, bad int) {
 	for _, line := range strings.Split(string(data), "\n") {
-		line = strings.TrimSpace(line)
-		if line == "" {
+		if line = strings.TrimSpace(line); line == "" {
 			continue
 		}
-		n, err := strconv.ParseInt(line, 10, 64)
-		if err != nil || n < 0 {
+		if n, err := strconv.ParseInt(line, 10, 64); err == nil && n >= 0 {
+			ts = append(ts, n)
+		} else {
 			bad++
-			continue
 		}
-		ts = append(ts, n)
 	}
 	return ts, bad
 }
 
-// readTimestamps reads a timestamp log; a missing file is an empty log.
 func readTimestamps(path string) (ts []int64, bad int, err error) {
 	data, err := os.ReadFile(path)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil, 0, nil
-	}
-	if err != nil {
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		return nil, 0, err
 	}
 	ts, bad = parseTimestamps(data)
 	return ts, bad, nil
 }
 
-// writeFileAtomic replaces path with data so that readers and a crash see either the old or the
-// new content: temp file in the same directory, fsync, rename, fsync of the directory.
+// writeFileAtomic replaces path so that readers and a crash see either the old or the new content.
 func writeFileAtomic(path string, data []byte, perm os.FileMode) error {
 	dir := filepath.Dir(path)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
@@ -119,19 +96,15 @@ func writeFileAtomic(path string, data []byte, perm os.FileMode) error {
 		return err
 	}
 	defer os.Remove(tmp.Name()) // a no-op after the rename
-	if _, err := tmp.Write(data); err != nil {
-		tmp.Close()
-		return err
+	if _, err = tmp.Write(data); err == nil {
+		if err = tmp.Chmod(perm); err == nil {
+			err = tmp.Sync()
+		}
 	}
-	if err := tmp.Chmod(perm); err != nil {
-		tmp.Close()
-		return err
+	if cerr := tmp.Close(); err == nil {
+		err = cerr
 	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
+	if err != nil {
 		return err
 	}
 	if err := os.Rename(tmp.Name(), path); err != nil {
@@ -146,56 +119,55 @@ func writeFileAtomic(path string, data []byte, perm os.FileMode) error {
 }
 
 func formatTimestamps(ts []int64) []byte {
-	var b strings.Builder
+	var b []byte
 	for _, t := range ts {
-		b.WriteString(strconv.FormatInt(t, 10))
-		b.WriteByte('\n')
+		b = append(strconv.AppendInt(b, t, 10), '\n')
 	}
-	return []byte(b.String())
+	return b
 }
 
 // fileLock is an exclusive flock(2) on a lock file; the kernel drops it when the process dies.
 type fileLock struct{ f *os.File }
 
-// lockFile waits up to timeout (or until ctx ends) for an exclusive lock on path, creating the
-// file and its directory when missing. prune-state may delete a lock file that nobody holds; a
-// waiter that then gets the lock on the deleted file notices (the path no longer names the file
-// it locked) and starts over on the new one.
+// tryLock takes f's lock if it is free at once, else closes f.
+func tryLock(f *os.File) (*fileLock, error) {
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return &fileLock{f: f}, nil
+}
+
+// lockFile waits up to timeout (or until ctx ends) for the lock on path, creating the file. As
+// prune-state may delete a lock file nobody holds, a lock counts only on the file path still names.
 func lockFile(ctx context.Context, path string, timeout time.Duration) (*fileLock, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return nil, err
 	}
 	deadline := time.Now().Add(timeout)
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
-	if err != nil {
-		return nil, err
-	}
 	for wait := time.Millisecond; ; wait = min(wait*2, 50*time.Millisecond) {
-		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+		f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+		if err != nil {
+			return nil, err
+		}
+		lk, err := tryLock(f)
 		if err == nil {
 			held, statErr := f.Stat()
 			named, pathErr := os.Stat(path)
 			if statErr == nil && pathErr == nil && os.SameFile(held, named) {
-				return &fileLock{f: f}, nil
+				return lk, nil
 			}
-			// Deleted (or replaced) while we waited: lock the file the path names now.
-			f.Close()
-			if f, err = os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600); err != nil {
-				return nil, err
-			}
+			lk.Unlock()
 			continue
 		}
 		if !errors.Is(err, syscall.EWOULDBLOCK) && !errors.Is(err, syscall.EINTR) {
-			f.Close()
 			return nil, fmt.Errorf("lock %s: %w", path, err)
 		}
 		if time.Now().After(deadline) {
-			f.Close()
 			return nil, fmt.Errorf("lock %s: %w (%s)", path, errLockTimeout, timeout)
 		}
 		select {
 		case <-ctx.Done():
-			f.Close()
 			return nil, fmt.Errorf("lock %s: %w", path, ctx.Err())
 		case <-time.After(wait):
 		}
@@ -208,14 +180,11 @@ func tryLockFile(path string) (*fileLock, bool, error) {
 	if err != nil {
 		return nil, false, err
 	}
-	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
-		f.Close()
-		if errors.Is(err, syscall.EWOULDBLOCK) {
-			return nil, false, nil
-		}
-		return nil, false, err
+	lk, err := tryLock(f)
+	if errors.Is(err, syscall.EWOULDBLOCK) {
+		return nil, false, nil
 	}
-	return &fileLock{f: f}, true, nil
+	return lk, err == nil, err
 }
 
 func (l *fileLock) Unlock() {
@@ -226,8 +195,7 @@ func (l *fileLock) Unlock() {
 	}
 }
 
-// limiter is a sliding-window limiter over a timestamp log. Every window must have room for a
-// new event; the log keeps only what the longest window can still count.
+// limiter admits an event when every window has room; its log keeps what the longest can count.
 type limiter struct {
 	logPath     string
 	lockPath    string // empty: the caller already holds a lock that covers logPath
@@ -236,7 +204,6 @@ type limiter struct {
 	now         func() time.Time
 }
 
-// decision is a limiter's answer.
 type decision struct {
 	allowed    bool
 	retryAfter time.Duration // when refused: until the oldest counted event leaves its window
@@ -244,15 +211,10 @@ type decision struct {
 	skipped    int           // corrupt lines dropped from the log
 }
 
-// take records one event now if every window has room, and reports the decision.
-func (l *limiter) take(ctx context.Context) (decision, error) {
-	return l.do(ctx, true)
-}
+func (l *limiter) take(ctx context.Context) (decision, error) { return l.do(ctx, true) }
 
 // check reports whether take would succeed, changing nothing.
-func (l *limiter) check(ctx context.Context) (decision, error) {
-	return l.do(ctx, false)
-}
+func (l *limiter) check(ctx context.Context) (decision, error) { return l.do(ctx, false) }
 
 func (l *limiter) do(ctx context.Context, record bool) (decision, error) {
 	if l.lockPath != "" && record {
@@ -296,14 +258,12 @@ func (l *limiter) do(ctx context.Context, record bool) (decision, error) {
 			kept = append(kept, t)
 		}
 	}
-	kept = append(kept, now)
-	if err := writeFileAtomic(l.logPath, formatTimestamps(kept), 0o600); err != nil {
+	if err := writeFileAtomic(l.logPath, formatTimestamps(append(kept, now)), 0o600); err != nil {
 		return decision{}, fmt.Errorf("write %s: %w", l.logPath, err)
 	}
 	return d, nil
 }
 
-// autoUpdateLimiter is the global two-window limiter of /auto-update.
 func autoUpdateLimiter(cfg *config) *limiter {
 	return &limiter{
 		logPath:     filepath.Join(cfg.stateDir, "ratelimit.db"),
@@ -314,13 +274,8 @@ func autoUpdateLimiter(cfg *config) *limiter {
 	}
 }
 
-// imageLimiter is the per-image redeploy limit. Its log is written only by run-task while it
-// holds the image's redeploy lock, so it needs no lock of its own; readers (the webhook's early
-// check) only ever see a whole file.
+// imageLimiter is the per-image redeploy limit. Only run-task writes its log, holding the image's
+// redeploy lock, so it needs no lock of its own; readers only ever see a whole file.
 func imageLimiter(cfg *config, image string) *limiter {
-	return &limiter{
-		logPath: imageLimitPath(cfg.stateDir, image),
-		windows: []window{cfg.imageLimit},
-		now:     time.Now,
-	}
+	return &limiter{logPath: imageLimitPath(cfg.stateDir, image), windows: []window{cfg.imageLimit}, now: time.Now}
 }

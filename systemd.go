@@ -1,12 +1,8 @@
-// systemd.go owns what talks to systemd and starts programs: socket activation (sd_listen_fds(3)),
-// sd_notify(3), unit names, systemctl, a delivery's unit lookup (its Quadlet file's Image=), the
-// dispatcher that starts each queued redeploy as a transient unit with systemd-run, runCommand
-// and the environment every child gets, and the health gate's samples and verdict.
-//
-// Rules: the activation and notify variables are unset once read and passed fds are
-// close-on-exec, so no child inherits them; children get no secret (childEnv). Every value in
-// systemctl's argv passed validUnitName and follows "--". One dispatcher goroutine consumes the
-// durable queue, so it needs no lock; a claim only wakes it.
+// systemd.go owns what talks to systemd and starts programs: socket activation, sd_notify, unit
+// names and lookups, systemctl, the dispatcher of queued redeploys (systemd-run), runCommand and
+// the health gate. No child inherits the activation and notify variables, passed fds or a secret;
+// a unit name in systemctl's argv passed validUnitName and follows "--". One dispatcher goroutine
+// consumes the durable queue, so it needs no lock; a claim only wakes it.
 package main
 
 import (
@@ -30,22 +26,16 @@ import (
 	"time"
 )
 
-// firstListenFD is SD_LISTEN_FDS_START. It is a variable so that a test can hand in the fd of a
-// real listener without starting a subprocess.
+// firstListenFD is SD_LISTEN_FDS_START, a variable so that a test can hand in a listener's fd.
 var firstListenFD = 3
 
-// activationListeners returns the sockets systemd passed to this process, or none when the
-// process was not socket-activated (LISTEN_PID absent or naming another process, as
-// sd_listen_fds(3) requires). LISTEN_PID, LISTEN_FDS and LISTEN_FDNAMES are unset either way.
+// activationListeners returns the sockets systemd passed to this process, as sd_listen_fds(3).
 func activationListeners(getenv func(string) string) ([]net.Listener, error) {
 	pidText, fdsText, namesText := getenv("LISTEN_PID"), getenv("LISTEN_FDS"), getenv("LISTEN_FDNAMES")
 	for _, v := range []string{"LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"} {
 		os.Unsetenv(v)
 	}
-	if pidText == "" || fdsText == "" {
-		return nil, nil
-	}
-	if pid, err := strconv.Atoi(pidText); err != nil || pid != os.Getpid() {
+	if pid, err := strconv.Atoi(pidText); err != nil || pid != os.Getpid() || fdsText == "" {
 		return nil, nil
 	}
 	n, err := strconv.Atoi(fdsText)
@@ -58,8 +48,8 @@ func activationListeners(getenv func(string) string) ([]net.Listener, error) {
 		fd := firstListenFD + i
 		syscall.CloseOnExec(fd)
 		name := "LISTEN_FD_" + strconv.Itoa(fd)
-		if i < len(names) && names[i] != "" {
-			name = names[i]
+		if i < len(names) {
+			name = cmp.Or(names[i], name)
 		}
 		f := os.NewFile(uintptr(fd), name)
 		l, err := net.FileListener(f) // duplicates the fd
@@ -81,9 +71,6 @@ type notifier struct {
 	watchdog time.Duration
 }
 
-// newNotifier connects to $NOTIFY_SOCKET when systemd set it. A leading "@" names an abstract
-// socket, which Go's unix socket addresses already understand. NOTIFY_SOCKET, WATCHDOG_USEC and
-// WATCHDOG_PID are unset so children do not inherit them.
 func newNotifier(getenv func(string) string) (*notifier, error) {
 	path, usec, wpid := getenv("NOTIFY_SOCKET"), getenv("WATCHDOG_USEC"), getenv("WATCHDOG_PID")
 	for _, v := range []string{"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"} {
@@ -106,7 +93,6 @@ func newNotifier(getenv func(string) string) (*notifier, error) {
 	return n, nil
 }
 
-// notify sends one state string such as "READY=1".
 func (n *notifier) notify(state string) error {
 	if n == nil || n.conn == nil {
 		return nil
@@ -145,9 +131,8 @@ const maxUnitNameLen = 255
 
 var reUnitName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9:_.@-]*\.service$`)
 
-// validUnitName accepts the service names this program may pass to systemctl: the characters
-// systemd.unit(5) allows in a name (no "\" escapes, no glob characters), at most 255 bytes,
-// never a leading "-" (it would read as a flag), and a template only with its instance.
+// validUnitName accepts the service names this program may pass to systemctl: systemd.unit(5)'s
+// characters without "\" escapes or globs, no leading "-" (a flag), a template only with instance.
 func validUnitName(name string) error {
 	switch {
 	case name == "":
@@ -162,13 +147,10 @@ func validUnitName(name string) error {
 	return nil
 }
 
-// resolveUnit turns a unit identifier as operators and the original tool spell it into a
-// validated service name: "foo" and "foo.service" → "foo.service", and the webhook spellings
-// "foo/redeploy" and "github-package-update/foo" → "foo.service".
+// resolveUnit validates a unit as operators and the original tool spell it: "foo", "foo.service",
+// and the webhook's "foo/redeploy" and "github-package-update/foo" all mean "foo.service".
 func resolveUnit(id string) (string, error) {
-	u := strings.TrimSpace(id)
-	u = strings.TrimPrefix(u, "/")
-	u = strings.TrimPrefix(u, "github-package-update/")
+	u := strings.TrimPrefix(strings.TrimPrefix(strings.TrimSpace(id), "/"), "github-package-update/")
 	u = strings.TrimSuffix(u, "/redeploy")
 	if u != "" && !strings.HasSuffix(u, ".service") {
 		u += ".service"
@@ -179,38 +161,32 @@ func resolveUnit(id string) (string, error) {
 	return u, nil
 }
 
-// systemctl runs "systemctl --user ARGS…".
 func systemctl(ctx context.Context, cfg *config, args ...string) cmdResult {
 	return runCommand(ctx, cfg.commandTimeout, append([]string{"systemctl", "--user"}, args...)...)
 }
 
-// restartUnit restarts a validated unit and waits for the job, as systemctl does by default.
 func restartUnit(ctx context.Context, cfg *config, unit string) cmdResult {
 	return stillRunning(ctx, cfg, unit, systemctl(ctx, cfg, "restart", "--", unit))
 }
 
-// startUnit starts a validated unit.
 func startUnit(ctx context.Context, cfg *config, unit string) cmdResult {
 	return stillRunning(ctx, cfg, unit, systemctl(ctx, cfg, "start", "--", unit))
 }
 
-// stillRunning turns a systemctl that was killed at its time limit while the unit's job went on
-// (a long podman auto-update, say) into a success with a note: systemd keeps running the job, and
-// reporting it as failed would be untrue. A unit that is not starting or running stays an error.
+// stillRunning turns a systemctl killed at its time limit while the unit's job goes on (a long
+// podman auto-update, say) into a success with a note: reporting it as failed would be untrue.
 func stillRunning(ctx context.Context, cfg *config, unit string, res cmdResult) cmdResult {
 	if !res.timedOut {
 		return res
 	}
 	s, err := sampleUnit(context.WithoutCancel(ctx), cfg, unit)
-	if err != nil || (s.activeState != "activating" && s.activeState != "active" && s.activeState != "reloading") {
+	if err != nil || !slices.Contains([]string{"activating", "active", "reloading"}, s.activeState) {
 		return res
 	}
-	res.err = nil
-	res.note = fmt.Sprintf("systemctl stopped waiting after %s; %s is %s/%s and systemd carries on", cfg.commandTimeout, unit, s.activeState, s.subState)
+	res.err, res.note = nil, fmt.Sprintf("systemctl stopped waiting after %s; %s is %s/%s and systemd carries on", cfg.commandTimeout, unit, s.activeState, s.subState)
 	return res
 }
 
-// showUnit reads unit properties with "systemctl --user show -p P… -- UNIT".
 func showUnit(ctx context.Context, cfg *config, unit string, props ...string) (map[string]string, error) {
 	args := []string{"show"}
 	for _, p := range props {
@@ -229,20 +205,14 @@ func showUnit(ctx context.Context, cfg *config, unit string, props ...string) (m
 	return out, nil
 }
 
-// unitLookupTTL is how long the unit lookup of a delivery is reused: long enough that a burst
-// of deliveries for one unit costs one systemctl and one read of its files, short enough that a
-// changed Quadlet file, or a unit file changed and daemon-reload'ed, is seen within seconds.
-const unitLookupTTL = 2 * time.Second
+const (
+	// unitLookupTTL lets a burst of deliveries share a lookup; a changed unit is seen in seconds.
+	unitLookupTTL     = 2 * time.Second
+	unitLookupTimeout = 5 * time.Second
+	maxUnitLookups    = 1024 // past it, the cache is emptied rather than kept forever
+)
 
-// unitLookupTimeout bounds one lookup.
-const unitLookupTimeout = 5 * time.Second
-
-// maxUnitLookups bounds the cache; past it, entries are dropped rather than kept forever.
-const maxUnitLookups = 1024
-
-// unitLookups caches configuredImage per unit for ttl, so that no delivery starts a process or
-// reads a file in steady state. A caller that finds an entry being refreshed waits on that
-// entry's mutex for the same answer.
+// unitLookups caches configuredImage per unit; callers of a refreshing entry share its answer.
 type unitLookups struct {
 	ttl     time.Duration // unitLookupTTL; 0 in tests that count every systemctl
 	mu      sync.Mutex
@@ -256,7 +226,6 @@ type unitLookup struct {
 	err           error
 }
 
-// configuredImage is configuredImage(ctx, cfg, getenv, unit), from the cache when fresh.
 func (c *unitLookups) configuredImage(ctx context.Context, cfg *config, getenv func(string) string, unit string) (image, source string, err error) {
 	c.mu.Lock()
 	e := c.entries[unit]
@@ -271,8 +240,7 @@ func (c *unitLookups) configuredImage(ctx context.Context, cfg *config, getenv f
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if time.Since(e.at) >= c.ttl {
-		// Not cut short by the asking client: the answer is shared, and a request must not wait
-		// past GitHub's 10 s for systemd.
+		// Shared, so not cut short by the asking client; bounded, as GitHub waits 10 s at most.
 		lctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), unitLookupTimeout)
 		e.image, e.source, e.err = configuredImage(lctx, cfg, getenv, unit)
 		cancel()
@@ -281,13 +249,10 @@ func (c *unitLookups) configuredImage(ctx context.Context, cfg *config, getenv f
 	return e.image, e.source, e.err
 }
 
-// errUnitNotFound reports a unit that systemd does not know.
 var errUnitNotFound = errors.New("unit not found")
 
-// configuredImage finds the image a unit is meant to run: the Image= of the Quadlet .container
-// file that generated it (its SourcePath, from "systemctl show"), else of <name>.container under
-// $XDG_CONFIG_HOME/containers/systemd or ~/.config/containers/systemd. It returns "" when the unit
-// names no image, and errUnitNotFound when systemd does not know the unit.
+// configuredImage finds the image a unit runs: Image= of the Quadlet file that made it, else of
+// <name>.container in the Quadlet directories; errUnitNotFound when systemd does not know it.
 func configuredImage(ctx context.Context, cfg *config, getenv func(string) string, unit string) (image, source string, err error) {
 	props, err := showUnit(ctx, cfg, unit, "LoadState", "SourcePath", "FragmentPath")
 	if err != nil {
@@ -320,10 +285,9 @@ func configuredImage(ctx context.Context, cfg *config, getenv func(string) strin
 		dropins, _ := filepath.Glob(c + ".d/*.conf")
 		sort.Strings(dropins)
 		for _, d := range dropins {
-			if data, err := os.ReadFile(d); err == nil {
-				if img := quadletImage(data); img != "" {
-					image, source = img, d
-				}
+			data, _ := os.ReadFile(d) // an unreadable drop-in is skipped
+			if img := quadletImage(data); img != "" {
+				image, source = img, d
 			}
 		}
 		return image, source, nil
@@ -331,30 +295,26 @@ func configuredImage(ctx context.Context, cfg *config, getenv func(string) strin
 	return "", "", nil
 }
 
-// quadletImage returns the Image= of a Quadlet file's [Container] section (the last one wins, as
-// systemd.unit(5) parsing does), with line continuations joined, quotes and a docker:// prefix
-// removed. It returns "" when there is none.
+// quadletImage returns the last Image= of a Quadlet file's [Container] section, as systemd.unit(5)
+// parsing does, with line continuations joined and quotes and a docker:// prefix removed.
 func quadletImage(data []byte) string {
 	var image, section, pending string
-	for _, raw := range strings.Split(string(data), "\n") {
-		line := strings.TrimRight(raw, "\r")
-		if pending != "" {
-			line = pending + " " + strings.TrimSpace(line)
-			pending = ""
+	for _, line := range strings.Split(string(data), "\n") {
+		if line = strings.TrimSpace(line); pending != "" {
+			line, pending = strings.TrimSpace(pending+" "+line), ""
 		}
-		trimmed := strings.TrimSpace(line)
-		if strings.HasPrefix(trimmed, "#") || strings.HasPrefix(trimmed, ";") {
+		if strings.HasPrefix(line, "#") || strings.HasPrefix(line, ";") {
 			continue
 		}
-		if strings.HasSuffix(trimmed, "\\") {
-			pending = strings.TrimSuffix(trimmed, "\\")
+		if strings.HasSuffix(line, "\\") {
+			pending = strings.TrimSuffix(line, "\\")
 			continue
 		}
-		if strings.HasPrefix(trimmed, "[") && strings.HasSuffix(trimmed, "]") {
-			section = trimmed[1 : len(trimmed)-1]
+		if strings.HasPrefix(line, "[") && strings.HasSuffix(line, "]") {
+			section = line[1 : len(line)-1]
 			continue
 		}
-		k, v, ok := strings.Cut(trimmed, "=")
+		k, v, ok := strings.Cut(line, "=")
 		if !ok || section != "Container" || strings.TrimSpace(k) != "Image" {
 			continue
 		}
@@ -367,13 +327,9 @@ func quadletImage(data []byte) string {
 	return image
 }
 
-// taskUnitName is the transient unit of one redeploy: webhook-task-<delivery>, with every
-// character systemd would reject replaced.
+// taskUnitName is the transient unit of one redeploy, with what systemd would reject replaced.
 func taskUnitName(deliveryID string) string {
-	b := []byte(deliveryID)
-	if len(b) > 64 {
-		b = b[:64]
-	}
+	b := []byte(deliveryID[:min(len(deliveryID), 64)])
 	for i, c := range b {
 		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_') {
 			b[i] = '_'
@@ -382,55 +338,32 @@ func taskUnitName(deliveryID string) string {
 	return "webhook-task-" + string(b)
 }
 
-// taskEnvNames and taskEnvPrefixes name the variables a redeploy needs from the server's
-// environment; transient units do not inherit it. Secrets are never among them (isSecretEnv).
+// taskEnvNames and WEBHOOK_ variables but secrets are passed on, as transient units inherit none.
 var taskEnvNames = []string{"PATH", "HOME", "XDG_RUNTIME_DIR", "XDG_CONFIG_HOME",
 	"CONTAINERS_CONF", "CONTAINERS_REGISTRIES_CONF", "CONTAINERS_STORAGE_CONF", "REGISTRY_AUTH_FILE"}
 
-var taskEnvPrefixes = []string{"WEBHOOK_"}
-
-// isSecretEnv reports whether a variable of this program holds a secret: the GitHub secret and
-// any WEBHOOK_ setting whose name says token, secret, password or key — today's tokens and any
-// added later. Such variables reach no child process.
+// isSecretEnv reports whether a variable holds a secret: the GitHub secret and any WEBHOOK_
+// setting whose name says token, secret, password or key, including ones added later.
 func isSecretEnv(name string) bool {
-	if name == "GITHUB_WEBHOOK_SECRET" {
-		return true
-	}
-	if !strings.HasPrefix(name, "WEBHOOK_") {
-		return false
-	}
-	for _, w := range []string{"TOKEN", "SECRET", "PASSWORD", "KEY"} {
-		if strings.Contains(name, w) {
-			return true
-		}
-	}
-	return false
+	return name == "GITHUB_WEBHOOK_SECRET" || strings.HasPrefix(name, "WEBHOOK_") &&
+		slices.ContainsFunc([]string{"TOKEN", "SECRET", "PASSWORD", "KEY"}, func(w string) bool { return strings.Contains(name, w) })
 }
 
 // childEnv is this process's environment without its secrets, for every command it runs.
 func childEnv() []string {
-	env := os.Environ()
-	out := env[:0:0]
-	for _, kv := range env {
-		if name, _, _ := strings.Cut(kv, "="); !isSecretEnv(name) {
-			out = append(out, kv)
-		}
-	}
-	return out
+	return slices.DeleteFunc(os.Environ(), func(kv string) bool {
+		name, _, _ := strings.Cut(kv, "=")
+		return isSecretEnv(name)
+	})
 }
 
-// dispatchArgv builds the systemd-run command line that runs one redeploy as a transient user
-// unit, so it outlives a restart of the server. Variables are passed as "-E NAME", which copies
-// the value from this process, so no value appears in argv.
+// dispatchArgv runs one redeploy as a transient user unit, so it outlives a restart of the
+// server. "-E NAME" copies a variable's value from this process, so no value appears in argv.
 func dispatchArgv(exe string, cfg *config, environ []string, t taskSpec) []string {
 	argv := []string{"systemd-run", "--user", "--collect", "--quiet", "--unit=" + taskUnitName(t.delivery)}
 	for _, kv := range environ {
 		name, _, _ := strings.Cut(kv, "=")
-		pass := slices.Contains(taskEnvNames, name)
-		for _, p := range taskEnvPrefixes {
-			pass = pass || strings.HasPrefix(name, p)
-		}
-		if pass && !isSecretEnv(name) {
+		if (slices.Contains(taskEnvNames, name) || strings.HasPrefix(name, "WEBHOOK_")) && !isSecretEnv(name) {
 			argv = append(argv, "-E", name)
 		}
 	}
@@ -444,7 +377,6 @@ func dispatchArgv(exe string, cfg *config, environ []string, t taskSpec) []strin
 	return append(argv, "--", t.unit, t.image, t.event, t.delivery, t.path)
 }
 
-// unitSample is one reading of a unit's state during the health gate.
 type unitSample struct {
 	activeState string // active, activating, deactivating, failed, inactive, reloading
 	subState    string
@@ -452,19 +384,15 @@ type unitSample struct {
 	nRestarts   int    // automatic restarts by systemd (Restart=)
 }
 
-var unitSampleProps = []string{"ActiveState", "SubState", "Result", "NRestarts"}
-
 func sampleUnit(ctx context.Context, cfg *config, unit string) (unitSample, error) {
-	p, err := showUnit(ctx, cfg, unit, unitSampleProps...)
+	p, err := showUnit(ctx, cfg, unit, "ActiveState", "SubState", "Result", "NRestarts")
 	if err != nil {
 		return unitSample{}, err
 	}
 	n, _ := strconv.Atoi(p["NRestarts"])
-	return unitSample{activeState: p["ActiveState"], subState: p["SubState"], result: p["Result"],
-		nRestarts: n}, nil
+	return unitSample{activeState: p["ActiveState"], subState: p["SubState"], result: p["Result"], nRestarts: n}, nil
 }
 
-// sampleProblem says what is wrong with one sample, or "" when nothing is (yet).
 func sampleProblem(baseline, s unitSample) string {
 	switch {
 	case s.nRestarts > baseline.nRestarts:
@@ -475,9 +403,7 @@ func sampleProblem(baseline, s unitSample) string {
 	return ""
 }
 
-// gateVerdict judges a unit after a restart from the samples taken over the settle window: it
-// must end active, must not have failed or stopped on the way, and systemd must not have restarted
-// it on its own (NRestarts above baseline). An empty verdict means healthy.
+// gateVerdict judges a unit's samples over the settle window after a restart; "" means healthy.
 func gateVerdict(baseline unitSample, samples []unitSample) string {
 	if len(samples) == 0 {
 		return "the unit was never observed after the restart"
@@ -493,9 +419,8 @@ func gateVerdict(baseline unitSample, samples []unitSample) string {
 	return ""
 }
 
-// watchUnit samples the unit every cfg.healthPoll for cfg.healthSettle, stopping early on a
-// sample that already fails the gate. When ctx ends (the task's unit is being stopped) it takes
-// one last sample and returns, so the caller can still decide and record quickly.
+// watchUnit samples the unit every healthPoll for healthSettle or until a sample fails the gate.
+// When ctx ends (the task is being stopped) it takes one last sample, so the caller can decide.
 func watchUnit(ctx context.Context, cfg *config, unit string, baseline unitSample) ([]unitSample, bool) {
 	var samples []unitSample
 	deadline := time.Now().Add(cfg.healthSettle)
@@ -522,19 +447,16 @@ func watchUnit(ctx context.Context, cfg *config, unit string, baseline unitSampl
 	}
 }
 
-// cmdResult is what one finished command left behind.
 type cmdResult struct {
-	argv     []string
-	stdout   string
-	stderr   string
-	exitCode int // -1 when the command did not run or was killed
-	err      error
-	timedOut bool
-	note     string // a remark on a success, e.g. that systemctl stopped waiting for a running job
+	argv           []string
+	stdout, stderr string
+	exitCode       int // -1 when the command did not run or was killed
+	err            error
+	timedOut       bool
+	note           string // a remark on a success, e.g. that systemctl stopped waiting for a running job
 }
 
-// runCommand runs argv with a timeout and childEnv; a non-zero exit, a timeout or a missing
-// program is an error naming the command, with the tail of its stderr.
+// runCommand runs argv with childEnv and a timeout; a failure is an error naming it and its stderr.
 func runCommand(ctx context.Context, timeout time.Duration, argv ...string) cmdResult {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
@@ -544,10 +466,8 @@ func runCommand(ctx context.Context, timeout time.Duration, argv ...string) cmdR
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	err := cmd.Run()
-	res := cmdResult{argv: argv, stdout: stdout.String(), stderr: tail(stderr.String(), 2048), exitCode: -1}
-	if cmd.ProcessState != nil {
-		res.exitCode = cmd.ProcessState.ExitCode()
-	}
+	res := cmdResult{argv: argv, stdout: stdout.String(), stderr: tail(stderr.String(), 2048)}
+	res.exitCode = cmd.ProcessState.ExitCode() // -1 also when it did not start (nil ProcessState)
 	output := ""
 	if s := strings.TrimSpace(res.stderr); s != "" {
 		output = ": " + s
@@ -565,7 +485,6 @@ func runCommand(ctx context.Context, timeout time.Duration, argv ...string) cmdR
 	return res
 }
 
-// tail keeps the last n bytes of s, where the reason of a failure usually is.
 func tail(s string, n int) string {
 	if len(s) <= n {
 		return s
@@ -588,7 +507,6 @@ const (
 func retryDelay(attempts int) time.Duration { return min(time.Second<<min(attempts, 6), time.Minute) }
 
 // runDispatcher dispatches until ctx ends, first settling what a previous server left half-done.
-// In a burst every claim wakes it; looks are dispatchLookGap apart, the wakes between folded.
 func (s *server) runDispatcher(ctx context.Context) {
 	s.reconcile(ctx, claimDispatching, s.now().Add(time.Second))
 	for ctx.Err() == nil {
@@ -609,8 +527,7 @@ func (s *server) runDispatcher(ctx context.Context) {
 	}
 }
 
-// dispatchNext starts the next task that is due and returns how long to wait before looking
-// again (0: at once).
+// dispatchNext starts the next task that is due and returns how long to wait (0: look again).
 func (s *server) dispatchNext(ctx context.Context) time.Duration {
 	if now := s.now(); now.Sub(s.reconciled) >= dispatchPoll {
 		s.reconciled = now
@@ -635,30 +552,27 @@ func (s *server) dispatchNext(ctx context.Context) time.Duration {
 	return dispatchIdle
 }
 
-// startTask runs systemd-run for qt and settles its claims: dispatched, pending again for a retry
-// with backoff, or failed once the attempts or the claim's age are used up. A systemd-run under
-// way is finished and recorded also at shutdown.
+// startTask runs systemd-run for qt and settles its claims: dispatched, pending for a retry, or
+// failed once the attempts or the claim's age are used up. It finishes also at shutdown.
 func (s *server) startTask(ctx context.Context, qt queuedTask) {
 	bg := context.WithoutCancel(ctx)
 	taskUnit := taskUnitName(qt.delivery)
 	res := s.runTask(bg, qt.taskSpec)
 	now := s.now()
-	status, reason, code, retryAt := claimDispatched, "", 0, time.Time{}
+	status, reason, code, retryAt, errText := claimDispatched, "", 0, time.Time{}, ""
 	switch {
 	case res.err == nil:
 		s.log.infof("dispatched %s for %s (%s), covering %d deliveries", taskUnit, qt.unit, qt.image, len(qt.covered))
 	case qt.attempts+1 < dispatchAttempts && now.Sub(qt.claimed) < dispatchMaxAge:
+		errText = res.err.Error()
 		status, reason, code, retryAt = claimPending, "dispatch-retry", http.StatusServiceUnavailable, now.Add(retryDelay(qt.attempts))
 		s.log.warnf("cannot dispatch the redeploy of %s (attempt %d of %d), retrying in %s: %v",
 			qt.unit, qt.attempts+1, dispatchAttempts, retryDelay(qt.attempts), res.err)
 	default:
+		errText = res.err.Error()
 		status, reason, code = claimFailed, "dispatch-failed", http.StatusInternalServerError
 		s.log.errorf("cannot dispatch the redeploy of %s after %d attempts, giving up on delivery %s and %d it covers: %v",
 			qt.unit, qt.attempts+1, qt.delivery, len(qt.covered)-1, res.err)
-	}
-	errText := ""
-	if res.err != nil {
-		errText = res.err.Error()
 	}
 	s.metrics.dispatched(cmp.Or(reason, string(status)))
 	wctx, cancel := context.WithTimeout(bg, 3*busyTimeout)
@@ -670,14 +584,12 @@ func (s *server) startTask(ctx context.Context, qt queuedTask) {
 	}
 }
 
-// dispatchRows are the rows of qt's claims saying reason ("" none), with the command's result
-// when it failed; the rows of one dispatch share a request id, as a task's do.
+// dispatchRows are the rows of qt's claims saying reason ("" none); they share a request id.
 func dispatchRows(qt queuedTask, reason string, code int, now time.Time, res cmdResult, retryAt time.Time) []event {
 	if reason == "" {
 		return nil
 	}
-	evs := make([]event, 0, len(qt.covered))
-	id := newRequestID()
+	evs, id := make([]event, 0, len(qt.covered)), newRequestID()
 	for _, c := range qt.covered {
 		meta := map[string]any{"delivery": c, "unit": qt.unit, "image": qt.image, "event": qt.event,
 			"reason": reason, "attempt": qt.attempts + 1, "task_unit": taskUnitName(qt.delivery)}
@@ -701,9 +613,8 @@ func dispatchRows(qt queuedTask, reason string, code int, now time.Time, res cmd
 	return evs
 }
 
-// runTask starts run-task for spec as a transient user unit. A systemd-run that failed although
-// the task started (cut off after the unit was up) counts as done: a second task would redeploy
-// twice.
+// runTask starts run-task for spec. A systemd-run that failed although the task started counts as
+// done: a second task would redeploy twice.
 func (s *server) runTask(ctx context.Context, spec taskSpec) cmdResult {
 	res := s.exec(ctx, dispatchTimeout, dispatchArgv(s.exe, s.cfg, s.environ(), spec)...)
 	if res.err != nil {
@@ -739,20 +650,16 @@ func (s *server) taskState(ctx context.Context, delivery string, since time.Time
 		}
 		return taskEnded
 	}
-	ran, err := s.events.taskRan(ctx, delivery, since)
-	switch {
-	case err != nil:
+	if ran, err := s.events.taskRan(ctx, delivery, since); err != nil {
 		return taskUnknown
-	case ran:
+	} else if ran {
 		return taskEnded
 	}
 	return taskNotStarted
 }
 
-// reconcile settles the claims left in status since before. A dispatching claim (the server
-// stopped during systemd-run) is dispatched if its task started, else pending again; running it
-// again is harmless, as an unchanged image is up-to-date. A dispatched claim whose task unit is
-// gone without marking it done (killed) becomes done, so its unit's queue moves on.
+// reconcile settles claims left in status since before: a dispatching one is dispatched if its
+// task started, else queued again (a rerun is harmless); one whose task died becomes done.
 func (s *server) reconcile(ctx context.Context, status claimStatus, before time.Time) {
 	tasks, err := s.events.tasksIn(ctx, status, before)
 	if err != nil {
@@ -763,22 +670,19 @@ func (s *server) reconcile(ctx context.Context, status claimStatus, before time.
 	}
 	for _, t := range tasks {
 		st := s.taskState(ctx, t.delivery, before.Add(-dispatchMaxAge))
-		var err error
+		to, note, at := claimDispatched, "", time.Time{}
 		switch {
 		case st == taskUnknown:
 			continue
 		case status == claimDispatched && st == taskRunning:
-			err = s.events.settleTask(ctx, t.taskUnit, claimDispatched, "", time.Time{}, nil)
 		case status == claimDispatched:
 			s.log.warnf("%s for %s ended without recording its end (killed?)", t.taskUnit, t.unit)
-			err = s.events.settleTask(ctx, t.taskUnit, claimDone, "the task ended without recording its end", time.Time{}, nil)
+			to, note = claimDone, "the task ended without recording its end"
 		case st == taskNotStarted:
 			s.log.warnf("%s for %s was being dispatched when the server stopped: queued again", t.taskUnit, t.unit)
-			err = s.events.settleTask(ctx, t.taskUnit, claimPending, "the server stopped during systemd-run", s.now(), nil)
-		default:
-			err = s.events.settleTask(ctx, t.taskUnit, claimDispatched, "", time.Time{}, nil)
+			to, note, at = claimPending, "the server stopped during systemd-run", s.now()
 		}
-		if err != nil && ctx.Err() == nil {
+		if err := s.events.settleTask(ctx, t.taskUnit, to, note, at, nil); err != nil && ctx.Err() == nil {
 			s.log.errorf("delivery queue: %s: %v", t.taskUnit, err)
 		}
 	}
