@@ -7,6 +7,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/rand"
 	"crypto/sha1"
@@ -504,6 +505,29 @@ func TestStatusPageContent(t *testing.T) {
 			}
 		}
 	})
+}
+
+// TestStatusPageAndMetricsAgreeOnTheQueue: the page's queue and /metrics' queue depth are one
+// query, so for the same database they say the same, whatever else the claims are doing.
+func TestStatusPageAndMetricsAgreeOnTheQueue(t *testing.T) {
+	now := time.Now()
+	ts := newTestServer(t, map[string]string{"WEBHOOK_MANUAL_TOKEN": statusToken}, nil)
+	ts.srv.now = func() time.Time { return now }
+	seedStatusRows(t, ts.events, now)
+	cookie := statusLogin(t, ts)
+	for round := 0; round < 2; round++ {
+		_, page := statusGet(t, ts, "/status/", cookie)
+		_, metrics := statusGet(t, ts, "/metrics", "")
+		onPage := regexp.MustCompile(`Queue: (?:<strong>(\d+) pending</strong>|empty)`).FindStringSubmatch(page)
+		inMetrics := regexp.MustCompile(`(?m)^webhook_delivery_queue_pending (\d+)$`).FindStringSubmatch(metrics)
+		if onPage == nil || inMetrics == nil || cmp.Or(onPage[1], "0") != inMetrics[1] {
+			t.Fatalf("round %d: the page says %q, /metrics %q", round, onPage, inMetrics)
+		}
+		// A claim taken by a task leaves the queue for both.
+		if _, err := ts.events.db.Exec(`UPDATE github_deliveries SET status = 'dispatching' WHERE delivery_id = 'p-1'`); err != nil {
+			t.Fatal(err)
+		}
+	}
 }
 
 // cdp is a minimal Chrome DevTools Protocol client over one WebSocket, enough to drive a
