@@ -1,16 +1,14 @@
-// podman.go owns container images and the redeploy: reading push payloads (GitHub's package
-// events and each registry's push event) into image references, the reference grammar, the
-// podman command lines, and run-task, which pulls, restarts, gates and rolls back.
-//
-// Rules: payload parsers are pure; what is fine but not a tagged push is an *ignoredError, and
-// one invalid reference refuses the whole payload. A reference reaches podman's argv only after
-// parseImageRef accepted it, always as "docker://REF" after "--". A redeploy pulls only the image
-// the unit runs (its Image=, else its container's, checked before the pull) and rolls back to
-// what its container ran before the pull.
+// podman.go owns images and the redeploy: push payloads (GitHub's, each registry's) read into
+// image references, the reference grammar, podman's argv, and run-task: pull, restart, gate, roll
+// back. Rules: parsers are pure; a payload that is fine but no tagged push is an *ignoredError, and
+// one invalid reference refuses it whole. A reference reaches podman only after parseImageRef
+// accepted it, and after "--". A redeploy pulls only the image the unit runs (its Image=, else its
+// container's) and rolls back to what its container ran before the pull.
 package main
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -31,7 +29,6 @@ import (
 	"time"
 )
 
-// taskSpec is what one run-task is asked to do.
 type taskSpec struct {
 	unit     string // validated service name
 	image    string // validated image reference
@@ -42,15 +39,8 @@ type taskSpec struct {
 	digest   string // manifest digest the delivery named, recorded for verification
 }
 
-// imageRef is a parsed image reference: host/path with a tag and/or a digest.
-type imageRef struct {
-	host   string
-	path   string
-	tag    string
-	digest string
-}
+type imageRef struct{ host, path, tag, digest string }
 
-// repo is the reference without tag or digest.
 func (r imageRef) repo() string { return r.host + "/" + r.path }
 
 func (r imageRef) String() string {
@@ -64,8 +54,7 @@ func (r imageRef) String() string {
 	return s
 }
 
-// The OCI distribution reference grammar (distribution/reference, regexp.go), restricted to
-// references with an explicit registry host.
+// The OCI distribution reference grammar, restricted to references with a registry host.
 var (
 	refDomainComponent = `(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])`
 	refDomain          = `(?:` + refDomainComponent + `(?:\.` + refDomainComponent + `)*|\[[a-fA-F0-9:]+\])(?::[0-9]+)?`
@@ -76,29 +65,23 @@ var (
 	reDigest           = regexp.MustCompile(`^sha256:[a-f0-9]{64}$`)
 )
 
-// parseImageRef parses and validates "host/path[:tag][@digest]". The host is required (it must
-// contain "." or ":" or be "localhost", as the distribution grammar tells a host from a path),
-// and at least a tag or a digest is required, so a pull never guesses.
+// parseImageRef parses "host/path[:tag][@digest]". The host (with "." or ":", or "localhost")
+// and a tag or digest are required, so a pull never guesses.
 func parseImageRef(s string) (imageRef, error) {
 	var r imageRef
 	if s == "" || len(s) > 512 || strings.HasPrefix(s, "-") || strings.ContainsAny(s, " \t\r\n\x00\\") {
 		return r, fmt.Errorf("invalid image reference %q", s)
 	}
-	rest := s
-	if i := strings.IndexByte(rest, '@'); i >= 0 {
-		r.digest = rest[i+1:]
-		rest = rest[:i]
-		if !reDigest.MatchString(r.digest) {
-			return r, fmt.Errorf("invalid image reference %q: bad digest", s)
-		}
+	rest, digest, hasDigest := strings.Cut(s, "@")
+	if r.digest = digest; hasDigest && !reDigest.MatchString(digest) {
+		return r, fmt.Errorf("invalid image reference %q: bad digest", s)
 	}
 	host, p, ok := strings.Cut(rest, "/")
 	if !ok || !(strings.ContainsAny(host, ".:") || host == "localhost") {
 		return r, fmt.Errorf("invalid image reference %q: a registry host is required (e.g. ghcr.io/owner/name:tag)", s)
 	}
 	if i := strings.LastIndexByte(p, ':'); i >= 0 {
-		r.tag = p[i+1:]
-		p = p[:i]
+		p, r.tag = p[:i], p[i+1:]
 		if !reTag.MatchString(r.tag) {
 			return r, fmt.Errorf("invalid image reference %q: bad tag", s)
 		}
@@ -116,8 +99,7 @@ func parseImageRef(s string) (imageRef, error) {
 	return r, nil
 }
 
-// withDefaultTag adds ":latest" to a reference that names neither a tag nor a digest, as podman
-// reads "Image=ghcr.io/me/app" in a Quadlet file.
+// withDefaultTag adds ":latest" where neither tag nor digest is named, as podman reads Image=.
 func withDefaultTag(s string) string {
 	last := s[strings.LastIndexByte(s, '/')+1:]
 	if s == "" || strings.Contains(last, ":") || strings.Contains(s, "@") || !strings.Contains(s, "/") {
@@ -128,24 +110,16 @@ func withDefaultTag(s string) string {
 
 // delivery is what a push notification says was pushed: one repository, and its tags.
 type delivery struct {
-	host   string
-	path   string   // owner/name, lowercased
-	tags   []string // every non-empty pushed tag, first the primary one
-	digest string   // manifest digest when the payload carries one
-	id     string   // the delivery id it is claimed under, unique per source ("" until known)
+	host, path string   // path is owner/name, lowercased
+	tags       []string // every non-empty pushed tag, first the primary one
+	digest     string   // manifest digest when the payload carries one
+	id         string   // the delivery id it is claimed under, unique per source ("" until known)
 }
 
-// repo is the pushed repository, host/owner/name.
-func (d delivery) repo() string { return d.host + "/" + d.path }
+func (d delivery) repo() string            { return d.host + "/" + d.path }
+func (d delivery) ref(tag string) imageRef { return imageRef{host: d.host, path: d.path, tag: tag} }
 
-// ref is the reference to pull for one of the pushed tags.
-func (d delivery) ref(tag string) imageRef {
-	return imageRef{host: d.host, path: d.path, tag: tag}
-}
-
-// imageMismatch says which check a pushed image fails against want, the image a unit runs:
-// reason is host-mismatch, repository-mismatch or tag-mismatch and text says what differs; both
-// are "" when host, path and one of tags match want.
+// imageMismatch says which check (host-, repository- or tag-mismatch) a push fails against want.
 func imageMismatch(want imageRef, host, path string, tags []string) (reason, text string) {
 	switch {
 	case want.host != host:
@@ -158,8 +132,7 @@ func imageMismatch(want imageRef, host, path string, tags []string) (reason, tex
 	return "", ""
 }
 
-// ignoredError is a payload the webhook acknowledges (202) but does not act on; reason is the
-// machine-readable word that goes into the response and the event row.
+// ignoredError is a payload acknowledged (202) but not acted on; reason goes to the answer and row.
 type ignoredError struct{ reason, detail string }
 
 func (e *ignoredError) Error() string { return e.reason + ": " + e.detail }
@@ -168,8 +141,23 @@ func ignored(reason, format string, a ...any) error {
 	return &ignoredError{reason: reason, detail: fmt.Sprintf(format, a...)}
 }
 
-// The payload fields this program reads, as documented for GitHub's "package" and
-// "registry_package" webhook events.
+// errInvalidJSON is a body that is not the JSON its source sends: refused (400), not ignored.
+var errInvalidJSON = errors.New("the body is not valid JSON")
+
+func decodeJSON(body []byte, v any) error {
+	if err := json.Unmarshal(body, v); err != nil {
+		return fmt.Errorf("%w: %v", errInvalidJSON, err)
+	}
+	return nil
+}
+
+func validDigest(s string) string {
+	if reDigest.MatchString(s) {
+		return s
+	}
+	return ""
+}
+
 type packagePayload struct {
 	Action          string       `json:"action"`
 	Package         *packageBody `json:"package"`
@@ -196,8 +184,7 @@ type packageBody struct {
 				Digest string `json:"digest"`
 			} `json:"tag"`
 		} `json:"container_metadata"`
-		// GitHub documents metadata as an array (and sends []); older container deliveries
-		// carried {"container":{"tags":[…]}}. Decoded by hand so either shape is accepted.
+		// GitHub documents an array (and sends []); older deliveries carried {"container":{"tags":[…]}}.
 		Metadata json.RawMessage `json:"metadata"`
 	} `json:"package_version"`
 	Registry *struct {
@@ -206,42 +193,35 @@ type packageBody struct {
 	} `json:"registry"`
 }
 
-// errInvalidJSON is a body that does not parse as the JSON its source sends: no source sends
-// one, so it is refused (400), not acknowledged as something merely not for us.
-var errInvalidJSON = errors.New("the body is not valid JSON")
-
-// redeployActions are the package event actions that redeploy: GitHub's package and
-// registry_package events are "published" (a new version) or "updated" (a version's tags moved).
-var redeployActions = []string{"published", "updated"}
-
-// deliveryFromPayload extracts the pushed image from a package or registry_package payload.
-// Payloads that are fine but not for us return an *ignoredError; a body that is not JSON, or
-// names an image that is not a valid reference, returns another error.
+// deliveryFromPayload reads the pushed image from a GitHub package or registry_package payload.
 func deliveryFromPayload(body []byte) (delivery, error) {
 	var p packagePayload
-	if err := json.Unmarshal(body, &p); err != nil {
-		return delivery{}, fmt.Errorf("%w: %v", errInvalidJSON, err)
-	}
-	pkg := p.Package
-	if pkg == nil {
-		pkg = p.RegistryPackage
-	}
-	if pkg == nil {
+	err := decodeJSON(body, &p)
+	pkg := cmp.Or(p.Package, p.RegistryPackage)
+	switch {
+	case err != nil:
+		return delivery{}, err
+	case pkg == nil:
 		return delivery{}, ignored("not-a-package", "the payload has neither package nor registry_package")
-	}
-	if !slices.Contains(redeployActions, p.Action) {
+	case p.Action != "published" && p.Action != "updated":
 		return delivery{}, ignored("action-ignored", "action %q does not redeploy (only published and updated do)", p.Action)
-	}
-	switch strings.ToLower(strings.TrimSpace(pkg.PackageType)) {
-	case "container", "docker":
-	default:
+	case !slices.Contains([]string{"container", "docker"}, strings.ToLower(strings.TrimSpace(pkg.PackageType))):
 		return delivery{}, ignored("not-container", "package_type %q is not a container image", pkg.PackageType)
 	}
 	host, err := registryHost(pkg)
 	if err != nil {
 		return delivery{}, err
 	}
-	owner, name := packageName(&p, pkg)
+	var owner string
+	switch {
+	case pkg.Owner != nil && pkg.Owner.Login != "":
+		owner = pkg.Owner.Login
+	case p.Repository != nil && p.Repository.Owner != nil && p.Repository.Owner.Login != "":
+		owner = p.Repository.Owner.Login
+	case pkg.Namespace != "":
+		owner, _, _ = strings.Cut(pkg.Namespace, "/")
+	}
+	owner, name := strings.ToLower(strings.TrimSpace(owner)), strings.ToLower(strings.TrimSpace(pkg.Name))
 	if owner == "" || name == "" {
 		return delivery{}, ignored("missing-name", "the payload names no package owner or name")
 	}
@@ -250,24 +230,18 @@ func deliveryFromPayload(body []byte) (delivery, error) {
 	if len(d.tags) == 0 {
 		return d, ignored("missing-tag", "the pushed manifest has no tag (an untagged or per-platform manifest)")
 	}
-	// Every reference we could act on must pass the grammar, or the delivery is refused whole.
-	for _, t := range d.tags {
-		if _, err := parseImageRef(d.ref(t).String()); err != nil {
-			return d, fmt.Errorf("payload names an invalid image: %w", err)
-		}
-	}
-	return d, nil
+	_, err = checkPushes([]delivery{d}, nil)
+	return d, err
 }
 
-// registryHost is the lowercased registry host a package was pushed to: registry.host, else the
-// host of registry.url, else ghcr.io. GitHub's registry object names itself
-// https://CONTAINER.pkg.github.com/OWNER; its images live on ghcr.io.
+// registryHost is the lowercased registry.host, else registry.url's host, else ghcr.io. GitHub's
+// registry names itself https://CONTAINER.pkg.github.com/OWNER; its images live on ghcr.io.
 func registryHost(pkg *packageBody) (string, error) {
 	host := "ghcr.io"
-	if pkg.Registry != nil {
-		if h := strings.TrimSpace(pkg.Registry.Host); h != "" {
+	if r := pkg.Registry; r != nil {
+		if h := strings.TrimSpace(r.Host); h != "" {
 			host = h
-		} else if u := strings.TrimSpace(pkg.Registry.URL); u != "" {
+		} else if u := strings.TrimSpace(r.URL); u != "" {
 			if !strings.Contains(u, "://") {
 				u = "https://" + u
 			}
@@ -286,22 +260,7 @@ func registryHost(pkg *packageBody) (string, error) {
 	return host, nil
 }
 
-// packageName is the package's owner (package.owner.login, else repository.owner.login, else
-// the first part of package.namespace) and name, both lowercased.
-func packageName(p *packagePayload, pkg *packageBody) (owner, name string) {
-	switch {
-	case pkg.Owner != nil && pkg.Owner.Login != "":
-		owner = pkg.Owner.Login
-	case p.Repository != nil && p.Repository.Owner != nil && p.Repository.Owner.Login != "":
-		owner = p.Repository.Owner.Login
-	case pkg.Namespace != "":
-		owner, _, _ = strings.Cut(pkg.Namespace, "/")
-	}
-	return strings.ToLower(strings.TrimSpace(owner)), strings.ToLower(strings.TrimSpace(pkg.Name))
-}
-
-// pushedTags lists the non-blank pushed tags, primary (container_metadata.tag) first and each
-// once, and the manifest digest when the payload carries a valid one.
+// pushedTags lists the pushed tags once each, container_metadata.tag first, and a valid digest.
 func pushedTags(pkg *packageBody) (tags []string, digest string) {
 	v := pkg.PackageVersion
 	if v == nil {
@@ -316,9 +275,7 @@ func pushedTags(pkg *packageBody) (tags []string, digest string) {
 	}
 	if cm := v.ContainerMetadata; cm != nil && cm.Tag != nil {
 		add(cm.Tag.Name)
-		if reDigest.MatchString(cm.Tag.Digest) {
-			digest = cm.Tag.Digest
-		}
+		digest = validDigest(cm.Tag.Digest)
 	}
 	var md struct {
 		Container *struct {
@@ -330,19 +287,12 @@ func pushedTags(pkg *packageBody) (tags []string, digest string) {
 			add(t)
 		}
 	}
-	if digest == "" && reDigest.MatchString(v.Version) {
-		digest = v.Version
-	}
-	return tags, digest
+	return tags, cmp.Or(digest, validDigest(v.Version))
 }
 
-// Registry push events, as each project documents its webhook payload. Every parser returns one
-// delivery per pushed repository and tag set, with the id it is claimed under: the source's own
-// event id where it sends one, else a hash of what identifies the push (so a retry of the same
-// event is a duplicate), prefixed with the source, so ids of different sources never meet.
-
-// pushID is the delivery id of an event a source identified as id: "<prefix>-<id>" when that is a
-// valid delivery id, else a stable hash of it.
+// pushID is "<prefix>-<id>" when that is a valid delivery id, else a hash of it. Registry parsers
+// claim a push under its source's event id, else hashID of what identifies it (so a retry is a
+// duplicate); the prefix names the source, so ids of different sources never meet.
 func pushID(prefix, id string) string {
 	if reDeliveryID.MatchString(prefix+"-"+id) && id != "" {
 		return prefix + "-" + id
@@ -350,15 +300,11 @@ func pushID(prefix, id string) string {
 	return hashID(prefix, id)
 }
 
-// hashID is "<prefix>-" and 32 hex digits of the SHA-256 of parts: a stable id for an event its
-// source does not number.
 func hashID(prefix string, parts ...string) string {
 	sum := sha256.Sum256([]byte(strings.Join(parts, "\x00")))
 	return prefix + "-" + hex.EncodeToString(sum[:16])
 }
 
-// splitImageURL splits "host/path" (a scheme, as in "https://host/path", is dropped) into its
-// lowercased host and path.
 func splitImageURL(s string) (host, path string) {
 	s = strings.TrimSpace(s)
 	if _, rest, ok := strings.Cut(s, "://"); ok {
@@ -368,8 +314,7 @@ func splitImageURL(s string) (host, path string) {
 	return strings.ToLower(host), strings.ToLower(path)
 }
 
-// checkPushes returns ds when every reference in it is valid, refusing the whole payload
-// otherwise; no push at all is ignored with why.
+// checkPushes refuses the whole payload when one reference in ds is invalid; with none, it is why.
 func checkPushes(ds []delivery, why error) ([]delivery, error) {
 	if len(ds) == 0 {
 		return nil, why
@@ -384,14 +329,12 @@ func checkPushes(ds []delivery, why error) ([]delivery, error) {
 	return ds, nil
 }
 
-// isUntagged reports a tag that is empty or a digest: registries name an untagged manifest by
-// its digest where a tag would be.
+// isUntagged reports an empty tag or a digest, which registries send for an untagged manifest.
 func isUntagged(tag string) bool {
 	return strings.TrimSpace(tag) == "" || strings.HasPrefix(tag, "sha256:")
 }
 
-// manifestTypes are the media types of manifests and indexes; every other target of a
-// Distribution event is a blob (a layer or a config).
+// manifestTypes are the manifest and index media types; any other Distribution target is a blob.
 var manifestTypes = map[string]bool{
 	"application/vnd.docker.distribution.manifest.v1+json":      true,
 	"application/vnd.docker.distribution.manifest.v1+prettyjws": true,
@@ -401,11 +344,7 @@ var manifestTypes = map[string]bool{
 	"application/vnd.oci.image.index.v1+json":                   true,
 }
 
-// distributionPushes reads a CNCF Distribution (registry:2) notification envelope
-// (application/vnd.docker.distribution.events.v1+json): the manifest pushes with a tag. Blob
-// pushes, pulls, deletes and untagged manifests (a multi-platform image's per-platform ones) are
-// skipped. The host is the one the client pushed to (request.host), which is the one units pull
-// from; the event id is Distribution's own.
+// distributionPushes reads a CNCF Distribution envelope's tagged manifest pushes, from request.host.
 func distributionPushes(body []byte, _ http.Header) ([]delivery, error) {
 	var env struct {
 		Events []struct {
@@ -423,8 +362,8 @@ func distributionPushes(body []byte, _ http.Header) ([]delivery, error) {
 			} `json:"request"`
 		} `json:"events"`
 	}
-	if err := json.Unmarshal(body, &env); err != nil {
-		return nil, fmt.Errorf("%w: %v", errInvalidJSON, err)
+	if err := decodeJSON(body, &env); err != nil {
+		return nil, err
 	}
 	why := ignored("no-events", "the envelope holds no events")
 	var ds []delivery
@@ -432,31 +371,21 @@ func distributionPushes(body []byte, _ http.Header) ([]delivery, error) {
 		switch {
 		case e.Action != "push":
 			why = ignored("not-a-push", "%q events do not redeploy", e.Action)
-			continue
 		case !manifestTypes[e.Target.MediaType]:
 			why = ignored("not-a-manifest", "a push of %q is a blob, not a manifest", e.Target.MediaType)
-			continue
 		case isUntagged(e.Target.Tag):
 			why = ignored("missing-tag", "the pushed manifest has no tag (an untagged or per-platform manifest)")
-			continue
+		default:
+			host, _ := splitImageURL(e.Target.URL)
+			host = strings.ToLower(strings.TrimSpace(cmp.Or(e.Request.Host, host)))
+			ds = append(ds, delivery{host: host, path: strings.ToLower(e.Target.Repository), tags: []string{e.Target.Tag},
+				digest: validDigest(e.Target.Digest), id: pushID("dist", e.ID)})
 		}
-		host := e.Request.Host
-		if host == "" {
-			host, _ = splitImageURL(e.Target.URL)
-		}
-		d := delivery{host: strings.ToLower(strings.TrimSpace(host)), path: strings.ToLower(e.Target.Repository),
-			tags: []string{e.Target.Tag}, id: pushID("dist", e.ID)}
-		if reDigest.MatchString(e.Target.Digest) {
-			d.digest = e.Target.Digest
-		}
-		ds = append(ds, d)
 	}
 	return checkPushes(ds, why)
 }
 
-// harborPushes reads a Harbor webhook in its default payload format: a PUSH_ARTIFACT event, one
-// delivery per tagged resource. Harbor numbers no events, so the id hashes the resource and the
-// event's time (occur_at), which a retry keeps.
+// harborPushes reads a Harbor PUSH_ARTIFACT webhook (default format); its id hashes occur_at.
 func harborPushes(body []byte, _ http.Header) ([]delivery, error) {
 	var ev struct {
 		Type      string      `json:"type"`
@@ -472,40 +401,29 @@ func harborPushes(body []byte, _ http.Header) ([]delivery, error) {
 			} `json:"repository"`
 		} `json:"event_data"`
 	}
-	if err := json.Unmarshal(body, &ev); err != nil {
-		return nil, fmt.Errorf("%w: %v", errInvalidJSON, err)
-	}
-	if ev.Type != "PUSH_ARTIFACT" {
+	switch err := decodeJSON(body, &ev); {
+	case err != nil:
+		return nil, err
+	case ev.Type != "PUSH_ARTIFACT":
 		return nil, ignored("not-a-push", "%q events do not redeploy (and a CloudEvents payload is not read: choose Harbor's default format)", ev.Type)
 	}
-	why := ignored("missing-tag", "the pushed artifact has no tag")
+	path := strings.ToLower(ev.EventData.Repository.RepoFullName)
 	var ds []delivery
 	for _, res := range ev.EventData.Resources {
-		if isUntagged(res.Tag) {
-			continue
+		if !isUntagged(res.Tag) {
+			host, _ := splitImageURL(res.ResourceURL)
+			ds = append(ds, delivery{host: host, path: path, tags: []string{res.Tag}, digest: validDigest(res.Digest),
+				id: hashID("harbor", host, path, res.Tag, res.Digest, ev.OccurAt.String())})
 		}
-		host, _ := splitImageURL(res.ResourceURL)
-		path := strings.ToLower(ev.EventData.Repository.RepoFullName)
-		d := delivery{host: host, path: path, tags: []string{res.Tag},
-			id: hashID("harbor", host, path, res.Tag, res.Digest, ev.OccurAt.String())}
-		if reDigest.MatchString(res.Digest) {
-			d.digest = res.Digest
-		}
-		ds = append(ds, d)
 	}
-	return checkPushes(ds, why)
+	return checkPushes(ds, ignored("missing-tag", "the pushed artifact has no tag"))
 }
 
-// giteaPushes reads a Gitea or Forgejo "package" webhook: a container package version created.
-// The version is the tag (a digest for an untagged manifest); the registry is the instance
-// itself, so the host comes from the package's html_url. The id is the delivery header's.
+// giteaPushes reads a Gitea or Forgejo "package" webhook: a container version (the tag) created.
 func giteaPushes(body []byte, h http.Header) ([]delivery, error) {
 	event, deliveryID := h.Get("X-Gitea-Event"), h.Get("X-Gitea-Delivery")
 	if event == "" {
 		event, deliveryID = h.Get("X-Forgejo-Event"), h.Get("X-Forgejo-Delivery")
-	}
-	if event != "package" {
-		return nil, ignored("not-a-package", "%q events do not redeploy", event)
 	}
 	var ev struct {
 		Action  string `json:"action"`
@@ -518,11 +436,13 @@ func giteaPushes(body []byte, h http.Header) ([]delivery, error) {
 			Owner     *ghUser `json:"owner"`
 		} `json:"package"`
 	}
-	if err := json.Unmarshal(body, &ev); err != nil {
-		return nil, fmt.Errorf("%w: %v", errInvalidJSON, err)
-	}
+	err := decodeJSON(body, &ev)
 	p := ev.Package
 	switch {
+	case event != "package":
+		return nil, ignored("not-a-package", "%q events do not redeploy", event)
+	case err != nil:
+		return nil, err
 	case p == nil:
 		return nil, ignored("not-a-package", "the payload has no package")
 	case ev.Action != "created":
@@ -543,9 +463,7 @@ func giteaPushes(body []byte, h http.Header) ([]delivery, error) {
 	return checkPushes([]delivery{{host: host, path: path, tags: []string{p.Version}, id: id}}, nil)
 }
 
-// dockerHubPushes reads a Docker Hub repository webhook: a push of push_data.tag to
-// repository.repo_name on docker.io ("nginx" is "library/nginx"). Docker Hub numbers no events,
-// so the id hashes the repository, the tag and the push time.
+// dockerHubPushes reads a Docker Hub webhook: push_data.tag pushed to docker.io/repository.repo_name.
 func dockerHubPushes(body []byte, _ http.Header) ([]delivery, error) {
 	var ev struct {
 		PushData *struct {
@@ -556,10 +474,9 @@ func dockerHubPushes(body []byte, _ http.Header) ([]delivery, error) {
 			RepoName string `json:"repo_name"`
 		} `json:"repository"`
 	}
-	if err := json.Unmarshal(body, &ev); err != nil {
-		return nil, fmt.Errorf("%w: %v", errInvalidJSON, err)
-	}
-	switch {
+	switch err := decodeJSON(body, &ev); {
+	case err != nil:
+		return nil, err
 	case ev.PushData == nil || ev.Repository == nil:
 		return nil, ignored("not-a-push", "the payload has no push_data or repository")
 	case isUntagged(ev.PushData.Tag):
@@ -569,22 +486,18 @@ func dockerHubPushes(body []byte, _ http.Header) ([]delivery, error) {
 	if path != "" && !strings.Contains(path, "/") {
 		path = "library/" + path
 	}
-	tag := ev.PushData.Tag
-	return checkPushes([]delivery{{host: "docker.io", path: path, tags: []string{tag},
-		id: hashID("hub", path, tag, ev.PushData.PushedAt.String())}}, nil)
+	return checkPushes([]delivery{{host: "docker.io", path: path, tags: []string{ev.PushData.Tag},
+		id: hashID("hub", path, ev.PushData.Tag, ev.PushData.PushedAt.String())}}, nil)
 }
 
-// quayPushes reads a Quay "Push to Repository" notification: the tags in updated_tags of the
-// image at docker_url (a list; early Quay sent an object of tag → image id, read too). Other
-// notifications (builds, vulnerabilities) carry no updated_tags. Quay sends neither an id nor a
-// time, so the handler claims each request under its own id.
+// quayPushes reads a Quay "Push to Repository" notification; Quay sends no id, the handler gives one.
 func quayPushes(body []byte, _ http.Header) ([]delivery, error) {
 	var ev struct {
 		DockerURL   string          `json:"docker_url"`
 		UpdatedTags json.RawMessage `json:"updated_tags"`
 	}
-	if err := json.Unmarshal(body, &ev); err != nil {
-		return nil, fmt.Errorf("%w: %v", errInvalidJSON, err)
+	if err := decodeJSON(body, &ev); err != nil {
+		return nil, err
 	}
 	var tags []string
 	if bytes.HasPrefix(bytes.TrimSpace(ev.UpdatedTags), []byte("{")) {
@@ -608,12 +521,9 @@ func quayPushes(body []byte, _ http.Header) ([]delivery, error) {
 	return checkPushes([]delivery{d}, nil)
 }
 
-// pullImage pulls ref with retries: cfg.pullAttempts attempts, cfg.pullRetryDelay apart, each
-// bounded by cfg.pullTimeout. It returns the last result and how many attempts were made.
 func pullImage(ctx context.Context, cfg *config, lg *logger, ref imageRef) (cmdResult, int) {
-	var res cmdResult
 	for attempt := 1; ; attempt++ {
-		res = runCommand(ctx, cfg.pullTimeout, "podman", "pull", "--quiet", "--", "docker://"+ref.String())
+		res := runCommand(ctx, cfg.pullTimeout, "podman", "pull", "--quiet", "--", "docker://"+ref.String())
 		if res.err == nil || attempt >= cfg.pullAttempts || ctx.Err() != nil {
 			return res, attempt
 		}
@@ -638,11 +548,6 @@ func localImageID(ctx context.Context, cfg *config, ref imageRef) (string, error
 	return strings.TrimSpace(res.stdout), nil
 }
 
-// pruneImages removes dangling images; callers only warn on failure.
-func pruneImages(ctx context.Context, cfg *config) cmdResult {
-	return runCommand(ctx, cfg.commandTimeout, "podman", "image", "prune", "-f")
-}
-
 const usageRunTask = `usage: webhook-auto-update run-task [--force] [--digest D] [--state-dir DIR] [--db URL] [--] <unit> <image> <event> <delivery> <path>
 
 Runs one redeploy: holds the image's lock and the unit's, records it in the per-image limit,
@@ -651,8 +556,7 @@ step. The server starts it as a transient unit with systemd-run; it is not meant
 `
 
 func cmdRunTask(c *cli, args []string) int {
-	var force bool
-	var digest string
+	force, digest := false, ""
 	cfg, rest, code := c.setup("run-task", usageRunTask, args, func(fs *flag.FlagSet, cfg *config) {
 		fs.BoolVar(&force, "force", false, "")
 		fs.StringVar(&digest, "digest", "", "")
@@ -673,13 +577,11 @@ func cmdRunTask(c *cli, args []string) int {
 	}
 	events, err := openEventLogWaiting(cfg.dbPath, c.log, taskBusyTimeout)
 	if err != nil {
-		// The redeploy still runs: its rows go to stderr (and so to the journal) instead.
 		c.log.errorf("event log unavailable, task events go to stderr: %v", err)
 	} else {
 		defer events.Close()
 		t.events = events
-		// The server's queue runs the unit's next task once this one's claims are done.
-		defer func() {
+		defer func() { // the server's queue runs the unit's next task once this one's claims are done
 			ctx, cancel := context.WithTimeout(context.Background(), 2*taskBusyTimeout)
 			defer cancel()
 			if err := events.settleTask(ctx, taskUnitName(t.delivery), "done", "", time.Time{}, nil); err != nil {
@@ -687,18 +589,15 @@ func cmdRunTask(c *cli, args []string) int {
 			}
 		}()
 	}
-	if err := validUnitName(t.unit); err != nil {
-		t.step("invalid", http.StatusBadRequest, nil, map[string]any{"error": err.Error()})
-		return 2
+	err = validUnitName(t.unit)
+	if err == nil {
+		t.ref, err = parseImageRef(t.image)
 	}
-	ref, err := parseImageRef(t.image)
+	if err == nil && t.digest != "" && !reDigest.MatchString(t.digest) {
+		err = errors.New("invalid --digest")
+	}
 	if err != nil {
 		t.step("invalid", http.StatusBadRequest, nil, map[string]any{"error": err.Error()})
-		return 2
-	}
-	t.ref = ref
-	if t.digest != "" && !reDigest.MatchString(t.digest) {
-		t.step("invalid", http.StatusBadRequest, nil, map[string]any{"error": "invalid --digest"})
 		return 2
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
@@ -706,7 +605,6 @@ func cmdRunTask(c *cli, args []string) int {
 	return t.run(ctx)
 }
 
-// task is one redeploy of one unit to one image, as run by run-task.
 type task struct {
 	taskSpec
 	cfg     *config
@@ -719,7 +617,7 @@ type task struct {
 	started time.Time
 }
 
-// step writes the event_log row of one step (action github-task).
+// step writes the event_log row (action github-task) of one step.
 func (t *task) step(name string, status int, res *cmdResult, extra map[string]any) {
 	meta := map[string]any{"delivery": t.delivery, "unit": t.unit, "image": t.image, "event": t.event, "step": name}
 	if res != nil {
@@ -731,9 +629,7 @@ func (t *task) step(name string, status int, res *cmdResult, extra map[string]an
 			meta["error"] = res.err.Error()
 		}
 	}
-	for k, v := range extra {
-		meta[k] = v
-	}
+	maps.Copy(meta, extra)
 	ev := event{RequestID: t.id, TS: t.now(), Method: "TASK", Path: t.path, Status: status,
 		Action: "github-task", Duration: t.now().Sub(t.started), Meta: meta}
 	if t.events == nil {
@@ -746,35 +642,41 @@ func (t *task) step(name string, status int, res *cmdResult, extra map[string]an
 	t.events.taskStep(ctx, taskUnitName(t.delivery), name, errText, ev) // a failure is already on stderr
 }
 
-// run performs the redeploy and returns the exit status: 0 done, up to date, or refused by the
-// per-image limit (which is not a failure); 1 a step failed, whether or not it was rolled back.
-func (t *task) run(ctx context.Context) int {
-	t.started = t.now()
-	t.step("started", http.StatusAccepted, nil, map[string]any{"force": t.force, "digest": t.digest})
-	// One redeploy of an image at a time, and one of a unit: two tags pushed for one unit must not
-	// restart it at once, or one's rollback could undo the other's restart. Every task takes the
-	// image's lock first, so no two tasks can each hold a lock the other waits for.
+// lock takes the image's lock, then the unit's (in that order, so no two tasks deadlock): two tags
+// pushed for one unit must not restart it at once. The caller releases held, even when !ok.
+func (t *task) lock(ctx context.Context) (held []*fileLock, ok bool) {
 	deadline := time.Now().Add(t.cfg.taskLockWait)
 	for _, path := range []string{imageLockPath(t.cfg.stateDir, t.image), unitLockPath(t.cfg.stateDir, t.unit)} {
 		lock, err := lockFile(ctx, path, time.Until(deadline))
 		if err != nil {
 			t.log.errorf("redeploy of %s to %s: %v", t.unit, t.image, err)
 			t.step("lock-failed", http.StatusServiceUnavailable, nil, map[string]any{"error": err.Error(), "lock": filepath.Base(path)})
-			return 1
+			return held, false
 		}
-		defer lock.Unlock()
-		// A used lock is a fresh lock: prune-state deletes only those idle for its whole retention.
+		held = append(held, lock)
 		now := time.Now()
-		os.Chtimes(path, now, now)
+		os.Chtimes(path, now, now) // a used lock is fresh: prune-state deletes only long-idle ones
 	}
+	return held, true
+}
 
-	// Read before the pull, under the unit's lock: the image the unit's container runs is both
-	// what the pushed image must be (checkImage) and what a failed redeploy rolls back to.
+// run performs the redeploy and returns the exit status: 0 done, up to date, or refused by the
+// per-image limit (which is not a failure); 1 a step failed, whether or not it was rolled back.
+func (t *task) run(ctx context.Context) int {
+	t.started = t.now()
+	t.step("started", http.StatusAccepted, nil, map[string]any{"force": t.force, "digest": t.digest})
+	held, ok := t.lock(ctx)
+	for _, l := range held {
+		defer l.Unlock()
+	}
+	if !ok {
+		return 1
+	}
+	// Read under the unit's lock, before the pull: what the pushed image must be, and the rollback.
 	ctr := findUnitContainer(ctx, t.cfg, t.unit)
 	if !t.checkImage(ctx, ctr) {
 		return 0
 	}
-
 	lim, err := imageLimiter(t.cfg, t.image).take(ctx)
 	if err != nil {
 		t.log.errorf("redeploy of %s to %s: per-image limit: %v", t.unit, t.image, err)
@@ -787,7 +689,6 @@ func (t *task) run(ctx context.Context) int {
 		t.step("rate-limited", http.StatusTooManyRequests, nil, map[string]any{"retry_after_secs": int(lim.retryAfter / time.Second)})
 		return 0
 	}
-
 	before, err := localImageID(ctx, t.cfg, t.ref)
 	if err != nil {
 		t.log.warnf("redeploy of %s: cannot read the current image of %s: %v", t.unit, t.image, err)
@@ -806,7 +707,6 @@ func (t *task) run(ctx context.Context) int {
 	}
 	t.step("pulled", http.StatusOK, &res, map[string]any{"attempts": attempts, "previous_image_id": before,
 		"image_id": after, "running_image_id": ctr.imageID, "pull_ms": pullMS})
-
 	pre, err := sampleUnit(ctx, t.cfg, t.unit)
 	if err != nil {
 		t.log.warnf("redeploy of %s: cannot read the unit state: %v", t.unit, err)
@@ -818,14 +718,13 @@ func (t *task) run(ctx context.Context) int {
 		t.step("up-to-date", http.StatusOK, nil, map[string]any{"image_id": after, "reason": why})
 		return 0
 	}
-
 	verdict, interrupted := t.restartAndGate(ctx, pre)
 	if verdict != "" {
 		target, source := rollbackTarget(ctr.imageID, before)
 		return t.rollback(ctx, target, source, after, verdict)
 	}
 	t.step("healthy", http.StatusOK, nil, t.verify(ctx, after, map[string]any{"reason": why, "settle_cut_short": interrupted}))
-	if res := pruneImages(ctx, t.cfg); res.err != nil {
+	if res := runCommand(ctx, t.cfg.commandTimeout, "podman", "image", "prune", "-f"); res.err != nil {
 		t.log.warnf("redeploy of %s: image prune failed (ignored): %v", t.unit, res.err)
 		t.step("prune-failed", http.StatusOK, &res, nil)
 	}
@@ -834,11 +733,11 @@ func (t *task) run(ctx context.Context) int {
 	return 0
 }
 
-// restartAndGate restarts the unit and watches it for the settle window. It returns the gate's
-// verdict ("" healthy) and whether a stop request cut the window short.
+// restartAndGate restarts and gates the unit: the verdict ("" healthy), and if the settle was cut short.
 func (t *task) restartAndGate(ctx context.Context, pre unitSample) (string, bool) {
+	bg := context.WithoutCancel(ctx)
 	restartStart := t.now()
-	res := restartUnit(context.WithoutCancel(ctx), t.cfg, t.unit)
+	res := restartUnit(bg, t.cfg, t.unit)
 	restartMS := t.now().Sub(restartStart).Milliseconds()
 	if res.err != nil {
 		t.log.errorf("redeploy of %s: restart failed: %v", t.unit, res.err)
@@ -847,15 +746,16 @@ func (t *task) restartAndGate(ctx context.Context, pre unitSample) (string, bool
 	}
 	t.step("restarted", http.StatusOK, &res, map[string]any{"restart_ms": restartMS})
 	baseline := pre
-	if post, err := sampleUnit(context.WithoutCancel(ctx), t.cfg, t.unit); err == nil && post.nRestarts < baseline.nRestarts {
+	if post, err := sampleUnit(bg, t.cfg, t.unit); err == nil && post.nRestarts < baseline.nRestarts {
 		baseline = post // systemd reset NRestarts on the explicit restart
 	}
 	samples, interrupted := watchUnit(ctx, t.cfg, t.unit, baseline)
 	verdict := gateVerdict(baseline, samples)
 	if verdict == "" {
-		if ctr := findUnitContainer(context.WithoutCancel(ctx), t.cfg, t.unit); ctr.id != "" {
-			if h := containerHealth(context.WithoutCancel(ctx), t.cfg, ctr.id); strings.HasPrefix(h, "unhealthy") {
-				verdict = "podman healthcheck: " + h
+		if ctr := findUnitContainer(bg, t.cfg, t.unit); ctr.id != "" {
+			// Exit 1 is unhealthy; any other failure means no healthcheck or podman cannot tell.
+			if h := runCommand(bg, t.cfg.commandTimeout, "podman", "healthcheck", "run", "--", ctr.id); h.err != nil && h.exitCode == 1 {
+				verdict = "podman healthcheck: unhealthy: " + strings.TrimSpace(h.stdout+" "+h.stderr)
 			}
 		}
 	}
@@ -866,10 +766,8 @@ func (t *task) restartAndGate(ctx context.Context, pre unitSample) (string, bool
 	return verdict, interrupted
 }
 
-// rollbackTarget is the image a failed redeploy goes back to: the one the unit's container ran
-// before the pull, which is what the unit last ran whatever the local tag pointed at since (another
-// unit's redeploy may have moved it). Only when no container was found (the unit was not running)
-// is it the image the tag named before the pull. source says which: "container" or "local-tag".
+// rollbackTarget is what a failed redeploy goes back to: the image the unit's container ran
+// before the pull, whatever the local tag named since, else (no container) what the tag named.
 func rollbackTarget(running, before string) (target, source string) {
 	if running != "" {
 		return running, "container"
@@ -877,24 +775,21 @@ func rollbackTarget(running, before string) (target, source string) {
 	return before, "local-tag"
 }
 
-// rollbackSources words rollbackTarget's source for a log line.
 var rollbackSources = map[string]string{
 	"container": "what the unit's container ran before the pull",
 	"local-tag": "what the local tag named before the pull; no container was running",
 }
 
-// rollback puts the previous image back under the reference, restarts and gates again. The new
-// image is kept (nothing is pruned) so the operator can inspect it.
+// rollback tags before back as the reference, restarts and gates; the failed image is kept to inspect.
 func (t *task) rollback(ctx context.Context, before, source, after, why string) int {
-	switch plan := rollbackPlan(before, after, imageExists(context.WithoutCancel(ctx), t.cfg, before)); plan {
-	case "":
-	default:
+	bg := context.WithoutCancel(ctx)
+	exists := before != "" && runCommand(bg, t.cfg.commandTimeout, "podman", "image", "exists", "--", before).err == nil
+	if plan := rollbackPlan(before, after, exists); plan != "" {
 		t.log.errorf("redeploy of %s failed and cannot be rolled back: %s; the unit is left as it is", t.unit, plan)
 		t.step("rollback-impossible", http.StatusInternalServerError, nil, map[string]any{"error": why, "rollback_error": plan,
 			"failed_image_id": after, "rollback_source": source})
 		return 1
 	}
-	bg := context.WithoutCancel(ctx)
 	res := runCommand(bg, t.cfg.commandTimeout, "podman", "tag", "--", before, t.ref.String())
 	if res.err != nil {
 		t.log.errorf("redeploy of %s: rollback failed: %v", t.unit, res.err)
@@ -902,8 +797,7 @@ func (t *task) rollback(ctx context.Context, before, source, after, why string) 
 		return 1
 	}
 	pre, _ := sampleUnit(bg, t.cfg, t.unit)
-	verdict, _ := t.restartAndGate(bg, pre)
-	if verdict != "" {
+	if verdict, _ := t.restartAndGate(bg, pre); verdict != "" {
 		t.log.errorf("redeploy of %s: rollback to %s failed too: %s", t.unit, before, verdict)
 		t.step("rollback-failed", http.StatusInternalServerError, nil, map[string]any{"error": why, "rollback_error": verdict,
 			"failed_image_id": after, "previous_image_id": before})
@@ -915,15 +809,10 @@ func (t *task) rollback(ctx context.Context, before, source, after, why string) 
 	return 1
 }
 
-// checkImage makes sure, before anything is pulled, that the pushed image is the one the unit
-// runs: the Image= of its Quadlet file (the request already matched it; a manual redeploy did
-// not), else the image its running container was started from. A unit that names no image
-// and runs no container takes none, unless WEBHOOK_ALLOW_ANY_IMAGE is set. On a refusal it writes
-// the step that says why and returns false: nothing is pulled or restarted.
+// checkImage reports whether the pushed image is the one the unit runs, else records the refusal.
 func (t *task) checkImage(ctx context.Context, ctr unitContainer) bool {
 	configured, source, err := configuredImage(ctx, t.cfg, t.getenv, t.unit)
 	if err != nil {
-		// The container still tells which image the unit runs.
 		t.log.warnf("redeploy of %s: cannot read the unit's Image= (%v): checking its container's image instead", t.unit, err)
 		configured, source = "", ""
 	}
@@ -940,11 +829,8 @@ func (t *task) checkImage(ctx context.Context, ctr unitContainer) bool {
 	return false
 }
 
-// imageCheck decides whether ref may be deployed to a unit whose Quadlet Image= is configured
-// ("" none) and whose running container was started from the image named running ("" no
-// container, or none known). It returns "" when it may, else the step to record
-// (image-mismatch, image-unknown) and why. allowAny lets a unit without Image= take any image,
-// the behaviour before this check existed.
+// imageCheck says whether ref may go to a unit with Image= configured, else whose container runs
+// running: "" when it may, else the step and why. A unit with neither takes none unless allowAny.
 func imageCheck(ref imageRef, configured, running string, allowAny bool) (step, why string) {
 	want, what := configured, "the unit's Image="
 	switch {
@@ -967,26 +853,24 @@ func imageCheck(ref imageRef, configured, running string, allowAny bool) (step, 
 	return "", ""
 }
 
-// verify adds to meta the digest that was pulled, the one the unit's container runs and, when the
-// delivery named one, that digest; a mismatch between pulled and running is a warning.
+// verify adds to meta the delivery's, pulled and running digests; running other than pulled warns.
 func (t *task) verify(ctx context.Context, after string, meta map[string]any) map[string]any {
 	ctx = context.WithoutCancel(ctx)
+	inspect := func(key string, argv ...string) {
+		if res := runCommand(ctx, t.cfg.commandTimeout, argv...); res.err == nil {
+			meta[key] = strings.TrimSpace(res.stdout)
+		}
+	}
 	if t.digest != "" {
 		meta["delivery_digest"] = t.digest
 	}
-	pulled := runCommand(ctx, t.cfg.commandTimeout, "podman", "image", "inspect", "--format", "{{.Digest}}", "--", t.ref.String())
-	if pulled.err == nil {
-		meta["pulled_digest"] = strings.TrimSpace(pulled.stdout)
-	}
+	inspect("pulled_digest", "podman", "image", "inspect", "--format", "{{.Digest}}", "--", t.ref.String())
 	ctr := findUnitContainer(ctx, t.cfg, t.unit)
 	if ctr.id == "" {
 		return meta
 	}
 	meta["container_id"] = ctr.id
-	running := runCommand(ctx, t.cfg.commandTimeout, "podman", "container", "inspect", "--format", "{{.ImageDigest}}", "--", ctr.id)
-	if running.err == nil {
-		meta["running_digest"] = strings.TrimSpace(running.stdout)
-	}
+	inspect("running_digest", "podman", "container", "inspect", "--format", "{{.ImageDigest}}", "--", ctr.id)
 	if ctr.imageID != "" && after != "" && ctr.imageID != after {
 		meta["warning"] = "the unit's container runs image " + ctr.imageID + ", not the pulled " + after
 	} else if p, r := meta["pulled_digest"], meta["running_digest"]; p != nil && r != nil && p != r {
@@ -995,13 +879,10 @@ func (t *task) verify(ctx context.Context, after string, meta map[string]any) ma
 	return meta
 }
 
-// restartFacts is what decideRestart looks at.
 type restartFacts struct {
-	before  string // local image ID of the reference before the pull ("" none)
-	after   string // and after it
-	running string // image ID of the unit's container ("" not found)
-	active  bool   // the unit is active
-	force   bool
+	before, after string // the reference's local image ID before and after the pull ("" none)
+	running       string // image ID of the unit's container ("" not found)
+	active, force bool   // the unit is active; the redeploy is forced
 }
 
 // decideRestart says whether a redeploy must restart the unit, and why. An unchanged image on an
@@ -1035,13 +916,10 @@ func rollbackPlan(before, after string, beforeExists bool) string {
 	return ""
 }
 
-// unitContainer is the container a unit runs: its ID, its image's ID and the image name it was
-// started from (as podman ps shows it; "" when podman shows none).
 type unitContainer struct{ id, imageID, image string }
 
-// findUnitContainer finds the running container of a unit: podman labels containers started
-// under systemd (Quadlet, podman generate systemd) with PODMAN_SYSTEMD_UNIT; Quadlet names them
-// systemd-<name> by default. A zero value means not found; the gate then relies on systemd alone.
+// findUnitContainer finds a unit's running container by podman's PODMAN_SYSTEMD_UNIT label, else
+// by Quadlet's default name systemd-<name>. Not found is the zero value: the gate trusts systemd.
 func findUnitContainer(ctx context.Context, cfg *config, unit string) unitContainer {
 	for _, filter := range []string{"label=PODMAN_SYSTEMD_UNIT=" + unit, "name=^systemd-" + strings.TrimSuffix(unit, ".service") + "$"} {
 		res := runCommand(ctx, cfg.commandTimeout, "podman", "ps", "--no-trunc", "--filter", filter, "--format", "{{.ID}} {{.ImageID}} {{.Image}}")
@@ -1049,37 +927,14 @@ func findUnitContainer(ctx context.Context, cfg *config, unit string) unitContai
 			return unitContainer{}
 		}
 		if f := strings.Fields(res.stdout); len(f) >= 2 {
-			c := unitContainer{id: f[0], imageID: strings.TrimPrefix(f[1], "sha256:")}
-			if len(f) >= 3 {
-				c.image = f[2]
-			}
-			return c
+			f = append(f, "") // podman may show no image name
+			return unitContainer{id: f[0], imageID: strings.TrimPrefix(f[1], "sha256:"), image: f[2]}
 		}
 	}
 	return unitContainer{}
 }
 
-// containerHealth runs the container's podman healthcheck: "healthy", "unhealthy: …", or "none"
-// when it has none or podman cannot tell.
-func containerHealth(ctx context.Context, cfg *config, id string) string {
-	res := runCommand(ctx, cfg.commandTimeout, "podman", "healthcheck", "run", "--", id)
-	switch {
-	case res.err == nil:
-		return "healthy"
-	case res.exitCode == 1:
-		return "unhealthy: " + strings.TrimSpace(res.stdout+" "+res.stderr)
-	}
-	return "none"
-}
-
-// imageExists reports whether a local image ID is still there.
-func imageExists(ctx context.Context, cfg *config, id string) bool {
-	return id != "" && runCommand(ctx, cfg.commandTimeout, "podman", "image", "exists", "--", id).err == nil
-}
-
-// planRedeploy describes, without changing anything, what run-task would do to redeploy unit to
-// ref: the dry run of the manual services API. It only reads (image inspect, podman ps,
-// systemctl show); what it cannot read it says it cannot.
+// planRedeploy is the manual API's dry run: what run-task would do, found by reading only.
 func planRedeploy(ctx context.Context, cfg *config, getenv func(string) string, unit string, ref imageRef, force bool) []string {
 	ctr := findUnitContainer(ctx, cfg, unit)
 	configured, _, cerr := configuredImage(ctx, cfg, getenv, unit)
@@ -1099,7 +954,7 @@ func planRedeploy(ctx context.Context, cfg *config, getenv func(string) string, 
 	case ctr.imageID != "":
 		plan = append(plan, "restart "+unit+" only if the pulled image differs from the one its container runs ("+ctr.imageID+"), else record up-to-date")
 	default:
-		plan = append(plan, "restart "+unit+" only if the pulled image differs from the local one ("+orNone(before)+"), else record up-to-date")
+		plan = append(plan, "restart "+unit+" only if the pulled image differs from the local one ("+cmp.Or(before, "none")+"), else record up-to-date")
 	}
 	plan = append(plan, fmt.Sprintf("after a restart, require %s to stay active for %s without systemd restarting it, and its podman healthcheck (if any) to pass", unit, cfg.healthSettle))
 	target, source := rollbackTarget(ctr.imageID, before)
@@ -1112,11 +967,4 @@ func planRedeploy(ctx context.Context, cfg *config, getenv func(string) string, 
 		plan = append(plan, "on a failed gate, tag "+target+" ("+rollbackSources[source]+") back as "+ref.String()+", restart and check again; keep the new image for inspection")
 	}
 	return append(plan, "after a healthy result, podman image prune -f")
-}
-
-func orNone(s string) string {
-	if s == "" {
-		return "none"
-	}
-	return s
 }
