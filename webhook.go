@@ -1,23 +1,19 @@
-// webhook.go owns the HTTP surface of `webhook-auto-update server`: the listeners and their
-// shutdown, routing, the per-request row, push notifications (one path for GitHub and every
-// registry source), the static web UI, /health, /metrics, the events API, and the status page's
-// handlers, session and Content-Security-Policy (its queries and template are eventlog.go's).
+// webhook.go owns the HTTP surface of `webhook-auto-update server`: listeners and shutdown,
+// routing, the per-request row, push notifications (one path for GitHub and every registry), the
+// web UI, /health, /metrics, the events API and the status page's handlers, session and CSP.
 //
-// Rules: every request that reaches the handler gets exactly one event_log row (successful probes
-// one per minute), each stored value cut to maxFieldBytes and every secret redacted. A push runs
-// the checks of handlePush in the order the README lists them, each returning a refusal; a
-// source whose secret is unset refuses everything, and every secret is compared in constant
-// time. Bodies are capped one by one and together in memory. A request with Transfer-Encoding
-// ends its connection (RFC 9112 §6.1). Static files are opened through os.Root, non-blocking.
+// Rules: every request that reaches the handler gets one event_log row (successful probes one a
+// minute), each value cut to maxFieldBytes, every secret redacted. A push runs handlePush's checks
+// in the README's order; a source whose secret is unset refuses everything; secrets are compared
+// in constant time. Bodies are capped one by one and together in memory. A request with
+// Transfer-Encoding ends its connection (RFC 9112 §6.1). Static files open via os.Root, non-blocking.
 package main
 
 import (
-	"bytes"
 	"cmp"
 	"context"
 	"crypto/hmac"
 	"crypto/sha256"
-	"crypto/subtle"
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
@@ -25,7 +21,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"io/fs"
 	"log"
 	"maps"
 	"mime"
@@ -46,6 +41,16 @@ import (
 	"syscall"
 	"time"
 	"unicode/utf8"
+)
+
+const (
+	maxHeaderBytes   = 16 << 10        // a request line and its headers; net/http answers 431 above
+	maxFieldBytes    = 1024            // each value a row stores from a request, so a row is a few KB
+	bodyBudgetWait   = 2 * time.Second // for room in the body budget, then 503
+	debugPayloadCap  = 1 << 20         // how much of a refused body is saved
+	healthCacheFor   = time.Second     // how long one health check, and one write probe, answer /health
+	statusSessionTTL = 12 * time.Hour  // what a status page login gives
+	statusCookie     = "wau_status"
 )
 
 const usageServer = `usage: webhook-auto-update server [--listen ADDR] [--state-dir DIR] [--db URL]
@@ -79,7 +84,15 @@ func cmdServer(c *cli, args []string) int {
 		from = " (settings also from " + cfg.envFile + ")"
 	}
 	c.log.infof("state directory %s, event log %s%s", cfg.stateDir, cfg.dbPath, from)
-	warnUnset(c.log, cfg)
+	if cfg.secrets["github"] == "" {
+		c.log.warnf("GITHUB_WEBHOOK_SECRET is not set: every GitHub delivery will be refused with 500")
+	}
+	if also := ", and so do the manual API and /api/events (or set WEBHOOK_MANUAL_TOKEN for them)"; cfg.token == "" {
+		if cfg.manualToken != "" {
+			also = ""
+		}
+		c.log.warnf("WEBHOOK_TOKEN is not set: /auto-update refuses every request with 401%s", also)
+	}
 	listeners, err := activationListeners(c.getenv)
 	if err == nil && len(listeners) == 0 {
 		var l net.Listener
@@ -100,22 +113,7 @@ func cmdServer(c *cli, args []string) int {
 	return newServer(cfg, c.log, events).serve(listeners, sd)
 }
 
-// warnUnset says at start which routes refuse everything for want of a secret.
-func warnUnset(lg *logger, cfg *config) {
-	if cfg.secrets["github"] == "" {
-		lg.warnf("GITHUB_WEBHOOK_SECRET is not set: every GitHub delivery will be refused with 500")
-	}
-	if cfg.token == "" {
-		also := ", and so do the manual API and /api/events (or set WEBHOOK_MANUAL_TOKEN for them)"
-		if cfg.manualToken != "" {
-			also = ""
-		}
-		lg.warnf("WEBHOOK_TOKEN is not set: /auto-update refuses every request with 401%s", also)
-	}
-}
-
-// serve answers on listeners and runs the dispatcher until SIGTERM or SIGINT, then stops taking
-// requests, finishes those in flight and what the dispatcher started, and returns the status.
+// serve runs until SIGTERM or SIGINT, then finishes the requests in flight and the dispatcher's.
 func (s *server) serve(listeners []net.Listener, sd *notifier) int {
 	hs := newHTTPServer(s.cfg, s, s.log)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
@@ -163,55 +161,50 @@ func (s *server) serve(listeners []net.Listener, sd *notifier) int {
 	return status
 }
 
-// maxHeaderBytes bounds a request line and its headers (net/http answers 431 above it).
-const maxHeaderBytes = 16 << 10
-
 func newHTTPServer(cfg *config, h http.Handler, lg *logger) *http.Server {
 	return &http.Server{Handler: h, ReadHeaderTimeout: cfg.readHeaderTimeout, ReadTimeout: cfg.readTimeout,
 		WriteTimeout: cfg.writeTimeout, IdleTimeout: cfg.idleTimeout, MaxHeaderBytes: maxHeaderBytes, ErrorLog: log.New(lg, "", 0)}
 }
 
-// server is the HTTP handler: a ServeMux for routing (404, and 405 with Allow) inside ServeHTTP's
-// rules that every request shares.
+// server is the HTTP handler: ServeHTTP's shared rules around a ServeMux (404, 405 with Allow).
 type server struct {
-	cfg     *config
-	log     *logger
-	events  *eventLog
-	metrics *metrics
-	mux     *http.ServeMux
-	now     func() time.Time
-
-	inflight    sync.WaitGroup // handlers running, waited for at shutdown
-	units       unitLookups    // the unit lookups of deliveries, reused for seconds
-	wake        chan struct{}  // a claim was queued: the dispatcher looks at once
-	probes      probeSummary   // successful health and metrics probes, one row a minute
-	bodies      *byteBudget    // request bodies in memory
-	lastDump    atomic.Int64   // when saveRefused last wrote, unix nanoseconds
-	healthCache healthCache
-	reconciled  time.Time // when the dispatcher last looked for half-done claims
-
-	getenv   func(string) string
-	environ  func() []string
-	exe      string // this binary, run by systemd-run as run-task
-	saveFile func(path string, data []byte, perm os.FileMode) error
-	exec     func(ctx context.Context, timeout time.Duration, argv ...string) cmdResult
+	cfg        *config
+	log        *logger
+	events     *eventLog
+	metrics    *metrics
+	mux        *http.ServeMux
+	now        func() time.Time
+	inflight   sync.WaitGroup // handlers running, waited for at shutdown
+	units      unitLookups    // the unit lookups of deliveries, reused for seconds
+	wake       chan struct{}  // a claim was queued: the dispatcher looks at once
+	probes     probeSummary   // successful health and metrics probes, one row a minute
+	bodies     *byteBudget    // request bodies in memory
+	lastDump   atomic.Int64   // when saveRefused last wrote, unix nanoseconds
+	health     cached[healthReport]
+	probe      cached[error]
+	reconciled time.Time // when the dispatcher last looked for half-done claims
+	getenv     func(string) string
+	environ    func() []string
+	exe        string // this binary, run by systemd-run as run-task
+	saveFile   func(path string, data []byte, perm os.FileMode) error
+	exec       func(ctx context.Context, timeout time.Duration, argv ...string) cmdResult
 }
 
 func newServer(cfg *config, lg *logger, events *eventLog) *server {
-	s := &server{cfg: cfg, log: lg, events: events, metrics: newMetrics(time.Now()), mux: http.NewServeMux(), now: time.Now,
-		getenv: os.Getenv, environ: os.Environ, exec: runCommand, saveFile: writeFileAtomic, wake: make(chan struct{}, 1),
-		units: unitLookups{ttl: unitLookupTTL}, bodies: newByteBudget(cfg.bodyBudget)}
+	s := &server{cfg: cfg, log: lg, events: events, mux: http.NewServeMux(), now: time.Now, getenv: os.Getenv, environ: os.Environ,
+		exec: runCommand, saveFile: writeFileAtomic, wake: make(chan struct{}, 1), units: unitLookups{ttl: unitLookupTTL},
+		bodies: &byteBudget{total: cfg.bodyBudget, free: cfg.bodyBudget, freed: make(chan struct{})},
+		metrics: &metrics{start: time.Now(), requests: map[[2]string]int64{}, deliveries: map[string]int64{},
+			rejections: map[string]int64{}, dispatches: map[string]int64{}}}
 	s.exe, _ = os.Executable()
 	routes := map[string]http.HandlerFunc{
 		"POST /github-package-update/{unit}": s.handlePush, "POST /github-package-update/{unit}/redeploy": s.handlePush,
 		"POST /registry/{source}/{unit}": s.handlePush, "POST /registry/{source}/{unit}/{token}": s.handlePush,
-		"GET /health": s.handleHealth, "GET /sse/hello": s.handleHello, "GET /metrics": s.handleMetrics,
-		"GET /api/events": s.handleEvents, "GET /api/deliveries/{id}": s.handleDelivery,
-		"GET /auto-update": s.handleAutoUpdate, "POST /auto-update": s.handleAutoUpdate,
+		"GET /health": s.handleHealth, "GET /sse/hello": s.handleHello, "GET /metrics": s.handleMetrics, "GET /api/events": s.handleEvents,
+		"GET /api/deliveries/{id}": s.handleDelivery, "GET /auto-update": s.handleAutoUpdate, "POST /auto-update": s.handleAutoUpdate,
 		"POST /api/manual/trigger": s.handleManualTrigger, "POST /api/manual/services/{name}": s.handleManualService,
 		"GET /status/{$}": s.handleStatusOverview, "GET /status/deliveries": s.handleStatusDeliveries,
-		"GET /status/deliveries/{id}": s.handleStatusStory, "POST /status/login": s.handleStatusLogin,
-		"POST /status/logout": s.handleStatusLogout,
+		"GET /status/deliveries/{id}": s.handleStatusStory, "POST /status/login": s.handleStatusLogin, "POST /status/logout": s.handleStatusLogout,
 	}
 	for _, p := range []string{"/{$}", "/index.html", "/assets/", "/favicon.ico", "/vite.svg"} {
 		routes["GET "+p] = s.handleStatic
@@ -224,11 +217,10 @@ func newServer(cfg *config, lg *logger, events *eventLog) *server {
 
 // requestInfo travels with a request so handlers can name the action and add to the row's meta.
 type requestInfo struct {
-	id       string
-	start    time.Time
-	action   string
-	meta     map[string]any
-	recorded bool // the handler committed the row itself
+	id, action string
+	start      time.Time
+	meta       map[string]any
+	recorded   bool // the handler committed the row itself
 }
 
 type requestInfoKey struct{}
@@ -247,16 +239,12 @@ type statusWriter struct {
 }
 
 func (w *statusWriter) WriteHeader(code int) {
-	if w.status == 0 {
-		w.status = code
-	}
+	w.status = cmp.Or(w.status, code)
 	w.ResponseWriter.WriteHeader(code)
 }
 
 func (w *statusWriter) Write(b []byte) (int, error) {
-	if w.status == 0 {
-		w.status = http.StatusOK
-	}
+	w.status = cmp.Or(w.status, http.StatusOK)
 	return w.ResponseWriter.Write(b)
 }
 
@@ -288,14 +276,18 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		sw.Header().Set("Connection", "close")
 	}
 	switch {
-	case hasDotDot(r.URL.Path):
+	case slices.Contains(strings.FieldsFunc(r.URL.Path, func(c rune) bool { return c == '/' || c == '\\' }), ".."):
 		ri.action = "not-found"
 		http.Error(sw, "not found", http.StatusNotFound)
 	case r.ContentLength > s.cfg.maxBodyBytes:
 		ri.action = "body-too-large"
 		http.Error(sw, "request body too large", http.StatusRequestEntityTooLarge)
 	default:
-		release, ok := s.bodies.reserve(r.Context(), bodyReservation(r, s.cfg.maxBodyBytes))
+		n := s.cfg.maxBodyBytes // the most a body without Content-Length may hold
+		if r.ContentLength >= 0 {
+			n = min(r.ContentLength, n)
+		}
+		release, ok := s.bodies.reserve(r.Context(), n)
 		if !ok {
 			ri.action = "body-budget"
 			sw.Header().Set("Retry-After", "5")
@@ -325,7 +317,6 @@ func (s *server) finish(r *http.Request, ri *requestInfo, status int) {
 	s.events.Record(s.requestEvent(r, ri, status, d))
 }
 
-// requestEvent builds the row of a request.
 func (s *server) requestEvent(r *http.Request, ri *requestInfo, status int, d time.Duration) event {
 	meta := ri.meta
 	meta["path"] = redactPath(r.URL.Path)
@@ -336,16 +327,22 @@ func (s *server) requestEvent(r *http.Request, ri *requestInfo, status int, d ti
 		meta["remote_addr"] = r.RemoteAddr
 	}
 	for k, v := range meta {
-		meta[k] = boundValue(v)
+		switch v := v.(type) {
+		case string:
+			meta[k] = boundField(v)
+		case []string:
+			out := make([]string, len(v))
+			for i, s := range v {
+				out[i] = boundField(s)
+			}
+			meta[k] = out
+		}
 	}
 	return event{RequestID: ri.id, TS: s.now(), Method: boundField(r.Method), Path: boundField(redactPath(r.URL.Path)),
 		Status: status, Action: cmp.Or(ri.action, defaultAction(r.Pattern, status)), Duration: d, Meta: meta}
 }
 
-// maxFieldBytes bounds each value a row stores from a request, so any request adds a few KB.
-const maxFieldBytes = 1024
-
-// boundField cuts s to maxFieldBytes at a rune boundary and says how long it was.
+// boundField cuts s at a rune boundary and says how long it was.
 func boundField(s string) string {
 	if len(s) <= maxFieldBytes {
 		return s
@@ -357,20 +354,6 @@ func boundField(s string) string {
 	return s[:cut] + "…[truncated: " + strconv.Itoa(len(s)) + " bytes]"
 }
 
-func boundValue(v any) any {
-	switch v := v.(type) {
-	case string:
-		return boundField(v)
-	case []string:
-		out := make([]string, len(v))
-		for i, s := range v {
-			out[i] = boundField(s)
-		}
-		return out
-	}
-	return v
-}
-
 // defaultAction names a request's action from its route when the handler did not.
 func defaultAction(pattern string, status int) string {
 	switch {
@@ -378,41 +361,17 @@ func defaultAction(pattern string, status int) string {
 		return "not-found"
 	case pattern == "" && status == http.StatusMethodNotAllowed:
 		return "method-not-allowed"
-	case pattern == "":
-		return "http"
-	case pattern == "GET /health":
-		return "health"
-	case pattern == "GET /sse/hello":
-		return "sse-hello"
 	}
-	return "static"
+	return cmp.Or(routeActions[pattern], "static")
 }
 
-// hasDotDot reports whether a decoded URL path has a ".." segment.
-func hasDotDot(p string) bool {
-	return slices.Contains(strings.FieldsFunc(p, func(r rune) bool { return r == '/' || r == '\\' }), "..")
-}
+var routeActions = map[string]string{"": "http", "GET /health": "health", "GET /sse/hello": "sse-hello"}
 
-// bodyReservation is what a request holds of the body budget: its Content-Length, or the cap.
-func bodyReservation(r *http.Request, maxBody int64) int64 {
-	if r.ContentLength < 0 {
-		return maxBody
-	}
-	return min(r.ContentLength, maxBody)
-}
-
-const bodyBudgetWait = 2 * time.Second
-
-// byteBudget bounds the request bodies held in memory at once: a request reserves its body's
-// bytes before a handler reads them and frees them when answered.
+// byteBudget bounds the bodies in memory: reserved before a handler reads, freed when answered.
 type byteBudget struct {
 	mu          sync.Mutex
 	total, free int64
 	freed       chan struct{} // closed and replaced whenever bytes are freed
-}
-
-func newByteBudget(total int64) *byteBudget {
-	return &byteBudget{total: total, free: total, freed: make(chan struct{})}
 }
 
 // reserve takes n bytes, waiting up to bodyBudgetWait, and returns their release.
@@ -448,18 +407,6 @@ func (b *byteBudget) reserve(ctx context.Context, n int64) (release func(), ok b
 	}
 }
 
-// readBody reads a body with a Content-Length into a buffer of that size.
-func readBody(r *http.Request) ([]byte, error) {
-	if r.ContentLength <= 0 {
-		return io.ReadAll(r.Body)
-	}
-	b := make([]byte, r.ContentLength)
-	if _, err := io.ReadFull(r.Body, b); err != nil {
-		return nil, err
-	}
-	return b, nil
-}
-
 func (s *server) handleHello(w http.ResponseWriter, r *http.Request) {
 	data, _ := json.Marshal(map[string]any{"message": "hello from webhook-auto-update", "timestamp": s.now().Unix()})
 	w.Header().Set("Content-Type", "text/event-stream")
@@ -475,9 +422,8 @@ var staticTypes = map[string]string{
 	".woff2": "font/woff2", ".txt": "text/plain; charset=utf-8",
 }
 
-// handleStatic serves the web UI bundle's regular files; os.Root refuses any name that resolves
-// outside it, and O_NONBLOCK keeps a FIFO from holding the request. Without a bundle, / is the
-// status page.
+// handleStatic serves the UI bundle's regular files: os.Root refuses names resolving outside it,
+// O_NONBLOCK keeps a FIFO from holding the request. Without a bundle, / is the status page.
 func (s *server) handleStatic(w http.ResponseWriter, r *http.Request) {
 	name := cmp.Or(strings.TrimPrefix(r.URL.Path, "/"), "index.html")
 	var f *os.File
@@ -487,7 +433,7 @@ func (s *server) handleStatic(w http.ResponseWriter, r *http.Request) {
 		f, err = root.OpenFile(name, os.O_RDONLY|syscall.O_NONBLOCK, 0)
 	}
 	if err != nil {
-		missing := root == nil || errors.Is(err, fs.ErrNotExist)
+		missing := root == nil || errors.Is(err, os.ErrNotExist)
 		switch {
 		case missing && r.URL.Path == "/":
 			s.handleStatusOverview(w, r)
@@ -512,10 +458,7 @@ func (s *server) handleStatic(w http.ResponseWriter, r *http.Request) {
 	http.ServeContent(w, r, name, st.ModTime(), f)
 }
 
-// Push notifications. A source is GitHub or one of the registries: how it authenticates, the
-// checks of its headers, and how its payload reads. Everything else is shared.
-
-// pushSource is one sender of push notifications.
+// pushSource is what differs between GitHub and each registry; everything else is shared.
 type pushSource struct {
 	action     string                                                  // its request rows' action
 	auth       func(secret string, r *http.Request, body []byte) error // nil error: authenticated
@@ -543,31 +486,31 @@ func secretEnv(source string) string {
 	return "WEBHOOK_REGISTRY_TOKEN_" + strings.ToUpper(source)
 }
 
-// push is one notification as the checks learn about it.
+// push is one notification as the checks learn about it; id is the delivery id the source's
+// headers name, d the push acted on and ref the reference to pull.
 type push struct {
-	r      *http.Request
-	ri     *requestInfo
-	name   string
-	src    pushSource
-	body   []byte
-	event  string
-	id     string // the delivery id the source's headers name ("" none)
-	unit   string
-	pushes []delivery
-	d      delivery // the push acted on
-	ref    imageRef // and the reference to pull
+	r                     *http.Request
+	ri                    *requestInfo
+	src                   pushSource
+	name, event, id, unit string
+	body                  []byte
+	pushes                []delivery
+	d                     delivery
+	ref                   imageRef
 }
 
-// refusal is the answer of a check that stops a push: its status, the reason its row stores, and
-// the text sent; retryAfter, in seconds, when it says when to come back.
+// refusal stops a push: reason is for the row, retryAfter (seconds) for Retry-After.
 type refusal struct {
 	status       int
 	reason, text string
 	retryAfter   int
 }
 
-// handlePush receives a push notification: the README's "What happens on a delivery", in order.
-// Nothing here pulls or restarts; the claim is the queue's.
+func refuse(status int, reason, text string) *refusal {
+	return &refusal{status: status, reason: reason, text: text}
+}
+
+// handlePush runs the README's "What happens on a delivery" in order; pulls and restarts are the queue's.
 func (s *server) handlePush(w http.ResponseWriter, r *http.Request) {
 	p := &push{r: r, ri: info(r)}
 	for _, check := range []func(*push) *refusal{s.pushSource, s.pushSecret, s.pushBody, s.pushAuth,
@@ -590,7 +533,7 @@ func (s *server) pushSource(p *push) *refusal {
 	src, ok := pushSources[p.name]
 	p.ri.action, p.src, p.event = "registry-webhook", src, p.name
 	if !ok || p.r.PathValue("source") == "github" {
-		return &refusal{http.StatusNotFound, "unknown-source", "unknown registry source: want distribution, harbor, gitea, dockerhub or quay", 0}
+		return refuse(http.StatusNotFound, "unknown-source", "unknown registry source: want distribution, harbor, gitea, dockerhub or quay")
 	}
 	p.ri.action = src.action
 	if !src.github {
@@ -603,7 +546,7 @@ func (s *server) pushSource(p *push) *refusal {
 func (s *server) pushSecret(p *push) *refusal {
 	if s.cfg.secrets[p.name] == "" {
 		s.log.errorf("%s push refused: %s is not set", p.name, secretEnv(p.name))
-		return &refusal{http.StatusInternalServerError, "secret-unset", "server misconfigured", 0}
+		return refuse(http.StatusInternalServerError, "secret-unset", "server misconfigured")
 	}
 	return nil
 }
@@ -611,12 +554,17 @@ func (s *server) pushSecret(p *push) *refusal {
 // 3. The body is read whole, within the cap.
 func (s *server) pushBody(p *push) *refusal {
 	var err error
-	if p.body, err = readBody(p.r); err != nil {
-		var tooLarge *http.MaxBytesError
-		if errors.As(err, &tooLarge) {
-			return &refusal{http.StatusRequestEntityTooLarge, "body-too-large", "request body too large", 0}
-		}
-		return &refusal{http.StatusBadRequest, "body-unreadable", "cannot read request body", 0}
+	if p.r.ContentLength <= 0 {
+		p.body, err = io.ReadAll(p.r.Body)
+	} else { // into one buffer of the announced size
+		p.body = make([]byte, p.r.ContentLength)
+		_, err = io.ReadFull(p.r.Body, p.body)
+	}
+	switch _, tooLarge := errors.AsType[*http.MaxBytesError](err); {
+	case tooLarge:
+		return refuse(http.StatusRequestEntityTooLarge, "body-too-large", "request body too large")
+	case err != nil:
+		return refuse(http.StatusBadRequest, "body-unreadable", "cannot read request body")
 	}
 	return nil
 }
@@ -629,7 +577,7 @@ func (s *server) pushAuth(p *push) *refusal {
 	}
 	if !p.src.github {
 		s.log.warnf("%s push to %s refused: %v", p.name, redactPath(p.r.URL.Path), err)
-		return &refusal{http.StatusUnauthorized, p.src.authFailed, "unauthorized", 0}
+		return refuse(http.StatusUnauthorized, p.src.authFailed, "unauthorized")
 	}
 	sum := sha256.Sum256(p.body)
 	p.ri.meta["body_bytes"], p.ri.meta["body_sha256"] = len(p.body), hex.EncodeToString(sum[:])
@@ -638,22 +586,22 @@ func (s *server) pushAuth(p *push) *refusal {
 		where = "saved to " + s.cfg.debugPayloadPath
 	}
 	s.log.warnf("github delivery for %s refused: %v (body %d bytes, sha256 %x, %s)", boundField(p.r.URL.Path), err, len(p.body), sum, where)
-	return &refusal{http.StatusUnauthorized, p.src.authFailed, "invalid signature", 0}
+	return refuse(http.StatusUnauthorized, p.src.authFailed, "invalid signature")
 }
 
 // 5. The source's own headers.
 func (s *server) pushHeaders(p *push) *refusal {
-	if p.src.headers == nil {
-		return nil
+	if h := p.src.headers; h != nil {
+		return h(s, p)
 	}
-	return p.src.headers(s, p)
+	return nil
 }
 
 // 6. The unit comes from the path.
 func (s *server) pushUnit(p *push) *refusal {
 	unit, err := resolveUnit(p.r.PathValue("unit"))
 	if err != nil {
-		return &refusal{http.StatusBadRequest, "invalid-unit", err.Error(), 0}
+		return refuse(http.StatusBadRequest, "invalid-unit", err.Error())
 	}
 	p.unit, p.ri.meta["unit"] = unit, unit
 	return nil
@@ -662,24 +610,22 @@ func (s *server) pushUnit(p *push) *refusal {
 // 7. The payload names tagged pushes of valid images, from allowed registries.
 func (s *server) pushPayload(p *push) *refusal {
 	pushes, err := p.src.parse(p.body, p.r.Header)
-	var ign *ignoredError
-	switch {
-	case errors.As(err, &ign):
-		return &refusal{http.StatusAccepted, ign.reason, "ignored: " + ign.Error(), 0}
+	switch ign, ignored := errors.AsType[*ignoredError](err); {
+	case ignored:
+		return refuse(http.StatusAccepted, ign.reason, "ignored: "+ign.Error())
 	case errors.Is(err, errInvalidJSON):
-		return &refusal{http.StatusBadRequest, "invalid-json", err.Error(), 0}
+		return refuse(http.StatusBadRequest, "invalid-json", err.Error())
 	case err != nil:
-		return &refusal{http.StatusBadRequest, "invalid-image", err.Error(), 0}
+		return refuse(http.StatusBadRequest, "invalid-image", err.Error())
 	}
+	var shown []string
 	for i := range pushes {
 		pushes[i].id = cmp.Or(p.id, pushes[i].id, p.name+"-"+p.ri.id)
+		if i < 16 {
+			shown = append(shown, pushes[i].repo()+":"+strings.Join(pushes[i].tags, ","))
+		}
 	}
-	p.pushes = pushes
-	var shown []string
-	for _, d := range pushes[:min(len(pushes), 16)] {
-		shown = append(shown, d.repo()+":"+strings.Join(d.tags, ","))
-	}
-	p.ri.meta["pushed"], p.ri.meta["delivery"] = shown, pushes[0].id
+	p.pushes, p.ri.meta["pushed"], p.ri.meta["delivery"] = pushes, shown, pushes[0].id
 	if len(pushes) == 1 {
 		p.ri.meta["pushed"], p.ri.meta["tags"] = pushes[0].repo(), pushes[0].tags
 		if pushes[0].digest != "" {
@@ -688,34 +634,31 @@ func (s *server) pushPayload(p *push) *refusal {
 	}
 	if h := pushes[0].host; p.src.github && !slices.Contains(s.cfg.registryHosts, h) {
 		s.log.warnf("github delivery for %s refused: registry host %s is not in WEBHOOK_REGISTRY_HOSTS", pushes[0].repo(), h)
-		return &refusal{http.StatusForbidden, "registry-not-allowed", "registry host " + h + " is not allowed: add it to WEBHOOK_REGISTRY_HOSTS to pull from it", 0}
+		return refuse(http.StatusForbidden, "registry-not-allowed", "registry host "+h+" is not allowed: add it to WEBHOOK_REGISTRY_HOSTS to pull from it")
 	}
 	return nil
 }
 
-// 8. A push matches the image the unit's Quadlet file names: same host and repository, one of
-// its tags (of several matching pushes, the last). A unit without Image= takes a GitHub push's
-// first tag, which the task checks against its running container.
+// 8. A push matches the unit's Quadlet Image= (same host and repository, its tag; of several, the
+// last). Without Image=, a GitHub push's first tag, which the task checks against the running one.
 func (s *server) pushImage(p *push) *refusal {
 	configured, source, err := s.units.configuredImage(p.r.Context(), s.cfg, s.getenv, p.unit)
 	switch {
 	case errors.Is(err, errUnitNotFound):
-		return &refusal{http.StatusNotFound, "unit-not-found", "unit " + p.unit + " not found", 0}
+		return refuse(http.StatusNotFound, "unit-not-found", "unit "+p.unit+" not found")
 	case err != nil:
 		s.log.errorf("cannot read the definition of %s: %v", p.unit, err)
-		return &refusal{http.StatusInternalServerError, "unit-unreadable", "cannot read the unit definition", 0}
+		return refuse(http.StatusInternalServerError, "unit-unreadable", "cannot read the unit definition")
 	case configured == "" && p.src.github:
 		p.d, p.ref = p.pushes[0], p.pushes[0].ref(p.pushes[0].tags[0])
 		return p.matched()
 	case configured == "":
-		return &refusal{http.StatusAccepted, "unit-image-unknown",
-			"ignored: " + p.unit + " names no image (Image= in its Quadlet .container file), so no registry push can match it", 0}
+		return refuse(http.StatusAccepted, "unit-image-unknown", "ignored: "+p.unit+" names no image (Image= in its Quadlet .container file), so no registry push can match it")
 	}
 	want, err := parseImageRef(withDefaultTag(configured))
 	if err != nil {
 		s.log.errorf("%s names an image this program cannot match (%v): refusing the delivery", source, err)
-		return &refusal{http.StatusInternalServerError, "unit-image-unreadable",
-			"the unit's Image= is not a full image reference (registry/owner/name[:tag])", 0}
+		return refuse(http.StatusInternalServerError, "unit-image-unreadable", "the unit's Image= is not a full image reference (registry/owner/name[:tag])")
 	}
 	var reason, text string
 	for _, d := range slices.Backward(p.pushes) {
@@ -724,7 +667,7 @@ func (s *server) pushImage(p *push) *refusal {
 			return p.matched()
 		}
 	}
-	return &refusal{http.StatusAccepted, reason, text, 0}
+	return refuse(http.StatusAccepted, reason, text)
 }
 
 func (p *push) matched() *refusal {
@@ -739,14 +682,13 @@ func (s *server) pushLimits(p *push) *refusal {
 	switch {
 	case err != nil:
 		s.log.errorf("per-image limit for %s: %v", image, err)
-		return &refusal{http.StatusInternalServerError, "limit-error", "cannot read the per-image limit", 0}
+		return refuse(http.StatusInternalServerError, "limit-error", "cannot read the per-image limit")
 	case !lim.allowed:
 		return &refusal{http.StatusTooManyRequests, "image-rate-limited", "too many redeploys of " + image, int(lim.retryAfter / time.Second)}
 	}
 	if err := s.events.usable(); err != nil {
 		s.log.errorf("delivery refused: %v", err)
-		return &refusal{http.StatusServiceUnavailable, "database-replaced",
-			"cannot record the delivery: the server's database was deleted or replaced; redeliver it after a restart", 60}
+		return &refusal{http.StatusServiceUnavailable, "database-replaced", "cannot record the delivery: the server's database was deleted or replaced; redeliver it after a restart", 60}
 	}
 	return nil
 }
@@ -774,36 +716,35 @@ func (s *server) enqueue(w http.ResponseWriter, r *http.Request, spec taskSpec) 
 	}
 }
 
-// reDeliveryID accepts GitHub's delivery ids and other plain ids, only what taskUnitName keeps
-// as it is, so two ids never share a task unit.
-var reDeliveryID = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$`)
-
-var reEventName = regexp.MustCompile(`^[a-z][a-z_]{0,63}$`)
+// reDeliveryID accepts only ids taskUnitName keeps as they are, so two never share a task unit.
+var (
+	reDeliveryID = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$`)
+	reEventName  = regexp.MustCompile(`^[a-z][a-z_]{0,63}$`)
+)
 
 // githubHeaders checks X-GitHub-Event and X-GitHub-Delivery, the allowed events, and answers a ping.
 func githubHeaders(s *server, p *push) *refusal {
 	p.event = p.r.Header.Get("X-GitHub-Event")
 	p.ri.meta["event"] = p.event
 	if !reEventName.MatchString(p.event) {
-		return &refusal{http.StatusBadRequest, "bad-event-header", "missing or invalid X-GitHub-Event header", 0}
+		return refuse(http.StatusBadRequest, "bad-event-header", "missing or invalid X-GitHub-Event header")
 	}
 	p.id = cmp.Or(p.r.Header.Get("X-GitHub-Delivery"), "req-"+p.ri.id)
 	p.ri.meta["delivery"] = p.id
 	if !reDeliveryID.MatchString(p.id) {
 		p.ri.meta["delivery"] = "(invalid)"
-		return &refusal{http.StatusBadRequest, "bad-delivery-header", "invalid X-GitHub-Delivery header", 0}
+		return refuse(http.StatusBadRequest, "bad-delivery-header", "invalid X-GitHub-Delivery header")
 	}
 	if len(s.cfg.allowedEvents) > 0 && !slices.Contains(s.cfg.allowedEvents, p.event) {
-		return &refusal{http.StatusAccepted, "event-not-allowed", "event ignored", 0}
+		return refuse(http.StatusAccepted, "event-not-allowed", "event ignored")
 	}
 	if p.event == "ping" {
 		p.ri.action = "github-ping"
-		return &refusal{http.StatusOK, "", "pong", 0}
+		return refuse(http.StatusOK, "", "pong")
 	}
 	return nil
 }
 
-// githubPushes reads a package or registry_package payload (podman.go).
 func githubPushes(body []byte, _ http.Header) ([]delivery, error) {
 	d, err := deliveryFromPayload(body)
 	return []delivery{d}, err
@@ -862,8 +803,8 @@ func giteaAuth(secret string, r *http.Request, body []byte) error {
 	return errors.New("no X-Gitea-Signature or X-Forgejo-Signature header")
 }
 
-// urlTokenAuth accepts the secret as the path's last segment or ?token=, for registries that
-// send no header of the operator's choice (Docker Hub, Quay); both are redacted in rows.
+// urlTokenAuth accepts the secret as the path's last segment or ?token=, for registries sending
+// no header of the operator's choice (Docker Hub, Quay); rows redact both.
 func urlTokenAuth(secret string, r *http.Request, _ []byte) error {
 	token := cmp.Or(r.PathValue("token"), r.URL.Query().Get("token"))
 	switch {
@@ -875,8 +816,6 @@ func urlTokenAuth(secret string, r *http.Request, _ []byte) error {
 	return nil
 }
 
-const debugPayloadCap = 1 << 20
-
 // saveRefused writes a refused body (up to debugPayloadCap) to the debug payload path after the
 // answer, at most once a second, and reports whether it will.
 func (s *server) saveRefused(body []byte) bool {
@@ -884,7 +823,7 @@ func (s *server) saveRefused(body []byte) bool {
 	if last != 0 && now-last < int64(time.Second) || !s.lastDump.CompareAndSwap(last, now) {
 		return false
 	}
-	b := bytes.Clone(body[:min(len(body), debugPayloadCap)])
+	b := slices.Clone(body[:min(len(body), debugPayloadCap)])
 	s.inflight.Add(1)
 	go func() {
 		defer s.inflight.Done()
@@ -895,22 +834,24 @@ func (s *server) saveRefused(body []byte) bool {
 	return true
 }
 
+// writeHead sends status with a content type browsers must not second-guess.
+func writeHead(w http.ResponseWriter, status int, contentType string) {
+	w.Header().Set("Content-Type", contentType)
+	w.Header().Set("X-Content-Type-Options", "nosniff")
+	w.WriteHeader(status)
+}
+
 // reply answers with a plain-text body and notes the reason in the row.
 func reply(w http.ResponseWriter, r *http.Request, status int, reason, text string) {
 	if reason != "" {
 		info(r).meta["reason"] = reason
 	}
-	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-	w.Header().Set("X-Content-Type-Options", "nosniff")
-	w.WriteHeader(status)
+	writeHead(w, status, "text/plain; charset=utf-8")
 	fmt.Fprintln(w, text)
 }
 
-// replyJSON answers with a JSON body.
 func replyJSON(w http.ResponseWriter, status int, v any) {
-	w.Header().Set("Content-Type", "application/json")
-	w.Header().Set("X-Content-Type-Options", "nosniff")
-	w.WriteHeader(status)
+	writeHead(w, status, "application/json")
 	io.WriteString(w, marshalJSON(v)+"\n")
 }
 
@@ -920,21 +861,19 @@ func manualError(w http.ResponseWriter, r *http.Request, status int, code, text 
 	replyJSON(w, status, map[string]string{"error": text})
 }
 
-// decodeStrict decodes one JSON object into v: unknown fields, wrong types and trailing data are
-// errors; an empty body leaves v as it is.
+// decodeStrict decodes one JSON object into v, refusing unknown fields, wrong types and trailing
+// data; an empty body leaves v as it is.
 func decodeStrict(body io.Reader, v any) error {
 	dec := json.NewDecoder(body)
 	dec.DisallowUnknownFields()
-	if err := dec.Decode(v); err != nil {
-		if errors.Is(err, io.EOF) {
-			return nil
-		}
+	if err := dec.Decode(v); errors.Is(err, io.EOF) {
+		return nil
+	} else if err != nil {
 		return err
 	}
 	var extra json.RawMessage
 	if err := dec.Decode(&extra); !errors.Is(err, io.EOF) {
-		var tooLarge *http.MaxBytesError
-		if errors.As(err, &tooLarge) {
+		if _, tooLarge := errors.AsType[*http.MaxBytesError](err); tooLarge {
 			return err
 		}
 		return errors.New("unexpected data after the JSON object")
@@ -950,7 +889,7 @@ type probeSummary struct {
 	slowest time.Duration
 }
 
-// add counts a probe and returns the previous minute's row when a new minute began.
+// add counts a probe and returns the previous minute's row if a new minute began.
 func (p *probeSummary) add(route string, d time.Duration, now time.Time) *event {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -985,17 +924,16 @@ func (p *probeSummary) takeLocked(now time.Time, force bool) *event {
 	return ev
 }
 
-// tokenMatches compares tokens in constant time, hashed so that neither length nor a shared
-// prefix shows; an empty configured token matches nothing.
+// tokenMatches compares sha256 sums in constant time (no length or prefix shows); "" matches nothing.
 func tokenMatches(configured, presented string) bool {
 	if configured == "" || presented == "" {
 		return false
 	}
 	a, b := sha256.Sum256([]byte(configured)), sha256.Sum256([]byte(presented))
-	return subtle.ConstantTimeCompare(a[:], b[:]) == 1
+	return hmac.Equal(a[:], b[:])
 }
 
-// bearerToken returns an "Authorization: Bearer" header's credentials (RFC 6750).
+// bearerToken returns the credentials of "Authorization: Bearer" (RFC 6750).
 func bearerToken(r *http.Request) (string, bool) {
 	scheme, token, ok := strings.Cut(strings.TrimSpace(r.Header.Get("Authorization")), " ")
 	if !ok || !strings.EqualFold(scheme, "Bearer") {
@@ -1004,7 +942,6 @@ func bearerToken(r *http.Request) (string, bool) {
 	return strings.TrimSpace(token), true
 }
 
-// requestToken is the token a request presents: its bearer token, else ?token=.
 func requestToken(r *http.Request) string {
 	if t, ok := bearerToken(r); ok {
 		return t
@@ -1012,64 +949,52 @@ func requestToken(r *http.Request) string {
 	return r.URL.Query().Get("token")
 }
 
-// secretParams are query parameters whose values never reach a log line or a row.
-var secretParams = map[string]bool{"token": true, "access_token": true, "secret": true}
+var (
+	secretParams = map[string]bool{"token": true, "access_token": true, "secret": true} // their values are never logged or stored
+	reQueryPart  = regexp.MustCompile(`[^&;]+`)
+)
 
 // redactPath hides the token of /registry/<source>/<unit>/<token>, however the path is spelled.
 func redactPath(p string) string {
-	var segs []string
-	for _, s := range strings.Split(p, "/") {
-		if s != "" && s != "." {
-			segs = append(segs, s)
-		}
-	}
+	segs := slices.DeleteFunc(strings.Split(p, "/"), func(s string) bool { return s == "" || s == "." })
 	if len(segs) < 4 || segs[0] != "registry" {
 		return p
 	}
 	return "/registry/" + segs[1] + "/" + segs[2] + "/REDACTED"
 }
 
-// redactQuery replaces the values of secret parameters in a raw query, splitting on "&" and ";"
-// without parsing, so a query that does not parse is still redacted.
+// redactQuery redacts secret parameters part by part, without parsing: a bad query is redacted too.
 func redactQuery(raw string) string {
-	var b strings.Builder
-	for raw != "" {
-		part, sep := raw, ""
-		if i := strings.IndexAny(raw, "&;"); i >= 0 {
-			part, sep, raw = raw[:i], raw[i:i+1], raw[i+1:]
-		} else {
-			raw = ""
-		}
+	return reQueryPart.ReplaceAllStringFunc(raw, func(part string) string {
 		k, _, hasValue := strings.Cut(part, "=")
 		name, err := url.QueryUnescape(k)
 		if err != nil {
 			name = k
 		}
 		if secretParams[strings.ToLower(strings.TrimSpace(name))] && hasValue {
-			part = k + "=REDACTED"
+			return k + "=REDACTED"
 		}
-		b.WriteString(part + sep)
-	}
-	return b.String()
+		return part
+	})
 }
 
 // handleHealth answers "ok", or 503 "fail: " and the failing checks; with ?verbose=1 or
-// "Accept: application/json" it answers the checks as JSON and also probes that a write commits.
+// "Accept: application/json", the checks as JSON, having also probed that a write commits.
 func (s *server) handleHealth(w http.ResponseWriter, r *http.Request) {
-	h := s.checkHealth()
+	h := s.health.get(s.now, s.checkHealth)
 	if r.URL.Query().Get("verbose") == "" && !strings.Contains(r.Header.Get("Accept"), "application/json") {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-		if len(h.failing) > 0 {
-			info(r).meta["failing"] = h.failing
-			w.WriteHeader(http.StatusServiceUnavailable)
-			io.WriteString(w, "fail: "+strings.Join(h.failing, ", ")+"\n")
+		if len(h.failing) == 0 {
+			w.Write([]byte("ok"))
 			return
 		}
-		w.Write([]byte("ok"))
+		info(r).meta["failing"] = h.failing
+		w.WriteHeader(http.StatusServiceUnavailable)
+		io.WriteString(w, "fail: "+strings.Join(h.failing, ", ")+"\n")
 		return
 	}
 	failing, db := h.failing, maps.Clone(h.db)
-	if err := s.probeHealth(); err != nil {
+	if err := s.probe.get(s.now, s.events.probe); err != nil { // a write that changes nothing
 		msg := err.Error()
 		if prev, ok := db["error"].(string); ok {
 			msg = prev + "; " + msg
@@ -1089,41 +1014,35 @@ func (s *server) handleHealth(w http.ResponseWriter, r *http.Request) {
 	replyJSON(w, status, body)
 }
 
-// healthCacheFor is how long one health check answers every /health.
-const healthCacheFor = time.Second
-
 // healthReport is the newest health check; read-only once built.
 type healthReport struct {
 	failing  []string
 	db, body map[string]any
 }
 
-// healthCache holds the newest check and write probe; each mutex also makes concurrent callers
-// share one, and plain /health never waits for the probe.
-type healthCache struct {
-	mu       sync.Mutex
-	at       time.Time
-	report   healthReport
-	probeMu  sync.Mutex
-	probeAt  time.Time
-	probeErr error
+// cached is a value computed at most once per healthCacheFor, concurrent callers sharing one
+// computation; the check and the write probe have one each, so plain /health never waits.
+type cached[T any] struct {
+	mu sync.Mutex
+	at time.Time
+	v  T
 }
 
-func fresh(at, now time.Time) bool {
-	return !at.IsZero() && !now.Before(at) && now.Sub(at) < healthCacheFor
+func (c *cached[T]) get(now func() time.Time, compute func(ctx context.Context) T) T {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if t := now(); !c.at.IsZero() && !t.Before(c.at) && t.Sub(c.at) < healthCacheFor {
+		return c.v
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	c.v, c.at = compute(ctx), now()
+	return c.v
 }
 
 // checkHealth checks that the database is the file open and its newest write did not fail, and
 // that the state directory takes a new file.
-func (s *server) checkHealth() healthReport {
-	c := &s.healthCache
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if fresh(c.at, s.now()) {
-		return c.report
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer cancel()
+func (s *server) checkHealth(ctx context.Context) healthReport {
 	var failing, dbErrs []string
 	db := map[string]any{"path": s.cfg.dbPath, "pending_writes": s.events.pending.Load(),
 		"write_failures": s.events.failures.Load(), "writable": true}
@@ -1153,26 +1072,10 @@ func (s *server) checkHealth() healthReport {
 	if ticks, err := queryEvents(ctx, s.events.db, eventFilter{action: "scheduler", limit: 1}); err == nil && len(ticks) > 0 {
 		body["last_scheduler_tick"] = map[string]any{"time": ticks[0].Time, "status": ticks[0].Status}
 	}
-	c.at, c.report = s.now(), healthReport{failing: failing, db: db, body: body}
-	return c.report
+	return healthReport{failing: failing, db: db, body: body}
 }
 
-// probeHealth commits a write that changes nothing, at most once per healthCacheFor.
-func (s *server) probeHealth() error {
-	c := &s.healthCache
-	c.probeMu.Lock()
-	defer c.probeMu.Unlock()
-	if fresh(c.probeAt, s.now()) {
-		return c.probeErr
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer cancel()
-	c.probeErr, c.probeAt = s.events.probe(ctx), s.now()
-	return c.probeErr
-}
-
-// metrics holds the server's counters for /metrics; what run-task processes do is counted from
-// the database, so it survives them.
+// metrics counts what the server does; run-task processes' work is counted from the database.
 type metrics struct {
 	mu         sync.Mutex
 	start      time.Time
@@ -1180,11 +1083,6 @@ type metrics struct {
 	deliveries map[string]int64    // GitHub deliveries by reason
 	rejections map[string]int64    // 429s by action
 	dispatches map[string]int64    // systemd-runs of queued tasks by result
-}
-
-func newMetrics(now time.Time) *metrics {
-	return &metrics{start: now, requests: map[[2]string]int64{}, deliveries: map[string]int64{}, rejections: map[string]int64{},
-		dispatches: map[string]int64{}}
 }
 
 func (m *metrics) dispatched(result string) {
@@ -1227,12 +1125,6 @@ func (s *server) handleMetrics(w http.ResponseWriter, r *http.Request) {
 	io.WriteString(w, buf.String())
 }
 
-var (
-	pullBuckets    = []float64{0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600}
-	restartBuckets = []float64{0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60}
-)
-
-// writeMetrics writes the text exposition format, version 0.0.4.
 func (s *server) writeMetrics(ctx context.Context, p *promWriter) error {
 	m := s.metrics
 	m.mu.Lock()
@@ -1270,8 +1162,10 @@ func (s *server) writeMetrics(ctx context.Context, p *promWriter) error {
 		name, help, step, key string
 		buckets               []float64
 	}{
-		{"webhook_pull_duration_seconds", "Duration of successful image pulls, retries included.", "pulled", "pull_ms", pullBuckets},
-		{"webhook_restart_duration_seconds", "Duration of systemctl restart of redeployed units.", "restarted", "restart_ms", restartBuckets},
+		{"webhook_pull_duration_seconds", "Duration of successful image pulls, retries included.", "pulled", "pull_ms",
+			[]float64{0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600}},
+		{"webhook_restart_duration_seconds", "Duration of systemctl restart of redeployed units.", "restarted", "restart_ms",
+			[]float64{0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60}},
 	} {
 		ms, err := stepDurations(ctx, s.events.db, h.step, h.key)
 		if err != nil {
@@ -1283,7 +1177,7 @@ func (s *server) writeMetrics(ctx context.Context, p *promWriter) error {
 	return p.err
 }
 
-// promWriter writes metric families in the text exposition format.
+// promWriter writes the text exposition format, keeping the first write error.
 type promWriter struct {
 	w   io.Writer
 	err error
@@ -1304,7 +1198,6 @@ func (p *promWriter) gauge(name, typ, help string, v float64) {
 	p.sample(name, nil, v)
 }
 
-// counter writes a counter family with one label, sorted by it.
 func (p *promWriter) counter(name, help, label string, m map[string]int64) {
 	p.family(name, "counter", help)
 	for _, k := range slices.Sorted(maps.Keys(m)) {
@@ -1312,28 +1205,24 @@ func (p *promWriter) counter(name, help, label string, m map[string]int64) {
 	}
 }
 
-// counters writes a counter family with two labels, sorted by them.
 func (p *promWriter) counters(name, help string, labels []string, m map[[2]string]int64) {
 	p.family(name, "counter", help)
-	keys := slices.SortedFunc(maps.Keys(m), func(a, b [2]string) int { return cmp.Or(cmp.Compare(a[0], b[0]), cmp.Compare(a[1], b[1])) })
-	for _, k := range keys {
+	for _, k := range slices.SortedFunc(maps.Keys(m), func(a, b [2]string) int { return slices.Compare(a[:], b[:]) }) {
 		p.sample(name, []string{labels[0], k[0], labels[1], k[1]}, float64(m[k]))
 	}
 }
 
 // sample writes one line; labels are name/value pairs.
 func (p *promWriter) sample(name string, labels []string, v float64) {
-	var b strings.Builder
-	b.WriteString(name)
 	esc := strings.NewReplacer(`\`, `\\`, `"`, `\"`, "\n", `\n`)
+	var pairs []string
 	for i := 0; i+1 < len(labels); i += 2 {
-		b.WriteString(map[bool]string{true: "{", false: ","}[i == 0])
-		fmt.Fprintf(&b, `%s="%s"`, labels[i], esc.Replace(labels[i+1]))
+		pairs = append(pairs, labels[i]+`="`+esc.Replace(labels[i+1])+`"`)
 	}
-	if len(labels) > 0 {
-		b.WriteByte('}')
+	if len(pairs) > 0 {
+		name += "{" + strings.Join(pairs, ",") + "}"
 	}
-	p.printf("%s %s\n", b.String(), strconv.FormatFloat(v, 'g', -1, 64))
+	p.printf("%s %s\n", name, strconv.FormatFloat(v, 'g', -1, 64))
 }
 
 // histogram writes cumulative buckets of millisecond values as seconds.
@@ -1410,16 +1299,10 @@ func (s *server) handleDelivery(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-// The status page, at / without a web dist bundle and under /status/. Access takes the manual
-// token once, in a POST form; the session cookie is signed with a key derived from it (a new
-// token ends every session), so the token never travels in a URL, a page or a log line. The page
-// runs no script: its CSP allows its own stylesheet, by hash, and its forms.
-
-const (
-	statusSessionTTL = 12 * time.Hour
-	statusCookie     = "wau_status"
-)
-
+// The status page (/status/, and / without a UI bundle) takes the manual token once, in a POST
+// form, for a cookie signed with a key derived from it (a new token ends every session): the
+// token never travels in a URL, a page or a log line. The page runs no script; its CSP allows
+// its own stylesheet, by hash, and its forms.
 var statusCSP = func() string {
 	sum := sha256.Sum256([]byte(statusStyle))
 	return "default-src 'none'; style-src 'sha256-" + base64.StdEncoding.EncodeToString(sum[:]) + "'; " +
@@ -1428,24 +1311,21 @@ var statusCSP = func() string {
 
 // renderStatus writes one page with headers that forbid caching, framing and referrers.
 func (s *server) renderStatus(w http.ResponseWriter, status int, v statusView) {
-	var buf bytes.Buffer
+	var buf strings.Builder
 	if err := statusTemplate.Execute(&buf, v); err != nil {
 		s.log.errorf("status page %s: %v", v.Page, err)
 		http.Error(w, "cannot render the status page", http.StatusInternalServerError)
 		return
 	}
 	h := w.Header()
-	h.Set("Content-Type", "text/html; charset=utf-8")
 	h.Set("Content-Security-Policy", statusCSP)
-	h.Set("X-Content-Type-Options", "nosniff")
 	h.Set("Referrer-Policy", "no-referrer")
 	h.Set("Cache-Control", "no-store")
-	w.WriteHeader(status)
-	w.Write(buf.Bytes())
+	writeHead(w, status, "text/html; charset=utf-8")
+	io.WriteString(w, buf.String())
 }
 
-// statusSession is the cookie of a session ending at expires: the time and its HMAC under a key
-// derived from the token.
+// statusSession is a session cookie: expiry and its HMAC under a key derived from the token.
 func statusSession(token string, expires time.Time) string {
 	key := hmac.New(sha256.New, []byte(token))
 	key.Write([]byte("webhook-auto-update status page session"))
@@ -1455,8 +1335,7 @@ func statusSession(token string, expires time.Time) string {
 	return exp + "." + base64.RawURLEncoding.EncodeToString(m.Sum(nil))
 }
 
-// validStatusSession reports whether a cookie is an unexpired session signed under token that
-// lasts no longer than a login gives.
+// validStatusSession accepts a session signed under token, unexpired and no longer than a login's.
 func validStatusSession(token, value string, now time.Time) bool {
 	exp, _, ok := strings.Cut(value, ".")
 	n, err := strconv.ParseInt(exp, 10, 64)
@@ -1464,24 +1343,6 @@ func validStatusSession(token, value string, now time.Time) bool {
 		return false
 	}
 	return hmac.Equal([]byte(value), []byte(statusSession(token, time.Unix(n, 0))))
-}
-
-// statusAllowed answers the request itself unless it carries a valid session.
-func (s *server) statusAllowed(w http.ResponseWriter, r *http.Request) bool {
-	info(r).action = "status-page"
-	if s.cfg.manualToken == "" {
-		s.renderStatus(w, http.StatusForbidden, statusView{Page: "no-token", Title: "Status page"})
-		return false
-	}
-	if c, err := r.Cookie(statusCookie); err == nil && validStatusSession(s.cfg.manualToken, c.Value, s.now()) {
-		return true
-	}
-	next := r.URL.Path
-	if r.URL.RawQuery != "" {
-		next += "?" + r.URL.RawQuery
-	}
-	s.renderStatus(w, http.StatusOK, statusView{Page: "login", Title: "Log in", Next: next})
-	return false
 }
 
 // statusNext is where a login returns to: a path on this server, else the overview.
@@ -1510,8 +1371,7 @@ func (s *server) handleStatusLogin(w http.ResponseWriter, r *http.Request) {
 			Message: "That is not the manual token: check WEBHOOK_MANUAL_TOKEN (or WEBHOOK_TOKEN) in the server's environment."})
 	default:
 		ri.meta["reason"] = "ok"
-		expires := s.now().Add(statusSessionTTL)
-		http.SetCookie(w, statusCookieFor(r, statusSession(s.cfg.manualToken, expires), int(statusSessionTTL/time.Second)))
+		http.SetCookie(w, statusCookieFor(r, statusSession(s.cfg.manualToken, s.now().Add(statusSessionTTL)), int(statusSessionTTL/time.Second)))
 		http.Redirect(w, r, next, http.StatusSeeOther)
 	}
 }
@@ -1525,104 +1385,102 @@ func statusCookieFor(r *http.Request, value string, maxAge int) *http.Cookie {
 	return c
 }
 
-// handleStatusLogout clears the cookie; the session stays valid until it expires or the token
-// changes.
+// handleStatusLogout clears the cookie; the session itself lasts until expiry or a new token.
 func (s *server) handleStatusLogout(w http.ResponseWriter, r *http.Request) {
 	info(r).action = "status-logout"
 	http.SetCookie(w, statusCookieFor(r, "", -1))
 	http.Redirect(w, r, "/status/", http.StatusSeeOther)
 }
 
-func (s *server) statusFailed(w http.ResponseWriter, page string, err error) {
-	s.log.errorf("status page %s: cannot read the event log: %v", page, err)
-	s.renderStatus(w, http.StatusInternalServerError, statusView{Page: "error", Title: "Error", Nav: true,
-		Message: "Cannot read the event log; the server's log says why."})
+// statusPage renders build's view to a valid session, else the login page; a failed read of the
+// event log renders the error page, and the server's log says why.
+func (s *server) statusPage(w http.ResponseWriter, r *http.Request, page string, build func() (int, statusView, error)) {
+	info(r).action = "status-page"
+	cookie, err := r.Cookie(statusCookie)
+	switch {
+	case s.cfg.manualToken == "":
+		s.renderStatus(w, http.StatusForbidden, statusView{Page: "no-token", Title: "Status page"})
+	case err != nil || !validStatusSession(s.cfg.manualToken, cookie.Value, s.now()):
+		next := r.URL.Path
+		if r.URL.RawQuery != "" {
+			next += "?" + r.URL.RawQuery
+		}
+		s.renderStatus(w, http.StatusOK, statusView{Page: "login", Title: "Log in", Next: next})
+	default:
+		status, v, err := build()
+		if err != nil {
+			s.log.errorf("status page %s: cannot read the event log: %v", page, err)
+			status, v = http.StatusInternalServerError, statusError("Error", "Cannot read the event log; the server's log says why.")
+		}
+		s.renderStatus(w, status, v)
+	}
+}
+
+func statusError(title, message string) statusView {
+	return statusView{Page: "error", Title: title, Nav: true, Message: message}
 }
 
 // handleStatusOverview shows every unit, the queue and the chart; it refreshes every 30 s.
 func (s *server) handleStatusOverview(w http.ResponseWriter, r *http.Request) {
-	if !s.statusAllowed(w, r) {
-		return
-	}
-	ctx, now := r.Context(), s.now()
-	v := statusView{Page: "overview", Title: "Overview", Nav: true, Refresh: true, Now: statusTime(now.Unix(), time.Local)}
-	units, err := statusUnits(ctx, s.events.db, time.Local)
-	if err != nil {
-		s.statusFailed(w, "overview", err)
-		return
-	}
-	v.Units = units
-	for _, u := range units {
-		if u.Last != nil && u.Last.Outcome.Class == "failed" {
-			v.Failing++
+	s.statusPage(w, r, "overview", func() (int, statusView, error) {
+		ctx, now := r.Context(), s.now()
+		v := statusView{Page: "overview", Title: "Overview", Nav: true, Refresh: true, Now: statusTime(now.Unix(), time.Local)}
+		var err error
+		if v.Units, err = statusUnits(ctx, s.events.db, time.Local); err != nil {
+			return 0, v, err
 		}
-	}
-	var oldest time.Time
-	if v.Pending, oldest, err = s.events.queueStats(ctx); err == nil && v.Pending > 0 {
-		v.Oldest = max(now.Sub(oldest), 0).Truncate(time.Second).String()
-	}
-	if err == nil {
-		v.Chart, err = redeployChart(ctx, s.events.db, now, time.Local)
-	}
-	if err != nil {
-		s.statusFailed(w, "overview", err)
-		return
-	}
-	s.renderStatus(w, http.StatusOK, v)
+		for _, u := range v.Units {
+			if u.Last != nil && u.Last.Outcome.Class == "failed" {
+				v.Failing++
+			}
+		}
+		var oldest time.Time
+		if v.Pending, oldest, err = s.events.queueStats(ctx); err == nil && v.Pending > 0 {
+			v.Oldest = max(now.Sub(oldest), 0).Truncate(time.Second).String()
+		}
+		if err == nil {
+			v.Chart, err = redeployChart(ctx, s.events.db, now, time.Local)
+		}
+		return http.StatusOK, v, err
+	})
 }
 
 // handleStatusDeliveries lists deliveries newest first, by ?unit= and ?outcome=, paged by ?before=.
 func (s *server) handleStatusDeliveries(w http.ResponseWriter, r *http.Request) {
-	if !s.statusAllowed(w, r) {
-		return
-	}
-	q := r.URL.Query()
-	v := statusView{Page: "deliveries", Title: "Deliveries", Nav: true, Outcomes: outcomeClasses,
-		Filter: deliveryFilter{Outcome: q.Get("outcome")}}
-	var problem error
-	if u := strings.TrimSpace(q.Get("unit")); u != "" {
-		v.Filter.Unit, problem = resolveUnit(u)
-	}
-	if v.Filter.Outcome != "" && !slices.Contains(outcomeClasses, v.Filter.Outcome) {
-		problem = errors.New("unknown outcome: choose one of " + strings.Join(outcomeClasses, ", "))
-	}
-	if b := q.Get("before"); b != "" {
-		if n, err := strconv.ParseInt(b, 10, 64); err != nil || n <= 0 {
-			problem = errors.New("invalid before: want the id of a delivery row")
-		} else {
-			v.Filter.Before = n
+	s.statusPage(w, r, "deliveries", func() (int, statusView, error) {
+		q := r.URL.Query()
+		v := statusView{Page: "deliveries", Title: "Deliveries", Nav: true, Outcomes: outcomeClasses,
+			Filter: deliveryFilter{Outcome: q.Get("outcome")}}
+		var problem, err error
+		if u := strings.TrimSpace(q.Get("unit")); u != "" {
+			v.Filter.Unit, problem = resolveUnit(u)
 		}
-	}
-	if problem != nil {
-		s.renderStatus(w, http.StatusBadRequest, statusView{Page: "error", Title: "Deliveries", Nav: true, Message: problem.Error()})
-		return
-	}
-	var err error
-	if v.Deliveries, v.Older, err = statusDeliveries(r.Context(), s.events.db, v.Filter, time.Local); err != nil {
-		s.statusFailed(w, "deliveries", err)
-		return
-	}
-	s.renderStatus(w, http.StatusOK, v)
+		if v.Filter.Outcome != "" && !slices.Contains(outcomeClasses, v.Filter.Outcome) {
+			problem = errors.New("unknown outcome: choose one of " + strings.Join(outcomeClasses, ", "))
+		}
+		if b := q.Get("before"); b != "" {
+			if v.Filter.Before, err = strconv.ParseInt(b, 10, 64); err != nil || v.Filter.Before <= 0 {
+				problem = errors.New("invalid before: want the id of a delivery row")
+			}
+		}
+		if problem != nil {
+			return http.StatusBadRequest, statusError("Deliveries", problem.Error()), nil
+		}
+		v.Deliveries, v.Older, err = statusDeliveries(r.Context(), s.events.db, v.Filter, time.Local)
+		return http.StatusOK, v, err
+	})
 }
 
-// handleStatusStory shows one delivery's story.
 func (s *server) handleStatusStory(w http.ResponseWriter, r *http.Request) {
-	if !s.statusAllowed(w, r) {
-		return
-	}
-	id := r.PathValue("id")
-	if !reDeliveryID.MatchString(id) {
-		s.renderStatus(w, http.StatusBadRequest, statusView{Page: "error", Title: "Delivery", Nav: true, Message: "invalid delivery id"})
-		return
-	}
-	story, ok, err := deliveryStory(r.Context(), s.events.db, id, s.now(), time.Local)
-	switch {
-	case err != nil:
-		s.statusFailed(w, "delivery", err)
-	case !ok:
-		s.renderStatus(w, http.StatusNotFound, statusView{Page: "error", Title: "Delivery", Nav: true,
-			Message: "The event log has no row of delivery " + id + "."})
-	default:
-		s.renderStatus(w, http.StatusOK, statusView{Page: "story", Title: "Delivery " + id, Nav: true, Story: story})
-	}
+	s.statusPage(w, r, "delivery", func() (int, statusView, error) {
+		id := r.PathValue("id")
+		if !reDeliveryID.MatchString(id) {
+			return http.StatusBadRequest, statusError("Delivery", "invalid delivery id"), nil
+		}
+		story, ok, err := deliveryStory(r.Context(), s.events.db, id, s.now(), time.Local)
+		if !ok {
+			return http.StatusNotFound, statusError("Delivery", "The event log has no row of delivery "+id+"."), err
+		}
+		return http.StatusOK, statusView{Page: "story", Title: "Delivery " + id, Nav: true, Story: story}, err
+	})
 }
