@@ -1,14 +1,11 @@
-// eventlog.go owns the SQLite database: opening and migrating it, the batching writer of
-// event_log rows, the delivery queue's SQL (github_deliveries, whose rows are the claims), the one
-// outcome model every reader shows, the events command, and the status page's queries and
-// template (its handlers are webhook.go's).
+// eventlog.go owns the SQLite database: opening and migrating it, the batching writer of event_log
+// rows, the delivery queue's SQL (github_deliveries rows are the claims), the one outcome model, the
+// events command, and the status page's queries and template (its handlers are webhook.go's).
 //
-// Rules: event_log keeps the original tool's schema and indexes. Each migration runs once, in its
-// own BEGIN IMMEDIATE transaction that re-reads schema_migrations first; a newer database is
-// refused. Rows are committed by one writer goroutine in batches; a row that cannot be written
-// goes to stderr as one JSON line. A claim's status changes in one transaction with the rows
-// that say so. The status page reads the claims table and, for a story, the rows in the time
-// its claim was open; whatever it shows reaches HTML only through html/template.
+// Rules: event_log keeps the original tool's schema and indexes. Each migration runs once in its own
+// BEGIN IMMEDIATE transaction, re-reading schema_migrations; a newer database is refused. One writer
+// goroutine commits rows in batches; an unwritable row goes to stderr as a JSON line. A claim's status
+// changes in one transaction with the rows that say so; page data reaches HTML only via html/template.
 package main
 
 import (
@@ -57,34 +54,28 @@ const (
 
 // event is one event_log row.
 type event struct {
-	RequestID string
-	TS        time.Time
-	Method    string
-	Path      string
-	Status    int
-	Action    string
-	Duration  time.Duration
-	Meta      map[string]any
+	RequestID, Method, Path, Action string
+	TS                              time.Time
+	Status                          int
+	Duration                        time.Duration
+	Meta                            map[string]any
 }
 
 // eventLog is the open database and its writer. writing admits one of this process's write
 // transactions at a time, so they queue in order instead of polling in SQLite's busy handler.
 type eventLog struct {
-	db      *sql.DB
-	path    string
-	log     *logger
-	file    fileID
-	mu      sync.RWMutex // guards closed against a send on the closed queue
-	closed  bool
-	queue   chan queued
-	done    chan struct{}
-	writing chan struct{}
+	db            *sql.DB
+	path          string
+	log           *logger
+	file          fileID
+	mu            sync.RWMutex // guards closed against a send on the closed queue
+	closed        bool
+	queue         chan queued
+	done, writing chan struct{}
 
-	pending      atomic.Int64 // queued, not yet committed
-	failures     atomic.Int64 // rows that went to stderr
-	lastWriteOK  atomic.Int64 // unix nanoseconds
-	lastWriteBad atomic.Int64
-	lastWriteErr atomic.Value
+	pending, failures         atomic.Int64 // queued but not committed; sent to stderr
+	lastWriteOK, lastWriteBad atomic.Int64 // unix nanoseconds
+	lastWriteErr              atomic.Value
 }
 
 type fileID struct{ dev, ino uint64 }
@@ -101,8 +92,7 @@ func statID(path string) (fileID, error) {
 	return fileID{dev: uint64(st.Dev), ino: st.Ino}, nil
 }
 
-// usable reports an error when the log's path no longer names the file it opened (deleted or
-// replaced): a claim committed then would vanish, and a redelivery would run it again.
+// usable errs when the path no longer names the file opened: a claim committed to it would vanish.
 func (l *eventLog) usable() error {
 	id, err := statID(l.path)
 	if err == nil && id == l.file {
@@ -129,22 +119,15 @@ func (l *eventLog) lastWriteFailed() error {
 // probe commits a write that changes nothing but needs the lock and a page, as a row does; a
 // failed probe is /health's answer, not a failed write of the log's.
 func (l *eventLog) probe(ctx context.Context) error {
-	select {
-	case l.writing <- struct{}{}:
-	case <-ctx.Done():
-		return fmt.Errorf("waiting for the database: %w", context.Cause(ctx))
-	}
-	defer func() { <-l.writing }()
-	return l.writeTx(ctx, func(tx *sql.Tx) error {
+	return l.inTurn(ctx, false, func(tx *sql.Tx) error {
 		_, err := tx.ExecContext(ctx, `UPDATE schema_migrations SET applied_at = applied_at
 			WHERE version = (SELECT max(version) FROM schema_migrations)`)
 		return err
 	})
 }
 
-// databasePath turns WEBHOOK_DB_URL into a file path: a bare path, sqlite://PATH or sqlite:PATH,
-// relative to the state directory, with no query but the original tool's mode=rwc. Anything else
-// is an error: opening another database than the operator wrote is worse than not starting.
+// databasePath turns WEBHOOK_DB_URL (a path, sqlite://PATH or sqlite:PATH; no query but mode=rwc)
+// into a file path; anything else is an error: opening another database is worse than not starting.
 func databasePath(dbURL, stateDir string) (string, error) {
 	p := strings.TrimSpace(dbURL)
 	bad := func(why string) (string, error) {
@@ -181,8 +164,7 @@ func openEventLog(path string, lg *logger) (*eventLog, error) {
 	return openEventLogWaiting(path, lg, busyTimeout)
 }
 
-// openEventLogWaiting opens (creating 0600) and migrates the database and starts the writer;
-// its writers wait up to wait for another process's lock. Close flushes the queue.
+// openEventLogWaiting opens (creating 0600) and migrates the database and starts the writer.
 func openEventLogWaiting(path string, lg *logger, wait time.Duration) (*eventLog, error) {
 	hint := " (set --state-dir or WEBHOOK_STATE_DIR, or --db or WEBHOOK_DB_URL)"
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
@@ -218,9 +200,8 @@ func openEventLogWaiting(path string, lg *logger, wait time.Duration) (*eventLog
 
 // migration is one embedded migrations/NNNN_name.sql file.
 type migration struct {
-	version int
-	name    string
-	sql     string
+	version   int
+	name, sql string
 }
 
 func loadMigrations() ([]migration, error) {
@@ -301,12 +282,10 @@ func applyMigration(ctx context.Context, db *sql.DB, m migration, latest int) er
 	return tx.Commit()
 }
 
-type querier interface {
-	QueryRowContext(ctx context.Context, query string, args ...any) *sql.Row
-}
-
-// schemaVersion is the newest applied migration.
-func schemaVersion(ctx context.Context, q querier) (int, error) {
+// schemaVersion is the newest applied migration, read through a *sql.DB or a *sql.Tx.
+func schemaVersion(ctx context.Context, q interface {
+	QueryRowContext(context.Context, string, ...any) *sql.Row
+}) (int, error) {
 	var v sql.NullInt64
 	err := q.QueryRowContext(ctx, `SELECT max(version) FROM schema_migrations`).Scan(&v)
 	return int(v.Int64), err
@@ -327,8 +306,7 @@ type claimResult struct {
 	err     error
 }
 
-// Record queues a row for the writer, waiting a bounded time for room; past that, or after
-// Close, the row goes to stderr.
+// Record queues a row, waiting at most 5s for room; past that, or after Close, it goes to stderr.
 func (l *eventLog) Record(ev event) {
 	ctx, cancel := context.WithTimeoutCause(context.Background(), 5*time.Second, errors.New("event queue full"))
 	defer cancel()
@@ -337,7 +315,6 @@ func (l *eventLog) Record(ev event) {
 	}
 }
 
-// enqueue hands q to the writer unless the log is closed or ctx ends first.
 func (l *eventLog) enqueue(ctx context.Context, q queued) error {
 	l.mu.RLock()
 	defer l.mu.RUnlock()
@@ -384,17 +361,8 @@ func (l *eventLog) writer() {
 	batch := make([]queued, 0, 256)
 	for q := range l.queue {
 		batch = append(batch[:0], q)
-	fill:
-		for len(batch) < cap(batch) {
-			select {
-			case q, ok := <-l.queue:
-				if !ok {
-					break fill
-				}
-				batch = append(batch, q)
-			default:
-				break fill
-			}
+		for len(batch) < cap(batch) && len(l.queue) > 0 { // only this goroutine receives: no wait
+			batch = append(batch, <-l.queue)
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 3*busyTimeout)
 		l.commit(ctx, batch)
@@ -442,9 +410,13 @@ func (l *eventLog) commit(ctx context.Context, batch []queued) {
 	}
 }
 
-// write runs fn in a write transaction, in turn behind this process's others, and commits it
-// when fn returns nil.
 func (l *eventLog) write(ctx context.Context, fn func(tx *sql.Tx) error) error {
+	return l.inTurn(ctx, true, fn)
+}
+
+// inTurn runs fn in a write transaction, behind this process's others, and commits it when fn
+// returns nil; with record, the outcome is the log's newest write (lastWriteFailed).
+func (l *eventLog) inTurn(ctx context.Context, record bool, fn func(tx *sql.Tx) error) error {
 	select {
 	case l.writing <- struct{}{}:
 	case <-ctx.Done():
@@ -452,10 +424,11 @@ func (l *eventLog) write(ctx context.Context, fn func(tx *sql.Tx) error) error {
 	}
 	defer func() { <-l.writing }()
 	err := l.writeTx(ctx, fn)
-	if err != nil {
+	switch {
+	case record && err != nil:
 		l.lastWriteErr.Store(err.Error())
 		l.lastWriteBad.Store(time.Now().UnixNano())
-	} else {
+	case record:
 		l.lastWriteOK.Store(time.Now().UnixNano())
 	}
 	return err
@@ -510,8 +483,7 @@ func (l *eventLog) spill(evs []event, cause error) {
 	spill(l.log, evs, cause)
 }
 
-// spill prints rows that could not be written as JSON lines, so they can be recovered from the
-// journal; it is the one way an unwritten row is printed.
+// spill is the one way an unwritten row is printed: a JSON line, to recover from the journal.
 func spill(lg *logger, evs []event, cause error) {
 	for _, ev := range evs {
 		lg.warnf("event log write failed (%v), unwritten event: %s", cause, marshalJSON(map[string]any{
@@ -540,16 +512,14 @@ func marshalJSON(v any) string {
 	return strings.TrimSuffix(b.String(), "\n")
 }
 
-// newRequestID returns 16 random bytes in hex.
 func newRequestID() string {
 	var b [16]byte
 	rand.Read(b[:])
 	return hex.EncodeToString(b[:])
 }
 
-// The delivery queue. A claim (a github_deliveries row) is a delivery's place in the queue:
-// claimDelivery commits it as pending with the request's row, the dispatcher takes it with
-// nextTask, run-task records each step on it (taskStep) and marks it done.
+// The delivery queue: claimDelivery commits a claim as pending with the request's row, the
+// dispatcher takes it with nextTask, run-task records each step on it (taskStep) and ends it.
 
 // claimStatus is a claim's state: pending → dispatching (systemd-run under way) → dispatched
 // (its task runs) → done; or failed (systemd-run kept failing; a redelivery may claim it again).
@@ -563,9 +533,8 @@ const (
 	claimFailed      claimStatus = "failed"
 )
 
-// claimDelivery commits a pending claim with the request's row ev in the writer's next batch. It
-// reports false, writing nothing, when the id is claimed already: a duplicate. When ctx ends
-// first the claim may still be committed.
+// claimDelivery commits a pending claim with ev in the writer's next batch; false, writing nothing,
+// is a duplicate. When ctx ends first the claim may still be committed.
 func (l *eventLog) claimDelivery(ctx context.Context, t taskSpec, ev event) (bool, error) {
 	q := queued{event: ev, claim: &t, result: make(chan claimResult, 1)}
 	fail := func(err error) (bool, error) { return false, fmt.Errorf("record delivery %s: %w", t.delivery, err) }
@@ -608,8 +577,7 @@ func insertClaim(ctx context.Context, tx *sql.Tx, t taskSpec, ev event, status c
 	return n == 1, err
 }
 
-// claimDispatching records a redeploy a person asked for as a claim already being dispatched,
-// so the queue and the status page know of it.
+// claimDispatching records a manual redeploy as a dispatching claim, so the queue and page know it.
 func (l *eventLog) claimDispatching(ctx context.Context, t taskSpec) error {
 	return l.write(ctx, func(tx *sql.Tx) error {
 		_, err := insertClaim(ctx, tx, t, event{RequestID: newRequestID(), TS: time.Now()}, claimDispatching)
@@ -617,9 +585,8 @@ func (l *eventLog) claimDispatching(ctx context.Context, t taskSpec) error {
 	})
 }
 
-// queuedTask is one task the dispatcher starts: the first pending claim in arrival order whose
-// unit runs no task, covering every other pending claim of the same unit and image (the pull
-// fetches the tag as it is then, which includes every push announced before).
+// queuedTask is the first pending claim whose unit runs no task, covering the other pending claims
+// of its unit and image: the pull fetches the tag as it is then, with every push announced before.
 type queuedTask struct {
 	taskSpec           // the first claim's; digest is the newest claim's
 	covered  []string  // the deliveries covered, the first one first
@@ -627,13 +594,11 @@ type queuedTask struct {
 	claimed  time.Time // when the first claim arrived
 }
 
-// nextTask marks the next task's claims dispatching, writes the rows rows makes of it, and
-// returns it; ok is false when no claim is due, and pending counts those left waiting. Looking is
-// a read, and only the dispatcher takes pending claims, so what it read is still there.
+// nextTask marks the next due task's claims dispatching with the rows rows makes of it (none due:
+// pending counts the waiting). A read finds it, as only the dispatcher takes pending claims.
 func (l *eventLog) nextTask(ctx context.Context, now time.Time, rows func(queuedTask) []event) (qt queuedTask, ok bool, pending int, err error) {
 	var claimedMS int64
-	err = l.db.QueryRowContext(ctx, `SELECT delivery_id, unit, image, event, path, attempts, claimed_at
-		FROM github_deliveries
+	err = l.db.QueryRowContext(ctx, `SELECT delivery_id, unit, image, event, path, attempts, claimed_at FROM github_deliveries
 		WHERE status = 'pending' AND next_attempt_at <= ?
 			AND unit NOT IN (SELECT unit FROM github_deliveries WHERE status IN ('dispatching', 'dispatched'))
 		ORDER BY claimed_at, rowid LIMIT 1`, now.UnixMilli()).
@@ -668,8 +633,7 @@ func (l *eventLog) nextTask(ctx context.Context, now time.Time, rows func(queued
 func takeClaims(ctx context.Context, tx *sql.Tx, qt *queuedTask, now time.Time) error {
 	taken, err := tx.QueryContext(ctx, `UPDATE github_deliveries
 		SET status = 'dispatching', covered_by = ?, task_unit = ?, updated_at = ?
-		WHERE status = 'pending' AND unit = ? AND image = ?
-		RETURNING delivery_id, digest, claimed_at`,
+		WHERE status = 'pending' AND unit = ? AND image = ? RETURNING delivery_id, digest, claimed_at`,
 		qt.delivery, taskUnitName(qt.delivery), now.Unix(), qt.unit, qt.image)
 	if err != nil {
 		return err
@@ -691,13 +655,10 @@ func takeClaims(ctx context.Context, tx *sql.Tx, qt *queuedTask, now time.Time) 
 			qt.digest, newest = digest, at
 		}
 	}
-	if err := taken.Err(); err != nil {
+	if err := taken.Err(); err != nil || (len(qt.covered) > 0 && qt.covered[0] == qt.delivery) {
 		return err
 	}
-	if len(qt.covered) == 0 || qt.covered[0] != qt.delivery {
-		return fmt.Errorf("claim %s is no longer pending", qt.delivery)
-	}
-	return nil
+	return fmt.Errorf("claim %s is no longer pending", qt.delivery)
 }
 
 // settleTask moves a task unit's dispatching or dispatched claims to status (pending: its
@@ -740,31 +701,22 @@ func (l *eventLog) taskStep(ctx context.Context, taskUnit, step, errText string,
 // claimedTask is a task unit whose claims are in one status, with the delivery whose task it is.
 type claimedTask struct{ taskUnit, delivery, unit string }
 
-// tasksIn lists the task units whose claims are in status and were last updated before before.
 func (l *eventLog) tasksIn(ctx context.Context, status claimStatus, before time.Time) ([]claimedTask, error) {
-	var out []claimedTask
-	err := scan(ctx, l.db, `SELECT DISTINCT task_unit, coalesce(covered_by, ''), unit FROM github_deliveries
-		WHERE status = ? AND updated_at < ? AND task_unit IS NOT NULL`, []any{status, before.Unix()}, func(rows *sql.Rows) error {
-		var c claimedTask
-		err := rows.Scan(&c.taskUnit, &c.delivery, &c.unit)
-		out = append(out, c)
-		return err
-	})
-	return out, err
+	return collect(ctx, l.db, `SELECT DISTINCT task_unit, coalesce(covered_by, ''), unit FROM github_deliveries
+		WHERE status = ? AND updated_at < ? AND task_unit IS NOT NULL`, []any{status, before.Unix()},
+		func(c *claimedTask) []any { return []any{&c.taskUnit, &c.delivery, &c.unit} })
 }
 
 const taskRanSQL = `SELECT count(*) FROM (SELECT 1 FROM event_log WHERE ts >= ?
 	AND +action = 'github-task' AND json_extract(meta, '$.delivery') = ? LIMIT 1)`
 
-// taskRan reports whether a delivery's task wrote a row since since.
 func (l *eventLog) taskRan(ctx context.Context, delivery string, since time.Time) (bool, error) {
 	var n int
 	err := l.db.QueryRowContext(ctx, taskRanSQL, since.Unix(), delivery).Scan(&n)
 	return n > 0, err
 }
 
-// queueStats counts the claims waiting for a task and when the oldest arrived (zero: none): the
-// queue depth of /metrics and of the status page alike.
+// queueStats is the queue depth of /metrics and the status page: pending claims, the oldest's arrival.
 func (l *eventLog) queueStats(ctx context.Context) (pending int, oldest time.Time, err error) {
 	var first sql.NullInt64
 	err = l.db.QueryRowContext(ctx, `SELECT count(*), min(claimed_at) FROM github_deliveries WHERE status = 'pending'`).
@@ -775,7 +727,18 @@ func (l *eventLog) queueStats(ctx context.Context) (pending int, oldest time.Tim
 	return pending, oldest, err
 }
 
-// scan runs a query and calls each for every row.
+// collect reads a query's rows into Ts, each scanned into the fields dest names.
+func collect[T any](ctx context.Context, db *sql.DB, query string, args []any, dest func(*T) []any) ([]T, error) {
+	var out []T
+	err := scan(ctx, db, query, args, func(rows *sql.Rows) error {
+		var v T
+		err := rows.Scan(dest(&v)...)
+		out = append(out, v)
+		return err
+	})
+	return out, err
+}
+
 func scan(ctx context.Context, db *sql.DB, query string, args []any, each func(*sql.Rows) error) error {
 	rows, err := db.QueryContext(ctx, query, args...)
 	if err != nil {
@@ -790,9 +753,8 @@ func scan(ctx context.Context, db *sql.DB, query string, args []any, each func(*
 	return rows.Err()
 }
 
-// The outcome model: what became of a delivery, as the status page, /api/deliveries/<id>, events
-// and /metrics show it. A claim's outcome follows from its status and its task's newest step; a
-// delivery that was never claimed is ignored (2xx) or refused (failed).
+// The outcome model, which every reader shows: a claim's outcome follows from its status and its
+// task's newest step; a delivery that was never claimed is ignored (2xx) or refused (failed).
 
 // outcome is a class (ok, rolled-back, failed, running, skipped, ignored) and words for it.
 type outcome struct{ Class, Label string }
@@ -806,7 +768,6 @@ var stepClasses = map[string]string{
 	"limit-failed": "failed", "invalid": "failed", "image-mismatch": "failed", "image-unknown": "failed",
 }
 
-// claimOutcome classifies a claim.
 func claimOutcome(status claimStatus, step string) outcome {
 	class, ended := stepClasses[step]
 	switch {
@@ -832,7 +793,6 @@ func requestOutcome(status int, reason string) outcome {
 	return outcome{"ignored", strings.ReplaceAll(reason, "-", " ")}
 }
 
-// stepLabel is the words for a step: "completed" reads "restarted, healthy".
 func stepLabel(step string) string {
 	switch step {
 	case "completed":
@@ -844,65 +804,50 @@ func stepLabel(step string) string {
 }
 
 // eventFilter selects event_log rows for the events command and /api/events; zero values select
-// everything. A unit or delivery is matched in meta, without an index: each such query reads the
-// whole log.
+// everything. A unit or delivery is matched in meta without an index, reading the whole log.
 type eventFilter struct {
-	limit    int
-	action   string
-	unit     string
-	delivery string
-	since    time.Time
-	status   int
-	beforeID int64 // keyset paging: only rows with a smaller id
-	afterID  int64 // --follow: only rows with a larger id, oldest first; -1 every row
+	limit                  int
+	action, unit, delivery string
+	since                  time.Time
+	status                 int
+	beforeID               int64 // keyset paging: only rows with a smaller id
+	afterID                int64 // --follow: only rows with a larger id, oldest first; -1 every row
 }
 
 const maxEventsLimit = 500
 
-// parseEventFilter reads a filter from named values (query parameters or flags).
+// parseEventFilter reads query parameters or flags; the first invalid one, in order, is the error.
 func parseEventFilter(get func(string) string, now time.Time) (eventFilter, error) {
 	f := eventFilter{limit: 50, action: get("action"), delivery: get("delivery")}
-	if v := get("limit"); v != "" {
-		n, err := strconv.Atoi(v)
-		if err != nil || n <= 0 {
-			return f, fmt.Errorf("invalid limit %q: want a whole number greater than zero", v)
+	var err error
+	num := func(name string, lo, hi int64, want string) int64 {
+		v := get(name)
+		n, perr := strconv.ParseInt(v, 10, 64)
+		if v != "" && err == nil && (perr != nil || n < lo || n > hi) {
+			err = fmt.Errorf("invalid %s %q%s", name, v, want)
 		}
-		f.limit = min(n, maxEventsLimit)
+		return n
 	}
-	if v := get("unit"); v != "" {
-		u, err := resolveUnit(v)
-		if err != nil {
-			return f, err
-		}
-		f.unit = u
+	if n := num("limit", 1, math.MaxInt64, ": want a whole number greater than zero"); n > 0 {
+		f.limit = int(min(n, maxEventsLimit))
 	}
-	if v := get("since"); v != "" {
-		if d, err := time.ParseDuration(v); err == nil && d > 0 {
+	if v := get("unit"); v != "" && err == nil {
+		f.unit, err = resolveUnit(v)
+	}
+	if v := get("since"); v != "" && err == nil {
+		if d, perr := time.ParseDuration(v); perr == nil && d > 0 {
 			f.since = now.Add(-d)
-		} else if t, err := time.Parse(time.RFC3339, v); err == nil {
+		} else if t, perr := time.Parse(time.RFC3339, v); perr == nil {
 			f.since = t
 		} else {
-			return f, fmt.Errorf("invalid since %q: want a duration such as 90m or an RFC 3339 time", v)
+			err = fmt.Errorf("invalid since %q: want a duration such as 90m or an RFC 3339 time", v)
 		}
 	}
-	if v := get("status"); v != "" {
-		n, err := strconv.Atoi(v)
-		if err != nil || n < 100 || n > 599 {
-			return f, fmt.Errorf("invalid status %q: want an HTTP status code", v)
-		}
-		f.status = n
-	}
-	if v := get("before_id"); v != "" {
-		n, err := strconv.ParseInt(v, 10, 64)
-		if err != nil || n <= 0 {
-			return f, fmt.Errorf("invalid before_id %q", v)
-		}
-		f.beforeID = n
-	}
-	return f, nil
+	f.status = int(num("status", 100, 599, ": want an HTTP status code"))
+	f.beforeID = num("before_id", 1, math.MaxInt64, "")
+	return f, err
 }
 
-// storedEvent is one event_log row as read back.
 type storedEvent struct {
 	ID         int64          `json:"id"`
 	RequestID  string         `json:"request_id"`
@@ -918,42 +863,29 @@ type storedEvent struct {
 
 const eventColumnsSQL = `SELECT id, request_id, ts, method, coalesce(path, ''), status, action, duration_ms, meta FROM event_log`
 
-// eventsSQL is queryEvents' query and its arguments.
 func eventsSQL(f eventFilter) (string, []any) {
 	var where []string
 	var args []any
-	add := func(cond string, v any) {
-		where = append(where, cond)
-		args = append(args, v)
+	add := func(on bool, cond string, v any) {
+		if on {
+			where, args = append(where, cond), append(args, v)
+		}
 	}
-	if f.action != "" {
-		add("action = ?", f.action)
-	}
-	if f.unit != "" {
-		add("json_extract(meta, '$.unit') = ?", f.unit)
-	}
-	if f.delivery != "" {
-		add("json_extract(meta, '$.delivery') = ?", f.delivery)
-	}
-	if !f.since.IsZero() {
-		add("ts >= ?", f.since.Unix())
-	}
-	if f.status != 0 {
-		add("status = ?", f.status)
-	}
-	if f.beforeID > 0 {
-		add("id < ?", f.beforeID)
-	}
-	order := "DESC"
-	if f.afterID != 0 {
-		add("id > ?", max(f.afterID, 0))
-		order = "ASC"
-	}
-	q := eventColumnsSQL
+	add(f.action != "", "action = ?", f.action)
+	add(f.unit != "", "json_extract(meta, '$.unit') = ?", f.unit)
+	add(f.delivery != "", "json_extract(meta, '$.delivery') = ?", f.delivery)
+	add(!f.since.IsZero(), "ts >= ?", f.since.Unix())
+	add(f.status != 0, "status = ?", f.status)
+	add(f.beforeID > 0, "id < ?", f.beforeID)
+	add(f.afterID != 0, "id > ?", max(f.afterID, 0))
+	q, order := eventColumnsSQL, " DESC"
 	if len(where) > 0 {
 		q += " WHERE " + strings.Join(where, " AND ")
 	}
-	q += " ORDER BY id " + order
+	if f.afterID != 0 {
+		order = " ASC"
+	}
+	q += " ORDER BY id" + order
 	if f.limit > 0 {
 		q += " LIMIT " + strconv.Itoa(f.limit)
 	}
@@ -1021,16 +953,9 @@ func stepCounts(ctx context.Context, db *sql.DB) (map[string]int64, error) {
 
 // stepDurations returns a meta value (milliseconds) of every github-task row of a step.
 func stepDurations(ctx context.Context, db *sql.DB, step, key string) ([]float64, error) {
-	var out []float64
-	err := scan(ctx, db, `SELECT json_extract(meta, '$.'||?) FROM event_log WHERE action = 'github-task'
+	return collect(ctx, db, `SELECT json_extract(meta, '$.'||?) FROM event_log WHERE action = 'github-task'
 		AND json_extract(meta, '$.step') = ? AND json_extract(meta, '$.'||?) IS NOT NULL`, []any{key, step, key},
-		func(rows *sql.Rows) error {
-			var ms float64
-			err := rows.Scan(&ms)
-			out = append(out, ms)
-			return err
-		})
-	return out, err
+		func(ms *float64) []any { return []any{ms} })
 }
 
 // outcomeCounts counts the tasks that ended (their first claims) by outcome class.
@@ -1039,25 +964,21 @@ func outcomeCounts(ctx context.Context, db *sql.DB) (map[string]int64, error) {
 	err := scan(ctx, db, `SELECT status, step, count(*) FROM github_deliveries
 		WHERE status IN ('done', 'failed') AND coalesce(covered_by, delivery_id) = delivery_id GROUP BY 1, 2`, nil,
 		func(rows *sql.Rows) error {
-			var status claimStatus
-			var step string
+			var status, step string
 			var n int64
 			err := rows.Scan(&status, &step, &n)
-			out[claimOutcome(status, step).Class] += n
+			out[claimOutcome(claimStatus(status), step).Class] += n
 			return err
 		})
 	return out, err
 }
 
-// requestRows selects the rows of HTTP requests, not those of what ran on the operator's behalf.
-const requestRows = `method NOT IN ('CLI', 'SCHEDULER', 'TASK')`
-
-// deleteOlderThan deletes rows older than cutoff (only request rows, with requestsOnly) in
+// deleteOlderThan deletes rows older than cutoff (only HTTP requests' rows, with requestsOnly) in
 // batches of 1000, each its own short transaction; a dry run only counts.
 func (l *eventLog) deleteOlderThan(ctx context.Context, cutoff time.Time, dryRun, requestsOnly bool) (int64, error) {
 	where := `ts < ?`
 	if requestsOnly {
-		where += ` AND ` + requestRows
+		where += ` AND method NOT IN ('CLI', 'SCHEDULER', 'TASK')` // not what ran on the operator's behalf
 	}
 	if dryRun {
 		var n int64
@@ -1171,9 +1092,6 @@ func followEvents(ctx context.Context, c *cli, db *sql.DB, f eventFilter, evs []
 	}
 }
 
-var eventColumns = []string{"TIME", "STATUS", "ACTION", "METHOD", "PATH", "UNIT", "IMAGE", "DURATION", "DETAILS"}
-
-// printEvents writes rows as an aligned table (with a header when asked) or JSON lines.
 func printEvents(w io.Writer, evs []storedEvent, asJSON, header bool) {
 	if asJSON {
 		for _, e := range evs {
@@ -1183,7 +1101,7 @@ func printEvents(w io.Writer, evs []storedEvent, asJSON, header bool) {
 	}
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	if header {
-		fmt.Fprintln(tw, strings.Join(eventColumns, "\t"))
+		fmt.Fprintln(tw, "TIME\tSTATUS\tACTION\tMETHOD\tPATH\tUNIT\tIMAGE\tDURATION\tDETAILS")
 	}
 	for _, e := range evs {
 		fmt.Fprintln(tw, strings.Join(eventLine(e, time.Local), "\t"))
@@ -1191,7 +1109,6 @@ func printEvents(w io.Writer, evs []storedEvent, asJSON, header bool) {
 	tw.Flush()
 }
 
-// eventLine formats one row for the table in time zone loc.
 func eventLine(e storedEvent, loc *time.Location) []string {
 	str := func(k string) string { return cmp.Or(metaString(e.Meta, k), "-") }
 	var details []string
@@ -1230,57 +1147,45 @@ func oneLine(s string) string {
 
 // metaString returns a meta value as text: strings as they are, anything else as JSON.
 func metaString(m map[string]any, k string) string {
-	switch v := m[k].(type) {
-	case nil:
-		return ""
-	case string:
-		return v
-	default:
-		return marshalJSON(v)
+	if s, ok := m[k].(string); ok || m[k] == nil {
+		return s
 	}
+	return marshalJSON(m[k])
 }
 
 // The status page's data. Everything but a story's rows comes from the claims table.
 
-// claim is a github_deliveries row.
+// claim is a github_deliveries row, classified; When is the page's time.
 type claim struct {
-	ID                              int64
-	Delivery, Unit, Image, TaskUnit string
-	CoveredBy, Error, Step          string
-	Status                          claimStatus
-	Received, Updated               int64
-	Outcome                         outcome
-	When                            string
+	ID, Received, Updated                                   int64
+	Delivery, Unit, Image, TaskUnit, CoveredBy, Error, Step string
+	Status                                                  claimStatus
+	Outcome                                                 outcome
+	When                                                    string
 }
 
 const claimColumnsSQL = `SELECT rowid, delivery_id, unit, image, coalesce(task_unit, ''), coalesce(covered_by, ''),
 	coalesce(error, ''), step, status, received_at, updated_at FROM github_deliveries`
 
-// readClaims reads claims selected by a query of claimColumnsSQL, classified.
+// readClaims reads claims selected by a query of claimColumnsSQL.
 func readClaims(ctx context.Context, db *sql.DB, loc *time.Location, query string, args ...any) ([]claim, error) {
-	var out []claim
-	err := scan(ctx, db, query, args, func(rows *sql.Rows) error {
-		var c claim
-		if err := rows.Scan(&c.ID, &c.Delivery, &c.Unit, &c.Image, &c.TaskUnit, &c.CoveredBy, &c.Error, &c.Step,
-			&c.Status, &c.Received, &c.Updated); err != nil {
-			return err
-		}
-		c.Outcome, c.When = claimOutcome(c.Status, c.Step), statusTime(c.Received, loc)
-		out = append(out, c)
-		return nil
+	cs, err := collect(ctx, db, query, args, func(c *claim) []any {
+		return []any{&c.ID, &c.Delivery, &c.Unit, &c.Image, &c.TaskUnit, &c.CoveredBy, &c.Error, &c.Step,
+			&c.Status, &c.Received, &c.Updated}
 	})
-	return out, err
+	for i, c := range cs {
+		cs[i].Outcome, cs[i].When = claimOutcome(c.Status, c.Step), statusTime(c.Received, loc)
+	}
+	return cs, err
 }
 
 // task is the delivery whose task ran the claim.
 func (c claim) task() string { return cmp.Or(c.CoveredBy, c.Delivery) }
 
-// unitStatus is one line of the overview: the unit's last finished claim, and its newest when
-// that one is still under way.
+// unitStatus is an overview line: the unit's last finished claim, and its newest if still under way.
 type unitStatus struct {
-	Unit, Image string
-	Last        *claim
-	Running     *claim
+	Unit, Image   string
+	Last, Running *claim
 }
 
 const (
@@ -1294,13 +1199,7 @@ const (
 // statusUnits reads every unit that has a claim: the distinct units are walked through
 // idx_github_deliveries_unit (a skip scan), then each unit's newest claims through it too.
 func statusUnits(ctx context.Context, db *sql.DB, loc *time.Location) ([]unitStatus, error) {
-	var units []string
-	err := scan(ctx, db, unitsSQL, nil, func(rows *sql.Rows) error {
-		var u string
-		err := rows.Scan(&u)
-		units = append(units, u)
-		return err
-	})
+	units, err := collect(ctx, db, unitsSQL, nil, func(u *string) []any { return []any{u} })
 	out := make([]unitStatus, 0, len(units))
 	for _, u := range units {
 		if err != nil {
@@ -1327,7 +1226,6 @@ func statusUnits(ctx context.Context, db *sql.DB, loc *time.Location) ([]unitSta
 	return out, err
 }
 
-// statusTime formats a unix time for the page.
 func statusTime(ts int64, loc *time.Location) string {
 	return time.Unix(ts, 0).In(loc).Format("2006-01-02 15:04:05 MST")
 }
@@ -1335,28 +1233,27 @@ func statusTime(ts int64, loc *time.Location) string {
 const chartDays = 30
 
 // chartView is the redeploys-per-day chart, laid out here so the template only places shapes.
-type chartView struct {
-	Width, Height, Base, Max int
-	Bars                     []chartBar
-	Ticks                    []chartTick
-	Totals                   map[string]int
-	Summary                  string
-}
-
-type chartBar struct {
-	Title string
-	Segs  []chartSeg
-}
-
-type chartSeg struct {
-	X, Y, W, H int
-	Class      string
-}
-
-type chartTick struct {
-	X     int
-	Label string
-}
+type (
+	chartView struct {
+		Width, Height, Base, Max int
+		Bars                     []chartBar
+		Ticks                    []chartTick
+		Totals                   map[string]int
+		Summary                  string
+	}
+	chartBar struct {
+		Title string
+		Segs  []chartSeg
+	}
+	chartSeg struct {
+		X, Y, W, H int
+		Class      string
+	}
+	chartTick struct {
+		X     int
+		Label string
+	}
+)
 
 // chartClasses are the outcomes the chart counts: the tasks that restarted something.
 var chartClasses = []string{"ok", "rolled-back", "failed"}
@@ -1368,42 +1265,35 @@ func chartSQL(days []string) string {
 		WHERE +c.status = 'done' AND c.covered_by = c.delivery_id AND c.step NOT IN ('up-to-date', '') GROUP BY 1, 2, 3`
 }
 
-// redeployChart counts the tasks that ended per local day over chartDays days, by outcome;
-// up-to-date and skipped ones changed nothing and are left out. Each day is one range of
-// idx_github_deliveries_claimed, counted in SQL.
+// redeployChart counts the tasks that changed something (not up-to-date or skipped) per local day,
+// by outcome; each day is one range of idx_github_deliveries_claimed, counted in SQL.
 func redeployChart(ctx context.Context, db *sql.DB, now time.Time, loc *time.Location) (chartView, error) {
 	now = now.In(loc)
 	first := time.Date(now.Year(), now.Month(), now.Day()-(chartDays-1), 0, 0, 0, 0, loc)
 	var days []string
 	var args []any
+	counts := make([]map[string]int, chartDays)
 	for i := range chartDays {
 		days = append(days, "(?, ?, ?)")
 		args = append(args, i, first.AddDate(0, 0, i).UnixMilli(), first.AddDate(0, 0, i+1).UnixMilli())
-	}
-	counts := make([]map[string]int, chartDays)
-	for i := range counts {
 		counts[i] = map[string]int{}
 	}
 	c := chartView{Width: 40 + chartDays*20 + 10, Height: 150, Base: 120, Max: 1, Totals: map[string]int{}}
-	err := scan(ctx, db, chartSQL(days), args,
-		func(rows *sql.Rows) error {
-			var i, n int
-			var status claimStatus
-			var step string
-			if err := rows.Scan(&i, &status, &step, &n); err != nil {
-				return err
-			}
-			if class := claimOutcome(status, step).Class; slices.Contains(chartClasses, class) {
-				counts[i][class] += n
-				c.Totals[class] += n
-			}
-			return nil
-		})
+	err := scan(ctx, db, chartSQL(days), args, func(rows *sql.Rows) error {
+		var i, n int
+		var status, step string
+		if err := rows.Scan(&i, &status, &step, &n); err != nil {
+			return err
+		}
+		if class := claimOutcome(claimStatus(status), step).Class; slices.Contains(chartClasses, class) {
+			counts[i][class] += n
+			c.Totals[class] += n
+			c.Max = max(c.Max, counts[i]["ok"]+counts[i]["rolled-back"]+counts[i]["failed"])
+		}
+		return nil
+	})
 	if err != nil {
 		return chartView{}, err
-	}
-	for _, m := range counts {
-		c.Max = max(c.Max, m["ok"]+m["rolled-back"]+m["failed"])
 	}
 	for i, m := range counts {
 		day := first.AddDate(0, 0, i)
@@ -1427,11 +1317,9 @@ func redeployChart(ctx context.Context, db *sql.DB, now time.Time, loc *time.Loc
 	return c, nil
 }
 
-// deliveryFilter selects the deliveries page.
 type deliveryFilter struct {
-	Unit    string
-	Outcome string
-	Before  int64 // keyset paging: claims (event rows, for ignored) with a smaller id
+	Unit, Outcome string
+	Before        int64 // keyset paging: claims (event rows, for ignored) with a smaller id
 }
 
 const (
@@ -1439,10 +1327,8 @@ const (
 	pageScanLimit  = 5000 // rows one page reads at most to fill itself; the next page goes on
 )
 
-// statusDeliveries returns one page of deliveries, newest first, and the id the next page starts
-// before (0: this is the last). Claims are read newest first and classified by the outcome model,
-// at most pageScanLimit a page; ignored deliveries, which have no claim, come from the push
-// routes' request rows.
+// statusDeliveries returns a page of deliveries, newest first, and the next page's before (0: the
+// last), reading at most pageScanLimit claims; ignored ones, without a claim, are push request rows.
 func statusDeliveries(ctx context.Context, db *sql.DB, f deliveryFilter, loc *time.Location) ([]claim, int64, error) {
 	if f.Outcome == "ignored" {
 		return ignoredDeliveries(ctx, db, f, loc)
@@ -1508,22 +1394,18 @@ func ignoredDeliveries(ctx context.Context, db *sql.DB, f deliveryFilter, loc *t
 
 // storyView is one delivery: its claim, what it was decided, and every row of its story.
 type storyView struct {
-	Delivery, Unit, Image, Digest string
-	Outcome                       outcome
-	Claimed                       bool
-	Task, TaskUnit                string // the delivery whose task ran this one, when another's
-	Pull, Restart, Error          string
-	Events                        []storedEvent
-	Rows                          []storyRow
+	Delivery, Unit, Image, Digest, Pull, Restart, Error string
+	Task, TaskUnit                                      string // the delivery whose task ran this one, when another's
+	Outcome                                             outcome
+	Claimed                                             bool
+	Events                                              []storedEvent
+	Rows                                                []storyRow
 }
 
 type storyRow struct {
-	When, Action, Step string
-	Status             int
-	Class              string
-	Elapsed            string
-	Details            []storyDetail
-	Error, Stderr      string
+	When, Action, Step, Class, Elapsed, Error, Stderr string
+	Status                                            int
+	Details                                           []storyDetail
 }
 
 type storyDetail struct{ Key, Value string }
@@ -1532,28 +1414,22 @@ type storyDetail struct{ Key, Value string }
 var storyHidden = map[string]bool{"delivery": true, "unit": true, "image": true, "event": true, "step": true,
 	"path": true, "error": true, "stderr": true}
 
-const (
-	storySQL          = eventColumnsSQL + ` WHERE ts BETWEEN ? AND ? AND json_extract(meta, '$.delivery') IN (?, ?) ORDER BY id`
-	unclaimedStorySQL = eventColumnsSQL + ` WHERE action IN ('github-webhook', 'registry-webhook')
-		AND json_extract(meta, '$.delivery') = ? ORDER BY id`
-)
+const storySQL = eventColumnsSQL + ` WHERE ts BETWEEN ? AND ? AND json_extract(meta, '$.delivery') IN (?, ?) ORDER BY id`
 
-// deliveryStory reads a delivery's story: for a claim, the rows written while it was open
-// (through idx_event_log_ts) that name it or the delivery whose task ran it; without one, the
-// push requests that named it. ok is false when nothing names it.
+// deliveryStory reads the rows written while its claim was open (idx_event_log_ts) that name it or
+// its task's delivery; without a claim, the push requests that named it. ok: something names it.
 func deliveryStory(ctx context.Context, db *sql.DB, id string, now time.Time, loc *time.Location) (storyView, bool, error) {
 	v := storyView{Delivery: id}
 	cs, err := readClaims(ctx, db, loc, claimColumnsSQL+` WHERE delivery_id = ?`, id)
-	if err != nil {
+	switch {
+	case err != nil:
 		return v, false, err
-	}
-	if len(cs) == 0 {
+	case len(cs) == 0:
 		if v.Events, err = unclaimedStory(ctx, db, id, &v); err != nil || len(v.Events) == 0 {
 			return v, false, err
 		}
-	} else {
+	default:
 		c := cs[0]
-		v.Claimed = true
 		end := c.Updated
 		if c.Status != claimDone && c.Status != claimFailed {
 			end = now.Unix()
@@ -1562,7 +1438,7 @@ func deliveryStory(ctx context.Context, db *sql.DB, id string, now time.Time, lo
 		if err != nil {
 			return v, false, err
 		}
-		v.Unit, v.Image, v.Outcome = c.Unit, c.Image, c.Outcome
+		v.Unit, v.Image, v.Outcome, v.Claimed = c.Unit, c.Image, c.Outcome, true
 		if c.TaskUnit != "" {
 			v.TaskUnit = c.TaskUnit + ".service"
 		}
@@ -1614,11 +1490,10 @@ func (v *storyView) addRow(e storedEvent, loc *time.Location) {
 	for _, k := range []string{"digest", "delivery_digest", "pulled_digest"} {
 		v.Digest = cmp.Or(metaString(e.Meta, k), v.Digest)
 	}
-	if ms, ok := e.Meta["pull_ms"].(float64); ok {
-		v.Pull = (time.Duration(ms) * time.Millisecond).String()
-	}
-	if ms, ok := e.Meta["restart_ms"].(float64); ok {
-		v.Restart = (time.Duration(ms) * time.Millisecond).String()
+	for k, d := range map[string]*string{"pull_ms": &v.Pull, "restart_ms": &v.Restart} {
+		if ms, ok := e.Meta[k].(float64); ok {
+			*d = (time.Duration(ms) * time.Millisecond).String()
+		}
 	}
 	step := metaString(e.Meta, "step")
 	if e.Action != "github-task" {
@@ -1645,54 +1520,44 @@ func (v *storyView) addRow(e storedEvent, loc *time.Location) {
 
 // statusView is what one status page shows; Page picks the template's section.
 type statusView struct {
-	Page    string // overview, deliveries, story, login, no-token, error
-	Title   string
-	Nav     bool
-	Refresh bool
-	Message string
-	Next    string // where the login form returns to
+	Page           string // overview, deliveries, story, login, no-token, error
+	Title, Message string
+	Nav, Refresh   bool
+	Next           string // where the login form returns to
 
-	Now        string
-	Units      []unitStatus
-	Failing    int
-	Pending    int
-	Oldest     string
-	Chart      chartView
-	Filter     deliveryFilter
-	Outcomes   []string
-	Deliveries []claim
-	Older      int64 // before= of the next page, 0 when this is the last
-	Story      storyView
+	Now, Oldest      string
+	Units            []unitStatus
+	Failing, Pending int
+	Chart            chartView
+	Filter           deliveryFilter
+	Outcomes         []string
+	Deliveries       []claim
+	Older            int64 // before= of the next page, 0 when this is the last
+	Story            storyView
 }
 
 // statusStyle is the page's only stylesheet, inline and allowed by its hash in the CSP.
 const statusStyle = `
 body{font:14px/1.45 system-ui,sans-serif;margin:0;color:#1d232a;background:#f6f7f9}
 header{display:flex;gap:1.5em;align-items:center;padding:.6em 1.2em;background:#1d232a;color:#fff}
-header a,header button{color:#fff;background:none;border:0;font:inherit;cursor:pointer;text-decoration:underline}
-header form{margin:0}main{padding:1em 1.2em;max-width:1200px}
-h1{font-size:1.3em;margin:.2em 0 .6em}h2{font-size:1.1em;margin:1.4em 0 .5em}
-table{border-collapse:collapse;width:100%;background:#fff}
-th,td{text-align:left;padding:.35em .6em;border-bottom:1px solid #e3e6ea;vertical-align:top}
+header a,header button{color:#fff;background:none;border:0;font:inherit;cursor:pointer;text-decoration:underline}header form{margin:0}
+main{padding:1em 1.2em;max-width:1200px}h1{font-size:1.3em;margin:.2em 0 .6em}h2{font-size:1.1em;margin:1.4em 0 .5em}
+table{border-collapse:collapse;width:100%;background:#fff}th,td{text-align:left;padding:.35em .6em;border-bottom:1px solid #e3e6ea;vertical-align:top}
 th{background:#eef0f3;font-weight:600}td.wrap,code{word-break:break-all}code{font:12px ui-monospace,monospace}
 pre{white-space:pre-wrap;word-break:break-all;max-height:12em;overflow:auto;margin:.3em 0;font:12px ui-monospace,monospace}
 .badge{display:inline-block;padding:0 .5em;border-radius:3px;font-weight:600;font-size:12px;text-transform:uppercase}
-.badge.ok{background:#d5f0dc;color:#14522a}.badge.rolled-back{background:#ffe8b3;color:#6b4500}
-.badge.failed{background:#b3261e;color:#fff}.badge.running{background:#dbe7ff;color:#123e8c}
-.badge.skipped,.badge.ignored{background:#e6e6e6;color:#333}
-tr.failed td{background:#fdecea}tr.failed td:first-child{border-left:4px solid #b3261e}
-tr.rolled-back td:first-child{border-left:4px solid #d08a00}pre.err{color:#8c1d18;background:#fdecea;padding:.3em}
-.note{background:#fff;border:1px solid #e3e6ea;padding:.8em 1em;max-width:40em}.alert{color:#8c1d18;font-weight:600}
-.queue{background:#fff;border:1px solid #e3e6ea;padding:.5em 1em;display:inline-block}
-form.filter{margin:.5em 0;display:flex;gap:.8em;align-items:end;flex-wrap:wrap}
-label{display:block;font-size:12px;color:#555}input,select,button{font:inherit}
-.pager{margin:.8em 0;display:flex;gap:1.5em}svg{background:#fff;border:1px solid #e3e6ea}
-svg .ok{fill:#2e9b4f}svg .rolled-back{fill:#e0a100}svg .failed{fill:#b3261e}
-svg text{font:11px system-ui,sans-serif;fill:#555}svg line{stroke:#aaa}
+.badge.ok{background:#d5f0dc;color:#14522a}.badge.rolled-back{background:#ffe8b3;color:#6b4500}.badge.failed{background:#b3261e;color:#fff}
+.badge.running{background:#dbe7ff;color:#123e8c}.badge.skipped,.badge.ignored{background:#e6e6e6;color:#333}tr.failed td{background:#fdecea}
+tr.failed td:first-child{border-left:4px solid #b3261e}tr.rolled-back td:first-child{border-left:4px solid #d08a00}
+pre.err{color:#8c1d18;background:#fdecea;padding:.3em}.note{background:#fff;border:1px solid #e3e6ea;padding:.8em 1em;max-width:40em}
+.alert{color:#8c1d18;font-weight:600}.queue{background:#fff;border:1px solid #e3e6ea;padding:.5em 1em;display:inline-block}
+form.filter{margin:.5em 0;display:flex;gap:.8em;align-items:end;flex-wrap:wrap}label{display:block;font-size:12px;color:#555}
+input,select,button{font:inherit}.pager{margin:.8em 0;display:flex;gap:1.5em}svg{background:#fff;border:1px solid #e3e6ea}svg .ok{fill:#2e9b4f}
+svg .rolled-back{fill:#e0a100}svg .failed{fill:#b3261e}svg text{font:11px system-ui,sans-serif;fill:#555}svg line{stroke:#aaa}
 .legend span{margin-right:1.2em}.legend i{display:inline-block;width:.9em;height:.9em;margin-right:.3em;vertical-align:-.1em}
 .legend .ok{background:#2e9b4f}.legend .rolled-back{background:#e0a100}.legend .failed{background:#b3261e}
-dl{display:grid;grid-template-columns:max-content auto;gap:.2em 1em;background:#fff;padding:.8em 1em;border:1px solid #e3e6ea}
-dt{color:#555}dd{margin:0;word-break:break-all}
+dl{display:grid;grid-template-columns:max-content auto;gap:.2em 1em;background:#fff;padding:.8em 1em;border:1px solid #e3e6ea}dt{color:#555}
+dd{margin:0;word-break:break-all}
 `
 
 // statusTemplate renders every status page; escaping is html/template's, by context.
