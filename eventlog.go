@@ -1564,20 +1564,14 @@ dd{margin:0;word-break:break-all}
 var statusTemplate = template.Must(template.New("status").Funcs(template.FuncMap{
 	"linkable": func(id string) bool { return reDeliveryID.MatchString(id) },
 }).Parse(`<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 {{- if .Refresh}}
 <meta http-equiv="refresh" content="30">{{end}}
 <title>{{.Title}} · webhook-auto-update</title>
 <style>` + statusStyle + `</style>
-</head>
-<body>
-<header><strong>webhook-auto-update</strong>
+</head><body><header><strong>webhook-auto-update</strong>
 {{- if .Nav}}
-<a href="/status/">Overview</a>
-<a href="/status/deliveries">Deliveries</a>
+<a href="/status/">Overview</a> <a href="/status/deliveries">Deliveries</a>
 <form method="post" action="/status/logout"><button type="submit">Log out</button></form>
 {{- end}}
 </header>
@@ -1586,8 +1580,7 @@ var statusTemplate = template.Must(template.New("status").Funcs(template.FuncMap
 {{- if eq .Page "no-token"}}
 <h1>Status page</h1>
 <div class="note">
-<p>The status page needs the manual token, and this server has none.</p>
-<p>Set <code>WEBHOOK_MANUAL_TOKEN</code> (or <code>WEBHOOK_TOKEN</code>) in the server's
+<p>The status page needs the manual token, and this server has none.</p><p>Set <code>WEBHOOK_MANUAL_TOKEN</code> (or <code>WEBHOOK_TOKEN</code>) in the server's
 environment, for example in <code>~/.config/webhook-auto-update/webhook-auto-update.env</code> for the user unit,
 restart the server, then log in here with that token.</p>
 </div>
@@ -1597,9 +1590,7 @@ restart the server, then log in here with that token.</p>
 {{- if .Message}}<p class="alert" role="alert">{{.Message}}</p>{{end}}
 <label for="token">Manual token (WEBHOOK_MANUAL_TOKEN)</label>
 <input id="token" name="token" type="password" autocomplete="current-password" required autofocus>
-<input type="hidden" name="next" value="{{.Next}}">
-<button type="submit">Log in</button>
-</form>
+<input type="hidden" name="next" value="{{.Next}}"><button type="submit">Log in</button></form>
 {{- else if eq .Page "error"}}
 <h1>{{.Title}}</h1>
 <p class="alert">{{.Message}}</p>
@@ -1694,7 +1685,5 @@ restart the server, then log in here with that token.</p>
 </table>
 {{- end}}
 {{- end}}
-</main>
-</body>
-</html>
+</main></body></html>
 `))

@@ -121,45 +121,27 @@ func buildVersion() string {
 // config is every setting: loadConfig reads the environment (names in the README's Configuration
 // table), the subcommand's flags override it, and finish derives the state directory's paths.
 type config struct {
-	stateDir         string
-	dbURL            string
-	dbPath           string
-	listen           string
-	secrets          map[string]string // each push source's secret; "" or none: refused
-	allowedEvents    []string          // empty: every event
-	registryHosts    []string          // registry hosts a GitHub delivery may pull from, lowercase
-	token            string
-	manualToken      string
-	metricsToken     string
-	manualUnits      []string
-	autoUpdateUnit   string
-	webDist          string
-	debugPayloadPath string
-	maxBodyBytes     int64
-	bodyBudget       int64  // request body bytes held in memory at once, over all requests
-	envFile          string // the environment file read (envFilePath), "" none
-	allowAnyImage    bool   // units without Image= take any pushed image (see task.checkImage)
+	stateDir, dbURL, dbPath, listen  string
+	secrets                          map[string]string // each push source's secret; "" or none: refused
+	allowedEvents                    []string          // empty: every event
+	registryHosts                    []string          // registry hosts a GitHub delivery may pull from, lowercase
+	token, manualToken, metricsToken string
+	manualUnits                      []string
+	autoUpdateUnit, webDist          string
+	debugPayloadPath, envFile        string // envFile: the environment file read (envFilePath), "" none
+	maxBodyBytes, bodyBudget         int64  // bodyBudget: body bytes held in memory at once, over all requests
+	allowAnyImage                    bool   // units without Image= take any pushed image (see task.checkImage)
 
 	interval         time.Duration
 	maxTicks         int           // 0: unbounded
 	requestRetention time.Duration // request rows older than it are deleted (prune-state, scheduler)
-
 	autoUpdateLimits [2]window
 	imageLimit       window
 
-	pullAttempts   int
-	pullRetryDelay time.Duration
-	pullTimeout    time.Duration
-	commandTimeout time.Duration
-	taskLockWait   time.Duration
-	healthSettle   time.Duration
-	healthPoll     time.Duration
-
-	readHeaderTimeout time.Duration
-	readTimeout       time.Duration
-	writeTimeout      time.Duration
-	idleTimeout       time.Duration
-	shutdownTimeout   time.Duration
+	pullAttempts                                                               int
+	pullRetryDelay, pullTimeout, commandTimeout, taskLockWait                  time.Duration
+	healthSettle, healthPoll                                                   time.Duration
+	readHeaderTimeout, readTimeout, writeTimeout, idleTimeout, shutdownTimeout time.Duration
 }
 
 // legacyStateDir is the original tool's state directory, used when it exists to keep its state.
