@@ -11,9 +11,9 @@ package main
 import (
 	"cmp"
 	"context"
-	"crypto/rand"
 	"database/sql"
 	"embed"
+	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -24,6 +24,7 @@ import (
 	"io/fs"
 	"maps"
 	"math"
+	"math/rand/v2"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -194,6 +195,7 @@ func openEventLogWaiting(path string, lg *logger, wait time.Duration) (*eventLog
 	}
 	l := &eventLog{db: db, path: path, log: lg, queue: make(chan queued, 4096), done: make(chan struct{}),
 		writing: make(chan struct{}, 1), file: id}
+
 	go l.writer()
 	return l, nil
 }
@@ -308,20 +310,30 @@ type claimResult struct {
 
 // Record queues a row, waiting at most 5s for room; past that, or after Close, it goes to stderr.
 func (l *eventLog) Record(ev event) {
-	ctx, cancel := context.WithTimeoutCause(context.Background(), 5*time.Second, errors.New("event queue full"))
-	defer cancel()
-	if err := l.enqueue(ctx, queued{event: ev}); err != nil {
+	if err := l.enqueue(context.Background(), queued{event: ev}, 5*time.Second); err != nil {
 		l.spill([]event{ev}, err)
 	}
 }
 
-func (l *eventLog) enqueue(ctx context.Context, q queued) error {
+// enqueue hands q to the writer: at once when the queue has room, else waiting until ctx ends or,
+// when wait is set, for wait (a timer only a queue the writer cannot empty pays for).
+func (l *eventLog) enqueue(ctx context.Context, q queued, wait time.Duration) error {
 	l.mu.RLock()
 	defer l.mu.RUnlock()
 	if l.closed {
 		return errors.New("event log already closed")
 	}
 	l.pending.Add(1)
+	select {
+	case l.queue <- q:
+		return nil
+	default:
+	}
+	if wait > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeoutCause(ctx, wait, errors.New("event queue full"))
+		defer cancel()
+	}
 	select {
 	case l.queue <- q:
 		return nil
@@ -333,7 +345,7 @@ func (l *eventLog) enqueue(ctx context.Context, q queued) error {
 
 // Write commits rows before it returns; a failure also spills them to stderr.
 func (l *eventLog) Write(ctx context.Context, evs ...event) error {
-	err := l.write(ctx, func(tx *sql.Tx) error { return insertEvents(ctx, tx, evs) })
+	err := l.write(ctx, func(tx *sql.Tx) error { return l.insertEvents(ctx, tx, evs) })
 	if err != nil {
 		l.spill(evs, err)
 	}
@@ -359,8 +371,12 @@ func (l *eventLog) Close() error {
 func (l *eventLog) writer() {
 	defer close(l.done)
 	batch := make([]queued, 0, 256)
+	var committed time.Time
 	for q := range l.queue {
 		batch = append(batch[:0], q)
+		if time.Since(committed) < commitGap {
+			time.Sleep(commitGap) // rows are coming in: let more join this commit
+		}
 		for len(batch) < cap(batch) && len(l.queue) > 0 { // only this goroutine receives: no wait
 			batch = append(batch, <-l.queue)
 		}
@@ -368,6 +384,7 @@ func (l *eventLog) writer() {
 		l.commit(ctx, batch)
 		cancel()
 		l.pending.Add(-int64(len(batch)))
+		committed = time.Now()
 	}
 }
 
@@ -376,25 +393,19 @@ func (l *eventLog) writer() {
 func (l *eventLog) commit(ctx context.Context, batch []queued) {
 	claimed := make([]bool, len(batch))
 	err := l.write(ctx, func(tx *sql.Tx) error {
-		insert, err := tx.PrepareContext(ctx, insertEventSQL)
-		if err != nil {
-			return err
-		}
-		defer insert.Close()
+		var evs []event
 		for i, q := range batch {
 			if q.claim != nil {
+				var err error
 				if claimed[i], err = insertClaim(ctx, tx, *q.claim, q.event, claimPending); err != nil {
 					return err
 				}
-				if !claimed[i] {
-					continue
-				}
 			}
-			if _, err := insert.ExecContext(ctx, q.insertArgs()...); err != nil {
-				return err
+			if q.claim == nil || claimed[i] {
+				evs = append(evs, q.event)
 			}
 		}
-		return nil
+		return l.insertEvents(ctx, tx, evs)
 	})
 	var lost []event
 	for i, q := range batch {
@@ -446,28 +457,43 @@ func (l *eventLog) writeTx(ctx context.Context, fn func(tx *sql.Tx) error) error
 	return tx.Commit()
 }
 
+// commitGap is how long the writer lets a batch fill when the previous commit ended less than
+// that ago: under load, a commit of more rows costs each of them less (WAL frames, the commit
+// itself), and a lone row or claim after a quiet spell is committed at once.
+const commitGap = 2 * time.Millisecond
+
 // rowsPerWrite bounds the rows of one dispatcher transaction, and so how long claims wait.
 const rowsPerWrite = 128
 
 const insertEventSQL = `INSERT INTO event_log
 	(request_id, ts, method, path, status, action, duration_ms, meta) VALUES (?, ?, ?, ?, ?, ?, ?, ?)`
 
-func insertEvents(ctx context.Context, tx *sql.Tx, evs []event) error {
-	if len(evs) == 0 {
-		return nil
-	}
-	stmt, err := tx.PrepareContext(ctx, insertEventSQL)
-	if err != nil {
-		return err
-	}
-	defer stmt.Close()
-	for _, ev := range evs {
-		if _, err := stmt.ExecContext(ctx, ev.insertArgs()...); err != nil {
+// insertEvents writes evs with one statement prepared for the call, of rowsPerInsert rows while
+// that many are left, then of one: a statement a row cost a row about half again as much.
+func (l *eventLog) insertEvents(ctx context.Context, tx *sql.Tx, evs []event) error {
+	for width := rowsPerInsert; len(evs) > 0; width = 1 {
+		if len(evs) < width {
+			continue
+		}
+		stmt, err := tx.PrepareContext(ctx, insertEventSQL+strings.Repeat(", (?, ?, ?, ?, ?, ?, ?, ?)", width-1))
+		if err != nil {
 			return err
+		}
+		defer stmt.Close()
+		for ; len(evs) >= width; evs = evs[width:] {
+			args := make([]any, 0, 8*width)
+			for _, ev := range evs[:width] {
+				args = append(args, ev.insertArgs()...)
+			}
+			if _, err := stmt.ExecContext(ctx, args...); err != nil {
+				return err
+			}
 		}
 	}
 	return nil
 }
+
+const rowsPerInsert = 32
 
 // insertArgs are insertEventSQL's values; an empty path is NULL, as the original tool stored it.
 func (ev event) insertArgs() []any {
@@ -514,7 +540,8 @@ func marshalJSON(v any) string {
 
 func newRequestID() string {
 	var b [16]byte
-	rand.Read(b[:])
+	binary.NativeEndian.PutUint64(b[:], rand.Uint64())
+	binary.NativeEndian.PutUint64(b[8:], rand.Uint64())
 	return hex.EncodeToString(b[:])
 }
 
@@ -538,7 +565,7 @@ const (
 func (l *eventLog) claimDelivery(ctx context.Context, t taskSpec, ev event) (bool, error) {
 	q := queued{event: ev, claim: &t, result: make(chan claimResult, 1)}
 	fail := func(err error) (bool, error) { return false, fmt.Errorf("record delivery %s: %w", t.delivery, err) }
-	if err := l.enqueue(ctx, q); err != nil {
+	if err := l.enqueue(ctx, q, 0); err != nil {
 		return fail(err)
 	}
 	select {
@@ -617,7 +644,7 @@ func (l *eventLog) nextTask(ctx context.Context, now time.Time, rows func(queued
 			return err
 		}
 		evs = rows(qt)
-		return insertEvents(ctx, tx, evs[:min(len(evs), rowsPerWrite)])
+		return l.insertEvents(ctx, tx, evs[:min(len(evs), rowsPerWrite)])
 	})
 	if err != nil {
 		return qt, false, 0, err
@@ -678,7 +705,7 @@ func (l *eventLog) settleTask(ctx context.Context, taskUnit string, status claim
 		if err != nil {
 			return err
 		}
-		return insertEvents(ctx, tx, evs)
+		return l.insertEvents(ctx, tx, evs)
 	})
 }
 
@@ -690,7 +717,7 @@ func (l *eventLog) taskStep(ctx context.Context, taskUnit, step, errText string,
 			step, errText, ev.TS.Unix(), taskUnit); err != nil {
 			return err
 		}
-		return insertEvents(ctx, tx, []event{ev})
+		return l.insertEvents(ctx, tx, []event{ev})
 	})
 	if err != nil {
 		l.spill([]event{ev}, err)

@@ -255,7 +255,7 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	defer s.inflight.Done()
 	ri := &requestInfo{id: newRequestID(), start: s.now(), meta: map[string]any{}}
 	sw := &statusWriter{ResponseWriter: w}
-	sw.Header().Set("X-Request-Id", ri.id)
+	sw.Header()["X-Request-Id"] = []string{ri.id} // canonical already: Set would only check it
 	r = r.WithContext(context.WithValue(r.Context(), requestInfoKey{}, ri))
 	r.Body = http.MaxBytesReader(sw, r.Body, s.cfg.maxBodyBytes)
 	defer func() {
@@ -276,7 +276,7 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		sw.Header().Set("Connection", "close")
 	}
 	switch {
-	case slices.Contains(strings.FieldsFunc(r.URL.Path, func(c rune) bool { return c == '/' || c == '\\' }), ".."):
+	case strings.Contains(r.URL.Path, "..") && slices.Contains(strings.FieldsFunc(r.URL.Path, func(c rune) bool { return c == '/' || c == '\\' }), ".."):
 		ri.action = "not-found"
 		http.Error(sw, "not found", http.StatusNotFound)
 	case r.ContentLength > s.cfg.maxBodyBytes:
@@ -364,6 +364,8 @@ func defaultAction(pattern string, status int) string {
 	}
 	return cmp.Or(routeActions[pattern], "static")
 }
+
+var plainText = []string{"text/plain; charset=utf-8"}
 
 var routeActions = map[string]string{"": "http", "GET /health": "health", "GET /sse/hello": "sse-hello"}
 
@@ -982,8 +984,8 @@ func redactQuery(raw string) string {
 // "Accept: application/json", the checks as JSON, having also probed that a write commits.
 func (s *server) handleHealth(w http.ResponseWriter, r *http.Request) {
 	h := s.health.get(s.now, s.checkHealth)
-	if r.URL.Query().Get("verbose") == "" && !strings.Contains(r.Header.Get("Accept"), "application/json") {
-		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	if (r.URL.RawQuery == "" || r.URL.Query().Get("verbose") == "") && !strings.Contains(r.Header.Get("Accept"), "application/json") {
+		w.Header()["Content-Type"] = plainText
 		if len(h.failing) == 0 {
 			w.Write([]byte("ok"))
 			return
