@@ -53,7 +53,6 @@ const (
 	taskBusyTimeout = 2 * time.Minute
 )
 
-// event is one event_log row.
 type event struct {
 	RequestID, Method, Path, Action string
 	TS                              time.Time
@@ -200,7 +199,6 @@ func openEventLogWaiting(path string, lg *logger, wait time.Duration) (*eventLog
 	return l, nil
 }
 
-// migration is one embedded migrations/NNNN_name.sql file.
 type migration struct {
 	version   int
 	name, sql string
@@ -374,8 +372,8 @@ func (l *eventLog) writer() {
 	var committed time.Time
 	for q := range l.queue {
 		batch = append(batch[:0], q)
-		if time.Since(committed) < commitGap {
-			time.Sleep(commitGap) // rows are coming in: let more join this commit
+		if q.claim == nil && time.Since(committed) < commitGap && len(l.queue) < rowsPerInsert {
+			time.Sleep(commitGap) // rows are coming in, a few at a time: let more join this commit
 		}
 		for len(batch) < cap(batch) && len(l.queue) > 0 { // only this goroutine receives: no wait
 			batch = append(batch, <-l.queue)
@@ -457,9 +455,9 @@ func (l *eventLog) writeTx(ctx context.Context, fn func(tx *sql.Tx) error) error
 	return tx.Commit()
 }
 
-// commitGap is how long the writer lets a batch fill when the previous commit ended less than
-// that ago: under load, a commit of more rows costs each of them less (WAL frames, the commit
-// itself), and a lone row or claim after a quiet spell is committed at once.
+// commitGap is how long the writer lets a small batch of rows fill when the previous commit
+// ended less than that ago: under load, a commit of more rows costs each less (WAL frames, the
+// commit itself). A batch that starts with a claim, which a client waits for, does not wait.
 const commitGap = 2 * time.Millisecond
 
 // rowsPerWrite bounds the rows of one dispatcher transaction, and so how long claims wait.
@@ -812,7 +810,6 @@ func claimOutcome(status claimStatus, step string) outcome {
 	return outcome{"running", string(status)}
 }
 
-// requestOutcome classifies a delivery that was answered without a claim.
 func requestOutcome(status int, reason string) outcome {
 	if status >= 400 {
 		return outcome{"failed", strings.ReplaceAll(reason, "-", " ")}
@@ -1089,7 +1086,6 @@ func cmdEvents(c *cli, args []string) int {
 	return 0
 }
 
-// followEvents prints rows newer than evs every second until ctx ends.
 func followEvents(ctx context.Context, c *cli, db *sql.DB, f eventFilter, evs []storedEvent, asJSON bool) {
 	var last int64
 	for _, e := range evs {
@@ -1194,7 +1190,6 @@ type claim struct {
 const claimColumnsSQL = `SELECT rowid, delivery_id, unit, image, coalesce(task_unit, ''), coalesce(covered_by, ''),
 	coalesce(error, ''), step, status, received_at, updated_at FROM github_deliveries`
 
-// readClaims reads claims selected by a query of claimColumnsSQL.
 func readClaims(ctx context.Context, db *sql.DB, loc *time.Location, query string, args ...any) ([]claim, error) {
 	cs, err := collect(ctx, db, query, args, func(c *claim) []any {
 		return []any{&c.ID, &c.Delivery, &c.Unit, &c.Image, &c.TaskUnit, &c.CoveredBy, &c.Error, &c.Step,
@@ -1206,7 +1201,6 @@ func readClaims(ctx context.Context, db *sql.DB, loc *time.Location, query strin
 	return cs, err
 }
 
-// task is the delivery whose task ran the claim.
 func (c claim) task() string { return cmp.Or(c.CoveredBy, c.Delivery) }
 
 // unitStatus is an overview line: the unit's last finished claim, and its newest if still under way.
@@ -1437,7 +1431,6 @@ type storyRow struct {
 
 type storyDetail struct{ Key, Value string }
 
-// storyHidden are meta keys the story shows elsewhere.
 var storyHidden = map[string]bool{"delivery": true, "unit": true, "image": true, "event": true, "step": true,
 	"path": true, "error": true, "stderr": true}
 
@@ -1489,6 +1482,7 @@ func unclaimedStory(ctx context.Context, db *sql.DB, id string, v *storyView) ([
 	if err != nil || len(evs) == 0 {
 		return evs, err
 	}
+	v.Outcome = requestOutcome(evs[0].Status, metaString(evs[0].Meta, "reason"))
 	for _, e := range evs {
 		if leader := metaString(e.Meta, "covered_by"); e.Action == "github-dispatch" && reDeliveryID.MatchString(leader) {
 			v.Task = leader
@@ -1502,7 +1496,6 @@ func unclaimedStory(ctx context.Context, db *sql.DB, id string, v *storyView) ([
 		evs = append(evs, steps...)
 		slices.SortFunc(evs, func(a, b storedEvent) int { return cmp.Compare(a.ID, b.ID) })
 	}
-	v.Outcome = requestOutcome(evs[0].Status, metaString(evs[0].Meta, "reason"))
 	for _, e := range evs {
 		if e.Action == "github-task" {
 			v.Outcome = claimOutcome(claimDone, metaString(e.Meta, "step"))
@@ -1511,7 +1504,6 @@ func unclaimedStory(ctx context.Context, db *sql.DB, id string, v *storyView) ([
 	return evs, nil
 }
 
-// addRow adds one row to the story and takes the facts it carries.
 func (v *storyView) addRow(e storedEvent, loc *time.Location) {
 	v.Unit, v.Image = cmp.Or(v.Unit, metaString(e.Meta, "unit")), cmp.Or(v.Image, metaString(e.Meta, "image"))
 	for _, k := range []string{"digest", "delivery_digest", "pulled_digest"} {
@@ -1625,10 +1617,7 @@ restart the server, then log in here with that token.</p>
 <h1>Overview</h1>
 <p>As of {{.Now}}. Units in the log: {{len .Units}}{{if .Failing}}; <strong class="alert">failed on their last redeploy: {{.Failing}}</strong>{{end}}.</p>
 <p class="queue">Queue: {{if .Pending}}<strong>{{.Pending}} pending</strong>, the oldest waiting {{.Oldest}}{{else}}empty{{end}}</p>
-<h2>Units</h2>
-<table>
-<thead><tr><th>Unit</th><th>Image</th><th>Last redeploy</th><th>Finished</th><th>Delivery</th></tr></thead>
-<tbody>
+<h2>Units</h2><table><thead><tr><th>Unit</th><th>Image</th><th>Last redeploy</th><th>Finished</th><th>Delivery</th></tr></thead><tbody>
 {{- range .Units}}
 <tr class="{{with .Last}}{{.Outcome.Class}}{{end}}">
 <td class="wrap">{{.Unit}}</td>
@@ -1642,10 +1631,8 @@ restart the server, then log in here with that token.</p>
 {{- else}}
 <tr><td colspan="5">No unit in the event log yet: nothing was delivered or redeployed.</td></tr>
 {{- end}}
-</tbody>
-</table>
-<h2>Redeploys per day</h2>
-<svg role="img" aria-labelledby="chart-title" width="{{.Chart.Width}}" height="{{.Chart.Height}}" viewBox="0 0 {{.Chart.Width}} {{.Chart.Height}}" xmlns="http://www.w3.org/2000/svg">
+</tbody></table>
+<h2>Redeploys per day</h2><svg role="img" aria-labelledby="chart-title" width="{{.Chart.Width}}" height="{{.Chart.Height}}" viewBox="0 0 {{.Chart.Width}} {{.Chart.Height}}" xmlns="http://www.w3.org/2000/svg">
 <title id="chart-title">{{.Chart.Summary}}</title>
 <line x1="36" y1="{{.Chart.Base}}" x2="{{.Chart.Width}}" y2="{{.Chart.Base}}"/>
 <text x="4" y="14">{{.Chart.Max}}</text><text x="4" y="{{.Chart.Base}}">0</text>
@@ -1664,10 +1651,7 @@ restart the server, then log in here with that token.</p>
 <div><label for="outcome">Outcome</label><select id="outcome" name="outcome"><option value="">all queued</option>
 {{- range .Outcomes}}<option{{if eq . $.Filter.Outcome}} selected{{end}}>{{.}}</option>{{end}}</select></div>
 <button type="submit">Filter</button>
-</form>
-<table>
-<thead><tr><th>Received</th><th>Unit</th><th>Image</th><th>Outcome</th><th>Delivery</th></tr></thead>
-<tbody>
+</form><table><thead><tr><th>Received</th><th>Unit</th><th>Image</th><th>Outcome</th><th>Delivery</th></tr></thead><tbody>
 {{- range .Deliveries}}
 <tr class="{{.Outcome.Class}}">
 <td>{{.When}}</td>
@@ -1679,8 +1663,7 @@ restart the server, then log in here with that token.</p>
 {{- else}}
 <tr><td colspan="5">No delivery matches.</td></tr>
 {{- end}}
-</tbody>
-</table>
+</tbody></table>
 <p class="pager">{{if .Filter.Before}}<a href="/status/deliveries?unit={{.Filter.Unit}}&amp;outcome={{.Filter.Outcome}}">Newest</a>{{end}}
 {{- if .Older}} <a href="/status/deliveries?unit={{.Filter.Unit}}&amp;outcome={{.Filter.Outcome}}&amp;before={{.Older}}">Older</a>{{end}}</p>
 {{- else if eq .Page "story"}}
@@ -1697,10 +1680,7 @@ restart the server, then log in here with that token.</p>
 {{- if .TaskUnit}}<dt>Task unit</dt><dd><code>{{.TaskUnit}}</code></dd>{{end}}
 {{- if .Error}}<dt>Error</dt><dd><pre class="err">{{.Error}}</pre></dd>{{end}}
 </dl>
-<h2>Steps</h2>
-<table>
-<thead><tr><th>Time</th><th>Action</th><th>Step</th><th>Status</th><th>Elapsed</th><th>Details</th></tr></thead>
-<tbody>
+<h2>Steps</h2><table><thead><tr><th>Time</th><th>Action</th><th>Step</th><th>Status</th><th>Elapsed</th><th>Details</th></tr></thead><tbody>
 {{- range .Rows}}
 <tr class="{{.Class}}">
 <td>{{.When}}</td><td>{{.Action}}</td><td>{{.Step}}</td><td>{{.Status}}</td><td>{{.Elapsed}}</td>
@@ -1708,8 +1688,7 @@ restart the server, then log in here with that token.</p>
 {{- if .Error}}<pre class="err">{{.Error}}</pre>{{end}}{{if .Stderr}}<pre>{{.Stderr}}</pre>{{end}}</td>
 </tr>
 {{- end}}
-</tbody>
-</table>
+</tbody></table>
 {{- end}}
 {{- end}}
 </main></body></html>

@@ -617,7 +617,6 @@ type task struct {
 	started time.Time
 }
 
-// step writes the event_log row (action github-task) of one step.
 func (t *task) step(name string, status int, res *cmdResult, extra map[string]any) {
 	meta := map[string]any{"delivery": t.delivery, "unit": t.unit, "image": t.image, "event": t.event, "step": name}
 	if res != nil {

@@ -101,7 +101,6 @@ func (n *notifier) notify(state string) error {
 	return err
 }
 
-// runWatchdog sends WATCHDOG=1 every half watchdog interval until ctx ends.
 func (n *notifier) runWatchdog(ctx context.Context, lg *logger) {
 	if n == nil || n.conn == nil || n.watchdog <= 0 {
 		return

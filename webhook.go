@@ -232,7 +232,6 @@ func info(r *http.Request) *requestInfo {
 	return &requestInfo{meta: map[string]any{}}
 }
 
-// statusWriter remembers the status code for the row.
 type statusWriter struct {
 	http.ResponseWriter
 	status int
@@ -857,7 +856,6 @@ func replyJSON(w http.ResponseWriter, status int, v any) {
 	io.WriteString(w, marshalJSON(v)+"\n")
 }
 
-// manualError answers {"error": text} and notes code in the row.
 func manualError(w http.ResponseWriter, r *http.Request, status int, code, text string) {
 	info(r).meta["error"] = code
 	replyJSON(w, status, map[string]string{"error": text})
@@ -904,7 +902,6 @@ func (p *probeSummary) add(route string, d time.Duration, now time.Time) *event 
 	return ev
 }
 
-// take returns the row of a minute that has ended (any minute, with force).
 func (p *probeSummary) take(now time.Time, force bool) *event {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -1016,7 +1013,6 @@ func (s *server) handleHealth(w http.ResponseWriter, r *http.Request) {
 	replyJSON(w, status, body)
 }
 
-// healthReport is the newest health check; read-only once built.
 type healthReport struct {
 	failing  []string
 	db, body map[string]any
@@ -1214,7 +1210,6 @@ func (p *promWriter) counters(name, help string, labels []string, m map[[2]strin
 	}
 }
 
-// sample writes one line; labels are name/value pairs.
 func (p *promWriter) sample(name string, labels []string, v float64) {
 	esc := strings.NewReplacer(`\`, `\\`, `"`, `\"`, "\n", `\n`)
 	var pairs []string
@@ -1227,7 +1222,6 @@ func (p *promWriter) sample(name string, labels []string, v float64) {
 	p.printf("%s %s\n", name, strconv.FormatFloat(v, 'g', -1, 64))
 }
 
-// histogram writes cumulative buckets of millisecond values as seconds.
 func (p *promWriter) histogram(name string, buckets []float64, ms []float64) {
 	var sum float64
 	counts := make([]int, len(buckets))
