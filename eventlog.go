@@ -1076,8 +1076,8 @@ func cmdEvents(c *cli, args []string) int {
 	}
 	printEvents(c.stdout, evs, asJSON, true)
 	if f.delivery != "" && !asJSON {
-		if s, ok, err := deliveryStory(ctx, db, f.delivery, time.Now(), time.Local); err == nil && ok && s.Claimed {
-			fmt.Fprintf(c.stdout, "outcome: %s, %s\n", s.Outcome.Class, s.Outcome.Label)
+		if cs, err := readClaims(ctx, db, time.Local, claimColumnsSQL+` WHERE delivery_id = ?`, f.delivery); err == nil && len(cs) > 0 {
+			fmt.Fprintf(c.stdout, "outcome: %s, %s\n", cs[0].Outcome.Class, cs[0].Outcome.Label)
 		}
 	}
 	if follow {
@@ -1418,7 +1418,6 @@ type storyView struct {
 	Delivery, Unit, Image, Digest, Pull, Restart, Error string
 	Task, TaskUnit                                      string // the delivery whose task ran this one, when another's
 	Outcome                                             outcome
-	Claimed                                             bool
 	Events                                              []storedEvent
 	Rows                                                []storyRow
 }
@@ -1434,10 +1433,11 @@ type storyDetail struct{ Key, Value string }
 var storyHidden = map[string]bool{"delivery": true, "unit": true, "image": true, "event": true, "step": true,
 	"path": true, "error": true, "stderr": true}
 
-const storySQL = eventColumnsSQL + ` WHERE ts BETWEEN ? AND ? AND json_extract(meta, '$.delivery') IN (?, ?) ORDER BY id`
+const storySQL = eventColumnsSQL + ` WHERE ts BETWEEN ? AND ? AND (json_extract(meta, '$.delivery') = ?
+	OR action = 'github-task' AND json_extract(meta, '$.delivery') = ?) ORDER BY id`
 
-// deliveryStory reads the rows written while its claim was open (idx_event_log_ts) that name it or
-// its task's delivery; without a claim, the push requests that named it. ok: something names it.
+// deliveryStory reads the rows written while its claim was open (idx_event_log_ts) that name it,
+// and the steps of the task that ran it; without a claim, every row naming it. ok: some row does.
 func deliveryStory(ctx context.Context, db *sql.DB, id string, now time.Time, loc *time.Location) (storyView, bool, error) {
 	v := storyView{Delivery: id}
 	cs, err := readClaims(ctx, db, loc, claimColumnsSQL+` WHERE delivery_id = ?`, id)
@@ -1458,7 +1458,7 @@ func deliveryStory(ctx context.Context, db *sql.DB, id string, now time.Time, lo
 		if err != nil {
 			return v, false, err
 		}
-		v.Unit, v.Image, v.Outcome, v.Claimed = c.Unit, c.Image, c.Outcome, true
+		v.Unit, v.Image, v.Outcome = c.Unit, c.Image, c.Outcome
 		if c.TaskUnit != "" {
 			v.TaskUnit = c.TaskUnit + ".service"
 		}
@@ -1475,27 +1475,14 @@ func deliveryStory(ctx context.Context, db *sql.DB, id string, now time.Time, lo
 	return v, true, nil
 }
 
-// unclaimedStory reads the rows of a delivery without a claim (ignored, or logged by the
-// original tool) from the whole log, with the steps of the task that covered it.
+// unclaimedStory reads the rows naming a delivery without a claim (ignored, or logged by the
+// original tool) from the whole log.
 func unclaimedStory(ctx context.Context, db *sql.DB, id string, v *storyView) ([]storedEvent, error) {
 	evs, err := queryEvents(ctx, db, eventFilter{delivery: id, afterID: -1})
 	if err != nil || len(evs) == 0 {
 		return evs, err
 	}
 	v.Outcome = requestOutcome(evs[0].Status, metaString(evs[0].Meta, "reason"))
-	for _, e := range evs {
-		if leader := metaString(e.Meta, "covered_by"); e.Action == "github-dispatch" && reDeliveryID.MatchString(leader) {
-			v.Task = leader
-		}
-	}
-	if v.Task != "" {
-		steps, err := queryEvents(ctx, db, eventFilter{action: "github-task", delivery: v.Task, afterID: -1})
-		if err != nil {
-			return nil, err
-		}
-		evs = append(evs, steps...)
-		slices.SortFunc(evs, func(a, b storedEvent) int { return cmp.Compare(a.ID, b.ID) })
-	}
 	for _, e := range evs {
 		if e.Action == "github-task" {
 			v.Outcome = claimOutcome(claimDone, metaString(e.Meta, "step"))

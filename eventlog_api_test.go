@@ -345,6 +345,13 @@ func TestDeliveryAPI(t *testing.T) {
 		); err != nil {
 			t.Fatal(err)
 		}
+		// Its claim was open from long before d-1's request until after d-1's task ended: the
+		// window holds d-1's own rows too, and only its task steps belong to d-20's story.
+		if _, err := ts.events.db.Exec(`INSERT INTO github_deliveries (delivery_id, unit, image, event, request_id, status,
+			received_at, updated_at, claimed_at, step, covered_by, task_unit) VALUES ('d-20', 'demo.service', 'ghcr.io/acme/demo:latest',
+			'package', 'req-d20', 'done', 0, ?, 0, 'completed', 'd-1', 'webhook-task-d-1')`, fixtureNow.Add(time.Hour).Unix()); err != nil {
+			t.Fatal(err)
+		}
 		code, p, body := getPage(t, ts, "/api/deliveries/d-20", apiToken)
 		if code != 200 || p.Delivery != "d-20" || p.TaskDelivery != "d-1" {
 			t.Fatalf("covered delivery: %d %s", code, body)
