@@ -622,12 +622,12 @@ func (s *server) pushPayload(p *push) *refusal {
 	var shown []string
 	for i := range pushes {
 		pushes[i].id = cmp.Or(p.id, pushes[i].id, p.name+"-"+p.ri.id)
-		if i < 16 {
+		if i < 16 && len(pushes) > 1 {
 			shown = append(shown, pushes[i].repo()+":"+strings.Join(pushes[i].tags, ","))
 		}
 	}
 	p.pushes, p.ri.meta["pushed"], p.ri.meta["delivery"] = pushes, shown, pushes[0].id
-	if len(pushes) == 1 {
+	if len(pushes) == 1 { // the usual push: its fields as they are, not a one-line list
 		p.ri.meta["pushed"], p.ri.meta["tags"] = pushes[0].repo(), pushes[0].tags
 		if pushes[0].digest != "" {
 			p.ri.meta["digest"] = pushes[0].digest
