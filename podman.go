@@ -810,7 +810,8 @@ func (t *task) rollback(ctx context.Context, before, source, after, why string) 
 
 // checkImage reports whether the pushed image is the one the unit runs, else records the refusal.
 func (t *task) checkImage(ctx context.Context, ctr unitContainer) bool {
-	configured, source, err := configuredImage(ctx, t.cfg, t.getenv, t.unit)
+	uf, err := configuredImage(ctx, t.cfg, t.getenv, t.unit)
+	configured, source := uf.image, uf.source
 	if err != nil {
 		t.log.warnf("redeploy of %s: cannot read the unit's Image= (%v): checking its container's image instead", t.unit, err)
 		configured, source = "", ""
@@ -936,8 +937,8 @@ func findUnitContainer(ctx context.Context, cfg *config, unit string) unitContai
 // planRedeploy is the manual API's dry run: what run-task would do, found by reading only.
 func planRedeploy(ctx context.Context, cfg *config, getenv func(string) string, unit string, ref imageRef, force bool) []string {
 	ctr := findUnitContainer(ctx, cfg, unit)
-	configured, _, cerr := configuredImage(ctx, cfg, getenv, unit)
-	if step, why := imageCheck(ref, configured, ctr.image, cfg.allowAnyImage); cerr == nil && step != "" {
+	uf, cerr := configuredImage(ctx, cfg, getenv, unit)
+	if step, why := imageCheck(ref, uf.image, ctr.image, cfg.allowAnyImage); cerr == nil && step != "" {
 		return []string{"refuse (" + step + "), pulling and restarting nothing: " + why}
 	}
 	plan := []string{fmt.Sprintf("pull %s (podman pull -- docker://%s, %d attempts %s apart)", ref, ref, cfg.pullAttempts, cfg.pullRetryDelay)}

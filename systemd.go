@@ -219,13 +219,13 @@ type unitLookups struct {
 }
 
 type unitLookup struct {
-	mu            sync.Mutex // held while the lookup runs
-	at            time.Time
-	image, source string
-	err           error
+	mu  sync.Mutex // held while the lookup runs
+	at  time.Time
+	uf  unitFile
+	err error
 }
 
-func (c *unitLookups) configuredImage(ctx context.Context, cfg *config, getenv func(string) string, unit string) (image, source string, err error) {
+func (c *unitLookups) configuredImage(ctx context.Context, cfg *config, getenv func(string) string, unit string) (unitFile, error) {
 	c.mu.Lock()
 	e := c.entries[unit]
 	if e == nil {
@@ -241,24 +241,31 @@ func (c *unitLookups) configuredImage(ctx context.Context, cfg *config, getenv f
 	if time.Since(e.at) >= c.ttl {
 		// Shared, so not cut short by the asking client; bounded, as GitHub waits 10 s at most.
 		lctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), unitLookupTimeout)
-		e.image, e.source, e.err = configuredImage(lctx, cfg, getenv, unit)
+		e.uf, e.err = configuredImage(lctx, cfg, getenv, unit)
 		cancel()
 		e.at = time.Now()
 	}
-	return e.image, e.source, e.err
+	return e.uf, e.err
 }
 
 var errUnitNotFound = errors.New("unit not found")
 
-// configuredImage finds the image a unit runs: Image= of the Quadlet file that made it, else of
-// <name>.container in the Quadlet directories; errUnitNotFound when systemd does not know it.
-func configuredImage(ctx context.Context, cfg *config, getenv func(string) string, unit string) (image, source string, err error) {
+// unitFile is what a unit's Quadlet file and its drop-ins say: the image, the file that named it,
+// and the Label= pairs (webhook-auto-update.* among them are the unit's policies).
+type unitFile struct {
+	image, source string
+	labels        map[string]string
+}
+
+// configuredImage reads the Quadlet file that made the unit, else <name>.container in the Quadlet
+// directories; errUnitNotFound when systemd does not know the unit.
+func configuredImage(ctx context.Context, cfg *config, getenv func(string) string, unit string) (unitFile, error) {
 	props, err := showUnit(ctx, cfg, unit, "LoadState", "SourcePath", "FragmentPath")
 	if err != nil {
-		return "", "", err
+		return unitFile{}, err
 	}
 	if props["LoadState"] == "not-found" {
-		return "", "", fmt.Errorf("%s: %w", unit, errUnitNotFound)
+		return unitFile{}, fmt.Errorf("%s: %w", unit, errUnitNotFound)
 	}
 	var candidates []string
 	if sp := props["SourcePath"]; strings.HasSuffix(sp, ".container") {
@@ -277,27 +284,31 @@ func configuredImage(ctx context.Context, cfg *config, getenv func(string) strin
 			continue
 		}
 		if err != nil {
-			return "", c, err
+			return unitFile{source: c}, err
 		}
-		image, source = quadletImage(data), c
+		uf := unitFile{source: c, labels: map[string]string{}}
+		uf.readQuadlet(data)
 		// Drop-ins (NAME.container.d/*.conf, in lexical order) override the file, as in systemd.
 		dropins, _ := filepath.Glob(c + ".d/*.conf")
 		sort.Strings(dropins)
 		for _, d := range dropins {
 			data, _ := os.ReadFile(d) // an unreadable drop-in is skipped
-			if img := quadletImage(data); img != "" {
-				image, source = img, d
+			if uf.readQuadlet(data) {
+				uf.source = d
 			}
 		}
-		return image, source, nil
+		return uf, nil
 	}
-	return "", "", nil
+	return unitFile{}, nil
 }
 
-// quadletImage returns the last Image= of a Quadlet file's [Container] section, as systemd.unit(5)
-// parsing does, with line continuations joined and quotes and a docker:// prefix removed.
-func quadletImage(data []byte) string {
-	var image, section, pending string
+// readQuadlet applies a Quadlet file's [Container] section to uf, as systemd.unit(5) parsing does
+// (continuations joined, comments skipped): the last Image=, with quotes and docker:// removed,
+// reports true; each Label= is a list of key=value words split as Quadlet splits it (systemd's
+// quoting and C escapes; a word without "=" or a line with an unterminated quote is skipped), a
+// later key overriding, and an empty Label= clears the labels set before it.
+func (uf *unitFile) readQuadlet(data []byte) (named bool) {
+	var section, pending string
 	for _, line := range strings.Split(string(data), "\n") {
 		if line = strings.TrimSpace(line); pending != "" {
 			line, pending = strings.TrimSpace(pending+" "+line), ""
@@ -314,16 +325,67 @@ func quadletImage(data []byte) string {
 			continue
 		}
 		k, v, ok := strings.Cut(line, "=")
-		if !ok || section != "Container" || strings.TrimSpace(k) != "Image" {
+		if !ok || section != "Container" {
 			continue
 		}
-		v = strings.TrimSpace(v)
-		if len(v) >= 2 && (v[0] == '"' && v[len(v)-1] == '"' || v[0] == '\'' && v[len(v)-1] == '\'') {
-			v = v[1 : len(v)-1]
+		switch k, v = strings.TrimSpace(k), strings.TrimSpace(v); {
+		case k == "Image":
+			if len(v) >= 2 && (v[0] == '"' && v[len(v)-1] == '"' || v[0] == '\'' && v[len(v)-1] == '\'') {
+				v = v[1 : len(v)-1]
+			}
+			uf.image, named = strings.TrimPrefix(v, "docker://"), true
+		case k == "Label" && v == "":
+			clear(uf.labels)
+		case k == "Label" && uf.labels != nil:
+			words, ok := splitWords(v)
+			for _, w := range words {
+				if lk, lv, kv := strings.Cut(w, "="); kv && ok {
+					uf.labels[lk] = lv
+				}
+			}
 		}
-		image = strings.TrimPrefix(v, "docker://")
 	}
-	return image
+	return named
+}
+
+// splitWords splits s at unquoted whitespace, removing quotes and resolving backslash escapes as
+// systemd's extract_first_word does with EXTRACT_UNQUOTE|EXTRACT_CUNESCAPE|EXTRACT_RELAX; ok is
+// false when a quote is not closed.
+func splitWords(s string) (words []string, ok bool) {
+	var w strings.Builder
+	var quote byte
+	in := false
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch {
+		case c == '\\' && i+1 < len(s):
+			i++
+			in = true
+			if r, found := map[byte]byte{'n': '\n', 't': '\t', 'r': '\r', 's': ' '}[s[i]]; found {
+				w.WriteByte(r)
+			} else {
+				w.WriteByte(s[i])
+			}
+		case quote != 0 && c == quote:
+			quote = 0
+		case quote != 0:
+			w.WriteByte(c)
+		case c == '"' || c == '\'':
+			quote, in = c, true
+		case c == ' ' || c == '\t':
+			if in {
+				words, in = append(words, w.String()), false
+				w.Reset()
+			}
+		default:
+			w.WriteByte(c)
+			in = true
+		}
+	}
+	if in {
+		words = append(words, w.String())
+	}
+	return words, quote == 0
 }
 
 // taskUnitName is the transient unit of one redeploy, with what systemd would reject replaced.

@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"os"
@@ -719,9 +720,20 @@ func FuzzQuadletImage(f *testing.F) {
 		f.Add([]byte(s.data), s.value)
 	}
 	f.Fuzz(func(t *testing.T, data []byte, value string) {
-		img := quadletImage(data)
+		uf := unitFile{labels: map[string]string{}}
+		uf.readQuadlet(data)
+		img := uf.image
 		if strings.ContainsRune(img, '\n') {
-			t.Errorf("quadletImage returned a multi-line value %q", img)
+			t.Errorf("readQuadlet returned a multi-line image %q", img)
+		}
+		// A label value written quoted, with its quote and backslash escaped, reads back exactly.
+		esc := strings.NewReplacer(`\`, `\\`, `"`, `\"`).Replace(value)
+		if !strings.ContainsAny(value, "\r\n") {
+			l := unitFile{labels: map[string]string{}}
+			l.readQuadlet([]byte("[Container]\nLabel=a=1 \"k=" + esc + "\"\n"))
+			if l.labels["k"] != value || l.labels["a"] != "1" {
+				t.Errorf("Label=\"k=%s\" read as %q, want k=%q a=1", esc, l.labels, value)
+			}
 		}
 		if ref, err := parseImageRef(img); err == nil {
 			checkRefInvariants(t, ref)
@@ -733,8 +745,9 @@ func FuzzQuadletImage(f *testing.F) {
 			return
 		}
 		for _, file := range []string{"[Container]\nImage=" + value + "\n", "[Unit]\r\nX=1\r\n[Container]\r\nImage=" + value + "\r\n"} {
-			if got := quadletImage([]byte(file)); got != value {
-				t.Errorf("quadletImage(%q) = %q, want %q", file, got, value)
+			var uf unitFile
+			if uf.readQuadlet([]byte(file)); uf.image != value {
+				t.Errorf("readQuadlet(%q) image %q, want %q", file, uf.image, value)
 			}
 		}
 	})
@@ -793,16 +806,16 @@ func TestConfiguredImageQuadlet(t *testing.T) {
 		}
 	}
 	write(file, "[Container]\nImage=ghcr.io/me/web\n")
-	img, src, err := configuredImage(context.Background(), cfg, getenv, "web.service")
-	if err != nil || img != "ghcr.io/me/web" || src != file {
-		t.Fatalf("configuredImage = %q %q %v", img, src, err)
+	uf, err := configuredImage(context.Background(), cfg, getenv, "web.service")
+	if err != nil || uf.image != "ghcr.io/me/web" || uf.source != file {
+		t.Fatalf("configuredImage = %+v %v", uf, err)
 	}
 	write(filepath.Join(file+".d", "10-pin.conf"), "[Container]\nImage=ghcr.io/me/web:v2\n")
 	write(filepath.Join(file+".d", "05-other.conf"), "[Container]\nImage=ghcr.io/me/old:v1\n")
 	write(filepath.Join(file+".d", "20-env.conf"), "[Container]\nEnvironment=A=1\n")
-	img, src, err = configuredImage(context.Background(), cfg, getenv, "web.service")
-	if err != nil || img != "ghcr.io/me/web:v2" || !strings.HasSuffix(src, "10-pin.conf") {
-		t.Fatalf("with drop-ins: %q %q %v, want the last drop-in naming an image", img, src, err)
+	uf, err = configuredImage(context.Background(), cfg, getenv, "web.service")
+	if err != nil || uf.image != "ghcr.io/me/web:v2" || !strings.HasSuffix(uf.source, "10-pin.conf") {
+		t.Fatalf("with drop-ins: %+v %v, want the last drop-in naming an image", uf, err)
 	}
 	for in, want := range map[string]string{
 		"ghcr.io/me/web":            "ghcr.io/me/web:latest",
@@ -816,6 +829,43 @@ func TestConfiguredImageQuadlet(t *testing.T) {
 		if got := withDefaultTag(in); got != want {
 			t.Errorf("withDefaultTag(%q) = %q, want %q", in, got, want)
 		}
+	}
+}
+
+// TestQuadletLabels: Label= lines are split as Quadlet splits them (systemd's quoting, escapes),
+// a later key overrides, an empty Label= clears, drop-ins apply in order, and only [Container]
+// counts. Debian's podman 4.3 has no Quadlet generator, so the rules are podman's documented ones
+// (quadlet's LookupAllKeyVal: SplitRelax|SplitUnquote|SplitCUnescape), not a run of it.
+func TestQuadletLabels(t *testing.T) {
+	for _, tc := range []struct {
+		file string
+		want map[string]string
+	}{
+		{"[Container]\nLabel=webhook-auto-update.cooldown=15m\n", map[string]string{"webhook-auto-update.cooldown": "15m"}},
+		{"[Container]\nLabel=\"webhook-auto-update.window=Sat,Sun *-*-* 02:00\" webhook-auto-update.window-length=3h\n",
+			map[string]string{"webhook-auto-update.window": "Sat,Sun *-*-* 02:00", "webhook-auto-update.window-length": "3h"}},
+		{"[Container]\nLabel=a=1 b=2\nLabel=a=3\n", map[string]string{"a": "3", "b": "2"}},
+		{"[Container]\nLabel=a=1\nLabel=\nLabel=b=2\n", map[string]string{"b": "2"}},
+		{"[Container]\nLabel=a='x y' b=c\\ d e=\"q\\\"t\" noequals\n", map[string]string{"a": "x y", "b": "c d", "e": `q"t`}},
+		{"[Container]\nLabel=a=\"unterminated b=2\n", map[string]string{}},
+		{"[Container]\nLabel=a=1 \\\n  b=2\n[Service]\nLabel=c=3\n#Label=d=4\n", map[string]string{"a": "1", "b": "2"}},
+	} {
+		uf := unitFile{labels: map[string]string{}}
+		uf.readQuadlet([]byte(tc.file))
+		if !maps.Equal(uf.labels, tc.want) {
+			t.Errorf("labels of %q = %q, want %q", tc.file, uf.labels, tc.want)
+		}
+	}
+	h := newFakeHost(t)
+	file := filepath.Join(t.TempDir(), "web.container")
+	h.set("unit.state", "LoadState=loaded\nSourcePath="+file+"\n")
+	os.WriteFile(file, []byte("[Container]\nImage=ghcr.io/me/web:v1\nLabel=a=1 b=1\n"), 0o600)
+	os.MkdirAll(file+".d", 0o755)
+	os.WriteFile(filepath.Join(file+".d", "20-b.conf"), []byte("[Container]\nLabel=b=3\n"), 0o600)
+	os.WriteFile(filepath.Join(file+".d", "10-a.conf"), []byte("[Container]\nLabel=b=2 c=2\n"), 0o600)
+	uf, err := configuredImage(context.Background(), &config{commandTimeout: 5 * time.Second}, func(string) string { return "" }, "web.service")
+	if want := map[string]string{"a": "1", "b": "3", "c": "2"}; err != nil || !maps.Equal(uf.labels, want) || uf.image != "ghcr.io/me/web:v1" || uf.source != file {
+		t.Errorf("with drop-ins: %+v %v, want labels %q, the image and source of the file", uf, err, want)
 	}
 }
 
@@ -863,9 +913,9 @@ func TestUnitLookups(t *testing.T) {
 	results := make(chan error, n)
 	for range n {
 		go func() {
-			img, _, err := c.configuredImage(context.Background(), cfg, getenv, "web.service")
-			if err == nil && img != "ghcr.io/me/web:v1" {
-				err = fmt.Errorf("image %q", img)
+			uf, err := c.configuredImage(context.Background(), cfg, getenv, "web.service")
+			if err == nil && uf.image != "ghcr.io/me/web:v1" {
+				err = fmt.Errorf("image %q", uf.image)
 			}
 			results <- err
 		}()
@@ -881,16 +931,16 @@ func TestUnitLookups(t *testing.T) {
 	h.set("systemctl-show.sleep", "0s")
 	h.set("unit.state", "LoadState=not-found\n")
 	os.WriteFile(file, []byte("[Container]\nImage=ghcr.io/me/web:v2\n"), 0o600)
-	if img, _, err := c.configuredImage(context.Background(), cfg, getenv, "web.service"); img != "ghcr.io/me/web:v1" || err != nil {
-		t.Errorf("within the ttl: %q %v, want the cached ghcr.io/me/web:v1", img, err)
+	if uf, err := c.configuredImage(context.Background(), cfg, getenv, "web.service"); uf.image != "ghcr.io/me/web:v1" || err != nil {
+		t.Errorf("within the ttl: %q %v, want the cached ghcr.io/me/web:v1", uf.image, err)
 	}
 	c.entries["web.service"].at = time.Now().Add(-2 * time.Hour) // as if the ttl had passed
-	if _, _, err := c.configuredImage(context.Background(), cfg, getenv, "web.service"); !errors.Is(err, errUnitNotFound) {
+	if _, err := c.configuredImage(context.Background(), cfg, getenv, "web.service"); !errors.Is(err, errUnitNotFound) {
 		t.Errorf("after the ttl: %v, want the unit now not found", err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	if _, _, err := c.configuredImage(ctx, cfg, getenv, "db.service"); !errors.Is(err, errUnitNotFound) {
+	if _, err := c.configuredImage(ctx, cfg, getenv, "db.service"); !errors.Is(err, errUnitNotFound) {
 		t.Errorf("a lookup asked with an ended context: %v, want it run to its end (not found)", err)
 	}
 	if want := []string{"show", "-p", "LoadState", "-p", "SourcePath", "-p", "FragmentPath", "--", "web.service"}; !slices.Equal(h.callsOf("systemctl-show")[0][2:], want) {

@@ -643,7 +643,8 @@ func (s *server) pushPayload(p *push) *refusal {
 // 8. A push matches the unit's Quadlet Image= (same host and repository, its tag; of several, the
 // last). Without Image=, a GitHub push's first tag, which the task checks against the running one.
 func (s *server) pushImage(p *push) *refusal {
-	configured, source, err := s.units.configuredImage(p.r.Context(), s.cfg, s.getenv, p.unit)
+	uf, err := s.units.configuredImage(p.r.Context(), s.cfg, s.getenv, p.unit)
+	configured, source := uf.image, uf.source
 	switch {
 	case errors.Is(err, errUnitNotFound):
 		return refuse(http.StatusNotFound, "unit-not-found", "unit "+p.unit+" not found")
