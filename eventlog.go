@@ -548,6 +548,8 @@ func newRequestID() string {
 
 // claimStatus is a claim's state: pending → dispatching (systemd-run under way) → dispatched
 // (its task runs) → done; or failed (systemd-run kept failing; a redelivery may claim it again).
+// A pending claim waits for its unit's policy in a wait step until next_attempt_at; one a person
+// rejected or nobody approved in time is done with step rejected or expired.
 type claimStatus string
 
 const (
@@ -556,6 +558,8 @@ const (
 	claimDispatched  claimStatus = "dispatched"
 	claimDone        claimStatus = "done"
 	claimFailed      claimStatus = "failed"
+
+	waitCooldown, waitWindow, waitApproval = "cooldown", "window", "awaiting-approval"
 )
 
 // claimDelivery commits a pending claim with ev in the writer's next batch; false, writing nothing,
@@ -613,51 +617,164 @@ func (l *eventLog) claimDispatching(ctx context.Context, t taskSpec) error {
 // queuedTask is the first pending claim whose unit runs no task, covering the other pending claims
 // of its unit and image: the pull fetches the tag as it is then, with every push announced before.
 type queuedTask struct {
-	taskSpec           // the first claim's; digest is the newest claim's
-	covered  []string  // the deliveries covered, the first one first
-	attempts int       // systemd-runs that failed before
-	claimed  time.Time // when the first claim arrived
+	taskSpec                  // the first claim's; digest is the newest claim's
+	covered         []string  // the deliveries covered, the first one first
+	attempts        int       // systemd-runs that failed before
+	claimed, newest time.Time // when the first and the last of its claims arrived
+	unapproved      time.Time // when the first claim no person approved arrived; zero: none
 }
 
-// nextTask marks the next due task's claims dispatching with the rows rows makes of it (none due:
-// pending counts the waiting). A read finds it, as only the dispatcher takes pending claims.
-func (l *eventLog) nextTask(ctx context.Context, now time.Time, rows func(queuedTask) []event) (qt queuedTask, ok bool, pending int, err error) {
-	var claimedMS int64
-	err = l.db.QueryRowContext(ctx, `SELECT delivery_id, unit, image, event, path, attempts, claimed_at FROM github_deliveries
-		WHERE status = 'pending' AND next_attempt_at <= ?
+// hold is a policy's answer for a task: its claims wait in step until until (a wait step), or
+// expire (those unapproved since until), or fail (policy-invalid, errText); "" runs the task.
+type hold struct {
+	step, errText string
+	until         time.Time
+}
+
+// nextTask marks the next due task's claims dispatching with the rows rows makes of it, unless
+// policy holds them; wake is when to look again (zero: at once). A read finds it, as only the
+// dispatcher takes pending claims.
+func (l *eventLog) nextTask(ctx context.Context, now time.Time, policy func(queuedTask) hold, rows func(queuedTask) []event) (qt queuedTask, ok bool, wake time.Time, err error) {
+	var claimedMS, newestMS, unapprovedMS int64
+	err = l.db.QueryRowContext(ctx, `SELECT delivery_id, unit, image, event, path, attempts, claimed_at,
+			(SELECT max(claimed_at) FROM github_deliveries g WHERE g.status = 'pending' AND g.unit = d.unit AND g.image = d.image),
+			(SELECT coalesce(min(claimed_at), 0) FROM github_deliveries g WHERE g.status = 'pending' AND g.unit = d.unit
+				AND g.image = d.image AND NOT approved)
+		FROM github_deliveries d WHERE status = 'pending' AND next_attempt_at <= ?
 			AND unit NOT IN (SELECT unit FROM github_deliveries WHERE status IN ('dispatching', 'dispatched'))
 		ORDER BY claimed_at, rowid LIMIT 1`, now.UnixMilli()).
-		Scan(&qt.delivery, &qt.unit, &qt.image, &qt.event, &qt.path, &qt.attempts, &claimedMS)
+		Scan(&qt.delivery, &qt.unit, &qt.image, &qt.event, &qt.path, &qt.attempts, &claimedMS, &newestMS, &unapprovedMS)
 	if errors.Is(err, sql.ErrNoRows) {
-		pending, _, err = l.queueStats(ctx)
-		return qt, false, pending, err
+		var due int
+		var first sql.NullInt64
+		err = l.db.QueryRowContext(ctx, `SELECT total(next_attempt_at <= ?), min(next_attempt_at) FROM github_deliveries
+			WHERE status = 'pending'`, now.UnixMilli()).Scan(&due, &first)
+		switch wake = now.Add(dispatchIdle); {
+		case due > 0: // behind a running task
+			wake = now.Add(dispatchPoll)
+		case first.Valid:
+			wake = time.UnixMilli(min(first.Int64, wake.UnixMilli()))
+		}
+		return qt, false, wake, err
 	}
 	if err != nil {
-		return qt, false, 0, err
+		return qt, false, now.Add(dispatchPoll), err
 	}
-	qt.claimed = time.UnixMilli(claimedMS)
+	qt.claimed, qt.newest = time.UnixMilli(claimedMS), time.UnixMilli(newestMS)
+	if unapprovedMS > 0 {
+		qt.unapproved = time.UnixMilli(unapprovedMS)
+	}
 	var evs []event
+	h := policy(qt)
 	err = l.write(ctx, func(tx *sql.Tx) error {
+		if h.step != "" {
+			return l.holdClaims(ctx, tx, qt, h, now)
+		}
 		if err := takeClaims(ctx, tx, &qt, now); err != nil {
 			return err
 		}
 		evs = rows(qt)
 		return l.insertEvents(ctx, tx, evs[:min(len(evs), rowsPerWrite)])
 	})
-	if err != nil {
-		return qt, false, 0, err
+	if err != nil || h.step != "" {
+		return qt, false, time.Time{}, err
 	}
 	// The other covered claims' rows follow in small transactions, still before the task starts.
 	for evs = evs[min(len(evs), rowsPerWrite):]; len(evs) > 0; evs = evs[min(len(evs), rowsPerWrite):] {
 		l.Write(ctx, evs[:min(len(evs), rowsPerWrite)]...)
 	}
-	return qt, true, 0, nil
+	return qt, true, time.Time{}, nil
+}
+
+// holdClaims applies h to qt's pending claims of its unit and image, with a row for each claim
+// that enters a wait or ends; claims already in the wait only learn its new end.
+func (l *eventLog) holdClaims(ctx context.Context, tx *sql.Tx, qt queuedTask, h hold, now time.Time) error {
+	group, args := `status = 'pending' AND unit = ? AND image = ?`, []any{qt.unit, qt.image}
+	set, code, also := `step = ?, next_attempt_at = ?`, 202, ` AND step IS NOT ?`
+	setArgs, alsoArgs := []any{h.step, h.until.UnixMilli()}, []any{h.step}
+	switch h.step {
+	case "expired":
+		set, code, also, setArgs, alsoArgs = `status = 'done', step = 'expired'`, 410, ` AND NOT approved AND claimed_at <= ?`, nil, []any{h.until.UnixMilli()}
+	case "policy-invalid":
+		set, code, setArgs, also, alsoArgs = `status = 'failed', step = 'policy-invalid', error = ?`, 422, []any{h.errText}, "", nil
+	}
+	ids, err := updateClaims(ctx, tx, set, group+also, append(setArgs, slices.Concat([]any{now.Unix()}, args, alsoArgs)...))
+	if err == nil && code == 202 {
+		_, err = tx.ExecContext(ctx, `UPDATE github_deliveries SET next_attempt_at = ? WHERE `+group, append([]any{h.until.UnixMilli()}, args...)...)
+	}
+	// Issue 22: when h.step is waitApproval and ids is not empty, enqueue the approval request's
+	// notification here, in tx (with a link to /status/deliveries/<id> under WEBHOOK_PUBLIC_URL).
+	evs, id := make([]event, 0, len(ids)), newRequestID()
+	for _, c := range ids {
+		meta := map[string]any{"delivery": c, "unit": qt.unit, "image": qt.image, "reason": h.step}
+		if code == 202 {
+			meta["wait_until"] = h.until.UTC().Format(time.RFC3339)
+		} else if h.errText != "" {
+			meta["error"] = h.errText
+		}
+		evs = append(evs, event{RequestID: id, TS: now, Method: "QUEUE", Path: qt.path, Status: code, Action: "github-dispatch", Meta: meta})
+	}
+	if err != nil {
+		return err
+	}
+	return l.insertEvents(ctx, tx, evs)
+}
+
+// updateClaims sets set on the claims where says, returning their delivery ids; args hold set's
+// values, then updated_at, then where's.
+func updateClaims(ctx context.Context, tx *sql.Tx, set, where string, args []any) ([]string, error) {
+	rows, err := tx.QueryContext(ctx, `UPDATE github_deliveries SET `+set+`, updated_at = ? WHERE `+where+` RETURNING delivery_id`, args...)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var ids []string
+	for rows.Next() {
+		var id string
+		if err := rows.Scan(&id); err != nil {
+			return nil, err
+		}
+		ids = append(ids, id)
+	}
+	return ids, rows.Err()
+}
+
+// decideClaim records a person's decision on delivery id, ev being its row (copied for each claim it
+// changes): approve or reject the claims of its unit and image awaiting approval with it, or retry
+// it when it ended; 0 claims: it was in no state for that decision.
+func (l *eventLog) decideClaim(ctx context.Context, id, decision string, ev event) (n int, err error) {
+	awaiting := `status = 'pending' AND step = 'awaiting-approval' AND (unit, image) IN
+		(SELECT unit, image FROM github_deliveries WHERE delivery_id = ? AND status = 'pending' AND step = 'awaiting-approval')`
+	set, where := map[string]string{"approve": `approved = 1, step = 'approved', next_attempt_at = 0`,
+		"reject": `status = 'done', step = 'rejected', error = ?`}[decision], awaiting
+	args := []any{ev.Meta["reason"], ev.TS.Unix(), id}
+	switch decision {
+	case "approve":
+		args = args[1:]
+	case "retry":
+		set, where = `status = 'pending', step = '', attempts = 0, next_attempt_at = 0, covered_by = NULL, task_unit = NULL,
+			error = NULL, claimed_at = `+strconv.FormatInt(ev.TS.UnixMilli(), 10), `delivery_id = ? AND status IN ('done', 'failed')`
+		args = args[1:]
+	}
+	err = l.write(ctx, func(tx *sql.Tx) error {
+		ids, err := updateClaims(ctx, tx, set, where, args)
+		evs := make([]event, len(ids))
+		for i, c := range ids {
+			evs[i], evs[i].Meta = ev, maps.Clone(ev.Meta)
+			evs[i].Meta["delivery"], n = c, len(ids)
+		}
+		if err != nil {
+			return err
+		}
+		return l.insertEvents(ctx, tx, evs)
+	})
+	return n, err
 }
 
 // takeClaims marks qt's pending claims of its unit and image dispatching and fills covered.
 func takeClaims(ctx context.Context, tx *sql.Tx, qt *queuedTask, now time.Time) error {
 	taken, err := tx.QueryContext(ctx, `UPDATE github_deliveries
-		SET status = 'dispatching', covered_by = ?, task_unit = ?, updated_at = ?
+		SET status = 'dispatching', covered_by = ?, task_unit = ?, updated_at = ?, step = ''
 		WHERE status = 'pending' AND unit = ? AND image = ? RETURNING delivery_id, digest, claimed_at`,
 		qt.delivery, taskUnitName(qt.delivery), now.Unix(), qt.unit, qt.image)
 	if err != nil {
@@ -791,11 +908,14 @@ var stepClasses = map[string]string{
 	"completed": "ok", "up-to-date": "ok", "rolled-back": "rolled-back", "rate-limited": "skipped",
 	"pull-failed": "failed", "rollback-failed": "failed", "rollback-impossible": "failed", "lock-failed": "failed",
 	"limit-failed": "failed", "invalid": "failed", "image-mismatch": "failed", "image-unknown": "failed",
+	"policy-invalid": "failed", "rejected": "skipped", "expired": "skipped",
 }
 
 func claimOutcome(status claimStatus, step string) outcome {
 	class, ended := stepClasses[step]
 	switch {
+	case status == claimFailed && step == "policy-invalid":
+		return outcome{"failed", stepLabel(step)}
 	case status == claimFailed:
 		return outcome{"failed", "dispatch failed"}
 	case ended && (status == claimDone || status == claimDispatched):
@@ -961,11 +1081,17 @@ func openEventReader(path string) (*sql.DB, error) {
 	return db, db.Ping()
 }
 
-// stepCounts counts github-task rows by step, so outcomes survive the run-task processes.
-func stepCounts(ctx context.Context, db *sql.DB) (map[string]int64, error) {
+// countsBy counts rows by the first column; task steps are counted from rows, so they survive run-task.
+// Queries of countsBy: the task steps recorded, and the claims waiting for a policy.
+const (
+	stepCountsSQL = `SELECT coalesce(json_extract(meta, '$.step'), ''), count(*) FROM event_log WHERE action = 'github-task' GROUP BY 1`
+	waitingSQL    = `SELECT step, count(*) FROM github_deliveries WHERE status = 'pending'
+		AND step IN ('cooldown', 'window', 'awaiting-approval') GROUP BY 1`
+)
+
+func countsBy(ctx context.Context, db *sql.DB, query string) (map[string]int64, error) {
 	out := map[string]int64{}
-	err := scan(ctx, db, `SELECT coalesce(json_extract(meta, '$.step'), ''), count(*)
-		FROM event_log WHERE action = 'github-task' GROUP BY 1`, nil, func(rows *sql.Rows) error {
+	err := scan(ctx, db, query, nil, func(rows *sql.Rows) error {
 		var step string
 		var n int64
 		err := rows.Scan(&step, &n)
@@ -1180,7 +1306,7 @@ func metaString(m map[string]any, k string) string {
 
 // claim is a github_deliveries row, classified; When is the page's time.
 type claim struct {
-	ID, Received, Updated                                   int64
+	ID, Received, Updated, Until                            int64 // Until: a wait's end, unix ms
 	Delivery, Unit, Image, TaskUnit, CoveredBy, Error, Step string
 	Status                                                  claimStatus
 	Outcome                                                 outcome
@@ -1188,25 +1314,33 @@ type claim struct {
 }
 
 const claimColumnsSQL = `SELECT rowid, delivery_id, unit, image, coalesce(task_unit, ''), coalesce(covered_by, ''),
-	coalesce(error, ''), step, status, received_at, updated_at FROM github_deliveries`
+	coalesce(error, ''), step, status, received_at, updated_at, next_attempt_at FROM github_deliveries`
 
 func readClaims(ctx context.Context, db *sql.DB, loc *time.Location, query string, args ...any) ([]claim, error) {
 	cs, err := collect(ctx, db, query, args, func(c *claim) []any {
 		return []any{&c.ID, &c.Delivery, &c.Unit, &c.Image, &c.TaskUnit, &c.CoveredBy, &c.Error, &c.Step,
-			&c.Status, &c.Received, &c.Updated}
+			&c.Status, &c.Received, &c.Updated, &c.Until}
 	})
 	for i, c := range cs {
 		cs[i].Outcome, cs[i].When = claimOutcome(c.Status, c.Step), statusTime(c.Received, loc)
+		if c.Waiting() {
+			cs[i].Outcome.Label += " until " + statusTime(c.Until/1000, loc)
+		}
 	}
 	return cs, err
 }
 
 func (c claim) task() string { return cmp.Or(c.CoveredBy, c.Delivery) }
 
+func (c claim) Waiting() bool {
+	return c.Status == claimPending && slices.Contains([]string{waitCooldown, waitWindow, waitApproval}, c.Step)
+}
+
 // unitStatus is an overview line: the unit's last finished claim, and its newest if still under way.
 type unitStatus struct {
-	Unit, Image   string
-	Last, Running *claim
+	Unit, Image         string
+	Policy, PolicyError string // the overview's words for its policy, or why it is malformed
+	Last, Running       *claim
 }
 
 const (
@@ -1417,6 +1551,8 @@ func ignoredDeliveries(ctx context.Context, db *sql.DB, f deliveryFilter, loc *t
 type storyView struct {
 	Delivery, Unit, Image, Digest, Pull, Restart, Error string
 	Task, TaskUnit                                      string // the delivery whose task ran this one, when another's
+	Wait, Until                                         string // the policy it waits for, and till when
+	Retry                                               bool   // it failed, and a person may queue it again
 	Outcome                                             outcome
 	Events                                              []storedEvent
 	Rows                                                []storyRow
@@ -1466,7 +1602,10 @@ func deliveryStory(ctx context.Context, db *sql.DB, id string, now time.Time, lo
 			v.Task = c.task()
 		}
 		if c.Outcome.Class == "failed" || c.Outcome.Class == "rolled-back" {
-			v.Error = c.Error
+			v.Error, v.Retry = c.Error, c.Outcome.Class == "failed" && c.Status != claimDispatched
+		}
+		if c.Waiting() {
+			v.Wait, v.Until = c.Step, time.UnixMilli(c.Until).In(loc).Format(time.RFC3339)
 		}
 	}
 	for _, e := range v.Events {
@@ -1503,7 +1642,7 @@ func (v *storyView) addRow(e storedEvent, loc *time.Location) {
 	}
 	step := metaString(e.Meta, "step")
 	if e.Action != "github-task" {
-		step = metaString(e.Meta, "reason")
+		step = cmp.Or(metaString(e.Meta, "decision"), metaString(e.Meta, "reason"))
 	}
 	r := storyRow{When: statusTime(e.TS, loc), Action: e.Action, Step: step, Status: e.Status,
 		Elapsed: (time.Duration(e.DurationMS) * time.Millisecond).String(),
@@ -1526,14 +1665,15 @@ func (v *storyView) addRow(e storedEvent, loc *time.Location) {
 
 // statusView is what one status page shows; Page picks the template's section.
 type statusView struct {
-	Page           string // overview, deliveries, story, login, no-token, error
+	Page           string // overview, deliveries, story, login, no-token, error, done
 	Title, Message string
 	Nav, Refresh   bool
-	Next           string // where the login form returns to
+	Next           string // where the login form (or a done page's link) returns to
 
 	Now, Oldest      string
 	Units            []unitStatus
 	Failing, Pending int
+	Waiting          map[string]int64 // pending claims by their policy wait
 	Chart            chartView
 	Filter           deliveryFilter
 	Outcomes         []string
@@ -1563,7 +1703,7 @@ svg .rolled-back{fill:#e0a100}svg .failed{fill:#b3261e}svg text{font:11px system
 .legend span{margin-right:1.2em}.legend i{display:inline-block;width:.9em;height:.9em;margin-right:.3em;vertical-align:-.1em}
 .legend .ok{background:#2e9b4f}.legend .rolled-back{background:#e0a100}.legend .failed{background:#b3261e}
 dl{display:grid;grid-template-columns:max-content auto;gap:.2em 1em;background:#fff;padding:.8em 1em;border:1px solid #e3e6ea}dt{color:#555}
-dd{margin:0;word-break:break-all}
+dd{margin:0;word-break:break-all}form.act{display:flex;gap:.4em;margin:.3em 0}
 `
 
 // statusTemplate renders every status page; escaping is html/template's, by context.
@@ -1583,6 +1723,8 @@ var statusTemplate = template.Must(template.New("status").Funcs(template.FuncMap
 </header>
 <main>
 {{- define "delivery"}}{{if linkable .}}<a href="/status/deliveries/{{.}}">{{.}}</a>{{else}}{{.}}{{end}}{{end}}
+{{- define "decide"}}<form method="post" action="/status/deliveries/{{.}}/approve" class="act"><input name="reason" placeholder="reason" aria-label="reason">
+<button type="submit" class="approve">Approve</button><button type="submit" formaction="/status/deliveries/{{.}}/reject">Reject</button></form>{{end}}
 {{- if eq .Page "no-token"}}
 <h1>Status page</h1>
 <div class="note">
@@ -1600,23 +1742,30 @@ restart the server, then log in here with that token.</p>
 {{- else if eq .Page "error"}}
 <h1>{{.Title}}</h1>
 <p class="alert">{{.Message}}</p>
+{{- else if eq .Page "done"}}
+<h1>{{.Title}}</h1>
+<p class="note" role="status">{{.Message}}</p><p><a href="{{.Next}}">Back</a></p>
 {{- else if eq .Page "overview"}}
 <h1>Overview</h1>
 <p>As of {{.Now}}. Units in the log: {{len .Units}}{{if .Failing}}; <strong class="alert">failed on their last redeploy: {{.Failing}}</strong>{{end}}.</p>
-<p class="queue">Queue: {{if .Pending}}<strong>{{.Pending}} pending</strong>, the oldest waiting {{.Oldest}}{{else}}empty{{end}}</p>
-<h2>Units</h2><table><thead><tr><th>Unit</th><th>Image</th><th>Last redeploy</th><th>Finished</th><th>Delivery</th></tr></thead><tbody>
+<p class="queue">Queue: {{if .Pending}}<strong>{{.Pending}} pending</strong>, the oldest waiting {{.Oldest}}{{range $k, $n := .Waiting}}; {{$n}} {{$k}}{{end}}{{else}}empty{{end}}</p>
+<h2>Units</h2><table><thead><tr><th>Unit</th><th>Image</th><th>Last redeploy</th><th>Finished</th><th>Delivery</th><th>Policy</th></tr></thead><tbody>
 {{- range .Units}}
 <tr class="{{with .Last}}{{.Outcome.Class}}{{end}}">
 <td class="wrap">{{.Unit}}</td>
 <td class="wrap"><code>{{.Image}}</code></td>
 <td>{{with .Last}}<span class="badge {{.Outcome.Class}}">{{.Outcome.Class}}</span> {{.Outcome.Label}}{{else}}none yet{{end}}
-{{- with .Running}}<br><span class="badge running">running</span> {{.Outcome.Label}} at {{.When}}{{end}}
+{{- with .Running}}<br><span class="badge running">running</span> {{.Outcome.Label}} at {{.When}}{{if .Waiting}} (delivery {{template "delivery" .Delivery}}){{end}}
+{{- if eq .Step "awaiting-approval"}}{{template "decide" .Delivery}}{{end}}{{end}}
 {{- with .Last}}{{if and .Error (or (eq .Outcome.Class "failed") (eq .Outcome.Class "rolled-back"))}}<pre class="err">{{.Error}}</pre>{{end}}{{end}}</td>
 <td>{{with .Last}}{{.When}}{{end}}</td>
 <td class="wrap">{{with .Last}}{{template "delivery" .CoveredBy}}{{end}}</td>
+<td>{{.Policy}}{{with .PolicyError}}<span class="alert">{{.}}</span>{{end}}
+<form method="post" action="/status/units/{{.Unit}}/redeploy" class="act"><input type="hidden" name="image" value="{{.Image}}">
+<label><input type="checkbox" name="force" value="1"> force</label><button type="submit">Redeploy now</button></form></td>
 </tr>
 {{- else}}
-<tr><td colspan="5">No unit in the event log yet: nothing was delivered or redeployed.</td></tr>
+<tr><td colspan="6">No unit in the event log yet: nothing was delivered or redeployed.</td></tr>
 {{- end}}
 </tbody></table>
 <h2>Redeploys per day</h2><svg role="img" aria-labelledby="chart-title" width="{{.Chart.Width}}" height="{{.Chart.Height}}" viewBox="0 0 {{.Chart.Width}} {{.Chart.Height}}" xmlns="http://www.w3.org/2000/svg">
@@ -1666,6 +1815,8 @@ restart the server, then log in here with that token.</p>
 {{- if .Task}}<dt>Covered by</dt><dd>the task of delivery {{template "delivery" .Task}}</dd>{{end}}
 {{- if .TaskUnit}}<dt>Task unit</dt><dd><code>{{.TaskUnit}}</code></dd>{{end}}
 {{- if .Error}}<dt>Error</dt><dd><pre class="err">{{.Error}}</pre></dd>{{end}}
+{{- if .Wait}}<dt>Waiting for</dt><dd>{{.Wait}} until {{.Until}}{{if eq .Wait "awaiting-approval"}}{{template "decide" .Delivery}}{{end}}</dd>{{end}}
+{{- if .Retry}}<dt>Retry</dt><dd><form method="post" action="/status/deliveries/{{.Delivery}}/retry" class="act"><button type="submit">Queue it again</button></form></dd>{{end}}
 </dl>
 <h2>Steps</h2><table><thead><tr><th>Time</th><th>Action</th><th>Step</th><th>Status</th><th>Elapsed</th><th>Details</th></tr></thead><tbody>
 {{- range .Rows}}

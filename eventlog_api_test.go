@@ -409,6 +409,7 @@ func TestDeliveryAPI(t *testing.T) {
 // is fast: systemd-run returns once the task unit started, and the task writes its "started" row
 // at once. The fake systemd-run here does exactly that before returning, deterministically.
 func TestDeliveryStoryStartsWithTheRequest(t *testing.T) {
+	newFakeHost(t) // the dispatcher reads the unit's policy
 	ts := newTestServer(t, map[string]string{"WEBHOOK_MANUAL_TOKEN": apiToken, "GITHUB_WEBHOOK_SECRET": "s"}, nil)
 	const delivery = "fast-task-1"
 	ts.srv.exec = func(ctx context.Context, timeout time.Duration, argv ...string) cmdResult {

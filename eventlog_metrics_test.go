@@ -502,7 +502,7 @@ func TestMetrics(t *testing.T) {
 			"webhook_http_requests_total": "counter", "webhook_github_deliveries_total": "counter",
 			"webhook_rate_limit_rejections_total": "counter", "webhook_event_log_write_failures_total": "counter",
 			"webhook_event_log_queue_depth": "gauge", "process_start_time_seconds": "gauge", "webhook_build_info": "gauge",
-			"webhook_delivery_queue_pending": "gauge", "webhook_delivery_queue_oldest_age_seconds": "gauge",
+			"webhook_delivery_queue_pending": "gauge", "webhook_delivery_queue_waiting": "gauge", "webhook_delivery_queue_oldest_age_seconds": "gauge",
 			"webhook_dispatches_total":     "counter",
 			"webhook_redeploy_steps_total": "counter", "webhook_redeploys_total": "counter", "webhook_pull_duration_seconds": "histogram",
 			"webhook_restart_duration_seconds": "histogram",

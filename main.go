@@ -14,6 +14,8 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"net/http"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -37,6 +39,7 @@ commands:
   trigger-all    restart the auto-update unit and WEBHOOK_MANUAL_UNITS now
   prune-state    drop old entries from the state directory
   events         show what happened, from the event log
+  approve        approve a delivery awaiting approval (reject: refuse it)
   run-task       run one redeploy (started by the server through systemd-run)
   version        print the version
   help           print this text
@@ -62,6 +65,8 @@ var commands = map[string]func(c *cli, args []string) int{
 	"trigger-all":   cmdTriggerAll,
 	"prune-state":   cmdPruneState,
 	"events":        cmdEvents,
+	"approve":       cmdApprove,
+	"reject":        cmdReject,
 	"version":       cmdVersion,
 	"help":          cmdHelp,
 }
@@ -128,9 +133,13 @@ type config struct {
 	token, manualToken, metricsToken string
 	manualUnits                      []string
 	autoUpdateUnit, webDist          string
-	debugPayloadPath, envFile        string // envFile: the environment file read (envFilePath), "" none
-	maxBodyBytes, bodyBudget         int64  // bodyBudget: body bytes held in memory at once, over all requests
-	allowAnyImage                    bool   // units without Image= take any pushed image (see task.checkImage)
+	debugPayloadPath, envFile        string            // envFile: the environment file read (envFilePath), "" none
+	maxBodyBytes, bodyBudget         int64             // bodyBudget: body bytes held in memory at once, over all requests
+	allowAnyImage                    bool              // units without Image= take any pushed image (see task.checkImage)
+	policyDefaults                   map[string]string // policy label key → value for units without the label
+	approvalTTL                      time.Duration
+	forwardAuthHeader                string         // a trusted proxy's user header, "" none
+	forwardAuthFrom                  []netip.Prefix // the proxies it is trusted from
 
 	interval         time.Duration
 	maxTicks         int           // 0: unbounded
@@ -224,22 +233,25 @@ func loadConfig(getenv func(string) string) (*config, error) {
 	_, legacyErr := os.Stat(legacyStateDir)
 	p := &envParser{getenv: getenv}
 	cfg := &config{
-		envFile:          envFile,
-		stateDir:         p.str("WEBHOOK_STATE_DIR", defaultStateDir(getenv, legacyErr == nil)),
-		dbURL:            p.str("WEBHOOK_DB_URL", "sqlite://data/pod-upgrade-trigger.db"),
-		listen:           "127.0.0.1:8088",
-		allowedEvents:    splitList(getenv("GITHUB_ALLOWED_EVENTS")),
-		registryHosts:    p.hosts("WEBHOOK_REGISTRY_HOSTS", "ghcr.io"),
-		token:            strings.TrimSpace(getenv("WEBHOOK_TOKEN")),
-		manualToken:      p.str("WEBHOOK_MANUAL_TOKEN", strings.TrimSpace(getenv("WEBHOOK_TOKEN"))),
-		metricsToken:     strings.TrimSpace(getenv("WEBHOOK_METRICS_TOKEN")),
-		manualUnits:      splitList(getenv("WEBHOOK_MANUAL_UNITS")),
-		autoUpdateUnit:   p.str("MANUAL_AUTO_UPDATE_UNIT", "podman-auto-update.service"),
-		webDist:          strings.TrimSpace(getenv("WEBHOOK_WEB_DIST")),
-		debugPayloadPath: strings.TrimSpace(getenv("WEBHOOK_DEBUG_PAYLOAD_PATH")),
-		maxBodyBytes:     int64(p.positive("WEBHOOK_MAX_BODY_BYTES", 5<<20)),
-		bodyBudget:       int64(p.positive("WEBHOOK_BODY_BUDGET_BYTES", 32<<20)),
-		allowAnyImage:    p.boolean("WEBHOOK_ALLOW_ANY_IMAGE"),
+		envFile:           envFile,
+		stateDir:          p.str("WEBHOOK_STATE_DIR", defaultStateDir(getenv, legacyErr == nil)),
+		dbURL:             p.str("WEBHOOK_DB_URL", "sqlite://data/pod-upgrade-trigger.db"),
+		listen:            "127.0.0.1:8088",
+		allowedEvents:     splitList(getenv("GITHUB_ALLOWED_EVENTS")),
+		registryHosts:     p.hosts("WEBHOOK_REGISTRY_HOSTS", "ghcr.io"),
+		token:             strings.TrimSpace(getenv("WEBHOOK_TOKEN")),
+		manualToken:       p.str("WEBHOOK_MANUAL_TOKEN", strings.TrimSpace(getenv("WEBHOOK_TOKEN"))),
+		metricsToken:      strings.TrimSpace(getenv("WEBHOOK_METRICS_TOKEN")),
+		manualUnits:       splitList(getenv("WEBHOOK_MANUAL_UNITS")),
+		autoUpdateUnit:    p.str("MANUAL_AUTO_UPDATE_UNIT", "podman-auto-update.service"),
+		webDist:           strings.TrimSpace(getenv("WEBHOOK_WEB_DIST")),
+		debugPayloadPath:  strings.TrimSpace(getenv("WEBHOOK_DEBUG_PAYLOAD_PATH")),
+		maxBodyBytes:      int64(p.positive("WEBHOOK_MAX_BODY_BYTES", 5<<20)),
+		bodyBudget:        int64(p.positive("WEBHOOK_BODY_BUDGET_BYTES", 32<<20)),
+		allowAnyImage:     p.boolean("WEBHOOK_ALLOW_ANY_IMAGE"),
+		approvalTTL:       p.seconds("WEBHOOK_APPROVAL_TTL_SECS", 7*24*3600),
+		policyDefaults:    map[string]string{},
+		forwardAuthHeader: http.CanonicalHeaderKey(p.str("WEBHOOK_FORWARD_AUTH_HEADER", "")),
 
 		interval:         p.seconds("AUTO_UPDATE_INTERVAL_SECS", 900),
 		maxTicks:         p.positive("WEBHOOK_SCHEDULER_MAX_TICKS", 0),
@@ -264,6 +276,25 @@ func loadConfig(getenv func(string) string) (*config, error) {
 		writeTimeout:      60 * time.Second,
 		idleTimeout:       120 * time.Second,
 		shutdownTimeout:   25 * time.Second,
+	}
+	for k, name := range policyKeys {
+		cfg.policyDefaults[k] = p.str(name, "")
+	}
+	if _, err := parsePolicy(nil, cfg.policyDefaults); err != nil {
+		p.fail("invalid WEBHOOK_DEFAULT_* policy: %v", err)
+	}
+	for _, f := range splitList(getenv("WEBHOOK_FORWARD_AUTH_FROM")) {
+		pf, err := netip.ParsePrefix(f)
+		if a, aerr := netip.ParseAddr(f); aerr == nil {
+			pf, err = a.Prefix(a.BitLen())
+		}
+		if err != nil {
+			p.fail("invalid WEBHOOK_FORWARD_AUTH_FROM: %q is not an address or CIDR prefix", f)
+		}
+		cfg.forwardAuthFrom = append(cfg.forwardAuthFrom, pf)
+	}
+	if (cfg.forwardAuthHeader == "") != (len(cfg.forwardAuthFrom) == 0) {
+		p.fail("WEBHOOK_FORWARD_AUTH_HEADER and WEBHOOK_FORWARD_AUTH_FROM must be set together")
 	}
 	cfg.secrets = map[string]string{}
 	for name := range pushSources {

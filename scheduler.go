@@ -6,12 +6,15 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"flag"
 	"fmt"
+	"maps"
 	"net/http"
 	"os/signal"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -281,6 +284,51 @@ func cmdTrigger(c *cli, args []string, command, usage string) int {
 	return exit
 }
 
+const usageDecide = `usage: webhook-auto-update approve|reject DELIVERY [--caller NAME] [--reason TEXT]
+
+Approves (or rejects) a delivery awaiting approval, with the deliveries of its unit and image
+waiting with it, and stores who and why in the event log. A running server's dispatcher sees an
+approval within 30 s. Exit status: 0 done, 1 not awaiting approval or failed, 2 usage error.
+`
+
+func cmdApprove(c *cli, args []string) int { return cmdDecide(c, args, "approve") }
+func cmdReject(c *cli, args []string) int  { return cmdDecide(c, args, "reject") }
+
+func cmdDecide(c *cli, args []string, decision string) int {
+	var caller, reason string
+	cfg, rest, code := c.setup(decision, usageDecide, args, func(fs *flag.FlagSet, cfg *config) {
+		fs.StringVar(&caller, "caller", "cli", "")
+		fs.StringVar(&reason, "reason", "", "")
+	})
+	if code >= 0 {
+		return code
+	}
+	if len(rest) != 1 || !reDeliveryID.MatchString(rest[0]) {
+		return c.usageError(decision, usageDecide, "name one delivery id")
+	}
+	events, err := openEventLog(cfg.dbPath, c.log)
+	if err != nil {
+		c.log.errorf("%s: %v", decision, err)
+		return 1
+	}
+	defer events.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 3*busyTimeout)
+	defer cancel()
+	n, err := events.decideClaim(ctx, rest[0], decision, event{RequestID: newRequestID(), TS: time.Now(), Method: "CLI",
+		Status: http.StatusOK, Action: "decision", Meta: map[string]any{"decision": decision,
+			"caller": cleanText(caller, manualTextMax), "reason": cleanText(reason, manualTextMax)}})
+	switch {
+	case err != nil:
+		c.log.errorf("%s of delivery %s: %v", decision, rest[0], err)
+	case n == 0:
+		c.log.errorf("delivery %s is not awaiting approval", rest[0])
+	default:
+		fmt.Fprintf(c.stdout, "%s -> %s (%d deliveries)\n", rest[0], map[string]string{"approve": "approved", "reject": "rejected"}[decision], n)
+		return 0
+	}
+	return 1
+}
+
 func extendWriteDeadline(w http.ResponseWriter, d time.Duration) {
 	http.NewResponseController(w).SetWriteDeadline(time.Now().Add(d))
 }
@@ -292,27 +340,65 @@ const (
 )
 
 // manualRequest reads a body into v and checks the manual token, from a Bearer header (refused
-// before the body is read) or else the body's token, which it clears; false: it has answered.
-func (s *server) manualRequest(w http.ResponseWriter, r *http.Request, v any, bodyToken *string) bool {
-	if s.cfg.manualToken == "" {
+// before the body is read) or else the body's token, which it clears; or takes a trusted proxy's
+// user (forwardedUser), returned as the caller. false: it has answered.
+func (s *server) manualRequest(w http.ResponseWriter, r *http.Request, v any, bodyToken *string) (user string, ok bool) {
+	user, refused := s.forwardedUser(r)
+	if s.cfg.manualToken == "" && user == "" {
 		s.log.warnf("%s refused: neither WEBHOOK_MANUAL_TOKEN nor WEBHOOK_TOKEN is set", r.URL.Path)
 	}
 	header, hasHeader := bearerToken(r)
 	status, code, text := http.StatusUnauthorized, "unauthorized", "unauthorized"
-	if !hasHeader || tokenMatches(s.cfg.manualToken, header) {
+	if refused {
+		status, code, text = http.StatusForbidden, "not-from-proxy", "forward auth is on: come through the proxy of WEBHOOK_FORWARD_AUTH_FROM"
+	} else if user != "" || !hasHeader || tokenMatches(s.cfg.manualToken, header) {
 		var tooLarge *http.MaxBytesError
 		switch err := decodeStrict(r.Body, v); {
 		case errors.As(err, &tooLarge):
 			status, code, text = http.StatusRequestEntityTooLarge, "body-too-large", "request body too large"
 		case err != nil:
 			status, code, text = http.StatusBadRequest, "bad-json", "invalid request body: "+err.Error()
-		case hasHeader || tokenMatches(s.cfg.manualToken, *bodyToken):
+		case user != "" || hasHeader || tokenMatches(s.cfg.manualToken, *bodyToken):
 			*bodyToken = ""
-			return true
+			return user, true
 		}
 	}
 	manualError(w, r, status, code, text)
-	return false
+	return "", false
+}
+
+// handleDecision is POST /api/deliveries/<id>/approve, …/reject or …/retry, JSON {token, caller, reason}.
+func (s *server) handleDecision(w http.ResponseWriter, r *http.Request) {
+	info(r).action = "decision"
+	var req struct{ Token, Caller, Reason string }
+	if user, ok := s.manualRequest(w, r, &req, &req.Token); ok {
+		status, text := s.decide(r, r.PathValue("id"), r.PathValue("decision"), cmp.Or(user, cleanText(req.Caller, manualTextMax)), req.Reason)
+		replyJSON(w, status, map[string]any{"delivery": r.PathValue("id"), "decision": r.PathValue("decision"), "message": text})
+	}
+}
+
+// decide records a person's decision on a delivery (decideClaim) in the request's row, and wakes
+// the dispatcher; it answers the status and a sentence for the person.
+func (s *server) decide(r *http.Request, id, decision, caller, reason string) (int, string) {
+	ri := info(r)
+	if !reDeliveryID.MatchString(id) || !slices.Contains([]string{"approve", "reject", "retry"}, decision) {
+		return http.StatusNotFound, "no such delivery or decision (approve, reject, retry)"
+	}
+	ri.meta["delivery"], ri.meta["decision"], ri.meta["caller"], ri.meta["reason"] = id, decision, caller, cleanText(reason, manualTextMax)
+	n, err := s.events.decideClaim(r.Context(), id, decision, event{RequestID: ri.id, TS: s.now(), Method: r.Method,
+		Path: r.URL.Path, Status: http.StatusOK, Action: "decision", Meta: maps.Clone(ri.meta)})
+	if err != nil {
+		s.log.errorf("%s of delivery %s: %v", decision, id, err)
+		return http.StatusInternalServerError, "cannot record the decision"
+	} else if n == 0 {
+		return http.StatusConflict, "delivery " + id + " is " + map[bool]string{true: "not finished", false: "not awaiting approval"}[decision == "retry"]
+	}
+	ri.recorded = true // in each claim's row
+	select {
+	case s.wake <- struct{}{}:
+	default:
+	}
+	return http.StatusOK, fmt.Sprintf("%s: %d deliveries", decision, n)
 }
 
 // handleAutoUpdate checks the token (?token= or Bearer) and global limit, then starts the unit.
@@ -390,7 +476,8 @@ func (s *server) handleManualTrigger(w http.ResponseWriter, r *http.Request) {
 	ri := info(r)
 	ri.action = "manual-trigger"
 	var req manualTriggerRequest
-	if !s.manualRequest(w, r, &req, &req.Token) {
+	user, ok := s.manualRequest(w, r, &req, &req.Token)
+	if !ok {
 		return
 	}
 	if len(req.Units) > manualUnitsMax {
@@ -398,7 +485,7 @@ func (s *server) handleManualTrigger(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	resp := manualTriggerResponse{DryRun: req.DryRun,
-		Caller: cleanText(req.Caller, manualTextMax), Reason: cleanText(req.Reason, manualTextMax)}
+		Caller: cmp.Or(user, cleanText(req.Caller, manualTextMax)), Reason: cleanText(req.Reason, manualTextMax)}
 	ri.meta["caller"], ri.meta["reason"], ri.meta["dry_run"] = resp.Caller, resp.Reason, resp.DryRun
 	extendWriteDeadline(w, time.Duration(len(req.Units)+len(s.cfg.manualUnits)+1)*s.cfg.commandTimeout+10*time.Second)
 	resp.Triggered = triggerUnits(context.WithoutCancel(r.Context()), s.cfg, req.Units, req.All, req.DryRun)
@@ -439,7 +526,8 @@ func (s *server) handleManualService(w http.ResponseWriter, r *http.Request) {
 	ri := info(r)
 	ri.action = "manual-service"
 	var req manualServiceRequest
-	if !s.manualRequest(w, r, &req, &req.Token) {
+	user, ok := s.manualRequest(w, r, &req, &req.Token)
+	if !ok {
 		return
 	}
 	unit, err := resolveUnit(r.PathValue("name"))
@@ -448,7 +536,7 @@ func (s *server) handleManualService(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	resp := manualServiceResponse{Unit: unit, DryRun: req.DryRun,
-		Caller: cleanText(req.Caller, manualTextMax), Reason: cleanText(req.Reason, manualTextMax)}
+		Caller: cmp.Or(user, cleanText(req.Caller, manualTextMax)), Reason: cleanText(req.Reason, manualTextMax)}
 	ri.meta["unit"], ri.meta["caller"], ri.meta["reason"], ri.meta["dry_run"] = unit, resp.Caller, resp.Reason, resp.DryRun
 	if req.Image != "" {
 		ref, err := parseImageRef(strings.TrimSpace(req.Image))

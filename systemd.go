@@ -24,6 +24,7 @@ import (
 	"sync"
 	"syscall"
 	"time"
+	"unicode"
 )
 
 // firstListenFD is SD_LISTEN_FDS_START, a variable so that a test can hand in a listener's fd.
@@ -595,9 +596,10 @@ func (s *server) dispatchNext(ctx context.Context) time.Duration {
 		s.reconcile(ctx, claimDispatching, now.Add(-2*dispatchTimeout))
 		s.reconcile(ctx, claimDispatched, now.Add(-taskCheckAfter))
 	}
-	qt, ok, pending, err := s.events.nextTask(ctx, s.now(), func(qt queuedTask) []event {
-		return dispatchRows(qt, "dispatching", http.StatusAccepted, s.now(), cmdResult{}, time.Time{})
-	})
+	qt, ok, wake, err := s.events.nextTask(ctx, s.now(), func(qt queuedTask) hold { return s.policyHold(ctx, qt) },
+		func(qt queuedTask) []event {
+			return dispatchRows(qt, "dispatching", http.StatusAccepted, s.now(), cmdResult{}, time.Time{})
+		})
 	switch {
 	case err != nil:
 		if ctx.Err() == nil {
@@ -607,10 +609,113 @@ func (s *server) dispatchNext(ctx context.Context) time.Duration {
 	case ok:
 		s.startTask(ctx, qt)
 		return 0
-	case pending > 0:
-		return dispatchPoll
 	}
-	return dispatchIdle
+	return max(wake.Sub(s.now()), 0)
+}
+
+// policy is when a unit's redeploys may run, from its webhook-auto-update.* labels over the
+// environment's defaults: once its tag was quiet for cooldown, a person approved, and while the
+// window (a systemd.time calendar event, open for length from each elapse) is open.
+type policy struct {
+	cooldown, length time.Duration
+	window           string
+	approve          bool
+}
+
+// policyKeys are the labels' keys (after "webhook-auto-update.") and the defaults' variables.
+var policyKeys = map[string]string{"cooldown": "WEBHOOK_DEFAULT_COOLDOWN", "window": "WEBHOOK_DEFAULT_WINDOW",
+	"window-length": "WEBHOOK_DEFAULT_WINDOW_LENGTH", "approve": "WEBHOOK_DEFAULT_APPROVE"}
+
+// parsePolicy reads a policy; a malformed value is an error naming its label. The calendar
+// expression is systemd-analyze's to judge (windowOpens).
+func parsePolicy(labels, defaults map[string]string) (policy, error) {
+	var p policy
+	for _, k := range []string{"cooldown", "window-length", "approve", "window"} {
+		v, err := cmp.Or(labels["webhook-auto-update."+k], defaults[k]), error(nil)
+		switch d, derr := time.ParseDuration(v); {
+		case v == "":
+		case k == "approve":
+			p.approve, err = strconv.ParseBool(v)
+		case k == "window":
+			if p.window = v; p.length <= 0 || len(v) > 256 || strings.ContainsFunc(v, unicode.IsControl) {
+				err = errors.New("want a systemd.time calendar event of at most 256 characters, with window-length set")
+			}
+		case derr != nil || d <= 0:
+			err = errors.New("want a positive duration such as 15m or 3h")
+		case k == "cooldown":
+			p.cooldown = d
+		default:
+			p.length = d
+		}
+		if err != nil {
+			return policy{}, fmt.Errorf("webhook-auto-update.%s=%q: %v", k, v, err)
+		}
+	}
+	if p.length > 0 && p.window == "" {
+		return policy{}, errors.New("webhook-auto-update.window-length is set without webhook-auto-update.window")
+	}
+	return p, nil
+}
+
+// windowOpens is when p's window is open next, now itself while it is open (always without a
+// window): the first elapse after now-length, by systemd-analyze, which prints it in UTC on the
+// "(in UTC)" line, or on the "Next elapse" line when the local zone is UTC.
+func (p policy) windowOpens(ctx context.Context, now time.Time) (time.Time, error) {
+	if p.window == "" {
+		return now, nil
+	}
+	res := runCommand(ctx, unitLookupTimeout, "systemd-analyze", "calendar",
+		"--base-time=@"+strconv.FormatInt(now.Add(-p.length).Unix(), 10), "--", p.window)
+	if res.err != nil {
+		return now, fmt.Errorf("webhook-auto-update.window=%q: %v", p.window, res.err)
+	}
+	var at string
+	for _, line := range strings.Split(res.stdout, "\n") {
+		if k, v, _ := strings.Cut(strings.TrimSpace(line), ": "); k == "(in UTC)" || k == "Next elapse" && at == "" {
+			at = v
+		}
+	}
+	t, err := time.Parse("Mon 2006-01-02 15:04:05 MST", at)
+	if err != nil || t.Location() != time.UTC {
+		return now, fmt.Errorf("webhook-auto-update.window=%q never opens again (systemd-analyze: %q)", p.window, at)
+	}
+	if !t.After(now) {
+		return now, nil
+	}
+	return t, nil
+}
+
+// policyHold is the dispatcher's one policy check, for every claim whatever queued it: the unit's
+// policy may hold qt's claims, in the order cooldown, approval, window, so a person approves a tag
+// that went quiet, and a window waits for both. A policy it cannot read fails the claims.
+func (s *server) policyHold(ctx context.Context, qt queuedTask) hold {
+	now := s.now()
+	p, err := s.unitPolicy(ctx, qt.unit)
+	switch ttl := s.cfg.approvalTTL; {
+	case err != nil:
+		return hold{step: "policy-invalid", errText: err.Error()}
+	case p.cooldown > 0 && qt.newest.Add(p.cooldown).After(now):
+		return hold{step: waitCooldown, until: qt.newest.Add(p.cooldown)}
+	case p.approve && !qt.unapproved.IsZero() && !qt.unapproved.Add(ttl).After(now):
+		return hold{step: "expired", until: now.Add(-ttl)}
+	case p.approve && !qt.unapproved.IsZero():
+		return hold{step: waitApproval, until: qt.unapproved.Add(ttl)}
+	}
+	if opens, err := p.windowOpens(ctx, now); err != nil {
+		return hold{step: "policy-invalid", errText: err.Error()}
+	} else if opens.After(now) {
+		return hold{step: waitWindow, until: opens}
+	}
+	return hold{}
+}
+
+// unitPolicy is a unit's policy: its Quadlet labels over the defaults (alone for a unit without).
+func (s *server) unitPolicy(ctx context.Context, unit string) (policy, error) {
+	uf, err := s.units.configuredImage(ctx, s.cfg, s.getenv, unit)
+	if err != nil && !errors.Is(err, errUnitNotFound) {
+		return policy{}, fmt.Errorf("cannot read the policy of %s: %w", unit, err)
+	}
+	return parsePolicy(uf.labels, s.cfg.policyDefaults)
 }
 
 // startTask runs systemd-run for qt and settles its claims: dispatched, pending for a retry, or

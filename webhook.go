@@ -26,6 +26,7 @@ import (
 	"mime"
 	"net"
 	"net/http"
+	"net/netip"
 	"net/url"
 	"os"
 	"os/signal"
@@ -205,12 +206,20 @@ func newServer(cfg *config, lg *logger, events *eventLog) *server {
 		"POST /api/manual/trigger": s.handleManualTrigger, "POST /api/manual/services/{name}": s.handleManualService,
 		"GET /status/{$}": s.handleStatusOverview, "GET /status/deliveries": s.handleStatusDeliveries,
 		"GET /status/deliveries/{id}": s.handleStatusStory, "POST /status/login": s.handleStatusLogin, "POST /status/logout": s.handleStatusLogout,
+		"POST /api/deliveries/{id}/{decision}": s.handleDecision, "POST /status/deliveries/{id}/{decision}": s.handleStatusAction,
+		"POST /status/units/{unit}/redeploy": s.handleStatusAction,
 	}
 	for _, p := range []string{"/{$}", "/index.html", "/assets/", "/favicon.ico", "/vite.svg"} {
 		routes["GET "+p] = s.handleStatic
 	}
+	// A browser's cross-site POST to the page or the API is refused (403) before it is read.
+	cop := http.NewCrossOriginProtection()
 	for pattern, h := range routes {
-		s.mux.HandleFunc(pattern, h)
+		if strings.HasPrefix(pattern, "POST /status/") || strings.HasPrefix(pattern, "POST /api/") {
+			s.mux.Handle(pattern, cop.Handler(h))
+		} else {
+			s.mux.HandleFunc(pattern, h)
+		}
 	}
 	return s
 }
@@ -498,6 +507,7 @@ type push struct {
 	pushes                []delivery
 	d                     delivery
 	ref                   imageRef
+	uf                    unitFile
 }
 
 // refusal stops a push: reason is for the row, retryAfter (seconds) for Retry-After.
@@ -515,7 +525,7 @@ func refuse(status int, reason, text string) *refusal {
 func (s *server) handlePush(w http.ResponseWriter, r *http.Request) {
 	p := &push{r: r, ri: info(r)}
 	for _, check := range []func(*push) *refusal{s.pushSource, s.pushSecret, s.pushBody, s.pushAuth,
-		s.pushHeaders, s.pushUnit, s.pushPayload, s.pushImage, s.pushLimits} {
+		s.pushHeaders, s.pushUnit, s.pushPayload, s.pushImage, s.pushPolicy, s.pushLimits} {
 		if no := check(p); no != nil {
 			if no.retryAfter > 0 {
 				w.Header().Set("Retry-After", strconv.Itoa(no.retryAfter))
@@ -645,6 +655,7 @@ func (s *server) pushPayload(p *push) *refusal {
 func (s *server) pushImage(p *push) *refusal {
 	uf, err := s.units.configuredImage(p.r.Context(), s.cfg, s.getenv, p.unit)
 	configured, source := uf.image, uf.source
+	p.uf = uf
 	switch {
 	case errors.Is(err, errUnitNotFound):
 		return refuse(http.StatusNotFound, "unit-not-found", "unit "+p.unit+" not found")
@@ -677,7 +688,20 @@ func (p *push) matched() *refusal {
 	return nil
 }
 
-// 9. The per-image limit has room, and the database is the one this server opened.
+// 9. The unit's policy is one this program can follow (its window one systemd-analyze reads).
+func (s *server) pushPolicy(p *push) *refusal {
+	pol, err := parsePolicy(p.uf.labels, s.cfg.policyDefaults)
+	if err == nil {
+		_, err = pol.windowOpens(p.r.Context(), s.now())
+	}
+	if err != nil {
+		s.log.warnf("delivery for %s refused: its policy is malformed: %v", p.unit, err)
+		return refuse(http.StatusAccepted, "policy-invalid", "ignored: the unit's policy is malformed: "+err.Error())
+	}
+	return nil
+}
+
+// 10. The per-image limit has room, and the database is the one this server opened.
 func (s *server) pushLimits(p *push) *refusal {
 	image := p.ref.String()
 	lim, err := imageLimiter(s.cfg, image).check(p.r.Context())
@@ -695,7 +719,7 @@ func (s *server) pushLimits(p *push) *refusal {
 	return nil
 }
 
-// 10. The delivery is claimed; 202 once the claim and the request's row are committed.
+// 11. The delivery is claimed; 202 once the claim and the request's row are committed.
 func (s *server) enqueue(w http.ResponseWriter, r *http.Request, spec taskSpec) {
 	ri := info(r)
 	ri.meta["reason"] = "queued"
@@ -1144,6 +1168,14 @@ func (s *server) writeMetrics(ctx context.Context, p *promWriter) error {
 		age = max(time.Since(oldest).Seconds(), 0)
 	}
 	p.gauge("webhook_delivery_queue_oldest_age_seconds", "gauge", "Age of the oldest pending delivery; 0 when none waits.", age)
+	waiting, err := countsBy(ctx, s.events.db, waitingSQL)
+	if err != nil {
+		return err
+	}
+	p.family("webhook_delivery_queue_waiting", "gauge", "Pending deliveries waiting for their unit's policy, by reason.")
+	for _, r := range []string{waitCooldown, waitWindow, waitApproval} {
+		p.sample("webhook_delivery_queue_waiting", []string{"reason", r}, float64(waiting[r]))
+	}
 	p.gauge("process_start_time_seconds", "gauge", "Start time of the process since the unix epoch in seconds.", float64(m.start.Unix()))
 	p.family("webhook_build_info", "gauge", "Build information; the value is always 1.")
 	p.sample("webhook_build_info", []string{"version", buildVersion(), "goversion", runtime.Version()}, 1)
@@ -1152,7 +1184,7 @@ func (s *server) writeMetrics(ctx context.Context, p *promWriter) error {
 		return err
 	}
 	p.counter("webhook_redeploys_total", "Redeploy tasks that ended, by outcome (ok, rolled-back, failed, skipped).", "outcome", outcomes)
-	steps, err := stepCounts(ctx, s.events.db)
+	steps, err := countsBy(ctx, s.events.db, stepCountsSQL)
 	if err != nil {
 		return err
 	}
@@ -1246,8 +1278,7 @@ func (p *promWriter) histogram(name string, buckets []float64, ms []float64) {
 // keyset paging: next_before_id is the next page's before_id.
 func (s *server) handleEvents(w http.ResponseWriter, r *http.Request) {
 	info(r).action = "events-api"
-	if !tokenMatches(s.cfg.manualToken, requestToken(r)) {
-		manualError(w, r, http.StatusUnauthorized, "unauthorized", "unauthorized")
+	if !s.apiAuthorized(w, r) {
 		return
 	}
 	f, err := parseEventFilter(r.URL.Query().Get, s.now())
@@ -1271,8 +1302,7 @@ func (s *server) handleEvents(w http.ResponseWriter, r *http.Request) {
 // handleDelivery answers one delivery's story: its outcome and every row, oldest first.
 func (s *server) handleDelivery(w http.ResponseWriter, r *http.Request) {
 	info(r).action = "events-api"
-	if !tokenMatches(s.cfg.manualToken, requestToken(r)) {
-		manualError(w, r, http.StatusUnauthorized, "unauthorized", "unauthorized")
+	if !s.apiAuthorized(w, r) {
 		return
 	}
 	id := r.PathValue("id")
@@ -1291,6 +1321,9 @@ func (s *server) handleDelivery(w http.ResponseWriter, r *http.Request) {
 		answer := map[string]any{"delivery": id, "events": v.Events, "outcome": v.Outcome.Class, "label": v.Outcome.Label}
 		if v.Task != "" {
 			answer["task_delivery"] = v.Task
+		}
+		if v.Wait != "" {
+			answer["wait"], answer["wait_until"] = v.Wait, v.Until
 		}
 		replyJSON(w, http.StatusOK, answer)
 	}
@@ -1393,11 +1426,12 @@ func (s *server) handleStatusLogout(w http.ResponseWriter, r *http.Request) {
 // event log renders the error page, and the server's log says why.
 func (s *server) statusPage(w http.ResponseWriter, r *http.Request, page string, build func() (int, statusView, error)) {
 	info(r).action = "status-page"
-	cookie, err := r.Cookie(statusCookie)
-	switch {
-	case s.cfg.manualToken == "":
+	switch user, refused := s.pageUser(r); {
+	case refused:
+		s.renderStatus(w, http.StatusForbidden, statusError("Status page", "Forward auth is on: open the page through the proxy of WEBHOOK_FORWARD_AUTH_FROM."))
+	case user == "" && s.cfg.manualToken == "":
 		s.renderStatus(w, http.StatusForbidden, statusView{Page: "no-token", Title: "Status page"})
-	case err != nil || !validStatusSession(s.cfg.manualToken, cookie.Value, s.now()):
+	case user == "":
 		next := r.URL.Path
 		if r.URL.RawQuery != "" {
 			next += "?" + r.URL.RawQuery
@@ -1413,6 +1447,75 @@ func (s *server) statusPage(w http.ResponseWriter, r *http.Request, page string,
 	}
 }
 
+// forwardedUser is the user WEBHOOK_FORWARD_AUTH_HEADER names on a request from an address of
+// WEBHOOK_FORWARD_AUTH_FROM ("" without the header); refused: forward auth is on and the request
+// came from elsewhere, so neither the header nor a token is trusted.
+func (s *server) forwardedUser(r *http.Request) (user string, refused bool) {
+	if s.cfg.forwardAuthHeader == "" {
+		return "", false
+	}
+	ap, err := netip.ParseAddrPort(r.RemoteAddr)
+	if err != nil || !slices.ContainsFunc(s.cfg.forwardAuthFrom, func(p netip.Prefix) bool { return p.Contains(ap.Addr().Unmap()) }) {
+		return "", true
+	}
+	return cleanText(r.Header.Get(s.cfg.forwardAuthHeader), manualTextMax), false
+}
+
+// pageUser is who asks for a status page: the proxy's user, else "status page" for a valid session.
+func (s *server) pageUser(r *http.Request) (user string, refused bool) {
+	if user, refused = s.forwardedUser(r); user != "" || refused {
+		return user, refused
+	}
+	if c, err := r.Cookie(statusCookie); err == nil && validStatusSession(s.cfg.manualToken, c.Value, s.now()) {
+		return "status page", false
+	}
+	return "", false
+}
+
+// apiAuthorized checks the manual token of a GET of the events API, or the proxy's user.
+func (s *server) apiAuthorized(w http.ResponseWriter, r *http.Request) bool {
+	user, refused := s.forwardedUser(r)
+	if !refused && (user != "" || tokenMatches(s.cfg.manualToken, requestToken(r))) {
+		return true
+	}
+	if refused {
+		manualError(w, r, http.StatusForbidden, "not-from-proxy", "forward auth is on: come through the proxy of WEBHOOK_FORWARD_AUTH_FROM")
+	} else {
+		manualError(w, r, http.StatusUnauthorized, "unauthorized", "unauthorized")
+	}
+	return false
+}
+
+// handleStatusAction runs a button of the page (approve, reject, retry a delivery; redeploy a
+// unit now, optionally forced, by the manual redeploy), then shows what it did.
+func (s *server) handleStatusAction(w http.ResponseWriter, r *http.Request) {
+	ri := info(r)
+	ri.action = "status-action"
+	user, _ := s.pageUser(r)
+	if user == "" {
+		s.renderStatus(w, http.StatusForbidden, statusError("Not logged in", "Log in, then repeat the action."))
+		return
+	}
+	status, text, back := http.StatusOK, "", "/status/deliveries/"+r.PathValue("id")
+	if unit := r.PathValue("unit"); unit != "" {
+		back = "/status/"
+		spec, err := resolveUnit(unit)
+		ref, rerr := parseImageRef(r.PostFormValue("image"))
+		if err = cmp.Or(err, rerr); err != nil {
+			status, text = http.StatusBadRequest, err.Error()
+		} else if res := s.startManual(r.Context(), taskSpec{unit: spec, image: ref.String(), event: "manual", delivery: "manual-" + ri.id,
+			path: r.URL.Path, force: r.PostFormValue("force") != ""}); res.err != nil {
+			status, text = http.StatusInternalServerError, res.err.Error()
+		} else {
+			text = "Redeploy of " + spec + " started as " + taskUnitName("manual-"+ri.id) + "."
+		}
+		ri.meta["unit"], ri.meta["caller"], ri.meta["image"] = spec, user, ref.String()
+	} else {
+		status, text = s.decide(r, r.PathValue("id"), r.PathValue("decision"), user, r.PostFormValue("reason"))
+	}
+	s.renderStatus(w, status, statusView{Page: "done", Title: "Done", Nav: true, Message: text, Next: back})
+}
+
 func statusError(title, message string) statusView {
 	return statusView{Page: "error", Title: title, Nav: true, Message: message}
 }
@@ -1426,20 +1529,38 @@ func (s *server) handleStatusOverview(w http.ResponseWriter, r *http.Request) {
 		if v.Units, err = statusUnits(ctx, s.events.db, time.Local); err != nil {
 			return 0, v, err
 		}
-		for _, u := range v.Units {
+		for i, u := range v.Units {
 			if u.Last != nil && u.Last.Outcome.Class == "failed" {
 				v.Failing++
 			}
+			v.Units[i].Policy, v.Units[i].PolicyError = s.policyText(ctx, u.Unit)
 		}
 		var oldest time.Time
 		if v.Pending, oldest, err = s.events.queueStats(ctx); err == nil && v.Pending > 0 {
 			v.Oldest = max(now.Sub(oldest), 0).Truncate(time.Second).String()
+			v.Waiting, err = countsBy(ctx, s.events.db, waitingSQL)
 		}
 		if err == nil {
 			v.Chart, err = redeployChart(ctx, s.events.db, now, time.Local)
 		}
 		return http.StatusOK, v, err
 	})
+}
+
+// policyText says what a unit's policy holds its redeploys for, or why it cannot be followed.
+func (s *server) policyText(ctx context.Context, unit string) (text, problem string) {
+	p, err := s.unitPolicy(ctx, unit)
+	opens := s.now()
+	if err == nil {
+		opens, err = p.windowOpens(ctx, opens)
+	}
+	if err != nil {
+		return "", err.Error()
+	}
+	if text = fmt.Sprintf("cooldown %s; approval %t", p.cooldown, p.approve); p.window != "" {
+		text += fmt.Sprintf("; window %s for %s, open from %s", p.window, p.length, statusTime(opens.Unix(), time.Local))
+	}
+	return text, ""
 }
 
 // handleStatusDeliveries lists deliveries newest first, by ?unit= and ?outcome=, paged by ?before=.

@@ -280,7 +280,7 @@ func TestAdversarialRequests(t *testing.T) {
 		mac.Write(body)
 		return "sha1=" + hex.EncodeToString(mac.Sum(nil))
 	}
-	queued := []string{"systemctl-show", keySystemdRun}
+	queued := []string{"systemctl-show", "systemctl-show", keySystemdRun} // the request's unit lookup, the dispatcher's policy
 	bearer := func(tok string) [][2]string { return [][2]string{{"Authorization", "Bearer " + tok}} }
 	trigger := func(body string) []byte { return []byte(body) }
 	service := func(image string) []byte {
@@ -546,7 +546,7 @@ func TestAdversarialRegistry(t *testing.T) {
 		"hub":    "docker.io/svendowideit/testhook:latest",
 		"quay":   "quay.io/mynamespace/repository:latest",
 	})
-	queued := []string{"systemctl-show", keySystemdRun}
+	queued := []string{"systemctl-show", "systemctl-show", keySystemdRun} // the request's unit lookup, the dispatcher's policy
 	looked := []string{"systemctl-show"}
 	bearer := func(tok string) [][2]string { return [][2]string{{"Authorization", "Bearer " + tok}} }
 	okAuth := bearer(advRegistryToken)

@@ -659,7 +659,7 @@ func TestDispatcherRules(t *testing.T) {
 	// A server stopped during systemd-run: the task never started, so the claim is queued again.
 	t.Run("a claim a stopped server left dispatching is queued again", func(t *testing.T) {
 		d.claim(t, "g-1", "g.service", imgA)
-		if _, ok, _, err := d.events.nextTask(context.Background(), d.now, func(queuedTask) []event { return nil }); !ok || err != nil {
+		if _, ok, _, err := d.events.nextTask(context.Background(), d.now, func(queuedTask) hold { return hold{} }, func(queuedTask) []event { return nil }); !ok || err != nil {
 			t.Fatal(ok, err)
 		}
 		d.srv.reconcile(context.Background(), "dispatching", d.now.Add(time.Minute))

@@ -941,16 +941,16 @@ func TestAmbiguousFraming(t *testing.T) {
 		calls   []string
 	}{
 		{"both, Content-Length first", delivery("frame-1", "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n") + chunk + smuggled,
-			[]int{202}, "github-webhook", []string{"systemctl-show", keySystemdRun}},
+			[]int{202}, "github-webhook", []string{"systemctl-show", "systemctl-show", keySystemdRun}},
 		{"both, Transfer-Encoding first", delivery("frame-2", "Transfer-Encoding: chunked\r\nContent-Length: "+strconv.Itoa(len(chunk))+"\r\n") + chunk + smuggled,
-			[]int{202}, "github-webhook", []string{"systemctl-show", keySystemdRun}},
+			[]int{202}, "github-webhook", []string{"systemctl-show", "systemctl-show", keySystemdRun}},
 		{"both, in other cases", delivery("frame-3", "content-length: 5\r\nTRANSFER-ENCODING: chunked\r\n") + chunk + smuggled,
-			[]int{202}, "github-webhook", []string{"systemctl-show", keySystemdRun}},
+			[]int{202}, "github-webhook", []string{"systemctl-show", "systemctl-show", keySystemdRun}},
 		{"both, after an honest request on the connection", "GET /health HTTP/1.1\r\nHost: test\r\nContent-Length: 2\r\n\r\n{}" +
 			delivery("frame-4", "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n") + chunk + smuggled,
-			[]int{200, 202}, "github-webhook", []string{"systemctl-show", keySystemdRun}},
+			[]int{200, 202}, "github-webhook", []string{"systemctl-show", "systemctl-show", keySystemdRun}},
 		{"chunked only: served, then closed", delivery("frame-5", "Transfer-Encoding: chunked\r\n") + chunk + smuggled,
-			[]int{202}, "github-webhook", []string{"systemctl-show", keySystemdRun}},
+			[]int{202}, "github-webhook", []string{"systemctl-show", "systemctl-show", keySystemdRun}},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -1200,7 +1200,7 @@ func TestStaticNonRegularFiles(t *testing.T) {
 func TestRegistryHostsAllowMore(t *testing.T) {
 	s := newAdvServer(t, map[string]string{"WEBHOOK_REGISTRY_HOSTS": "ghcr.io,containers.ghe.example.com"})
 	pkgHost := func(host string) []byte { return githubPackagePayload(host, "octo-org", "web", "v1", "") }
-	queued := []string{"systemctl-show", keySystemdRun}
+	queued := []string{"systemctl-show", "systemctl-show", keySystemdRun} // the request's unit lookup, the dispatcher's policy
 	runAdvCases(t, s, []advCase{
 		{name: "an allowed GitHub Enterprise host", body: pkgHost("containers.ghe.example.com"), sig: sigRight, status: 202, reason: "queued",
 			calls: queued, argvHas: " containers.ghe.example.com/octo-org/web:v1 "},
