@@ -1,5 +1,5 @@
-// scheduler.go owns the triggers: the scheduler loop, trigger-units and trigger-all, /auto-update
-// and /api/manual/*, which share one trigger logic. Ticks follow start + n·interval, never overlap
+// scheduler.go owns the triggers and a person's decisions: the scheduler loop, trigger-units,
+// trigger-all, /auto-update, /api/manual/*, approve/reject/retry (CLI and API). Ticks follow start + n·interval, never overlap
 // and skip the slots a long tick overran; a manual restart holds the unit's lock, so it never cuts
 // into a redeploy; HTTP commands run detached, so a client that hangs up cannot kill systemctl.
 // Caller-supplied text passes cleanText before it is printed or stored.

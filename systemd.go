@@ -1,6 +1,6 @@
 // systemd.go owns what talks to systemd and starts programs: socket activation, sd_notify, unit
-// names and lookups, systemctl, the dispatcher of queued redeploys (systemd-run), runCommand and
-// the health gate. No child inherits the activation and notify variables, passed fds or a secret;
+// names and lookups, systemctl, the dispatcher of queued redeploys (systemd-run) and the units'
+// policies it applies to every claim (policyHold), runCommand and the health gate. No child inherits the activation and notify variables, passed fds or a secret;
 // a unit name in systemctl's argv passed validUnitName and follows "--". One dispatcher goroutine
 // consumes the durable queue, so it needs no lock; a claim only wakes it.
 package main

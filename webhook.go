@@ -1,6 +1,7 @@
 // webhook.go owns the HTTP surface of `webhook-auto-update server`: listeners and shutdown,
 // routing, the per-request row, push notifications (one path for GitHub and every registry), the
-// web UI, /health, /metrics, the events API and the status page's handlers, session and CSP.
+// web UI, /health, /metrics, the events API, the status page's handlers, actions, session, CSP
+// and forward auth; every page and API POST passes http.CrossOriginProtection.
 //
 // Rules: every request that reaches the handler gets one event_log row (successful probes one a
 // minute), each value cut to maxFieldBytes, every secret redacted. A push runs handlePush's checks
