@@ -1,18 +1,23 @@
 // eventlog.go owns the SQLite database: opening and migrating it, the batching writer of event_log
-// rows, the delivery queue's SQL (github_deliveries rows are the claims), the one outcome model, the
-// events command, and the status page's queries and template (its handlers are webhook.go's).
+// rows, the delivery queue's SQL (github_deliveries rows are the claims), the one outcome model,
+// notifications (the outbox, WEBHOOK_NOTIFY_URLS' formats, the messages and the server's sender),
+// the events command, and the status page's queries and template (its handlers are webhook.go's).
 //
 // Rules: event_log keeps the original tool's schema and indexes. Each migration runs once in its own
 // BEGIN IMMEDIATE transaction, re-reading schema_migrations; a newer database is refused. One writer
 // goroutine commits rows in batches; an unwritable row goes to stderr as a JSON line. A claim's status
-// changes in one transaction with the rows that say so; page data reaches HTML only via html/template.
+// changes in one transaction with the rows that say so, and an outcome's message (notifyTx) with them;
+// a target's secret never reaches a row, a log line or the page. Page data reaches HTML only via html/template.
 package main
 
 import (
+	"bytes"
 	"cmp"
 	"context"
+	"crypto/tls"
 	"database/sql"
 	"embed"
+	"encoding/base64"
 	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
@@ -25,6 +30,13 @@ import (
 	"maps"
 	"math"
 	"math/rand/v2"
+	"mime"
+	"mime/quotedprintable"
+	"net"
+	"net/http"
+	"net/mail"
+	"net/smtp"
+	"net/url"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -804,7 +816,8 @@ func takeClaims(ctx context.Context, tx *sql.Tx, qt *queuedTask, now time.Time) 
 }
 
 // settleTask moves a task unit's dispatching or dispatched claims to status (pending: its
-// systemd-run failed, retry at retryAt), with errText, writing evs in the same transaction.
+// systemd-run failed, retry at retryAt), with errText, writing evs in the same transaction; a
+// dispatch given up, or a task that died before its last step, is an outcome to notify.
 func (l *eventLog) settleTask(ctx context.Context, taskUnit string, status claimStatus, errText string, retryAt time.Time, evs []event) error {
 	return l.write(ctx, func(tx *sql.Tx) error {
 		var err error
@@ -820,7 +833,20 @@ func (l *eventLog) settleTask(ctx context.Context, taskUnit string, status claim
 		if err != nil {
 			return err
 		}
-		return l.insertEvents(ctx, tx, evs)
+		if err := l.insertEvents(ctx, tx, evs); err != nil {
+			return err
+		}
+		kind, meta, step := "", map[string]any{"error": errText}, ""
+		if len(evs) > 0 {
+			meta = evs[0].Meta
+		}
+		tx.QueryRowContext(ctx, `SELECT step FROM github_deliveries WHERE task_unit = ?`, taskUnit).Scan(&step)
+		if _, ended := stepClasses[step]; status == claimFailed {
+			kind = "dispatch-failed"
+		} else if status == claimDone && errText != "" && !ended {
+			kind = "failed"
+		}
+		return outcomeNotice(ctx, tx, taskUnit, kind, time.Now(), meta)
 	})
 }
 
@@ -832,7 +858,10 @@ func (l *eventLog) taskStep(ctx context.Context, taskUnit, step, errText string,
 			step, errText, ev.TS.Unix(), taskUnit); err != nil {
 			return err
 		}
-		return l.insertEvents(ctx, tx, []event{ev})
+		if err := l.insertEvents(ctx, tx, []event{ev}); err != nil {
+			return err
+		}
+		return outcomeNotice(ctx, tx, taskUnit, stepNotice(step), ev.TS, ev.Meta)
 	})
 	if err != nil {
 		l.spill([]event{ev}, err)
@@ -1123,12 +1152,517 @@ func outcomeCounts(ctx context.Context, db *sql.DB) (map[string]int64, error) {
 	return out, err
 }
 
+// Notifications. notifyTx queues a message in the transaction of the row it tells of; the server's
+// runNotifier sends it to every WEBHOOK_NOTIFY_URLS target (shoutrrr's URL formats) that has not
+// answered 2xx, backing off until the horizon, with a notify row for each attempt.
+
+// notice is one message, and the JSON body of a generic target's request.
+type notice struct {
+	ID          string    `json:"id"`
+	Kind        string    `json:"kind"`
+	Time        time.Time `json:"time"`
+	Delivery    string    `json:"delivery,omitempty"`
+	Unit        string    `json:"unit,omitempty"`
+	Image       string    `json:"image,omitempty"`
+	Before      string    `json:"image_before,omitempty"`
+	After       string    `json:"image_after,omitempty"`
+	Failed      string    `json:"image_failed,omitempty"`
+	Digest      string    `json:"digest,omitempty"`
+	Reason      string    `json:"reason,omitempty"`
+	SincePushMS int64     `json:"push_to_outcome_ms,omitempty"`
+	Link        string    `json:"link,omitempty"`
+	Title       string    `json:"title"`
+	Message     string    `json:"message"`
+}
+
+// noticeKinds are the kinds of message and their words; WEBHOOK_NOTIFY_ON picks among them.
+var noticeKinds = map[string]string{"healthy": "redeployed, healthy", "rolled-back": "rolled back", "failed": "failed",
+	"rollback-failed": "rollback failed", "dispatch-failed": "dispatch given up", "test": "test message"}
+
+// notifyTx queues n in tx, so it is sent if and only if tx commits: the one way to notify.
+func notifyTx(ctx context.Context, tx *sql.Tx, n notice) error {
+	n.ID, n.Time = cmp.Or(n.ID, newRequestID()), cmp.Or(n.Time, time.Now())
+	_, err := tx.ExecContext(ctx, `INSERT INTO notify_outbox (kind, delivery_id, fields, created_at) VALUES (?, ?, ?, ?)`,
+		n.Kind, n.Delivery, marshalJSON(n), n.Time.UnixMilli())
+	return err
+}
+
+// stepNotice is the kind of message a task's step ends it with, "" none.
+func stepNotice(step string) string {
+	if kind, ok := map[string]string{"completed": "healthy", "rolled-back": "rolled-back", "rollback-failed": "rollback-failed",
+		"rollback-impossible": "rollback-failed"}[step]; ok || stepClasses[step] != "failed" {
+		return kind
+	}
+	return "failed"
+}
+
+// outcomeNotice queues the one message of a task's outcome (kind "" none), from its claims and meta.
+func outcomeNotice(ctx context.Context, tx *sql.Tx, taskUnit, kind string, at time.Time, meta map[string]any) error {
+	var leader, unit, image, digest sql.NullString
+	var first sql.NullInt64
+	if err := tx.QueryRowContext(ctx, `SELECT coalesce(covered_by, delivery_id), unit, image, max(nullif(digest, '')),
+		min(claimed_at) FROM github_deliveries WHERE task_unit = ?`, taskUnit).Scan(&leader, &unit, &image, &digest, &first); err != nil || kind == "" {
+		return err
+	}
+	n := notice{Kind: kind, Time: at, Delivery: cmp.Or(leader.String, metaString(meta, "delivery")),
+		Unit: cmp.Or(unit.String, metaString(meta, "unit")), Image: cmp.Or(image.String, metaString(meta, "image")),
+		Before: metaString(meta, "previous_image_id"), After: metaString(meta, "image_id"), Failed: metaString(meta, "failed_image_id"),
+		Digest: cmp.Or(digest.String, metaString(meta, "pulled_digest")), Reason: cmp.Or(metaString(meta, "error"), metaString(meta, "reason"))}
+	if first.Valid {
+		n.SincePushMS = at.UnixMilli() - first.Int64
+	}
+	return notifyTx(ctx, tx, n)
+}
+
+// render fills in the link to the story (with WEBHOOK_PUBLIC_URL), the title and the text.
+func (n *notice) render(publicURL string) {
+	if publicURL != "" && n.Delivery != "" {
+		n.Link = strings.TrimRight(publicURL, "/") + "/status/deliveries/" + url.PathEscape(n.Delivery)
+	}
+	n.Title = cmp.Or(n.Unit, "webhook-auto-update") + ": " + noticeKinds[n.Kind]
+	var since, lines string
+	if n.SincePushMS > 0 {
+		since = (time.Duration(n.SincePushMS) * time.Millisecond).Round(time.Second).String()
+	}
+	for _, kv := range [][2]string{{"outcome", noticeKinds[n.Kind]}, {"reason", n.Reason}, {"unit", n.Unit}, {"image", n.Image},
+		{"before", n.Before}, {"after", n.After}, {"rejected", n.Failed}, {"digest", n.Digest}, {"push to outcome", since},
+		{"delivery", n.Delivery}, {"story", n.Link}} {
+		if kv[1] != "" {
+			lines += kv[0] + ": " + kv[1] + "\n"
+		}
+	}
+	n.Message = strings.TrimSuffix(lines, "\n")
+}
+
+// notifySettings are WEBHOOK_NOTIFY_*: the targets, the kinds they get and how long to retry.
+type notifySettings struct {
+	targets                                     []notifyTarget
+	on                                          map[string]bool
+	secret, publicURL                           string
+	timeout, backoff, maxBackoff, horizon, poll time.Duration
+}
+
+// notifyTarget is one entry of WEBHOOK_NOTIFY_URLS, name its URL without secrets: an HTTP request
+// (body writes the request's body and the headers that depend on the message) or a mail.
+type notifyTarget struct {
+	scheme, name, method, endpoint string
+	header                         http.Header
+	body                           func(n notice, h http.Header) string
+	mail                           *mailTarget
+}
+
+type mailTarget struct {
+	addr, host, user, pass, from, subject, tls string // tls: implicit, starttls or none
+	to                                         []string
+}
+
+var (
+	reNotifyScheme = regexp.MustCompile(`^[A-Za-z][A-Za-z0-9+.-]*://`)
+	reSlackToken   = regexp.MustCompile(`^(?:(xox.|hook)[-:]|:?)([A-Z0-9]{9,})([-/,])([A-Z0-9]{9,})([-/,])([A-Za-z0-9]{24,})$`)
+	reGotifyToken  = regexp.MustCompile(`^A[A-Za-z0-9._-]{14}$`)
+	genericOptions = []string{"disabletls", "method", "title", "template", "contenttype", "titlekey", "messagekey"}
+	ntfyPriority   = map[string]string{"": "", "1": "1", "2": "2", "3": "3", "4": "4", "5": "5",
+		"min": "1", "low": "2", "default": "3", "high": "4", "max": "5", "urgent": "5"}
+)
+
+// parseNotifyURL reads one URL in shoutrrr's format for its scheme; its errors never hold a secret.
+// Options are case-insensitive; an unknown or invalid one is an error, except that a generic
+// target's own query parameters go on to it, as with shoutrrr.
+func parseNotifyURL(raw string) (notifyTarget, error) {
+	scheme, _, _ := strings.Cut(raw, "://")
+	t := notifyTarget{scheme: strings.ToLower(scheme), method: "POST", header: http.Header{"Content-Type": {"application/json"}}}
+	t.name = oneLine(t.scheme) + "://…"
+	u, err := url.Parse(raw)
+	if err != nil || !reNotifyScheme.MatchString(raw) {
+		return notifyTarget{}, fmt.Errorf("%s: not a URL (want scheme://…)", t.name)
+	}
+	opts, pass, generic, bad := map[string]string{}, url.Values{}, strings.HasPrefix(t.scheme, "generic"), ""
+	for k, vs := range u.Query() {
+		switch lk := strings.ToLower(k); {
+		case strings.HasPrefix(k, "@") && generic:
+			t.header.Set(k[1:], vs[0]) // a header, as shoutrrr's generic service sends
+		case generic && !strings.HasPrefix(k, "$") && !slices.Contains(genericOptions, lk):
+			pass[k] = vs
+		default:
+			opts[lk] = vs[0]
+		}
+	}
+	take := func(keys ...string) (v string) {
+		for _, k := range keys {
+			v = cmp.Or(v, opts[k])
+			delete(opts, k)
+		}
+		return v
+	}
+	flag := func(key string, def bool) bool {
+		switch v := strings.ToLower(take(key)); v {
+		case "yes", "true", "1":
+			return true
+		case "no", "false", "0":
+			return false
+		case "":
+			return def
+		}
+		bad = cmp.Or(bad, key+" must be yes or no")
+		return def
+	}
+	password, _ := u.User.Password()
+	title, wrong := take("title"), func(want string) (notifyTarget, error) {
+		return notifyTarget{}, fmt.Errorf("%s: want %s", t.name, want)
+	}
+	switch t.scheme {
+	case "ntfy":
+		topic, sch, prio := strings.Trim(u.Path, "/"), cmp.Or(take("scheme"), "https"), strings.ToLower(take("priority"))
+		tags, click, icon := take("tags"), take("click"), take("icon")
+		if u.Host == "" || topic == "" || sch != "https" && sch != "http" {
+			return wrong("ntfy://[user:pass@]host[:port]/topic[?scheme=http]")
+		} else if _, ok := ntfyPriority[prio]; !ok {
+			bad = "priority must be 1 to 5 or min, low, default, high, max, urgent"
+		}
+		t.name, t.endpoint, t.header = "ntfy://"+u.Host+"/"+topic, sch+"://"+u.Host+"/"+topic, http.Header{}
+		if password != "" {
+			t.header.Set("Authorization", "Basic "+base64.StdEncoding.EncodeToString([]byte(u.User.Username()+":"+password)))
+		}
+		t.body = func(n notice, h http.Header) string {
+			for k, v := range map[string]string{"Title": cmp.Or(title, n.Title), "Priority": ntfyPriority[prio], "Tags": tags, "Click": cmp.Or(click, n.Link), "X-Icon": icon} {
+				if v != "" {
+					h.Set(k, v)
+				}
+			}
+			return n.Message
+		}
+	case "gotify":
+		path := strings.TrimSuffix(u.Path, "/")
+		sub, token, sch := path[:strings.LastIndex(path, "/")+1], path[strings.LastIndex(path, "/")+1:], "https"
+		prio, err := strconv.Atoi(cmp.Or(take("priority"), "0"))
+		if flag("disabletls", false) {
+			sch = "http"
+		}
+		if u.Host == "" || !reGotifyToken.MatchString(token) {
+			return wrong("gotify://host[:port][/path]/TOKEN with an application token (15 characters, starting with A)")
+		} else if err != nil {
+			bad = "priority must be a number"
+		}
+		t.name, t.endpoint = "gotify://"+u.Host+sub+"…", sch+"://"+u.Host+sub+"message"
+		t.header.Set("X-Gotify-Key", token)
+		t.body = func(n notice, _ http.Header) string {
+			return marshalJSON(map[string]any{"title": cmp.Or(title, n.Title), "message": n.Message, "priority": prio})
+		}
+	case "slack":
+		token, bot, color := u.User.Username()+":"+password, take("botname", "username"), take("color")
+		if len(u.Path) > 1 {
+			token, bot = u.Host+u.Path, cmp.Or(bot, u.User.Username())
+		}
+		m := reSlackToken.FindStringSubmatch(token)
+		if m == nil || m[1] != "" && m[1] != "hook" || m[3] != m[5] {
+			return wrong("an incoming webhook, slack://hook:TOKEN@webhook or slack://[botname@]T…/B…/X… (bot tokens are not supported)")
+		}
+		t.name, t.endpoint = "slack://"+m[2]+"/…", "https://hooks.slack.com/services/"+m[2]+"/"+m[4]+"/"+m[6]
+		t.body = func(n notice, _ http.Header) string {
+			return marshalJSON(map[string]any{"text": cmp.Or(title, n.Title), "username": bot,
+				"attachments": []map[string]string{{"text": n.Message, "color": color}}})
+		}
+	case "discord":
+		id, token, username := u.Host, u.User.Username(), take("username")
+		color, err := strconv.ParseUint(strings.TrimPrefix(strings.ToLower(cmp.Or(take("color"), "0")), "0x"), 16, 24)
+		if id == "" || token == "" || strings.Trim(u.Path, "/") != "" {
+			return wrong("discord://TOKEN@WEBHOOKID")
+		} else if err != nil {
+			bad = "color must be a hex number such as 0x50D9ff"
+		}
+		t.name, t.endpoint = "discord://…@"+id, "https://discord.com/api/webhooks/"+id+"/"+token
+		t.body = func(n notice, _ http.Header) string {
+			c := cmp.Or(color, map[bool]uint64{true: 0x50d9ff, false: 0xd60510}[n.Kind == "healthy" || n.Kind == "test"])
+			return marshalJSON(map[string]any{"username": username, "embeds": []any{map[string]any{"title": cmp.Or(title, n.Title),
+				"description": n.Message, "url": n.Link, "color": c, "timestamp": n.Time.UTC().Format(time.RFC3339)}}})
+		}
+	case "smtp":
+		m := &mailTarget{addr: net.JoinHostPort(u.Hostname(), cmp.Or(u.Port(), "25")), host: u.Hostname(), user: u.User.Username(),
+			pass: password, subject: cmp.Or(take("subject"), title), tls: "starttls"}
+		enc, starttls, auth := strings.ToLower(cmp.Or(take("encryption"), "auto")), flag("usestarttls", true), strings.ToLower(take("auth"))
+		from, err := mail.ParseAddress(take("from", "fromaddress"))
+		to, errTo := mail.ParseAddressList(take("to", "toaddresses"))
+		switch {
+		case m.host == "" || err != nil || errTo != nil:
+			return wrong("smtp://[user:pass@]host:port/?from=ADDRESS&to=ADDRESS[,ADDRESS]")
+		case !slices.Contains([]string{"none", "explicittls", "implicittls", "auto"}, enc) || !slices.Contains([]string{"", "none", "plain", "unknown"}, auth):
+			bad = "encryption must be None, ExplicitTLS, ImplicitTLS or Auto and auth None or Plain"
+		case enc == "implicittls" || enc == "auto" && u.Port() == "465":
+			m.tls = "implicit"
+		case enc == "none" || !starttls:
+			m.tls = "none"
+		}
+		if m.from = from.Address; auth == "none" {
+			m.user = ""
+		}
+		for _, a := range to {
+			m.to = append(m.to, a.Address)
+		}
+		t.name, t.mail = "smtp://"+m.addr+"/?to="+strings.Join(m.to, ","), m
+	case "generic", "generic+https", "generic+http":
+		sch, method := "https", strings.ToUpper(cmp.Or(take("method"), "POST"))
+		if flag("disabletls", t.scheme == "generic+http") {
+			sch = "http"
+		}
+		if u.Host == "" || !slices.Contains([]string{"POST", "PUT", "PATCH"}, method) {
+			return wrong("generic+https://host[:port]/path (method POST, PUT or PATCH)")
+		}
+		dest := url.URL{Scheme: sch, User: u.User, Host: u.Host, Path: u.Path, RawQuery: pass.Encode()}
+		t.name, t.endpoint, t.method = "generic+"+sch+"://"+u.Host+"/…", dest.String(), method
+		t.body = func(n notice, h http.Header) string {
+			n.Title = cmp.Or(title, n.Title)
+			h.Set("X-Webhook-Id", n.ID)
+			h.Set("X-Webhook-Timestamp", strconv.FormatInt(n.Time.Unix(), 10))
+			return marshalJSON(n)
+		}
+	default:
+		return notifyTarget{}, fmt.Errorf("%s: unknown scheme (want ntfy, gotify, slack, discord, smtp or generic)", t.name)
+	}
+	if len(opts) > 0 {
+		bad = cmp.Or(bad, "unsupported option "+strings.Join(slices.Sorted(maps.Keys(opts)), ", "))
+	}
+	if bad != "" {
+		return notifyTarget{}, fmt.Errorf("%s: %s", t.name, bad)
+	}
+	return t, nil
+}
+
+// request is t's request for n; a generic target's body is signed as GitHub signs its deliveries.
+func (t notifyTarget) request(n notice, secret string) (*http.Request, error) {
+	h := t.header.Clone()
+	body := t.body(n, h)
+	if strings.HasPrefix(t.scheme, "generic") {
+		h.Set("X-Signature-256", "sha256="+hex.EncodeToString(hmacSHA256(secret, []byte(body))))
+	}
+	req, err := http.NewRequest(t.method, t.endpoint, strings.NewReader(body))
+	if err == nil {
+		req.Header = h
+	}
+	return req, err
+}
+
+// notifyClient follows no redirect: a token in a header must not travel to another host.
+var notifyClient = &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+
+// send delivers n within timeout; 2xx is success. Errors name the target, never its URL.
+func (t notifyTarget) send(ctx context.Context, n notice, secret string, timeout time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	if t.mail != nil {
+		return t.mail.send(ctx, n)
+	}
+	req, err := t.request(n, secret)
+	var resp *http.Response
+	if err == nil {
+		resp, err = notifyClient.Do(req.WithContext(ctx))
+	}
+	if ue := (*url.Error)(nil); errors.As(err, &ue) {
+		err = ue.Err // its text is the whole URL, secrets included
+	}
+	if err != nil {
+		return fmt.Errorf("%s: %w", t.name, err)
+	}
+	defer resp.Body.Close()
+	text, _ := io.ReadAll(io.LimitReader(resp.Body, 200))
+	if resp.StatusCode/100 != 2 {
+		return fmt.Errorf("%s answered %s: %s", t.name, resp.Status, oneLine(strings.TrimSpace(string(text))))
+	}
+	return nil
+}
+
+// message is the mail of n: plain text, quoted-printable, its Message-ID the notice's id.
+func (m *mailTarget) message(n notice) []byte {
+	var b bytes.Buffer
+	fmt.Fprintf(&b, "From: %s\r\nTo: %s\r\nSubject: %s\r\nDate: %s\r\nMessage-ID: <%s@webhook-auto-update>\r\nMIME-Version: 1.0\r\n"+
+		"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n", m.from, strings.Join(m.to, ", "),
+		mime.QEncoding.Encode("utf-8", cmp.Or(m.subject, n.Title)), n.Time.UTC().Format(time.RFC1123Z), n.ID)
+	w := quotedprintable.NewWriter(&b)
+	w.Write([]byte(strings.ReplaceAll(n.Message, "\n", "\r\n") + "\r\n"))
+	w.Close()
+	return b.Bytes()
+}
+
+// send speaks SMTP (net/smtp): STARTTLS unless the URL turned it off, so never plain text by accident.
+func (m *mailTarget) send(ctx context.Context, n notice) error {
+	conn, err := (&net.Dialer{}).DialContext(ctx, "tcp", m.addr)
+	var c *smtp.Client
+	if err == nil {
+		deadline, _ := ctx.Deadline()
+		conn.SetDeadline(deadline)
+		if m.tls == "implicit" {
+			conn = tls.Client(conn, &tls.Config{ServerName: m.host})
+		}
+		if c, err = smtp.NewClient(conn, m.host); err != nil {
+			conn.Close()
+		} else {
+			defer c.Close()
+			err = c.Hello("localhost")
+		}
+	}
+	if err == nil && m.tls == "starttls" {
+		if ok, _ := c.Extension("STARTTLS"); !ok {
+			err = errors.New("the server offers no STARTTLS (usestarttls=no sends in plain text)")
+		} else {
+			err = c.StartTLS(&tls.Config{ServerName: m.host})
+		}
+	}
+	if err == nil && m.user != "" {
+		err = c.Auth(smtp.PlainAuth("", m.user, m.pass, m.host))
+	}
+	for _, to := range append([]string{""}, m.to...) {
+		if err == nil && to == "" {
+			err = c.Mail(m.from)
+		} else if err == nil {
+			err = c.Rcpt(to)
+		}
+	}
+	var w io.WriteCloser
+	if err == nil {
+		if w, err = c.Data(); err == nil {
+			_, err = w.Write(m.message(n))
+			err = cmp.Or(err, w.Close(), c.Quit())
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("smtp %s: %w", m.addr, err)
+	}
+	return nil
+}
+
+// targetState is one target's part of a message: failed (retrying), sent or given-up.
+type targetState struct {
+	State, Error string
+	Attempts     int
+}
+
+const noticesPerRound = 64
+
+// runNotifier sends due messages, oldest first, until ctx ends. A target that failed is not tried
+// again in the same round, so a dead one costs one timeout a round, not one a message.
+func (l *eventLog) runNotifier(ctx context.Context, ns *notifySettings) {
+	for ctx.Err() == nil {
+		type row struct {
+			id             int64
+			fields, states string
+			attempts       int
+			created        int64
+		}
+		due, err := collect(ctx, l.db, `SELECT id, fields, targets, attempts, created_at FROM notify_outbox
+			WHERE state = 'pending' AND next_attempt_at <= ? ORDER BY id LIMIT ?`, []any{time.Now().UnixMilli(), noticesPerRound},
+			func(r *row) []any { return []any{&r.id, &r.fields, &r.states, &r.attempts, &r.created} })
+		if err != nil && ctx.Err() == nil {
+			l.log.errorf("notifications: %v", err)
+		}
+		down := map[string]bool{}
+		for _, r := range due {
+			var n notice
+			states := map[string]targetState{}
+			json.Unmarshal([]byte(r.fields), &n) // unreadable: a kind nobody wants, deleted
+			json.Unmarshal([]byte(r.states), &states)
+			l.sendNotice(ctx, ns, r.id, n, states, r.attempts, time.Now().Sub(time.UnixMilli(r.created)) >= ns.horizon, down)
+		}
+		if len(due) < noticesPerRound {
+			sleepContext(ctx, ns.poll)
+		}
+	}
+}
+
+// sendNotice sends n to each target that wants it and has not answered 2xx (past the horizon,
+// a failure gives up), then records the attempts and n's state in one transaction.
+func (l *eventLog) sendNotice(ctx context.Context, ns *notifySettings, id int64, n notice, states map[string]targetState, attempts int, expired bool, down map[string]bool) {
+	n.render(ns.publicURL)
+	var evs []event
+	left, failed := 0, false
+	for _, t := range ns.targets {
+		st := states[t.name]
+		if !ns.on[n.Kind] || st.State == "sent" {
+			continue
+		} else if down[t.name] && !expired {
+			left++
+			continue
+		}
+		start := time.Now()
+		err := t.send(ctx, n, ns.secret, ns.timeout)
+		if ctx.Err() != nil {
+			return // shutting down: sent again after the restart
+		}
+		st, status := targetState{State: "sent", Attempts: st.Attempts + 1}, http.StatusOK
+		if err != nil {
+			st.State, st.Error, status, down[t.name] = map[bool]string{true: "given-up", false: "failed"}[expired], err.Error(), http.StatusBadGateway, true
+			left, failed = left+map[bool]int{false: 1}[expired], failed || expired
+			l.log.warnf("notification %s of %s to %s: %s after attempt %d: %v", n.Kind, cmp.Or(n.Delivery, n.ID), t.name, st.State, st.Attempts, err)
+		}
+		states[t.name] = st
+		meta := map[string]any{"kind": n.Kind, "target": t.name, "scheme": t.scheme, "result": st.State, "attempt": st.Attempts, "notice": n.ID}
+		for k, v := range map[string]string{"delivery": n.Delivery, "unit": n.Unit, "error": st.Error} {
+			if v != "" {
+				meta[k] = v
+			}
+		}
+		evs = append(evs, event{RequestID: n.ID, TS: time.Now(), Method: "NOTIFY", Status: status, Action: "notify", Duration: time.Since(start), Meta: meta})
+	}
+	state := map[bool]string{true: "pending", false: map[bool]string{true: "failed", false: "sent"}[failed]}[left > 0]
+	next := time.Now().Add(min(ns.backoff<<min(attempts, 20), ns.maxBackoff))
+	err := l.write(context.WithoutCancel(ctx), func(tx *sql.Tx) error {
+		_, err := tx.ExecContext(ctx, `UPDATE notify_outbox SET state = ?, targets = ?, attempts = attempts + 1,
+			next_attempt_at = ? WHERE id = ?`, state, marshalJSON(states), next.UnixMilli(), id)
+		if err == nil && left == 0 && len(states) == 0 {
+			_, err = tx.ExecContext(ctx, `DELETE FROM notify_outbox WHERE id = ?`, id) // nobody wanted it
+		}
+		return cmp.Or(err, l.insertEvents(ctx, tx, evs))
+	})
+	if err != nil {
+		l.log.errorf("notifications: cannot record message %d (it may be sent again): %v", id, err)
+	}
+}
+
+// notifyCounts counts the notify rows by scheme and result, for /metrics.
+func notifyCounts(ctx context.Context, db *sql.DB) (map[[2]string]int64, error) {
+	out := map[[2]string]int64{}
+	err := scan(ctx, db, `SELECT coalesce(json_extract(meta, '$.scheme'), ''), coalesce(json_extract(meta, '$.result'), ''), count(*)
+		FROM event_log WHERE action = 'notify' GROUP BY 1, 2`, nil, func(rows *sql.Rows) error {
+		var k [2]string
+		var n int64
+		err := rows.Scan(&k[0], &k[1], &n)
+		out[k] = n
+		return err
+	})
+	return out, err
+}
+
+// noticeView is a story's message on the status page: its kind, state and each target's.
+type noticeView struct {
+	When, Kind, State string
+	Targets           []storyDetail
+}
+
+func storyNotices(ctx context.Context, db *sql.DB, delivery string, loc *time.Location) ([]noticeView, error) {
+	var out []noticeView
+	err := scan(ctx, db, `SELECT created_at, kind, state, targets FROM notify_outbox WHERE delivery_id = ? ORDER BY id`,
+		[]any{delivery}, func(rows *sql.Rows) error {
+			var v noticeView
+			var created int64
+			var targets string
+			err := rows.Scan(&created, &v.Kind, &v.State, &targets)
+			var sts map[string]targetState
+			json.Unmarshal([]byte(targets), &sts)
+			for _, name := range slices.Sorted(maps.Keys(sts)) {
+				st := sts[name]
+				v.Targets = append(v.Targets, storyDetail{name, strings.TrimSuffix(fmt.Sprintf("%s after %d attempts: %s", st.State, st.Attempts, st.Error), ": ")})
+			}
+			v.When = statusTime(created/1000, loc)
+			out = append(out, v)
+			return err
+		})
+	return out, err
+}
+
 // deleteOlderThan deletes rows older than cutoff (only HTTP requests' rows, with requestsOnly) in
 // batches of 1000, each its own short transaction; a dry run only counts.
 func (l *eventLog) deleteOlderThan(ctx context.Context, cutoff time.Time, dryRun, requestsOnly bool) (int64, error) {
 	where := `ts < ?`
 	if requestsOnly {
-		where += ` AND method NOT IN ('CLI', 'SCHEDULER', 'TASK')` // not what ran on the operator's behalf
+		where += ` AND method NOT IN ('CLI', 'SCHEDULER', 'TASK', 'NOTIFY')` // not what ran on the operator's behalf
 	}
 	if dryRun {
 		var n int64
@@ -1556,6 +2090,7 @@ type storyView struct {
 	Outcome                                             outcome
 	Events                                              []storedEvent
 	Rows                                                []storyRow
+	Notices                                             []noticeView
 }
 
 type storyRow struct {
@@ -1611,7 +2146,8 @@ func deliveryStory(ctx context.Context, db *sql.DB, id string, now time.Time, lo
 	for _, e := range v.Events {
 		v.addRow(e, loc)
 	}
-	return v, true, nil
+	v.Notices, err = storyNotices(ctx, db, cmp.Or(v.Task, id), loc)
+	return v, true, err
 }
 
 // unclaimedStory reads the rows naming a delivery without a claim (ignored, or logged by the
@@ -1827,6 +2363,14 @@ restart the server, then log in here with that token.</p>
 </tr>
 {{- end}}
 </tbody></table>
+{{- if .Notices}}
+<h2>Notifications</h2><table><thead><tr><th>Queued</th><th>Message</th><th>State</th><th>Targets</th></tr></thead><tbody>
+{{- range .Notices}}
+<tr class="{{if eq .State "failed"}}failed{{end}}"><td>{{.When}}</td><td>{{.Kind}}</td><td>{{.State}}</td>
+<td class="wrap">{{range .Targets}}<code>{{.Key}}</code> {{.Value}}<br>{{end}}</td></tr>
+{{- end}}
+</tbody></table>
+{{- end}}
 {{- end}}
 {{- end}}
 </main></body></html>

@@ -9,6 +9,7 @@ package main
 
 import (
 	"cmp"
+	"context"
 	"errors"
 	"flag"
 	"fmt"
@@ -16,6 +17,7 @@ import (
 	"math"
 	"net/http"
 	"net/netip"
+	"net/url"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -40,6 +42,7 @@ commands:
   prune-state    drop old entries from the state directory
   events         show what happened, from the event log
   approve        approve a delivery awaiting approval (reject: refuse it)
+  notify-test    send a test message to every WEBHOOK_NOTIFY_URLS target
   run-task       run one redeploy (started by the server through systemd-run)
   version        print the version
   help           print this text
@@ -67,6 +70,7 @@ var commands = map[string]func(c *cli, args []string) int{
 	"events":        cmdEvents,
 	"approve":       cmdApprove,
 	"reject":        cmdReject,
+	"notify-test":   cmdNotifyTest,
 	"version":       cmdVersion,
 	"help":          cmdHelp,
 }
@@ -140,6 +144,7 @@ type config struct {
 	approvalTTL                      time.Duration
 	forwardAuthHeader                string         // a trusted proxy's user header, "" none
 	forwardAuthFrom                  []netip.Prefix // the proxies it is trusted from
+	notify                           notifySettings
 
 	interval         time.Duration
 	maxTicks         int           // 0: unbounded
@@ -252,6 +257,7 @@ func loadConfig(getenv func(string) string) (*config, error) {
 		approvalTTL:       p.seconds("WEBHOOK_APPROVAL_TTL_SECS", 7*24*3600),
 		policyDefaults:    map[string]string{},
 		forwardAuthHeader: http.CanonicalHeaderKey(p.str("WEBHOOK_FORWARD_AUTH_HEADER", "")),
+		notify:            p.notify(),
 
 		interval:         p.seconds("AUTO_UPDATE_INTERVAL_SECS", 900),
 		maxTicks:         p.positive("WEBHOOK_SCHEDULER_MAX_TICKS", 0),
@@ -395,6 +401,86 @@ func (p *envParser) hosts(name, def string) []string {
 		}
 	}
 	return list
+}
+
+// notify reads WEBHOOK_NOTIFY_*; an entry is named by its number and its URL without secrets.
+func (p *envParser) notify() notifySettings {
+	ns := notifySettings{secret: strings.TrimSpace(p.getenv("WEBHOOK_NOTIFY_SECRET")), publicURL: p.str("WEBHOOK_PUBLIC_URL", ""),
+		on: map[string]bool{}, timeout: 10 * time.Second, backoff: 5 * time.Second, maxBackoff: 10 * time.Minute, horizon: 24 * time.Hour, poll: 2 * time.Second}
+	seen := map[string]int{}
+	for i, entry := range splitNotifyURLs(p.getenv("WEBHOOK_NOTIFY_URLS")) {
+		t, err := parseNotifyURL(entry)
+		switch {
+		case err != nil:
+			p.fail("invalid WEBHOOK_NOTIFY_URLS entry %d, %v", i+1, err)
+		case strings.HasPrefix(t.scheme, "generic") && ns.secret == "":
+			p.fail("WEBHOOK_NOTIFY_URLS entry %d, %s: a generic target needs WEBHOOK_NOTIFY_SECRET, which signs its messages", i+1, t.name)
+		}
+		if seen[t.name]++; seen[t.name] > 1 {
+			t.name += " #" + strconv.Itoa(seen[t.name])
+		}
+		ns.targets = append(ns.targets, t)
+	}
+	for _, k := range splitList(p.str("WEBHOOK_NOTIFY_ON", "rolled-back,failed,rollback-failed,dispatch-failed")) {
+		if _, ok := noticeKinds[k]; !ok || k == "test" {
+			p.fail("invalid WEBHOOK_NOTIFY_ON=%q: %q is not healthy, rolled-back, failed, rollback-failed or dispatch-failed", p.getenv("WEBHOOK_NOTIFY_ON"), k)
+		}
+		ns.on[k] = true
+	}
+	if u, err := url.Parse(ns.publicURL); ns.publicURL != "" && (err != nil || u.Host == "" || u.Scheme != "https" && u.Scheme != "http") {
+		p.fail("invalid WEBHOOK_PUBLIC_URL=%q: want the status page's base URL, https://host[:port][/path]", ns.publicURL)
+	}
+	return ns
+}
+
+// splitNotifyURLs splits at newlines and at commas that start another scheme://, so a comma in a
+// URL (smtp's to=a,b) stays in it.
+func splitNotifyURLs(s string) []string {
+	var out []string
+	for _, f := range strings.FieldsFunc(s, func(r rune) bool { return r == '\n' || r == '\r' }) {
+		for i, part := range strings.Split(f, ",") {
+			if part = strings.TrimSpace(part); i > 0 && len(out) > 0 && !reNotifyStart.MatchString(part) {
+				out[len(out)-1] += "," + part
+			} else if part != "" {
+				out = append(out, part)
+			}
+		}
+	}
+	return out
+}
+
+var reNotifyStart = regexp.MustCompile(`^[A-Za-z][A-Za-z0-9+.-]*://`)
+
+const usageNotifyTest = `usage: webhook-auto-update notify-test
+
+Sends a test message to every target of WEBHOOK_NOTIFY_URLS and prints each result; exit 1 if
+any failed.
+`
+
+func cmdNotifyTest(c *cli, args []string) int {
+	cfg, rest, code := c.setup("notify-test", usageNotifyTest, args, nil)
+	if code >= 0 {
+		return code
+	}
+	if len(rest) > 0 {
+		return c.usageError("notify-test", usageNotifyTest, "unexpected argument %q", rest[0])
+	}
+	if len(cfg.notify.targets) == 0 {
+		c.log.errorf("notify-test: WEBHOOK_NOTIFY_URLS is empty: no target to send to")
+		return 2
+	}
+	n := notice{ID: newRequestID(), Kind: "test", Time: time.Now(), Reason: "webhook-auto-update notify-test"}
+	n.render(cfg.notify.publicURL)
+	status := 0
+	for _, t := range cfg.notify.targets {
+		if err := t.send(context.Background(), n, cfg.notify.secret, cfg.notify.timeout); err != nil {
+			fmt.Fprintf(c.stdout, "failed %s: %v\n", t.name, oneLine(err.Error()))
+			status = 1
+		} else {
+			fmt.Fprintf(c.stdout, "sent   %s\n", t.name)
+		}
+	}
+	return status
 }
 
 func splitList(s string) []string {

@@ -728,7 +728,7 @@ func (t *task) run(ctx context.Context) int {
 		t.step("prune-failed", http.StatusOK, &res, nil)
 	}
 	t.log.infof("redeployed %s with %s", t.unit, t.image)
-	t.step("completed", http.StatusOK, nil, map[string]any{"image_id": after})
+	t.step("completed", http.StatusOK, nil, map[string]any{"image_id": after, "previous_image_id": cmp.Or(ctr.imageID, before)})
 	return 0
 }
 
@@ -804,7 +804,7 @@ func (t *task) rollback(ctx context.Context, before, source, after, why string) 
 	}
 	t.log.warnf("redeploy of %s to %s failed (%s): rolled back to image %s, %s", t.unit, t.image, why, before, rollbackSources[source])
 	t.step("rolled-back", http.StatusInternalServerError, nil, map[string]any{"error": why, "failed_image_id": after, "image_id": before,
-		"rollback_source": source})
+		"previous_image_id": before, "rollback_source": source})
 	return 1
 }
 

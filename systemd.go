@@ -405,9 +405,10 @@ var taskEnvNames = []string{"PATH", "HOME", "XDG_RUNTIME_DIR", "XDG_CONFIG_HOME"
 	"CONTAINERS_CONF", "CONTAINERS_REGISTRIES_CONF", "CONTAINERS_STORAGE_CONF", "REGISTRY_AUTH_FILE"}
 
 // isSecretEnv reports whether a variable holds a secret: the GitHub secret and any WEBHOOK_
-// setting whose name says token, secret, password or key, including ones added later.
+// setting whose name says token, secret, password or key, including ones added later, and the
+// notification URLs, which hold their targets' tokens.
 func isSecretEnv(name string) bool {
-	return name == "GITHUB_WEBHOOK_SECRET" || strings.HasPrefix(name, "WEBHOOK_") &&
+	return name == "GITHUB_WEBHOOK_SECRET" || name == "WEBHOOK_NOTIFY_URLS" || strings.HasPrefix(name, "WEBHOOK_") &&
 		slices.ContainsFunc([]string{"TOKEN", "SECRET", "PASSWORD", "KEY"}, func(w string) bool { return strings.Contains(name, w) })
 }
 

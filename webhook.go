@@ -132,6 +132,8 @@ func (s *server) serve(listeners []net.Listener, sd *notifier) int {
 	dctx, stopDispatcher := context.WithCancel(context.Background())
 	dispatcherDone := make(chan struct{})
 	go func() { defer close(dispatcherDone); s.runDispatcher(dctx) }()
+	notifierDone := make(chan struct{})
+	go func() { defer close(notifierDone); s.events.runNotifier(dctx, &s.cfg.notify) }()
 	status := 0
 	select {
 	case <-ctx.Done():
@@ -157,6 +159,7 @@ func (s *server) serve(listeners []net.Listener, sd *notifier) int {
 	}
 	stopDispatcher()
 	<-dispatcherDone
+	<-notifierDone
 	if ev := s.probes.take(time.Now(), true); ev != nil {
 		s.events.Record(*ev)
 	}
@@ -800,12 +803,17 @@ func checkHMAC(secret string, body []byte, hexSig, header string) error {
 	if err != nil || len(got) != sha256.Size {
 		return fmt.Errorf("%s is not 64 hex digits", header)
 	}
-	mac := hmac.New(sha256.New, []byte(secret))
-	mac.Write(body)
-	if !hmac.Equal(got, mac.Sum(nil)) {
+	if !hmac.Equal(got, hmacSHA256(secret, body)) {
 		return errors.New("signature does not match the body")
 	}
 	return nil
+}
+
+// hmacSHA256 is the signature of GitHub's deliveries and of this program's generic notifications.
+func hmacSHA256(secret string, body []byte) []byte {
+	mac := hmac.New(sha256.New, []byte(secret))
+	mac.Write(body)
+	return mac.Sum(nil)
 }
 
 // bearerAuth accepts "Authorization: Bearer <secret>" (Distribution's headers, Harbor's Auth Header).
@@ -1189,6 +1197,11 @@ func (s *server) writeMetrics(ctx context.Context, p *promWriter) error {
 	if err != nil {
 		return err
 	}
+	sends, err := notifyCounts(ctx, s.events.db)
+	if err != nil {
+		return err
+	}
+	p.counters("webhook_notifications_total", "Notification attempts, by scheme and result (sent, failed, given-up).", []string{"scheme", "result"}, sends)
 	p.counter("webhook_redeploy_steps_total", "Redeploy task steps recorded in event_log, by step (pulled, restarted, up-to-date, rolled-back, …).", "step", steps)
 	for _, h := range []struct {
 		name, help, step, key string
