@@ -485,3 +485,37 @@ func startReceiverProcess(t *testing.T, cmd *exec.Cmd, addr string) {
 		}
 	}
 }
+
+// TestE2ENotifyRollback: on the rig, a delivery of a broken image is rolled back and the server
+// sends exactly one message to each real receiver, adnanh/webhook (signature verified) and aiosmtpd.
+func TestE2ENotifyRollback(t *testing.T) {
+	r := needRig(t)
+	hookURL, hookOut := startHookReceiver(t)
+	smtpAddr, mails := startSMTPReceiver(t)
+	s := startE2EServer(t, "WEBHOOK_NOTIFY_URLS="+hookURL+",smtp://"+smtpAddr+"/?from=wau@example.com&to=ops@example.com&usestarttls=no",
+		"WEBHOOK_NOTIFY_SECRET="+testNotifySecret, "WEBHOOK_PUBLIC_URL=https://deploy.example.com")
+	name := rigUniqueName(t, "notify")
+	ref, good := r.PushImage(t, "e2e/"+name, "latest", "v1")
+	unit, _ := e2eContainerUnit(t, r, ref, good)
+	r.PushBrokenImage(t, "e2e/"+name, "latest")
+	r.TagLocal(t, good, ref)
+	if code, text := s.deliver(t, unit, "package", "notify-broken-1", githubPackagePayload(r.Registry(), "e2e", name, "latest", ""), s.secret); code != http.StatusAccepted {
+		t.Fatalf("delivery: %d %q", code, text)
+	}
+	if rows := s.waitTask(t, r, "notify-broken-1"); rows[len(rows)-1].step != "rolled-back" {
+		t.Fatalf("steps %s, want to end rolled-back; server log:\n%s", stepDetails(rows), s.log)
+	}
+	r.WaitFor(t, 60*time.Second, func() bool {
+		var state string
+		s.db.QueryRow(`SELECT state FROM notify_outbox WHERE delivery_id = 'notify-broken-1'`).Scan(&state)
+		return state == "sent"
+	}, "the rollback's message to be sent to both targets")
+	bodies, _ := os.ReadFile(hookOut)
+	if n := strings.Count(string(bodies), `"delivery":"notify-broken-1"`); n != 1 || !strings.Contains(string(bodies), `"kind":"rolled-back"`) {
+		t.Errorf("adnanh/webhook ran its command for %d messages, want 1: %s", n, bodies)
+	}
+	if n := strings.Count(mails.String(), "Message-ID:"); n != 1 || !strings.Contains(mails.String(), "status/deliveries/notify-broken-1") {
+		t.Errorf("aiosmtpd received %d mails, want 1:\n%s", n, mails.String())
+	}
+	t.Logf("webhook body: %s", bodies)
+}
