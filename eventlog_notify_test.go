@@ -10,6 +10,7 @@ import (
 	"database/sql"
 	"encoding/json"
 	"fmt"
+	"html"
 	"io"
 	"net"
 	"net/http"
@@ -518,4 +519,33 @@ func TestE2ENotifyRollback(t *testing.T) {
 		t.Errorf("aiosmtpd received %d mails, want 1:\n%s", n, mails.String())
 	}
 	t.Logf("webhook body: %s", bodies)
+}
+
+// TestStoryListsNotifications: a story's page lists its message and each target's state.
+func TestStoryListsNotifications(t *testing.T) {
+	l, db := openTestLogDB(t, &syncBuffer{})
+	down := newReceiver(t)
+	down.down.Store(true)
+	taskOutcome(t, l, "story-1", "rolled-back")
+	startNotifier(t, l, testNotifySettings(t, "generic+http://"+down.Listener.Addr().String()+"/"))
+	waitFor(t, "a failed attempt", func() bool { return down.calls.Load() > 0 && len(outboxTargets(t, db)) > 0 })
+	v, ok, err := deliveryStory(context.Background(), db, "story-1", time.Now(), time.UTC)
+	if err != nil || !ok {
+		t.Fatal(ok, err)
+	}
+	var b strings.Builder
+	if err := statusTemplate.Execute(&b, statusView{Page: "story", Story: v}); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"<h2>Notifications</h2>", "rolled-back", "<code>generic+http://" + down.Listener.Addr().String() + "/…</code> failed after 1 attempts: "} {
+		if !strings.Contains(html.UnescapeString(b.String()), want) {
+			t.Errorf("story page lacks %q:\n%s", want, b.String())
+		}
+	}
+}
+
+func outboxTargets(t *testing.T, db *sql.DB) string {
+	var s string
+	db.QueryRow(`SELECT targets FROM notify_outbox`).Scan(&s)
+	return strings.Trim(s, "{}")
 }
