@@ -504,7 +504,7 @@ func TestMetrics(t *testing.T) {
 			"webhook_event_log_queue_depth": "gauge", "process_start_time_seconds": "gauge", "webhook_build_info": "gauge",
 			"webhook_delivery_queue_pending": "gauge", "webhook_delivery_queue_waiting": "gauge", "webhook_delivery_queue_oldest_age_seconds": "gauge",
 			"webhook_dispatches_total":     "counter",
-			"webhook_redeploy_steps_total": "counter", "webhook_redeploys_total": "counter", "webhook_pull_duration_seconds": "histogram",
+			"webhook_redeploy_steps_total": "counter", "webhook_notifications_total": "counter", "webhook_redeploys_total": "counter", "webhook_pull_duration_seconds": "histogram",
 			"webhook_restart_duration_seconds": "histogram",
 		}
 		gotTypes := map[string]string{}
