@@ -541,7 +541,7 @@ func TestStoryListsNotifications(t *testing.T) {
 	if err := statusTemplate.Execute(&b, statusView{Page: "story", Story: v}); err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"<h2>Notifications</h2>", "rolled-back", "<code>generic+http://" + down.Listener.Addr().String() + "/…</code> failed after 1 attempts: "} {
+	for _, want := range []string{"<h2>Notifications</h2>", "rolled-back", "<code>generic+http://" + down.Listener.Addr().String() + "/…</code> failed after ", "answered 503"} {
 		if !strings.Contains(html.UnescapeString(b.String()), want) {
 			t.Errorf("story page lacks %q:\n%s", want, b.String())
 		}
