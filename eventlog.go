@@ -714,8 +714,10 @@ func (l *eventLog) holdClaims(ctx context.Context, tx *sql.Tx, qt queuedTask, h 
 	if err == nil && code == 202 {
 		_, err = tx.ExecContext(ctx, `UPDATE github_deliveries SET next_attempt_at = ? WHERE `+group, append([]any{h.until.UnixMilli()}, args...)...)
 	}
-	// Issue 22: when h.step is waitApproval and ids is not empty, enqueue the approval request's
-	// notification here, in tx (with a link to /status/deliveries/<id> under WEBHOOK_PUBLIC_URL).
+	if err == nil && h.step == waitApproval && len(ids) > 0 {
+		err = notifyTx(ctx, tx, notice{Kind: "approval", Time: now, Delivery: ids[0], Unit: qt.unit, Image: qt.image,
+			Reason: "approve or reject it on the status page or with webhook-auto-update approve|reject " + ids[0]})
+	}
 	evs, id := make([]event, 0, len(ids)), newRequestID()
 	for _, c := range ids {
 		meta := map[string]any{"delivery": c, "unit": qt.unit, "image": qt.image, "reason": h.step}
@@ -1177,7 +1179,7 @@ type notice struct {
 
 // noticeKinds are the kinds of message and their words; WEBHOOK_NOTIFY_ON picks among them.
 var noticeKinds = map[string]string{"healthy": "redeployed, healthy", "rolled-back": "rolled back", "failed": "failed",
-	"rollback-failed": "rollback failed", "dispatch-failed": "dispatch given up", "test": "test message"}
+	"rollback-failed": "rollback failed", "dispatch-failed": "dispatch given up", "approval": "awaiting approval", "test": "test message"}
 
 // notifyTx queues n in tx, so it is sent if and only if tx commits: the one way to notify.
 func notifyTx(ctx context.Context, tx *sql.Tx, n notice) error {

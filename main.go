@@ -421,9 +421,9 @@ func (p *envParser) notify() notifySettings {
 		}
 		ns.targets = append(ns.targets, t)
 	}
-	for _, k := range splitList(p.str("WEBHOOK_NOTIFY_ON", "rolled-back,failed,rollback-failed,dispatch-failed")) {
+	for _, k := range splitList(p.str("WEBHOOK_NOTIFY_ON", "rolled-back,failed,rollback-failed,dispatch-failed,approval")) {
 		if _, ok := noticeKinds[k]; !ok || k == "test" {
-			p.fail("invalid WEBHOOK_NOTIFY_ON=%q: %q is not healthy, rolled-back, failed, rollback-failed or dispatch-failed", p.getenv("WEBHOOK_NOTIFY_ON"), k)
+			p.fail("invalid WEBHOOK_NOTIFY_ON=%q: %q is not healthy, rolled-back, failed, rollback-failed, dispatch-failed or approval", p.getenv("WEBHOOK_NOTIFY_ON"), k)
 		}
 		ns.on[k] = true
 	}

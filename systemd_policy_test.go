@@ -235,6 +235,18 @@ func TestDispatcherPolicies(t *testing.T) {
 		if len(d.runs) != runs {
 			t.Fatalf("ran %q before any approval", d.runs[runs:])
 		}
+		// One approval request is queued as a notification for each claim that entered the wait
+		// (p-1 with r-1's other image is its own group, p-2 joined later), none for a restart.
+		var asked []string
+		rows, err := d.events.db.Query(`SELECT delivery_id FROM notify_outbox WHERE kind = 'approval' ORDER BY delivery_id`)
+		for err == nil && rows.Next() {
+			var id string
+			rows.Scan(&id)
+			asked = append(asked, id)
+		}
+		if err != nil || !slices.Equal(asked, []string{"p-1", "p-2", "r-1"}) {
+			t.Errorf("approval notifications for %q (%v), want p-1, p-2 and r-1 once each", asked, err)
+		}
 		if n := d.decide(t, "r-1", "reject"); n != 1 {
 			t.Fatalf("rejecting r-1 changed %d claims", n)
 		}
