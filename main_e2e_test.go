@@ -1,12 +1,14 @@
 // main_e2e_test.go owns the harness the end-to-end tests of every concern share: the built
 // server running as the rig's user (e2eServer, startE2EServer, e2eSocketRig, e2eTwoVersions),
-// deliveries to it, and readers of the github-task rows a redeploy writes (taskRows, waitTask,
-// steps, stepDetails), plus the container units those tests install.
+// deliveries to it and its answer about one (delivery), and readers of the github-task rows a
+// redeploy writes (taskRows, waitTask, steps, stepDetails), plus the container units those tests
+// install (with extra .container lines such as a policy's Label=).
 package main
 
 import (
 	"bytes"
 	"database/sql"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -127,6 +129,25 @@ func (s *e2eServer) deliver(t *testing.T, unit, event, delivery string, body []b
 	return resp.StatusCode, strings.TrimSpace(string(b))
 }
 
+// delivery returns the answer of GET /api/deliveries/<id> with the manual token (its outcome,
+// and its wait while a policy holds it); a status other than 200 fails the test.
+func (s *e2eServer) delivery(t *testing.T, token, id string) map[string]any {
+	t.Helper()
+	req, _ := http.NewRequest("GET", s.url+"/api/deliveries/"+id, nil)
+	req.Header.Set("Authorization", "Bearer "+token)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	var answer map[string]any
+	if err := json.Unmarshal(b, &answer); resp.StatusCode != http.StatusOK || err != nil {
+		t.Fatalf("GET /api/deliveries/%s: %s %v: %s", id, resp.Status, err, b)
+	}
+	return answer
+}
+
 // taskRow is one github-task row.
 type taskRow struct {
 	id        int64
@@ -244,12 +265,14 @@ func e2eContainerUnit(t *testing.T, r *rig, ref, wantID string) (unit, ctr strin
 	return e2eNamedContainerUnit(t, r, rigUniqueName(t, "app"), ref, wantID)
 }
 
-// e2eNamedContainerUnit is e2eContainerUnit for the unit base.service, whose container is base.
-func e2eNamedContainerUnit(t *testing.T, r *rig, base, ref, wantID string) (unit, ctr string) {
+// e2eNamedContainerUnit is e2eContainerUnit for the unit base.service, whose container is base;
+// containerLines go into the .container file's [Container] section (Label= policies, say).
+func e2eNamedContainerUnit(t *testing.T, r *rig, base, ref, wantID string, containerLines ...string) (unit, ctr string) {
 	t.Helper()
 	unit, ctr = base+".service", base
 	quadlet := filepath.Join(r.TempDir(t), base+".container")
-	if err := os.WriteFile(quadlet, []byte("[Unit]\nDescription=e2e\n\n[Container]\nImage="+ref+"\n"), 0o644); err != nil {
+	text := "[Unit]\nDescription=e2e\n\n[Container]\nImage=" + ref + "\n" + strings.Join(append(containerLines, ""), "\n")
+	if err := os.WriteFile(quadlet, []byte(text), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	r.InstallUnit(t, unit, r.ContainerUnit(ctr, ref, "SourcePath="+quadlet))

@@ -1,6 +1,7 @@
 // webhook_e2e_test.go tests webhook.go end to end on the rig: a signed GitHub delivery and a
-// registry push redeploying a real unit, a unit without a Quadlet image, and a server killed in
-// the middle of a burst.
+// registry push redeploying a real unit, a unit without a Quadlet image, a server killed in the
+// middle of a burst, and a unit's policies from its .container labels: an approval given on the
+// status page in headless chromium (a cross-site one refused), and a cooldown covering pushes.
 package main
 
 import (
@@ -600,4 +601,237 @@ func TestE2EKillServerMidBurst(t *testing.T) {
 	if t.Failed() {
 		t.Logf("server log:\n%s", serverLog())
 	}
+}
+
+// TestE2EApprovalOnThePage: a unit whose .container file says webhook-auto-update.approve=true
+// is not redeployed by a delivery until a person approves it. The claim waits awaiting-approval
+// (/api/deliveries/<id> says so), nothing is pulled and no task runs; an approval POSTed from
+// another site is refused 403 and decides nothing, with the page's session or the API's token;
+// the Approve button on the delivery's page, clicked in a real headless chromium, starts the
+// redeploy, and the container runs the new image.
+func TestE2EApprovalOnThePage(t *testing.T) {
+	r := needRig(t)
+	browser, err := chromiumPath()
+	if err != nil {
+		rigSkipOrFail(t, "%v", err)
+	}
+	token := "approve-" + randomName(t)
+	s := startE2EServer(t, "WEBHOOK_MANUAL_TOKEN="+token)
+	name := rigUniqueName(t, "approve")
+	ref, id1 := r.PushImage(t, "e2e/"+name, "latest", "v1")
+	unit, ctr := e2eNamedContainerUnit(t, r, rigUniqueName(t, "app"), ref, id1, "Label=webhook-auto-update.approve=true")
+	_, id2 := r.PushImage(t, "e2e/"+name, "latest", "v2")
+	r.TagLocal(t, id1, ref) // the host has v1 under the tag: a pull would move it to v2
+	const id = "approve-v2"
+	if code, text := s.deliver(t, unit, "package", id, githubPackagePayload(r.Registry(), "e2e", name, "latest", ""), s.secret); code != http.StatusAccepted || text != "auto-update queued" {
+		t.Fatalf("delivery: %d %q, want 202 auto-update queued; server log:\n%s", code, text, s.log)
+	}
+	var answer map[string]any
+	r.WaitFor(t, 60*time.Second, func() bool {
+		answer = s.delivery(t, token, id)
+		return answer["wait"] != nil || len(s.taskRows(t, "")) > 0
+	}, "the claim of "+id+" to wait or run")
+	if answer["wait"] != "awaiting-approval" {
+		t.Fatalf("/api/deliveries/%s: %v; want wait awaiting-approval; task rows %s; server log:\n%s", id, answer, stepDetails(s.taskRows(t, "")), s.log)
+	}
+	t.Logf("/api/deliveries/%s: wait %v until %v, outcome %v (%v)", id, answer["wait"], answer["wait_until"], answer["outcome"], answer["label"])
+	nothingRan := func(when string) {
+		t.Helper()
+		if rows := s.taskRows(t, ""); len(rows) > 0 {
+			t.Fatalf("%s: a task ran: %s", when, stepDetails(rows))
+		}
+		if got := strings.TrimSpace(r.mustPodman(t, "image", "inspect", "--format", "{{.Id}}", ref)); got != id1 {
+			t.Fatalf("%s: %s is %s locally, not v1 %s: it was pulled", when, ref, got, id1)
+		}
+		if got := r.ContainerImage(t, ctr); got != id1 {
+			t.Fatalf("%s: %s runs %s, want still v1 %s", when, ctr, got, id1)
+		}
+		var status, step string
+		var taskUnit sql.NullString
+		if err := s.db.QueryRow(`SELECT status, step, task_unit FROM github_deliveries WHERE delivery_id = ?`, id).Scan(&status, &step, &taskUnit); err != nil {
+			t.Fatal(err)
+		}
+		if status != "pending" || step != waitApproval || taskUnit.Valid {
+			t.Fatalf("%s: claim %s is %s, step %s, task unit %v; want pending awaiting-approval without a task", when, id, status, step, taskUnit)
+		}
+	}
+	nothingRan("awaiting approval")
+
+	t.Run("an approval from another site is refused", func(t *testing.T) {
+		client := &http.Client{Timeout: 30 * time.Second,
+			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+		send := func(method, path, body string, hdr map[string]string) (int, string, http.Header) {
+			t.Helper()
+			req, _ := http.NewRequest(method, s.url+path, strings.NewReader(body))
+			for k, v := range hdr {
+				req.Header.Set(k, v)
+			}
+			resp, err := client.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer resp.Body.Close()
+			b, _ := io.ReadAll(resp.Body)
+			return resp.StatusCode, string(b), resp.Header
+		}
+		form := "application/x-www-form-urlencoded"
+		code, _, hdr := send("POST", "/status/login", "next=%2Fstatus%2F&token="+token, map[string]string{"Content-Type": form})
+		session, _, _ := strings.Cut(hdr.Get("Set-Cookie"), ";")
+		if code != http.StatusSeeOther || !strings.HasPrefix(session, statusCookie+"=") {
+			t.Fatalf("log in: %d, Set-Cookie %q", code, hdr.Get("Set-Cookie"))
+		}
+		// The session is good: the delivery's page shows its Approve button to it.
+		if code, page, _ := send("GET", "/status/deliveries/"+id, "", map[string]string{"Cookie": session}); code != 200 || !strings.Contains(page, `class="approve"`) {
+			t.Fatalf("the delivery's page with the session: %d, no Approve button:\n%s", code, page)
+		}
+		for _, tc := range []struct {
+			name, path, body string
+			hdr              map[string]string
+		}{
+			{"the page's form, Origin of another site", "/status/deliveries/" + id + "/approve", "reason=csrf",
+				map[string]string{"Cookie": session, "Content-Type": form, "Origin": "http://attacker.example"}},
+			{"the page's form, Sec-Fetch-Site cross-site", "/status/deliveries/" + id + "/approve", "reason=csrf",
+				map[string]string{"Cookie": session, "Content-Type": form, "Sec-Fetch-Site": "cross-site", "Origin": "http://attacker.example"}},
+			{"the API with its token, Sec-Fetch-Site cross-site", "/api/deliveries/" + id + "/approve", `{"caller":"attacker","reason":"csrf"}`,
+				map[string]string{"Authorization": "Bearer " + token, "Content-Type": "application/json", "Sec-Fetch-Site": "cross-site"}},
+		} {
+			code, text, _ := send("POST", tc.path, tc.body, tc.hdr)
+			if code != http.StatusForbidden || !strings.Contains(text, "cross-origin request detected") {
+				t.Errorf("%s: %d %q, want 403 cross-origin request detected", tc.name, code, text)
+			}
+		}
+		if n := queryInt(t, s.db, `SELECT count(*) FROM event_log WHERE action = 'decision'`); n != 0 {
+			t.Errorf("%d decision rows after refused approvals", n)
+		}
+		nothingRan("after the refused approvals")
+	})
+
+	p := startBrowser(t, browser)
+	p.call("Page.navigate", map[string]any{"url": s.url + "/status/deliveries/" + id}, nil)
+	p.waitFor(`document.readyState === 'complete' && document.getElementById('token')`)
+	p.eval(`document.getElementById('token').focus()`, nil)
+	p.call("Input.insertText", map[string]any{"text": token}, nil)
+	for _, typ := range []string{"keyDown", "keyUp"} {
+		p.call("Input.dispatchKeyEvent", map[string]any{"type": typ, "key": "Enter", "code": "Enter", "windowsVirtualKeyCode": 13, "text": "\r"}, nil)
+	}
+	approve := `form[action="/status/deliveries/` + id + `/approve"] button.approve`
+	p.waitFor(`document.readyState === 'complete' && location.pathname === '/status/deliveries/` + id + `' && document.querySelector('` + approve + `')`)
+	if f := p.facts(); !strings.Contains(f.Text, "awaiting-approval") {
+		t.Errorf("the delivery's page does not say it awaits approval:\n%s", f.Text)
+	}
+	p.eval(`document.querySelector('input[name="reason"]').focus()`, nil)
+	p.call("Input.insertText", map[string]any{"text": "tested on the rig"}, nil)
+	p.click(approve)
+	p.waitFor(`document.readyState === 'complete' && document.querySelector('h1') && document.querySelector('h1').textContent === 'Done'`)
+	if f := p.facts(); !strings.Contains(f.Text, "approve: 1 deliveries") {
+		t.Errorf("after Approve the page says:\n%s", f.Text)
+	}
+
+	r.WaitFor(t, 3*time.Minute, func() bool {
+		if rows := s.taskRows(t, id); len(rows) > 0 && finalSteps[rows[len(rows)-1].step] && rows[len(rows)-1].step != "completed" {
+			t.Fatalf("the approved task ended without running v2: %s; server log:\n%s", stepDetails(rows), s.log)
+		}
+		return r.ContainerImage(t, ctr) == id2
+	}, ctr+" to run v2 after the approval")
+	rows := s.waitTask(t, r, id)
+	if got := strings.Join(steps(rows), ","); got != "started,pulled,restarted,healthy,completed" {
+		t.Fatalf("task steps %s; server log:\n%s", stepDetails(rows), s.log)
+	}
+	var caller, reason string
+	if err := s.db.QueryRow(`SELECT json_extract(meta, '$.caller'), json_extract(meta, '$.reason') FROM event_log
+		WHERE action = 'decision' AND json_extract(meta, '$.delivery') = ? AND json_extract(meta, '$.decision') = 'approve'`, id).
+		Scan(&caller, &reason); err != nil {
+		t.Fatalf("the approval's row: %v", err)
+	}
+	if caller != "status page" || reason != "tested on the rig" {
+		t.Errorf("the approval's row: caller %q, reason %q; want the status page's, with the reason typed", caller, reason)
+	}
+	answer = s.delivery(t, token, id)
+	t.Logf("approved on the page → %s runs v2; /api/deliveries/%s: outcome %v (%v), wait %v", ctr, id, answer["outcome"], answer["label"], answer["wait"])
+}
+
+// TestE2ECooldownCoversPushes: a unit whose .container file says webhook-auto-update.cooldown=8s
+// gets three pushes of its tag in a row, each announced by a delivery. Every claim waits in
+// cooldown, each push restarting the wait; once the tag was quiet for the cooldown, one task,
+// dispatched no earlier, covers all three, and the container runs the third push's image.
+func TestE2ECooldownCoversPushes(t *testing.T) {
+	r := needRig(t)
+	const cooldown = 8 * time.Second
+	token := "cooldown-" + randomName(t)
+	s := startE2EServer(t, "WEBHOOK_MANUAL_TOKEN="+token)
+	name := rigUniqueName(t, "cool")
+	ref, id1 := r.PushImage(t, "e2e/"+name, "latest", "v1")
+	unit, ctr := e2eNamedContainerUnit(t, r, rigUniqueName(t, "app"), ref, id1, "Label=webhook-auto-update.cooldown="+cooldown.String())
+	// The three images are built first (under another repository), so that the pushes of the
+	// tag follow each other closely: each is a podman push of a local image.
+	var images []string
+	for _, v := range []string{"v2", "v3", "v4"} {
+		_, id := r.PushImage(t, "e2e/"+name+"-staged", v, v)
+		images = append(images, id)
+	}
+	body := githubPackagePayload(r.Registry(), "e2e", name, "latest", "")
+	deliveries := []string{"cool-1", "cool-2", "cool-3"}
+	var last time.Time
+	var gaps []time.Duration
+	for i, d := range deliveries {
+		if out, err := r.Podman(t, "push", "--quiet", "--tls-verify=false", images[i], "docker://"+ref); err != nil {
+			t.Fatalf("push %s: %v %s", ref, err, out)
+		}
+		if code, text := s.deliver(t, unit, "package", d, body, s.secret); code != http.StatusAccepted || text != "auto-update queued" {
+			t.Fatalf("delivery %s: %d %q; server log:\n%s", d, code, text, s.log)
+		}
+		if !last.IsZero() {
+			gaps = append(gaps, time.Since(last))
+		}
+		last = time.Now()
+		if i > 0 {
+			continue
+		}
+		var answer map[string]any
+		r.WaitFor(t, 30*time.Second, func() bool {
+			answer = s.delivery(t, token, d)
+			return answer["wait"] != nil || len(s.taskRows(t, "")) > 0
+		}, "the claim of "+d+" to wait or run")
+		if answer["wait"] != waitCooldown {
+			t.Fatalf("/api/deliveries/%s: %v; want wait cooldown; task rows %s", d, answer, stepDetails(s.taskRows(t, "")))
+		}
+	}
+	if slices.Max(gaps) >= cooldown {
+		t.Fatalf("pushes %v apart, not within the cooldown %s: this machine is too slow for the test's timing", gaps, cooldown)
+	}
+
+	r.WaitFor(t, 3*time.Minute, func() bool {
+		if rows := s.taskRows(t, ""); len(rows) > 0 && finalSteps[rows[len(rows)-1].step] && rows[len(rows)-1].step != "completed" {
+			t.Fatalf("a task ended without running v4: %s; server log:\n%s", stepDetails(rows), s.log)
+		}
+		return r.ContainerImage(t, ctr) == images[2]
+	}, ctr+" to run v4, the third push")
+	rows := s.waitTask(t, r, deliveries[2])
+	if got := strings.Join(steps(rows), ","); got != "started,pulled,restarted,healthy,completed" {
+		t.Fatalf("task steps %s; server log:\n%s", stepDetails(rows), s.log)
+	}
+	if all := s.taskRows(t, ""); len(all) != len(rows) {
+		t.Fatalf("%d task rows, want the one task's %d: %s", len(all), len(rows), stepDetails(all))
+	}
+	for _, d := range deliveries {
+		var status, coveredBy string
+		if err := s.db.QueryRow(`SELECT status, coalesce(covered_by, '') FROM github_deliveries WHERE delivery_id = ?`, d).Scan(&status, &coveredBy); err != nil {
+			t.Fatal(err)
+		}
+		if status != "done" || coveredBy != deliveries[0] {
+			t.Errorf("claim %s: %s, covered by %q; want done, covered by %s", d, status, coveredBy, deliveries[0])
+		}
+		if n := queryInt(t, s.db, `SELECT count(*) FROM event_log WHERE action = 'github-dispatch'
+			AND json_extract(meta, '$.delivery') = ? AND json_extract(meta, '$.reason') = 'cooldown'`, d); n != 1 {
+			t.Errorf("claim %s: %d rows entering the cooldown, want 1", d, n)
+		}
+	}
+	// The task was dispatched once the newest claim was cooldown old (rows have whole seconds).
+	newestMS := int64(queryInt(t, s.db, `SELECT max(claimed_at) FROM github_deliveries WHERE unit = ?`, unit))
+	dispatched := int64(queryInt(t, s.db, `SELECT min(ts) FROM event_log WHERE action = 'github-dispatch' AND json_extract(meta, '$.reason') = 'dispatching'`))
+	if quiet := (newestMS + cooldown.Milliseconds()) / 1000; dispatched < quiet {
+		t.Errorf("dispatched at %d, before the tag was quiet for %s (%d)", dispatched, cooldown, quiet)
+	}
+	t.Logf("three pushes %v apart → one task (delivery %s) dispatched %ds after the last claim, covering %v; %s runs v4",
+		gaps, deliveries[0], dispatched-newestMS/1000, deliveries, ctr)
 }
