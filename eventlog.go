@@ -1,7 +1,8 @@
 // eventlog.go owns the SQLite database: opening and migrating it, the batching writer of event_log
 // rows, the delivery queue's SQL (github_deliveries rows are the claims), the one outcome model,
 // notifications (the outbox, WEBHOOK_NOTIFY_URLS' formats, the messages and the server's sender),
-// the events command, and the status page's queries and template (its handlers are webhook.go's).
+// the events command, and the status page's queries and template (its handlers are webhook.go's,
+// reading through the query_only reader, never the writer's connections).
 //
 // Rules: event_log keeps the original tool's schema and indexes. Each migration runs once in its own
 // BEGIN IMMEDIATE transaction, re-reading schema_migrations; a newer database is refused. One writer
@@ -77,6 +78,7 @@ type event struct {
 // transactions at a time, so they queue in order instead of polling in SQLite's busy handler.
 type eventLog struct {
 	db            *sql.DB
+	reader        *sql.DB // query_only, for /metrics, /health, /api and the page: never the writer's connections
 	path          string
 	log           *logger
 	file          fileID
@@ -204,7 +206,10 @@ func openEventLogWaiting(path string, lg *logger, wait time.Duration) (*eventLog
 		db.Close()
 		return nil, fmt.Errorf("database %s: %w", path, err)
 	}
-	l := &eventLog{db: db, path: path, log: lg, queue: make(chan queued, 4096), done: make(chan struct{}),
+	// Only an unknown driver fails sql.Open, and the writer's just succeeded.
+	reader, _ := sql.Open("sqlite", "file:"+path+"?_pragma=busy_timeout("+strconv.Itoa(int(wait/time.Millisecond))+")&_pragma=query_only(1)")
+	reader.SetMaxOpenConns(2)
+	l := &eventLog{db: db, reader: reader, path: path, log: lg, queue: make(chan queued, 4096), done: make(chan struct{}),
 		writing: make(chan struct{}, 1), file: id}
 
 	go l.writer()
@@ -303,8 +308,6 @@ func schemaVersion(ctx context.Context, q interface {
 	return int(v.Int64), err
 }
 
-func (l *eventLog) schemaVersion(ctx context.Context) (int, error) { return schemaVersion(ctx, l.db) }
-
 // queued is a row for the writer; a claim also carries the delivery to claim (the row is written
 // only when the claim succeeds) and where to report.
 type queued struct {
@@ -373,6 +376,7 @@ func (l *eventLog) Close() error {
 	close(l.queue)
 	l.mu.Unlock()
 	<-l.done
+	l.reader.Close()
 	return l.db.Close()
 }
 
@@ -890,9 +894,9 @@ func (l *eventLog) taskRan(ctx context.Context, delivery string, since time.Time
 }
 
 // queueStats is the queue depth of /metrics and the status page: pending claims, the oldest's arrival.
-func (l *eventLog) queueStats(ctx context.Context) (pending int, oldest time.Time, err error) {
+func queueStats(ctx context.Context, db *sql.DB) (pending int, oldest time.Time, err error) {
 	var first sql.NullInt64
-	err = l.db.QueryRowContext(ctx, `SELECT count(*), min(claimed_at) FROM github_deliveries WHERE status = 'pending'`).
+	err = db.QueryRowContext(ctx, `SELECT count(*), min(claimed_at) FROM github_deliveries WHERE status = 'pending'`).
 		Scan(&pending, &first)
 	if first.Valid {
 		oldest = time.UnixMilli(first.Int64)
@@ -1659,16 +1663,32 @@ func storyNotices(ctx context.Context, db *sql.DB, delivery string, loc *time.Lo
 	return out, err
 }
 
-// deleteOlderThan deletes rows older than cutoff (only HTTP requests' rows, with requestsOnly) in
-// batches of 1000, each its own short transaction; a dry run only counts.
+const requestRowsSQL = `method NOT IN ('CLI', 'SCHEDULER', 'TASK', 'NOTIFY')` // not what ran on the operator's behalf
+
+// deleteOlderThan deletes rows older than cutoff (only HTTP requests' rows, with requestsOnly).
 func (l *eventLog) deleteOlderThan(ctx context.Context, cutoff time.Time, dryRun, requestsOnly bool) (int64, error) {
 	where := `ts < ?`
 	if requestsOnly {
-		where += ` AND method NOT IN ('CLI', 'SCHEDULER', 'TASK', 'NOTIFY')` // not what ran on the operator's behalf
+		where += ` AND ` + requestRowsSQL
 	}
+	return l.deleteWhere(ctx, where, cutoff.Unix(), dryRun)
+}
+
+// deleteRequestsBeyond deletes the request rows older than the newest keep (WEBHOOK_REQUEST_ROWS_MAX).
+func (l *eventLog) deleteRequestsBeyond(ctx context.Context, keep int, dryRun bool) (int64, error) {
+	var edge int64 // 0: no more than keep
+	if err := l.db.QueryRowContext(ctx, `SELECT coalesce((SELECT id FROM event_log WHERE `+requestRowsSQL+`
+		ORDER BY id DESC LIMIT 1 OFFSET ?), 0)`, keep-1).Scan(&edge); err != nil {
+		return 0, err
+	}
+	return l.deleteWhere(ctx, `id < ? AND `+requestRowsSQL, edge, dryRun)
+}
+
+// deleteWhere deletes in batches of 1000, each its own short transaction; a dry run only counts.
+func (l *eventLog) deleteWhere(ctx context.Context, where string, arg int64, dryRun bool) (int64, error) {
 	if dryRun {
 		var n int64
-		err := l.db.QueryRowContext(ctx, `SELECT count(*) FROM event_log WHERE `+where, cutoff.Unix()).Scan(&n)
+		err := l.db.QueryRowContext(ctx, `SELECT count(*) FROM event_log WHERE `+where, arg).Scan(&n)
 		return n, err
 	}
 	var total int64
@@ -1676,7 +1696,7 @@ func (l *eventLog) deleteOlderThan(ctx context.Context, cutoff time.Time, dryRun
 		var n int64
 		err := l.write(ctx, func(tx *sql.Tx) error {
 			res, err := tx.ExecContext(ctx, `DELETE FROM event_log WHERE id IN
-				(SELECT id FROM event_log WHERE `+where+` ORDER BY id LIMIT 1000)`, cutoff.Unix())
+				(SELECT id FROM event_log WHERE `+where+` ORDER BY id LIMIT 1000)`, arg)
 			if err == nil {
 				n, err = res.RowsAffected()
 			}

@@ -73,7 +73,7 @@ func TestOpenEventLogCreatesAndMigrates(t *testing.T) {
 		t.Fatal(err)
 	}
 	latest := ms[len(ms)-1].version
-	if v, err := l.schemaVersion(context.Background()); err != nil || v != latest {
+	if v, err := schemaVersion(context.Background(), l.db); err != nil || v != latest {
 		t.Errorf("schemaVersion = %d, %v; want %d, the newest embedded migration", v, err, latest)
 	}
 	if err := l.Close(); err != nil {
@@ -557,7 +557,9 @@ func TestRedactPath(t *testing.T) {
 		{"/./registry/dockerhub/./app/s3cret", "/registry/dockerhub/app/REDACTED"},
 		{"/registry/dockerhub/app/../s3cret", "/registry/dockerhub/app/REDACTED"},
 		{"/github-package-update/app/redeploy", "/github-package-update/app/redeploy"},
-		{"/x/registry/a/b/c", "/x/registry/a/b/c"},
+		{"/x/registry/a/b/c", "/x/registry/a/b/REDACTED"},
+		{"/REGISTRY/a/b/s3cret", "/REGISTRY/a/b/REDACTED"},
+		{"/api/Registry2/a/b/s3cret/x", "/api/Registry2/a/b/REDACTED"},
 		{"", ""},
 	} {
 		if got := redactPath(tc.in); got != tc.want || strings.Contains(got, "s3cret") {

@@ -153,6 +153,7 @@ type config struct {
 	imageLimit       window
 
 	pullAttempts                                                               int
+	refusedRows, maxConns, requestRowsMax, diskReserve                         int // refusals' rows a minute, connections, request rows kept, free bytes kept
 	pullRetryDelay, pullTimeout, commandTimeout, taskLockWait                  time.Duration
 	healthSettle, healthPoll                                                   time.Duration
 	readHeaderTimeout, readTimeout, writeTimeout, idleTimeout, shutdownTimeout time.Duration
@@ -258,6 +259,10 @@ func loadConfig(getenv func(string) string) (*config, error) {
 		policyDefaults:    map[string]string{},
 		forwardAuthHeader: http.CanonicalHeaderKey(p.str("WEBHOOK_FORWARD_AUTH_HEADER", "")),
 		notify:            p.notify(),
+		refusedRows:       p.positive("WEBHOOK_REFUSED_ROWS_PER_MINUTE", 60),
+		maxConns:          p.positive("WEBHOOK_MAX_CONNECTIONS", 1024),
+		diskReserve:       p.positive("WEBHOOK_DISK_RESERVE_MB", 256) << 20,
+		requestRowsMax:    p.positive("WEBHOOK_REQUEST_ROWS_MAX", 200000),
 
 		interval:         p.seconds("AUTO_UPDATE_INTERVAL_SECS", 900),
 		maxTicks:         p.positive("WEBHOOK_SCHEDULER_MAX_TICKS", 0),

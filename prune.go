@@ -1,6 +1,6 @@
 // prune.go owns prune-state: it trims the state directory's timestamp logs (ratelimit.go's layout)
-// under their writers' lock, only tried for an image's so a redeploy is skipped, never delayed,
-// and deletes stale lock files only while holding them, stale temp files and old event_log rows.
+// under their writers' lock, only tried for an image's so a redeploy is skipped, never delayed, and
+// deletes stale lock files only while holding them, stale temp files, old and surplus event_log rows.
 // It keeps timestamps a limit still counts, follows no symlink, and a dry run writes only its row.
 package main
 
@@ -79,9 +79,14 @@ func cmdPruneState(c *cli, args []string) int {
 	if events != nil {
 		cutoff := start.Add(-cfg.requestRetention)
 		deletedRequests = deleteRows(cutoff, true, "delete old request rows")
+		beyond, err := events.deleteRequestsBeyond(context.Background(), cfg.requestRowsMax, dryRun)
+		if err != nil {
+			rep.errs = append(rep.errs, "delete request rows beyond WEBHOOK_REQUEST_ROWS_MAX: "+err.Error())
+		}
+		deletedRequests += beyond
 		// On stderr: stdout keeps the original tool's one line, which scripts read.
-		c.log.infof("prune-state: %s %d request rows older than %s (WEBHOOK_REQUEST_RETENTION_DAYS)",
-			map[bool]string{false: "deleted", true: "would delete"}[dryRun], deletedRequests, cutoff.UTC().Format(time.RFC3339))
+		c.log.infof("prune-state: %s %d request rows older than %s (WEBHOOK_REQUEST_RETENTION_DAYS) or beyond the newest %d (WEBHOOK_REQUEST_ROWS_MAX)",
+			map[bool]string{false: "deleted", true: "would delete"}[dryRun], deletedRequests, cutoff.UTC().Format(time.RFC3339), cfg.requestRowsMax)
 	}
 	if eventDays > 0 && events == nil {
 		rep.errs = append(rep.errs, "event log unavailable: old events not deleted")

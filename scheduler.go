@@ -76,6 +76,9 @@ func cmdScheduler(c *cli, args []string) int {
 			if _, err := events.deleteOlderThan(ctx, time.Now().Add(-cfg.requestRetention), false, true); err != nil && ctx.Err() == nil {
 				c.log.warnf("scheduler: cannot delete request rows older than WEBHOOK_REQUEST_RETENTION_DAYS: %v", err)
 			}
+			if _, err := events.deleteRequestsBeyond(ctx, cfg.requestRowsMax, false); err != nil && ctx.Err() == nil {
+				c.log.warnf("scheduler: cannot delete request rows beyond WEBHOOK_REQUEST_ROWS_MAX: %v", err)
+			}
 		},
 	}
 	bound := "until stopped"
@@ -354,6 +357,9 @@ func (s *server) manualRequest(w http.ResponseWriter, r *http.Request, v any, bo
 	} else if user != "" || !hasHeader || tokenMatches(s.cfg.manualToken, header) {
 		var tooLarge *http.MaxBytesError
 		switch err := decodeStrict(r.Body, v); {
+		case errors.Is(err, errBodyBudget):
+			w.Header().Set("Retry-After", "5")
+			status, code, text = http.StatusServiceUnavailable, "body-budget", errBodyBudget.Error()+"; retry in a few seconds"
 		case errors.As(err, &tooLarge):
 			status, code, text = http.StatusRequestEntityTooLarge, "body-too-large", "request body too large"
 		case err != nil:

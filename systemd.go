@@ -575,9 +575,7 @@ func (s *server) runDispatcher(ctx context.Context) {
 	for ctx.Err() == nil {
 		looked := time.Now()
 		wait := s.dispatchNext(ctx)
-		if ev := s.probes.take(s.now(), false); ev != nil {
-			s.events.Record(*ev)
-		}
+		s.flushSummaries(false)
 		if wait == 0 {
 			continue
 		}

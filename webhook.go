@@ -1,13 +1,16 @@
-// webhook.go owns the HTTP surface of `webhook-auto-update server`: listeners and shutdown,
-// routing, the per-request row, push notifications (one path for GitHub and every registry), the
-// web UI, /health, /metrics, the events API, the status page's handlers, actions, session, CSP
-// and forward auth; every page and API POST passes http.CrossOriginProtection.
+// webhook.go owns the HTTP surface of `webhook-auto-update server`: listeners (capped) and the
+// draining shutdown, routing, the per-request row, push notifications (one path for GitHub and
+// every registry), the web UI, /health, /metrics, the events API, the status page's handlers,
+// actions, session, login throttle, CSP and forward auth; every page and API POST passes
+// http.CrossOriginProtection.
 //
-// Rules: every request that reaches the handler gets one event_log row (successful probes one a
-// minute), each value cut to maxFieldBytes, every secret redacted. A push runs handlePush's checks
-// in the README's order; a source whose secret is unset refuses everything; secrets are compared
-// in constant time. Bodies are capped one by one and together in memory. A request with
-// Transfer-Encoding ends its connection (RFC 9112 §6.1). Static files open via os.Root, non-blocking.
+// Rules: every request that reaches the handler gets one event_log row or is counted in a summary
+// row (successful probes; refusals past a minute's budget or below the disk reserve), each value
+// cut to maxFieldBytes, every secret redacted. A push runs handlePush's checks in the README's
+// order; a source whose secret is unset refuses everything; secrets are compared in constant time.
+// Bodies are capped one by one and, as bytes arrive, together. Readers use the read-only
+// connections. A request with Transfer-Encoding, or during shutdown, ends its connection (RFC 9112
+// §6.1). Static files open via os.Root, non-blocking.
 package main
 
 import (
@@ -24,6 +27,7 @@ import (
 	"io"
 	"log"
 	"maps"
+	"math"
 	"mime"
 	"net"
 	"net/http"
@@ -32,6 +36,7 @@ import (
 	"os"
 	"os/signal"
 	"path"
+	"path/filepath"
 	"regexp"
 	"runtime"
 	"runtime/debug"
@@ -50,7 +55,7 @@ const (
 	maxFieldBytes    = 1024            // each value a row stores from a request, so a row is a few KB
 	bodyBudgetWait   = 2 * time.Second // for room in the body budget, then 503
 	debugPayloadCap  = 1 << 20         // how much of a refused body is saved
-	healthCacheFor   = time.Second     // how long one health check, and one write probe, answer /health
+	healthCacheFor   = time.Second     // how long one health check, write probe or metrics reading is used
 	statusSessionTTL = 12 * time.Hour  // what a status page login gives
 	statusCookie     = "wau_status"
 )
@@ -121,9 +126,10 @@ func (s *server) serve(listeners []net.Listener, sd *notifier) int {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	serveErr := make(chan error, len(listeners))
-	for _, l := range listeners {
+	for i, l := range listeners {
 		s.log.infof("listening on %s", l.Addr())
-		go func() { serveErr <- hs.Serve(l) }()
+		listeners[i] = &capListener{Listener: l, c: s.conns}
+		go func() { serveErr <- hs.Serve(listeners[i]) }()
 	}
 	if err := sd.notify("READY=1"); err != nil {
 		s.log.warnf("readiness notification failed: %v", err)
@@ -145,7 +151,15 @@ func (s *server) serve(listeners []net.Listener, sd *notifier) int {
 	sd.notify("STOPPING=1")
 	sctx, cancel := context.WithTimeout(context.Background(), s.cfg.shutdownTimeout)
 	defer cancel()
-	if err := hs.Shutdown(sctx); err != nil {
+	// Answers end their connections, an idle one has 2 s for a last request, new ones wait in the socket.
+	s.draining.Store(true)
+	for _, l := range listeners {
+		l.Close()
+	}
+	for end := time.Now().Add(2 * time.Second); s.conns.count() > 0 && time.Now().Before(end); {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if err := hs.Shutdown(sctx); err != nil && !errors.Is(err, net.ErrClosed) { // serve closed the listeners
 		// A handler waiting for systemctl restarted a unit: its row must not be lost.
 		wait := s.cfg.commandTimeout + 10*time.Second
 		s.log.warnf("in-flight requests did not finish within %s: waiting up to %s more", s.cfg.shutdownTimeout, wait)
@@ -160,15 +174,76 @@ func (s *server) serve(listeners []net.Listener, sd *notifier) int {
 	stopDispatcher()
 	<-dispatcherDone
 	<-notifierDone
-	if ev := s.probes.take(time.Now(), true); ev != nil {
-		s.events.Record(*ev)
-	}
+	s.flushSummaries(true)
 	return status
 }
 
-func newHTTPServer(cfg *config, h http.Handler, lg *logger) *http.Server {
-	return &http.Server{Handler: h, ReadHeaderTimeout: cfg.readHeaderTimeout, ReadTimeout: cfg.readTimeout,
+func newHTTPServer(cfg *config, s *server, lg *logger) *http.Server {
+	return &http.Server{Handler: s, ReadHeaderTimeout: cfg.readHeaderTimeout, ReadTimeout: cfg.readTimeout, ConnState: s.conns.track,
 		WriteTimeout: cfg.writeTimeout, IdleTimeout: cfg.idleTimeout, MaxHeaderBytes: maxHeaderBytes, ErrorLog: log.New(lg, "", 0)}
+}
+
+// connTracker follows each connection's state (ConnState): at the cap a quiet one gives way.
+type connTracker struct {
+	mu   sync.Mutex
+	max  int
+	open map[net.Conn]time.Time // since when it is idle or new; zero: a request is being answered
+}
+
+func (c *connTracker) track(conn net.Conn, st http.ConnState) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	switch _, ok := c.open[conn]; {
+	case !ok:
+	case st == http.StateClosed || st == http.StateHijacked:
+		delete(c.open, conn)
+	case st == http.StateActive:
+		c.open[conn] = time.Time{}
+	default:
+		c.open[conn] = time.Now()
+	}
+}
+
+func (c *connTracker) count() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return len(c.open)
+}
+
+// admit takes conn below the cap; at it, one quiet for a second is closed instead, or else conn.
+func (c *connTracker) admit(conn net.Conn) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for old, since := range c.open {
+		if len(c.open) < c.max {
+			break
+		}
+		if !since.IsZero() && time.Since(since) > time.Second {
+			old.Close()
+			delete(c.open, old)
+		}
+	}
+	if len(c.open) >= c.max {
+		return false
+	}
+	c.open[conn] = time.Now()
+	return true
+}
+
+// capListener closes at once a connection the tracker does not admit.
+type capListener struct {
+	net.Listener
+	c *connTracker
+}
+
+func (l *capListener) Accept() (net.Conn, error) {
+	for {
+		conn, err := l.Listener.Accept()
+		if err != nil || l.c.admit(conn) {
+			return conn, err
+		}
+		conn.Close()
+	}
 }
 
 // server is the HTTP handler: ServeHTTP's shared rules around a ServeMux (404, 405 with Allow).
@@ -182,9 +257,17 @@ type server struct {
 	inflight   sync.WaitGroup // handlers running, waited for at shutdown
 	units      unitLookups    // the unit lookups of deliveries, reused for seconds
 	wake       chan struct{}  // a claim was queued: the dispatcher looks at once
-	probes     probeSummary   // successful health and metrics probes, one row a minute
+	probes     summary        // successful health and metrics probes, one row a minute
+	refused    summary        // refused and unknown requests beyond WEBHOOK_REFUSED_ROWS_PER_MINUTE
 	bodies     *byteBudget    // request bodies in memory
-	lastDump   atomic.Int64   // when saveRefused last wrote, unix nanoseconds
+	conns      *connTracker   // open connections: capped, drained at shutdown
+	logins     loginThrottle  // failed status page logins by client
+	draining   atomic.Bool    // shutting down: every answer ends its connection
+	secretsOut *strings.Replacer
+	secrets    []string // secretsOut's pairs
+	disk       cached[int]
+	figures    cached[rendered]
+	lastDump   atomic.Int64 // when saveRefused last wrote, unix nanoseconds
 	health     cached[healthReport]
 	probe      cached[error]
 	reconciled time.Time // when the dispatcher last looked for half-done claims
@@ -199,9 +282,19 @@ func newServer(cfg *config, lg *logger, events *eventLog) *server {
 	s := &server{cfg: cfg, log: lg, events: events, mux: http.NewServeMux(), now: time.Now, getenv: os.Getenv, environ: os.Environ,
 		exec: runCommand, saveFile: writeFileAtomic, wake: make(chan struct{}, 1), units: unitLookups{ttl: unitLookupTTL},
 		bodies: &byteBudget{total: cfg.bodyBudget, free: cfg.bodyBudget, freed: make(chan struct{})},
+		probes: summary{action: "probe-summary"}, refused: summary{action: "request-summary"},
+		figures: cached[rendered]{inFlight: true}, conns: &connTracker{max: cfg.maxConns, open: map[net.Conn]time.Time{}}, logins: loginThrottle{fails: map[string]*loginFails{}},
 		metrics: &metrics{start: time.Now(), requests: map[[2]string]int64{}, deliveries: map[string]int64{},
 			rejections: map[string]int64{}, dispatches: map[string]int64{}}}
 	s.exe, _ = os.Executable()
+	var pairs []string // a longer secret before its prefix
+	for _, v := range slices.SortedFunc(slices.Values(append(slices.Collect(maps.Values(cfg.secrets)), cfg.token, cfg.manualToken,
+		cfg.metricsToken)), func(a, b string) int { return len(b) - len(a) }) {
+		if len(v) >= 6 { // a shorter one would hide every word it is part of; its places are still redacted
+			pairs = append(pairs, v, "REDACTED", url.QueryEscape(v), "REDACTED", url.PathEscape(v), "REDACTED")
+		}
+	}
+	s.secrets, s.secretsOut = pairs, strings.NewReplacer(pairs...)
 	routes := map[string]http.HandlerFunc{
 		"POST /github-package-update/{unit}": s.handlePush, "POST /github-package-update/{unit}/redeploy": s.handlePush,
 		"POST /registry/{source}/{unit}": s.handlePush, "POST /registry/{source}/{unit}/{token}": s.handlePush,
@@ -269,7 +362,9 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	sw := &statusWriter{ResponseWriter: w}
 	sw.Header()["X-Request-Id"] = []string{ri.id} // canonical already: Set would only check it
 	r = r.WithContext(context.WithValue(r.Context(), requestInfoKey{}, ri))
-	r.Body = http.MaxBytesReader(sw, r.Body, s.cfg.maxBodyBytes)
+	body := &budgetBody{ReadCloser: http.MaxBytesReader(sw, r.Body, s.cfg.maxBodyBytes), b: s.bodies, ctx: r.Context()}
+	r.Body = body
+	defer func() { s.bodies.give(body.held) }()
 	defer func() {
 		if p := recover(); p != nil {
 			if p == http.ErrAbortHandler {
@@ -283,8 +378,9 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			s.finish(r, ri, sw.status)
 		}
 	}()
-	if r.TransferEncoding != nil {
-		// A proxy in front may have framed the body by a Content-Length net/http dropped.
+	if r.TransferEncoding != nil || s.draining.Load() {
+		// A proxy in front may have framed the body by a Content-Length net/http dropped; a
+		// stopping server answers what arrived and ends the connection, so nothing is cut off.
 		sw.Header().Set("Connection", "close")
 	}
 	switch {
@@ -295,18 +391,6 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		ri.action = "body-too-large"
 		http.Error(sw, "request body too large", http.StatusRequestEntityTooLarge)
 	default:
-		n := s.cfg.maxBodyBytes // the most a body without Content-Length may hold
-		if r.ContentLength >= 0 {
-			n = min(r.ContentLength, n)
-		}
-		release, ok := s.bodies.reserve(r.Context(), n)
-		if !ok {
-			ri.action = "body-budget"
-			sw.Header().Set("Retry-After", "5")
-			http.Error(sw, "too many request bodies in progress; retry in a few seconds", http.StatusServiceUnavailable)
-			break
-		}
-		defer release()
 		s.mux.ServeHTTP(sw, r)
 	}
 	s.finish(r, ri, cmp.Or(sw.status, http.StatusOK))
@@ -319,14 +403,37 @@ func (s *server) finish(r *http.Request, ri *requestInfo, status int) {
 	if ri.recorded {
 		return
 	}
-	d := s.now().Sub(ri.start)
-	if status == http.StatusOK && (r.Pattern == "GET /health" || r.Pattern == "GET /metrics") {
-		if ev := s.probes.add(r.Pattern, d, s.now()); ev != nil {
+	d, now, low := s.now().Sub(ri.start), s.now(), s.diskFree() < s.cfg.diskReserve
+	sum, budget := &s.refused, int64(s.cfg.refusedRows)
+	switch {
+	case status == http.StatusOK && (r.Pattern == "GET /health" || r.Pattern == "GET /metrics"):
+		sum, budget = &s.probes, 0
+	case low: // request rows stop first: the reserve is for claims and task rows
+		budget = 0
+	case status < 400:
+		sum = nil
+	}
+	if sum != nil {
+		own, ev := sum.add(r.Pattern, status, s.redact(r.Method+" "+redactPath(r.URL.Path)), d, now, budget)
+		if ev != nil {
 			s.events.Record(*ev)
 		}
-		return
+		if !own {
+			return
+		}
 	}
 	s.events.Record(s.requestEvent(r, ri, status, d))
+}
+
+// diskFree is the free space of the database's file system, read at most once a second.
+func (s *server) diskFree() int {
+	return s.disk.get(s.now, func(context.Context) int {
+		var st syscall.Statfs_t
+		if err := syscall.Statfs(filepath.Dir(s.cfg.dbPath), &st); err != nil {
+			return math.MaxInt // no reading is no reason to stop recording
+		}
+		return int(st.Bavail) * int(st.Bsize)
+	})
 }
 
 func (s *server) requestEvent(r *http.Request, ri *requestInfo, status int, d time.Duration) event {
@@ -341,16 +448,16 @@ func (s *server) requestEvent(r *http.Request, ri *requestInfo, status int, d ti
 	for k, v := range meta {
 		switch v := v.(type) {
 		case string:
-			meta[k] = boundField(v)
+			meta[k] = boundField(s.redact(v))
 		case []string:
 			out := make([]string, len(v))
-			for i, s := range v {
-				out[i] = boundField(s)
+			for i, v := range v {
+				out[i] = boundField(s.redact(v))
 			}
 			meta[k] = out
 		}
 	}
-	return event{RequestID: ri.id, TS: s.now(), Method: boundField(r.Method), Path: boundField(redactPath(r.URL.Path)),
+	return event{RequestID: ri.id, TS: s.now(), Method: boundField(s.redact(r.Method)), Path: boundField(s.redact(redactPath(r.URL.Path))),
 		Status: status, Action: cmp.Or(ri.action, defaultAction(r.Pattern, status)), Duration: d, Meta: meta}
 }
 
@@ -381,44 +488,61 @@ var plainText = []string{"text/plain; charset=utf-8"}
 
 var routeActions = map[string]string{"": "http", "GET /health": "health", "GET /sse/hello": "sse-hello"}
 
-// byteBudget bounds the bodies in memory: reserved before a handler reads, freed when answered.
+// byteBudget bounds the bodies in memory, counting bytes as they arrive, freed when answered.
 type byteBudget struct {
 	mu          sync.Mutex
 	total, free int64
 	freed       chan struct{} // closed and replaced whenever bytes are freed
 }
 
-// reserve takes n bytes, waiting up to bodyBudgetWait, and returns their release.
-func (b *byteBudget) reserve(ctx context.Context, n int64) (release func(), ok bool) {
-	n = min(n, b.total)
-	if n <= 0 {
-		return func() {}, true
-	}
-	t := time.NewTimer(bodyBudgetWait)
-	defer t.Stop()
+// take counts n bytes, waiting up to bodyBudgetWait for room.
+func (b *byteBudget) take(ctx context.Context, n int64) bool {
+	var timeout <-chan time.Time // only a read that waits pays for a timer
 	for {
 		b.mu.Lock()
 		if n <= b.free {
 			b.free -= n
 			b.mu.Unlock()
-			return func() {
-				b.mu.Lock()
-				b.free += n
-				close(b.freed)
-				b.freed = make(chan struct{})
-				b.mu.Unlock()
-			}, true
+			return true
 		}
 		freed := b.freed
 		b.mu.Unlock()
+		if timeout == nil {
+			timeout = time.After(bodyBudgetWait)
+		}
 		select {
 		case <-freed:
-		case <-t.C:
-			return nil, false
+		case <-timeout:
+			return false
 		case <-ctx.Done():
-			return nil, false
+			return false
 		}
 	}
+}
+
+func (b *byteBudget) give(n int64) {
+	b.mu.Lock()
+	b.free += n
+	close(b.freed)
+	b.freed = make(chan struct{})
+	b.mu.Unlock()
+}
+
+// budgetBody is a request body whose bytes are taken from the budget as they are read.
+type budgetBody struct {
+	io.ReadCloser
+	b    *byteBudget
+	ctx  context.Context
+	held int64
+}
+
+func (r *budgetBody) Read(p []byte) (int, error) {
+	n, err := r.ReadCloser.Read(p)
+	if n > 0 && !r.b.take(r.ctx, int64(n)) {
+		return 0, errBodyBudget
+	}
+	r.held += int64(n)
+	return n, err
 }
 
 func (s *server) handleHello(w http.ResponseWriter, r *http.Request) {
@@ -569,13 +693,10 @@ func (s *server) pushSecret(p *push) *refusal {
 // 3. The body is read whole, within the cap.
 func (s *server) pushBody(p *push) *refusal {
 	var err error
-	if p.r.ContentLength <= 0 {
-		p.body, err = io.ReadAll(p.r.Body)
-	} else { // into one buffer of the announced size
-		p.body = make([]byte, p.r.ContentLength)
-		_, err = io.ReadFull(p.r.Body, p.body)
-	}
+	p.body, err = io.ReadAll(p.r.Body) // grown as bytes arrive, never to a size only announced
 	switch _, tooLarge := errors.AsType[*http.MaxBytesError](err); {
+	case errors.Is(err, errBodyBudget):
+		return &refusal{http.StatusServiceUnavailable, "body-budget", "too many request bodies in progress; retry in a few seconds", 5}
 	case tooLarge:
 		return refuse(http.StatusRequestEntityTooLarge, "body-too-large", "request body too large")
 	case err != nil:
@@ -748,9 +869,14 @@ func (s *server) enqueue(w http.ResponseWriter, r *http.Request, spec taskSpec) 
 
 // reDeliveryID accepts only ids taskUnitName keeps as they are, so two never share a task unit.
 var (
-	reDeliveryID = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$`)
-	reEventName  = regexp.MustCompile(`^[a-z][a-z_]{0,63}$`)
+	reDeliveryID  = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$`)
+	reEventName   = regexp.MustCompile(`^[a-z][a-z_]{0,63}$`)
+	errBodyBudget = errors.New("too many request bodies in progress")
 )
+
+// registryIDPrefixes are the registry sources' delivery id namespaces (pushID, hashID, the source's
+// name): a GitHub delivery id is not signed, so it may use none, or it could claim their pushes.
+var registryIDPrefixes = []string{"dist-", "harbor-", "gitea-", "hub-", "distribution-", "dockerhub-", "quay-"}
 
 // githubHeaders checks X-GitHub-Event and X-GitHub-Delivery, the allowed events, and answers a ping.
 func githubHeaders(s *server, p *push) *refusal {
@@ -764,6 +890,9 @@ func githubHeaders(s *server, p *push) *refusal {
 	if !reDeliveryID.MatchString(p.id) {
 		p.ri.meta["delivery"] = "(invalid)"
 		return refuse(http.StatusBadRequest, "bad-delivery-header", "invalid X-GitHub-Delivery header")
+	}
+	if slices.ContainsFunc(registryIDPrefixes, func(prefix string) bool { return strings.HasPrefix(p.id, prefix) }) {
+		return refuse(http.StatusBadRequest, "bad-delivery-header", "X-GitHub-Delivery is in a registry source's id namespace")
 	}
 	if len(s.cfg.allowedEvents) > 0 && !slices.Contains(s.cfg.allowedEvents, p.event) {
 		return refuse(http.StatusAccepted, "event-not-allowed", "event ignored")
@@ -851,8 +980,7 @@ func urlTokenAuth(secret string, r *http.Request, _ []byte) error {
 	return nil
 }
 
-// saveRefused writes a refused body (up to debugPayloadCap) to the debug payload path after the
-// answer, at most once a second, and reports whether it will.
+// saveRefused writes a refused body (≤ debugPayloadCap) after the answer, at most once a second; true if it will.
 func (s *server) saveRefused(body []byte) bool {
 	now, last := s.now().UnixNano(), s.lastDump.Load()
 	if last != 0 && now-last < int64(time.Second) || !s.lastDump.CompareAndSwap(last, now) {
@@ -895,8 +1023,7 @@ func manualError(w http.ResponseWriter, r *http.Request, status int, code, text 
 	replyJSON(w, status, map[string]string{"error": text})
 }
 
-// decodeStrict decodes one JSON object into v, refusing unknown fields, wrong types and trailing
-// data; an empty body leaves v as it is.
+// decodeStrict decodes one JSON object into v (no unknown field, wrong type or trailing data; empty: v as is).
 func decodeStrict(body io.Reader, v any) error {
 	dec := json.NewDecoder(body)
 	dec.DisallowUnknownFields()
@@ -915,46 +1042,62 @@ func decodeStrict(body io.Reader, v any) error {
 	return nil
 }
 
-// probeSummary folds successful /health and /metrics probes into one row per minute.
-type probeSummary struct {
-	mu      sync.Mutex
-	minute  time.Time        // the minute being counted; zero: nothing counted
-	routes  map[string]int64 // probes by route pattern
-	slowest time.Duration
+// summary counts requests of one kind in one row a minute (routes, statuses, samples): successful
+// probes, and refused and unknown requests beyond the minute's budget of rows.
+type summary struct {
+	action           string
+	mu               sync.Mutex
+	minute           time.Time // the minute being counted; zero: nothing yet
+	rows, n          int64     // rows let through this minute; requests counted
+	routes, statuses map[string]int64
+	samples          []string
+	slowest          time.Duration
 }
 
-// add counts a probe and returns the previous minute's row if a new minute began.
-func (p *probeSummary) add(route string, d time.Duration, now time.Time) *event {
+// add gives the request its own row within budget, else counts it; ev is a minute that ended.
+func (p *summary) add(route string, status int, sample string, d time.Duration, now time.Time, budget int64) (own bool, ev *event) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	ev := p.takeLocked(now, false)
-	if p.minute.IsZero() {
-		p.minute, p.routes, p.slowest = now.Truncate(time.Minute), map[string]int64{}, 0
+	ev = p.takeLocked(now, false)
+	if m := now.Truncate(time.Minute); !p.minute.Equal(m) {
+		p.minute, p.rows, p.n, p.routes, p.statuses, p.samples, p.slowest = m, 0, 0, map[string]int64{}, map[string]int64{}, nil, 0
 	}
-	p.routes[route]++
+	if p.rows < budget {
+		p.rows++
+		return true, ev
+	}
+	p.n++
+	p.routes[cmp.Or(route, "unmatched")]++
+	p.statuses[strconv.Itoa(status)]++
+	if len(p.samples) < 3 && sample != "" {
+		p.samples = append(p.samples, sample[:min(len(sample), 200)])
+	}
 	p.slowest = max(p.slowest, d)
-	return ev
+	return false, ev
 }
 
-func (p *probeSummary) take(now time.Time, force bool) *event {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.takeLocked(now, force)
-}
-
-func (p *probeSummary) takeLocked(now time.Time, force bool) *event {
-	if p.minute.IsZero() || !force && now.Truncate(time.Minute).Equal(p.minute) {
+func (p *summary) takeLocked(now time.Time, force bool) *event {
+	if p.n == 0 || !force && now.Truncate(time.Minute).Equal(p.minute) {
 		return nil
 	}
-	var n int64
-	for _, c := range p.routes {
-		n += c
-	}
-	ev := &event{RequestID: newRequestID(), TS: p.minute, Method: "GET", Status: http.StatusOK, Action: "probe-summary",
-		Duration: p.slowest, Meta: map[string]any{"count": n, "routes": p.routes, "statuses": map[string]int64{"200": n},
-			"slowest_ms": p.slowest.Milliseconds(), "from": p.minute.UTC().Format(time.RFC3339)}}
-	p.minute, p.routes = time.Time{}, nil
+	status, _ := strconv.Atoi(slices.MaxFunc(slices.Collect(maps.Keys(p.statuses)), func(a, b string) int { return cmp.Compare(p.statuses[a], p.statuses[b]) }))
+	ev := &event{RequestID: newRequestID(), TS: p.minute, Method: "HTTP", Status: status, Action: p.action, Duration: p.slowest,
+		Meta: map[string]any{"count": p.n, "routes": p.routes, "statuses": p.statuses, "slowest_ms": p.slowest.Milliseconds(),
+			"from": p.minute.UTC().Format(time.RFC3339), "samples": p.samples}}
+	p.n, p.routes, p.statuses, p.samples, p.slowest = 0, map[string]int64{}, map[string]int64{}, nil, 0
 	return ev
+}
+
+// flushSummaries records the summaries of minutes that ended (force: also the current one).
+func (s *server) flushSummaries(force bool) {
+	for _, p := range []*summary{&s.probes, &s.refused} {
+		p.mu.Lock()
+		ev := p.takeLocked(s.now(), force)
+		p.mu.Unlock()
+		if ev != nil {
+			s.events.Record(*ev)
+		}
+	}
 }
 
 // tokenMatches compares sha256 sums in constant time (no length or prefix shows); "" matches nothing.
@@ -987,13 +1130,25 @@ var (
 	reQueryPart  = regexp.MustCompile(`[^&;]+`)
 )
 
-// redactPath hides the token of /registry/<source>/<unit>/<token>, however the path is spelled.
+// redact replaces every configured secret and token, as it is or URL-escaped, wherever it is.
+func (s *server) redact(v string) string {
+	for i := 0; i < len(s.secrets); i += 2 { // only a value holding one pays for the Replacer
+		if strings.Contains(v, s.secrets[i]) {
+			return s.secretsOut.Replace(v)
+		}
+	}
+	return v
+}
+
+// redactPath hides what follows /registry/<source>/<unit>/, however spelled, cased or prefixed.
 func redactPath(p string) string {
 	segs := slices.DeleteFunc(strings.Split(p, "/"), func(s string) bool { return s == "" || s == "." })
-	if len(segs) < 4 || segs[0] != "registry" {
-		return p
+	for i, seg := range segs {
+		if strings.Contains(strings.ToLower(seg), "registry") && len(segs) > i+3 {
+			return "/" + strings.Join(segs[:i+3], "/") + "/REDACTED"
+		}
 	}
-	return "/registry/" + segs[1] + "/" + segs[2] + "/REDACTED"
+	return p
 }
 
 // redactQuery redacts secret parameters part by part, without parsing: a bad query is redacted too.
@@ -1052,18 +1207,20 @@ type healthReport struct {
 	db, body map[string]any
 }
 
-// cached is a value computed at most once per healthCacheFor, concurrent callers sharing one
-// computation; the check and the write probe have one each, so plain /health never waits.
+// cached is a value computed one at a time and reused for healthCacheFor (inFlight: only by the
+// callers that arrived while it was computed); plain /health never waits for the write probe.
 type cached[T any] struct {
-	mu sync.Mutex
-	at time.Time
-	v  T
+	mu       sync.Mutex
+	at       time.Time
+	v        T
+	inFlight bool
 }
 
 func (c *cached[T]) get(now func() time.Time, compute func(ctx context.Context) T) T {
+	arrived := now()
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if t := now(); !c.at.IsZero() && !t.Before(c.at) && t.Sub(c.at) < healthCacheFor {
+	if t := now(); !c.at.IsZero() && !t.Before(c.at) && (c.inFlight && c.at.After(arrived) || !c.inFlight && t.Sub(c.at) < healthCacheFor) {
 		return c.v
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
@@ -1072,13 +1229,12 @@ func (c *cached[T]) get(now func() time.Time, compute func(ctx context.Context) 
 	return c.v
 }
 
-// checkHealth checks that the database is the file open and its newest write did not fail, and
-// that the state directory takes a new file.
+// checkHealth: the database is the file opened, its newest write did not fail, the state dir takes a file.
 func (s *server) checkHealth(ctx context.Context) healthReport {
 	var failing, dbErrs []string
 	db := map[string]any{"path": s.cfg.dbPath, "pending_writes": s.events.pending.Load(),
 		"write_failures": s.events.failures.Load(), "writable": true}
-	if v, err := s.events.schemaVersion(ctx); err == nil {
+	if v, err := schemaVersion(ctx, s.events.reader); err == nil {
 		db["schema_version"] = v
 	}
 	for _, err := range []error{s.events.usable(), s.events.lastWriteFailed()} {
@@ -1089,6 +1245,10 @@ func (s *server) checkHealth(ctx context.Context) healthReport {
 	if len(dbErrs) > 0 {
 		db["writable"], db["error"] = false, strings.Join(dbErrs, "; ")
 		failing = append(failing, "database")
+	}
+	if free := s.diskFree(); free < s.cfg.diskReserve {
+		db["free_bytes"], db["request_rows"] = free, "summarised: free space is below WEBHOOK_DISK_RESERVE_MB"
+		failing = append(failing, "disk")
 	}
 	state := map[string]any{"path": s.cfg.stateDir, "writable": true}
 	if f, err := os.CreateTemp(s.cfg.stateDir, ".health-*"); err != nil {
@@ -1101,7 +1261,7 @@ func (s *server) checkHealth(ctx context.Context) healthReport {
 	body := map[string]any{"state_dir": state, "github_secret_configured": s.cfg.secrets["github"] != "",
 		"token_configured": s.cfg.token != "", "manual_token_configured": s.cfg.manualToken != "",
 		"metrics_token_configured": s.cfg.metricsToken != "", "version": buildVersion()}
-	if ticks, err := queryEvents(ctx, s.events.db, eventFilter{action: "scheduler", limit: 1}); err == nil && len(ticks) > 0 {
+	if ticks, err := queryEvents(ctx, s.events.reader, eventFilter{action: "scheduler", limit: 1}); err == nil && len(ticks) > 0 {
 		body["last_scheduler_tick"] = map[string]any{"time": ticks[0].Time, "status": ticks[0].Status}
 	}
 	return healthReport{failing: failing, db: db, body: body}
@@ -1148,7 +1308,7 @@ func (s *server) handleMetrics(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	var buf strings.Builder
-	if err := s.writeMetrics(r.Context(), &promWriter{w: &buf}); err != nil {
+	if err := s.writeMetrics(&promWriter{w: &buf}); err != nil {
 		s.log.errorf("metrics: %v", err)
 		reply(w, r, http.StatusInternalServerError, "metrics-failed", "cannot read the event log")
 		return
@@ -1157,7 +1317,7 @@ func (s *server) handleMetrics(w http.ResponseWriter, r *http.Request) {
 	io.WriteString(w, buf.String())
 }
 
-func (s *server) writeMetrics(ctx context.Context, p *promWriter) error {
+func (s *server) writeMetrics(p *promWriter) error {
 	m := s.metrics
 	m.mu.Lock()
 	p.counters("webhook_http_requests_total", "HTTP requests answered, by route pattern and status.", []string{"route", "status"}, m.requests)
@@ -1167,7 +1327,26 @@ func (s *server) writeMetrics(ctx context.Context, p *promWriter) error {
 	m.mu.Unlock()
 	p.gauge("webhook_event_log_write_failures_total", "counter", "Event rows that could not be written and went to stderr.", float64(s.events.failures.Load()))
 	p.gauge("webhook_event_log_queue_depth", "gauge", "Event rows queued and not yet committed.", float64(s.events.pending.Load()))
-	pending, oldest, err := s.events.queueStats(ctx)
+	p.gauge("process_start_time_seconds", "gauge", "Start time of the process since the unix epoch in seconds.", float64(m.start.Unix()))
+	p.family("webhook_build_info", "gauge", "Build information; the value is always 1.")
+	p.sample("webhook_build_info", []string{"version", buildVersion(), "goversion", runtime.Version()}, 1)
+	f := s.figures.get(s.now, func(ctx context.Context) rendered {
+		var b strings.Builder
+		err := s.writeDBMetrics(ctx, &promWriter{w: &b})
+		return rendered{b.String(), err}
+	})
+	p.printf("%s", f.text)
+	return cmp.Or(f.err, p.err)
+}
+
+// rendered is /metrics' part from the database, read by one scrape at a time (cached.inFlight).
+type rendered struct {
+	text string
+	err  error
+}
+
+func (s *server) writeDBMetrics(ctx context.Context, p *promWriter) error {
+	pending, oldest, err := queueStats(ctx, s.events.reader)
 	if err != nil {
 		return err
 	}
@@ -1177,7 +1356,7 @@ func (s *server) writeMetrics(ctx context.Context, p *promWriter) error {
 		age = max(time.Since(oldest).Seconds(), 0)
 	}
 	p.gauge("webhook_delivery_queue_oldest_age_seconds", "gauge", "Age of the oldest pending delivery; 0 when none waits.", age)
-	waiting, err := countsBy(ctx, s.events.db, waitingSQL)
+	waiting, err := countsBy(ctx, s.events.reader, waitingSQL)
 	if err != nil {
 		return err
 	}
@@ -1185,19 +1364,16 @@ func (s *server) writeMetrics(ctx context.Context, p *promWriter) error {
 	for _, r := range []string{waitCooldown, waitWindow, waitApproval} {
 		p.sample("webhook_delivery_queue_waiting", []string{"reason", r}, float64(waiting[r]))
 	}
-	p.gauge("process_start_time_seconds", "gauge", "Start time of the process since the unix epoch in seconds.", float64(m.start.Unix()))
-	p.family("webhook_build_info", "gauge", "Build information; the value is always 1.")
-	p.sample("webhook_build_info", []string{"version", buildVersion(), "goversion", runtime.Version()}, 1)
-	outcomes, err := outcomeCounts(ctx, s.events.db)
+	outcomes, err := outcomeCounts(ctx, s.events.reader)
 	if err != nil {
 		return err
 	}
 	p.counter("webhook_redeploys_total", "Redeploy tasks that ended, by outcome (ok, rolled-back, failed, skipped).", "outcome", outcomes)
-	steps, err := countsBy(ctx, s.events.db, stepCountsSQL)
+	steps, err := countsBy(ctx, s.events.reader, stepCountsSQL)
 	if err != nil {
 		return err
 	}
-	sends, err := notifyCounts(ctx, s.events.db)
+	sends, err := notifyCounts(ctx, s.events.reader)
 	if err != nil {
 		return err
 	}
@@ -1212,7 +1388,7 @@ func (s *server) writeMetrics(ctx context.Context, p *promWriter) error {
 		{"webhook_restart_duration_seconds", "Duration of systemctl restart of redeployed units.", "restarted", "restart_ms",
 			[]float64{0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60}},
 	} {
-		ms, err := stepDurations(ctx, s.events.db, h.step, h.key)
+		ms, err := stepDurations(ctx, s.events.reader, h.step, h.key)
 		if err != nil {
 			return err
 		}
@@ -1288,8 +1464,7 @@ func (p *promWriter) histogram(name string, buckets []float64, ms []float64) {
 	p.sample(name+"_count", nil, float64(len(ms)))
 }
 
-// handleEvents lists rows, newest first, with the events command's filters as parameters and
-// keyset paging: next_before_id is the next page's before_id.
+// handleEvents lists rows newest first, with the events command's filters, paged by next_before_id.
 func (s *server) handleEvents(w http.ResponseWriter, r *http.Request) {
 	info(r).action = "events-api"
 	if !s.apiAuthorized(w, r) {
@@ -1300,7 +1475,7 @@ func (s *server) handleEvents(w http.ResponseWriter, r *http.Request) {
 		manualError(w, r, http.StatusBadRequest, "bad-filter", err.Error())
 		return
 	}
-	evs, err := queryEvents(r.Context(), s.events.db, f)
+	evs, err := queryEvents(r.Context(), s.events.reader, f)
 	if err != nil {
 		s.log.errorf("events api: %v", err)
 		manualError(w, r, http.StatusInternalServerError, "query-failed", "cannot read the event log")
@@ -1324,7 +1499,7 @@ func (s *server) handleDelivery(w http.ResponseWriter, r *http.Request) {
 		manualError(w, r, http.StatusBadRequest, "bad-delivery", "invalid delivery id")
 		return
 	}
-	v, ok, err := deliveryStory(r.Context(), s.events.db, id, s.now(), time.UTC)
+	v, ok, err := deliveryStory(r.Context(), s.events.reader, id, s.now(), time.UTC)
 	switch {
 	case err != nil:
 		s.log.errorf("deliveries api: %v", err)
@@ -1405,12 +1580,19 @@ func (s *server) handleStatusLogin(w http.ResponseWriter, r *http.Request) {
 	ri := info(r)
 	ri.action = "status-login"
 	next := statusNext(r.PostFormValue("next"))
-	switch {
+	client, _, _ := net.SplitHostPort(r.RemoteAddr)
+	switch wait := s.logins.wait(client, s.now(), false); {
+	case wait > 0:
+		ri.meta["reason"] = "login-throttled"
+		w.Header().Set("Retry-After", strconv.Itoa(int((wait+time.Second-1)/time.Second)))
+		s.renderStatus(w, http.StatusTooManyRequests, statusView{Page: "login", Title: "Log in", Next: next,
+			Message: "Too many failed logins from your address: wait a while before the next try."})
 	case s.cfg.manualToken == "":
 		ri.meta["reason"] = "no-token"
 		s.renderStatus(w, http.StatusForbidden, statusView{Page: "no-token", Title: "Status page"})
 	case !tokenMatches(s.cfg.manualToken, r.PostFormValue("token")):
 		ri.meta["reason"] = "wrong-token"
+		s.logins.wait(client, s.now(), true)
 		s.renderStatus(w, http.StatusForbidden, statusView{Page: "login", Title: "Log in", Next: next,
 			Message: "That is not the manual token: check WEBHOOK_MANUAL_TOKEN (or WEBHOOK_TOKEN) in the server's environment."})
 	default:
@@ -1418,6 +1600,40 @@ func (s *server) handleStatusLogin(w http.ResponseWriter, r *http.Request) {
 		http.SetCookie(w, statusCookieFor(r, statusSession(s.cfg.manualToken, s.now().Add(statusSessionTTL)), int(statusSessionTTL/time.Second)))
 		http.Redirect(w, r, next, http.StatusSeeOther)
 	}
+}
+
+// loginLimit: after count failed logins each makes the client wait, from 1 s doubling up to span.
+var loginLimit, maxLoginClients = window{count: 5, span: 15 * time.Minute}, 4096
+
+// loginThrottle counts failed logins by client address, forgetting the stalest past maxLoginClients.
+type loginThrottle struct {
+	mu    sync.Mutex
+	fails map[string]*loginFails
+}
+
+type loginFails struct {
+	n           int
+	last, until time.Time
+}
+
+// wait is how long client must wait for its next login; with failed, counting a failure first.
+func (t *loginThrottle) wait(client string, now time.Time, failed bool) time.Duration {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	f := cmp.Or(t.fails[client], &loginFails{})
+	if failed {
+		if t.fails[client] != f || now.Sub(f.last) > loginLimit.span {
+			if len(t.fails) >= maxLoginClients {
+				delete(t.fails, slices.MinFunc(slices.Collect(maps.Keys(t.fails)), func(a, b string) int { return t.fails[a].last.Compare(t.fails[b].last) }))
+			}
+			f = &loginFails{}
+			t.fails[client] = f
+		}
+		if f.n, f.last = f.n+1, now; f.n >= loginLimit.count {
+			f.until = now.Add(min(time.Second<<min(f.n-loginLimit.count, 20), loginLimit.span))
+		}
+	}
+	return max(f.until.Sub(now), 0)
 }
 
 func statusCookieFor(r *http.Request, value string, maxAge int) *http.Cookie {
@@ -1540,7 +1756,7 @@ func (s *server) handleStatusOverview(w http.ResponseWriter, r *http.Request) {
 		ctx, now := r.Context(), s.now()
 		v := statusView{Page: "overview", Title: "Overview", Nav: true, Refresh: true, Now: statusTime(now.Unix(), time.Local)}
 		var err error
-		if v.Units, err = statusUnits(ctx, s.events.db, time.Local); err != nil {
+		if v.Units, err = statusUnits(ctx, s.events.reader, time.Local); err != nil {
 			return 0, v, err
 		}
 		for i, u := range v.Units {
@@ -1550,12 +1766,12 @@ func (s *server) handleStatusOverview(w http.ResponseWriter, r *http.Request) {
 			v.Units[i].Policy, v.Units[i].PolicyError = s.policyText(ctx, u.Unit)
 		}
 		var oldest time.Time
-		if v.Pending, oldest, err = s.events.queueStats(ctx); err == nil && v.Pending > 0 {
+		if v.Pending, oldest, err = queueStats(ctx, s.events.reader); err == nil && v.Pending > 0 {
 			v.Oldest = max(now.Sub(oldest), 0).Truncate(time.Second).String()
-			v.Waiting, err = countsBy(ctx, s.events.db, waitingSQL)
+			v.Waiting, err = countsBy(ctx, s.events.reader, waitingSQL)
 		}
 		if err == nil {
-			v.Chart, err = redeployChart(ctx, s.events.db, now, time.Local)
+			v.Chart, err = redeployChart(ctx, s.events.reader, now, time.Local)
 		}
 		return http.StatusOK, v, err
 	})
@@ -1598,7 +1814,7 @@ func (s *server) handleStatusDeliveries(w http.ResponseWriter, r *http.Request) 
 		if problem != nil {
 			return http.StatusBadRequest, statusError("Deliveries", problem.Error()), nil
 		}
-		v.Deliveries, v.Older, err = statusDeliveries(r.Context(), s.events.db, v.Filter, time.Local)
+		v.Deliveries, v.Older, err = statusDeliveries(r.Context(), s.events.reader, v.Filter, time.Local)
 		return http.StatusOK, v, err
 	})
 }
@@ -1609,7 +1825,7 @@ func (s *server) handleStatusStory(w http.ResponseWriter, r *http.Request) {
 		if !reDeliveryID.MatchString(id) {
 			return http.StatusBadRequest, statusError("Delivery", "invalid delivery id"), nil
 		}
-		story, ok, err := deliveryStory(r.Context(), s.events.db, id, s.now(), time.Local)
+		story, ok, err := deliveryStory(r.Context(), s.events.reader, id, s.now(), time.Local)
 		if !ok {
 			return http.StatusNotFound, statusError("Delivery", "The event log has no row of delivery "+id+"."), err
 		}

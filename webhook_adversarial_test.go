@@ -979,6 +979,7 @@ func TestFaultDatabaseUnwritable(t *testing.T) {
 	t.Cleanup(func() { syscall.Unmount(mnt, syscall.MNT_DETACH) })
 	s := newAdvServer(t, map[string]string{"WEBHOOK_STATE_DIR": state})
 	s.cfg.stateDir = state
+	s.cfg.diskReserve = 0 // writes that fail, not the free-space reserve (TestDiskReserve)
 	if _, code := s.getHello(t); code != 200 {
 		t.Fatal("no /health before the fault")
 	}

@@ -5,11 +5,13 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"database/sql"
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -834,4 +836,158 @@ func TestE2ECooldownCoversPushes(t *testing.T) {
 	}
 	t.Logf("three pushes %v apart → one task (delivery %s) dispatched %ds after the last claim, covering %v; %s runs v4",
 		gaps, deliveries[0], dispatched-newestMS/1000, deliveries, ctr)
+}
+
+// keepAliveClient sends requests written by hand over one connection at a time, reconnecting
+// after an answer that ends it, so that every request sent either has an answer or is counted
+// lost (net/http's client would retry a GET on its own and hide a drop).
+type keepAliveClient struct {
+	addr string
+	c    net.Conn
+	br   *bufio.Reader
+}
+
+func (k *keepAliveClient) do(req string) (int, string, error) {
+	if k.c == nil {
+		c, err := net.Dial("tcp", k.addr)
+		if err != nil {
+			return 0, "", err
+		}
+		k.c, k.br = c, bufio.NewReader(c)
+	}
+	k.c.SetDeadline(time.Now().Add(time.Minute))
+	resp, err := func() (*http.Response, error) {
+		if _, err := io.WriteString(k.c, req); err != nil {
+			return nil, err
+		}
+		return http.ReadResponse(k.br, nil)
+	}()
+	var body []byte
+	if err == nil {
+		body, err = io.ReadAll(resp.Body)
+	}
+	if err != nil || resp.Close {
+		k.c.Close()
+		k.c = nil
+	}
+	if err != nil {
+		return 0, "", err
+	}
+	return resp.StatusCode, strings.TrimSpace(string(body)), nil
+}
+
+// TestE2ERestartLosesNothing restarts the socket-activated server six times while one client
+// asks /health in a loop and others send signed deliveries, each on keep-alive connections:
+// every request is answered (by the old process or the new one), and every delivery answered
+// 202 ends done.
+func TestE2ERestartLosesNothing(t *testing.T) {
+	r, bin, state, logPath, port := e2eSocketRig(t)
+	secret := "restart-e2e-" + randomName(t)
+	repo := rigUniqueName(t, "rst")
+	r.PushImage(t, "e2e/"+repo, "latest", "v1")
+	app := repo + ".service"
+	r.InstallUnit(t, app, "[Service]\nExecStart=/bin/sleep 1000\n")
+	if _, err := r.Systemctl(t, "start", app); err != nil {
+		t.Fatal(err)
+	}
+	service, socket := r.installSocketServer(t, bin, state, logPath, port, "Environment=GITHUB_WEBHOOK_SECRET="+secret,
+		"Environment=WEBHOOK_HEALTH_SETTLE_SECS=1", "Environment=WEBHOOK_REGISTRY_HOSTS="+r.Registry(),
+		"Environment=WEBHOOK_ALLOW_ANY_IMAGE=true", "Environment=WEBHOOK_IMAGE_LIMIT_COUNT=10000",
+		"StartLimitInterval=0") // six restarts in a few seconds are this test's point, not a crash loop
+	if _, err := r.Systemctl(t, "start", socket); err != nil {
+		t.Fatal(err)
+	}
+	serverLog := func() string { b, _ := os.ReadFile(logPath); return string(b) }
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	body := githubPackagePayload(r.Registry(), "e2e", repo, "latest", "")
+	deliveryReq := func(id string) string {
+		return fmt.Sprintf("POST /github-package-update/%s HTTP/1.1\r\nHost: test\r\nX-Hub-Signature-256: %s\r\n"+
+			"X-GitHub-Event: package\r\nX-GitHub-Delivery: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s",
+			repo, hubSignature(secret, body), id, len(body), body)
+	}
+	if code, text, err := (&keepAliveClient{addr: addr}).do(deliveryReq("rst-first")); err != nil || code != 202 {
+		t.Fatalf("first delivery: %d %q %v; server log:\n%s", code, text, err, serverLog())
+	}
+
+	stop := make(chan struct{})
+	var mu sync.Mutex
+	var lost []string
+	var health, deliveries atomic.Int64
+	accepted := []string{"rst-first"}
+	var wg sync.WaitGroup
+	loop := func(name string, next func(i int) (req, id string), ok func(code int, id string)) {
+		defer wg.Done()
+		k := &keepAliveClient{addr: addr}
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			req, id := next(i)
+			code, text, err := k.do(req)
+			if err != nil {
+				mu.Lock()
+				lost = append(lost, fmt.Sprintf("%s %d: %v", name, i, err))
+				mu.Unlock()
+				continue
+			}
+			if code != 200 && code != 202 {
+				t.Errorf("%s %d: %d %q", name, i, code, text)
+			}
+			ok(code, id)
+		}
+	}
+	wg.Add(1)
+	go loop("health", func(int) (string, string) { return "GET /health HTTP/1.1\r\nHost: test\r\n\r\n", "" },
+		func(int, string) { health.Add(1) })
+	for w := range 3 {
+		wg.Add(1)
+		go loop(fmt.Sprint("deliveries-", w), func(i int) (string, string) {
+			time.Sleep(20 * time.Millisecond)
+			id := fmt.Sprintf("rst-%d-%d", w, i)
+			return deliveryReq(id), id
+		}, func(code int, id string) {
+			deliveries.Add(1)
+			if code == 202 {
+				mu.Lock()
+				accepted = append(accepted, id)
+				mu.Unlock()
+			}
+		})
+	}
+	pids := []string{r.Show(t, service, "MainPID")["MainPID"]}
+	for range 6 {
+		before := health.Load() + deliveries.Load()
+		r.WaitFor(t, time.Minute, func() bool { return health.Load()+deliveries.Load() > before+200 }, "answers between restarts")
+		if _, err := r.Systemctl(t, "restart", service); err != nil {
+			t.Fatalf("restart: %v; server log:\n%s", err, serverLog())
+		}
+		pids = append(pids, r.Show(t, service, "MainPID")["MainPID"])
+	}
+	before := health.Load()
+	r.WaitFor(t, time.Minute, func() bool { return health.Load() > before+50 }, "answers after the last restart")
+	close(stop)
+	wg.Wait()
+	t.Logf("main PIDs %v; %d /health and %d deliveries answered, %d accepted, %d lost", pids, health.Load(), deliveries.Load(), len(accepted), len(lost))
+	if len(slices.Compact(slices.Clone(pids))) != 7 {
+		t.Errorf("main PIDs %v: want 7 processes", pids)
+	}
+	if len(lost) > 0 {
+		t.Errorf("%d requests lost across the restarts: %v; server log:\n%s", len(lost), lost, serverLog())
+	}
+	db := rawDB(t, filepath.Join(state, "data", "pod-upgrade-trigger.db"))
+	r.WaitFor(t, 3*time.Minute, func() bool {
+		return queryInt(t, db, `SELECT count(*) FROM github_deliveries WHERE status = 'done'`) >= len(accepted)
+	}, "every accepted delivery's claim to be done")
+	var notDone []string
+	for _, id := range accepted {
+		var status string
+		if err := db.QueryRow(`SELECT status FROM github_deliveries WHERE delivery_id = ?`, id).Scan(&status); err != nil || status != "done" {
+			notDone = append(notDone, id+" "+status)
+		}
+	}
+	if len(notDone) > 0 {
+		t.Errorf("accepted deliveries not done: %v", notDone)
+	}
 }

@@ -670,7 +670,7 @@ func TestDispatcherRules(t *testing.T) {
 		if st := d.state(t)["g-1"]; st != "dispatched/g-1" {
 			t.Errorf("g-1 after the restart: %s, want dispatched", st)
 		}
-		pending, oldest, err := d.events.queueStats(context.Background())
+		pending, oldest, err := queueStats(context.Background(), d.events.db)
 		if err != nil || pending != 0 || !oldest.IsZero() {
 			t.Errorf("queueStats with nothing pending: %d %v %v", pending, oldest, err)
 		}

@@ -549,6 +549,19 @@ func TestGracefulShutdown(t *testing.T) {
 				ok++
 			}
 
+			// A keep-alive connection, idle when the signal comes, whose next request arrives
+			// during the shutdown: it is answered, with Connection: close, not dropped.
+			idle := dial()
+			defer idle.Close()
+			idleR := bufio.NewReader(idle)
+			fmt.Fprint(idle, "GET /health HTTP/1.1\r\nHost: test\r\n\r\n")
+			if resp, err := http.ReadResponse(idleR, nil); err != nil || resp.StatusCode != 200 || resp.Close {
+				t.Fatalf("/health on a keep-alive connection: %v %v", resp, err)
+			} else {
+				io.Copy(io.Discard, resp.Body)
+				ok++
+			}
+
 			inflight := dial()
 			defer inflight.Close()
 			fmt.Fprint(inflight, "GET /assets/big.js HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
@@ -578,6 +591,13 @@ func TestGracefulShutdown(t *testing.T) {
 					t.Fatal("the listener stayed open after SIGTERM")
 				}
 				time.Sleep(10 * time.Millisecond)
+			}
+			fmt.Fprint(idle, "GET /health HTTP/1.1\r\nHost: test\r\n\r\n")
+			if resp, err := http.ReadResponse(idleR, nil); err != nil || resp.StatusCode != 200 || !resp.Close {
+				t.Fatalf("a request on a connection idle at SIGTERM: %v %v, want 200 with Connection: close\nstderr:\n%s", resp, err, p.stderr())
+			} else {
+				io.Copy(io.Discard, resp.Body)
+				ok++
 			}
 			got, err := io.ReadAll(resp.Body)
 			if err != nil || !bytes.Equal(got, big) {
@@ -1066,14 +1086,15 @@ func TestRefusedPayloadDump(t *testing.T) {
 // briefly and is then refused 503 with Retry-After (nothing runs, the row says body-budget); a
 // request without a body is served.
 func TestBodyBudget(t *testing.T) {
-	s := newAdvServer(t, map[string]string{"WEBHOOK_BODY_BUDGET_BYTES": strconv.Itoa(advMaxBody)})
-	// A client that announces a body of the whole budget and sends none of it holds the budget.
+	s := newAdvServer(t, map[string]string{"WEBHOOK_BODY_BUDGET_BYTES": strconv.Itoa(advMaxBody - 1)})
+	// A client that sent a body of the whole budget, and not its last byte, holds the budget.
 	c, err := net.Dial("tcp", s.Listener.Addr().String())
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	fmt.Fprintf(c, "POST %s HTTP/1.1\r\nHost: test\r\nX-GitHub-Event: package\r\nContent-Length: %d\r\n\r\n", advUnitPath, advMaxBody)
+	fmt.Fprintf(c, "POST %s HTTP/1.1\r\nHost: test\r\nX-GitHub-Event: package\r\nContent-Length: %d\r\n\r\n%s", advUnitPath, advMaxBody,
+		strings.Repeat("x", advMaxBody-1))
 	waitFor(t, "the slow body to hold the budget", func() bool {
 		s.srv.bodies.mu.Lock()
 		defer s.srv.bodies.mu.Unlock()
@@ -1089,9 +1110,9 @@ func TestBodyBudget(t *testing.T) {
 		status               int
 		action               string
 	}{
-		{"signed delivery", "POST", advUnitPath, [][2]string{{"X-GitHub-Event", "package"}, {"X-GitHub-Delivery", "budget-0"}, sig}, ok, 503, "body-budget"},
-		{"unsigned body", "POST", advUnitPath, [][2]string{{"X-GitHub-Event", "package"}}, ok, 503, "body-budget"},
-		{"manual API body", "POST", "/api/manual/trigger", [][2]string{{"Authorization", "Bearer " + advManualToken}}, []byte(`{"units":["a"]}`), 503, "body-budget"},
+		{"signed delivery", "POST", advUnitPath, [][2]string{{"X-GitHub-Event", "package"}, {"X-GitHub-Delivery", "budget-0"}, sig}, ok, 503, "github-webhook"},
+		{"unsigned body", "POST", advUnitPath, [][2]string{{"X-GitHub-Event", "package"}}, ok, 503, "github-webhook"},
+		{"manual API body", "POST", "/api/manual/trigger", [][2]string{{"Authorization", "Bearer " + advManualToken}}, []byte(`{"units":["a"]}`), 503, "manual-trigger"},
 		{"hello without a body", "GET", "/sse/hello", nil, nil, 200, "sse-hello"},
 	}
 	ids := map[string]string{}
@@ -1123,13 +1144,13 @@ func TestBodyBudget(t *testing.T) {
 func TestBodyBudgetFreed(t *testing.T) {
 	s := newAdvServer(t, map[string]string{"WEBHOOK_BODY_BUDGET_BYTES": strconv.Itoa(advMaxBody)})
 	ok := githubPackagePayload("ghcr.io", "octo-org", "web", "v1", "")
-	release, _ := s.srv.bodies.reserve(context.Background(), advMaxBody)
+	s.srv.bodies.take(context.Background(), advMaxBody)
 	resp, _, err := rawExchange(s.Listener.Addr().String(), "POST", advUnitPath,
 		[][2]string{{"X-GitHub-Event", "package"}, {"X-GitHub-Delivery", "budget-1"}, {"X-Hub-Signature-256", hubSignature(advSecret, ok)}}, ok, false)
 	if err != nil || resp.StatusCode != 503 || resp.Header.Get("Retry-After") == "" {
 		t.Fatalf("with the budget taken: %v %v, want 503 with Retry-After", resp, err)
 	}
-	release()
+	s.srv.bodies.give(advMaxBody)
 	resp, _, err = rawExchange(s.Listener.Addr().String(), "POST", advUnitPath,
 		[][2]string{{"X-GitHub-Event", "package"}, {"X-GitHub-Delivery", "budget-1"}, {"X-Hub-Signature-256", hubSignature(advSecret, ok)}}, ok, false)
 	if err != nil || resp.StatusCode != 202 {
