@@ -18,7 +18,6 @@ import (
 	"crypto/tls"
 	"database/sql"
 	"embed"
-	"encoding/base64"
 	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
@@ -1195,11 +1194,9 @@ func notifyTx(ctx context.Context, tx *sql.Tx, n notice) error {
 
 // stepNotice is the kind of message a task's step ends it with, "" none.
 func stepNotice(step string) string {
-	if kind, ok := map[string]string{"completed": "healthy", "rolled-back": "rolled-back", "rollback-failed": "rollback-failed",
-		"rollback-impossible": "rollback-failed"}[step]; ok || stepClasses[step] != "failed" {
-		return kind
-	}
-	return "failed"
+	kind := map[string]string{"completed": "healthy", "rolled-back": "rolled-back", "rollback-failed": "rollback-failed",
+		"rollback-impossible": "rollback-failed"}[step]
+	return cmp.Or(kind, map[bool]string{true: "failed"}[stepClasses[step] == "failed"])
 }
 
 // outcomeNotice queues the one message of a task's outcome (kind "" none), from its claims and meta.
@@ -1210,10 +1207,10 @@ func outcomeNotice(ctx context.Context, tx *sql.Tx, taskUnit, kind string, at ti
 		min(claimed_at) FROM github_deliveries WHERE task_unit = ?`, taskUnit).Scan(&leader, &unit, &image, &digest, &first); err != nil || kind == "" {
 		return err
 	}
-	n := notice{Kind: kind, Time: at, Delivery: cmp.Or(leader.String, metaString(meta, "delivery")),
-		Unit: cmp.Or(unit.String, metaString(meta, "unit")), Image: cmp.Or(image.String, metaString(meta, "image")),
-		Before: metaString(meta, "previous_image_id"), After: metaString(meta, "image_id"), Failed: metaString(meta, "failed_image_id"),
-		Digest: cmp.Or(digest.String, metaString(meta, "pulled_digest")), Reason: cmp.Or(metaString(meta, "error"), metaString(meta, "reason"))}
+	m := func(k string) string { return metaString(meta, k) }
+	n := notice{Kind: kind, Time: at, Delivery: cmp.Or(leader.String, m("delivery")), Unit: cmp.Or(unit.String, m("unit")),
+		Image: cmp.Or(image.String, m("image")), Before: m("previous_image_id"), After: m("image_id"), Failed: m("failed_image_id"),
+		Digest: cmp.Or(digest.String, m("pulled_digest")), Reason: cmp.Or(m("error"), m("reason"))}
 	if first.Valid {
 		n.SincePushMS = at.UnixMilli() - first.Int64
 	}
@@ -1266,71 +1263,76 @@ var (
 	reNotifyScheme = regexp.MustCompile(`^[A-Za-z][A-Za-z0-9+.-]*://`)
 	reSlackToken   = regexp.MustCompile(`^(?:(xox.|hook)[-:]|:?)([A-Z0-9]{9,})([-/,])([A-Z0-9]{9,})([-/,])([A-Za-z0-9]{24,})$`)
 	reGotifyToken  = regexp.MustCompile(`^A[A-Za-z0-9._-]{14}$`)
-	genericOptions = []string{"disabletls", "method", "title", "template", "contenttype", "titlekey", "messagekey"}
-	ntfyPriority   = map[string]string{"": "", "1": "1", "2": "2", "3": "3", "4": "4", "5": "5",
+	ntfyPriority   = map[string]string{"1": "1", "2": "2", "3": "3", "4": "4", "5": "5",
 		"min": "1", "low": "2", "default": "3", "high": "4", "max": "5", "urgent": "5"}
+	// notifyOptions are the query options of each scheme, shoutrrr's alias after a |.
+	notifyOptions = map[string][]string{"ntfy": {"title", "priority", "tags", "click", "icon", "scheme"},
+		"gotify": {"title", "priority", "disabletls"}, "slack": {"title", "color", "botname|username"}, "discord": {"title", "username", "color"},
+		"smtp":    {"subject|title", "from|fromaddress", "to|toaddresses", "encryption", "usestarttls", "auth"},
+		"generic": genericOptions, "generic+https": genericOptions, "generic+http": genericOptions}
+	genericOptions = []string{"title", "method", "disabletls"}
 )
 
 // parseNotifyURL reads one URL in shoutrrr's format for its scheme; its errors never hold a secret.
 // Options are case-insensitive; an unknown or invalid one is an error, except that a generic
-// target's own query parameters go on to it, as with shoutrrr.
+// target's own query parameters (not shoutrrr's template, contenttype, titlekey, messagekey or
+// $key) go on to it, and its @Header=value become headers, as with shoutrrr.
 func parseNotifyURL(raw string) (notifyTarget, error) {
 	scheme, _, _ := strings.Cut(raw, "://")
+	if !reNotifyScheme.MatchString(raw) {
+		scheme = "?" // no scheme: what stands before a "://" may be a secret
+	}
 	t := notifyTarget{scheme: strings.ToLower(scheme), method: "POST", header: http.Header{"Content-Type": {"application/json"}}}
 	t.name = oneLine(t.scheme) + "://…"
 	u, err := url.Parse(raw)
-	if err != nil || !reNotifyScheme.MatchString(raw) {
-		return notifyTarget{}, fmt.Errorf("%s: not a URL (want scheme://…)", t.name)
+	options, known := notifyOptions[t.scheme]
+	wrong := func(want string) (notifyTarget, error) { return notifyTarget{}, fmt.Errorf("%s: %s", t.name, want) }
+	if err != nil || scheme == "?" {
+		return wrong("not a URL (want scheme://…)")
+	} else if !known {
+		return wrong("unknown scheme (want ntfy, gotify, slack, discord, smtp or generic)")
 	}
-	opts, pass, generic, bad := map[string]string{}, url.Values{}, strings.HasPrefix(t.scheme, "generic"), ""
+	opt, pass, unknown, generic := map[string]string{}, url.Values{}, []string{}, strings.HasPrefix(t.scheme, "generic")
 	for k, vs := range u.Query() {
-		switch lk := strings.ToLower(k); {
-		case strings.HasPrefix(k, "@") && generic:
-			t.header.Set(k[1:], vs[0]) // a header, as shoutrrr's generic service sends
-		case generic && !strings.HasPrefix(k, "$") && !slices.Contains(genericOptions, lk):
+		lk := strings.ToLower(k)
+		i := slices.IndexFunc(options, func(o string) bool { name, alias, _ := strings.Cut(o, "|"); return lk == name || lk == alias })
+		switch {
+		case i >= 0:
+			opt[strings.Split(options[i], "|")[0]] = vs[0]
+		case generic && strings.HasPrefix(k, "@"):
+			t.header.Set(k[1:], vs[0])
+		case generic && !strings.HasPrefix(k, "$") && !slices.Contains([]string{"template", "contenttype", "titlekey", "messagekey"}, lk):
 			pass[k] = vs
 		default:
-			opts[lk] = vs[0]
+			unknown = append(unknown, lk)
 		}
 	}
-	take := func(keys ...string) (v string) {
-		for _, k := range keys {
-			v = cmp.Or(v, opts[k])
-			delete(opts, k)
-		}
-		return v
-	}
-	flag := func(key string, def bool) bool {
-		switch v := strings.ToLower(take(key)); v {
-		case "yes", "true", "1":
-			return true
-		case "no", "false", "0":
-			return false
-		case "":
-			return def
-		}
-		bad = cmp.Or(bad, key+" must be yes or no")
-		return def
-	}
+	bad, title := "", opt["title"]
 	password, _ := u.User.Password()
-	title, wrong := take("title"), func(want string) (notifyTarget, error) {
-		return notifyTarget{}, fmt.Errorf("%s: want %s", t.name, want)
+	if slices.Sort(unknown); len(unknown) > 0 {
+		bad = "unsupported option " + strings.Join(unknown, ", ")
 	}
+	yes := func(key string, def bool) bool { // shoutrrr's yes/no options
+		v := strings.ToLower(cmp.Or(opt[key], strconv.FormatBool(def)))
+		if !slices.Contains([]string{"yes", "true", "1", "no", "false", "0"}, v) {
+			bad = key + " must be yes or no"
+		}
+		return v == "yes" || v == "true" || v == "1"
+	}
+	plain := func(key string, def bool) string { return map[bool]string{true: "http", false: "https"}[yes(key, def)] }
 	switch t.scheme {
 	case "ntfy":
-		topic, sch, prio := strings.Trim(u.Path, "/"), cmp.Or(take("scheme"), "https"), strings.ToLower(take("priority"))
-		tags, click, icon := take("tags"), take("click"), take("icon")
+		topic, sch, prio := strings.Trim(u.Path, "/"), cmp.Or(opt["scheme"], "https"), ntfyPriority[strings.ToLower(opt["priority"])]
 		if u.Host == "" || topic == "" || sch != "https" && sch != "http" {
-			return wrong("ntfy://[user:pass@]host[:port]/topic[?scheme=http]")
-		} else if _, ok := ntfyPriority[prio]; !ok {
+			return wrong("want ntfy://[user:pass@]host[:port]/topic[?scheme=http]")
+		} else if prio == "" && opt["priority"] != "" {
 			bad = "priority must be 1 to 5 or min, low, default, high, max, urgent"
 		}
-		t.name, t.endpoint, t.header = "ntfy://"+u.Host+"/"+topic, sch+"://"+u.Host+"/"+topic, http.Header{}
-		if password != "" {
-			t.header.Set("Authorization", "Basic "+base64.StdEncoding.EncodeToString([]byte(u.User.Username()+":"+password)))
-		}
+		dest := url.URL{Scheme: sch, User: u.User, Host: u.Host, Path: "/" + topic} // net/http sends the user as Basic auth
+		t.name, t.endpoint, t.header = "ntfy://"+u.Host+"/"+topic, dest.String(), http.Header{}
 		t.body = func(n notice, h http.Header) string {
-			for k, v := range map[string]string{"Title": cmp.Or(title, n.Title), "Priority": ntfyPriority[prio], "Tags": tags, "Click": cmp.Or(click, n.Link), "X-Icon": icon} {
+			for k, v := range map[string]string{"Title": cmp.Or(title, n.Title), "Priority": prio, "Tags": opt["tags"],
+				"Click": cmp.Or(opt["click"], n.Link), "X-Icon": opt["icon"]} {
 				if v != "" {
 					h.Set(k, v)
 				}
@@ -1339,58 +1341,55 @@ func parseNotifyURL(raw string) (notifyTarget, error) {
 		}
 	case "gotify":
 		path := strings.TrimSuffix(u.Path, "/")
-		sub, token, sch := path[:strings.LastIndex(path, "/")+1], path[strings.LastIndex(path, "/")+1:], "https"
-		prio, err := strconv.Atoi(cmp.Or(take("priority"), "0"))
-		if flag("disabletls", false) {
-			sch = "http"
-		}
+		sub, token := path[:strings.LastIndex(path, "/")+1], path[strings.LastIndex(path, "/")+1:]
+		prio, err := strconv.Atoi(cmp.Or(opt["priority"], "0"))
 		if u.Host == "" || !reGotifyToken.MatchString(token) {
-			return wrong("gotify://host[:port][/path]/TOKEN with an application token (15 characters, starting with A)")
+			return wrong("want gotify://host[:port][/path]/TOKEN with an application token (15 characters, starting with A)")
 		} else if err != nil {
 			bad = "priority must be a number"
 		}
-		t.name, t.endpoint = "gotify://"+u.Host+sub+"…", sch+"://"+u.Host+sub+"message"
+		t.name, t.endpoint = "gotify://"+u.Host+sub+"…", plain("disabletls", false)+"://"+u.Host+sub+"message"
 		t.header.Set("X-Gotify-Key", token)
 		t.body = func(n notice, _ http.Header) string {
 			return marshalJSON(map[string]any{"title": cmp.Or(title, n.Title), "message": n.Message, "priority": prio})
 		}
 	case "slack":
-		token, bot, color := u.User.Username()+":"+password, take("botname", "username"), take("color")
+		token, bot := u.User.Username()+":"+password, opt["botname"]
 		if len(u.Path) > 1 {
 			token, bot = u.Host+u.Path, cmp.Or(bot, u.User.Username())
 		}
 		m := reSlackToken.FindStringSubmatch(token)
 		if m == nil || m[1] != "" && m[1] != "hook" || m[3] != m[5] {
-			return wrong("an incoming webhook, slack://hook:TOKEN@webhook or slack://[botname@]T…/B…/X… (bot tokens are not supported)")
+			return wrong("want an incoming webhook, slack://hook:TOKEN@webhook or slack://[botname@]T…/B…/X… (bot tokens are not supported)")
 		}
 		t.name, t.endpoint = "slack://"+m[2]+"/…", "https://hooks.slack.com/services/"+m[2]+"/"+m[4]+"/"+m[6]
 		t.body = func(n notice, _ http.Header) string {
 			return marshalJSON(map[string]any{"text": cmp.Or(title, n.Title), "username": bot,
-				"attachments": []map[string]string{{"text": n.Message, "color": color}}})
+				"attachments": []map[string]string{{"text": n.Message, "color": opt["color"]}}})
 		}
 	case "discord":
-		id, token, username := u.Host, u.User.Username(), take("username")
-		color, err := strconv.ParseUint(strings.TrimPrefix(strings.ToLower(cmp.Or(take("color"), "0")), "0x"), 16, 24)
+		id, token := u.Host, u.User.Username()
+		color, err := strconv.ParseUint(strings.TrimPrefix(strings.ToLower(cmp.Or(opt["color"], "0")), "0x"), 16, 24)
 		if id == "" || token == "" || strings.Trim(u.Path, "/") != "" {
-			return wrong("discord://TOKEN@WEBHOOKID")
+			return wrong("want discord://TOKEN@WEBHOOKID")
 		} else if err != nil {
 			bad = "color must be a hex number such as 0x50D9ff"
 		}
 		t.name, t.endpoint = "discord://…@"+id, "https://discord.com/api/webhooks/"+id+"/"+token
 		t.body = func(n notice, _ http.Header) string {
 			c := cmp.Or(color, map[bool]uint64{true: 0x50d9ff, false: 0xd60510}[n.Kind == "healthy" || n.Kind == "test"])
-			return marshalJSON(map[string]any{"username": username, "embeds": []any{map[string]any{"title": cmp.Or(title, n.Title),
+			return marshalJSON(map[string]any{"username": opt["username"], "embeds": []any{map[string]any{"title": cmp.Or(title, n.Title),
 				"description": n.Message, "url": n.Link, "color": c, "timestamp": n.Time.UTC().Format(time.RFC3339)}}})
 		}
 	case "smtp":
 		m := &mailTarget{addr: net.JoinHostPort(u.Hostname(), cmp.Or(u.Port(), "25")), host: u.Hostname(), user: u.User.Username(),
-			pass: password, subject: cmp.Or(take("subject"), title), tls: "starttls"}
-		enc, starttls, auth := strings.ToLower(cmp.Or(take("encryption"), "auto")), flag("usestarttls", true), strings.ToLower(take("auth"))
-		from, err := mail.ParseAddress(take("from", "fromaddress"))
-		to, errTo := mail.ParseAddressList(take("to", "toaddresses"))
+			pass: password, subject: opt["subject"], tls: "starttls"}
+		enc, starttls, auth := strings.ToLower(cmp.Or(opt["encryption"], "auto")), yes("usestarttls", true), strings.ToLower(opt["auth"])
+		from, err := mail.ParseAddress(opt["from"])
+		to, errTo := mail.ParseAddressList(opt["to"])
 		switch {
 		case m.host == "" || err != nil || errTo != nil:
-			return wrong("smtp://[user:pass@]host:port/?from=ADDRESS&to=ADDRESS[,ADDRESS]")
+			return wrong("want smtp://[user:pass@]host:port/?from=ADDRESS&to=ADDRESS[,ADDRESS]")
 		case !slices.Contains([]string{"none", "explicittls", "implicittls", "auto"}, enc) || !slices.Contains([]string{"", "none", "plain", "unknown"}, auth):
 			bad = "encryption must be None, ExplicitTLS, ImplicitTLS or Auto and auth None or Plain"
 		case enc == "implicittls" || enc == "auto" && u.Port() == "465":
@@ -1405,30 +1404,22 @@ func parseNotifyURL(raw string) (notifyTarget, error) {
 			m.to = append(m.to, a.Address)
 		}
 		t.name, t.mail = "smtp://"+m.addr+"/?to="+strings.Join(m.to, ","), m
-	case "generic", "generic+https", "generic+http":
-		sch, method := "https", strings.ToUpper(cmp.Or(take("method"), "POST"))
-		if flag("disabletls", t.scheme == "generic+http") {
-			sch = "http"
-		}
+	default: // generic, generic+https, generic+http
+		method := strings.ToUpper(cmp.Or(opt["method"], "POST"))
 		if u.Host == "" || !slices.Contains([]string{"POST", "PUT", "PATCH"}, method) {
-			return wrong("generic+https://host[:port]/path (method POST, PUT or PATCH)")
+			return wrong("want generic+https://host[:port]/path (method POST, PUT or PATCH)")
 		}
-		dest := url.URL{Scheme: sch, User: u.User, Host: u.Host, Path: u.Path, RawQuery: pass.Encode()}
-		t.name, t.endpoint, t.method = "generic+"+sch+"://"+u.Host+"/…", dest.String(), method
+		dest := url.URL{Scheme: plain("disabletls", t.scheme == "generic+http"), User: u.User, Host: u.Host, Path: u.Path, RawQuery: pass.Encode()}
+		t.name, t.endpoint, t.method = "generic+"+dest.Scheme+"://"+u.Host+"/…", dest.String(), method
 		t.body = func(n notice, h http.Header) string {
 			n.Title = cmp.Or(title, n.Title)
 			h.Set("X-Webhook-Id", n.ID)
 			h.Set("X-Webhook-Timestamp", strconv.FormatInt(n.Time.Unix(), 10))
 			return marshalJSON(n)
 		}
-	default:
-		return notifyTarget{}, fmt.Errorf("%s: unknown scheme (want ntfy, gotify, slack, discord, smtp or generic)", t.name)
-	}
-	if len(opts) > 0 {
-		bad = cmp.Or(bad, "unsupported option "+strings.Join(slices.Sorted(maps.Keys(opts)), ", "))
 	}
 	if bad != "" {
-		return notifyTarget{}, fmt.Errorf("%s: %s", t.name, bad)
+		return wrong(bad)
 	}
 	return t, nil
 }
@@ -1493,15 +1484,13 @@ func (m *mailTarget) send(ctx context.Context, n notice) error {
 	conn, err := (&net.Dialer{}).DialContext(ctx, "tcp", m.addr)
 	var c *smtp.Client
 	if err == nil {
+		defer conn.Close()
 		deadline, _ := ctx.Deadline()
 		conn.SetDeadline(deadline)
 		if m.tls == "implicit" {
 			conn = tls.Client(conn, &tls.Config{ServerName: m.host})
 		}
-		if c, err = smtp.NewClient(conn, m.host); err != nil {
-			conn.Close()
-		} else {
-			defer c.Close()
+		if c, err = smtp.NewClient(conn, m.host); err == nil {
 			err = c.Hello("localhost")
 		}
 	}
@@ -1515,7 +1504,7 @@ func (m *mailTarget) send(ctx context.Context, n notice) error {
 	if err == nil && m.user != "" {
 		err = c.Auth(smtp.PlainAuth("", m.user, m.pass, m.host))
 	}
-	for _, to := range append([]string{""}, m.to...) {
+	for _, to := range append([]string{""}, m.to...) { // MAIL FROM, then each RCPT TO
 		if err == nil && to == "" {
 			err = c.Mail(m.from)
 		} else if err == nil {
@@ -1541,31 +1530,28 @@ type targetState struct {
 	Attempts     int
 }
 
+// outboxRow is a notify_outbox row that is due.
+type outboxRow struct {
+	id, created    int64
+	fields, states string
+	attempts       int
+}
+
 const noticesPerRound = 64
 
 // runNotifier sends due messages, oldest first, until ctx ends. A target that failed is not tried
 // again in the same round, so a dead one costs one timeout a round, not one a message.
 func (l *eventLog) runNotifier(ctx context.Context, ns *notifySettings) {
 	for ctx.Err() == nil {
-		type row struct {
-			id             int64
-			fields, states string
-			attempts       int
-			created        int64
-		}
-		due, err := collect(ctx, l.db, `SELECT id, fields, targets, attempts, created_at FROM notify_outbox
+		due, err := collect(ctx, l.db, `SELECT id, created_at, fields, targets, attempts FROM notify_outbox
 			WHERE state = 'pending' AND next_attempt_at <= ? ORDER BY id LIMIT ?`, []any{time.Now().UnixMilli(), noticesPerRound},
-			func(r *row) []any { return []any{&r.id, &r.fields, &r.states, &r.attempts, &r.created} })
+			func(r *outboxRow) []any { return []any{&r.id, &r.created, &r.fields, &r.states, &r.attempts} })
 		if err != nil && ctx.Err() == nil {
 			l.log.errorf("notifications: %v", err)
 		}
 		down := map[string]bool{}
 		for _, r := range due {
-			var n notice
-			states := map[string]targetState{}
-			json.Unmarshal([]byte(r.fields), &n) // unreadable: a kind nobody wants, deleted
-			json.Unmarshal([]byte(r.states), &states)
-			l.sendNotice(ctx, ns, r.id, n, states, r.attempts, time.Now().Sub(time.UnixMilli(r.created)) >= ns.horizon, down)
+			l.sendNotice(ctx, ns, r, down)
 		}
 		if len(due) < noticesPerRound {
 			sleepContext(ctx, ns.poll)
@@ -1573,18 +1559,21 @@ func (l *eventLog) runNotifier(ctx context.Context, ns *notifySettings) {
 	}
 }
 
-// sendNotice sends n to each target that wants it and has not answered 2xx (past the horizon,
-// a failure gives up), then records the attempts and n's state in one transaction.
-func (l *eventLog) sendNotice(ctx context.Context, ns *notifySettings, id int64, n notice, states map[string]targetState, attempts int, expired bool, down map[string]bool) {
+// sendNotice sends r's message to each target that wants it and has not answered 2xx (past the
+// horizon, a failure gives up), then records the attempts and the message's state in one transaction.
+func (l *eventLog) sendNotice(ctx context.Context, ns *notifySettings, r outboxRow, down map[string]bool) {
+	var n notice
+	states, evs := map[string]targetState{}, []event(nil)
+	json.Unmarshal([]byte(r.fields), &n) // unreadable: a kind nobody wants, deleted
+	json.Unmarshal([]byte(r.states), &states)
 	n.render(ns.publicURL)
-	var evs []event
-	left, failed := 0, false
+	expired, state := time.Since(time.UnixMilli(r.created)) >= ns.horizon, "sent"
 	for _, t := range ns.targets {
 		st := states[t.name]
 		if !ns.on[n.Kind] || st.State == "sent" {
 			continue
 		} else if down[t.name] && !expired {
-			left++
+			state = "pending"
 			continue
 		}
 		start := time.Now()
@@ -1595,51 +1584,47 @@ func (l *eventLog) sendNotice(ctx context.Context, ns *notifySettings, id int64,
 		st, status := targetState{State: "sent", Attempts: st.Attempts + 1}, http.StatusOK
 		if err != nil {
 			st.State, st.Error, status, down[t.name] = map[bool]string{true: "given-up", false: "failed"}[expired], err.Error(), http.StatusBadGateway, true
-			left, failed = left+map[bool]int{false: 1}[expired], failed || expired
+			state = map[bool]string{true: "failed", false: "pending"}[expired && state != "pending"]
 			l.log.warnf("notification %s of %s to %s: %s after attempt %d: %v", n.Kind, cmp.Or(n.Delivery, n.ID), t.name, st.State, st.Attempts, err)
 		}
 		states[t.name] = st
-		meta := map[string]any{"kind": n.Kind, "target": t.name, "scheme": t.scheme, "result": st.State, "attempt": st.Attempts, "notice": n.ID}
-		for k, v := range map[string]string{"delivery": n.Delivery, "unit": n.Unit, "error": st.Error} {
-			if v != "" {
-				meta[k] = v
-			}
+		meta := map[string]any{"kind": n.Kind, "target": t.name, "scheme": t.scheme, "result": st.State, "attempt": st.Attempts,
+			"notice": n.ID, "delivery": n.Delivery, "unit": n.Unit}
+		if st.Error != "" {
+			meta["error"] = st.Error
 		}
 		evs = append(evs, event{RequestID: n.ID, TS: time.Now(), Method: "NOTIFY", Status: status, Action: "notify", Duration: time.Since(start), Meta: meta})
 	}
-	state := map[bool]string{true: "pending", false: map[bool]string{true: "failed", false: "sent"}[failed]}[left > 0]
-	next := time.Now().Add(min(ns.backoff<<min(attempts, 20), ns.maxBackoff))
-	err := l.write(context.WithoutCancel(ctx), func(tx *sql.Tx) error {
-		_, err := tx.ExecContext(ctx, `UPDATE notify_outbox SET state = ?, targets = ?, attempts = attempts + 1,
-			next_attempt_at = ? WHERE id = ?`, state, marshalJSON(states), next.UnixMilli(), id)
-		if err == nil && left == 0 && len(states) == 0 {
-			_, err = tx.ExecContext(ctx, `DELETE FROM notify_outbox WHERE id = ?`, id) // nobody wanted it
+	next, wctx := time.Now().Add(min(ns.backoff<<min(r.attempts, 20), ns.maxBackoff)), context.WithoutCancel(ctx)
+	err := l.write(wctx, func(tx *sql.Tx) error {
+		_, err := tx.ExecContext(wctx, `UPDATE notify_outbox SET state = ?, targets = ?, attempts = attempts + 1,
+			next_attempt_at = ? WHERE id = ?`, state, marshalJSON(states), next.UnixMilli(), r.id)
+		if err == nil && len(states) == 0 && state == "sent" {
+			_, err = tx.ExecContext(wctx, `DELETE FROM notify_outbox WHERE id = ?`, r.id) // nobody wanted it
 		}
-		return cmp.Or(err, l.insertEvents(ctx, tx, evs))
+		return cmp.Or(err, l.insertEvents(wctx, tx, evs))
 	})
 	if err != nil {
-		l.log.errorf("notifications: cannot record message %d (it may be sent again): %v", id, err)
+		l.log.errorf("notifications: cannot record message %d (it may be sent again): %v", r.id, err)
 	}
 }
 
 // notifyCounts counts the notify rows by scheme and result, for /metrics.
 func notifyCounts(ctx context.Context, db *sql.DB) (map[[2]string]int64, error) {
+	flat, err := countsBy(ctx, db, `SELECT json_extract(meta, '$.scheme') || ' ' || json_extract(meta, '$.result'), count(*)
+		FROM event_log WHERE action = 'notify' GROUP BY 1`)
 	out := map[[2]string]int64{}
-	err := scan(ctx, db, `SELECT coalesce(json_extract(meta, '$.scheme'), ''), coalesce(json_extract(meta, '$.result'), ''), count(*)
-		FROM event_log WHERE action = 'notify' GROUP BY 1, 2`, nil, func(rows *sql.Rows) error {
-		var k [2]string
-		var n int64
-		err := rows.Scan(&k[0], &k[1], &n)
-		out[k] = n
-		return err
-	})
+	for k, n := range flat {
+		scheme, result, _ := strings.Cut(k, " ")
+		out[[2]string{scheme, result}] = n
+	}
 	return out, err
 }
 
 // noticeView is a story's message on the status page: its kind, state and each target's.
 type noticeView struct {
 	When, Kind, State string
-	Targets           []storyDetail
+	Targets           map[string]targetState
 }
 
 func storyNotices(ctx context.Context, db *sql.DB, delivery string, loc *time.Location) ([]noticeView, error) {
@@ -1650,15 +1635,9 @@ func storyNotices(ctx context.Context, db *sql.DB, delivery string, loc *time.Lo
 			var created int64
 			var targets string
 			err := rows.Scan(&created, &v.Kind, &v.State, &targets)
-			var sts map[string]targetState
-			json.Unmarshal([]byte(targets), &sts)
-			for _, name := range slices.Sorted(maps.Keys(sts)) {
-				st := sts[name]
-				v.Targets = append(v.Targets, storyDetail{name, strings.TrimSuffix(fmt.Sprintf("%s after %d attempts: %s", st.State, st.Attempts, st.Error), ": ")})
-			}
 			v.When = statusTime(created/1000, loc)
 			out = append(out, v)
-			return err
+			return cmp.Or(err, json.Unmarshal([]byte(targets), &out[len(out)-1].Targets))
 		})
 	return out, err
 }
@@ -2389,7 +2368,7 @@ restart the server, then log in here with that token.</p>
 <h2>Notifications</h2><table><thead><tr><th>Queued</th><th>Message</th><th>State</th><th>Targets</th></tr></thead><tbody>
 {{- range .Notices}}
 <tr class="{{if eq .State "failed"}}failed{{end}}"><td>{{.When}}</td><td>{{.Kind}}</td><td>{{.State}}</td>
-<td class="wrap">{{range .Targets}}<code>{{.Key}}</code> {{.Value}}<br>{{end}}</td></tr>
+<td class="wrap">{{range $name, $t := .Targets}}<code>{{$name}}</code> {{$t.State}} after {{$t.Attempts}} attempts{{with $t.Error}}: {{.}}{{end}}<br>{{end}}</td></tr>
 {{- end}}
 </tbody></table>
 {{- end}}

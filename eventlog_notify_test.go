@@ -61,6 +61,11 @@ func renderRequest(t *testing.T, target notifyTarget, n notice) string {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if u := req.URL.User; u != nil { // net/http's client sends a URL's user as Basic authorization
+		pass, _ := u.Password()
+		req.SetBasicAuth(u.Username(), pass)
+		req.URL.User = nil
+	}
 	var b strings.Builder
 	fmt.Fprintf(&b, "%s %s\n", req.Method, req.URL)
 	for _, k := range slices.Sorted(func(yield func(string) bool) {
@@ -133,6 +138,7 @@ func TestParseNotifyURL(t *testing.T) {
 		{raw: "generic+https://u:SECRET@h.example/p?template=json", err: "unsupported option template"},
 		{raw: "telegram://SECRET@telegram", err: "telegram://…: unknown scheme"},
 		{raw: "not a url SECRET", err: "not a URL"},
+		{raw: "ntfy:/u:SECRET@ntfy.sh/t://x", err: "?://…: not a URL"},
 		{raw: "ntfy://%zzSECRET@ntfy.sh/t", err: "not a URL"},
 	} {
 		target, err := parseNotifyURL(tc.raw)
@@ -141,7 +147,7 @@ func TestParseNotifyURL(t *testing.T) {
 			t.Errorf("%s: %v", tc.raw, err)
 		case tc.err != "" && (err == nil || !strings.Contains(err.Error(), tc.err)):
 			t.Errorf("%s: error %v, want one with %q", tc.raw, err, tc.err)
-		case err != nil && strings.Contains(err.Error(), "SECRET"):
+		case err != nil && strings.Contains(strings.ToLower(err.Error()), "secret"):
 			t.Errorf("%s: error %q holds the secret", tc.raw, err)
 		case tc.name != "" && target.name != tc.name:
 			t.Errorf("%s: name %q, want %q", tc.raw, target.name, tc.name)
@@ -149,6 +155,27 @@ func TestParseNotifyURL(t *testing.T) {
 	}
 	if got := splitNotifyURLs("ntfy://a/b, smtp://m/?from=a@b.c&to=x@y.z,w@v.u\ngeneric://h/p"); len(got) != 3 || !strings.HasSuffix(got[1], ",w@v.u") {
 		t.Errorf("splitNotifyURLs: %q", got)
+	}
+}
+
+// TestNtfyBasicAuth: an ntfy URL's user and password reach the server as Basic authorization
+// (net/http sends a URL's user so), and the request line carries neither.
+func TestNtfyBasicAuth(t *testing.T) {
+	got := make(chan string, 1)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		user, pass, _ := r.BasicAuth()
+		got <- user + ":" + pass + " " + r.RequestURI + " " + r.Header.Get("Title")
+	}))
+	defer srv.Close()
+	target, err := parseNotifyURL("ntfy://ops:SECRETpass@" + srv.Listener.Addr().String() + "/deploys?scheme=http")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := target.send(context.Background(), testNotice(), "", 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if g := <-got; g != "ops:SECRETpass /deploys app.service: rolled back" {
+		t.Errorf("ntfy received %q", g)
 	}
 }
 
@@ -336,9 +363,9 @@ func TestNotifierRetriesAndResends(t *testing.T) {
 	if err != nil || len(notices) != 1 || notices[0].State != "sent" || len(notices[0].Targets) != 2 {
 		t.Fatalf("story notices %+v, %v; want one sent message to two targets", notices, err)
 	}
-	for _, tg := range notices[0].Targets {
-		if first := tg.Value == "sent after 1 attempts"; first != strings.Contains(tg.Key, up.Listener.Addr().String()) || !strings.HasPrefix(tg.Value, "sent after") {
-			t.Errorf("story: target %s %s; want the up one sent after 1 attempt, the other after several", tg.Key, tg.Value)
+	for name, tg := range notices[0].Targets {
+		if first := tg.Attempts == 1; first != strings.Contains(name, up.Listener.Addr().String()) || tg.State != "sent" {
+			t.Errorf("story: target %s %+v; want the up one sent after 1 attempt, the other after several", name, tg)
 		}
 	}
 	counts, err := notifyCounts(context.Background(), db)

@@ -415,11 +415,11 @@ func (p *envParser) notify() notifySettings {
 	seen := map[string]int{}
 	for i, entry := range splitNotifyURLs(p.getenv("WEBHOOK_NOTIFY_URLS")) {
 		t, err := parseNotifyURL(entry)
-		switch {
-		case err != nil:
+		if err == nil && strings.HasPrefix(t.scheme, "generic") && ns.secret == "" {
+			err = fmt.Errorf("%s: a generic target needs WEBHOOK_NOTIFY_SECRET, which signs its messages", t.name)
+		}
+		if err != nil {
 			p.fail("invalid WEBHOOK_NOTIFY_URLS entry %d, %v", i+1, err)
-		case strings.HasPrefix(t.scheme, "generic") && ns.secret == "":
-			p.fail("WEBHOOK_NOTIFY_URLS entry %d, %s: a generic target needs WEBHOOK_NOTIFY_SECRET, which signs its messages", i+1, t.name)
 		}
 		if seen[t.name]++; seen[t.name] > 1 {
 			t.name += " #" + strconv.Itoa(seen[t.name])
@@ -440,21 +440,16 @@ func (p *envParser) notify() notifySettings {
 
 // splitNotifyURLs splits at newlines and at commas that start another scheme://, so a comma in a
 // URL (smtp's to=a,b) stays in it.
-func splitNotifyURLs(s string) []string {
-	var out []string
-	for _, f := range strings.FieldsFunc(s, func(r rune) bool { return r == '\n' || r == '\r' }) {
-		for i, part := range strings.Split(f, ",") {
-			if part = strings.TrimSpace(part); i > 0 && len(out) > 0 && !reNotifyStart.MatchString(part) {
-				out[len(out)-1] += "," + part
-			} else if part != "" {
-				out = append(out, part)
-			}
+func splitNotifyURLs(s string) (out []string) {
+	for _, f := range strings.Split(reNotifyNext.ReplaceAllString(s, "\n$1"), "\n") {
+		if f = strings.TrimSpace(f); f != "" {
+			out = append(out, f)
 		}
 	}
 	return out
 }
 
-var reNotifyStart = regexp.MustCompile(`^[A-Za-z][A-Za-z0-9+.-]*://`)
+var reNotifyNext = regexp.MustCompile(`,\s*([A-Za-z][A-Za-z0-9+.-]*://)`)
 
 const usageNotifyTest = `usage: webhook-auto-update notify-test
 
