@@ -282,3 +282,118 @@ func e2eNamedContainerUnit(t *testing.T, r *rig, base, ref, wantID string, conta
 	r.WaitFor(t, 60*time.Second, func() bool { return r.ContainerImage(t, ctr) == wantID }, unit+" to run "+wantID)
 	return unit, ctr
 }
+
+// e2eApp is a unit whose container serves its image's files with busybox httpd on a loopback
+// port of the host's network, so a test sees which version serves (GET /VERSION) and when.
+type e2eApp struct {
+	unit, ctr, ref, repo string
+	port                 int
+}
+
+// The images' /app.sh and /health.sh: appServe serves, appCrash prints a line and exits 1,
+// appHealthy and appUnhealthy are the healthcheck's answers.
+const (
+	appServe     = "exec /bin/busybox httpd -f -p 127.0.0.1:$APP_PORT -h /\n"
+	appCrash     = "echo \"fatal: cannot read /etc/app.conf\"\nexit 1\n"
+	appHealthy   = "echo ok\n"
+	appUnhealthy = "echo \"health: the database is unreachable\"\nexit 1\n"
+)
+
+// e2ePushApp pushes an app image (its /VERSION, /app.sh and /health.sh) as repo:latest and
+// returns its reference, image ID and manifest digest.
+func e2ePushApp(t *testing.T, r *rig, repo, version, app, health string) (ref, id, digest string) {
+	t.Helper()
+	ref, id = r.pushImage(t, repo, "latest", version, true, map[string]string{"app.sh": app, "health.sh": health})
+	return ref, id, e2eRepush(t, r, id, ref)
+}
+
+// e2eRepush points ref at image id, pushes it and returns the digest the registry gave it.
+func e2eRepush(t *testing.T, r *rig, id, ref string) string {
+	t.Helper()
+	r.TagLocal(t, id, ref)
+	file := filepath.Join(r.TempDir(t), "digest")
+	r.mustPodman(t, "push", "--quiet", "--digestfile", file, ref)
+	b, err := os.ReadFile(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// e2eAppUnit installs and starts the app unit for ref, with a podman healthcheck every second
+// when health is set, and waits until it serves version. Its container is kept after it exits
+// (no --rm), so its logs and exit code can be read.
+func e2eAppUnit(t *testing.T, r *rig, ref, version string, health bool) e2eApp {
+	t.Helper()
+	port, err := rigFreePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	base := rigUniqueName(t, "web")
+	a := e2eApp{unit: base + ".service", ctr: base, ref: ref, port: port}
+	quadlet := filepath.Join(r.TempDir(t), base+".container")
+	if err := os.WriteFile(quadlet, []byte("[Container]\nImage="+ref+"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	check := ""
+	if health {
+		check = `--health-cmd '["/bin/busybox","sh","/health.sh"]' --health-interval 1s --health-retries 1 `
+	}
+	r.InstallUnit(t, a.unit, fmt.Sprintf(`[Unit]
+Description=e2e app %[2]s
+SourcePath=%[5]s
+
+[Service]
+Environment=PODMAN_SYSTEMD_UNIT=%%n
+SuccessExitStatus=137 143
+ExecStartPre=-%[1]s rm --force --ignore --time 0 %[2]s
+ExecStart=%[1]s run --name %[2]s --network host -e APP_PORT=%[3]d --label io.containers.autoupdate=registry %[6]s%[4]s /bin/busybox sh /app.sh
+ExecStop=%[1]s stop --ignore --time 0 %[2]s
+`, r.podman, a.ctr, port, ref, quadlet, check))
+	t.Cleanup(func() { r.Podman(t, "rm", "--force", "--ignore", "--time", "0", a.ctr) })
+	if _, err := r.Systemctl(t, "start", a.unit); err != nil {
+		t.Fatal(err)
+	}
+	r.WaitFor(t, 60*time.Second, func() bool { return a.serves() == version }, a.unit+" to serve "+version)
+	return a
+}
+
+// serves is the version the app answers with, "" when it does not answer.
+func (a e2eApp) serves() string {
+	c := http.Client{Timeout: time.Second}
+	resp, err := c.Get(fmt.Sprintf("http://127.0.0.1:%d/VERSION", a.port))
+	if err != nil {
+		return ""
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusOK {
+		return ""
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// claimedMS is when the server claimed a delivery (unix ms): the push, as far as it knows.
+func (s *e2eServer) claimedMS(t *testing.T, delivery string) int64 {
+	t.Helper()
+	var ms int64
+	if err := s.db.QueryRow(`SELECT claimed_at FROM github_deliveries WHERE delivery_id = ?`, delivery).Scan(&ms); err != nil {
+		t.Fatalf("claim of %s: %v", delivery, err)
+	}
+	return ms
+}
+
+// rowMS is a task row's time (unix ms), from its at_ms.
+func rowMS(t *testing.T, rows []taskRow, step string) int64 {
+	t.Helper()
+	for _, r := range rows {
+		if r.step == step {
+			if ms, ok := r.meta["at_ms"].(float64); ok {
+				return int64(ms)
+			}
+			t.Fatalf("row %s has no at_ms: %v", step, r.meta)
+		}
+	}
+	t.Fatalf("no %s row in %s", step, stepDetails(rows))
+	return 0
+}

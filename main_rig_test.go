@@ -27,12 +27,14 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"maps"
 	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"os/user"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -1067,21 +1069,21 @@ func (r *rig) WaitFor(t *testing.T, timeout time.Duration, cond func() bool, wha
 // stays tagged ref in the local store until the test ends.
 func (r *rig) PushImage(t *testing.T, repo, tag, version string) (ref, imageID string) {
 	t.Helper()
-	return r.pushImage(t, repo, tag, version, true)
+	return r.pushImage(t, repo, tag, version, true, nil)
 }
 
 // PushBrokenImage pushes repo:tag as an image without /bin/busybox, so a
 // container running /bin/busybox fails at once.
 func (r *rig) PushBrokenImage(t *testing.T, repo, tag string) (ref, imageID string) {
 	t.Helper()
-	return r.pushImage(t, repo, tag, "broken", false)
+	return r.pushImage(t, repo, tag, "broken", false, nil)
 }
 
-func (r *rig) pushImage(t *testing.T, repo, tag, version string, busybox bool) (string, string) {
+func (r *rig) pushImage(t *testing.T, repo, tag, version string, busybox bool, files map[string]string) (string, string) {
 	t.Helper()
 	ref := r.registry + "/" + repo + ":" + tag
 	archive := filepath.Join(r.TempDir(t), "image.tar")
-	if err := rigImageTar(archive, version, busybox); err != nil {
+	if err := rigImageTar(archive, version, busybox, files); err != nil {
 		t.Fatalf("build image %s: %v", ref, err)
 	}
 	r.mustPodman(t, "import", "--quiet", archive, ref)
@@ -1095,9 +1097,9 @@ func (r *rig) pushImage(t *testing.T, repo, tag, version string, busybox bool) (
 	return ref, id
 }
 
-// rigImageTar writes a root filesystem holding VERSION and, if busybox, a
-// copy of the static /bin/busybox as bin/busybox.
-func rigImageTar(path, version string, busybox bool) error {
+// rigImageTar writes a root filesystem holding VERSION, files and, if busybox,
+// a copy of the static /bin/busybox as bin/busybox.
+func rigImageTar(path, version string, busybox bool, files map[string]string) error {
 	f, err := os.Create(path)
 	if err != nil {
 		return err
@@ -1120,12 +1122,18 @@ func rigImageTar(path, version string, busybox bool) error {
 			return err
 		}
 	}
-	body := []byte(version + "\n")
-	if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeReg, Name: "VERSION", Mode: 0o644, Size: int64(len(body)), ModTime: mtime}); err != nil {
-		return err
+	files = maps.Clone(files)
+	if files == nil {
+		files = map[string]string{}
 	}
-	if _, err := tw.Write(body); err != nil {
-		return err
+	files["VERSION"] = version + "\n"
+	for _, name := range slices.Sorted(maps.Keys(files)) {
+		if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeReg, Name: name, Mode: 0o755, Size: int64(len(files[name])), ModTime: mtime}); err != nil {
+			return err
+		}
+		if _, err := tw.Write([]byte(files[name])); err != nil {
+			return err
+		}
 	}
 	if err := tw.Close(); err != nil {
 		return err

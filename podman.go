@@ -605,6 +605,9 @@ func cmdRunTask(c *cli, args []string) int {
 	return t.run(ctx)
 }
 
+// processStart is when this process began, so a task's first row says how long its start took.
+var processStart = time.Now()
+
 type task struct {
 	taskSpec
 	cfg     *config
@@ -629,8 +632,10 @@ func (t *task) step(name string, status int, res *cmdResult, extra map[string]an
 		}
 	}
 	maps.Copy(meta, extra)
-	ev := event{RequestID: t.id, TS: t.now(), Method: "TASK", Path: t.path, Status: status,
-		Action: "github-task", Duration: t.now().Sub(t.started), Meta: meta}
+	now := t.now()
+	meta["at_ms"] = now.UnixMilli()
+	ev := event{RequestID: t.id, TS: now, Method: "TASK", Path: t.path, Status: status,
+		Action: "github-task", Duration: now.Sub(t.started), Meta: meta}
 	if t.events == nil {
 		spill(t.log, []event{ev}, errors.New("no event log"))
 		return
@@ -663,7 +668,8 @@ func (t *task) lock(ctx context.Context) (held []*fileLock, ok bool) {
 // per-image limit (which is not a failure); 1 a step failed, whether or not it was rolled back.
 func (t *task) run(ctx context.Context) int {
 	t.started = t.now()
-	t.step("started", http.StatusAccepted, nil, map[string]any{"force": t.force, "digest": t.digest})
+	t.step("started", http.StatusAccepted, nil, map[string]any{"force": t.force, "digest": t.digest,
+		"startup_ms": t.started.Sub(processStart).Milliseconds()})
 	held, ok := t.lock(ctx)
 	for _, l := range held {
 		defer l.Unlock()

@@ -991,3 +991,81 @@ func TestE2ERestartLosesNothing(t *testing.T) {
 		t.Errorf("accepted deliveries not done: %v", notDone)
 	}
 }
+
+// TestE2ERedeployBreakdown redeploys a serving app five times, alternating v1 and v2, from signed
+// GitHub deliveries, and reports where each redeploy's time went: podman's own steps (pull,
+// restart, the app's start) beside ours. A report, not an assertion on speed.
+func TestE2ERedeployBreakdown(t *testing.T) {
+	r := needRig(t)
+	const settle = 2 * time.Second
+	s := startE2EServer(t, fmt.Sprintf("WEBHOOK_HEALTH_SETTLE_SECS=%d", int(settle/time.Second)))
+	name := rigUniqueName(t, "perf")
+	ref, id1, _ := e2ePushApp(t, r, "e2e/"+name, "v1", appServe, appHealthy)
+	_, id2, _ := e2ePushApp(t, r, "e2e/"+name, "v2", appServe, appHealthy)
+	e2eRepush(t, r, id1, ref)
+	app := e2eAppUnit(t, r, ref, "v1", false)
+	body := githubPackagePayload(r.Registry(), "e2e", name, "latest", "")
+
+	cols := []string{"answer", "202 → task process started", "task process → run-task begins",
+		"ours around the pull (locks, lookups)", "pull", "restart", "container start → serving",
+		"POST → new version serving", "ours before serving", "gate beyond the settle, prune, end"}
+	samples := map[string][]float64{}
+	for i := range 5 {
+		version, id := "v2", id2
+		if i%2 == 1 {
+			version, id = "v1", id1
+		}
+		e2eRepush(t, r, id, ref)
+		delivery := fmt.Sprintf("perf-%d", i)
+		sent := time.Now()
+		code, text := s.deliver(t, app.unit, "package", delivery, body, s.secret)
+		answered := time.Now()
+		if code != http.StatusAccepted {
+			t.Fatalf("%s: %d %q", delivery, code, text)
+		}
+		for deadline := time.Now().Add(2 * time.Minute); app.serves() != version; time.Sleep(2 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: %s never served %s; rows %s; log:\n%s", delivery, app.unit, version, stepDetails(s.taskRows(t, delivery)), s.log)
+			}
+		}
+		serving := time.Now()
+		rows := s.waitTask(t, r, delivery)
+		if got := strings.Join(steps(rows), ","); got != "started,pulled,restarted,healthy,completed" {
+			t.Fatalf("%s: steps %s", delivery, stepDetails(rows))
+		}
+		meta := func(step, key string) float64 {
+			for _, row := range rows {
+				if row.step == step {
+					v, _ := row.meta[key].(float64)
+					return v
+				}
+			}
+			return 0
+		}
+		ms := func(t time.Time) float64 { return float64(t.UnixMicro()) / 1000 }
+		begins := float64(rowMS(t, rows, "started"))
+		process := begins - meta("started", "startup_ms")
+		restarted := float64(rowMS(t, rows, "restarted"))
+		pull, restart := meta("pulled", "pull_ms"), meta("restarted", "restart_ms")
+		total := ms(serving) - ms(sent)
+		start := ms(serving) - restarted
+		v := []float64{ms(answered) - ms(sent), process - ms(answered), begins - process,
+			restarted - restart - pull - begins, pull, restart, start, total, total - pull - restart - start,
+			float64(rowMS(t, rows, "completed")) - restarted - float64(settle/time.Millisecond)}
+		for j, c := range cols {
+			samples[c] = append(samples[c], v[j])
+		}
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "redeploy breakdown, 5 deliveries alternating v1/v2 (ms):\n| step (ms) | min | median | runs |\n| --- | --- | --- | --- |\n")
+	for _, c := range cols {
+		v := slices.Clone(samples[c])
+		slices.Sort(v)
+		var runs []string
+		for _, x := range samples[c] {
+			runs = append(runs, fmt.Sprintf("%.0f", x))
+		}
+		fmt.Fprintf(&b, "| %s | %.1f | %.1f | %s |\n", c, v[0], v[len(v)/2], strings.Join(runs, " "))
+	}
+	t.Log(b.String())
+}
