@@ -304,6 +304,7 @@ const (
 func e2ePushApp(t *testing.T, r *rig, repo, version, app, health string) (ref, id, digest string) {
 	t.Helper()
 	ref, id = r.pushImage(t, repo, "latest", version, true, map[string]string{"app.sh": app, "health.sh": health})
+	r.TagLocal(t, id, r.registry+"/"+repo+":keep-"+version) // not dangling when the tag moves on, so no prune removes it
 	return ref, id, e2eRepush(t, r, id, ref)
 }
 
