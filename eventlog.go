@@ -874,6 +874,21 @@ func (l *eventLog) taskStep(ctx context.Context, taskUnit, step, errText string,
 	return err
 }
 
+// rejectedDigest finds the newest claim of digest on unit whose redeploy ran to its end; when the
+// gate rejected it (rolled back, or a rollback that failed), that claim's delivery and end, else
+// "". One query, for every caller that must not redeploy a digest the gate rejected before.
+func (l *eventLog) rejectedDigest(ctx context.Context, unit, digest string) (delivery string, at time.Time, err error) {
+	var step string
+	var ts int64
+	err = l.db.QueryRowContext(ctx, `SELECT delivery_id, updated_at, step FROM github_deliveries
+		WHERE unit = ? AND digest = ? AND step IN ('completed', 'up-to-date', 'rolled-back', 'rollback-failed', 'rollback-impossible')
+		ORDER BY claimed_at DESC LIMIT 1`, unit, digest).Scan(&delivery, &ts, &step)
+	if errors.Is(err, sql.ErrNoRows) || err == nil && stepClasses[step] == "ok" {
+		return "", time.Time{}, nil
+	}
+	return delivery, time.Unix(ts, 0), err
+}
+
 // claimedTask is a task unit whose claims are in one status, with the delivery whose task it is.
 type claimedTask struct{ taskUnit, delivery, unit string }
 
@@ -940,7 +955,7 @@ var outcomeClasses = []string{"ok", "rolled-back", "failed", "running", "skipped
 // stepClasses classifies the steps that end a task.
 var stepClasses = map[string]string{
 	"completed": "ok", "up-to-date": "ok", "rolled-back": "rolled-back", "rate-limited": "skipped",
-	"pull-failed": "failed", "rollback-failed": "failed", "rollback-impossible": "failed", "lock-failed": "failed",
+	"digest-rejected": "skipped", "pull-failed": "failed", "rollback-failed": "failed", "rollback-impossible": "failed", "lock-failed": "failed",
 	"limit-failed": "failed", "invalid": "failed", "image-mismatch": "failed", "image-unknown": "failed",
 	"policy-invalid": "failed", "rejected": "skipped", "expired": "skipped",
 }
@@ -1841,7 +1856,7 @@ func metaString(m map[string]any, k string) string {
 
 // claim is a github_deliveries row, classified; When is the page's time.
 type claim struct {
-	ID, Received, Updated, Until                            int64 // Until: a wait's end, unix ms
+	ID, Received, Updated, Until, ClaimedMS                 int64 // Until: a wait's end, unix ms
 	Delivery, Unit, Image, TaskUnit, CoveredBy, Error, Step string
 	Status                                                  claimStatus
 	Outcome                                                 outcome
@@ -1849,12 +1864,12 @@ type claim struct {
 }
 
 const claimColumnsSQL = `SELECT rowid, delivery_id, unit, image, coalesce(task_unit, ''), coalesce(covered_by, ''),
-	coalesce(error, ''), step, status, received_at, updated_at, next_attempt_at FROM github_deliveries`
+	coalesce(error, ''), step, status, received_at, updated_at, next_attempt_at, claimed_at FROM github_deliveries`
 
 func readClaims(ctx context.Context, db *sql.DB, loc *time.Location, query string, args ...any) ([]claim, error) {
 	cs, err := collect(ctx, db, query, args, func(c *claim) []any {
 		return []any{&c.ID, &c.Delivery, &c.Unit, &c.Image, &c.TaskUnit, &c.CoveredBy, &c.Error, &c.Step,
-			&c.Status, &c.Received, &c.Updated, &c.Until}
+			&c.Status, &c.Received, &c.Updated, &c.Until, &c.ClaimedMS}
 	})
 	for i, c := range cs {
 		cs[i].Outcome, cs[i].When = claimOutcome(c.Status, c.Step), statusTime(c.Received, loc)
@@ -2089,9 +2104,11 @@ type storyView struct {
 	Wait, Until                                         string // the policy it waits for, and till when
 	Retry                                               bool   // it failed, and a person may queue it again
 	Outcome                                             outcome
+	Totals                                              []storyDetail // and after a rollback, that the registry names the rejected digest
 	Events                                              []storedEvent
 	Rows                                                []storyRow
 	Notices                                             []noticeView
+	stepMS                                              map[string]int64 // each task step's time (unix ms)
 }
 
 type storyRow struct {
@@ -2103,7 +2120,7 @@ type storyRow struct {
 type storyDetail struct{ Key, Value string }
 
 var storyHidden = map[string]bool{"delivery": true, "unit": true, "image": true, "event": true, "step": true,
-	"path": true, "error": true, "stderr": true}
+	"path": true, "error": true, "stderr": true, "at_ms": true}
 
 const storySQL = eventColumnsSQL + ` WHERE ts BETWEEN ? AND ? AND (json_extract(meta, '$.delivery') = ?
 	OR action = 'github-task' AND json_extract(meta, '$.delivery') = ?) ORDER BY id`
@@ -2111,7 +2128,7 @@ const storySQL = eventColumnsSQL + ` WHERE ts BETWEEN ? AND ? AND (json_extract(
 // deliveryStory reads the rows written while its claim was open (idx_event_log_ts) that name it,
 // and the steps of the task that ran it; without a claim, every row naming it. ok: some row does.
 func deliveryStory(ctx context.Context, db *sql.DB, id string, now time.Time, loc *time.Location) (storyView, bool, error) {
-	v := storyView{Delivery: id}
+	v := storyView{Delivery: id, stepMS: map[string]int64{}}
 	cs, err := readClaims(ctx, db, loc, claimColumnsSQL+` WHERE delivery_id = ?`, id)
 	switch {
 	case err != nil:
@@ -2147,8 +2164,25 @@ func deliveryStory(ctx context.Context, db *sql.DB, id string, now time.Time, lo
 	for _, e := range v.Events {
 		v.addRow(e, loc)
 	}
+	if len(cs) > 0 {
+		v.addTotals(cs[0].ClaimedMS)
+	}
 	v.Notices, err = storyNotices(ctx, db, cmp.Or(v.Task, id), loc)
 	return v, true, err
+}
+
+// addTotals adds the story's totals: from the push (its claim) to serving and to healthy, and
+// how long a rollback took from the failure it answered.
+func (v *storyView) addTotals(pushed int64) {
+	total := func(label string, from, to int64) {
+		if from != 0 && to >= from {
+			v.Totals = append(v.Totals, storyDetail{label, (time.Duration(to-from) * time.Millisecond).String()})
+		}
+	}
+	total("Push → serving", pushed, v.stepMS["serving"])
+	total("Push → healthy", pushed, v.stepMS["healthy"])
+	total("Rollback (from the failure)", v.stepMS["health-failed"], v.stepMS["rolled-back"])
+	total("Push → rolled back", pushed, v.stepMS["rolled-back"])
 }
 
 // unclaimedStory reads the rows naming a delivery without a claim (ignored, or logged by the
@@ -2181,7 +2215,18 @@ func (v *storyView) addRow(e storedEvent, loc *time.Location) {
 	if e.Action != "github-task" {
 		step = cmp.Or(metaString(e.Meta, "decision"), metaString(e.Meta, "reason"))
 	}
-	r := storyRow{When: statusTime(e.TS, loc), Action: e.Action, Step: step, Status: e.Status,
+	when := statusTime(e.TS, loc)
+	if ms, ok := e.Meta["at_ms"].(float64); ok && e.Action == "github-task" {
+		when = time.UnixMilli(int64(ms)).In(loc).Format("2006-01-02 15:04:05.000 MST")
+		v.stepMS[step] = int64(ms)
+		if serving, ok := e.Meta["serving_at_ms"].(float64); ok && step == "healthy" {
+			v.stepMS["serving"] = int64(serving)
+		}
+	}
+	if note := metaString(e.Meta, "registry_note"); note != "" && step == "rolled-back" {
+		v.Totals = append(v.Totals, storyDetail{"Registry", note})
+	}
+	r := storyRow{When: when, Action: e.Action, Step: step, Status: e.Status,
 		Elapsed: (time.Duration(e.DurationMS) * time.Millisecond).String(),
 		Error:   metaString(e.Meta, "error"), Stderr: metaString(e.Meta, "stderr")}
 	switch class := stepClasses[step]; {
@@ -2349,6 +2394,7 @@ restart the server, then log in here with that token.</p>
 {{- if .Digest}}<dt>Digest</dt><dd><code>{{.Digest}}</code></dd>{{end}}
 {{- if .Pull}}<dt>Pull</dt><dd>{{.Pull}}</dd>{{end}}
 {{- if .Restart}}<dt>Restart</dt><dd>{{.Restart}}</dd>{{end}}
+{{- range .Totals}}<dt>{{.Key}}</dt><dd>{{.Value}}</dd>{{end}}
 {{- if .Task}}<dt>Covered by</dt><dd>the task of delivery {{template "delivery" .Task}}</dd>{{end}}
 {{- if .TaskUnit}}<dt>Task unit</dt><dd><code>{{.TaskUnit}}</code></dd>{{end}}
 {{- if .Error}}<dt>Error</dt><dd><pre class="err">{{.Error}}</pre></dd>{{end}}

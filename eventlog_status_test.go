@@ -1070,3 +1070,64 @@ func TestStatusQueriesUseIndexes(t *testing.T) {
 		})
 	}
 }
+
+// TestStoryInMilliseconds: a story's task rows carry their times to the millisecond, with the
+// totals from the push to serving and to healthy, or a rollback's, and the registry's note.
+func TestStoryInMilliseconds(t *testing.T) {
+	l, err := openEventLog(filepath.Join(t.TempDir(), "db.sqlite"), newLogger(io.Discard))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	ctx := context.Background()
+	pushed := time.UnixMilli(1700000000123)
+	write := func(delivery string, steps ...any) {
+		t.Helper()
+		if _, err := l.db.Exec(`INSERT INTO github_deliveries (delivery_id, unit, image, event, request_id, status,
+			received_at, updated_at, claimed_at, step, covered_by, task_unit) VALUES (?, 'web.service', 'ghcr.io/a/web:1', 'package', 'r', 'done', ?, ?, ?, ?, ?, ?)`,
+			delivery, pushed.Unix(), pushed.Unix()+30, pushed.UnixMilli(), steps[len(steps)-2], delivery, "webhook-task-"+delivery); err != nil {
+			t.Fatal(err)
+		}
+		for i := 0; i < len(steps); i += 2 {
+			at := pushed.Add(steps[i+1].(map[string]any)["after"].(time.Duration))
+			meta := map[string]any{"delivery": delivery, "step": steps[i], "at_ms": at.UnixMilli()}
+			for k, v := range steps[i+1].(map[string]any) {
+				if k != "after" {
+					meta[k] = v
+				}
+			}
+			if err := l.Write(ctx, event{RequestID: "t", TS: at, Method: "TASK", Status: 200, Action: "github-task", Meta: meta}); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	ms := func(n int) time.Duration { return time.Duration(n) * time.Millisecond }
+	write("ok-1", "started", map[string]any{"after": ms(41)}, "restarted", map[string]any{"after": ms(300)},
+		"healthy", map[string]any{"after": ms(20_345), "serving_at_ms": pushed.Add(ms(612)).UnixMilli()}, "completed", map[string]any{"after": ms(20_390)})
+	write("bad-1", "started", map[string]any{"after": ms(40)}, "health-failed", map[string]any{"after": ms(2_500)},
+		"rolled-back", map[string]any{"after": ms(23_000), "registry_note": "the registry's ghcr.io/a/web:1 still names the rejected sha256:x"})
+
+	v, ok, err := deliveryStory(ctx, l.db, "ok-1", time.Now(), time.UTC)
+	if err != nil || !ok {
+		t.Fatalf("story: %v %v", ok, err)
+	}
+	if got := fmt.Sprint(v.Totals); got != "[{Push → serving 612ms} {Push → healthy 20.345s}]" {
+		t.Errorf("totals %s", got)
+	}
+	if v.Rows[0].When != "2023-11-14 22:13:20.164 UTC" {
+		t.Errorf("started row at %q, want the millisecond", v.Rows[0].When)
+	}
+	v, _, _ = deliveryStory(ctx, l.db, "bad-1", time.Now(), time.UTC)
+	if got := fmt.Sprint(v.Totals); got != "[{Registry the registry's ghcr.io/a/web:1 still names the rejected sha256:x} {Rollback (from the failure) 20.5s} {Push → rolled back 23s}]" {
+		t.Errorf("totals %s", got)
+	}
+	var b strings.Builder
+	if err := statusTemplate.Execute(&b, statusView{Page: "story", Story: v}); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"<dt>Push → rolled back</dt><dd>23s</dd>", "still names the rejected sha256:x", "22:13:22.623 UTC"} {
+		if !strings.Contains(b.String(), want) {
+			t.Errorf("the story page lacks %q", want)
+		}
+	}
+}

@@ -186,7 +186,7 @@ func steps(rows []taskRow) []string {
 	return s
 }
 
-var finalSteps = map[string]bool{"completed": true, "up-to-date": true, "rolled-back": true, "rollback-failed": true,
+var finalSteps = map[string]bool{"completed": true, "digest-rejected": true, "up-to-date": true, "rolled-back": true, "rollback-failed": true,
 	"rollback-impossible": true, "pull-failed": true, "image-mismatch": true, "image-unknown": true, "rate-limited": true, "lock-failed": true, "limit-failed": true, "invalid": true}
 
 // waitTask waits until the task that covers a delivery wrote its final row and returns its rows;
@@ -338,7 +338,7 @@ func e2eAppUnit(t *testing.T, r *rig, ref, version string, health bool) e2eApp {
 	}
 	check := ""
 	if health {
-		check = `--health-cmd '["/bin/busybox","sh","/health.sh"]' --health-interval 1s --health-retries 1 `
+		check = `--health-cmd '["/bin/busybox","sh","/health.sh"]' --health-interval 1s `
 	}
 	r.InstallUnit(t, a.unit, fmt.Sprintf(`[Unit]
 Description=e2e app %[2]s
@@ -397,4 +397,13 @@ func rowMS(t *testing.T, rows []taskRow, step string) int64 {
 	}
 	t.Fatalf("no %s row in %s", step, stepDetails(rows))
 	return 0
+}
+
+// deliverAndWait delivers a signed GitHub package event and returns its task's rows once it ended.
+func (s *e2eServer) deliverAndWait(t *testing.T, r *rig, unit, delivery string, body []byte) []taskRow {
+	t.Helper()
+	if code, text := s.deliver(t, unit, "package", delivery, body, s.secret); code != http.StatusAccepted {
+		t.Fatalf("%s: %d %q", delivery, code, text)
+	}
+	return s.waitTask(t, r, delivery)
 }

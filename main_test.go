@@ -198,7 +198,7 @@ func fakeVerb(prog string, args []string) string {
 // unit whose main process exited with an error.
 const (
 	activeUnit = "ActiveState=active\nSubState=running\nResult=success\nNRestarts=0\nMainPID=4242\nLoadState=loaded\n"
-	failedUnit = "ActiveState=failed\nSubState=failed\nResult=exit-code\nNRestarts=0\nMainPID=0\nLoadState=loaded\n"
+	failedUnit = "ActiveState=failed\nSubState=failed\nResult=exit-code\nNRestarts=0\nMainPID=0\nLoadState=loaded\nExecMainStatus=1\nExecMainCode=1\n"
 )
 
 // runFake is the whole fake podman / systemctl. Scripted files win over the built-in behaviour:
@@ -210,7 +210,7 @@ const (
 // where key is "<prog>-<verb>". Built in: pull moves image.next into image.id; image inspect
 // prints image.id ("image not known" when empty); tag sets image.id to its source; healthcheck
 // reports no healthcheck (125); systemctl show prints unit.state; the Nth restart copies
-// restart.after.N into unit.state.
+// restart.after.N into unit.state and ps.after.N into podman-ps.stdout.
 func runFake(prog, env, dir string, args []string) int {
 	if dir == "" {
 		fmt.Fprintf(os.Stderr, "fake %s: %s is not set\n", prog, env)
@@ -300,8 +300,18 @@ func runFake(prog, env, dir string, args []string) int {
 		if s := read(fmt.Sprintf("restart.after.%d", n)); s != "" {
 			write("unit.state", s)
 		}
+		if s := read(fmt.Sprintf("ps.after.%d", n)); s != "" {
+			write("podman-ps.stdout", s)
+		}
 	}
 	return 0
+}
+
+// psJSON is podman ps --format json listing one container of image (its ID), created at created.
+func psJSON(id, imageID string, created int64, state, status string, image ...string) string {
+	b, _ := json.Marshal([]map[string]any{{"Id": id, "ImageID": imageID, "Image": strings.Join(image, ""), "State": state,
+		"Status": status, "Created": created, "ExitCode": 0}})
+	return string(b) + "\n"
 }
 
 // fakeHost is the state directory of the fakes for one test.

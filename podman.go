@@ -1,9 +1,9 @@
 // podman.go owns images and the redeploy: push payloads (GitHub's, each registry's) read into
 // image references, the reference grammar, podman's argv, and run-task: pull, restart, gate, roll
-// back. Rules: parsers are pure; a payload that is fine but no tagged push is an *ignoredError, and
-// one invalid reference refuses it whole. A reference reaches podman only after parseImageRef
-// accepted it, and after "--". A redeploy pulls only the image the unit runs (its Image=, else its
-// container's) and rolls back to what its container ran before the pull.
+// back. Rules: parsers are pure; a fine payload but no tagged push is an *ignoredError, one bad
+// reference refuses it whole. A reference reaches podman only after parseImageRef, after "--". A
+// redeploy pulls only the image the unit runs (Image=, else its container's), rolls back to what
+// its container ran, refuses unless forced a digest the gate rejected (rejectedDigest).
 package main
 
 import (
@@ -24,6 +24,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -678,8 +679,9 @@ func (t *task) run(ctx context.Context) int {
 		return 1
 	}
 	// Read under the unit's lock, before the pull: what the pushed image must be, and the rollback.
-	ctr := findUnitContainer(ctx, t.cfg, t.unit)
-	if !t.checkImage(ctx, ctr) {
+	ctr := findUnitContainer(ctx, t.cfg, t.unit, "")
+	pre, ok := t.checkImage(ctx, ctr)
+	if !ok || t.rejectedBefore(ctx) {
 		return 0
 	}
 	lim, err := imageLimiter(t.cfg, t.image).take(ctx)
@@ -694,10 +696,13 @@ func (t *task) run(ctx context.Context) int {
 		t.step("rate-limited", http.StatusTooManyRequests, nil, map[string]any{"retry_after_secs": int(lim.retryAfter / time.Second)})
 		return 0
 	}
-	before, err := localImageID(ctx, t.cfg, t.ref)
-	if err != nil {
-		t.log.warnf("redeploy of %s: cannot read the current image of %s: %v", t.unit, t.image, err)
+	var tagged string // what the tag named: it matters only when no container runs (see rollbackTarget)
+	if ctr.imageID == "" {
+		if tagged, err = localImageID(ctx, t.cfg, t.ref); err != nil {
+			t.log.warnf("redeploy of %s: cannot read the current image of %s: %v", t.unit, t.image, err)
+		}
 	}
+	before := cmp.Or(ctr.imageID, tagged)
 	pullStart := t.now()
 	res, attempts := pullImage(ctx, t.cfg, t.log, t.ref)
 	pullMS := t.now().Sub(pullStart).Milliseconds()
@@ -706,16 +711,13 @@ func (t *task) run(ctx context.Context) int {
 		t.step("pull-failed", http.StatusBadGateway, &res, map[string]any{"attempts": attempts})
 		return 1
 	}
-	after, err := localImageID(ctx, t.cfg, t.ref)
-	if err != nil || after == "" {
-		t.log.warnf("redeploy of %s: cannot read the pulled image of %s: %v", t.unit, t.image, err)
+	after := strings.TrimSpace(res.stdout) // podman pull --quiet prints the pulled image's ID
+	if validDigest("sha256:"+after) == "" {
+		t.log.warnf("redeploy of %s: podman pull printed no image ID for %s: %q", t.unit, t.image, after)
+		after = ""
 	}
-	t.step("pulled", http.StatusOK, &res, map[string]any{"attempts": attempts, "previous_image_id": before,
+	t.step("pulled", http.StatusOK, &res, map[string]any{"attempts": attempts, "previous_image_id": tagged,
 		"image_id": after, "running_image_id": ctr.imageID, "pull_ms": pullMS})
-	pre, err := sampleUnit(ctx, t.cfg, t.unit)
-	if err != nil {
-		t.log.warnf("redeploy of %s: cannot read the unit state: %v", t.unit, err)
-	}
 	restart, why := decideRestart(restartFacts{before: before, after: after, running: ctr.imageID,
 		active: pre.activeState == "active", force: t.force})
 	if !restart {
@@ -723,52 +725,132 @@ func (t *task) run(ctx context.Context) int {
 		t.step("up-to-date", http.StatusOK, nil, map[string]any{"image_id": after, "reason": why})
 		return 0
 	}
-	verdict, interrupted := t.restartAndGate(ctx, pre)
-	if verdict != "" {
+	g := t.restartAndGate(ctx, "", pre, ctr.id, after)
+	if g.verdict != "" {
 		target, source := rollbackTarget(ctr.imageID, before)
-		return t.rollback(ctx, target, source, after, verdict)
+		return t.rollback(ctx, target, source, after, g)
 	}
-	t.step("healthy", http.StatusOK, nil, t.verify(ctx, after, map[string]any{"reason": why, "settle_cut_short": interrupted}))
+	meta := map[string]any{"reason": why, "settle_cut_short": g.cut, "delivery_digest": t.digest, "container_id": g.ctr.id,
+		"serving_at_ms": g.servingMS}
+	maps.Copy(meta, g.digests)
+	if g.ctr.imageID != "" && after != "" && g.ctr.imageID != after {
+		meta["warning"] = "the unit's container runs image " + g.ctr.imageID + ", not the pulled " + after
+	}
+	t.step("healthy", http.StatusOK, nil, meta)
+	pruneStart := t.now()
 	if res := runCommand(ctx, t.cfg.commandTimeout, "podman", "image", "prune", "-f"); res.err != nil {
 		t.log.warnf("redeploy of %s: image prune failed (ignored): %v", t.unit, res.err)
 		t.step("prune-failed", http.StatusOK, &res, nil)
 	}
 	t.log.infof("redeployed %s with %s", t.unit, t.image)
-	t.step("completed", http.StatusOK, nil, map[string]any{"image_id": after, "previous_image_id": cmp.Or(ctr.imageID, before)})
+	t.step("completed", http.StatusOK, nil, map[string]any{"image_id": after, "previous_image_id": before,
+		"prune_ms": t.now().Sub(pruneStart).Milliseconds()})
 	return 0
 }
 
-// restartAndGate restarts and gates the unit: the verdict ("" healthy), and if the settle was cut short.
-func (t *task) restartAndGate(ctx context.Context, pre unitSample) (string, bool) {
+// gateResult is what restartAndGate saw: the verdict ("" healthy), the last sample, the newest
+// container, when it first served (unix ms), its image's digests, whether ctx cut the settle.
+type gateResult struct {
+	verdict   string
+	last      gateSample
+	ctr       unitContainer
+	servingMS int64
+	digests   map[string]any
+	cut       bool
+	failure   map[string]any // the failed container's exit code, log tail and healthcheck output
+}
+
+// restartAndGate restarts the unit and watches the settle (watchGate); rows are prefix+"restarted"
+// and so on, so a rollback's are told apart. old is the container the restart replaces.
+func (t *task) restartAndGate(ctx context.Context, prefix string, pre unitSample, old, image string) gateResult {
 	bg := context.WithoutCancel(ctx)
 	restartStart := t.now()
 	res := restartUnit(bg, t.cfg, t.unit)
 	restartMS := t.now().Sub(restartStart).Milliseconds()
 	if res.err != nil {
-		t.log.errorf("redeploy of %s: restart failed: %v", t.unit, res.err)
-		t.step("restart-failed", http.StatusInternalServerError, &res, nil)
-		return "restart failed: " + res.err.Error(), false
+		t.log.errorf("redeploy of %s: %srestart failed: %v", t.unit, prefix, res.err)
+		t.step(prefix+"restart-failed", http.StatusInternalServerError, &res, nil)
+		return gateResult{verdict: "restart failed: " + res.err.Error()}
 	}
-	t.step("restarted", http.StatusOK, &res, map[string]any{"restart_ms": restartMS})
-	baseline := pre
-	if post, err := sampleUnit(bg, t.cfg, t.unit); err == nil && post.nRestarts < baseline.nRestarts {
-		baseline = post // systemd reset NRestarts on the explicit restart
+	t.step(prefix+"restarted", http.StatusOK, &res, map[string]any{"restart_ms": restartMS})
+	g := gateResult{digests: map[string]any{}}
+	looks, checked := 0, false // checked: the container has a healthcheck, run in the last look
+	sample := func(last bool) (gateSample, error) {
+		u, err := sampleUnit(bg, t.cfg, t.unit)
+		s := gateSample{at: t.now(), unit: u}
+		// The first look, while podman starts the container, and the settle's last one, unless a
+		// healthcheck must pass, ask systemd alone: a podman ps would compete with the start.
+		if looks++; err != nil || looks == 1 || last && !checked {
+			return s, err
+		}
+		s.ctr = findUnitContainer(bg, t.cfg, t.unit, old)
+		g.ctr = cmp.Or(s.ctr, g.ctr)
+		if checked = s.ctr.health != "" && s.ctr.state == "running"; checked {
+			s.checkFailed = runCommand(bg, t.cfg.commandTimeout, "podman", "healthcheck", "run", "--", s.ctr.id).exitCode == 1
+		}
+		if g.servingMS == 0 && s.ctr.state == "running" && s.ctr.health != "starting" && s.ctr.health != "unhealthy" && !s.checkFailed {
+			g.servingMS = s.at.UnixMilli()
+			g.digests = t.digests(bg, s.ctr.id, image)
+		}
+		return s, nil
 	}
-	samples, interrupted := watchUnit(ctx, t.cfg, t.unit, baseline)
-	verdict := gateVerdict(baseline, samples)
-	if verdict == "" {
-		if ctr := findUnitContainer(bg, t.cfg, t.unit); ctr.id != "" {
-			// Exit 1 is unhealthy; any other failure means no healthcheck or podman cannot tell.
-			if h := runCommand(bg, t.cfg.commandTimeout, "podman", "healthcheck", "run", "--", ctr.id); h.err != nil && h.exitCode == 1 {
-				verdict = "podman healthcheck: unhealthy: " + strings.TrimSpace(h.stdout+" "+h.stderr)
-			}
+	g.verdict, g.last, g.cut = watchGate(ctx, t.now, time.After, t.cfg.healthPoll, t.cfg.healthSettle, pre, sample)
+	if g.verdict != "" {
+		if g.last.ctr.id == "" { // the look that failed asked systemd alone
+			g.ctr = cmp.Or(findUnitContainer(bg, t.cfg, t.unit, old), g.ctr)
+		}
+		g.failure = t.explainFailure(bg, g.ctr.id)
+		meta := map[string]any{"error": g.verdict, "settle_cut_short": g.cut}
+		maps.Copy(meta, g.failure)
+		t.log.errorf("redeploy of %s: %shealth gate failed: %s", t.unit, prefix, g.verdict)
+		t.step(prefix+"health-failed", http.StatusInternalServerError, nil, meta)
+	}
+	return g
+}
+
+// explainFailure reads what a failed container left: its exit code, the last lines of its log and
+// its healthcheck's last output, bounded and with secret-looking values redacted.
+func (t *task) explainFailure(ctx context.Context, id string) map[string]any {
+	meta := map[string]any{}
+	if id == "" {
+		return meta
+	}
+	res := runCommand(ctx, t.cfg.commandTimeout, "podman", "container", "inspect", "--format", "{{.State.ExitCode}} {{json .State.Health.Log}}", "--", id)
+	var runs []struct{ Output string }
+	if code, log, ok := strings.Cut(strings.TrimSpace(res.stdout), " "); res.err == nil && ok {
+		meta["container_exit_code"], _ = strconv.Atoi(code)
+		if json.Unmarshal([]byte(log), &runs) == nil && len(runs) > 0 {
+			meta["healthcheck_output"] = redactText(tail(strings.TrimSpace(runs[len(runs)-1].Output), 1024))
 		}
 	}
-	if verdict != "" {
-		t.log.errorf("redeploy of %s: health gate failed: %s", t.unit, verdict)
-		t.step("health-failed", http.StatusInternalServerError, nil, map[string]any{"error": verdict, "settle_cut_short": interrupted})
+	res = runCommand(ctx, t.cfg.commandTimeout, "podman", "logs", "--tail", "20", "--", id) // and tail() bounds its bytes
+	if text := strings.TrimSpace(res.stdout + res.stderr); res.err == nil && text != "" {
+		meta["log_tail"] = redactText(tail(text, 2048))
 	}
-	return verdict, interrupted
+	return meta
+}
+
+var reSecretText = regexp.MustCompile(`(?i)\b(token|secret|password|passwd|api[_-]?key|authorization)(\s*[:=]\s*)(\S+)`)
+
+// redactText hides the values of token=, secret:, password= and the like in text an app printed.
+func redactText(s string) string { return reSecretText.ReplaceAllString(s, "${1}${2}REDACTED") }
+
+// digests is the pulled image's digest and the one its container runs, read in one podman inspect.
+func (t *task) digests(ctx context.Context, container, image string) map[string]any {
+	meta := map[string]any{}
+	res := runCommand(ctx, t.cfg.commandTimeout, "podman", "inspect", "--", container, cmp.Or(image, t.ref.String()))
+	var objs []struct{ ID, Digest, ImageDigest string }
+	if res.err != nil || json.Unmarshal([]byte(res.stdout), &objs) != nil {
+		return meta
+	}
+	for _, o := range objs {
+		if o.ImageDigest != "" {
+			meta["running_digest"] = o.ImageDigest
+		} else if o.Digest != "" {
+			meta["pulled_digest"] = o.Digest
+		}
+	}
+	return meta // no warning on two digests: one image pushed twice has two (see the image ID check)
 }
 
 // rollbackTarget is what a failed redeploy goes back to: the image the unit's container ran
@@ -785,38 +867,68 @@ var rollbackSources = map[string]string{
 	"local-tag": "what the local tag named before the pull; no container was running",
 }
 
-// rollback tags before back as the reference, restarts and gates; the failed image is kept to inspect.
-func (t *task) rollback(ctx context.Context, before, source, after, why string) int {
+// rollback tags before back as the reference, restarts and gates; the failed image is kept to
+// inspect. Its row says that the registry's tag still names the rejected digest.
+func (t *task) rollback(ctx context.Context, before, source, after string, failed gateResult) int {
 	bg := context.WithoutCancel(ctx)
+	why := failed.verdict
+	meta := map[string]any{"error": why, "failed_image_id": after, "rollback_source": source}
+	maps.Copy(meta, failed.failure)
 	exists := before != "" && runCommand(bg, t.cfg.commandTimeout, "podman", "image", "exists", "--", before).err == nil
 	if plan := rollbackPlan(before, after, exists); plan != "" {
 		t.log.errorf("redeploy of %s failed and cannot be rolled back: %s; the unit is left as it is", t.unit, plan)
-		t.step("rollback-impossible", http.StatusInternalServerError, nil, map[string]any{"error": why, "rollback_error": plan,
-			"failed_image_id": after, "rollback_source": source})
+		meta["rollback_error"] = plan
+		t.step("rollback-impossible", http.StatusInternalServerError, nil, meta)
 		return 1
 	}
+	pulled, _ := failed.digests["pulled_digest"].(string)
+	meta["rejected_digest"] = cmp.Or(t.digest, pulled, after)
+	meta["registry_note"] = fmt.Sprintf("the registry's %s still names the rejected %s: podman auto-update or the next pull "+
+		"brings it back; a delivery of it is refused unless forced, so push a fixed image", t.ref, meta["rejected_digest"])
+	start := t.now()
 	res := runCommand(bg, t.cfg.commandTimeout, "podman", "tag", "--", before, t.ref.String())
 	if res.err != nil {
 		t.log.errorf("redeploy of %s: rollback failed: %v", t.unit, res.err)
-		t.step("rollback-failed", http.StatusInternalServerError, &res, map[string]any{"error": why, "rollback_error": res.err.Error()})
+		meta["rollback_error"] = res.err.Error()
+		t.step("rollback-failed", http.StatusInternalServerError, &res, meta)
 		return 1
 	}
-	pre, _ := sampleUnit(bg, t.cfg, t.unit)
-	if verdict, _ := t.restartAndGate(bg, pre); verdict != "" {
-		t.log.errorf("redeploy of %s: rollback to %s failed too: %s", t.unit, before, verdict)
-		t.step("rollback-failed", http.StatusInternalServerError, nil, map[string]any{"error": why, "rollback_error": verdict,
-			"failed_image_id": after, "previous_image_id": before})
+	if g := t.restartAndGate(bg, "rollback-", failed.last.unit, failed.ctr.id, before); g.verdict != "" {
+		t.log.errorf("redeploy of %s: rollback to %s failed too: %s", t.unit, before, g.verdict)
+		meta["rollback_error"], meta["previous_image_id"] = g.verdict, before
+		t.step("rollback-failed", http.StatusInternalServerError, nil, meta)
 		return 1
 	}
 	t.log.warnf("redeploy of %s to %s failed (%s): rolled back to image %s, %s", t.unit, t.image, why, before, rollbackSources[source])
-	t.step("rolled-back", http.StatusInternalServerError, nil, map[string]any{"error": why, "failed_image_id": after, "image_id": before,
-		"previous_image_id": before, "rollback_source": source})
+	meta["image_id"], meta["previous_image_id"], meta["rollback_ms"] = before, before, t.now().Sub(start).Milliseconds()
+	t.step("rolled-back", http.StatusInternalServerError, nil, meta)
 	return 1
 }
 
-// checkImage reports whether the pushed image is the one the unit runs, else records the refusal.
-func (t *task) checkImage(ctx context.Context, ctr unitContainer) bool {
-	uf, err := configuredImage(ctx, t.cfg, t.getenv, t.unit)
+// rejectedBefore refuses, unless forced, a delivery of a digest the gate rejected on this unit.
+func (t *task) rejectedBefore(ctx context.Context) bool {
+	if t.force || t.digest == "" || t.events == nil {
+		return false
+	}
+	by, at, err := t.events.rejectedDigest(ctx, t.unit, t.digest)
+	if err != nil {
+		t.log.warnf("redeploy of %s: cannot read earlier rejections of %s (going ahead): %v", t.unit, t.digest, err)
+	}
+	if by == "" {
+		return false
+	}
+	why := fmt.Sprintf("the health gate rejected %s on %s at %s (delivery %s): not redeployed again; push a fixed image, "+
+		"or redeploy it anyway with POST /api/manual/services/%s and \"force\": true", t.digest, t.unit,
+		at.UTC().Format(time.RFC3339), by, strings.TrimSuffix(t.unit, ".service"))
+	t.log.warnf("redeploy of %s to %s refused: %s", t.unit, t.image, why)
+	t.step("digest-rejected", http.StatusConflict, nil, map[string]any{"reason": why, "rejected_by": by})
+	return true
+}
+
+// checkImage reads the unit's state and Image= (one systemctl show) and reports whether the
+// pushed image is the one it runs, else records the refusal.
+func (t *task) checkImage(ctx context.Context, ctr unitContainer) (unitSample, bool) {
+	pre, uf, err := inspectUnit(ctx, t.cfg, t.getenv, t.unit)
 	configured, source := uf.image, uf.source
 	if err != nil {
 		t.log.warnf("redeploy of %s: cannot read the unit's Image= (%v): checking its container's image instead", t.unit, err)
@@ -824,7 +936,7 @@ func (t *task) checkImage(ctx context.Context, ctr unitContainer) bool {
 	}
 	step, why := imageCheck(t.ref, configured, ctr.image, t.cfg.allowAnyImage)
 	if step == "" {
-		return true
+		return pre, true
 	}
 	t.log.warnf("redeploy of %s to %s refused, nothing pulled or restarted: %s", t.unit, t.image, why)
 	meta := map[string]any{"reason": why, "running_image": ctr.image}
@@ -832,7 +944,7 @@ func (t *task) checkImage(ctx context.Context, ctr unitContainer) bool {
 		meta["unit_image"], meta["unit_image_source"] = configured, source
 	}
 	t.step(step, http.StatusConflict, nil, meta)
-	return false
+	return pre, false
 }
 
 // imageCheck says whether ref may go to a unit with Image= configured, else whose container runs
@@ -857,32 +969,6 @@ func imageCheck(ref imageRef, configured, running string, allowAny bool) (step, 
 		return "image-mismatch", text
 	}
 	return "", ""
-}
-
-// verify adds to meta the delivery's, pulled and running digests; running other than pulled warns.
-func (t *task) verify(ctx context.Context, after string, meta map[string]any) map[string]any {
-	ctx = context.WithoutCancel(ctx)
-	inspect := func(key string, argv ...string) {
-		if res := runCommand(ctx, t.cfg.commandTimeout, argv...); res.err == nil {
-			meta[key] = strings.TrimSpace(res.stdout)
-		}
-	}
-	if t.digest != "" {
-		meta["delivery_digest"] = t.digest
-	}
-	inspect("pulled_digest", "podman", "image", "inspect", "--format", "{{.Digest}}", "--", t.ref.String())
-	ctr := findUnitContainer(ctx, t.cfg, t.unit)
-	if ctr.id == "" {
-		return meta
-	}
-	meta["container_id"] = ctr.id
-	inspect("running_digest", "podman", "container", "inspect", "--format", "{{.ImageDigest}}", "--", ctr.id)
-	if ctr.imageID != "" && after != "" && ctr.imageID != after {
-		meta["warning"] = "the unit's container runs image " + ctr.imageID + ", not the pulled " + after
-	} else if p, r := meta["pulled_digest"], meta["running_digest"]; p != nil && r != nil && p != r {
-		meta["warning"] = fmt.Sprintf("pulled digest %v differs from the running container's %v", p, r)
-	}
-	return meta
 }
 
 type restartFacts struct {
@@ -922,19 +1008,45 @@ func rollbackPlan(before, after string, beforeExists bool) string {
 	return ""
 }
 
-type unitContainer struct{ id, imageID, image string }
+// unitContainer is one of a unit's containers as podman ps lists it; health is podman's
+// healthcheck status (healthy, unhealthy, starting), "" without a healthcheck.
+type unitContainer struct {
+	id, imageID, image, state, health string
+	exitCode                          int
+}
 
-// findUnitContainer finds a unit's running container by podman's PODMAN_SYSTEMD_UNIT label, else
-// by Quadlet's default name systemd-<name>. Not found is the zero value: the gate trusts systemd.
-func findUnitContainer(ctx context.Context, cfg *config, unit string) unitContainer {
+// psEntry is a container in podman ps --format json; Status ends "(healthy)" and so on.
+type psEntry struct {
+	ID, ImageID, Image, State, Status string
+	ExitCode                          int
+	Created                           int64
+}
+
+var reHealth = regexp.MustCompile(`\((healthy|unhealthy|starting)\)`)
+
+// findUnitContainer finds a unit's container by podman's PODMAN_SYSTEMD_UNIT label, else by
+// Quadlet's default name systemd-<name>: the newest that runs, or with not set, the newest other
+// than not, running or not. Not found is the zero value: the gate trusts systemd.
+func findUnitContainer(ctx context.Context, cfg *config, unit, not string) unitContainer {
 	for _, filter := range []string{"label=PODMAN_SYSTEMD_UNIT=" + unit, "name=^systemd-" + strings.TrimSuffix(unit, ".service") + "$"} {
-		res := runCommand(ctx, cfg.commandTimeout, "podman", "ps", "--no-trunc", "--filter", filter, "--format", "{{.ID}} {{.ImageID}} {{.Image}}")
-		if res.err != nil {
+		res := runCommand(ctx, cfg.commandTimeout, "podman", "ps", "--all", "--no-trunc", "--filter", filter, "--format", "json")
+		var list []psEntry
+		if res.err != nil || json.Unmarshal([]byte(cmp.Or(strings.TrimSpace(res.stdout), "[]")), &list) != nil {
 			return unitContainer{}
 		}
-		if f := strings.Fields(res.stdout); len(f) >= 2 {
-			f = append(f, "") // podman may show no image name
-			return unitContainer{id: f[0], imageID: strings.TrimPrefix(f[1], "sha256:"), image: f[2]}
+		slices.SortStableFunc(list, func(a, b psEntry) int { return cmp.Compare(b.Created, a.Created) })
+		for _, c := range list {
+			if c.ID != not && (not != "" || c.State == "running") {
+				health := ""
+				if m := reHealth.FindStringSubmatch(c.Status); m != nil {
+					health = m[1]
+				}
+				return unitContainer{id: c.ID, imageID: strings.TrimPrefix(c.ImageID, "sha256:"), image: c.Image,
+					state: c.State, health: health, exitCode: c.ExitCode}
+			}
+		}
+		if len(list) > 0 {
+			break // the label found the unit's containers: none is the one asked for
 		}
 	}
 	return unitContainer{}
@@ -942,19 +1054,18 @@ func findUnitContainer(ctx context.Context, cfg *config, unit string) unitContai
 
 // planRedeploy is the manual API's dry run: what run-task would do, found by reading only.
 func planRedeploy(ctx context.Context, cfg *config, getenv func(string) string, unit string, ref imageRef, force bool) []string {
-	ctr := findUnitContainer(ctx, cfg, unit)
-	uf, cerr := configuredImage(ctx, cfg, getenv, unit)
+	ctr := findUnitContainer(ctx, cfg, unit, "")
+	pre, uf, cerr := inspectUnit(ctx, cfg, getenv, unit)
 	if step, why := imageCheck(ref, uf.image, ctr.image, cfg.allowAnyImage); cerr == nil && step != "" {
 		return []string{"refuse (" + step + "), pulling and restarting nothing: " + why}
 	}
 	plan := []string{fmt.Sprintf("pull %s (podman pull -- docker://%s, %d attempts %s apart)", ref, ref, cfg.pullAttempts, cfg.pullRetryDelay)}
 	before, err := localImageID(ctx, cfg, ref)
-	pre, perr := sampleUnit(ctx, cfg, unit)
 	switch {
 	case force:
 		plan = append(plan, "restart "+unit+" even if the image is unchanged (force)")
-	case perr != nil:
-		plan = append(plan, "restart "+unit+" if the pulled image differs (its state cannot be read: "+perr.Error()+")")
+	case cerr != nil && !errors.Is(cerr, errUnitNotFound):
+		plan = append(plan, "restart "+unit+" if the pulled image differs (its state cannot be read: "+cerr.Error()+")")
 	case pre.activeState != "active":
 		plan = append(plan, "restart "+unit+": it is "+pre.activeState+", not active")
 	case ctr.imageID != "":
@@ -962,7 +1073,7 @@ func planRedeploy(ctx context.Context, cfg *config, getenv func(string) string, 
 	default:
 		plan = append(plan, "restart "+unit+" only if the pulled image differs from the local one ("+cmp.Or(before, "none")+"), else record up-to-date")
 	}
-	plan = append(plan, fmt.Sprintf("after a restart, require %s to stay active for %s without systemd restarting it, and its podman healthcheck (if any) to pass", unit, cfg.healthSettle))
+	plan = append(plan, fmt.Sprintf("after a restart, require %s to stay active for %s without systemd restarting it, its container running and its podman healthcheck (if any) passing, looked at every %s: a failure ends the wait", unit, cfg.healthSettle, cfg.healthPoll))
 	target, source := rollbackTarget(ctr.imageID, before)
 	switch reason := rollbackPlan(target, "", target != ""); {
 	case err != nil && ctr.imageID == "":

@@ -12,6 +12,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -172,7 +173,7 @@ func TestRunTaskFlow(t *testing.T) {
 			"restart.after.1": activeUnit},
 			steps: []string{"started", "pulled", "restarted", "healthy", "completed"}, code: 0},
 		{name: "new image fails the gate: rolled back", files: with(newImage, "restart.after.1", failedUnit, "restart.after.2", activeUnit),
-			steps: []string{"started", "pulled", "restarted", "health-failed", "restarted", "rolled-back"}, code: 1,
+			steps: []string{"started", "pulled", "restarted", "health-failed", "rollback-restarted", "rolled-back"}, code: 1,
 			check: func(t *testing.T, h *fakeHost, rows []githubTaskRow) {
 				wantCalls(t, h, "podman-tag", tagBack)
 				wantCalls(t, h, "systemctl-restart", restartArgv, restartArgv)
@@ -207,22 +208,34 @@ func TestRunTaskFlow(t *testing.T) {
 				}
 			}},
 		{name: "previous image fails too: rollback failed", files: with(newImage, "restart.after.1", failedUnit, "restart.after.2", failedUnit),
-			steps: []string{"started", "pulled", "restarted", "health-failed", "restarted", "health-failed", "rollback-failed"}, code: 1,
+			steps: []string{"started", "pulled", "restarted", "health-failed", "rollback-restarted", "rollback-health-failed", "rollback-failed"}, code: 1,
 			check: func(t *testing.T, h *fakeHost, rows []githubTaskRow) {
 				wantCalls(t, h, "podman-tag", tagBack)
 			}},
-		{name: "podman healthcheck fails: rolled back", files: with(newImage,
-			"podman-ps.stdout", "f00dcafe sha256:"+oldImageID+"\n", "podman-healthcheck.fails", "1"),
-			steps: []string{"started", "pulled", "restarted", "health-failed", "restarted", "rolled-back"}, code: 1,
+		{name: "podman healthcheck fails: rolled back, the row explains", files: with(newImage,
+			"podman-ps.stdout", psJSON("f00dcafe", oldImageID, 100, "running", "Up 5 minutes (healthy)"),
+			"ps.after.1", psJSON("beef", newImageID, 200, "running", "Up 1 second (unhealthy)"),
+			"ps.after.2", psJSON("0ddba11", oldImageID, 300, "running", "Up 1 second (starting)"),
+			"podman-container-inspect.stdout", `0 [{"ExitCode":1,"Output":"health: db down, password=hunter2"}]`,
+			"podman-logs.stdout", "starting\nlistening on :8080\n"),
+			steps: []string{"started", "pulled", "restarted", "health-failed", "rollback-restarted", "rolled-back"}, code: 1,
 			check: func(t *testing.T, h *fakeHost, rows []githubTaskRow) {
-				if e := fmt.Sprint(rows[3].meta["error"]); !strings.Contains(e, "podman healthcheck") {
+				m := rows[3].meta
+				if e := fmt.Sprint(m["error"]); !strings.Contains(e, "podman healthcheck") {
 					t.Errorf("health-failed error = %q, want the healthcheck", e)
 				}
-				wantCalls(t, h, "podman-healthcheck", []string{"podman", "healthcheck", "run", "--", "f00dcafe"},
-					[]string{"podman", "healthcheck", "run", "--", "f00dcafe"})
+				if m["healthcheck_output"] != "health: db down, password=REDACTED" || m["log_tail"] != "starting\nlistening on :8080" || m["container_exit_code"] != float64(0) {
+					t.Errorf("health-failed row %v: want the healthcheck's output (redacted) and the log tail", m)
+				}
+				wantCalls(t, h, "podman-logs", []string{"podman", "logs", "--tail", "20", "--", "beef"})
+				// The deploy's gate ran the new container's healthcheck; the rollback's, the one it started.
+				calls := h.callsOf("podman-healthcheck")
+				if len(calls) < 2 || calls[0][4] != "beef" || slices.ContainsFunc(calls[1:], func(c []string) bool { return c[4] != "0ddba11" }) {
+					t.Errorf("healthcheck calls:\n%s", fakeCallLines(calls))
+				}
 			}},
 		{name: "restart fails", files: with(newImage, "systemctl-restart.exit", "1", "systemctl-restart.stderr", "Job for hello-world.service failed.\n"),
-			steps: []string{"started", "pulled", "restart-failed", "restart-failed", "rollback-failed"}, code: 1,
+			steps: []string{"started", "pulled", "restart-failed", "rollback-restart-failed", "rollback-failed"}, code: 1,
 			check: func(t *testing.T, h *fakeHost, rows []githubTaskRow) {
 				if e := fmt.Sprint(rows[2].meta["stderr"]); !strings.Contains(e, "Job for hello-world.service failed") {
 					t.Errorf("restart-failed stderr = %q", e)
@@ -259,7 +272,7 @@ func TestRunTaskFlow(t *testing.T) {
 				}
 			}},
 		{name: "no Image=, the container runs another package: nothing pulled or restarted", noQuadlet: true,
-			files: with(newImage, "podman-ps.stdout", "c0ffee sha256:"+oldImageID+" ghcr.io/octo-org/plain:latest\n"),
+			files: with(newImage, "podman-ps.stdout", psJSON("c0ffee", oldImageID, 100, "running", "Up", "ghcr.io/octo-org/plain:latest")),
 			steps: []string{"started", "image-mismatch"}, code: 0,
 			check: func(t *testing.T, h *fakeHost, rows []githubTaskRow) {
 				wantCalls(t, h, "podman-pull")
@@ -272,7 +285,7 @@ func TestRunTaskFlow(t *testing.T) {
 				}
 			}},
 		{name: "no Image=, the container runs the pushed image: redeployed", noQuadlet: true,
-			files: with(newImage, "podman-ps.stdout", "c0ffee sha256:"+oldImageID+" "+flowImage+"\n"),
+			files: with(newImage, "podman-ps.stdout", psJSON("c0ffee", oldImageID, 100, "running", "Up", flowImage)),
 			steps: []string{"started", "pulled", "restarted", "healthy", "completed"}, code: 0},
 		{name: "no Image=, no container, WEBHOOK_ALLOW_ANY_IMAGE: redeployed as before", noQuadlet: true, files: newImage,
 			env: map[string]string{anyImage: "true"}, steps: []string{"started", "pulled", "restarted", "healthy", "completed"}, code: 0},
@@ -288,18 +301,20 @@ func TestRunTaskFlow(t *testing.T) {
 			// Another unit's redeploy moved the local tag to otherImageID; the container still ran
 			// oldImageID, and that is what the unit must get back.
 			files: map[string]string{"image.id": otherImageID, "image.next": newImageID,
-				"podman-ps.stdout": "c0ffee sha256:" + oldImageID + " " + flowImage + "\n",
+				"podman-ps.stdout": psJSON("c0ffee", oldImageID, 100, "running", "Up", flowImage),
 				"restart.after.1":  failedUnit, "restart.after.2": activeUnit},
-			steps: []string{"started", "pulled", "restarted", "health-failed", "restarted", "rolled-back"}, code: 1,
+			steps: []string{"started", "pulled", "restarted", "health-failed", "rollback-restarted", "rolled-back"}, code: 1,
 			check: func(t *testing.T, h *fakeHost, rows []githubTaskRow) {
 				wantCalls(t, h, "podman-tag", tagBack)
 				last := rows[len(rows)-1].meta
 				if last["image_id"] != oldImageID || last["rollback_source"] != "container" {
 					t.Errorf("rolled-back row %v: want image_id %s (the container's), not the tag's previous %s", last, oldImageID, otherImageID)
 				}
-				if m := rows[1].meta; m["previous_image_id"] != otherImageID || m["running_image_id"] != oldImageID {
-					t.Errorf("pulled row %v: want previous_image_id %s and running_image_id %s", m, otherImageID, oldImageID)
+				// What the tag named is not looked up when a container runs: the rollback needs only the container's.
+				if m := rows[1].meta; m["previous_image_id"] != "" || m["running_image_id"] != oldImageID {
+					t.Errorf("pulled row %v: want no previous_image_id and running_image_id %s", m, oldImageID)
 				}
+				wantCalls(t, h, "podman-image-inspect")
 			}},
 		{name: "unit that reads as a flag", unit: "-x.service", files: newImage, steps: []string{"invalid"}, code: 2},
 		{name: "unit with a glob", unit: "hello*.service", files: newImage, steps: []string{"invalid"}, code: 2},
@@ -771,5 +786,163 @@ func TestE2ERollbackToWhatRan(t *testing.T) {
 	r.WaitFor(t, 30*time.Second, func() bool { return r.ContainerImage(t, ctr) == id1 }, ctr+" back on v1 "+id1)
 	if st := r.Show(t, unit, "ActiveState")["ActiveState"]; st != "active" {
 		t.Errorf("%s is %s after the rollback", unit, st)
+	}
+}
+
+// TestE2EGateFailsFast: on the rig, with the default 20 s settle, an image whose podman
+// healthcheck fails (interval 1 s) and one whose app exits 1 are each rolled back once the
+// failure shows, long before the settle ends, and their rows say why: the exit code, the log's
+// last line, the healthcheck's output, and that the registry still names the rejected digest,
+// whose next delivery is refused.
+func TestE2EGateFailsFast(t *testing.T) {
+	r := needRig(t)
+	const settle = 20 * time.Second
+	s := startE2EServer(t, fmt.Sprintf("WEBHOOK_HEALTH_SETTLE_SECS=%d", int(settle/time.Second)))
+	name := rigUniqueName(t, "gate")
+	ref, good, _ := e2ePushApp(t, r, "e2e/"+name, "v1", appServe, appHealthy)
+	app := e2eAppUnit(t, r, ref, "v1", true)
+
+	// deploy delivers the image pushed as version and returns the task's rows once it ended,
+	// after checking that v1 serves again, and when it did (unix ms).
+	deploy := func(t *testing.T, delivery, digest string) ([]taskRow, int64) {
+		t.Helper()
+		body := githubPackagePayload(r.Registry(), "e2e", name, "latest", digest)
+		if code, text := s.deliver(t, app.unit, "package", delivery, body, s.secret); code != http.StatusAccepted {
+			t.Fatalf("%s: %d %q", delivery, code, text)
+		}
+		var back int64
+		for deadline := time.Now().Add(3 * time.Minute); ; time.Sleep(10 * time.Millisecond) {
+			rows := s.taskRows(t, delivery)
+			restarted := slices.ContainsFunc(rows, func(r taskRow) bool { return r.step == "rollback-restarted" })
+			if v := app.serves(); restarted && v == "v1" && back == 0 {
+				back = time.Now().UnixMilli()
+			}
+			if len(rows) > 0 && finalSteps[rows[len(rows)-1].step] && (back != 0 || !restarted) {
+				return rows, back
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s did not end with v1 serving: rows %s; log:\n%s", delivery, stepDetails(rows), s.log)
+			}
+		}
+	}
+	row := func(rows []taskRow, step string) map[string]any {
+		for _, r := range rows {
+			if r.step == step {
+				return r.meta
+			}
+		}
+		t.Fatalf("no %s row: %s", step, stepDetails(rows))
+		return nil
+	}
+	wantSteps := "started,pulled,restarted,health-failed,rollback-restarted,rolled-back"
+
+	t.Run("a failing healthcheck", func(t *testing.T) {
+		_, _, digest := e2ePushApp(t, r, "e2e/"+name, "v2-unhealthy", appServe, appUnhealthy)
+		rows, back := deploy(t, "unhealthy-1", digest)
+		if got := strings.Join(steps(rows), ","); got != wantSteps {
+			t.Fatalf("steps %s", stepDetails(rows))
+		}
+		restarted, failed := rowMS(t, rows, "restarted"), rowMS(t, rows, "health-failed")
+		t.Logf("failure seen %d ms after the restart; v1 serving again %d ms after it", failed-restarted, back-restarted)
+		if failed-restarted >= settle.Milliseconds() {
+			t.Errorf("the gate failed %d ms after the restart: it waited for the settle's end", failed-restarted)
+		}
+		m := row(rows, "health-failed")
+		if !strings.Contains(fmt.Sprint(m["error"]), "unhealthy") || m["healthcheck_output"] != "health: the database is unreachable" {
+			t.Errorf("health-failed row %v: want unhealthy and the healthcheck's output", m)
+		}
+		rb := row(rows, "rolled-back")
+		if rb["rejected_digest"] != digest || !strings.Contains(fmt.Sprint(rb["registry_note"]), digest) {
+			t.Errorf("rolled-back row %v: want the rejected digest %s and that the registry still names it", rb, digest)
+		}
+		if got := r.ContainerImage(t, app.ctr); got != good {
+			t.Errorf("container runs %s after the rollback, want v1 %s", got, good)
+		}
+
+		again := s.deliverAndWait(t, r, app.unit, "unhealthy-2", githubPackagePayload(r.Registry(), "e2e", name, "latest", digest))
+		if got := strings.Join(steps(again), ","); got != "started,digest-rejected" {
+			t.Fatalf("the same digest again: steps %s, want it refused", stepDetails(again))
+		}
+		if why := fmt.Sprint(again[1].meta["reason"]); !strings.Contains(why, "unhealthy-1") || !strings.Contains(why, `"force": true`) {
+			t.Errorf("refusal reason %q: want the delivery that was rejected and how to force it", why)
+		}
+	})
+
+	t.Run("an app that exits 1", func(t *testing.T) {
+		_, _, digest := e2ePushApp(t, r, "e2e/"+name, "v3-crash", appCrash, appHealthy)
+		rows, _ := deploy(t, "crash-1", digest)
+		if got := strings.Join(steps(rows), ","); got != wantSteps {
+			t.Fatalf("steps %s", stepDetails(rows))
+		}
+		if d := rowMS(t, rows, "health-failed") - rowMS(t, rows, "restarted"); d >= settle.Milliseconds() {
+			t.Errorf("the gate failed %d ms after the restart: it waited for the settle's end", d)
+		}
+		m := row(rows, "health-failed")
+		if e := fmt.Sprint(m["error"]); !strings.Contains(e, "exited with code 1") {
+			t.Errorf("health-failed error %q, want the exit code", e)
+		}
+		if m["container_exit_code"] != float64(1) || !strings.HasSuffix(fmt.Sprint(m["log_tail"]), "fatal: cannot read /etc/app.conf") {
+			t.Errorf("health-failed row %v: want exit code 1 and the log's last line", m)
+		}
+	})
+}
+
+// TestRunTaskRefusesARejectedDigest: a digest whose redeploy of a unit was rolled back is not
+// redeployed to it again unless forced; a later redeploy of it that passed lifts the refusal, and
+// another unit is not concerned.
+func TestRunTaskRefusesARejectedDigest(t *testing.T) {
+	state := t.TempDir()
+	l, err := openEventLog(filepath.Join(state, "data", "pod-upgrade-trigger.db"), newLogger(io.Discard))
+	if err != nil {
+		t.Fatal(err)
+	}
+	claim := func(delivery, unit, step string, at int64) {
+		t.Helper()
+		if _, err := l.db.Exec(`INSERT INTO github_deliveries (delivery_id, unit, image, event, request_id, status,
+			received_at, updated_at, digest, claimed_at, step) VALUES (?, ?, ?, 'package', 'r', 'done', ?, ?, ?, ?, ?)`,
+			delivery, unit, flowImage, at, at, digestV1, at*1000, step); err != nil {
+			t.Fatal(err)
+		}
+	}
+	claim("bad-1", flowUnit, "rolled-back", 1700000000)
+	claim("bad-1-copy", flowUnit, "digest-rejected", 1700000100) // a refusal is no verdict on the digest
+	l.Close()
+	env := map[string]string{"WEBHOOK_HEALTH_SETTLE_SECS": "1", "HOME": quadletHome(t, flowUnit, flowImage)}
+	runTask := func(delivery string, flags ...string) []string {
+		t.Helper()
+		args := append(append([]string{"run-task", "--state-dir", state, "--digest", digestV1}, flags...),
+			"--", flowUnit, flowImage, "package", delivery, "/github-package-update/hello-world")
+		runTaskInProcess(t, env, args...)
+		return stepsOf(githubTaskRows(t, state, delivery))
+	}
+
+	h := newFakeHostFiles(t, map[string]string{"image.id": oldImageID, "image.next": newImageID})
+	if got := runTask("bad-2"); !slices.Equal(got, []string{"started", "digest-rejected"}) {
+		t.Fatalf("steps %q, want the digest refused", got)
+	}
+	if rows := githubTaskRows(t, state, "bad-2"); rows[1].status != http.StatusConflict ||
+		!strings.Contains(fmt.Sprint(rows[1].meta["reason"]), "(delivery bad-1)") || rows[1].meta["rejected_by"] != "bad-1" {
+		t.Errorf("digest-rejected row %d %v: want 409 naming delivery bad-1", rows[1].status, rows[1].meta)
+	}
+	wantCalls(t, h, "podman-pull")
+	if got := runTask("forced-1", "--force"); !slices.Equal(got, []string{"started", "pulled", "restarted", "healthy", "completed"}) {
+		t.Fatalf("forced: steps %q, want a redeploy", got)
+	}
+
+	l, err = openEventLog(filepath.Join(state, "data", "pod-upgrade-trigger.db"), newLogger(io.Discard))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	ctx := context.Background()
+	if by, _, err := l.rejectedDigest(ctx, "other.service", digestV1); err != nil || by != "" {
+		t.Errorf("another unit: rejected by %q (%v), want none", by, err)
+	}
+	if by, at, err := l.rejectedDigest(ctx, flowUnit, digestV1); err != nil || by != "bad-1" || at.Unix() != 1700000000 {
+		t.Errorf("rejected by %q at %v (%v), want bad-1", by, at, err)
+	}
+	claim("good-1", flowUnit, "completed", 1700000200)
+	if by, _, err := l.rejectedDigest(ctx, flowUnit, digestV1); err != nil || by != "" {
+		t.Errorf("after a redeploy of it passed: rejected by %q (%v), want none", by, err)
 	}
 }

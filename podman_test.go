@@ -367,39 +367,6 @@ func TestRollbackPlan(t *testing.T) {
 	}
 }
 
-func TestGateVerdict(t *testing.T) {
-	s := func(active, sub string, n int) unitSample {
-		return unitSample{activeState: active, subState: sub, result: "success", nRestarts: n}
-	}
-	active, activating := s("active", "running", 0), s("activating", "start", 0)
-	for _, tc := range []struct {
-		name     string
-		baseline unitSample
-		samples  []unitSample
-		want     string // "" healthy, else a substring of the verdict
-	}{
-		{"active throughout", active, []unitSample{active, active, active}, ""},
-		{"activating then active", active, []unitSample{activating, active}, ""},
-		{"NRestarts unchanged at a high baseline", s("active", "running", 5), []unitSample{s("active", "running", 5)}, ""},
-		{"never observed", active, nil, "never observed"},
-		{"failed at once", active, []unitSample{s("failed", "failed", 0)}, "became failed"},
-		{"failed on the way, active at the end", active, []unitSample{active, s("failed", "failed", 0), active}, "became failed"},
-		{"inactive", active, []unitSample{s("inactive", "dead", 0)}, "became inactive"},
-		{"deactivating", active, []unitSample{active, s("deactivating", "stop-sigterm", 0)}, "became deactivating"},
-		{"restarted by systemd", active, []unitSample{active, s("active", "running", 1)}, "restarted the unit on its own"},
-		{"restarted while activating", s("active", "running", 2), []unitSample{s("activating", "auto-restart", 3)}, "on its own"},
-		{"still activating at the end", active, []unitSample{activating, activating}, "not active"},
-		{"still reloading at the end", active, []unitSample{s("reloading", "reload", 0)}, "not active"},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			got := gateVerdict(tc.baseline, tc.samples)
-			if tc.want == "" && got != "" || tc.want != "" && !strings.Contains(got, tc.want) {
-				t.Errorf("gateVerdict = %q, want %q", got, tc.want)
-			}
-		})
-	}
-}
-
 // commands
 
 func TestRunCommand(t *testing.T) {

@@ -646,7 +646,7 @@ func TestManualService(t *testing.T) {
 		// A dry run only reads, for its plan: here the unit names no Image= and runs no container,
 		// so the plan is the task's refusal.
 		{name: "image dry run dispatches nothing", target: "/api/manual/services/web", body: `{"image":"` + image + `","dry_run":true}`,
-			want: 202, wantStatus: "dry-run", wantCalls: []string{"--user show -p LoadState -p SourcePath -p FragmentPath -- web.service"},
+			want: 202, wantStatus: "dry-run", wantCalls: []string{"--user show -p LoadState -p SourcePath -p ActiveState -p SubState -p Result -p NRestarts -p ExecMainStatus -p ExecMainCode -- web.service"},
 			wantPlan: "refuse (image-unknown), pulling and restarting nothing"},
 		{name: "dispatch failure", target: "/api/manual/services/web", body: `{"image":"` + image + `"}`, dispatchFail: true,
 			want: 500, wantStatus: "error", wantDispatch: true},

@@ -1,8 +1,9 @@
 // systemd.go owns what talks to systemd and starts programs: socket activation, sd_notify, unit
 // names and lookups, systemctl, the dispatcher of queued redeploys (systemd-run) and the units'
-// policies it applies to every claim (policyHold), runCommand and the health gate. No child inherits the activation and notify variables, passed fds or a secret;
-// a unit name in systemctl's argv passed validUnitName and follows "--". One dispatcher goroutine
-// consumes the durable queue, so it needs no lock; a claim only wakes it.
+// policies it applies to every claim (policyHold), runCommand and the health gate (it fails at the
+// look that sees a failure). No child inherits the activation and notify variables, passed fds or
+// a secret; a unit name in systemctl's argv passed validUnitName and follows "--". One dispatcher
+// goroutine consumes the durable queue, so it needs no lock; a claim only wakes it.
 package main
 
 import (
@@ -258,15 +259,20 @@ type unitFile struct {
 	labels        map[string]string
 }
 
-// configuredImage reads the Quadlet file that made the unit, else <name>.container in the Quadlet
-// directories; errUnitNotFound when systemd does not know the unit.
 func configuredImage(ctx context.Context, cfg *config, getenv func(string) string, unit string) (unitFile, error) {
-	props, err := showUnit(ctx, cfg, unit, "LoadState", "SourcePath", "FragmentPath")
+	_, uf, err := inspectUnit(ctx, cfg, getenv, unit)
+	return uf, err
+}
+
+// inspectUnit reads in one systemctl show a unit's state and its Quadlet file: the one that made
+// it, else <name>.container in the Quadlet directories; errUnitNotFound when systemd does not know it.
+func inspectUnit(ctx context.Context, cfg *config, getenv func(string) string, unit string) (u unitSample, _ unitFile, err error) {
+	props, err := showUnit(ctx, cfg, unit, append([]string{"LoadState", "SourcePath"}, unitStateProps...)...)
 	if err != nil {
-		return unitFile{}, err
+		return unitSample{}, unitFile{}, err
 	}
-	if props["LoadState"] == "not-found" {
-		return unitFile{}, fmt.Errorf("%s: %w", unit, errUnitNotFound)
+	if u = unitFromProps(props); props["LoadState"] == "not-found" {
+		return u, unitFile{}, fmt.Errorf("%s: %w", unit, errUnitNotFound)
 	}
 	var candidates []string
 	if sp := props["SourcePath"]; strings.HasSuffix(sp, ".container") {
@@ -285,7 +291,7 @@ func configuredImage(ctx context.Context, cfg *config, getenv func(string) strin
 			continue
 		}
 		if err != nil {
-			return unitFile{source: c}, err
+			return u, unitFile{source: c}, err
 		}
 		uf := unitFile{source: c, labels: map[string]string{}}
 		uf.readQuadlet(data)
@@ -298,9 +304,9 @@ func configuredImage(ctx context.Context, cfg *config, getenv func(string) strin
 				uf.source = d
 			}
 		}
-		return uf, nil
+		return u, uf, nil
 	}
-	return unitFile{}, nil
+	return u, unitFile{}, nil
 }
 
 // readQuadlet applies a Quadlet file's [Container] section to uf, as systemd.unit(5) parsing does
@@ -445,67 +451,99 @@ type unitSample struct {
 	subState    string
 	result      string // success, exit-code, signal, …
 	nRestarts   int    // automatic restarts by systemd (Restart=)
+	exitCode    int    // ExecMainStatus: the main process's exit status, or its signal
+	killed      bool   // ExecMainCode says a signal ended it (2 killed, 3 dumped)
 }
+
+var unitStateProps = []string{"ActiveState", "SubState", "Result", "NRestarts", "ExecMainStatus", "ExecMainCode"}
 
 func sampleUnit(ctx context.Context, cfg *config, unit string) (unitSample, error) {
-	p, err := showUnit(ctx, cfg, unit, "ActiveState", "SubState", "Result", "NRestarts")
-	if err != nil {
-		return unitSample{}, err
-	}
+	p, err := showUnit(ctx, cfg, unit, unitStateProps...)
+	return unitFromProps(p), err
+}
+
+func unitFromProps(p map[string]string) unitSample {
 	n, _ := strconv.Atoi(p["NRestarts"])
-	return unitSample{activeState: p["ActiveState"], subState: p["SubState"], result: p["Result"], nRestarts: n}, nil
+	code, _ := strconv.Atoi(p["ExecMainStatus"])
+	return unitSample{activeState: p["ActiveState"], subState: p["SubState"], result: p["Result"], nRestarts: n,
+		exitCode: code, killed: p["ExecMainCode"] == "2" || p["ExecMainCode"] == "3"}
 }
 
-func sampleProblem(baseline, s unitSample) string {
+// exited says how the unit's main process last ended, as systemd recorded it.
+func (s unitSample) exited() string {
+	how := "exited with code"
+	if s.killed {
+		how = "was killed by signal"
+	}
+	return fmt.Sprintf("its main process %s %d (result %s)", how, s.exitCode, s.result)
+}
+
+// gateSample is one look during the settle: the unit, its newest container, and whether the
+// healthcheck run in this look failed.
+type gateSample struct {
+	at          time.Time
+	unit        unitSample
+	ctr         unitContainer // zero when the look took no container or found none
+	checkFailed bool
+}
+
+// gateProblem is why a sample fails the gate at once, "" when it does not.
+func gateProblem(baseline unitSample, s gateSample) string {
+	switch u := s.unit; {
+	case u.nRestarts > baseline.nRestarts:
+		return fmt.Sprintf("systemd restarted the unit on its own (NRestarts %d → %d): %s", baseline.nRestarts, u.nRestarts, u.exited())
+	case u.activeState == "failed" || u.activeState == "inactive" || u.activeState == "deactivating":
+		return fmt.Sprintf("the unit became %s/%s: %s", u.activeState, u.subState, u.exited())
+	case slices.Contains([]string{"exited", "stopped", "dead"}, s.ctr.state):
+		return fmt.Sprintf("the container %s exited with code %d", s.ctr.id[:min(len(s.ctr.id), 12)], s.ctr.exitCode)
+	case s.ctr.health == "unhealthy":
+		return "podman healthcheck: the container is unhealthy"
+	}
+	return ""
+}
+
+// gateVerdict judges the newest sample of a settle that began at start: a problem fails at once;
+// once the settle's full length has passed, the unit must be active and its healthcheck passing.
+func gateVerdict(baseline unitSample, start time.Time, settle time.Duration, s gateSample) (verdict string, done bool) {
 	switch {
-	case s.nRestarts > baseline.nRestarts:
-		return fmt.Sprintf("systemd restarted the unit on its own (NRestarts %d → %d, result %s)", baseline.nRestarts, s.nRestarts, s.result)
-	case s.activeState == "failed" || s.activeState == "inactive" || s.activeState == "deactivating":
-		return fmt.Sprintf("the unit became %s/%s (result %s)", s.activeState, s.subState, s.result)
+	case gateProblem(baseline, s) != "":
+		return gateProblem(baseline, s), true
+	case s.at.Sub(start) < settle:
+		return "", false
+	case s.unit.activeState != "active":
+		return fmt.Sprintf("the unit is %s/%s, not active, at the end of the settle window", s.unit.activeState, s.unit.subState), true
+	case s.checkFailed:
+		return "podman healthcheck: unhealthy at the end of the settle window", true
 	}
-	return ""
+	return "", true
 }
 
-// gateVerdict judges a unit's samples over the settle window after a restart; "" means healthy.
-func gateVerdict(baseline unitSample, samples []unitSample) string {
-	if len(samples) == 0 {
-		return "the unit was never observed after the restart"
-	}
-	for _, s := range samples {
-		if p := sampleProblem(baseline, s); p != "" {
-			return p
-		}
-	}
-	if last := samples[len(samples)-1]; last.activeState != "active" {
-		return fmt.Sprintf("the unit is %s/%s, not active, at the end of the settle window", last.activeState, last.subState)
-	}
-	return ""
-}
-
-// watchUnit samples the unit every healthPoll for healthSettle or until a sample fails the gate.
-// When ctx ends (the task is being stopped) it takes one last sample, so the caller can decide.
-func watchUnit(ctx context.Context, cfg *config, unit string, baseline unitSample) ([]unitSample, bool) {
-	var samples []unitSample
-	deadline := time.Now().Add(cfg.healthSettle)
-	quick := context.WithoutCancel(ctx)
+// watchGate takes a sample every poll until one fails the gate or the settle has passed; the
+// baseline's NRestarts drops to the first sample's, as systemd resets it on an explicit restart.
+// When ctx ends (the task is being stopped) one last sample decides, and cut is set.
+func watchGate(ctx context.Context, now func() time.Time, after func(time.Duration) <-chan time.Time, poll, settle time.Duration,
+	baseline unitSample, sample func(last bool) (gateSample, error)) (verdict string, last gateSample, cut bool) {
+	start, seen := now(), false
 	for {
-		s, err := sampleUnit(quick, cfg, unit)
+		final := now().Sub(start) >= settle || ctx.Err() != nil
+		s, err := sample(final)
 		if err == nil {
-			samples = append(samples, s)
-			if sampleProblem(baseline, s) != "" {
-				return samples, false
+			if !seen && s.unit.nRestarts < baseline.nRestarts {
+				baseline.nRestarts = s.unit.nRestarts
 			}
-		}
-		if !time.Now().Before(deadline) {
-			return samples, false
+			seen, last, cut = true, s, ctx.Err() != nil
+			if cut {
+				settle = 0 // being stopped: this sample decides
+			}
+			if v, done := gateVerdict(baseline, start, settle, s); done {
+				return v, s, cut
+			}
+		} else if final {
+			return "the unit could not be observed at the end of the settle window: " + err.Error(), last, ctx.Err() != nil
 		}
 		select {
 		case <-ctx.Done():
-			if s, err := sampleUnit(quick, cfg, unit); err == nil {
-				samples = append(samples, s)
-			}
-			return samples, true
-		case <-time.After(min(cfg.healthPoll, time.Until(deadline))):
+		case <-after(min(poll, max(settle-now().Sub(start), 0))):
 		}
 	}
 }

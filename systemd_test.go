@@ -943,7 +943,8 @@ func TestUnitLookups(t *testing.T) {
 	if _, err := c.configuredImage(ctx, cfg, getenv, "db.service"); !errors.Is(err, errUnitNotFound) {
 		t.Errorf("a lookup asked with an ended context: %v, want it run to its end (not found)", err)
 	}
-	if want := []string{"show", "-p", "LoadState", "-p", "SourcePath", "-p", "FragmentPath", "--", "web.service"}; !slices.Equal(h.callsOf("systemctl-show")[0][2:], want) {
+	if want := []string{"show", "-p", "LoadState", "-p", "SourcePath", "-p", "ActiveState", "-p", "SubState", "-p", "Result",
+		"-p", "NRestarts", "-p", "ExecMainStatus", "-p", "ExecMainCode", "--", "web.service"}; !slices.Equal(h.callsOf("systemctl-show")[0][2:], want) {
 		t.Errorf("lookup argv %q, want systemctl --user %q", h.callsOf("systemctl-show")[0], want)
 	}
 }
@@ -1023,4 +1024,84 @@ func TestE2ESocketActivation(t *testing.T) {
 	if n != 1 {
 		t.Fatalf("event_log has %d probe summaries counting the GET /health, want 1; server output: %s", n, serverLog())
 	}
+}
+
+// TestWatchGate runs the gate on a fake clock: a sample every poll of 500 ms over a 3 s settle.
+// A problem fails the gate at the sample that shows it, not at the settle's end; passing takes
+// the settle's full length.
+func TestWatchGate(t *testing.T) {
+	const poll, settle = 500 * time.Millisecond, 3 * time.Second
+	u := func(active, sub string, n int) unitSample {
+		return unitSample{activeState: active, subState: sub, result: "success", nRestarts: n}
+	}
+	active, activating := u("active", "running", 0), u("activating", "start", 0)
+	running := unitContainer{id: "c0ffee", state: "running"}
+	healthy, starting, unhealthy := running, running, running
+	healthy.health, starting.health, unhealthy.health = "healthy", "starting", "unhealthy"
+	exited := unitContainer{id: "c0ffee", state: "exited", exitCode: 1}
+	crashed := u("failed", "failed", 0)
+	crashed.result, crashed.exitCode = "exit-code", 1
+	g := func(unit unitSample, ctr unitContainer) gateSample { return gateSample{unit: unit, ctr: ctr} }
+	failing := g(active, starting)
+	failing.checkFailed = true
+	for _, tc := range []struct {
+		name     string
+		baseline unitSample
+		samples  []gateSample // the last one repeats
+		want     string       // "" passes, else a substring of the verdict
+		at       time.Duration
+	}{
+		{"active throughout", active, []gateSample{g(active, running)}, "", settle},
+		{"activating, then active and healthy", active, []gateSample{g(activating, unitContainer{}), g(active, starting), g(active, healthy)}, "", settle},
+		{"no container: systemd's word", active, []gateSample{g(active, unitContainer{})}, "", settle},
+		{"NRestarts reset by the explicit restart", u("active", "running", 5), []gateSample{g(active, running)}, "", settle},
+		{"a high NRestarts unchanged", u("active", "running", 5), []gateSample{g(u("active", "running", 5), running)}, "", settle},
+		{"the unit fails at 1 s", active, []gateSample{g(active, running), g(active, running), g(crashed, exited)}, "exited with code 1 (result exit-code)", time.Second},
+		{"the container exits at 1.5 s", active, []gateSample{g(active, running), g(active, running), g(active, running), g(active, exited)}, "exited with code 1", 1500 * time.Millisecond},
+		{"restarted by systemd at 0.5 s", active, []gateSample{g(active, running), g(u("active", "running", 1), running)}, "restarted the unit on its own", poll},
+		{"deactivating", active, []gateSample{g(u("deactivating", "stop-sigterm", 0), running)}, "became deactivating", 0},
+		{"unhealthy at 1 s", active, []gateSample{g(active, starting), g(active, starting), g(active, unhealthy)}, "unhealthy", time.Second},
+		{"a failing healthcheck below podman's retries is not yet a verdict", active, []gateSample{failing, g(active, healthy)}, "", settle},
+		{"healthcheck still failing at the end", active, []gateSample{failing}, "unhealthy at the end of the settle", settle},
+		{"still activating at the end", active, []gateSample{g(activating, unitContainer{})}, "not active", settle},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var clock time.Duration
+			base := time.Unix(1700000000, 0)
+			now := func() time.Time { return base.Add(clock) }
+			after := func(d time.Duration) <-chan time.Time {
+				clock += d
+				c := make(chan time.Time, 1)
+				c <- now()
+				return c
+			}
+			n := 0
+			sample := func(last bool) (gateSample, error) {
+				s := tc.samples[min(n, len(tc.samples)-1)]
+				n++
+				if last && s.ctr.health == "" {
+					s.ctr = unitContainer{} // the settle's last look asks systemd alone
+				}
+				s.at = now()
+				return s, nil
+			}
+			verdict, _, cut := watchGate(context.Background(), now, after, poll, settle, tc.baseline, sample)
+			if tc.want == "" && verdict != "" || tc.want != "" && !strings.Contains(verdict, tc.want) {
+				t.Errorf("verdict %q, want %q", verdict, tc.want)
+			}
+			if clock != tc.at || cut {
+				t.Errorf("decided at %s (cut %v), want at %s", clock, cut, tc.at)
+			}
+		})
+	}
+	t.Run("a stopped task decides on one more sample", func(t *testing.T) {
+		ctx, cancel := context.WithCancel(context.Background())
+		cancel()
+		verdict, _, cut := watchGate(ctx, time.Now, time.After, poll, time.Hour, active, func(bool) (gateSample, error) {
+			return gateSample{at: time.Now(), unit: active}, nil
+		})
+		if verdict != "" || !cut {
+			t.Errorf("verdict %q, cut %v; want healthy, cut short", verdict, cut)
+		}
+	})
 }

@@ -1258,9 +1258,14 @@ func (s *server) checkHealth(ctx context.Context) healthReport {
 		f.Close()
 		os.Remove(f.Name())
 	}
+	registry := map[string]bool{} // each WEBHOOK_REGISTRY_TOKEN_<SOURCE>, by source
+	for name, secret := range s.cfg.secrets {
+		registry[name] = secret != ""
+	}
+	delete(registry, "github")
 	body := map[string]any{"state_dir": state, "github_secret_configured": s.cfg.secrets["github"] != "",
 		"token_configured": s.cfg.token != "", "manual_token_configured": s.cfg.manualToken != "",
-		"metrics_token_configured": s.cfg.metricsToken != "", "version": buildVersion()}
+		"metrics_token_configured": s.cfg.metricsToken != "", "version": buildVersion(), "registry_tokens_configured": registry}
 	if ticks, err := queryEvents(ctx, s.events.reader, eventFilter{action: "scheduler", limit: 1}); err == nil && len(ticks) > 0 {
 		body["last_scheduler_tick"] = map[string]any{"time": ticks[0].Time, "status": ticks[0].Status}
 	}

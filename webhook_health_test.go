@@ -84,10 +84,11 @@ type healthBody struct {
 		Writable bool   `json:"writable"`
 		Error    string `json:"error"`
 	} `json:"state_dir"`
-	GitHubSecret  *bool `json:"github_secret_configured"`
-	Token         *bool `json:"token_configured"`
-	ManualToken   *bool `json:"manual_token_configured"`
-	MetricsToken  *bool `json:"metrics_token_configured"`
+	GitHubSecret  *bool           `json:"github_secret_configured"`
+	Token         *bool           `json:"token_configured"`
+	ManualToken   *bool           `json:"manual_token_configured"`
+	MetricsToken  *bool           `json:"metrics_token_configured"`
+	Registry      map[string]bool `json:"registry_tokens_configured"`
 	SchedulerTick *struct {
 		Time   string `json:"time"`
 		Status int    `json:"status"`
@@ -107,17 +108,18 @@ func TestHealthVerbose(t *testing.T) {
 	}
 	latest := ms[len(ms)-1].version
 	secrets := map[string]string{
-		"GITHUB_WEBHOOK_SECRET": "gh-secret-VALUE-1",
-		"WEBHOOK_TOKEN":         "plain-token-VALUE-2",
-		"WEBHOOK_MANUAL_TOKEN":  "manual-token-VALUE-3",
-		"WEBHOOK_METRICS_TOKEN": "metrics-token-VALUE-4",
+		"GITHUB_WEBHOOK_SECRET":         "gh-secret-VALUE-1",
+		"WEBHOOK_TOKEN":                 "plain-token-VALUE-2",
+		"WEBHOOK_MANUAL_TOKEN":          "manual-token-VALUE-3",
+		"WEBHOOK_METRICS_TOKEN":         "metrics-token-VALUE-4",
+		"WEBHOOK_REGISTRY_TOKEN_HARBOR": "harbor-token-VALUE-5",
 	}
 	for _, tc := range []struct {
 		name                           string
 		env                            []string // which of secrets to set
 		secret, token, manual, metrics bool
 	}{
-		{name: "everything configured", env: []string{"GITHUB_WEBHOOK_SECRET", "WEBHOOK_TOKEN", "WEBHOOK_MANUAL_TOKEN", "WEBHOOK_METRICS_TOKEN"},
+		{name: "everything configured", env: []string{"GITHUB_WEBHOOK_SECRET", "WEBHOOK_TOKEN", "WEBHOOK_MANUAL_TOKEN", "WEBHOOK_METRICS_TOKEN", "WEBHOOK_REGISTRY_TOKEN_HARBOR"},
 			secret: true, token: true, manual: true, metrics: true},
 		{name: "nothing configured"},
 		{name: "only WEBHOOK_TOKEN, which the manual API falls back to", env: []string{"WEBHOOK_TOKEN"}, token: true, manual: true},
@@ -164,6 +166,10 @@ func TestHealthVerbose(t *testing.T) {
 					if c.got == nil || *c.got != c.want {
 						t.Errorf("%s = %v, want %v", c.name, c.got, c.want)
 					}
+				}
+				harbor := slices.Contains(tc.env, "WEBHOOK_REGISTRY_TOKEN_HARBOR")
+				if len(h.Registry) != len(pushSources)-1 || h.Registry["harbor"] != harbor || h.Registry["quay"] || h.Registry["github"] {
+					t.Errorf("registry_tokens_configured %v, want every registry source, harbor %v", h.Registry, harbor)
 				}
 				if h.SchedulerTick == nil || h.SchedulerTick.Time != "2024-03-01T15:00:00Z" || h.SchedulerTick.Status != 500 {
 					t.Errorf("last_scheduler_tick %+v, want the newest scheduler row (15:00, 500)", h.SchedulerTick)
