@@ -871,8 +871,7 @@ var rollbackSources = map[string]string{
 // inspect. Its row says that the registry's tag still names the rejected digest.
 func (t *task) rollback(ctx context.Context, before, source, after string, failed gateResult) int {
 	bg := context.WithoutCancel(ctx)
-	why := failed.verdict
-	meta := map[string]any{"error": why, "failed_image_id": after, "rollback_source": source}
+	meta := map[string]any{"error": failed.verdict, "failed_image_id": after, "rollback_source": source}
 	maps.Copy(meta, failed.failure)
 	exists := before != "" && runCommand(bg, t.cfg.commandTimeout, "podman", "image", "exists", "--", before).err == nil
 	if plan := rollbackPlan(before, after, exists); plan != "" {
@@ -899,7 +898,7 @@ func (t *task) rollback(ctx context.Context, before, source, after string, faile
 		t.step("rollback-failed", http.StatusInternalServerError, nil, meta)
 		return 1
 	}
-	t.log.warnf("redeploy of %s to %s failed (%s): rolled back to image %s, %s", t.unit, t.image, why, before, rollbackSources[source])
+	t.log.warnf("redeploy of %s to %s failed (%s): rolled back to image %s, %s", t.unit, t.image, failed.verdict, before, rollbackSources[source])
 	meta["image_id"], meta["previous_image_id"], meta["rollback_ms"] = before, before, t.now().Sub(start).Milliseconds()
 	t.step("rolled-back", http.StatusInternalServerError, nil, meta)
 	return 1

@@ -213,7 +213,7 @@ const (
 	maxUnitLookups    = 1024 // past it, the cache is emptied rather than kept forever
 )
 
-// unitLookups caches configuredImage per unit; callers of a refreshing entry share its answer.
+// unitLookups caches inspectUnit's Quadlet file per unit; callers of a refreshing entry share its answer.
 type unitLookups struct {
 	ttl     time.Duration // unitLookupTTL; 0 in tests that count every systemctl
 	mu      sync.Mutex
@@ -243,7 +243,7 @@ func (c *unitLookups) configuredImage(ctx context.Context, cfg *config, getenv f
 	if time.Since(e.at) >= c.ttl {
 		// Shared, so not cut short by the asking client; bounded, as GitHub waits 10 s at most.
 		lctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), unitLookupTimeout)
-		e.uf, e.err = configuredImage(lctx, cfg, getenv, unit)
+		_, e.uf, e.err = inspectUnit(lctx, cfg, getenv, unit)
 		cancel()
 		e.at = time.Now()
 	}
@@ -257,11 +257,6 @@ var errUnitNotFound = errors.New("unit not found")
 type unitFile struct {
 	image, source string
 	labels        map[string]string
-}
-
-func configuredImage(ctx context.Context, cfg *config, getenv func(string) string, unit string) (unitFile, error) {
-	_, uf, err := inspectUnit(ctx, cfg, getenv, unit)
-	return uf, err
 }
 
 // inspectUnit reads in one systemctl show a unit's state and its Quadlet file: the one that made

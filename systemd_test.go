@@ -806,14 +806,14 @@ func TestConfiguredImageQuadlet(t *testing.T) {
 		}
 	}
 	write(file, "[Container]\nImage=ghcr.io/me/web\n")
-	uf, err := configuredImage(context.Background(), cfg, getenv, "web.service")
+	_, uf, err := inspectUnit(context.Background(), cfg, getenv, "web.service")
 	if err != nil || uf.image != "ghcr.io/me/web" || uf.source != file {
 		t.Fatalf("configuredImage = %+v %v", uf, err)
 	}
 	write(filepath.Join(file+".d", "10-pin.conf"), "[Container]\nImage=ghcr.io/me/web:v2\n")
 	write(filepath.Join(file+".d", "05-other.conf"), "[Container]\nImage=ghcr.io/me/old:v1\n")
 	write(filepath.Join(file+".d", "20-env.conf"), "[Container]\nEnvironment=A=1\n")
-	uf, err = configuredImage(context.Background(), cfg, getenv, "web.service")
+	_, uf, err = inspectUnit(context.Background(), cfg, getenv, "web.service")
 	if err != nil || uf.image != "ghcr.io/me/web:v2" || !strings.HasSuffix(uf.source, "10-pin.conf") {
 		t.Fatalf("with drop-ins: %+v %v, want the last drop-in naming an image", uf, err)
 	}
@@ -863,7 +863,7 @@ func TestQuadletLabels(t *testing.T) {
 	os.MkdirAll(file+".d", 0o755)
 	os.WriteFile(filepath.Join(file+".d", "20-b.conf"), []byte("[Container]\nLabel=b=3\n"), 0o600)
 	os.WriteFile(filepath.Join(file+".d", "10-a.conf"), []byte("[Container]\nLabel=b=2 c=2\n"), 0o600)
-	uf, err := configuredImage(context.Background(), &config{commandTimeout: 5 * time.Second}, func(string) string { return "" }, "web.service")
+	_, uf, err := inspectUnit(context.Background(), &config{commandTimeout: 5 * time.Second}, func(string) string { return "" }, "web.service")
 	if want := map[string]string{"a": "1", "b": "3", "c": "2"}; err != nil || !maps.Equal(uf.labels, want) || uf.image != "ghcr.io/me/web:v1" || uf.source != file {
 		t.Errorf("with drop-ins: %+v %v, want labels %q, the image and source of the file", uf, err, want)
 	}
