@@ -136,10 +136,9 @@ func (s *server) serve(listeners []net.Listener, sd *notifier) int {
 	}
 	go sd.runWatchdog(ctx, s.log)
 	dctx, stopDispatcher := context.WithCancel(context.Background())
-	dispatcherDone := make(chan struct{})
-	go func() { defer close(dispatcherDone); s.runDispatcher(dctx) }()
-	notifierDone := make(chan struct{})
-	go func() { defer close(notifierDone); s.events.runNotifier(dctx, &s.cfg.notify) }()
+	var background sync.WaitGroup
+	background.Go(func() { s.runDispatcher(dctx) })
+	background.Go(func() { s.events.runNotifier(dctx, &s.cfg.notify) })
 	status := 0
 	select {
 	case <-ctx.Done():
@@ -172,8 +171,7 @@ func (s *server) serve(listeners []net.Listener, sd *notifier) int {
 		}
 	}
 	stopDispatcher()
-	<-dispatcherDone
-	<-notifierDone
+	background.Wait()
 	s.flushSummaries(true)
 	return status
 }
@@ -598,22 +596,19 @@ func (s *server) handleStatic(w http.ResponseWriter, r *http.Request) {
 
 // pushSource is what differs between GitHub and each registry; everything else is shared.
 type pushSource struct {
-	action     string                                                  // its request rows' action
-	auth       func(secret string, r *http.Request, body []byte) error // nil error: authenticated
-	authFailed string                                                  // the refusal's reason
-	headers    func(s *server, p *push) *refusal                       // checked before the unit
-	parse      func(body []byte, h http.Header) ([]delivery, error)
-	github     bool // registry hosts must be allowed; a unit without Image= takes the first pushed tag
+	auth   func(secret string, r *http.Request, body []byte) error // nil error: authenticated
+	parse  func(body []byte, h http.Header) ([]delivery, error)
+	github bool // its own headers and rows' action; registry hosts must be allowed; a unit without Image= takes the first pushed tag
 }
 
 // pushSources are the sources by the name in their route; "github" is /github-package-update.
 var pushSources = map[string]pushSource{
-	"github":       {action: "github-webhook", auth: githubAuth, authFailed: "bad-signature", headers: githubHeaders, parse: githubPushes, github: true},
-	"distribution": {action: "registry-webhook", auth: bearerAuth, authFailed: "unauthorized", parse: distributionPushes},
-	"harbor":       {action: "registry-webhook", auth: bearerAuth, authFailed: "unauthorized", parse: harborPushes},
-	"gitea":        {action: "registry-webhook", auth: giteaAuth, authFailed: "unauthorized", parse: giteaPushes},
-	"dockerhub":    {action: "registry-webhook", auth: urlTokenAuth, authFailed: "unauthorized", parse: dockerHubPushes},
-	"quay":         {action: "registry-webhook", auth: urlTokenAuth, authFailed: "unauthorized", parse: quayPushes},
+	"github":       {auth: githubAuth, parse: githubPushes, github: true},
+	"distribution": {auth: bearerAuth, parse: distributionPushes},
+	"harbor":       {auth: bearerAuth, parse: harborPushes},
+	"gitea":        {auth: giteaAuth, parse: giteaPushes},
+	"dockerhub":    {auth: urlTokenAuth, parse: dockerHubPushes},
+	"quay":         {auth: urlTokenAuth, parse: quayPushes},
 }
 
 // secretEnv names the variable holding a source's secret; isSecretEnv keeps it from children.
@@ -652,7 +647,7 @@ func refuse(status int, reason, text string) *refusal {
 // handlePush runs the README's "What happens on a delivery" in order; pulls and restarts are the queue's.
 func (s *server) handlePush(w http.ResponseWriter, r *http.Request) {
 	p := &push{r: r, ri: info(r)}
-	for _, check := range []func(*push) *refusal{s.pushSource, s.pushSecret, s.pushBody, s.pushAuth,
+	for _, check := range []func(*push) *refusal{s.pushSource, s.pushBody, s.pushAuth,
 		s.pushHeaders, s.pushUnit, s.pushPayload, s.pushImage, s.pushPolicy, s.pushLimits} {
 		if no := check(p); no != nil {
 			if no.retryAfter > 0 {
@@ -666,23 +661,19 @@ func (s *server) handlePush(w http.ResponseWriter, r *http.Request) {
 		path: redactPath(r.URL.Path), digest: p.d.digest})
 }
 
-// 1. The source is known.
+// 1. The source is known; 2. its secret is configured.
 func (s *server) pushSource(p *push) *refusal {
 	p.name = cmp.Or(p.r.PathValue("source"), "github")
 	src, ok := pushSources[p.name]
 	p.ri.action, p.src, p.event = "registry-webhook", src, p.name
-	if !ok || p.r.PathValue("source") == "github" {
+	switch {
+	case !ok || p.r.PathValue("source") == "github":
 		return refuse(http.StatusNotFound, "unknown-source", "unknown registry source: want distribution, harbor, gitea, dockerhub or quay")
-	}
-	p.ri.action = src.action
-	if !src.github {
+	case src.github:
+		p.ri.action = "github-webhook"
+	default:
 		p.ri.meta["source"] = p.name
 	}
-	return nil
-}
-
-// 2. Its secret is configured.
-func (s *server) pushSecret(p *push) *refusal {
 	if s.cfg.secrets[p.name] == "" {
 		s.log.errorf("%s push refused: %s is not set", p.name, secretEnv(p.name))
 		return refuse(http.StatusInternalServerError, "secret-unset", "server misconfigured")
@@ -713,7 +704,7 @@ func (s *server) pushAuth(p *push) *refusal {
 	}
 	if !p.src.github {
 		s.log.warnf("%s push to %s refused: %v", p.name, redactPath(p.r.URL.Path), err)
-		return refuse(http.StatusUnauthorized, p.src.authFailed, "unauthorized")
+		return refuse(http.StatusUnauthorized, "unauthorized", "unauthorized")
 	}
 	sum := sha256.Sum256(p.body)
 	p.ri.meta["body_bytes"], p.ri.meta["body_sha256"] = len(p.body), hex.EncodeToString(sum[:])
@@ -722,15 +713,7 @@ func (s *server) pushAuth(p *push) *refusal {
 		where = "saved to " + s.cfg.debugPayloadPath
 	}
 	s.log.warnf("github delivery for %s refused: %v (body %d bytes, sha256 %x, %s)", boundField(p.r.URL.Path), err, len(p.body), sum, where)
-	return refuse(http.StatusUnauthorized, p.src.authFailed, "invalid signature")
-}
-
-// 5. The source's own headers.
-func (s *server) pushHeaders(p *push) *refusal {
-	if h := p.src.headers; h != nil {
-		return h(s, p)
-	}
-	return nil
+	return refuse(http.StatusUnauthorized, "bad-signature", "invalid signature")
 }
 
 // 6. The unit comes from the path.
@@ -778,24 +761,23 @@ func (s *server) pushPayload(p *push) *refusal {
 // 8. A push matches the unit's Quadlet Image= (same host and repository, its tag; of several, the
 // last). Without Image=, a GitHub push's first tag, which the task checks against the running one.
 func (s *server) pushImage(p *push) *refusal {
-	uf, err := s.units.configuredImage(p.r.Context(), s.cfg, s.getenv, p.unit)
-	configured, source := uf.image, uf.source
-	p.uf = uf
+	var err error
+	p.uf, err = s.units.configuredImage(p.r.Context(), s.cfg, s.getenv, p.unit)
 	switch {
 	case errors.Is(err, errUnitNotFound):
 		return refuse(http.StatusNotFound, "unit-not-found", "unit "+p.unit+" not found")
 	case err != nil:
 		s.log.errorf("cannot read the definition of %s: %v", p.unit, err)
 		return refuse(http.StatusInternalServerError, "unit-unreadable", "cannot read the unit definition")
-	case configured == "" && p.src.github:
+	case p.uf.image == "" && p.src.github:
 		p.d, p.ref = p.pushes[0], p.pushes[0].ref(p.pushes[0].tags[0])
 		return p.matched()
-	case configured == "":
+	case p.uf.image == "":
 		return refuse(http.StatusAccepted, "unit-image-unknown", "ignored: "+p.unit+" names no image (Image= in its Quadlet .container file), so no registry push can match it")
 	}
-	want, err := parseImageRef(withDefaultTag(configured))
+	want, err := parseImageRef(withDefaultTag(p.uf.image))
 	if err != nil {
-		s.log.errorf("%s names an image this program cannot match (%v): refusing the delivery", source, err)
+		s.log.errorf("%s names an image this program cannot match (%v): refusing the delivery", p.uf.source, err)
 		return refuse(http.StatusInternalServerError, "unit-image-unreadable", "the unit's Image= is not a full image reference (registry/owner/name[:tag])")
 	}
 	var reason, text string
@@ -878,8 +860,11 @@ var (
 // name): a GitHub delivery id is not signed, so it may use none, or it could claim their pushes.
 var registryIDPrefixes = []string{"dist-", "harbor-", "gitea-", "hub-", "distribution-", "dockerhub-", "quay-"}
 
-// githubHeaders checks X-GitHub-Event and X-GitHub-Delivery, the allowed events, and answers a ping.
-func githubHeaders(s *server, p *push) *refusal {
+// 5. GitHub's headers: X-GitHub-Event and X-GitHub-Delivery, the allowed events; a ping is answered.
+func (s *server) pushHeaders(p *push) *refusal {
+	if !p.src.github {
+		return nil
+	}
 	p.event = p.r.Header.Get("X-GitHub-Event")
 	p.ri.meta["event"] = p.event
 	if !reEventName.MatchString(p.event) {
@@ -947,14 +932,8 @@ func hmacSHA256(secret string, body []byte) []byte {
 
 // bearerAuth accepts "Authorization: Bearer <secret>" (Distribution's headers, Harbor's Auth Header).
 func bearerAuth(secret string, r *http.Request, _ []byte) error {
-	token, ok := bearerToken(r)
-	switch {
-	case !ok:
-		return errors.New("no Authorization: Bearer header")
-	case !tokenMatches(secret, token):
-		return errors.New("wrong bearer token")
-	}
-	return nil
+	token, _ := bearerToken(r) // "" unless ok
+	return checkToken(secret, token, "no Authorization: Bearer header", "wrong bearer token")
 }
 
 // giteaAuth checks X-Gitea-Signature (Forgejo: X-Forgejo-Signature), the hex HMAC of the body.
@@ -970,12 +949,16 @@ func giteaAuth(secret string, r *http.Request, body []byte) error {
 // urlTokenAuth accepts the secret as the path's last segment or ?token=, for registries sending
 // no header of the operator's choice (Docker Hub, Quay); rows redact both.
 func urlTokenAuth(secret string, r *http.Request, _ []byte) error {
-	token := cmp.Or(r.PathValue("token"), r.URL.Query().Get("token"))
+	return checkToken(secret, cmp.Or(r.PathValue("token"), r.URL.Query().Get("token")), "no token in the path or the query", "wrong token")
+}
+
+// checkToken refuses a missing token, or one that does not match secret, with the error given.
+func checkToken(secret, token, missing, wrong string) error {
 	switch {
 	case token == "":
-		return errors.New("no token in the path or the query")
+		return errors.New(missing)
 	case !tokenMatches(secret, token):
-		return errors.New("wrong token")
+		return errors.New(wrong)
 	}
 	return nil
 }
@@ -1351,8 +1334,13 @@ type rendered struct {
 }
 
 func (s *server) writeDBMetrics(ctx context.Context, p *promWriter) error {
-	pending, oldest, err := queueStats(ctx, s.events.reader)
-	if err != nil {
+	db := s.events.reader
+	pending, oldest, err := queueStats(ctx, db)
+	waiting, err1 := countsBy(ctx, db, waitingSQL)
+	outcomes, err2 := outcomeCounts(ctx, db)
+	steps, err3 := countsBy(ctx, db, stepCountsSQL)
+	sends, err4 := notifyCounts(ctx, db)
+	if err := cmp.Or(err, err1, err2, err3, err4); err != nil {
 		return err
 	}
 	p.gauge("webhook_delivery_queue_pending", "gauge", "Deliveries recorded and waiting for their redeploy task to be started.", float64(pending))
@@ -1361,27 +1349,11 @@ func (s *server) writeDBMetrics(ctx context.Context, p *promWriter) error {
 		age = max(time.Since(oldest).Seconds(), 0)
 	}
 	p.gauge("webhook_delivery_queue_oldest_age_seconds", "gauge", "Age of the oldest pending delivery; 0 when none waits.", age)
-	waiting, err := countsBy(ctx, s.events.reader, waitingSQL)
-	if err != nil {
-		return err
-	}
 	p.family("webhook_delivery_queue_waiting", "gauge", "Pending deliveries waiting for their unit's policy, by reason.")
 	for _, r := range []string{waitCooldown, waitWindow, waitApproval} {
 		p.sample("webhook_delivery_queue_waiting", []string{"reason", r}, float64(waiting[r]))
 	}
-	outcomes, err := outcomeCounts(ctx, s.events.reader)
-	if err != nil {
-		return err
-	}
 	p.counter("webhook_redeploys_total", "Redeploy tasks that ended, by outcome (ok, rolled-back, failed, skipped).", "outcome", outcomes)
-	steps, err := countsBy(ctx, s.events.reader, stepCountsSQL)
-	if err != nil {
-		return err
-	}
-	sends, err := notifyCounts(ctx, s.events.reader)
-	if err != nil {
-		return err
-	}
 	p.counters("webhook_notifications_total", "Notification attempts, by scheme and result (sent, failed, given-up).", []string{"scheme", "result"}, sends)
 	p.counter("webhook_redeploy_steps_total", "Redeploy task steps recorded in event_log, by step (pulled, restarted, up-to-date, rolled-back, …).", "step", steps)
 	for _, h := range []struct {
@@ -1393,7 +1365,7 @@ func (s *server) writeDBMetrics(ctx context.Context, p *promWriter) error {
 		{"webhook_restart_duration_seconds", "Duration of systemctl restart of redeployed units.", "restarted", "restart_ms",
 			[]float64{0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60}},
 	} {
-		ms, err := stepDurations(ctx, s.events.reader, h.step, h.key)
+		ms, err := stepDurations(ctx, db, h.step, h.key)
 		if err != nil {
 			return err
 		}
@@ -1471,7 +1443,6 @@ func (p *promWriter) histogram(name string, buckets []float64, ms []float64) {
 
 // handleEvents lists rows newest first, with the events command's filters, paged by next_before_id.
 func (s *server) handleEvents(w http.ResponseWriter, r *http.Request) {
-	info(r).action = "events-api"
 	if !s.apiAuthorized(w, r) {
 		return
 	}
@@ -1495,7 +1466,6 @@ func (s *server) handleEvents(w http.ResponseWriter, r *http.Request) {
 
 // handleDelivery answers one delivery's story: its outcome and every row, oldest first.
 func (s *server) handleDelivery(w http.ResponseWriter, r *http.Request) {
-	info(r).action = "events-api"
 	if !s.apiAuthorized(w, r) {
 		return
 	}
@@ -1709,6 +1679,7 @@ func (s *server) pageUser(r *http.Request) (user string, refused bool) {
 
 // apiAuthorized checks the manual token of a GET of the events API, or the proxy's user.
 func (s *server) apiAuthorized(w http.ResponseWriter, r *http.Request) bool {
+	info(r).action = "events-api"
 	user, refused := s.forwardedUser(r)
 	if !refused && (user != "" || tokenMatches(s.cfg.manualToken, requestToken(r))) {
 		return true
