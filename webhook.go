@@ -376,9 +376,7 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			s.finish(r, ri, sw.status)
 		}
 	}()
-	if r.TransferEncoding != nil || s.draining.Load() {
-		// A proxy in front may have framed the body by a Content-Length net/http dropped; a
-		// stopping server answers what arrived and ends the connection, so nothing is cut off.
+	if r.TransferEncoding != nil || s.draining.Load() { // a proxy may have framed it by a Content-Length net/http dropped
 		sw.Header().Set("Connection", "close")
 	}
 	switch {
@@ -482,8 +480,6 @@ func defaultAction(pattern string, status int) string {
 	return cmp.Or(routeActions[pattern], "static")
 }
 
-var plainText = []string{"text/plain; charset=utf-8"}
-
 var routeActions = map[string]string{"": "http", "GET /health": "health", "GET /sse/hello": "sse-hello"}
 
 // byteBudget bounds the bodies in memory, counting bytes as they arrive, freed when answered.
@@ -558,8 +554,7 @@ var staticTypes = map[string]string{
 	".woff2": "font/woff2", ".txt": "text/plain; charset=utf-8",
 }
 
-// handleStatic serves the UI bundle's regular files: os.Root refuses names resolving outside it,
-// O_NONBLOCK keeps a FIFO from holding the request. Without a bundle, / is the status page.
+// handleStatic serves the UI bundle's regular files (via os.Root; O_NONBLOCK: a FIFO cannot hang it); else / is the status page.
 func (s *server) handleStatic(w http.ResponseWriter, r *http.Request) {
 	name := cmp.Or(strings.TrimPrefix(r.URL.Path, "/"), "index.html")
 	var f *os.File
@@ -619,8 +614,7 @@ func secretEnv(source string) string {
 	return "WEBHOOK_REGISTRY_TOKEN_" + strings.ToUpper(source)
 }
 
-// push is one notification as the checks learn about it; id is the delivery id the source's
-// headers name, d the push acted on and ref the reference to pull.
+// push is one notification as the checks learn it: id from the source's headers, d the push acted on, ref what to pull.
 type push struct {
 	r                     *http.Request
 	ri                    *requestInfo
@@ -946,8 +940,7 @@ func giteaAuth(secret string, r *http.Request, body []byte) error {
 	return errors.New("no X-Gitea-Signature or X-Forgejo-Signature header")
 }
 
-// urlTokenAuth accepts the secret as the path's last segment or ?token=, for registries sending
-// no header of the operator's choice (Docker Hub, Quay); rows redact both.
+// urlTokenAuth takes the secret from the path's last segment or ?token= (Docker Hub, Quay); rows redact both.
 func urlTokenAuth(secret string, r *http.Request, _ []byte) error {
 	return checkToken(secret, cmp.Or(r.PathValue("token"), r.URL.Query().Get("token")), "no token in the path or the query", "wrong token")
 }
@@ -1025,8 +1018,7 @@ func decodeStrict(body io.Reader, v any) error {
 	return nil
 }
 
-// summary counts requests of one kind in one row a minute (routes, statuses, samples): successful
-// probes, and refused and unknown requests beyond the minute's budget of rows.
+// summary counts requests of one kind (successful probes; refusals past the minute's row budget) in a row a minute.
 type summary struct {
 	action           string
 	mu               sync.Mutex
@@ -1154,7 +1146,7 @@ func redactQuery(raw string) string {
 func (s *server) handleHealth(w http.ResponseWriter, r *http.Request) {
 	h := s.health.get(s.now, s.checkHealth)
 	if (r.URL.RawQuery == "" || r.URL.Query().Get("verbose") == "") && !strings.Contains(r.Header.Get("Accept"), "application/json") {
-		w.Header()["Content-Type"] = plainText
+		w.Header()["Content-Type"] = []string{"text/plain; charset=utf-8"}
 		if len(h.failing) == 0 {
 			w.Write([]byte("ok"))
 			return
@@ -1296,17 +1288,7 @@ func (s *server) handleMetrics(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	var buf strings.Builder
-	if err := s.writeMetrics(&promWriter{w: &buf}); err != nil {
-		s.log.errorf("metrics: %v", err)
-		reply(w, r, http.StatusInternalServerError, "metrics-failed", "cannot read the event log")
-		return
-	}
-	w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-	io.WriteString(w, buf.String())
-}
-
-func (s *server) writeMetrics(p *promWriter) error {
-	m := s.metrics
+	p, m := &promWriter{w: &buf}, s.metrics
 	m.mu.Lock()
 	p.counters("webhook_http_requests_total", "HTTP requests answered, by route pattern and status.", []string{"route", "status"}, m.requests)
 	p.counter("webhook_github_deliveries_total", "GitHub deliveries by outcome (queued, duplicate, ignored reasons, rate limits, refusals).", "outcome", m.deliveries)
@@ -1324,7 +1306,13 @@ func (s *server) writeMetrics(p *promWriter) error {
 		return rendered{b.String(), err}
 	})
 	p.printf("%s", f.text)
-	return cmp.Or(f.err, p.err)
+	if err := cmp.Or(f.err, p.err); err != nil {
+		s.log.errorf("metrics: %v", err)
+		reply(w, r, http.StatusInternalServerError, "metrics-failed", "cannot read the event log")
+		return
+	}
+	w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+	io.WriteString(w, buf.String())
 }
 
 // rendered is /metrics' part from the database, read by one scrape at a time (cached.inFlight).
@@ -1424,17 +1412,12 @@ func (p *promWriter) sample(name string, labels []string, v float64) {
 
 func (p *promWriter) histogram(name string, buckets []float64, ms []float64) {
 	var sum float64
-	counts := make([]int, len(buckets))
 	for _, v := range ms {
 		sum += v / 1000
-		for i, le := range buckets {
-			if v/1000 <= le {
-				counts[i]++
-			}
-		}
 	}
-	for i, le := range buckets {
-		p.sample(name+"_bucket", []string{"le", strconv.FormatFloat(le, 'g', -1, 64)}, float64(counts[i]))
+	for _, le := range buckets {
+		n := len(slices.DeleteFunc(slices.Clone(ms), func(v float64) bool { return v/1000 > le }))
+		p.sample(name+"_bucket", []string{"le", strconv.FormatFloat(le, 'g', -1, 64)}, float64(n))
 	}
 	p.sample(name+"_bucket", []string{"le", "+Inf"}, float64(len(ms)))
 	p.sample(name+"_sum", nil, sum)
@@ -1493,10 +1476,8 @@ func (s *server) handleDelivery(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-// The status page (/status/, and / without a UI bundle) takes the manual token once, in a POST
-// form, for a cookie signed with a key derived from it (a new token ends every session): the
-// token never travels in a URL, a page or a log line. The page runs no script; its CSP allows
-// its own stylesheet, by hash, and its forms.
+// The status page trades the manual token, posted once, for a cookie signed by a key derived from it
+// (a new token ends every session); it runs no script: its CSP allows its stylesheet, by hash, and forms.
 var statusCSP = func() string {
 	sum := sha256.Sum256([]byte(statusStyle))
 	return "default-src 'none'; style-src 'sha256-" + base64.StdEncoding.EncodeToString(sum[:]) + "'; " +
@@ -1549,8 +1530,7 @@ func statusNext(next string) string {
 	return next
 }
 
-// handleStatusLogin exchanges the posted manual token for a session cookie: HttpOnly,
-// SameSite=Strict (which keeps the page's forms safe from cross-site posts), Secure over TLS.
+// handleStatusLogin trades the posted manual token for a session cookie: HttpOnly, SameSite=Strict, Secure over TLS.
 func (s *server) handleStatusLogin(w http.ResponseWriter, r *http.Request) {
 	ri := info(r)
 	ri.action = "status-login"
@@ -1627,8 +1607,7 @@ func (s *server) handleStatusLogout(w http.ResponseWriter, r *http.Request) {
 	http.Redirect(w, r, "/status/", http.StatusSeeOther)
 }
 
-// statusPage renders build's view to a valid session, else the login page; a failed read of the
-// event log renders the error page, and the server's log says why.
+// statusPage renders build's view to a valid session, else the login page; a failed read, the error page.
 func (s *server) statusPage(w http.ResponseWriter, r *http.Request, page string, build func() (int, statusView, error)) {
 	info(r).action = "status-page"
 	switch user, refused := s.pageUser(r); {
@@ -1652,9 +1631,8 @@ func (s *server) statusPage(w http.ResponseWriter, r *http.Request, page string,
 	}
 }
 
-// forwardedUser is the user WEBHOOK_FORWARD_AUTH_HEADER names on a request from an address of
-// WEBHOOK_FORWARD_AUTH_FROM ("" without the header); refused: forward auth is on and the request
-// came from elsewhere, so neither the header nor a token is trusted.
+// forwardedUser is WEBHOOK_FORWARD_AUTH_HEADER's user on a request from WEBHOOK_FORWARD_AUTH_FROM;
+// refused: forward auth is on and the request came from elsewhere, so neither header nor token counts.
 func (s *server) forwardedUser(r *http.Request) (user string, refused bool) {
 	if s.cfg.forwardAuthHeader == "" {
 		return "", false
@@ -1680,20 +1658,18 @@ func (s *server) pageUser(r *http.Request) (user string, refused bool) {
 // apiAuthorized checks the manual token of a GET of the events API, or the proxy's user.
 func (s *server) apiAuthorized(w http.ResponseWriter, r *http.Request) bool {
 	info(r).action = "events-api"
-	user, refused := s.forwardedUser(r)
-	if !refused && (user != "" || tokenMatches(s.cfg.manualToken, requestToken(r))) {
-		return true
-	}
-	if refused {
+	switch user, refused := s.forwardedUser(r); {
+	case refused:
 		manualError(w, r, http.StatusForbidden, "not-from-proxy", "forward auth is on: come through the proxy of WEBHOOK_FORWARD_AUTH_FROM")
-	} else {
+	case user == "" && !tokenMatches(s.cfg.manualToken, requestToken(r)):
 		manualError(w, r, http.StatusUnauthorized, "unauthorized", "unauthorized")
+	default:
+		return true
 	}
 	return false
 }
 
-// handleStatusAction runs a button of the page (approve, reject, retry a delivery; redeploy a
-// unit now, optionally forced, by the manual redeploy), then shows what it did.
+// handleStatusAction runs a page button (approve, reject, retry a delivery; redeploy a unit, maybe forced).
 func (s *server) handleStatusAction(w http.ResponseWriter, r *http.Request) {
 	ri := info(r)
 	ri.action = "status-action"
