@@ -1,16 +1,14 @@
-// webhook.go owns the HTTP surface of `webhook-auto-update server`: listeners (capped) and the
-// draining shutdown, routing, the per-request row, push notifications (one path for GitHub and
-// every registry), the web UI, /health, /metrics, the events API, the status page's handlers,
-// actions, session, login throttle, CSP and forward auth; every page and API POST passes
-// http.CrossOriginProtection.
+// webhook.go owns the HTTP surface of `webhook-auto-update server`: capped listeners, draining
+// shutdown, routing, request rows, pushes (one path for GitHub and every registry), the web UI,
+// /health, /metrics, the events API, and the status page (actions, session, login throttle, CSP,
+// forward auth); every page and API POST passes http.CrossOriginProtection.
 //
-// Rules: every request that reaches the handler gets one event_log row or is counted in a summary
-// row (successful probes; refusals past a minute's budget or below the disk reserve), each value
-// cut to maxFieldBytes, every secret redacted. A push runs handlePush's checks in the README's
-// order; a source whose secret is unset refuses everything; secrets are compared in constant time.
-// Bodies are capped one by one and, as bytes arrive, together. Readers use the read-only
-// connections. A request with Transfer-Encoding, or during shutdown, ends its connection (RFC 9112
-// §6.1). Static files open via os.Root, non-blocking.
+// Rules: every request gets one event_log row or is counted in a summary row (successful probes;
+// refusals past a minute's budget or below the disk reserve), each value cut to maxFieldBytes,
+// every secret redacted. A push runs handlePush's checks in the README's order; an unset secret
+// refuses everything; secrets compare in constant time. Bodies are capped alone and, as bytes
+// arrive, together. Readers use the read-only connections. Transfer-Encoding or shutdown ends the
+// connection (RFC 9112 §6.1). Static files open via os.Root, non-blocking.
 package main
 
 import (
@@ -362,8 +360,8 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	r = r.WithContext(context.WithValue(r.Context(), requestInfoKey{}, ri))
 	body := &budgetBody{ReadCloser: http.MaxBytesReader(sw, r.Body, s.cfg.maxBodyBytes), b: s.bodies, ctx: r.Context()}
 	r.Body = body
-	defer func() { s.bodies.give(body.held) }()
 	defer func() {
+		s.bodies.give(body.held)
 		if p := recover(); p != nil {
 			if p == http.ErrAbortHandler {
 				panic(p)
@@ -765,26 +763,25 @@ func (s *server) pushImage(p *push) *refusal {
 		return refuse(http.StatusInternalServerError, "unit-unreadable", "cannot read the unit definition")
 	case p.uf.image == "" && p.src.github:
 		p.d, p.ref = p.pushes[0], p.pushes[0].ref(p.pushes[0].tags[0])
-		return p.matched()
 	case p.uf.image == "":
 		return refuse(http.StatusAccepted, "unit-image-unknown", "ignored: "+p.unit+" names no image (Image= in its Quadlet .container file), so no registry push can match it")
-	}
-	want, err := parseImageRef(withDefaultTag(p.uf.image))
-	if err != nil {
-		s.log.errorf("%s names an image this program cannot match (%v): refusing the delivery", p.uf.source, err)
-		return refuse(http.StatusInternalServerError, "unit-image-unreadable", "the unit's Image= is not a full image reference (registry/owner/name[:tag])")
-	}
-	var reason, text string
-	for _, d := range slices.Backward(p.pushes) {
-		if reason, text = imageMismatch(want, d.host, d.path, d.tags); reason == "" {
-			p.d, p.ref = d, d.ref(want.tag)
-			return p.matched()
+	default:
+		want, err := parseImageRef(withDefaultTag(p.uf.image))
+		if err != nil {
+			s.log.errorf("%s names an image this program cannot match (%v): refusing the delivery", p.uf.source, err)
+			return refuse(http.StatusInternalServerError, "unit-image-unreadable", "the unit's Image= is not a full image reference (registry/owner/name[:tag])")
+		}
+		var reason, text string
+		for _, d := range slices.Backward(p.pushes) {
+			if reason, text = imageMismatch(want, d.host, d.path, d.tags); reason == "" {
+				p.d, p.ref = d, d.ref(want.tag)
+				break
+			}
+		}
+		if reason != "" {
+			return refuse(http.StatusAccepted, reason, text)
 		}
 	}
-	return refuse(http.StatusAccepted, reason, text)
-}
-
-func (p *push) matched() *refusal {
 	p.ri.meta["image"], p.ri.meta["delivery"] = p.ref.String(), p.d.id
 	return nil
 }
@@ -894,15 +891,14 @@ func githubAuth(secret string, r *http.Request, body []byte) error {
 }
 
 func verifySignature(secret string, body []byte, header string) error {
-	header = strings.TrimSpace(header)
-	if header == "" {
+	switch hexSig, ok := strings.CutPrefix(strings.TrimSpace(header), "sha256="); {
+	case strings.TrimSpace(header) == "":
 		return errors.New("missing X-Hub-Signature-256 header")
-	}
-	hexSig, ok := strings.CutPrefix(header, "sha256=")
-	if !ok {
+	case !ok:
 		return errors.New("X-Hub-Signature-256 is not a sha256= signature")
+	default:
+		return checkHMAC(secret, body, hexSig, "X-Hub-Signature-256")
 	}
-	return checkHMAC(secret, body, hexSig, "X-Hub-Signature-256")
 }
 
 // checkHMAC checks in constant time that hexSig, from header, is the HMAC-SHA256 of body.
@@ -1094,10 +1090,8 @@ func bearerToken(r *http.Request) (string, bool) {
 }
 
 func requestToken(r *http.Request) string {
-	if t, ok := bearerToken(r); ok {
-		return t
-	}
-	return r.URL.Query().Get("token")
+	t, _ := bearerToken(r) // "" unless ok
+	return cmp.Or(t, r.URL.Query().Get("token"))
 }
 
 var (
