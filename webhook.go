@@ -262,7 +262,7 @@ type server struct {
 	secretsOut *strings.Replacer
 	secrets    []string // secretsOut's pairs
 	disk       cached[int]
-	figures    cached[rendered]
+	figures    cached[*promWriter]
 	lastDump   atomic.Int64 // when saveRefused last wrote, unix nanoseconds
 	health     cached[healthReport]
 	probe      cached[error]
@@ -279,7 +279,7 @@ func newServer(cfg *config, lg *logger, events *eventLog) *server {
 		exec: runCommand, saveFile: writeFileAtomic, wake: make(chan struct{}, 1), units: unitLookups{ttl: unitLookupTTL},
 		bodies: &byteBudget{total: cfg.bodyBudget, free: cfg.bodyBudget, freed: make(chan struct{})},
 		probes: summary{action: "probe-summary"}, refused: summary{action: "request-summary"},
-		figures: cached[rendered]{inFlight: true}, conns: &connTracker{max: cfg.maxConns, open: map[net.Conn]time.Time{}}, logins: loginThrottle{fails: map[string]*loginFails{}},
+		figures: cached[*promWriter]{inFlight: true}, conns: &connTracker{max: cfg.maxConns, open: map[net.Conn]time.Time{}}, logins: loginThrottle{fails: map[string]*loginFails{}},
 		metrics: &metrics{start: time.Now(), requests: map[[2]string]int64{}, deliveries: map[string]int64{},
 			rejections: map[string]int64{}, dispatches: map[string]int64{}}}
 	s.exe, _ = os.Executable()
@@ -1294,12 +1294,8 @@ func (s *server) handleMetrics(w http.ResponseWriter, r *http.Request) {
 	p.gauge("process_start_time_seconds", "gauge", "Start time of the process since the unix epoch in seconds.", float64(m.start.Unix()))
 	p.family("webhook_build_info", "gauge", "Build information; the value is always 1.")
 	p.sample("webhook_build_info", []string{"version", buildVersion(), "goversion", runtime.Version()}, 1)
-	f := s.figures.get(s.now, func(ctx context.Context) rendered {
-		var b strings.Builder
-		err := s.writeDBMetrics(ctx, &promWriter{w: &b})
-		return rendered{b.String(), err}
-	})
-	p.printf("%s", f.text)
+	f := s.figures.get(s.now, s.writeDBMetrics)
+	p.printf("%s", f.w)
 	if err := cmp.Or(f.err, p.err); err != nil {
 		s.log.errorf("metrics: %v", err)
 		reply(w, r, http.StatusInternalServerError, "metrics-failed", "cannot read the event log")
@@ -1309,21 +1305,16 @@ func (s *server) handleMetrics(w http.ResponseWriter, r *http.Request) {
 	io.WriteString(w, buf.String())
 }
 
-// rendered is /metrics' part from the database, read by one scrape at a time (cached.inFlight).
-type rendered struct {
-	text string
-	err  error
-}
-
-func (s *server) writeDBMetrics(ctx context.Context, p *promWriter) error {
-	db := s.events.reader
+// writeDBMetrics renders /metrics' part from the database, read by one scrape at a time (cached.inFlight).
+func (s *server) writeDBMetrics(ctx context.Context) *promWriter {
+	p, db := &promWriter{w: &strings.Builder{}}, s.events.reader
 	pending, oldest, err := queueStats(ctx, db)
 	waiting, err1 := countsBy(ctx, db, waitingSQL)
 	outcomes, err2 := outcomeCounts(ctx, db)
 	steps, err3 := countsBy(ctx, db, stepCountsSQL)
 	sends, err4 := notifyCounts(ctx, db)
-	if err := cmp.Or(err, err1, err2, err3, err4); err != nil {
-		return err
+	if p.err = cmp.Or(err, err1, err2, err3, err4); p.err != nil {
+		return p
 	}
 	p.gauge("webhook_delivery_queue_pending", "gauge", "Deliveries recorded and waiting for their redeploy task to be started.", float64(pending))
 	age := 0.0
@@ -1349,12 +1340,13 @@ func (s *server) writeDBMetrics(ctx context.Context, p *promWriter) error {
 	} {
 		ms, err := stepDurations(ctx, db, h.step, h.key)
 		if err != nil {
-			return err
+			p.err = err
+			return p
 		}
 		p.family(h.name, "histogram", h.help)
 		p.histogram(h.name, h.buckets, ms)
 	}
-	return p.err
+	return p
 }
 
 // promWriter writes the text exposition format, keeping the first write error.
