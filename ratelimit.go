@@ -5,6 +5,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -12,7 +13,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"sort"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -96,15 +97,9 @@ func writeFileAtomic(path string, data []byte, perm os.FileMode) error {
 		return err
 	}
 	defer os.Remove(tmp.Name()) // a no-op after the rename
-	if _, err = tmp.Write(data); err == nil {
-		if err = tmp.Chmod(perm); err == nil {
-			err = tmp.Sync()
-		}
-	}
-	if cerr := tmp.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
+	// Every step runs (Close must); the first failure is returned and the temp file removed.
+	_, err = tmp.Write(data)
+	if err = cmp.Or(err, tmp.Chmod(perm), tmp.Sync(), tmp.Close()); err != nil {
 		return err
 	}
 	if err := os.Rename(tmp.Name(), path); err != nil {
@@ -234,16 +229,11 @@ func (l *limiter) do(ctx context.Context, record bool) (decision, error) {
 	for _, w := range l.windows {
 		span := int64(w.span / time.Second)
 		longest = max(longest, span)
-		var in []int64
-		for _, t := range ts {
-			if t > now-span && t <= now {
-				in = append(in, t)
-			}
-		}
+		in := slices.DeleteFunc(slices.Clone(ts), func(t int64) bool { return t <= now-span || t > now })
 		d.counts = append(d.counts, len(in))
 		if len(in) >= w.count {
 			d.allowed = false
-			sort.Slice(in, func(i, j int) bool { return in[i] < in[j] })
+			slices.Sort(in)
 			// The window frees a slot when its len(in)-count+1'th oldest event leaves it.
 			free := in[len(in)-w.count] + span - now
 			d.retryAfter = max(d.retryAfter, time.Duration(max(free, 1))*time.Second)
@@ -252,12 +242,7 @@ func (l *limiter) do(ctx context.Context, record bool) (decision, error) {
 	if !record || !d.allowed {
 		return d, nil
 	}
-	kept := ts[:0:0]
-	for _, t := range ts {
-		if t > now-longest {
-			kept = append(kept, t)
-		}
-	}
+	kept := slices.DeleteFunc(ts, func(t int64) bool { return t <= now-longest })
 	if err := writeFileAtomic(l.logPath, formatTimestamps(append(kept, now)), 0o600); err != nil {
 		return decision{}, fmt.Errorf("write %s: %w", l.logPath, err)
 	}
@@ -265,13 +250,8 @@ func (l *limiter) do(ctx context.Context, record bool) (decision, error) {
 }
 
 func autoUpdateLimiter(cfg *config) *limiter {
-	return &limiter{
-		logPath:     filepath.Join(cfg.stateDir, "ratelimit.db"),
-		lockPath:    filepath.Join(cfg.stateDir, "ratelimit.lock"),
-		windows:     cfg.autoUpdateLimits[:],
-		lockTimeout: 2 * time.Second,
-		now:         time.Now,
-	}
+	return &limiter{logPath: filepath.Join(cfg.stateDir, "ratelimit.db"), lockPath: filepath.Join(cfg.stateDir, "ratelimit.lock"),
+		windows: cfg.autoUpdateLimits[:], lockTimeout: 2 * time.Second, now: time.Now}
 }
 
 // imageLimiter is the per-image redeploy limit. Only run-task writes its log, holding the image's
