@@ -14,6 +14,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -115,7 +116,6 @@ type pruner struct {
 	cutoff      time.Time // files last modified before it are stale
 	limitCutoff int64     // ratelimit.db keeps timestamps at or after it
 	imageCutoff int64     // github-image-limits/*.db keep timestamps at or after it
-	lockWait    time.Duration
 	dryRun      bool
 	log         *logger
 }
@@ -137,16 +137,11 @@ func (r *pruneReport) fail(lg *logger, format string, a ...any) {
 
 // newPruner extends each log's retention to its longest rate-limit window, so no limit loosens.
 func newPruner(cfg *config, maxAge time.Duration, dryRun bool, now time.Time, lg *logger) *pruner {
-	longest := time.Duration(0)
-	for _, w := range cfg.autoUpdateLimits {
-		longest = max(longest, w.span)
-	}
 	return &pruner{
 		stateDir:    cfg.stateDir,
 		cutoff:      now.Add(-maxAge),
-		limitCutoff: now.Add(-max(maxAge, longest)).Unix(),
+		limitCutoff: now.Add(-max(maxAge, cfg.autoUpdateLimits[0].span, cfg.autoUpdateLimits[1].span)).Unix(),
 		imageCutoff: now.Add(-max(maxAge, cfg.imageLimit.span)).Unix(),
-		lockWait:    2 * time.Second,
 		dryRun:      dryRun,
 		log:         lg,
 	}
@@ -213,11 +208,11 @@ func (p *pruner) remove(path string, rep *pruneReport) bool {
 	if p.dryRun {
 		return true
 	}
-	if err := os.Remove(path); err != nil {
+	err := os.Remove(path)
+	if err != nil {
 		rep.fail(p.log, "%v", err)
-		return false
 	}
-	return true
+	return err == nil
 }
 
 // pruneGlobalLog trims ratelimit.db under ratelimit.lock, as the /auto-update limiter writes it.
@@ -232,7 +227,7 @@ func (p *pruner) pruneGlobalLog(ctx context.Context, rep *pruneReport) {
 	}
 	// A dry run reads unlocked, since locking could create ratelimit.lock; logs are replaced whole.
 	if !p.dryRun {
-		lk, err := lockFile(ctx, lockPath, p.lockWait)
+		lk, err := lockFile(ctx, lockPath, 2*time.Second)
 		if err != nil {
 			rep.fail(p.log, "%s: %v", path, err)
 			return
@@ -281,11 +276,8 @@ func (p *pruner) tryImageLock(path string) (lk *fileLock, held bool, err error) 
 		}
 		f.Close()
 	}
-	lk, ok, err := tryLockFile(path)
-	if err != nil {
-		return nil, false, err
-	}
-	return lk, !ok, nil
+	lk, free, err := tryLockFile(path)
+	return lk, !free && err == nil, err
 }
 
 // trim drops the timestamps before cutoff and unreadable lines, rewriting or deleting the log.
@@ -296,21 +288,14 @@ func (p *pruner) trim(path string, cutoff int64, rep *pruneReport) {
 		return
 	}
 	ts, bad := parseTimestamps(data)
-	kept := ts[:0:0]
-	for _, t := range ts {
-		if t >= cutoff {
-			kept = append(kept, t)
-		}
-	}
+	kept := slices.DeleteFunc(slices.Clone(ts), func(t int64) bool { return t < cutoff })
 	dropped := len(ts) - len(kept) + bad
-	if len(kept) == 0 {
-		if p.remove(path, rep) {
-			rep.entries += dropped
-			rep.removedDBs++
-		}
+	switch {
+	case len(kept) == 0 && !p.remove(path, rep):
 		return
-	}
-	if dropped > 0 && !p.dryRun {
+	case len(kept) == 0:
+		rep.removedDBs++
+	case dropped > 0 && !p.dryRun:
 		if err := writeFileAtomic(path, formatTimestamps(kept), 0o600); err != nil {
 			rep.fail(p.log, "rewrite %s: %v", path, err)
 			return
