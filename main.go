@@ -73,6 +73,7 @@ var commands = map[string]func(c *cli, args []string) int{
 	"notify-test":   cmdNotifyTest,
 	"version":       cmdVersion,
 	"help":          cmdHelp,
+	"h":             cmdHelp,
 }
 
 func run(args []string, getenv func(string) string, stdout, stderr io.Writer) int {
@@ -82,11 +83,7 @@ func run(args []string, getenv func(string) string, stdout, stderr io.Writer) in
 		return 2
 	}
 	// The original tool spelled subcommands as flags (--server); both spellings work.
-	name := strings.TrimLeft(args[0], "-")
-	if name == "h" {
-		name = "help"
-	}
-	cmd, ok := commands[name]
+	cmd, ok := commands[strings.TrimLeft(args[0], "-")]
 	if !ok {
 		c.log.errorf("unknown command %q", args[0])
 		fmt.Fprint(stderr, usage)
@@ -127,8 +124,7 @@ func buildVersion() string {
 	return strings.TrimSpace(v)
 }
 
-// config is every setting: loadConfig reads the environment (names in the README's Configuration
-// table), the subcommand's flags override it, and finish derives the state directory's paths.
+// config is every setting: loadConfig reads the environment, flags override it, finish derives paths.
 type config struct {
 	stateDir, dbURL, dbPath, listen  string
 	secrets                          map[string]string // each push source's secret; "" or none: refused
@@ -162,8 +158,7 @@ type config struct {
 // legacyStateDir is the original tool's state directory, used when it exists to keep its state.
 const legacyStateDir = "/srv/pod-upgrade-trigger"
 
-// defaultStateDir is the one state directory rule of every subcommand and of the shipped units
-// (which set none); "" when none applies (no HOME), which finish reports.
+// defaultStateDir is the state directory of every subcommand and shipped unit; "" without HOME.
 func defaultStateDir(getenv func(string) string, legacyExists bool) string {
 	switch {
 	case legacyExists:
@@ -176,8 +171,7 @@ func defaultStateDir(getenv func(string) string, legacyExists bool) string {
 	return ""
 }
 
-// envFilePath is the shipped units' EnvironmentFile=. Every subcommand reads it too, so a setting
-// made there holds for a CLI call from a shell as well.
+// envFilePath is the shipped units' EnvironmentFile=, read by every subcommand too.
 func envFilePath(getenv func(string) string) string {
 	if h := getenv("HOME"); filepath.IsAbs(h) {
 		return filepath.Join(h, ".config", "webhook-auto-update", "webhook-auto-update.env")
@@ -185,8 +179,7 @@ func envFilePath(getenv func(string) string) string {
 	return ""
 }
 
-// withEnvFile backs getenv with the file at path (a set variable wins) and returns path when read.
-// A missing file (or path "") changes nothing; a bad one is an error, never a setting ignored.
+// withEnvFile backs getenv with the file at path (a set variable wins); a missing file changes nothing.
 func withEnvFile(getenv func(string) string, path string) (func(string) string, string, error) {
 	data, err := os.ReadFile(path)
 	if errors.Is(err, os.ErrNotExist) {
@@ -202,8 +195,7 @@ func withEnvFile(getenv func(string) string, path string) (func(string) string, 
 	return func(name string) string { return cmp.Or(getenv(name), vars[name]) }, path, nil
 }
 
-// parseEnvFile reads the NAME=value lines of a systemd EnvironmentFile= (systemd.exec(5)). A line
-// continuation is an error rather than a value other than systemd would read.
+// parseEnvFile reads a systemd EnvironmentFile= (systemd.exec(5)); a line continuation is an error.
 func parseEnvFile(data []byte) (map[string]string, error) {
 	vars := map[string]string{}
 	for i, line := range strings.Split(string(data), "\n") {
@@ -229,8 +221,7 @@ func parseEnvFile(data []byte) (map[string]string, error) {
 
 var reEnvName = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
 
-// loadConfig reads the environment, backed by envFilePath. A bad number is an error naming the
-// variable and its value: a typo must never silently become a default.
+// loadConfig reads the environment, backed by envFilePath; a bad value is an error naming it.
 func loadConfig(getenv func(string) string) (*config, error) {
 	getenv, envFile, err := withEnvFile(getenv, envFilePath(getenv))
 	if err != nil {
@@ -263,6 +254,7 @@ func loadConfig(getenv func(string) string) (*config, error) {
 		maxConns:          p.positive("WEBHOOK_MAX_CONNECTIONS", 1024),
 		diskReserve:       p.positive("WEBHOOK_DISK_RESERVE_MB", 256) << 20,
 		requestRowsMax:    p.positive("WEBHOOK_REQUEST_ROWS_MAX", 200000),
+		secrets:           map[string]string{},
 
 		interval:         p.seconds("AUTO_UPDATE_INTERVAL_SECS", 900),
 		maxTicks:         p.positive("WEBHOOK_SCHEDULER_MAX_TICKS", 0),
@@ -307,7 +299,6 @@ func loadConfig(getenv func(string) string) (*config, error) {
 	if (cfg.forwardAuthHeader == "") != (len(cfg.forwardAuthFrom) == 0) {
 		p.fail("WEBHOOK_FORWARD_AUTH_HEADER and WEBHOOK_FORWARD_AUTH_FROM must be set together")
 	}
-	cfg.secrets = map[string]string{}
 	for name := range pushSources {
 		cfg.secrets[name] = strings.TrimSpace(getenv(secretEnv(name)))
 	}
@@ -369,15 +360,10 @@ func (p *envParser) boolean(name string) bool {
 
 func (p *envParser) positive(name string, def int) int {
 	v := strings.TrimSpace(p.getenv(name))
-	if v == "" {
-		return def
+	if err := (positiveInt{&def}).Set(v); err != nil && v != "" {
+		p.fail("invalid %s=%q: %v", name, v, err)
 	}
-	n, err := strconv.Atoi(v)
-	if err != nil || n <= 0 {
-		p.fail("invalid %s=%q: want a whole number greater than zero", name, v)
-		return def
-	}
-	return n
+	return def
 }
 
 // count reads a positive number of units, at most limit of them (tooMany says why).
@@ -537,11 +523,8 @@ func parseInterspersed(fs *flag.FlagSet, args []string) ([]string, error) {
 			return nil, err
 		}
 		left := fs.Args()
-		if used := len(args) - len(left); used > 0 && args[used-1] == "--" && !isFlagValue(fs, args[:used-1]) {
+		if used := len(args) - len(left); len(left) == 0 || used > 0 && args[used-1] == "--" && !isFlagValue(fs, args[:used-1]) {
 			return append(rest, left...), nil
-		}
-		if len(left) == 0 {
-			return rest, nil
 		}
 		rest = append(rest, left[0])
 		args = left[1:]

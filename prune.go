@@ -20,8 +20,6 @@ import (
 	"time"
 )
 
-const defaultRetentionHours = 24
-
 const usagePruneState = `usage: webhook-auto-update prune-state [--max-age-hours N] [--dry-run] [--events-max-age-days N]
                                        [--state-dir DIR] [--db URL]
 
@@ -46,7 +44,7 @@ pruned, 2 usage error.
 `
 
 func cmdPruneState(c *cli, args []string) int {
-	hours, dryRun, eventDays := defaultRetentionHours, false, 0
+	hours, dryRun, eventDays := 24, false, 0
 	cfg, rest, code := c.setup("prune-state", usagePruneState, args, func(fs *flag.FlagSet, cfg *config) {
 		fs.Var(positiveInt{&hours}, "max-age-hours", "")
 		fs.BoolVar(&dryRun, "dry-run", false, "")
@@ -255,8 +253,7 @@ func (p *pruner) pruneImageLogs(rep *pruneReport) {
 	})
 }
 
-// tryImageLock takes a redeploy lock without waiting. It creates a missing lock file as run-task
-// would, except on a dry run, where a missing lock is free.
+// tryImageLock takes a redeploy lock without waiting, creating it as run-task would (not on a dry run).
 func (p *pruner) tryImageLock(path string) (lk *fileLock, held bool, err error) {
 	fi, err := os.Lstat(path)
 	switch {

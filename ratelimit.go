@@ -254,8 +254,7 @@ func autoUpdateLimiter(cfg *config) *limiter {
 		windows: cfg.autoUpdateLimits[:], lockTimeout: 2 * time.Second, now: time.Now}
 }
 
-// imageLimiter is the per-image redeploy limit. Only run-task writes its log, holding the image's
-// redeploy lock, so it needs no lock of its own; readers only ever see a whole file.
+// imageLimiter is the per-image redeploy limit, unlocked: only run-task writes it, under the redeploy lock.
 func imageLimiter(cfg *config, image string) *limiter {
 	return &limiter{logPath: imageLimitPath(cfg.stateDir, image), windows: []window{cfg.imageLimit}, now: time.Now}
 }
