@@ -108,18 +108,13 @@ func buildVersion() string {
 	if !ok {
 		return "unknown"
 	}
-	v := info.Main.Version
-	var rev, dirty string
+	vcs := map[string]string{}
 	for _, s := range info.Settings {
-		switch {
-		case s.Key == "vcs.revision":
-			rev = s.Value[:min(len(s.Value), 12)]
-		case s.Key == "vcs.modified" && s.Value == "true":
-			dirty = "-dirty"
-		}
+		vcs[s.Key] = s.Value
 	}
-	if rev != "" {
-		v += " " + rev + dirty
+	v := info.Main.Version
+	if rev := vcs["vcs.revision"]; rev != "" {
+		v += " " + rev[:min(len(rev), 12)] + map[bool]string{true: "-dirty"}[vcs["vcs.modified"] == "true"]
 	}
 	return strings.TrimSpace(v)
 }
@@ -199,8 +194,7 @@ func withEnvFile(getenv func(string) string, path string) (func(string) string, 
 func parseEnvFile(data []byte) (map[string]string, error) {
 	vars := map[string]string{}
 	for i, line := range strings.Split(string(data), "\n") {
-		line = strings.TrimSpace(line)
-		if line == "" || line[0] == '#' || line[0] == ';' {
+		if line = strings.TrimSpace(line); line == "" || line[0] == '#' || line[0] == ';' {
 			continue
 		}
 		name, value, ok := strings.Cut(line, "=")
@@ -258,7 +252,7 @@ func loadConfig(getenv func(string) string) (*config, error) {
 
 		interval:         p.seconds("AUTO_UPDATE_INTERVAL_SECS", 900),
 		maxTicks:         p.positive("WEBHOOK_SCHEDULER_MAX_TICKS", 0),
-		requestRetention: p.days("WEBHOOK_REQUEST_RETENTION_DAYS", 30),
+		requestRetention: p.count("WEBHOOK_REQUEST_RETENTION_DAYS", 30, 24*time.Hour, 100*366, "more than 100 years"),
 
 		autoUpdateLimits: [2]window{
 			{p.positive("WEBHOOK_LIMIT1_COUNT", 2), p.seconds("WEBHOOK_LIMIT1_WINDOW", 600)},
@@ -378,10 +372,6 @@ func (p *envParser) count(name string, def int, unit time.Duration, limit int64,
 
 func (p *envParser) seconds(name string, def int) time.Duration {
 	return p.count(name, def, time.Second, math.MaxInt64/int64(time.Second), "too many seconds")
-}
-
-func (p *envParser) days(name string, def int) time.Duration {
-	return p.count(name, def, 24*time.Hour, 100*366, "more than 100 years")
 }
 
 func (p *envParser) hosts(name, def string) []string {
@@ -523,7 +513,8 @@ func parseInterspersed(fs *flag.FlagSet, args []string) ([]string, error) {
 			return nil, err
 		}
 		left := fs.Args()
-		if used := len(args) - len(left); len(left) == 0 || used > 0 && args[used-1] == "--" && !isFlagValue(fs, args[:used-1]) {
+		used := len(args) - len(left)
+		if len(left) == 0 || used > 0 && args[used-1] == "--" && (used == 1 || !isFlagValue(fs, args[used-2])) {
 			return append(rest, left...), nil
 		}
 		rest = append(rest, left[0])
@@ -550,12 +541,8 @@ func (v positiveInt) Set(s string) error {
 	return nil
 }
 
-// isFlagValue reports whether a "--" after before is the value of its last flag ("-caller --").
-func isFlagValue(fs *flag.FlagSet, before []string) bool {
-	if len(before) == 0 {
-		return false
-	}
-	last := before[len(before)-1]
+// isFlagValue reports whether a "--" after the argument last is its flag's value ("-caller --").
+func isFlagValue(fs *flag.FlagSet, last string) bool {
 	f := fs.Lookup(strings.TrimLeft(last, "-"))
 	if f == nil || !strings.HasPrefix(last, "-") || strings.Contains(last, "=") || last == "--" {
 		return false

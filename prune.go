@@ -146,14 +146,11 @@ func newPruner(cfg *config, maxAge time.Duration, dryRun bool, now time.Time, lg
 }
 
 // run prunes the logs before the locks, so a lock file the log pass created is recent and stays.
-func (p *pruner) run(ctx context.Context) pruneReport {
-	var rep pruneReport
+func (p *pruner) run(ctx context.Context) (rep pruneReport) {
 	p.pruneGlobalLog(ctx, &rep)
 	p.pruneImageLogs(&rep)
 	p.pruneLocks(&rep)
-	for _, dir := range []string{p.stateDir, filepath.Join(p.stateDir, "github-image-limits")} {
-		p.pruneTemps(dir, &rep)
-	}
+	p.pruneTemps(&rep)
 	return rep
 }
 
@@ -263,17 +260,11 @@ func (p *pruner) tryImageLock(path string) (lk *fileLock, held bool, err error) 
 		return nil, false, err
 	case err != nil && p.dryRun:
 		return nil, false, nil
-	case err != nil:
-		if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
-			return nil, false, err
-		}
-		f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|syscall.O_NOFOLLOW, 0o600)
-		if err != nil {
-			return nil, false, err
-		}
-		f.Close()
 	}
-	lk, free, err := tryLockFile(path)
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return nil, false, err
+	}
+	lk, free, err := tryLockFile(path, os.O_CREATE|syscall.O_NOFOLLOW)
 	return lk, !free && err == nil, err
 }
 
@@ -307,7 +298,7 @@ func (p *pruner) pruneLocks(rep *pruneReport) {
 		if !fi.ModTime().Before(p.cutoff) {
 			return
 		}
-		lk, free, err := tryLockFile(path)
+		lk, free, err := tryLockFile(path, 0)
 		defer lk.Unlock()
 		switch {
 		case err != nil:
@@ -325,10 +316,12 @@ func (p *pruner) pruneLocks(rep *pruneReport) {
 var reTempFile = regexp.MustCompile(`^\..+\.tmp-[0-9]+$`)
 
 // pruneTemps deletes stale writeFileAtomic temp files; a younger one may be a write in progress.
-func (p *pruner) pruneTemps(dir string, rep *pruneReport) {
-	p.each(dir, reTempFile.MatchString, true, rep, func(path string, fi fs.FileInfo) {
-		if fi.ModTime().Before(p.cutoff) && p.remove(path, rep) {
-			rep.removedTemp++
-		}
-	})
+func (p *pruner) pruneTemps(rep *pruneReport) {
+	for _, dir := range []string{p.stateDir, filepath.Join(p.stateDir, "github-image-limits")} {
+		p.each(dir, reTempFile.MatchString, true, rep, func(path string, fi fs.FileInfo) {
+			if fi.ModTime().Before(p.cutoff) && p.remove(path, rep) {
+				rep.removedTemp++
+			}
+		})
+	}
 }

@@ -381,7 +381,7 @@ func TestE2EPruneLeavesRunningTaskLock(t *testing.T) {
 	})
 	// The task is inside its redeploy once it waits to retry the pull, holding the lock.
 	r.WaitFor(t, 2*time.Minute, func() bool { return strings.Contains(taskErr.String(), "retrying in") }, "run-task to wait for its pull retry; its output: "+taskErr.String())
-	if lk, free, err := tryLockFile(lockPath); err != nil || free {
+	if lk, free, err := tryLockFile(lockPath, 0); err != nil || free {
 		lk.Unlock()
 		t.Fatalf("run-task does not hold %s (free %v, %v); its output:\n%s", lockPath, free, err, taskErr.String())
 	}

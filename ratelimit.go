@@ -169,9 +169,9 @@ func lockFile(ctx context.Context, path string, timeout time.Duration) (*fileLoc
 	}
 }
 
-// tryLockFile takes the lock only if it is free at once; it never creates the file.
-func tryLockFile(path string) (*fileLock, bool, error) {
-	f, err := os.OpenFile(path, os.O_RDWR, 0)
+// tryLockFile takes the lock only if it is free at once; only flag os.O_CREATE creates the file.
+func tryLockFile(path string, flag int) (*fileLock, bool, error) {
+	f, err := os.OpenFile(path, os.O_RDWR|flag, 0o600)
 	if err != nil {
 		return nil, false, err
 	}

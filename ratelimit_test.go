@@ -386,7 +386,7 @@ func TestE2EKillRunTask(t *testing.T) {
 	r.WaitFor(t, 2*time.Minute, func() bool {
 		return slices.Contains(steps(s.taskRows(t, "stuck-1")), "pulled") && r.Show(t, app, "ActiveState")["ActiveState"] == "activating"
 	}, "the first task to hang in the restart of "+app)
-	if lk, free, err := tryLockFile(lock); err != nil || free {
+	if lk, free, err := tryLockFile(lock, 0); err != nil || free {
 		lk.Unlock()
 		t.Fatalf("the hanging task does not hold %s (free %v, %v)", lock, free, err)
 	}
@@ -399,7 +399,7 @@ func TestE2EKillRunTask(t *testing.T) {
 		return st != "active" && st != "deactivating"
 	}, task+" to die")
 	r.WaitFor(t, 30*time.Second, func() bool {
-		lk, free, err := tryLockFile(lock)
+		lk, free, err := tryLockFile(lock, 0)
 		lk.Unlock()
 		return err == nil && free
 	}, "the killed task's lock to be released")
