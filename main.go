@@ -143,11 +143,10 @@ type config struct {
 	autoUpdateLimits [2]window
 	imageLimit       window
 
-	pullAttempts                                                               int
-	refusedRows, maxConns, requestRowsMax, diskReserve                         int // refusals' rows a minute, connections, request rows kept, free bytes kept
-	pullRetryDelay, pullTimeout, commandTimeout, taskLockWait                  time.Duration
-	healthSettle, healthPoll                                                   time.Duration
-	readHeaderTimeout, readTimeout, writeTimeout, idleTimeout, shutdownTimeout time.Duration
+	pullAttempts                                                                        int
+	refusedRows, maxConns, requestRowsMax, diskReserve                                  int // refusals' rows a minute, connections, request rows kept, free bytes kept
+	pullRetryDelay, pullTimeout, commandTimeout, taskLockWait, healthSettle, healthPoll time.Duration
+	readHeaderTimeout, readTimeout, writeTimeout, idleTimeout, shutdownTimeout          time.Duration
 }
 
 // legacyStateDir is the original tool's state directory, used when it exists to keep its state.

@@ -124,15 +124,6 @@ func formatTimestamps(ts []int64) []byte {
 // fileLock is an exclusive flock(2) on a lock file; the kernel drops it when the process dies.
 type fileLock struct{ f *os.File }
 
-// tryLock takes f's lock if it is free at once, else closes f.
-func tryLock(f *os.File) (*fileLock, error) {
-	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
-		f.Close()
-		return nil, err
-	}
-	return &fileLock{f: f}, nil
-}
-
 // lockFile waits up to timeout (or until ctx ends) for the lock on path, creating the file. As
 // prune-state may delete a lock file nobody holds, a lock counts only on the file path still names.
 func lockFile(ctx context.Context, path string, timeout time.Duration) (*fileLock, error) {
@@ -141,22 +132,20 @@ func lockFile(ctx context.Context, path string, timeout time.Duration) (*fileLoc
 	}
 	deadline := time.Now().Add(timeout)
 	for wait := time.Millisecond; ; wait = min(wait*2, 50*time.Millisecond) {
-		f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
-		if err != nil {
+		lk, free, err := tryLockFile(path, os.O_CREATE)
+		switch {
+		case errors.As(err, new(*os.PathError)): // the open failed, not flock
 			return nil, err
-		}
-		lk, err := tryLock(f)
-		if err == nil {
-			held, statErr := f.Stat()
+		case err != nil && !errors.Is(err, syscall.EINTR):
+			return nil, fmt.Errorf("lock %s: %w", path, err)
+		case free:
+			held, statErr := lk.f.Stat()
 			named, pathErr := os.Stat(path)
 			if statErr == nil && pathErr == nil && os.SameFile(held, named) {
 				return lk, nil
 			}
 			lk.Unlock()
 			continue
-		}
-		if !errors.Is(err, syscall.EWOULDBLOCK) && !errors.Is(err, syscall.EINTR) {
-			return nil, fmt.Errorf("lock %s: %w", path, err)
 		}
 		if time.Now().After(deadline) {
 			return nil, fmt.Errorf("lock %s: %w (%s)", path, errLockTimeout, timeout)
@@ -175,11 +164,14 @@ func tryLockFile(path string, flag int) (*fileLock, bool, error) {
 	if err != nil {
 		return nil, false, err
 	}
-	lk, err := tryLock(f)
-	if errors.Is(err, syscall.EWOULDBLOCK) {
-		return nil, false, nil
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		f.Close()
+		if errors.Is(err, syscall.EWOULDBLOCK) {
+			return nil, false, nil
+		}
+		return nil, false, err
 	}
-	return lk, err == nil, err
+	return &fileLock{f: f}, true, nil
 }
 
 func (l *fileLock) Unlock() {
