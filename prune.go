@@ -120,11 +120,10 @@ type pruner struct {
 
 // pruneReport is what a run did, or on a dry run would do.
 type pruneReport struct {
-	entries                  int // timestamps and unreadable lines dropped
-	removedDBs, removedLocks int
-	removedTemp              int      // stale temp files of an interrupted writeFileAtomic
-	busy                     []string // files skipped because a redeploy held their lock
-	errs                     []string
+	entries                               int      // timestamps and unreadable lines dropped
+	removedDBs, removedLocks, removedTemp int      // removedTemp: stale temp files of an interrupted writeFileAtomic
+	busy                                  []string // files skipped because a redeploy held their lock
+	errs                                  []string
 }
 
 func (r *pruneReport) fail(lg *logger, format string, a ...any) {
@@ -154,29 +153,21 @@ func (p *pruner) run(ctx context.Context) (rep pruneReport) {
 	return rep
 }
 
-// regular reports whether path is a regular file; unless quiet it says why not, but not absence.
-func (p *pruner) regular(path string, quiet bool, rep *pruneReport) (fs.FileInfo, bool) {
+// is reports whether path (not followed) is a kind want accepts; unless quiet or absent, says why not.
+func (p *pruner) is(path string, want func(fs.FileMode) bool, kind string, quiet bool, rep *pruneReport) (fs.FileInfo, bool) {
 	fi, err := os.Lstat(path)
 	switch {
 	case err != nil && !quiet && !errors.Is(err, fs.ErrNotExist):
 		rep.fail(p.log, "%v", err)
-	case err == nil && !quiet && !fi.Mode().IsRegular():
-		p.log.warnf("prune-state: %s is not a regular file (a symlink?): left alone", path)
+	case err == nil && !quiet && !want(fi.Mode()):
+		p.log.warnf("prune-state: %s is not %s (a symlink?): left alone", path, kind)
 	}
-	return fi, err == nil && fi.Mode().IsRegular()
+	return fi, err == nil && want(fi.Mode())
 }
 
 // each calls fn for every regular file directly in dir whose name matches; dir is not followed.
 func (p *pruner) each(dir string, match func(string) bool, quiet bool, rep *pruneReport, fn func(string, fs.FileInfo)) {
-	fi, err := os.Lstat(dir)
-	switch {
-	case errors.Is(err, fs.ErrNotExist):
-		return
-	case err != nil:
-		rep.fail(p.log, "%v", err)
-		return
-	case !fi.IsDir():
-		p.log.warnf("prune-state: %s is not a directory (a symlink?): left alone", dir)
+	if _, ok := p.is(dir, fs.FileMode.IsDir, "a directory", false, rep); !ok {
 		return
 	}
 	entries, err := os.ReadDir(dir)
@@ -188,7 +179,7 @@ func (p *pruner) each(dir string, match func(string) bool, quiet bool, rep *prun
 			continue
 		}
 		path := filepath.Join(dir, e.Name())
-		if fi, ok := p.regular(path, quiet, rep); ok {
+		if fi, ok := p.is(path, fs.FileMode.IsRegular, "a regular file", quiet, rep); ok {
 			fn(path, fi)
 		}
 	}
@@ -213,7 +204,7 @@ func (p *pruner) remove(path string, rep *pruneReport) bool {
 // pruneGlobalLog trims ratelimit.db under ratelimit.lock, as the /auto-update limiter writes it.
 func (p *pruner) pruneGlobalLog(ctx context.Context, rep *pruneReport) {
 	path, lockPath := filepath.Join(p.stateDir, "ratelimit.db"), filepath.Join(p.stateDir, "ratelimit.lock")
-	if _, ok := p.regular(path, false, rep); !ok {
+	if _, ok := p.is(path, fs.FileMode.IsRegular, "a regular file", false, rep); !ok {
 		return
 	}
 	if fi, err := os.Lstat(lockPath); err == nil && !fi.Mode().IsRegular() {
