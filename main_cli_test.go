@@ -83,9 +83,13 @@ func TestInvalidVariables(t *testing.T) {
 		{"WEBHOOK_DB_URL", "postgres://x"},
 		{"WEBHOOK_DB_URL", "sqlite://events.db?mode=ro"},
 		{"WEBHOOK_ALLOW_ANY_IMAGE", "maybe"},
+		{"WEBHOOK_DEFAULT_WINDOW", "Sat *-*-* 25:00"}, // judged by systemd-analyze at the server's start
 	} {
 		t.Run(tc.name+"="+tc.value, func(t *testing.T) {
 			env := map[string]string{tc.name: tc.value}
+			if tc.name == "WEBHOOK_DEFAULT_WINDOW" {
+				env["WEBHOOK_DEFAULT_WINDOW_LENGTH"] = "1h"
+			}
 			code, stdout, stderr := runCLI(t, env, "server", "--listen", "127.0.0.1:0", "--state-dir", t.TempDir())
 			if code != 2 {
 				t.Fatalf("exit %d, want 2\nstderr: %s", code, stderr)

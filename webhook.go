@@ -74,6 +74,13 @@ func cmdServer(c *cli, args []string) int {
 	if len(rest) > 0 {
 		return c.usageError("server", usageServer, "unexpected argument %q", rest[0])
 	}
+	// The default window's calendar is systemd-analyze's to judge; the server asks it once at start.
+	if p, _ := parsePolicy(nil, cfg.policyDefaults); p.window != "" {
+		if _, err := p.windowOpens(context.Background(), time.Now()); err != nil {
+			c.log.errorf("invalid WEBHOOK_DEFAULT_WINDOW: %v", err)
+			return 2
+		}
+	}
 	if err := ensureStateDir(cfg.stateDir); err != nil {
 		c.log.errorf("%v", err)
 		return 1
