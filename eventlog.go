@@ -1,8 +1,8 @@
 // eventlog.go owns the SQLite database: opening and migrating it, the batching writer of event_log
 // rows, the delivery queue's SQL (github_deliveries rows are the claims), the one outcome model,
 // notifications (the outbox, WEBHOOK_NOTIFY_URLS' formats, the messages and the server's sender),
-// the events command, and the status page's queries and template (its handlers are webhook.go's,
-// reading through the query_only reader, never the writer's connections).
+// the events command, the image checks' rows, and the status page's queries and template (its
+// handlers are webhook.go's, reading through the query_only reader, never the writer's connections).
 //
 // Rules: event_log keeps the original tool's schema and indexes. Each migration runs once in its own
 // BEGIN IMMEDIATE transaction, re-reading schema_migrations; a newer database is refused. One writer
@@ -1197,7 +1197,7 @@ type notice struct {
 
 // noticeKinds are the kinds of message and their words; WEBHOOK_NOTIFY_ON picks among them.
 var noticeKinds = map[string]string{"healthy": "redeployed, healthy", "rolled-back": "rolled back", "failed": "failed",
-	"rollback-failed": "rollback failed", "dispatch-failed": "dispatch given up", "approval": "awaiting approval", "test": "test message"}
+	"rollback-failed": "rollback failed", "dispatch-failed": "dispatch given up", "approval": "awaiting approval", "update": "update available", "test": "test message"}
 
 // notifyTx queues n in tx, so it is sent if and only if tx commits: the one way to notify.
 func notifyTx(ctx context.Context, tx *sql.Tx, n notice) error {
@@ -1886,11 +1886,13 @@ func (c claim) Waiting() bool {
 	return c.Status == claimPending && slices.Contains([]string{waitCooldown, waitWindow, waitApproval}, c.Step)
 }
 
-// unitStatus is an overview line: the unit's last finished claim, and its newest if still under way.
+// unitStatus is an overview line: the unit's last finished claim, its newest if still under way,
+// and its image check.
 type unitStatus struct {
 	Unit, Image         string
 	Policy, PolicyError string // the overview's words for its policy, or why it is malformed
 	Last, Running       *claim
+	Check               *registryCheck
 }
 
 const (
@@ -1901,8 +1903,8 @@ const (
 	unitLastSQL   = claimColumnsSQL + ` WHERE unit = ? AND status IN ('done', 'failed') ORDER BY claimed_at DESC LIMIT 1`
 )
 
-// statusUnits reads every unit that has a claim: the distinct units are walked through
-// idx_github_deliveries_unit (a skip scan), then each unit's newest claims through it too.
+// statusUnits reads every unit that has a claim or an image check: the distinct units are walked
+// through idx_github_deliveries_unit (a skip scan), then each unit's newest claims through it too.
 func statusUnits(ctx context.Context, db *sql.DB, loc *time.Location) ([]unitStatus, error) {
 	units, err := collect(ctx, db, unitsSQL, nil, func(u *string) []any { return []any{u} })
 	out := make([]unitStatus, 0, len(units))
@@ -1928,7 +1930,68 @@ func statusUnits(ctx context.Context, db *sql.DB, loc *time.Location) ([]unitSta
 		}
 		out = append(out, us)
 	}
+	if err != nil {
+		return out, err
+	}
+	checks, err := readRegistryChecks(ctx, db, "")
+	for i := range checks {
+		at, found := slices.BinarySearchFunc(out, checks[i].Unit, func(u unitStatus, t string) int { return strings.Compare(u.Unit, t) })
+		if !found {
+			out = slices.Insert(out, at, unitStatus{Unit: checks[i].Unit, Image: checks[i].Image})
+		}
+		out[at].Check = &checks[i]
+	}
 	return out, err
+}
+
+// registryCheck is an image_checks row: the image check's newest word on a unit.
+type registryCheck struct {
+	Unit, Image, Remote, Running, Error string
+	Checked, FirstSeen, NextTry         int64
+}
+
+func (c registryCheck) updateAvailable() bool { return c.Remote != "" && c.Remote != c.Running }
+
+// State classifies a check as outcomes are: ok (up to date), update (since when), failed.
+func (c registryCheck) State() outcome {
+	switch {
+	case c.Error != "":
+		return outcome{"failed", "check failed"}
+	case c.updateAvailable():
+		return outcome{"update", "update available since " + statusTime(c.FirstSeen, time.Local)}
+	}
+	return outcome{"ok", "up to date"}
+}
+
+func readRegistryChecks(ctx context.Context, db *sql.DB, where string, args ...any) ([]registryCheck, error) {
+	return collect(ctx, db, `SELECT unit, image, remote_digest, running_digest, checked_at, first_seen_at, error, next_try
+		FROM image_checks`+where+` ORDER BY unit`, args, func(c *registryCheck) []any {
+		return []any{&c.Unit, &c.Image, &c.Remote, &c.Running, &c.Checked, &c.FirstSeen, &c.Error, &c.NextTry}
+	})
+}
+
+// saveRegistryCheck stores a check with the rows that say what changed and its message, if any,
+// in one transaction.
+func (l *eventLog) saveRegistryCheck(ctx context.Context, c registryCheck, evs []event, n *notice) error {
+	return l.write(ctx, func(tx *sql.Tx) error {
+		_, err := tx.ExecContext(ctx, `INSERT OR REPLACE INTO image_checks VALUES (?, ?, ?, ?, ?, ?, ?, ?)`,
+			c.Unit, c.Image, c.Remote, c.Running, c.Checked, c.FirstSeen, c.Error, c.NextTry)
+		if err == nil && n != nil {
+			err = notifyTx(ctx, tx, *n)
+		}
+		if err != nil {
+			return err
+		}
+		return l.insertEvents(ctx, tx, evs)
+	})
+}
+
+// digestRejected reports whether a redeploy of unit to digest failed its health gate before.
+func (l *eventLog) digestRejected(ctx context.Context, unit, digest string) (bool, error) {
+	var n int
+	err := l.db.QueryRowContext(ctx, `SELECT count(*) FROM github_deliveries WHERE unit = ? AND digest = ?
+		AND step IN ('rolled-back', 'rollback-failed', 'rollback-impossible')`, unit, digest).Scan(&n)
+	return n > 0, err
 }
 
 func statusTime(ts int64, loc *time.Location) string {
@@ -2275,7 +2338,7 @@ th{background:#eef0f3;font-weight:600}td.wrap,code{word-break:break-all}code{fon
 pre{white-space:pre-wrap;word-break:break-all;max-height:12em;overflow:auto;margin:.3em 0;font:12px ui-monospace,monospace}
 .badge{display:inline-block;padding:0 .5em;border-radius:3px;font-weight:600;font-size:12px;text-transform:uppercase}
 .badge.ok{background:#d5f0dc;color:#14522a}.badge.rolled-back{background:#ffe8b3;color:#6b4500}.badge.failed{background:#b3261e;color:#fff}
-.badge.running{background:#dbe7ff;color:#123e8c}.badge.skipped,.badge.ignored{background:#e6e6e6;color:#333}tr.failed td{background:#fdecea}
+.badge.running{background:#dbe7ff;color:#123e8c}.badge.update{background:#ffe8b3;color:#6b4500;text-transform:none}.badge.skipped,.badge.ignored{background:#e6e6e6;color:#333}tr.failed td{background:#fdecea}
 tr.failed td:first-child{border-left:4px solid #b3261e}tr.rolled-back td:first-child{border-left:4px solid #d08a00}
 pre.err{color:#8c1d18;background:#fdecea;padding:.3em}.note{background:#fff;border:1px solid #e3e6ea;padding:.8em 1em;max-width:40em}
 .alert{color:#8c1d18;font-weight:600}.queue{background:#fff;border:1px solid #e3e6ea;padding:.5em 1em;display:inline-block}
@@ -2335,7 +2398,8 @@ restart the server, then log in here with that token.</p>
 {{- range .Units}}
 <tr class="{{with .Last}}{{.Outcome.Class}}{{end}}">
 <td class="wrap">{{.Unit}}</td>
-<td class="wrap"><code>{{.Image}}</code></td>
+<td class="wrap"><code>{{.Image}}</code>{{with .Check}}<br><span class="badge {{.State.Class}}">{{.State.Label}}</span>
+{{- if .Error}}<pre class="err">{{.Error}}</pre>{{end}}{{end}}</td>
 <td>{{with .Last}}<span class="badge {{.Outcome.Class}}">{{.Outcome.Class}}</span> {{.Outcome.Label}}{{else}}none yet{{end}}
 {{- with .Running}}<br><span class="badge running">running</span> {{.Outcome.Label}} at {{.When}}{{if .Waiting}} (delivery {{template "delivery" .Delivery}}){{end}}
 {{- if eq .Step "awaiting-approval"}}{{template "decide" .Delivery}}{{end}}{{end}}

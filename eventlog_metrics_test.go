@@ -506,6 +506,7 @@ func TestMetrics(t *testing.T) {
 			"webhook_dispatches_total":     "counter",
 			"webhook_redeploy_steps_total": "counter", "webhook_notifications_total": "counter", "webhook_redeploys_total": "counter", "webhook_pull_duration_seconds": "histogram",
 			"webhook_restart_duration_seconds": "histogram",
+			"webhook_image_update_available":   "gauge", "webhook_image_check_timestamp_seconds": "gauge",
 		}
 		gotTypes := map[string]string{}
 		for name, f := range fams {

@@ -43,6 +43,7 @@ commands:
   events         show what happened, from the event log
   approve        approve a delivery awaiting approval (reject: refuse it)
   notify-test    send a test message to every WEBHOOK_NOTIFY_URLS target
+  check          compare each unit's image with its registry (skopeo)
   run-task       run one redeploy (started by the server through systemd-run)
   version        print the version
   help           print this text
@@ -71,6 +72,7 @@ var commands = map[string]func(c *cli, args []string) int{
 	"approve":       cmdApprove,
 	"reject":        cmdReject,
 	"notify-test":   cmdNotifyTest,
+	"check":         cmdCheck,
 	"version":       cmdVersion,
 	"help":          cmdHelp,
 	"h":             cmdHelp,
@@ -138,6 +140,7 @@ type config struct {
 	notify                           notifySettings
 
 	interval         time.Duration
+	checkInterval    time.Duration // 0: the server checks no image
 	maxTicks         int           // 0: unbounded
 	requestRetention time.Duration // request rows older than it are deleted (prune-state, scheduler)
 	autoUpdateLimits [2]window
@@ -250,6 +253,7 @@ func loadConfig(getenv func(string) string) (*config, error) {
 		secrets:           map[string]string{},
 
 		interval:         p.seconds("AUTO_UPDATE_INTERVAL_SECS", 900),
+		checkInterval:    p.seconds("WEBHOOK_CHECK_INTERVAL_SECS", 0),
 		maxTicks:         p.positive("WEBHOOK_SCHEDULER_MAX_TICKS", 0),
 		requestRetention: p.count("WEBHOOK_REQUEST_RETENTION_DAYS", 30, 24*time.Hour, 100*366, "more than 100 years"),
 
@@ -401,9 +405,9 @@ func (p *envParser) notify() notifySettings {
 		}
 		ns.targets = append(ns.targets, t)
 	}
-	for _, k := range splitList(p.str("WEBHOOK_NOTIFY_ON", "rolled-back,failed,rollback-failed,dispatch-failed,approval")) {
+	for _, k := range splitList(p.str("WEBHOOK_NOTIFY_ON", "rolled-back,failed,rollback-failed,dispatch-failed,approval,update")) {
 		if _, ok := noticeKinds[k]; !ok || k == "test" {
-			p.fail("invalid WEBHOOK_NOTIFY_ON=%q: %q is not healthy, rolled-back, failed, rollback-failed, dispatch-failed or approval", p.getenv("WEBHOOK_NOTIFY_ON"), k)
+			p.fail("invalid WEBHOOK_NOTIFY_ON=%q: %q is not healthy, rolled-back, failed, rollback-failed, dispatch-failed, approval or update", p.getenv("WEBHOOK_NOTIFY_ON"), k)
 		}
 		ns.on[k] = true
 	}

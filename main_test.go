@@ -1,5 +1,5 @@
 // main_test.go owns the test harness every concern's tests share: TestMain; the fake programs
-// the test binary impersonates (podman, systemctl, systemd-run, loginctl), all registered by the
+// the test binary impersonates (podman, systemctl, systemd-run, loginctl, skopeo), all registered by the
 // one init below; the in-process test server and configuration builders; payload builders and
 // signatures; readers of event_log rows; waits; the host-wide lock a test that loads the machine
 // takes (hostExclusive); and the built binary and the processes started
@@ -71,6 +71,7 @@ func init() {
 	fakePrograms["loginctl"] = func() int { return 0 }
 	chainFake("podman", fakePodmanDirEnv)
 	chainFake("systemctl", fakeSystemctlDirEnv)
+	chainFake("skopeo", fakePodmanDirEnv) // scripted as skopeo-inspect.*, in podman's directory
 	// systemd-run only records (and obeys systemd-run---user.{exit,fails,sleep,...}); a test that
 	// wants the transient unit's work done runs the recorded command itself.
 	chainFake("systemd-run", fakeSystemdRunDirEnv)

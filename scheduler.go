@@ -1,8 +1,12 @@
 // scheduler.go owns the triggers and a person's decisions: the scheduler loop, trigger-units,
-// trigger-all, /auto-update, /api/manual/*, approve/reject/retry (CLI and API). Ticks follow start + n·interval, never overlap
+// trigger-all, /auto-update, /api/manual/*, approve/reject/retry (CLI and API), and the image
+// check (the server's loop and the check command). Ticks follow start + n·interval, never overlap
 // and skip the slots a long tick overran; a manual restart holds the unit's lock, so it never cuts
 // into a redeploy; HTTP commands run detached, so a client that hangs up cannot kill systemctl.
-// Caller-supplied text passes cleanText before it is printed or stored.
+// Caller-supplied text passes cleanText before it is printed or stored. Checks run one at a time,
+// each skopeo and podman call bounded; a failed check is stored as failed and retried with
+// backoff; an update it queues is a claim like a push's, under an id derived from the unit and
+// digest.
 package main
 
 import (
@@ -13,7 +17,9 @@ import (
 	"fmt"
 	"maps"
 	"net/http"
+	"os/exec"
 	"os/signal"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -738,4 +744,199 @@ func cleanText(s string, max int) string {
 		n++
 	}
 	return strings.TrimSpace(b.String())
+}
+
+// The image check: each unit of a Quadlet .container file with an Image= is asked of its registry
+// (skopeo) and its container (podman), one unit at a time, each when it is due.
+const (
+	checkTimeout    = time.Minute      // one skopeo or podman call
+	checkFirstAfter = 10 * time.Second // the server's first round after its start
+	checkRetryMin   = time.Minute      // the first retry of a failed check; each next one waits twice as long, up to the interval
+)
+
+const usageCheck = `usage: webhook-auto-update check [--state-dir DIR] [--db URL] [UNIT...]
+
+Checks now the image of each unit (default: each unit of a Quadlet .container file), stores the
+result and prints "unit -> state"; with on-update=deploy an update is queued for the server.
+Exit status: 0 every check succeeded, 1 a check failed, 2 usage error or skopeo missing.
+`
+
+func cmdCheck(c *cli, args []string) int {
+	cfg, units, code := c.setup("check", usageCheck, args, nil)
+	if code >= 0 {
+		return code
+	}
+	if _, err := exec.LookPath("skopeo"); err != nil {
+		c.log.errorf("check: skopeo is not installed or not on PATH: install the Debian package skopeo")
+		return 2
+	}
+	for i, id := range units {
+		var err error
+		if units[i], err = resolveUnit(id); err != nil {
+			return c.usageError("check", usageCheck, "%v", err)
+		}
+	}
+	if len(units) == 0 {
+		units = quadletUnits(c.getenv)
+	}
+	events, closeLog := openCommandLog(c, cfg)
+	defer closeLog()
+	if events == nil {
+		return 1
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	s, exit := newServer(cfg, c.log, events), 0
+	s.getenv = c.getenv
+	for _, u := range units {
+		r, ok := s.checkRegistry(ctx, u, true)
+		line := r.State().Label + ": " + r.Image + ", running " + r.Running + ", registry " + r.Remote
+		switch {
+		case !ok:
+			line = "not checked (no Image=, or check=off)"
+		case r.Error != "":
+			exit, line = 1, "check failed: "+r.Error
+		}
+		fmt.Fprintf(c.stdout, "%s -> %s\n", u, line)
+	}
+	return exit
+}
+
+// runChecks checks each unit when it is due, the first round shortly after the start.
+func (s *server) runChecks(ctx context.Context) {
+	if _, err := exec.LookPath("skopeo"); err != nil {
+		s.log.warnf("WEBHOOK_CHECK_INTERVAL_SECS is set, but skopeo is not on PATH: every image check fails until the Debian package skopeo is installed")
+	}
+	for wait := checkFirstAfter; sleepContext(ctx, wait) == nil; {
+		next := s.now().Add(s.cfg.checkInterval).Unix()
+		for _, unit := range quadletUnits(s.getenv) {
+			if c, ok := s.checkRegistry(ctx, unit, false); ok {
+				next = min(next, c.NextTry)
+			}
+		}
+		wait = max(time.Unix(next, 0).Sub(s.now()), time.Second)
+	}
+}
+
+// quadletUnits are the units of the user's Quadlet .container files, where configuredImage looks.
+func quadletUnits(getenv func(string) string) (units []string) {
+	files, _ := filepath.Glob(filepath.Join(cmp.Or(getenv("XDG_CONFIG_HOME"), "/nonexistent"), "containers/systemd/*.container"))
+	more, _ := filepath.Glob(filepath.Join(cmp.Or(getenv("HOME"), "/nonexistent"), ".config/containers/systemd/*.container"))
+	for _, f := range append(files, more...) {
+		if u, err := resolveUnit(strings.TrimSuffix(filepath.Base(f), ".container")); err == nil {
+			units = append(units, u)
+		}
+	}
+	slices.Sort(units)
+	return slices.Compact(units)
+}
+
+// checkRegistry compares the digest the registry's tag points to with those of the image the unit
+// runs, unless the unit is not due (force: now), and stores the result; with on-update=deploy an
+// update is queued. ok is false when there is nothing to check: no Image=, or check=off.
+func (s *server) checkRegistry(ctx context.Context, unit string, force bool) (c registryCheck, ok bool) {
+	now := s.now()
+	uf, err := configuredImage(ctx, s.cfg, s.getenv, unit)
+	every, policy, onUpdate := s.cfg.checkInterval, uf.labels["webhook-auto-update.check"], uf.labels["webhook-auto-update.on-update"]
+	prev, rerr := readRegistryChecks(ctx, s.events.db, " WHERE unit = ?", unit)
+	if err = errors.Join(err, rerr); err == nil && (uf.image == "" || policy == "off") {
+		return c, false
+	}
+	if prev = append(prev, registryCheck{}); !force && now.Unix() < prev[0].NextTry {
+		return prev[0], true
+	}
+	c = registryCheck{Unit: unit, Image: uf.image, Remote: prev[0].Remote, Running: prev[0].Running, FirstSeen: prev[0].FirstSeen, Checked: now.Unix()}
+	if d, perr := time.ParseDuration(policy); err == nil && policy != "" && (perr != nil || d < time.Minute) {
+		err = fmt.Errorf("invalid Label=webhook-auto-update.check=%q: want off or a duration of at least 1m, such as 6h", policy)
+	} else if policy != "" {
+		every = d
+	}
+	if err == nil && onUpdate != "" && onUpdate != "deploy" && onUpdate != "notify" {
+		err = fmt.Errorf("invalid Label=webhook-auto-update.on-update=%q: want notify or deploy", onUpdate)
+	}
+	var ref imageRef
+	var remote string
+	var running []string
+	var seen *notice // an update first seen
+	if err == nil {
+		ref, err = parseImageRef(withDefaultTag(uf.image))
+	}
+	if err == nil {
+		remote, err = remoteDigest(ctx, ref)
+	}
+	if err == nil {
+		running, err = runningDigests(ctx, s.cfg, unit, ref)
+	}
+	if c.NextTry = now.Add(every).Unix(); err != nil {
+		wait := checkRetryMin
+		if prev[0].Error != "" {
+			wait = max(wait, 2*time.Duration(prev[0].NextTry-prev[0].Checked)*time.Second)
+		}
+		c.Error, c.NextTry = err.Error(), now.Add(min(wait, max(every, checkRetryMin))).Unix()
+	} else if c.Remote, c.Running = remote, running[0]; slices.Contains(running, remote) {
+		c.Running, c.FirstSeen = remote, 0
+	} else if c.FirstSeen == 0 || prev[0].Remote != remote {
+		c.FirstSeen, seen = now.Unix(), &notice{Kind: "update", Time: now, Unit: unit, Image: c.Image, Digest: remote, Reason: "it runs " + c.Running}
+	}
+	ev := event{RequestID: newRequestID(), TS: now, Method: "CHECK", Status: http.StatusOK, Action: "image-check",
+		Meta: map[string]any{"unit": unit, "image": c.Image, "state": c.State().Class, "remote_digest": c.Remote, "running_digest": c.Running}}
+	if c.Error != "" {
+		ev.Status, ev.Meta["error"] = http.StatusBadGateway, c.Error
+	}
+	var evs []event
+	queued := c.Error == "" && c.updateAvailable() && onUpdate == "deploy" && s.deploy(ctx, c, ref, ev)
+	if !queued && (c.Error != "" || c.State().Class != prev[0].State().Class || c.Remote != prev[0].Remote) {
+		evs = append(evs, ev)
+	}
+	if err := s.events.saveRegistryCheck(ctx, c, evs, seen); err != nil {
+		s.log.errorf("image check of %s: cannot store it: %v", unit, err)
+	}
+	return c, true
+}
+
+// remoteDigest asks the registry which digest ref's tag points to.
+func remoteDigest(ctx context.Context, ref imageRef) (string, error) {
+	res := runCommand(ctx, checkTimeout, "skopeo", "inspect", "--no-tags", "--format", "{{.Digest}}", "--", "docker://"+ref.String())
+	d := strings.TrimSpace(res.stdout)
+	if res.err == nil && !reDigest.MatchString(d) {
+		res.err = fmt.Errorf("skopeo inspect printed %q, not a digest", cleanText(d, 100))
+	}
+	return d, res.err
+}
+
+// runningDigests are the digests of the image the unit's container runs (no container: the local
+// image of ref): podman's own first, then each repository digest it was pulled or pushed as.
+func runningDigests(ctx context.Context, cfg *config, unit string, ref imageRef) ([]string, error) {
+	target := cmp.Or(findUnitContainer(ctx, cfg, unit).imageID, ref.String())
+	res := runCommand(ctx, checkTimeout, "podman", "image", "inspect", "--format", "{{.Digest}}{{range .RepoDigests}} {{.}}{{end}}", "--", target)
+	var ds []string
+	for _, f := range strings.Fields(res.stdout) {
+		if d := f[strings.LastIndex(f, "@")+1:]; reDigest.MatchString(d) {
+			ds = append(ds, d)
+		}
+	}
+	if res.err == nil && len(ds) == 0 {
+		res.err = fmt.Errorf("podman knows no digest of the image %s runs (%s)", unit, target)
+	}
+	return ds, res.err
+}
+
+// deploy queues c's digest as a claim, unless the gate rejected it before: source "check", its id
+// derived from the unit and digest, so it is queued once; its row is ev's.
+func (s *server) deploy(ctx context.Context, c registryCheck, ref imageRef, ev event) bool {
+	spec := taskSpec{unit: c.Unit, image: ref.String(), event: "check", delivery: hashID("check", c.Unit, c.Remote), path: "check", digest: c.Remote}
+	rejected, err := s.events.digestRejected(ctx, c.Unit, c.Remote)
+	claimed := false
+	if ev.Meta["reason"] = "rejected-before"; err == nil && !rejected {
+		ev.Status, ev.Meta["delivery"], ev.Meta["reason"] = http.StatusAccepted, spec.delivery, "queued"
+		claimed, err = s.events.claimDelivery(ctx, spec, ev)
+	}
+	if err != nil {
+		s.log.errorf("image check of %s: cannot queue the redeploy to %s: %v", c.Unit, c.Remote, err)
+	}
+	select {
+	case s.wake <- struct{}{}:
+	default:
+	}
+	return claimed
 }

@@ -1,7 +1,7 @@
 // webhook.go owns the HTTP surface of `webhook-auto-update server`: capped listeners, draining
 // shutdown, routing, request rows, pushes (one path for GitHub and every registry), the web UI,
-// /health, /metrics, the events API, and the status page (actions, session, login throttle, CSP,
-// forward auth); every page and API POST passes http.CrossOriginProtection.
+// /health, /metrics (the image checks' gauges too), the events API, and the status page (actions,
+// session, login throttle, CSP, forward auth); every page and API POST passes CrossOriginProtection.
 //
 // Rules: every request gets one event_log row or is counted in a summary row (successful probes;
 // refusals past a minute's budget or below the disk reserve), each value cut to maxFieldBytes,
@@ -141,9 +141,12 @@ func (s *server) serve(listeners []net.Listener, sd *notifier) int {
 	}
 	go sd.runWatchdog(ctx, s.log)
 	dctx, stopDispatcher := context.WithCancel(context.Background())
-	var background sync.WaitGroup
+	var background sync.WaitGroup // the dispatcher, the notifier and the image checks
 	background.Go(func() { s.runDispatcher(dctx) })
 	background.Go(func() { s.events.runNotifier(dctx, &s.cfg.notify) })
+	if s.cfg.checkInterval > 0 {
+		background.Go(func() { s.runChecks(dctx) })
+	}
 	status := 0
 	select {
 	case <-ctx.Done():
@@ -1332,6 +1335,18 @@ func (s *server) writeDBMetrics(ctx context.Context) *promWriter {
 	p.family("webhook_delivery_queue_waiting", "gauge", "Pending deliveries waiting for their unit's policy, by reason.")
 	for _, r := range []string{waitCooldown, waitWindow, waitApproval} {
 		p.sample("webhook_delivery_queue_waiting", []string{"reason", r}, float64(waiting[r]))
+	}
+	checks, err5 := readRegistryChecks(ctx, db, "")
+	if p.err = err5; p.err != nil {
+		return p
+	}
+	p.family("webhook_image_update_available", "gauge", "1 while the newest digest the registry check found for a unit's image is not the one its container runs.")
+	for _, c := range checks {
+		p.sample("webhook_image_update_available", []string{"unit", c.Unit}, map[bool]float64{true: 1}[c.updateAvailable()])
+	}
+	p.family("webhook_image_check_timestamp_seconds", "gauge", "When a unit's image was last checked (successfully or not), since the unix epoch.")
+	for _, c := range checks {
+		p.sample("webhook_image_check_timestamp_seconds", []string{"unit", c.Unit}, float64(c.Checked))
 	}
 	p.counter("webhook_redeploys_total", "Redeploy tasks that ended, by outcome (ok, rolled-back, failed, skipped).", "outcome", outcomes)
 	p.counters("webhook_notifications_total", "Notification attempts, by scheme and result (sent, failed, given-up).", []string{"scheme", "result"}, sends)
