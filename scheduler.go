@@ -4,9 +4,7 @@
 // and skip the slots a long tick overran; a manual restart holds the unit's lock, so it never cuts
 // into a redeploy; HTTP commands run detached, so a client that hangs up cannot kill systemctl.
 // Caller-supplied text passes cleanText before it is printed or stored. Checks run one at a time,
-// each skopeo and podman call bounded; a failed check is stored as failed and retried with
-// backoff; an update it queues is a claim like a push's, under an id derived from the unit and
-// digest.
+// bounded; a failed one is stored as failed, retried with backoff; an update queued is a claim.
 package main
 
 import (
@@ -862,7 +860,10 @@ func (s *server) checkRegistry(ctx context.Context, unit string, force bool) (c 
 		ref, err = parseImageRef(withDefaultTag(uf.image))
 	}
 	if err == nil {
-		remote, err = remoteDigest(ctx, ref)
+		res := runCommand(ctx, checkTimeout, "skopeo", "inspect", "--no-tags", "--format", "{{.Digest}}", "--", "docker://"+ref.String())
+		if remote, err = strings.TrimSpace(res.stdout), res.err; err == nil && !reDigest.MatchString(remote) {
+			err = fmt.Errorf("skopeo inspect printed %q, not a digest", cleanText(remote, 100))
+		}
 	}
 	if err == nil {
 		running, err = runningDigests(ctx, s.cfg, unit, ref)
@@ -878,7 +879,7 @@ func (s *server) checkRegistry(ctx context.Context, unit string, force bool) (c 
 	} else if c.FirstSeen == 0 || prev[0].Remote != remote {
 		c.FirstSeen, seen = now.Unix(), &notice{Kind: "update", Time: now, Unit: unit, Image: c.Image, Digest: remote, Reason: "it runs " + c.Running}
 	}
-	ev := event{RequestID: newRequestID(), TS: now, Method: "CHECK", Status: http.StatusOK, Action: "image-check",
+	ev := event{RequestID: newRequestID(), TS: now, Method: "CHECK", Status: http.StatusOK, Action: "image-check", Duration: s.now().Sub(now),
 		Meta: map[string]any{"unit": unit, "image": c.Image, "state": c.State().Class, "remote_digest": c.Remote, "running_digest": c.Running}}
 	if c.Error != "" {
 		ev.Status, ev.Meta["error"] = http.StatusBadGateway, c.Error
@@ -892,16 +893,6 @@ func (s *server) checkRegistry(ctx context.Context, unit string, force bool) (c 
 		s.log.errorf("image check of %s: cannot store it: %v", unit, err)
 	}
 	return c, true
-}
-
-// remoteDigest asks the registry which digest ref's tag points to.
-func remoteDigest(ctx context.Context, ref imageRef) (string, error) {
-	res := runCommand(ctx, checkTimeout, "skopeo", "inspect", "--no-tags", "--format", "{{.Digest}}", "--", "docker://"+ref.String())
-	d := strings.TrimSpace(res.stdout)
-	if res.err == nil && !reDigest.MatchString(d) {
-		res.err = fmt.Errorf("skopeo inspect printed %q, not a digest", cleanText(d, 100))
-	}
-	return d, res.err
 }
 
 // runningDigests are the digests of the image the unit's container runs (no container: the local

@@ -5,6 +5,8 @@ package main
 
 import (
 	"context"
+	"database/sql"
+	"fmt"
 	"io"
 	"net/http"
 	"net/url"
@@ -311,7 +313,9 @@ func TestE2EImageCheck(t *testing.T) {
 	s := startE2EServer(t, "WEBHOOK_CHECK_INTERVAL_SECS=5", "WEBHOOK_MANUAL_TOKEN="+statusToken)
 	state := func() (st, remote, errText string) {
 		var running string
-		s.db.QueryRow(`SELECT remote_digest, running_digest, error FROM image_checks WHERE unit = ?`, unit).Scan(&remote, &running, &errText)
+		if err := s.db.QueryRow(`SELECT remote_digest, running_digest, error FROM image_checks WHERE unit = ?`, unit).Scan(&remote, &running, &errText); err != nil {
+			return "unchecked", "", err.Error()
+		}
 		c := registryCheck{Remote: remote, Running: running, Error: errText}
 		return c.State().Class, remote, errText
 	}
@@ -341,6 +345,14 @@ func TestE2EImageCheck(t *testing.T) {
 	r.WaitFor(t, 3*interval, func() bool { st, _, _ := state(); return st == "ok" }, "the check to find v2 running")
 	var claims int
 	s.db.QueryRow(`SELECT count(*) FROM github_deliveries WHERE unit = ?`, unit).Scan(&claims)
+	var durations []string
+	scanRows(t, s.db, false, `SELECT duration_ms FROM event_log WHERE action = 'image-check'`, nil, func(rows *sql.Rows) error {
+		var ms int64
+		err := rows.Scan(&ms)
+		durations = append(durations, fmt.Sprintf("%d ms", ms))
+		return err
+	})
+	t.Logf("checks that changed the state took %s", strings.Join(durations, ", "))
 	if claims != 1 {
 		t.Errorf("%d claims for %s, want the check's one", claims, unit)
 	}
