@@ -1930,10 +1930,7 @@ func statusUnits(ctx context.Context, db *sql.DB, loc *time.Location) ([]unitSta
 		}
 		out = append(out, us)
 	}
-	if err != nil {
-		return out, err
-	}
-	checks, err := readRegistryChecks(ctx, db, "")
+	checks, cerr := readRegistryChecks(ctx, db, "")
 	for i := range checks {
 		at, found := slices.BinarySearchFunc(out, checks[i].Unit, func(u unitStatus, t string) int { return strings.Compare(u.Unit, t) })
 		if !found {
@@ -1941,7 +1938,7 @@ func statusUnits(ctx context.Context, db *sql.DB, loc *time.Location) ([]unitSta
 		}
 		out[at].Check = &checks[i]
 	}
-	return out, err
+	return out, errors.Join(err, cerr)
 }
 
 // registryCheck is an image_checks row: the image check's newest word on a unit.
