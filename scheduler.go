@@ -831,27 +831,21 @@ func quadletUnits(getenv func(string) string) (units []string) {
 
 // checkRegistry compares the digest the registry's tag points to with those of the image the unit
 // runs, unless the unit is not due (force: now), and stores the result; with on-update=deploy an
-// update is queued. ok is false when there is nothing to check: no Image=, or check=off.
+// update is queued. ok is false when there is nothing to check: no Image=, or check=off. The labels
+// are the unit's policy (parsePolicy): a malformed one fails the check.
 func (s *server) checkRegistry(ctx context.Context, unit string, force bool) (c registryCheck, ok bool) {
 	now := s.now()
 	uf, err := configuredImage(ctx, s.cfg, s.getenv, unit)
-	every, policy, onUpdate := s.cfg.checkInterval, uf.labels["webhook-auto-update.check"], uf.labels["webhook-auto-update.on-update"]
+	pol, perr := parsePolicy(uf.labels, s.cfg.policyDefaults)
 	prev, rerr := readRegistryChecks(ctx, s.events.db, " WHERE unit = ?", unit)
-	if err = errors.Join(err, rerr); err == nil && (uf.image == "" || policy == "off") {
+	if err = errors.Join(err, perr, rerr); err == nil && (uf.image == "" || pol.check < 0) {
 		return c, false
 	}
 	if prev = append(prev, registryCheck{}); !force && now.Unix() < prev[0].NextTry {
 		return prev[0], true
 	}
 	c = registryCheck{Unit: unit, Image: uf.image, Remote: prev[0].Remote, Running: prev[0].Running, FirstSeen: prev[0].FirstSeen, Checked: now.Unix()}
-	if d, perr := time.ParseDuration(policy); err == nil && policy != "" && (perr != nil || d < time.Minute) {
-		err = fmt.Errorf("invalid Label=webhook-auto-update.check=%q: want off or a duration of at least 1m, such as 6h", policy)
-	} else if policy != "" {
-		every = d
-	}
-	if err == nil && onUpdate != "" && onUpdate != "deploy" && onUpdate != "notify" {
-		err = fmt.Errorf("invalid Label=webhook-auto-update.on-update=%q: want notify or deploy", onUpdate)
-	}
+	every := cmp.Or(max(pol.check, 0), s.cfg.checkInterval)
 	var ref imageRef
 	var remote string
 	var running []string
@@ -885,7 +879,7 @@ func (s *server) checkRegistry(ctx context.Context, unit string, force bool) (c 
 		ev.Status, ev.Meta["error"] = http.StatusBadGateway, c.Error
 	}
 	var evs []event
-	queued := c.Error == "" && c.updateAvailable() && onUpdate == "deploy" && s.deploy(ctx, c, ref, ev)
+	queued := c.Error == "" && c.updateAvailable() && pol.deploy && s.deploy(ctx, c, ref, ev)
 	if !queued && (c.Error != "" || c.State().Class != prev[0].State().Class || c.Remote != prev[0].Remote) {
 		evs = append(evs, ev)
 	}

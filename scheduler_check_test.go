@@ -231,9 +231,9 @@ func TestRegistryCheckDeployOnce(t *testing.T) {
 
 func TestRegistryCheckBadPolicy(t *testing.T) {
 	for label, want := range map[string]string{
-		"webhook-auto-update.check=soon":       `invalid Label=webhook-auto-update.check="soon"`,
-		"webhook-auto-update.check=10s":        `invalid Label=webhook-auto-update.check="10s"`,
-		"webhook-auto-update.on-update=deplyo": `invalid Label=webhook-auto-update.on-update="deplyo"`,
+		"webhook-auto-update.check=soon":       `webhook-auto-update.check="soon": want off`,
+		"webhook-auto-update.check=10s":        `webhook-auto-update.check="10s": want off`,
+		"webhook-auto-update.on-update=deplyo": `webhook-auto-update.on-update="deplyo": want notify or deploy`,
 	} {
 		t.Run(label, func(t *testing.T) {
 			r := newCheckRig(t, appQuadlet+"Label="+label+"\n")

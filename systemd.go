@@ -647,11 +647,12 @@ func (s *server) dispatchNext(ctx context.Context) time.Duration {
 
 // policy is when a unit's redeploys may run, from its webhook-auto-update.* labels over the
 // environment's defaults: once its tag was quiet for cooldown, a person approved, and while the
-// window (a systemd.time calendar event, open for length from each elapse) is open.
+// window (a systemd.time calendar event, open for length from each elapse) is open; and how its
+// image is checked: every check (0: WEBHOOK_CHECK_INTERVAL_SECS, < 0: never), deploying an update.
 type policy struct {
-	cooldown, length time.Duration
-	window           string
-	approve          bool
+	cooldown, length, check time.Duration
+	window                  string
+	approve, deploy         bool
 }
 
 // policyKeys are the labels' keys (after "webhook-auto-update.") and the defaults' variables.
@@ -662,7 +663,7 @@ var policyKeys = map[string]string{"cooldown": "WEBHOOK_DEFAULT_COOLDOWN", "wind
 // expression is systemd-analyze's to judge (windowOpens).
 func parsePolicy(labels, defaults map[string]string) (policy, error) {
 	var p policy
-	for _, k := range []string{"cooldown", "window-length", "approve", "window"} {
+	for _, k := range []string{"cooldown", "window-length", "approve", "window", "check", "on-update"} {
 		v, err := cmp.Or(labels["webhook-auto-update."+k], defaults[k]), error(nil)
 		switch d, derr := time.ParseDuration(v); {
 		case v == "":
@@ -672,8 +673,18 @@ func parsePolicy(labels, defaults map[string]string) (policy, error) {
 			if p.window = v; p.length <= 0 || len(v) > 256 || strings.ContainsFunc(v, unicode.IsControl) {
 				err = errors.New("want a systemd.time calendar event of at most 256 characters, with window-length set")
 			}
+		case k == "on-update":
+			if p.deploy = v == "deploy"; v != "deploy" && v != "notify" {
+				err = errors.New("want notify or deploy")
+			}
+		case k == "check" && v == "off":
+			p.check = -1
+		case k == "check" && (derr != nil || d < time.Minute):
+			err = errors.New("want off or a duration of at least 1m, such as 6h")
 		case derr != nil || d <= 0:
 			err = errors.New("want a positive duration such as 15m or 3h")
+		case k == "check":
+			p.check = d
 		case k == "cooldown":
 			p.cooldown = d
 		default:
