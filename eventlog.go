@@ -1983,14 +1983,6 @@ func (l *eventLog) saveRegistryCheck(ctx context.Context, c registryCheck, evs [
 	})
 }
 
-// digestRejected reports whether a redeploy of unit to digest failed its health gate before.
-func (l *eventLog) digestRejected(ctx context.Context, unit, digest string) (bool, error) {
-	var n int
-	err := l.db.QueryRowContext(ctx, `SELECT count(*) FROM github_deliveries WHERE unit = ? AND digest = ?
-		AND step IN ('rolled-back', 'rollback-failed', 'rollback-impossible')`, unit, digest).Scan(&n)
-	return n > 0, err
-}
-
 func statusTime(ts int64, loc *time.Location) string {
 	return time.Unix(ts, 0).In(loc).Format("2006-01-02 15:04:05 MST")
 }

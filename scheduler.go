@@ -816,7 +816,7 @@ func (s *server) runChecks(ctx context.Context) {
 	}
 }
 
-// quadletUnits are the units of the user's Quadlet .container files, where configuredImage looks.
+// quadletUnits are the units of the user's Quadlet .container files, where inspectUnit looks.
 func quadletUnits(getenv func(string) string) (units []string) {
 	files, _ := filepath.Glob(filepath.Join(cmp.Or(getenv("XDG_CONFIG_HOME"), "/nonexistent"), "containers/systemd/*.container"))
 	more, _ := filepath.Glob(filepath.Join(cmp.Or(getenv("HOME"), "/nonexistent"), ".config/containers/systemd/*.container"))
@@ -835,7 +835,7 @@ func quadletUnits(getenv func(string) string) (units []string) {
 // are the unit's policy (parsePolicy): a malformed one fails the check.
 func (s *server) checkRegistry(ctx context.Context, unit string, force bool) (c registryCheck, ok bool) {
 	now := s.now()
-	uf, err := configuredImage(ctx, s.cfg, s.getenv, unit)
+	_, uf, err := inspectUnit(ctx, s.cfg, s.getenv, unit)
 	pol, perr := parsePolicy(uf.labels, s.cfg.policyDefaults)
 	prev, rerr := readRegistryChecks(ctx, s.events.db, " WHERE unit = ?", unit)
 	if err = errors.Join(err, perr, rerr); err == nil && (uf.image == "" || pol.check < 0) {
@@ -892,7 +892,7 @@ func (s *server) checkRegistry(ctx context.Context, unit string, force bool) (c 
 // runningDigests are the digests of the image the unit's container runs (no container: the local
 // image of ref): podman's own first, then each repository digest it was pulled or pushed as.
 func runningDigests(ctx context.Context, cfg *config, unit string, ref imageRef) ([]string, error) {
-	target := cmp.Or(findUnitContainer(ctx, cfg, unit).imageID, ref.String())
+	target := cmp.Or(findUnitContainer(ctx, cfg, unit, "").imageID, ref.String())
 	res := runCommand(ctx, checkTimeout, "podman", "image", "inspect", "--format", "{{.Digest}}{{range .RepoDigests}} {{.}}{{end}}", "--", target)
 	var ds []string
 	for _, f := range strings.Fields(res.stdout) {
@@ -910,9 +910,9 @@ func runningDigests(ctx context.Context, cfg *config, unit string, ref imageRef)
 // derived from the unit and digest, so it is queued once; its row is ev's.
 func (s *server) deploy(ctx context.Context, c registryCheck, ref imageRef, ev event) bool {
 	spec := taskSpec{unit: c.Unit, image: ref.String(), event: "check", delivery: hashID("check", c.Unit, c.Remote), path: "check", digest: c.Remote}
-	rejected, err := s.events.digestRejected(ctx, c.Unit, c.Remote)
+	rejected, _, err := s.events.rejectedDigest(ctx, c.Unit, c.Remote)
 	claimed := false
-	if ev.Meta["reason"] = "rejected-before"; err == nil && !rejected {
+	if ev.Meta["reason"] = "rejected-before"; err == nil && rejected == "" {
 		ev.Status, ev.Meta["delivery"], ev.Meta["reason"] = http.StatusAccepted, spec.delivery, "queued"
 		claimed, err = s.events.claimDelivery(ctx, spec, ev)
 	}
