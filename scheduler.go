@@ -1,10 +1,8 @@
 // scheduler.go owns the triggers and a person's decisions: the scheduler loop, trigger-units,
-// trigger-all, /auto-update, /api/manual/*, approve/reject/retry (CLI and API), and the image
-// check (the server's loop and the check command). Ticks follow start + n·interval, never overlap
-// and skip the slots a long tick overran; a manual restart holds the unit's lock, so it never cuts
-// into a redeploy; HTTP commands run detached, so a client that hangs up cannot kill systemctl.
-// Caller-supplied text passes cleanText before it is printed or stored. Checks run one at a time,
-// bounded; a failed one is stored as failed, retried with backoff; an update queued is a claim.
+// trigger-all, /auto-update, /api/manual/*, approve/reject/retry (CLI and API), and the image check
+// (server loop and check command). Ticks follow start + n·interval, never overlap, skip overrun
+// slots; a manual restart holds the unit's lock; HTTP commands run detached; caller text passes
+// cleanText. Checks run one at a time, bounded; a failed one is stored, retried with backoff.
 package main
 
 import (
@@ -154,25 +152,19 @@ func (s *scheduler) run(ctx context.Context) int {
 			s.log.warnf("scheduler: iteration %d overran its interval, skipping %d missed slots", iteration, next-slot-1)
 		}
 		slot = next
-		if err := s.sleep(ctx, start.Add(time.Duration(slot)*s.interval).Sub(s.now())); err != nil {
-			s.log.infof("scheduler: stopped after %d iterations", iteration)
-			return 0
-		}
+		s.sleep(ctx, start.Add(time.Duration(slot)*s.interval).Sub(s.now())) // interrupted: ctx.Err() at the top
 	}
 }
 
+// sleepContext waits d or until ctx ends, returning ctx.Err().
 func sleepContext(ctx context.Context, d time.Duration) error {
-	if d <= 0 {
-		return ctx.Err()
-	}
 	t := time.NewTimer(d)
 	defer t.Stop()
 	select {
 	case <-ctx.Done():
-		return ctx.Err()
 	case <-t.C:
-		return nil
 	}
+	return ctx.Err()
 }
 
 // openCommandLog opens the event log for a command-line run, and returns its closer. When it
@@ -231,7 +223,6 @@ Exit status: 0 every unit triggered, 1 a unit failed, 2 usage error or nothing v
 func cmdTriggerUnits(c *cli, args []string) int {
 	return cmdTrigger(c, args, "trigger-units", usageTriggerUnits)
 }
-
 func cmdTriggerAll(c *cli, args []string) int {
 	return cmdTrigger(c, args, "trigger-all", usageTriggerAll)
 }
