@@ -634,19 +634,15 @@ func planTrigger(cfg *config, ids []string, all bool) []triggerResult {
 	if all || len(ids) == 0 {
 		ids = append(append([]string{cfg.autoUpdateUnit}, cfg.manualUnits...), ids...)
 	}
-	seen := map[string]bool{}
 	var plan []triggerResult
 	for _, id := range ids {
-		var r triggerResult
-		var key string
+		r := triggerResult{}
 		if unit, err := resolveUnit(id); err != nil {
 			r = triggerResult{Unit: cleanText(id, maxUnitNameLen), Status: triggerInvalid, Message: err.Error()}
-			key = "invalid:" + r.Unit
 		} else {
-			r.Unit, key = unit, unit
+			r.Unit = unit
 		}
-		if !seen[key] {
-			seen[key] = true
+		if !slices.ContainsFunc(plan, func(p triggerResult) bool { return p.Unit == r.Unit && p.Status == r.Status }) {
 			plan = append(plan, r)
 		}
 	}
@@ -661,23 +657,26 @@ func triggerUnits(ctx context.Context, cfg *config, ids []string, all, dryRun bo
 	auto, _ := resolveUnit(cfg.autoUpdateUnit)
 	for i := range plan {
 		r := &plan[i]
-		if r.Status == triggerInvalid {
-			continue
-		}
-		verb := "restart"
-		if r.Unit == auto {
-			verb = "start"
-		}
-		if dryRun {
-			r.Status, r.Message = triggerDryRun, "would "+verb+" "+r.Unit
-			continue
-		}
 		var res cmdResult
-		if r.Unit == auto {
-			res = startUnit(ctx, cfg, r.Unit)
-		} else if res, r.busy = restartLocked(ctx, cfg, r.Unit); r.busy {
-			r.Status, r.Message = triggerError, r.Unit+" is busy (a redeploy or another restart holds its lock): not restarted; try again once it is done"
+		switch {
+		case r.Status == triggerInvalid:
 			continue
+		case dryRun:
+			r.Status, r.Message = triggerDryRun, "would "+map[bool]string{true: "start", false: "restart"}[r.Unit == auto]+" "+r.Unit
+			continue
+		case r.Unit == auto:
+			res = startUnit(ctx, cfg, r.Unit)
+		default:
+			lock, err := lockFile(ctx, unitLockPath(cfg.stateDir, r.Unit), 0)
+			if r.busy = errors.Is(err, errLockTimeout); r.busy {
+				r.Status, r.Message = triggerError, r.Unit+" is busy (a redeploy or another restart holds its lock): not restarted; try again once it is done"
+				continue
+			} else if err != nil {
+				res = cmdResult{exitCode: -1, err: fmt.Errorf("cannot take the unit's lock: %w", err)}
+			} else {
+				res = restartUnit(ctx, cfg, r.Unit)
+				lock.Unlock()
+			}
 		}
 		r.Status, r.Message = triggerOK, res.note
 		if res.err != nil {
@@ -687,30 +686,12 @@ func triggerUnits(ctx context.Context, cfg *config, ids []string, all, dryRun bo
 	return plan
 }
 
-// restartLocked restarts unit holding its unit lock, not waiting for it: busy when another has it.
-func restartLocked(ctx context.Context, cfg *config, unit string) (res cmdResult, busy bool) {
-	lock, err := lockFile(ctx, unitLockPath(cfg.stateDir, unit), 0)
-	if errors.Is(err, errLockTimeout) {
-		return cmdResult{}, true
-	}
-	if err != nil {
-		return cmdResult{exitCode: -1, err: fmt.Errorf("cannot take the unit's lock: %w", err)}, false
-	}
-	defer lock.Unlock()
-	return restartUnit(ctx, cfg, unit), false
-}
-
 // triggerStatus is a manual trigger's HTTP status: 400 no unit valid, 207 one not triggered, 202.
 func triggerStatus(results []triggerResult) int {
-	valid, ok := false, true
-	for _, r := range results {
-		valid = valid || r.Status != triggerInvalid
-		ok = ok && r.ok()
-	}
 	switch {
-	case !valid:
+	case !slices.ContainsFunc(results, func(r triggerResult) bool { return r.Status != triggerInvalid }):
 		return http.StatusBadRequest
-	case !ok:
+	case slices.ContainsFunc(results, func(r triggerResult) bool { return !r.ok() }):
 		return http.StatusMultiStatus
 	}
 	return http.StatusAccepted
@@ -719,20 +700,16 @@ func triggerStatus(results []triggerResult) int {
 // cleanText makes a caller-supplied string safe to print and store: invalid UTF-8 replaced,
 // control characters (newlines, escapes) dropped, surrounding space trimmed, at most max runes.
 func cleanText(s string, max int) string {
-	s = strings.ToValidUTF8(s, "\uFFFD")
-	var b strings.Builder
-	n := 0
-	for _, r := range s {
+	s = strings.Map(func(r rune) rune {
 		if unicode.IsControl(r) || r == '\u2028' || r == '\u2029' {
-			continue
+			return -1
 		}
-		if n == max {
-			break
-		}
-		b.WriteRune(r)
-		n++
+		return r
+	}, strings.ToValidUTF8(s, "\uFFFD"))
+	if rs := []rune(s); len(rs) > max {
+		s = string(rs[:max])
 	}
-	return strings.TrimSpace(b.String())
+	return strings.TrimSpace(s)
 }
 
 // The image check: each unit of a Quadlet .container file with an Image= is asked of its registry
