@@ -327,10 +327,6 @@ func cmdDecide(c *cli, args []string, decision string) int {
 	return 1
 }
 
-func extendWriteDeadline(w http.ResponseWriter, d time.Duration) {
-	http.NewResponseController(w).SetWriteDeadline(time.Now().Add(d))
-}
-
 // manualTextMax caps a manual trigger's caller and reason, manualUnitsMax the units it names.
 const (
 	manualTextMax  = 200
@@ -441,7 +437,7 @@ func (s *server) handleAutoUpdate(w http.ResponseWriter, r *http.Request) {
 		reply(w, r, http.StatusTooManyRequests, "rate-limited", "too many requests")
 		return
 	}
-	extendWriteDeadline(w, s.cfg.commandTimeout+10*time.Second)
+	http.NewResponseController(w).SetWriteDeadline(time.Now().Add(s.cfg.commandTimeout + 10*time.Second))
 	res := startUnit(context.WithoutCancel(r.Context()), s.cfg, unit)
 	if res.note != "" {
 		ri.meta["note"] = res.note
@@ -455,42 +451,52 @@ func (s *server) handleAutoUpdate(w http.ResponseWriter, r *http.Request) {
 	reply(w, r, http.StatusAccepted, "started", "auto-update triggered")
 }
 
+// manualEcho is what a manual trigger's body says of itself, answered back cleaned.
+type manualEcho struct {
+	DryRun bool   `json:"dry_run"`
+	Caller string `json:"caller"`
+	Reason string `json:"reason"`
+}
+
+// manualBegin checks a manual request (manualRequest) and, when it passed, cleans e's caller (a
+// proxy's user wins) and reason, and puts them in the request's row. false: it has answered.
+func (s *server) manualBegin(w http.ResponseWriter, r *http.Request, action string, req any, token *string, e *manualEcho) bool {
+	ri := info(r)
+	ri.action = action
+	user, ok := s.manualRequest(w, r, req, token)
+	if ok {
+		e.Caller, e.Reason = cmp.Or(user, cleanText(e.Caller, manualTextMax)), cleanText(e.Reason, manualTextMax)
+		ri.meta["caller"], ri.meta["reason"], ri.meta["dry_run"] = e.Caller, e.Reason, e.DryRun
+	}
+	return ok
+}
+
 // manualTriggerRequest is the body of POST /api/manual/trigger.
 type manualTriggerRequest struct {
-	Token  string   `json:"token"`
-	All    bool     `json:"all"`
-	Units  []string `json:"units"`
-	DryRun bool     `json:"dry_run"`
-	Caller string   `json:"caller"`
-	Reason string   `json:"reason"`
+	Token string   `json:"token"`
+	All   bool     `json:"all"`
+	Units []string `json:"units"`
+	manualEcho
 }
 
 type manualTriggerResponse struct {
 	Triggered []triggerResult `json:"triggered"`
-	DryRun    bool            `json:"dry_run"`
-	Caller    string          `json:"caller"`
-	Reason    string          `json:"reason"`
+	manualEcho
 }
 
 // handleManualTrigger runs triggerUnits for the request and answers with triggerStatus.
 func (s *server) handleManualTrigger(w http.ResponseWriter, r *http.Request) {
-	ri := info(r)
-	ri.action = "manual-trigger"
 	var req manualTriggerRequest
-	user, ok := s.manualRequest(w, r, &req, &req.Token)
-	if !ok {
+	if !s.manualBegin(w, r, "manual-trigger", &req, &req.Token, &req.manualEcho) {
 		return
 	}
 	if len(req.Units) > manualUnitsMax {
 		manualError(w, r, http.StatusBadRequest, "too-many-units", fmt.Sprintf("at most %d units per request", manualUnitsMax))
 		return
 	}
-	resp := manualTriggerResponse{DryRun: req.DryRun,
-		Caller: cmp.Or(user, cleanText(req.Caller, manualTextMax)), Reason: cleanText(req.Reason, manualTextMax)}
-	ri.meta["caller"], ri.meta["reason"], ri.meta["dry_run"] = resp.Caller, resp.Reason, resp.DryRun
-	extendWriteDeadline(w, time.Duration(len(req.Units)+len(s.cfg.manualUnits)+1)*s.cfg.commandTimeout+10*time.Second)
-	resp.Triggered = triggerUnits(context.WithoutCancel(r.Context()), s.cfg, req.Units, req.All, req.DryRun)
-	ri.meta["units"] = resp.Triggered
+	http.NewResponseController(w).SetWriteDeadline(time.Now().Add(time.Duration(len(req.Units)+len(s.cfg.manualUnits)+1)*s.cfg.commandTimeout + 10*time.Second))
+	resp := manualTriggerResponse{triggerUnits(context.WithoutCancel(r.Context()), s.cfg, req.Units, req.All, req.DryRun), req.manualEcho}
+	info(r).meta["units"] = resp.Triggered
 	for _, t := range resp.Triggered {
 		if !t.ok() {
 			s.log.warnf("manual trigger of %s by %q: %s: %s", t.Unit, resp.Caller, t.Status, t.Message)
@@ -501,12 +507,10 @@ func (s *server) handleManualTrigger(w http.ResponseWriter, r *http.Request) {
 
 // manualServiceRequest is the body of POST /api/manual/services/<name>.
 type manualServiceRequest struct {
-	Token  string `json:"token"`
-	Image  string `json:"image"`
-	DryRun bool   `json:"dry_run"`
-	Caller string `json:"caller"`
-	Reason string `json:"reason"`
-	Force  bool   `json:"force"`
+	Token string `json:"token"`
+	Image string `json:"image"`
+	Force bool   `json:"force"`
+	manualEcho
 }
 
 type manualServiceResponse struct {
@@ -516,32 +520,27 @@ type manualServiceResponse struct {
 	Message  string   `json:"message"`
 	TaskUnit string   `json:"task_unit,omitempty"`
 	Plan     []string `json:"plan,omitempty"` // dry run with an image: what the redeploy would do
-	DryRun   bool     `json:"dry_run"`
-	Caller   string   `json:"caller"`
-	Reason   string   `json:"reason"`
+	manualEcho
 }
 
 // handleManualService redeploys one service: with an image by the run-task a GitHub delivery
 // gets, answering once it started; without one by a restart, answering when systemctl is done.
 func (s *server) handleManualService(w http.ResponseWriter, r *http.Request) {
-	ri := info(r)
-	ri.action = "manual-service"
 	var req manualServiceRequest
-	user, ok := s.manualRequest(w, r, &req, &req.Token)
-	if !ok {
+	if !s.manualBegin(w, r, "manual-service", &req, &req.Token, &req.manualEcho) {
 		return
 	}
+	ri := info(r)
 	unit, err := resolveUnit(r.PathValue("name"))
 	if err != nil {
 		manualError(w, r, http.StatusBadRequest, "invalid-unit", err.Error())
 		return
 	}
-	resp := manualServiceResponse{Unit: unit, DryRun: req.DryRun,
-		Caller: cmp.Or(user, cleanText(req.Caller, manualTextMax)), Reason: cleanText(req.Reason, manualTextMax)}
-	ri.meta["unit"], ri.meta["caller"], ri.meta["reason"], ri.meta["dry_run"] = unit, resp.Caller, resp.Reason, resp.DryRun
+	resp := manualServiceResponse{Unit: unit, manualEcho: req.manualEcho}
+	ri.meta["unit"] = unit
+	var ref imageRef
 	if req.Image != "" {
-		ref, err := parseImageRef(strings.TrimSpace(req.Image))
-		if err != nil {
+		if ref, err = parseImageRef(strings.TrimSpace(req.Image)); err != nil {
 			manualError(w, r, http.StatusBadRequest, "invalid-image", err.Error())
 			return
 		}
@@ -551,7 +550,6 @@ func (s *server) handleManualService(w http.ResponseWriter, r *http.Request) {
 	status := http.StatusAccepted
 	switch {
 	case req.DryRun && resp.Image != "":
-		ref, _ := parseImageRef(resp.Image)
 		ctx, cancel := context.WithTimeout(r.Context(), dispatchTimeout)
 		resp.Plan = planRedeploy(ctx, s.cfg, s.getenv, unit, ref, req.Force)
 		cancel()
@@ -569,15 +567,12 @@ func (s *server) handleManualService(w http.ResponseWriter, r *http.Request) {
 		}
 		resp.Status, resp.Message = "queued", "redeploy queued as "+resp.TaskUnit
 	default:
-		extendWriteDeadline(w, s.cfg.commandTimeout+10*time.Second)
+		http.NewResponseController(w).SetWriteDeadline(time.Now().Add(s.cfg.commandTimeout + 10*time.Second))
 		t := triggerUnits(context.WithoutCancel(r.Context()), s.cfg, []string{unit}, false, req.DryRun)[0]
 		resp.Status, resp.Message = t.Status, t.Message
 		if !t.ok() {
 			s.log.warnf("manual restart of %s by %q: %s: %s", unit, resp.Caller, t.Status, t.Message)
-			status = http.StatusInternalServerError
-			if t.busy {
-				status = http.StatusConflict
-			}
+			status = map[bool]int{true: http.StatusConflict, false: http.StatusInternalServerError}[t.busy]
 		}
 	}
 	ri.meta["status"] = resp.Status
