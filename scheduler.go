@@ -167,8 +167,7 @@ func sleepContext(ctx context.Context, d time.Duration) error {
 	return ctx.Err()
 }
 
-// openCommandLog opens the event log for a command-line run, and returns its closer. When it
-// cannot be opened the command still does its work and its rows go to stderr (events is nil).
+// openCommandLog opens a command's event log and its closer; none (nil): rows go to stderr.
 func openCommandLog(c *cli, cfg *config) (events *eventLog, closeLog func()) {
 	err := ensureStateDir(cfg.stateDir)
 	if err == nil {
@@ -333,9 +332,8 @@ const (
 	manualUnitsMax = 256
 )
 
-// manualRequest reads a body into v and checks the manual token, from a Bearer header (refused
-// before the body is read) or else the body's token, which it clears; or takes a trusted proxy's
-// user (forwardedUser), returned as the caller. false: it has answered.
+// manualRequest reads a body into v and checks the manual token (Bearer first, else the body's,
+// cleared) or takes a trusted proxy's user, returned as the caller. false: it has answered.
 func (s *server) manualRequest(w http.ResponseWriter, r *http.Request, v any, bodyToken *string) (user string, ok bool) {
 	user, refused := s.forwardedUser(r)
 	if s.cfg.manualToken == "" && user == "" {
@@ -374,8 +372,7 @@ func (s *server) handleDecision(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-// decide records a person's decision on a delivery (decideClaim) in the request's row, and wakes
-// the dispatcher; it answers the status and a sentence for the person.
+// decide records a person's decision on a delivery in the request's row and wakes the dispatcher.
 func (s *server) decide(r *http.Request, id, decision, caller, reason string) (int, string) {
 	ri := info(r)
 	if !reDeliveryID.MatchString(id) || !slices.Contains([]string{"approve", "reject", "retry"}, decision) {
@@ -458,8 +455,7 @@ type manualEcho struct {
 	Reason string `json:"reason"`
 }
 
-// manualBegin checks a manual request (manualRequest) and, when it passed, cleans e's caller (a
-// proxy's user wins) and reason, and puts them in the request's row. false: it has answered.
+// manualBegin is manualRequest, then e's caller (a proxy's user wins) and reason cleaned into the row.
 func (s *server) manualBegin(w http.ResponseWriter, r *http.Request, action string, req any, token *string, e *manualEcho) bool {
 	ri := info(r)
 	ri.action = action
@@ -523,8 +519,7 @@ type manualServiceResponse struct {
 	manualEcho
 }
 
-// handleManualService redeploys one service: with an image by the run-task a GitHub delivery
-// gets, answering once it started; without one by a restart, answering when systemctl is done.
+// handleManualService redeploys one service: with an image by a run-task, else by a restart.
 func (s *server) handleManualService(w http.ResponseWriter, r *http.Request) {
 	var req manualServiceRequest
 	if !s.manualBegin(w, r, "manual-service", &req, &req.Token, &req.manualEcho) {
@@ -579,8 +574,7 @@ func (s *server) handleManualService(w http.ResponseWriter, r *http.Request) {
 	replyJSON(w, status, resp)
 }
 
-// startManual dispatches a redeploy a person asked for at once, as a claim of its own: the queue
-// holds the unit's later claims behind it, and the status page shows it.
+// startManual dispatches a person's redeploy at once as a claim of its own, so the queue sees it.
 func (s *server) startManual(ctx context.Context, spec taskSpec) cmdResult {
 	ctx = context.WithoutCancel(ctx)
 	if err := s.events.claimDispatching(ctx, spec); err != nil {
@@ -623,8 +617,7 @@ func failStatus(res cmdResult) string {
 	return triggerError
 }
 
-// planTrigger resolves ids in order, after the auto-update unit and WEBHOOK_MANUAL_UNITS with all
-// or no ids. A unit named twice, in any spelling, appears once; an invalid id is never run.
+// planTrigger resolves ids (after the auto-update unit and WEBHOOK_MANUAL_UNITS with all or none), each once.
 func planTrigger(cfg *config, ids []string, all bool) []triggerResult {
 	if all || len(ids) == 0 {
 		ids = append(append([]string{cfg.autoUpdateUnit}, cfg.manualUnits...), ids...)
@@ -644,9 +637,8 @@ func planTrigger(cfg *config, ids []string, all bool) []triggerResult {
 	return plan
 }
 
-// triggerUnits runs planTrigger's units in turn: the auto-update oneshot is started, never cut
-// short; others are restarted under the unit lock run-task holds, since a restart amid a redeploy
-// could fail its health gate and roll a good image back, so a unit whose lock is held is busy.
+// triggerUnits starts the auto-update oneshot and restarts the others under their unit lock (a
+// restart amid a redeploy could fail its gate and roll a good image back): a held lock is busy.
 func triggerUnits(ctx context.Context, cfg *config, ids []string, all, dryRun bool) []triggerResult {
 	plan := planTrigger(cfg, ids, all)
 	auto, _ := resolveUnit(cfg.autoUpdateUnit)
@@ -692,8 +684,7 @@ func triggerStatus(results []triggerResult) int {
 	return http.StatusAccepted
 }
 
-// cleanText makes a caller-supplied string safe to print and store: invalid UTF-8 replaced,
-// control characters (newlines, escapes) dropped, surrounding space trimmed, at most max runes.
+// cleanText makes caller text safe to print and store: valid UTF-8, no controls, trimmed, <= max runes.
 func cleanText(s string, max int) string {
 	s = strings.Map(func(r rune) rune {
 		if unicode.IsControl(r) || r == '\u2028' || r == '\u2029' {
@@ -707,12 +698,12 @@ func cleanText(s string, max int) string {
 	return strings.TrimSpace(s)
 }
 
-// The image check: each unit of a Quadlet .container file with an Image= is asked of its registry
-// (skopeo) and its container (podman), one unit at a time, each when it is due.
+// The image check: a call's timeout, the server's first round, and a failed check's first retry
+// (each next waits twice as long, up to the interval).
 const (
-	checkTimeout    = time.Minute      // one skopeo or podman call
-	checkFirstAfter = 10 * time.Second // the server's first round after its start
-	checkRetryMin   = time.Minute      // the first retry of a failed check; each next one waits twice as long, up to the interval
+	checkTimeout    = time.Minute
+	checkFirstAfter = 10 * time.Second
+	checkRetryMin   = time.Minute
 )
 
 const usageCheck = `usage: webhook-auto-update check [--state-dir DIR] [--db URL] [UNIT...]
@@ -792,10 +783,8 @@ func quadletUnits(getenv func(string) string) (units []string) {
 	return slices.Compact(units)
 }
 
-// checkRegistry compares the digest the registry's tag points to with those of the image the unit
-// runs, unless the unit is not due (force: now), and stores the result; with on-update=deploy an
-// update is queued. ok is false when there is nothing to check: no Image=, or check=off. The labels
-// are the unit's policy (parsePolicy): a malformed one fails the check.
+// checkRegistry compares the registry's digest of the unit's Image= with the running one when due
+// (or forced), stores it, and queues an update with on-update=deploy. !ok: no Image= or check=off.
 func (s *server) checkRegistry(ctx context.Context, unit string, force bool) (c registryCheck, ok bool) {
 	now := s.now()
 	_, uf, err := inspectUnit(ctx, s.cfg, s.getenv, unit)
@@ -852,8 +841,7 @@ func (s *server) checkRegistry(ctx context.Context, unit string, force bool) (c 
 	return c, true
 }
 
-// runningDigests are the digests of the image the unit's container runs (no container: the local
-// image of ref): podman's own first, then each repository digest it was pulled or pushed as.
+// runningDigests are podman's digests of the unit's container image (or ref's), its own first.
 func runningDigests(ctx context.Context, cfg *config, unit string, ref imageRef) ([]string, error) {
 	target := cmp.Or(findUnitContainer(ctx, cfg, unit, "").imageID, ref.String())
 	res := runCommand(ctx, checkTimeout, "podman", "image", "inspect", "--format", "{{.Digest}}{{range .RepoDigests}} {{.}}{{end}}", "--", target)
@@ -869,8 +857,7 @@ func runningDigests(ctx context.Context, cfg *config, unit string, ref imageRef)
 	return ds, res.err
 }
 
-// deploy queues c's digest as a claim, unless the gate rejected it before: source "check", its id
-// derived from the unit and digest, so it is queued once; its row is ev's.
+// deploy queues c's digest as a claim (id from unit and digest: once) unless the gate rejected it.
 func (s *server) deploy(ctx context.Context, c registryCheck, ref imageRef, ev event) bool {
 	spec := taskSpec{unit: c.Unit, image: ref.String(), event: "check", delivery: hashID("check", c.Unit, c.Remote), path: "check", digest: c.Remote}
 	rejected, _, err := s.events.rejectedDigest(ctx, c.Unit, c.Remote)
