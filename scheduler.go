@@ -83,10 +83,7 @@ func cmdScheduler(c *cli, args []string) int {
 			}
 		},
 	}
-	bound := "until stopped"
-	if maxTicks > 0 {
-		bound = fmt.Sprintf("for %d iterations", maxTicks)
-	}
+	bound := map[bool]string{true: "until stopped", false: fmt.Sprintf("for %d iterations", maxTicks)}[maxTicks <= 0]
 	c.log.infof("scheduler: starting %s every %s, %s", unit, interval, bound)
 	return s.run(ctx)
 }
@@ -803,16 +800,7 @@ func (s *server) checkRegistry(ctx context.Context, unit string, force bool) (c 
 	var running []string
 	var seen *notice // an update first seen
 	if err == nil {
-		ref, err = parseImageRef(withDefaultTag(uf.image))
-	}
-	if err == nil {
-		res := runCommand(ctx, checkTimeout, "skopeo", "inspect", "--no-tags", "--format", "{{.Digest}}", "--", "docker://"+ref.String())
-		if remote, err = strings.TrimSpace(res.stdout), res.err; err == nil && !reDigest.MatchString(remote) {
-			err = fmt.Errorf("skopeo inspect printed %q, not a digest", cleanText(remote, 100))
-		}
-	}
-	if err == nil {
-		running, err = runningDigests(ctx, s.cfg, unit, ref)
+		ref, remote, running, err = imageDigests(ctx, s.cfg, unit, uf.image)
 	}
 	if c.NextTry = now.Add(every).Unix(); err != nil {
 		wait := checkRetryMin
@@ -841,20 +829,30 @@ func (s *server) checkRegistry(ctx context.Context, unit string, force bool) (c 
 	return c, true
 }
 
-// runningDigests are podman's digests of the unit's container image (or ref's), its own first.
-func runningDigests(ctx context.Context, cfg *config, unit string, ref imageRef) ([]string, error) {
+// imageDigests are the digest image's tag points to in its registry (skopeo) and podman's digests
+// of the image the unit's container runs (no container: ref's), podman's own first.
+func imageDigests(ctx context.Context, cfg *config, unit, image string) (ref imageRef, remote string, running []string, err error) {
+	if ref, err = parseImageRef(withDefaultTag(image)); err != nil {
+		return ref, "", nil, err
+	}
+	res := runCommand(ctx, checkTimeout, "skopeo", "inspect", "--no-tags", "--format", "{{.Digest}}", "--", "docker://"+ref.String())
+	if remote = validDigest(strings.TrimSpace(res.stdout)); res.err == nil && remote == "" {
+		res.err = fmt.Errorf("skopeo inspect printed %q, not a digest", cleanText(strings.TrimSpace(res.stdout), 100))
+	}
+	if res.err != nil {
+		return ref, "", nil, res.err
+	}
 	target := cmp.Or(findUnitContainer(ctx, cfg, unit, "").imageID, ref.String())
-	res := runCommand(ctx, checkTimeout, "podman", "image", "inspect", "--format", "{{.Digest}}{{range .RepoDigests}} {{.}}{{end}}", "--", target)
-	var ds []string
+	res = runCommand(ctx, checkTimeout, "podman", "image", "inspect", "--format", "{{.Digest}}{{range .RepoDigests}} {{.}}{{end}}", "--", target)
 	for _, f := range strings.Fields(res.stdout) {
-		if d := f[strings.LastIndex(f, "@")+1:]; reDigest.MatchString(d) {
-			ds = append(ds, d)
+		if d := validDigest(f[strings.LastIndex(f, "@")+1:]); d != "" {
+			running = append(running, d)
 		}
 	}
-	if res.err == nil && len(ds) == 0 {
+	if res.err == nil && len(running) == 0 {
 		res.err = fmt.Errorf("podman knows no digest of the image %s runs (%s)", unit, target)
 	}
-	return ds, res.err
+	return ref, remote, running, res.err
 }
 
 // deploy queues c's digest as a claim (id from unit and digest: once) unless the gate rejected it.
