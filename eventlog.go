@@ -146,12 +146,9 @@ func databasePath(dbURL, stateDir string) (string, error) {
 	bad := func(why string) (string, error) {
 		return "", fmt.Errorf("invalid WEBHOOK_DB_URL=%q (or --db): %s; want sqlite://PATH or a bare PATH", dbURL, why)
 	}
-	switch {
-	case strings.HasPrefix(p, "sqlite://"):
-		p = strings.TrimPrefix(p, "sqlite://")
-	case strings.HasPrefix(p, "sqlite:"):
-		p = strings.TrimPrefix(p, "sqlite:")
-	case reURLScheme.MatchString(p):
+	if rest, ok := strings.CutPrefix(p, "sqlite:"); ok {
+		p = strings.TrimPrefix(rest, "//")
+	} else if reURLScheme.MatchString(p) {
 		return bad("only SQLite is supported, not " + reURLScheme.FindString(p) + " (a path with a colon must be written sqlite://PATH)")
 	}
 	if path, query, ok := strings.Cut(p, "?"); ok {
@@ -298,10 +295,14 @@ func applyMigration(ctx context.Context, db *sql.DB, m migration, latest int) er
 	return tx.Commit()
 }
 
-// schemaVersion is the newest applied migration, read through a *sql.DB or a *sql.Tx.
-func schemaVersion(ctx context.Context, q interface {
+// querier is a *sql.DB or a *sql.Tx.
+type querier interface {
+	QueryContext(context.Context, string, ...any) (*sql.Rows, error)
 	QueryRowContext(context.Context, string, ...any) *sql.Row
-}) (int, error) {
+}
+
+// schemaVersion is the newest applied migration.
+func schemaVersion(ctx context.Context, q querier) (int, error) {
 	var v sql.NullInt64
 	err := q.QueryRowContext(ctx, `SELECT max(version) FROM schema_migrations`).Scan(&v)
 	return int(v.Int64), err
@@ -447,7 +448,13 @@ func (l *eventLog) inTurn(ctx context.Context, record bool, fn func(tx *sql.Tx) 
 		return fmt.Errorf("waiting for the database: %w", context.Cause(ctx))
 	}
 	defer func() { <-l.writing }()
-	err := l.writeTx(ctx, fn)
+	tx, err := l.db.BeginTx(ctx, nil)
+	if err == nil {
+		defer tx.Rollback()
+		if err = fn(tx); err == nil {
+			err = tx.Commit()
+		}
+	}
 	switch {
 	case record && err != nil:
 		l.lastWriteErr.Store(err.Error())
@@ -456,18 +463,6 @@ func (l *eventLog) inTurn(ctx context.Context, record bool, fn func(tx *sql.Tx) 
 		l.lastWriteOK.Store(time.Now().UnixNano())
 	}
 	return err
-}
-
-func (l *eventLog) writeTx(ctx context.Context, fn func(tx *sql.Tx) error) error {
-	tx, err := l.db.BeginTx(ctx, nil)
-	if err != nil {
-		return err
-	}
-	defer tx.Rollback()
-	if err := fn(tx); err != nil {
-		return err
-	}
-	return tx.Commit()
 }
 
 // commitGap is how long the writer lets a small batch of rows fill when the previous commit
@@ -740,20 +735,8 @@ func (l *eventLog) holdClaims(ctx context.Context, tx *sql.Tx, qt queuedTask, h 
 // updateClaims sets set on the claims where says, returning their delivery ids; args hold set's
 // values, then updated_at, then where's.
 func updateClaims(ctx context.Context, tx *sql.Tx, set, where string, args []any) ([]string, error) {
-	rows, err := tx.QueryContext(ctx, `UPDATE github_deliveries SET `+set+`, updated_at = ? WHERE `+where+` RETURNING delivery_id`, args...)
-	if err != nil {
-		return nil, err
-	}
-	defer rows.Close()
-	var ids []string
-	for rows.Next() {
-		var id string
-		if err := rows.Scan(&id); err != nil {
-			return nil, err
-		}
-		ids = append(ids, id)
-	}
-	return ids, rows.Err()
+	return collect(ctx, tx, `UPDATE github_deliveries SET `+set+`, updated_at = ? WHERE `+where+` RETURNING delivery_id`, args,
+		func(id *string) []any { return []any{id} })
 }
 
 // decideClaim records a person's decision on delivery id, ev being its row (copied for each claim it
@@ -790,31 +773,27 @@ func (l *eventLog) decideClaim(ctx context.Context, id, decision string, ev even
 
 // takeClaims marks qt's pending claims of its unit and image dispatching and fills covered.
 func takeClaims(ctx context.Context, tx *sql.Tx, qt *queuedTask, now time.Time) error {
-	taken, err := tx.QueryContext(ctx, `UPDATE github_deliveries
+	type taken struct {
+		id, digest string
+		at         int64
+	}
+	cs, err := collect(ctx, tx, `UPDATE github_deliveries
 		SET status = 'dispatching', covered_by = ?, task_unit = ?, updated_at = ?, step = ''
 		WHERE status = 'pending' AND unit = ? AND image = ? RETURNING delivery_id, digest, claimed_at`,
-		qt.delivery, taskUnitName(qt.delivery), now.Unix(), qt.unit, qt.image)
-	if err != nil {
-		return err
-	}
-	defer taken.Close()
+		[]any{qt.delivery, taskUnitName(qt.delivery), now.Unix(), qt.unit, qt.image},
+		func(c *taken) []any { return []any{&c.id, &c.digest, &c.at} })
 	var newest int64 = -1
-	for taken.Next() {
-		var id, digest string
-		var at int64
-		if err := taken.Scan(&id, &digest, &at); err != nil {
-			return err
-		}
-		if id == qt.delivery {
-			qt.covered = append([]string{id}, qt.covered...)
+	for _, c := range cs {
+		if c.id == qt.delivery {
+			qt.covered = append([]string{c.id}, qt.covered...)
 		} else {
-			qt.covered = append(qt.covered, id)
+			qt.covered = append(qt.covered, c.id)
 		}
-		if at > newest && digest != "" {
-			qt.digest, newest = digest, at
+		if c.at > newest && c.digest != "" {
+			qt.digest, newest = c.digest, c.at
 		}
 	}
-	if err := taken.Err(); err != nil || (len(qt.covered) > 0 && qt.covered[0] == qt.delivery) {
+	if err != nil || (len(qt.covered) > 0 && qt.covered[0] == qt.delivery) {
 		return err
 	}
 	return fmt.Errorf("claim %s is no longer pending", qt.delivery)
@@ -919,7 +898,7 @@ func queueStats(ctx context.Context, db *sql.DB) (pending int, oldest time.Time,
 }
 
 // collect reads a query's rows into Ts, each scanned into the fields dest names.
-func collect[T any](ctx context.Context, db *sql.DB, query string, args []any, dest func(*T) []any) ([]T, error) {
+func collect[T any](ctx context.Context, db querier, query string, args []any, dest func(*T) []any) ([]T, error) {
 	var out []T
 	err := scan(ctx, db, query, args, func(rows *sql.Rows) error {
 		var v T
@@ -930,7 +909,7 @@ func collect[T any](ctx context.Context, db *sql.DB, query string, args []any, d
 	return out, err
 }
 
-func scan(ctx context.Context, db *sql.DB, query string, args []any, each func(*sql.Rows) error) error {
+func scan(ctx context.Context, db querier, query string, args []any, each func(*sql.Rows) error) error {
 	rows, err := db.QueryContext(ctx, query, args...)
 	if err != nil {
 		return err
@@ -980,10 +959,7 @@ func claimOutcome(status claimStatus, step string) outcome {
 }
 
 func requestOutcome(status int, reason string) outcome {
-	if status >= 400 {
-		return outcome{"failed", strings.ReplaceAll(reason, "-", " ")}
-	}
-	return outcome{"ignored", strings.ReplaceAll(reason, "-", " ")}
+	return outcome{map[bool]string{true: "failed", false: "ignored"}[status >= 400], strings.ReplaceAll(reason, "-", " ")}
 }
 
 func stepLabel(step string) string {
@@ -1056,7 +1032,8 @@ type storedEvent struct {
 
 const eventColumnsSQL = `SELECT id, request_id, ts, method, coalesce(path, ''), status, action, duration_ms, meta FROM event_log`
 
-func eventsSQL(f eventFilter) (string, []any) {
+// queryEvents returns matching rows, newest first (oldest first with afterID).
+func queryEvents(ctx context.Context, db *sql.DB, f eventFilter) ([]storedEvent, error) {
 	var where []string
 	var args []any
 	add := func(on bool, cond string, v any) {
@@ -1071,23 +1048,14 @@ func eventsSQL(f eventFilter) (string, []any) {
 	add(f.status != 0, "status = ?", f.status)
 	add(f.beforeID > 0, "id < ?", f.beforeID)
 	add(f.afterID != 0, "id > ?", max(f.afterID, 0))
-	q, order := eventColumnsSQL, " DESC"
+	q := eventColumnsSQL
 	if len(where) > 0 {
 		q += " WHERE " + strings.Join(where, " AND ")
 	}
-	if f.afterID != 0 {
-		order = " ASC"
-	}
-	q += " ORDER BY id" + order
+	q += " ORDER BY id" + map[bool]string{true: " ASC", false: " DESC"}[f.afterID != 0]
 	if f.limit > 0 {
 		q += " LIMIT " + strconv.Itoa(f.limit)
 	}
-	return q, args
-}
-
-// queryEvents returns matching rows, newest first (oldest first with afterID).
-func queryEvents(ctx context.Context, db *sql.DB, f eventFilter) ([]storedEvent, error) {
-	q, args := eventsSQL(f)
 	return readEvents(ctx, db, q, args...)
 }
 
