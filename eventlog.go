@@ -58,8 +58,7 @@ import (
 //go:embed migrations/*.sql
 var migrationFiles embed.FS
 
-// busyTimeout is how long a writer waits for another process's lock; run-task waits longer
-// (taskBusyTimeout), since nobody waits for its rows and SQLite's busy handler keeps no queue.
+// busyTimeout is how long a writer waits for another process's lock; run-task, whose rows nobody waits for, waits longer.
 const (
 	busyTimeout     = 10 * time.Second
 	taskBusyTimeout = 2 * time.Minute
@@ -73,8 +72,7 @@ type event struct {
 	Meta                            map[string]any
 }
 
-// eventLog is the open database and its writer. writing admits one of this process's write
-// transactions at a time, so they queue in order instead of polling in SQLite's busy handler.
+// eventLog is the open database and its writer; writing admits one of this process's write transactions at a time.
 type eventLog struct {
 	db            *sql.DB
 	reader        *sql.DB // query_only, for /metrics, /health, /api and the page: never the writer's connections
@@ -129,8 +127,7 @@ func (l *eventLog) lastWriteFailed() error {
 	return fmt.Errorf("the newest write to the database failed: %s", msg)
 }
 
-// probe commits a write that changes nothing but needs the lock and a page, as a row does; a
-// failed probe is /health's answer, not a failed write of the log's.
+// probe commits a no-op write that needs the lock and a page, as a row does: /health's answer, not a failed write.
 func (l *eventLog) probe(ctx context.Context) error {
 	return l.inTurn(ctx, false, func(tx *sql.Tx) error {
 		_, err := tx.ExecContext(ctx, `UPDATE schema_migrations SET applied_at = applied_at
@@ -139,8 +136,7 @@ func (l *eventLog) probe(ctx context.Context) error {
 	})
 }
 
-// databasePath turns WEBHOOK_DB_URL (a path, sqlite://PATH or sqlite:PATH; no query but mode=rwc)
-// into a file path; anything else is an error: opening another database is worse than not starting.
+// databasePath turns WEBHOOK_DB_URL (PATH, sqlite://PATH or sqlite:PATH, no query but mode=rwc) into a path, else errs.
 func databasePath(dbURL, stateDir string) (string, error) {
 	p := strings.TrimSpace(dbURL)
 	bad := func(why string) (string, error) {
@@ -185,9 +181,8 @@ func openEventLogWaiting(path string, lg *logger, wait time.Duration) (*eventLog
 		return nil, fmt.Errorf("cannot open database %s: %w%s", path, err, hint)
 	}
 	f.Close()
-	dsn := "file:" + path + "?_pragma=busy_timeout(" + strconv.Itoa(int(wait/time.Millisecond)) + ")" +
-		"&_pragma=journal_mode(WAL)&_pragma=synchronous(NORMAL)&_txlock=immediate"
-	db, err := sql.Open("sqlite", dsn)
+	dsn := "file:" + path + "?_pragma=busy_timeout(" + strconv.Itoa(int(wait/time.Millisecond)) + ")"
+	db, err := sql.Open("sqlite", dsn+"&_pragma=journal_mode(WAL)&_pragma=synchronous(NORMAL)&_txlock=immediate")
 	if err != nil {
 		return nil, fmt.Errorf("cannot open database %s: %w", path, err)
 	}
@@ -203,7 +198,7 @@ func openEventLogWaiting(path string, lg *logger, wait time.Duration) (*eventLog
 		return nil, fmt.Errorf("database %s: %w", path, err)
 	}
 	// Only an unknown driver fails sql.Open, and the writer's just succeeded.
-	reader, _ := sql.Open("sqlite", "file:"+path+"?_pragma=busy_timeout("+strconv.Itoa(int(wait/time.Millisecond))+")&_pragma=query_only(1)")
+	reader, _ := sql.Open("sqlite", dsn+"&_pragma=query_only(1)")
 	reader.SetMaxOpenConns(2)
 	l := &eventLog{db: db, reader: reader, path: path, log: lg, queue: make(chan queued, 4096), done: make(chan struct{}),
 		writing: make(chan struct{}, 1), file: id}
@@ -245,8 +240,7 @@ func loadMigrations() ([]migration, error) {
 	return ms, nil
 }
 
-// migrate applies the migrations the database lacks. An up-to-date database takes no lock, since
-// every run-task and command opens it.
+// migrate applies the migrations the database lacks; an up-to-date one takes no lock (every run-task opens it).
 func migrate(ctx context.Context, db *sql.DB) error {
 	ms, err := loadMigrations()
 	if err != nil {
@@ -308,8 +302,7 @@ func schemaVersion(ctx context.Context, q querier) (int, error) {
 	return int(v.Int64), err
 }
 
-// queued is a row for the writer; a claim also carries the delivery to claim (the row is written
-// only when the claim succeeds) and where to report.
+// queued is a row for the writer; a claim's row is written only when the claim succeeds, reported on result.
 type queued struct {
 	event
 	claim  *taskSpec
@@ -328,8 +321,7 @@ func (l *eventLog) Record(ev event) {
 	}
 }
 
-// enqueue hands q to the writer: at once when the queue has room, else waiting until ctx ends or,
-// when wait is set, for wait (a timer only a queue the writer cannot empty pays for).
+// enqueue hands q to the writer, waiting when the queue is full until ctx ends or, when set, for wait.
 func (l *eventLog) enqueue(ctx context.Context, q queued, wait time.Duration) error {
 	l.mu.RLock()
 	defer l.mu.RUnlock()
@@ -380,8 +372,7 @@ func (l *eventLog) Close() error {
 	return l.db.Close()
 }
 
-// writer commits whatever arrived while the previous batch committed in one transaction, claims
-// included, so a burst of deliveries costs one commit per batch.
+// writer commits whatever arrived during the previous commit in one transaction, claims included.
 func (l *eventLog) writer() {
 	defer close(l.done)
 	batch := make([]queued, 0, 256)
@@ -402,8 +393,7 @@ func (l *eventLog) writer() {
 	}
 }
 
-// commit writes a batch and reports each claim's outcome; on failure, the rows that are not
-// claims go to stderr (a claim's caller answers the failure and records its row then).
+// commit writes a batch and reports each claim; on failure the rows that are not claims go to stderr.
 func (l *eventLog) commit(ctx context.Context, batch []queued) {
 	claimed := make([]bool, len(batch))
 	err := l.write(ctx, func(tx *sql.Tx) error {
@@ -439,8 +429,7 @@ func (l *eventLog) write(ctx context.Context, fn func(tx *sql.Tx) error) error {
 	return l.inTurn(ctx, true, fn)
 }
 
-// inTurn runs fn in a write transaction, behind this process's others, and commits it when fn
-// returns nil; with record, the outcome is the log's newest write (lastWriteFailed).
+// inTurn runs fn in a write transaction behind this process's others; with record, it is the newest write.
 func (l *eventLog) inTurn(ctx context.Context, record bool, fn func(tx *sql.Tx) error) error {
 	select {
 	case l.writing <- struct{}{}:
@@ -465,9 +454,7 @@ func (l *eventLog) inTurn(ctx context.Context, record bool, fn func(tx *sql.Tx) 
 	return err
 }
 
-// commitGap is how long the writer lets a small batch of rows fill when the previous commit
-// ended less than that ago: under load, a commit of more rows costs each less (WAL frames, the
-// commit itself). A batch that starts with a claim, which a client waits for, does not wait.
+// commitGap is how long a small batch of rows may fill after a recent commit; a batch starting with a claim does not wait.
 const commitGap = 2 * time.Millisecond
 
 // rowsPerWrite bounds the rows of one dispatcher transaction, and so how long claims wait.
@@ -476,8 +463,7 @@ const rowsPerWrite = 128
 const insertEventSQL = `INSERT INTO event_log
 	(request_id, ts, method, path, status, action, duration_ms, meta) VALUES (?, ?, ?, ?, ?, ?, ?, ?)`
 
-// insertEvents writes evs with one statement prepared for the call, of rowsPerInsert rows while
-// that many are left, then of one: a statement a row cost a row about half again as much.
+// insertEvents writes evs with statements of rowsPerInsert rows while that many are left, then of one.
 func (l *eventLog) insertEvents(ctx context.Context, tx *sql.Tx, evs []event) error {
 	for width := rowsPerInsert; len(evs) > 0; width = 1 {
 		if len(evs) < width {
@@ -572,8 +558,7 @@ const (
 	waitCooldown, waitWindow, waitApproval = "cooldown", "window", "awaiting-approval"
 )
 
-// claimDelivery commits a pending claim with ev in the writer's next batch; false, writing nothing,
-// is a duplicate. When ctx ends first the claim may still be committed.
+// claimDelivery commits a pending claim with ev in the writer's next batch; false is a duplicate, nothing written.
 func (l *eventLog) claimDelivery(ctx context.Context, t taskSpec, ev event) (bool, error) {
 	q := queued{event: ev, claim: &t, result: make(chan claimResult, 1)}
 	fail := func(err error) (bool, error) { return false, fmt.Errorf("record delivery %s: %w", t.delivery, err) }
@@ -591,8 +576,7 @@ func (l *eventLog) claimDelivery(ctx context.Context, t taskSpec, ev event) (boo
 	}
 }
 
-// insertClaim claims t in status; a claim that failed for good is taken over (only a person
-// redelivers). A dispatching claim (a manual redeploy) names its own task unit.
+// insertClaim claims t in status, taking over a failed claim; a dispatching one (a manual redeploy) names its task unit.
 func insertClaim(ctx context.Context, tx *sql.Tx, t taskSpec, ev event, status claimStatus) (bool, error) {
 	var taskUnit, coveredBy any
 	if status == claimDispatching {
@@ -696,8 +680,7 @@ func (l *eventLog) nextTask(ctx context.Context, now time.Time, policy func(queu
 	return qt, true, time.Time{}, nil
 }
 
-// holdClaims applies h to qt's pending claims of its unit and image, with a row for each claim
-// that enters a wait or ends; claims already in the wait only learn its new end.
+// holdClaims applies h to qt's pending claims, with a row for each that enters a wait or ends.
 func (l *eventLog) holdClaims(ctx context.Context, tx *sql.Tx, qt queuedTask, h hold, now time.Time) error {
 	group, args := `status = 'pending' AND unit = ? AND image = ?`, []any{qt.unit, qt.image}
 	set, code, also := `step = ?, next_attempt_at = ?`, 202, ` AND step IS NOT ?`
@@ -732,8 +715,7 @@ func (l *eventLog) holdClaims(ctx context.Context, tx *sql.Tx, qt queuedTask, h 
 	return l.insertEvents(ctx, tx, evs)
 }
 
-// updateClaims sets set on the claims where says, returning their delivery ids; args hold set's
-// values, then updated_at, then where's.
+// updateClaims sets set where where holds, returning the delivery ids; args: set's, updated_at, where's.
 func updateClaims(ctx context.Context, tx *sql.Tx, set, where string, args []any) ([]string, error) {
 	return collect(ctx, tx, `UPDATE github_deliveries SET `+set+`, updated_at = ? WHERE `+where+` RETURNING delivery_id`, args,
 		func(id *string) []any { return []any{id} })
@@ -963,13 +945,7 @@ func requestOutcome(status int, reason string) outcome {
 }
 
 func stepLabel(step string) string {
-	switch step {
-	case "completed":
-		return "restarted, healthy"
-	case "":
-		return "no task yet"
-	}
-	return strings.ReplaceAll(step, "-", " ")
+	return cmp.Or(map[string]string{"completed": "restarted, healthy", "": "no task yet"}[step], strings.ReplaceAll(step, "-", " "))
 }
 
 // eventFilter selects event_log rows for the events command and /api/events; zero values select
@@ -1059,8 +1035,7 @@ func queryEvents(ctx context.Context, db *sql.DB, f eventFilter) ([]storedEvent,
 	return readEvents(ctx, db, q, args...)
 }
 
-// readEvents reads rows selected by a query of eventColumnsSQL, meta redacted again on the way
-// out for rows an older version or the original tool wrote.
+// readEvents reads rows of a query of eventColumnsSQL, redacting meta again for rows older versions wrote.
 func readEvents(ctx context.Context, db *sql.DB, query string, args ...any) ([]storedEvent, error) {
 	out := []storedEvent{}
 	err := scan(ctx, db, query, args, func(rows *sql.Rows) error {
@@ -1522,8 +1497,7 @@ type outboxRow struct {
 
 const noticesPerRound = 64
 
-// runNotifier sends due messages, oldest first, until ctx ends. A target that failed is not tried
-// again in the same round, so a dead one costs one timeout a round, not one a message.
+// runNotifier sends due messages, oldest first, until ctx ends; a target that failed is skipped for the round.
 func (l *eventLog) runNotifier(ctx context.Context, ns *notifySettings) {
 	for ctx.Err() == nil {
 		due, err := collect(ctx, l.db, `SELECT id, created_at, fields, targets, attempts FROM notify_outbox
@@ -1695,12 +1669,7 @@ func cmdEvents(c *cli, args []string) int {
 	if len(rest) > 0 {
 		return c.usageError("events", usageEvents, "unexpected argument %q", rest[0])
 	}
-	f, err := parseEventFilter(func(k string) string {
-		if v := vals[k]; v != nil {
-			return *v
-		}
-		return ""
-	}, time.Now())
+	f, err := parseEventFilter(func(k string) string { return *cmp.Or(vals[k], new(string)) }, time.Now())
 	if err != nil {
 		c.log.errorf("events: %v", err)
 		return 2
@@ -1738,12 +1707,7 @@ func followEvents(ctx context.Context, c *cli, db *sql.DB, f eventFilter, evs []
 	if last == 0 {
 		db.QueryRowContext(ctx, `SELECT coalesce(max(id), 0) FROM event_log`).Scan(&last)
 	}
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-time.After(time.Second):
-		}
+	for sleepContext(ctx, time.Second) == nil {
 		f.afterID, f.beforeID, f.limit = last, 0, maxEventsLimit
 		evs, err := queryEvents(ctx, db, f)
 		if err != nil {
@@ -1771,32 +1735,28 @@ func printEvents(w io.Writer, evs []storedEvent, asJSON, header bool) {
 		fmt.Fprintln(tw, "TIME\tSTATUS\tACTION\tMETHOD\tPATH\tUNIT\tIMAGE\tDURATION\tDETAILS")
 	}
 	for _, e := range evs {
-		fmt.Fprintln(tw, strings.Join(eventLine(e, time.Local), "\t"))
+		str := func(k string) string { return cmp.Or(metaString(e.Meta, k), "-") }
+		var details []string
+		for _, k := range []string{"step", "reason", "delivery", "caller", "error", "warning"} {
+			if v, ok := e.Meta[k]; ok && v != "" && v != nil {
+				s := []rune(fmt.Sprint(v))
+				if len(s) > 60 {
+					s = append(s[:57], []rune("...")...)
+				}
+				details = append(details, k+"="+string(s))
+			}
+		}
+		cells := []string{
+			time.Unix(e.TS, 0).Local().Format("2006-01-02 15:04:05"), strconv.Itoa(e.Status), e.Action, e.Method,
+			cmp.Or(e.Path, "-"), str("unit"), str("image"), (time.Duration(e.DurationMS) * time.Millisecond).String(),
+			cmp.Or(strings.Join(details, " "), "-"),
+		}
+		for i, c := range cells {
+			cells[i] = oneLine(c)
+		}
+		fmt.Fprintln(tw, strings.Join(cells, "\t"))
 	}
 	tw.Flush()
-}
-
-func eventLine(e storedEvent, loc *time.Location) []string {
-	str := func(k string) string { return cmp.Or(metaString(e.Meta, k), "-") }
-	var details []string
-	for _, k := range []string{"step", "reason", "delivery", "caller", "error", "warning"} {
-		if v, ok := e.Meta[k]; ok && v != "" && v != nil {
-			s := []rune(fmt.Sprint(v))
-			if len(s) > 60 {
-				s = append(s[:57], []rune("...")...)
-			}
-			details = append(details, k+"="+string(s))
-		}
-	}
-	cells := []string{
-		time.Unix(e.TS, 0).In(loc).Format("2006-01-02 15:04:05"), strconv.Itoa(e.Status), e.Action, e.Method,
-		cmp.Or(e.Path, "-"), str("unit"), str("image"), (time.Duration(e.DurationMS) * time.Millisecond).String(),
-		cmp.Or(strings.Join(details, " "), "-"),
-	}
-	for i, c := range cells {
-		cells[i] = oneLine(c)
-	}
-	return cells
 }
 
 // oneLine makes a table cell one line of valid UTF-8 without control characters.
@@ -2191,8 +2151,7 @@ func deliveryStory(ctx context.Context, db *sql.DB, id string, now time.Time, lo
 	return v, true, err
 }
 
-// addTotals adds the story's totals: from the push (its claim) to serving and to healthy, and
-// how long a rollback took from the failure it answered.
+// addTotals adds the story's totals: push to serving, to healthy, to rolled back, and the rollback's own time.
 func (v *storyView) addTotals(pushed int64) {
 	total := func(label string, from, to int64) {
 		if from != 0 && to >= from {
@@ -2205,8 +2164,7 @@ func (v *storyView) addTotals(pushed int64) {
 	total("Push → rolled back", pushed, v.stepMS["rolled-back"])
 }
 
-// unclaimedStory reads the rows naming a delivery without a claim (ignored, or logged by the
-// original tool) from the whole log.
+// unclaimedStory reads from the whole log the rows naming a delivery that has no claim.
 func unclaimedStory(ctx context.Context, db *sql.DB, id string, v *storyView) ([]storedEvent, error) {
 	evs, err := queryEvents(ctx, db, eventFilter{delivery: id, afterID: -1})
 	if err != nil || len(evs) == 0 {
