@@ -539,13 +539,10 @@ func newRequestID() string {
 	return hex.EncodeToString(b[:])
 }
 
-// The delivery queue: claimDelivery commits a claim as pending with the request's row, the
-// dispatcher takes it with nextTask, run-task records each step on it (taskStep) and ends it.
+// The delivery queue: claimDelivery commits a pending claim, nextTask takes it, run-task records its steps.
 
-// claimStatus is a claim's state: pending → dispatching (systemd-run under way) → dispatched
-// (its task runs) → done; or failed (systemd-run kept failing; a redelivery may claim it again).
-// A pending claim waits for its unit's policy in a wait step until next_attempt_at; one a person
-// rejected or nobody approved in time is done with step rejected or expired.
+// claimStatus is a claim's state: pending (maybe in a policy's wait step) → dispatching (systemd-run)
+// → dispatched (its task runs) → done (also rejected, expired); or failed, which a redelivery may claim again.
 type claimStatus string
 
 const (
@@ -625,9 +622,8 @@ type hold struct {
 	until         time.Time
 }
 
-// nextTask marks the next due task's claims dispatching with the rows rows makes of it, unless
-// policy holds them; wake is when to look again (zero: at once). A read finds it, as only the
-// dispatcher takes pending claims.
+// nextTask marks the next due task's claims dispatching with the rows rows makes of it, unless policy
+// holds them; wake is when to look again (zero: at once). Only the dispatcher takes pending claims.
 func (l *eventLog) nextTask(ctx context.Context, now time.Time, policy func(queuedTask) hold, rows func(queuedTask) []event) (qt queuedTask, ok bool, wake time.Time, err error) {
 	var claimedMS, newestMS, unapprovedMS int64
 	err = l.db.QueryRowContext(ctx, `SELECT delivery_id, unit, image, event, path, attempts, claimed_at,
@@ -721,9 +717,8 @@ func updateClaims(ctx context.Context, tx *sql.Tx, set, where string, args []any
 		func(id *string) []any { return []any{id} })
 }
 
-// decideClaim records a person's decision on delivery id, ev being its row (copied for each claim it
-// changes): approve or reject the claims of its unit and image awaiting approval with it, or retry
-// it when it ended; 0 claims: it was in no state for that decision.
+// decideClaim approves or rejects id's claims awaiting approval, or retries it when it ended, with a copy of
+// ev for each claim changed; 0: it was in no state for that decision.
 func (l *eventLog) decideClaim(ctx context.Context, id, decision string, ev event) (n int, err error) {
 	awaiting := `status = 'pending' AND step = 'awaiting-approval' AND (unit, image) IN
 		(SELECT unit, image FROM github_deliveries WHERE delivery_id = ? AND status = 'pending' AND step = 'awaiting-approval')`
@@ -781,8 +776,7 @@ func takeClaims(ctx context.Context, tx *sql.Tx, qt *queuedTask, now time.Time) 
 	return fmt.Errorf("claim %s is no longer pending", qt.delivery)
 }
 
-// settleTask moves a task unit's dispatching or dispatched claims to status (pending: its
-// systemd-run failed, retry at retryAt), with errText, writing evs in the same transaction; a
+// settleTask moves a task unit's claims to status (pending: retry at retryAt) with errText and evs; a
 // dispatch given up, or a task that died before its last step, is an outcome to notify.
 func (l *eventLog) settleTask(ctx context.Context, taskUnit string, status claimStatus, errText string, retryAt time.Time, evs []event) error {
 	return l.write(ctx, func(tx *sql.Tx) error {
@@ -835,9 +829,8 @@ func (l *eventLog) taskStep(ctx context.Context, taskUnit, step, errText string,
 	return err
 }
 
-// rejectedDigest finds the newest claim of digest on unit whose redeploy ran to its end; when the
-// gate rejected it (rolled back, or a rollback that failed), that claim's delivery and end, else
-// "". One query, for every caller that must not redeploy a digest the gate rejected before.
+// rejectedDigest is the delivery and end of the newest finished redeploy of digest on unit when the gate
+// rejected it (rolled back, or its rollback failed), else "": no caller redeploys a rejected digest.
 func (l *eventLog) rejectedDigest(ctx context.Context, unit, digest string) (delivery string, at time.Time, err error) {
 	var step string
 	var ts int64
@@ -1115,9 +1108,8 @@ func outcomeCounts(ctx context.Context, db *sql.DB) (map[string]int64, error) {
 	return out, err
 }
 
-// Notifications. notifyTx queues a message in the transaction of the row it tells of; the server's
-// runNotifier sends it to every WEBHOOK_NOTIFY_URLS target (shoutrrr's URL formats) that has not
-// answered 2xx, backing off until the horizon, with a notify row for each attempt.
+// Notifications. notifyTx queues a message with the row it tells of; runNotifier sends it to each
+// WEBHOOK_NOTIFY_URLS target until 2xx, backing off until the horizon, with a notify row per attempt.
 
 // notice is one message, and the JSON body of a generic target's request.
 type notice struct {
@@ -1231,10 +1223,8 @@ var (
 	genericOptions = []string{"title", "method", "disabletls"}
 )
 
-// parseNotifyURL reads one URL in shoutrrr's format for its scheme; its errors never hold a secret.
-// Options are case-insensitive; an unknown or invalid one is an error, except that a generic
-// target's own query parameters (not shoutrrr's template, contenttype, titlekey, messagekey or
-// $key) go on to it, and its @Header=value become headers, as with shoutrrr.
+// parseNotifyURL reads one URL in shoutrrr's format; errors never hold a secret. An unknown option is an
+// error, except a generic target's own query (not template, contenttype, titlekey, messagekey, $key) and @Header=value.
 func parseNotifyURL(raw string) (notifyTarget, error) {
 	scheme, _, _ := strings.Cut(raw, "://")
 	if !reNotifyScheme.MatchString(raw) {
