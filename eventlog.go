@@ -1646,7 +1646,7 @@ line gives the queued delivery's outcome ("outcome: ok, restarted, healthy").
 func cmdEvents(c *cli, args []string) int {
 	vals := map[string]*string{}
 	var asJSON, follow bool
-	cfg, rest, code := c.setup("events", usageEvents, args, func(fs *flag.FlagSet, cfg *config) {
+	cfg, code := c.setupNoArgs("events", usageEvents, args, func(fs *flag.FlagSet, cfg *config) {
 		for _, name := range []string{"limit", "action", "unit", "delivery", "since", "status"} {
 			vals[name] = fs.String(name, "", "")
 		}
@@ -1655,9 +1655,6 @@ func cmdEvents(c *cli, args []string) int {
 	})
 	if code >= 0 {
 		return code
-	}
-	if len(rest) > 0 {
-		return c.usageError("events", usageEvents, "unexpected argument %q", rest[0])
 	}
 	f, err := parseEventFilter(func(k string) string { return *cmp.Or(vals[k], new(string)) }, time.Now())
 	if err != nil {

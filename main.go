@@ -437,12 +437,9 @@ any failed.
 `
 
 func cmdNotifyTest(c *cli, args []string) int {
-	cfg, rest, code := c.setup("notify-test", usageNotifyTest, args, nil)
+	cfg, code := c.setupNoArgs("notify-test", usageNotifyTest, args, nil)
 	if code >= 0 {
 		return code
-	}
-	if len(rest) > 0 {
-		return c.usageError("notify-test", usageNotifyTest, "unexpected argument %q", rest[0])
 	}
 	if len(cfg.notify.targets) == 0 {
 		c.log.errorf("notify-test: WEBHOOK_NOTIFY_URLS is empty: no target to send to")
@@ -500,6 +497,15 @@ func (c *cli) setup(name, help string, args []string, define func(fs *flag.FlagS
 		return nil, nil, 2
 	}
 	return cfg, rest, -1
+}
+
+// setupNoArgs is setup for a command that takes no positional argument.
+func (c *cli) setupNoArgs(name, help string, args []string, define func(fs *flag.FlagSet, cfg *config)) (*config, int) {
+	cfg, rest, code := c.setup(name, help, args, define)
+	if code < 0 && len(rest) > 0 {
+		return nil, c.usageError(name, help, "unexpected argument %q", rest[0])
+	}
+	return cfg, code
 }
 
 func (c *cli) usageError(name, help, format string, a ...any) int {

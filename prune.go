@@ -45,16 +45,13 @@ pruned, 2 usage error.
 
 func cmdPruneState(c *cli, args []string) int {
 	hours, dryRun, eventDays := 24, false, 0
-	cfg, rest, code := c.setup("prune-state", usagePruneState, args, func(fs *flag.FlagSet, cfg *config) {
+	cfg, code := c.setupNoArgs("prune-state", usagePruneState, args, func(fs *flag.FlagSet, cfg *config) {
 		fs.Var(positiveInt{&hours}, "max-age-hours", "")
 		fs.BoolVar(&dryRun, "dry-run", false, "")
 		fs.Var(positiveInt{&eventDays}, "events-max-age-days", "")
 	})
 	if code >= 0 {
 		return code
-	}
-	if len(rest) > 0 {
-		return c.usageError("prune-state", usagePruneState, "unexpected argument %q", rest[0])
 	}
 	if fi, err := os.Stat(cfg.stateDir); err != nil || !fi.IsDir() {
 		c.log.infof("prune-state: no state directory at %s", cfg.stateDir)

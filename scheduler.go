@@ -40,16 +40,13 @@ failed in a run bounded by --max-iterations, 2 usage error.
 
 func cmdScheduler(c *cli, args []string) int {
 	var intervalSecs, maxTicks int
-	cfg, rest, code := c.setup("scheduler", usageScheduler, args, func(fs *flag.FlagSet, cfg *config) {
+	cfg, code := c.setupNoArgs("scheduler", usageScheduler, args, func(fs *flag.FlagSet, cfg *config) {
 		intervalSecs, maxTicks = int(cfg.interval/time.Second), cfg.maxTicks
 		fs.Var(positiveInt{&intervalSecs}, "interval", "")
 		fs.Var(positiveInt{&maxTicks}, "max-iterations", "")
 	})
 	if code >= 0 {
 		return code
-	}
-	if len(rest) > 0 {
-		return c.usageError("scheduler", usageScheduler, "unexpected argument %q", rest[0])
 	}
 	unit, err := resolveUnit(cfg.autoUpdateUnit)
 	if err != nil {

@@ -65,14 +65,11 @@ it serves the passed sockets; otherwise it listens on --listen (default 127.0.0.
 `
 
 func cmdServer(c *cli, args []string) int {
-	cfg, rest, code := c.setup("server", usageServer, args, func(fs *flag.FlagSet, cfg *config) {
+	cfg, code := c.setupNoArgs("server", usageServer, args, func(fs *flag.FlagSet, cfg *config) {
 		fs.StringVar(&cfg.listen, "listen", cfg.listen, "")
 	})
 	if code >= 0 {
 		return code
-	}
-	if len(rest) > 0 {
-		return c.usageError("server", usageServer, "unexpected argument %q", rest[0])
 	}
 	// The default window's calendar is systemd-analyze's to judge; the server asks it once at start.
 	if p, _ := parsePolicy(nil, cfg.policyDefaults); p.window != "" {
