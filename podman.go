@@ -163,8 +163,8 @@ type packagePayload struct {
 	Action          string       `json:"action"`
 	Package         *packageBody `json:"package"`
 	RegistryPackage *packageBody `json:"registry_package"`
-	Repository      *struct {
-		Owner *ghUser `json:"owner"`
+	Repository      struct {
+		Owner ghUser `json:"owner"`
 	} `json:"repository"`
 }
 
@@ -173,10 +173,10 @@ type ghUser struct {
 }
 
 type packageBody struct {
-	Name           string  `json:"name"`
-	Namespace      string  `json:"namespace"`
-	PackageType    string  `json:"package_type"`
-	Owner          *ghUser `json:"owner"`
+	Name           string `json:"name"`
+	Namespace      string `json:"namespace"`
+	PackageType    string `json:"package_type"`
+	Owner          ghUser `json:"owner"`
 	PackageVersion *struct {
 		Version           string `json:"version"`
 		ContainerMetadata *struct {
@@ -213,16 +213,9 @@ func deliveryFromPayload(body []byte) (delivery, error) {
 	if err != nil {
 		return delivery{}, err
 	}
-	var owner string
-	switch {
-	case pkg.Owner != nil && pkg.Owner.Login != "":
-		owner = pkg.Owner.Login
-	case p.Repository != nil && p.Repository.Owner != nil && p.Repository.Owner.Login != "":
-		owner = p.Repository.Owner.Login
-	case pkg.Namespace != "":
-		owner, _, _ = strings.Cut(pkg.Namespace, "/")
-	}
-	owner, name := strings.ToLower(strings.TrimSpace(owner)), strings.ToLower(strings.TrimSpace(pkg.Name))
+	ns, _, _ := strings.Cut(pkg.Namespace, "/")
+	owner := strings.ToLower(strings.TrimSpace(cmp.Or(pkg.Owner.Login, p.Repository.Owner.Login, ns)))
+	name := strings.ToLower(strings.TrimSpace(pkg.Name))
 	if owner == "" || name == "" {
 		return delivery{}, ignored("missing-name", "the payload names no package owner or name")
 	}
@@ -267,10 +260,8 @@ func pushedTags(pkg *packageBody) (tags []string, digest string) {
 	if v == nil {
 		return nil, ""
 	}
-	seen := map[string]bool{}
 	add := func(t string) {
-		if t = strings.TrimSpace(t); t != "" && !seen[t] {
-			seen[t] = true
+		if t = strings.TrimSpace(t); t != "" && !slices.Contains(tags, t) {
 			tags = append(tags, t)
 		}
 	}
@@ -336,14 +327,9 @@ func isUntagged(tag string) bool {
 }
 
 // manifestTypes are the manifest and index media types; any other Distribution target is a blob.
-var manifestTypes = map[string]bool{
-	"application/vnd.docker.distribution.manifest.v1+json":      true,
-	"application/vnd.docker.distribution.manifest.v1+prettyjws": true,
-	"application/vnd.docker.distribution.manifest.v2+json":      true,
-	"application/vnd.docker.distribution.manifest.list.v2+json": true,
-	"application/vnd.oci.image.manifest.v1+json":                true,
-	"application/vnd.oci.image.index.v1+json":                   true,
-}
+var manifestTypes = []string{"application/vnd.docker.distribution.manifest.v1+json", "application/vnd.docker.distribution.manifest.v1+prettyjws",
+	"application/vnd.docker.distribution.manifest.v2+json", "application/vnd.docker.distribution.manifest.list.v2+json",
+	"application/vnd.oci.image.manifest.v1+json", "application/vnd.oci.image.index.v1+json"}
 
 // distributionPushes reads a CNCF Distribution envelope's tagged manifest pushes, from request.host.
 func distributionPushes(body []byte, _ http.Header) ([]delivery, error) {
@@ -372,7 +358,7 @@ func distributionPushes(body []byte, _ http.Header) ([]delivery, error) {
 		switch {
 		case e.Action != "push":
 			why = ignored("not-a-push", "%q events do not redeploy", e.Action)
-		case !manifestTypes[e.Target.MediaType]:
+		case !slices.Contains(manifestTypes, e.Target.MediaType):
 			why = ignored("not-a-manifest", "a push of %q is a blob, not a manifest", e.Target.MediaType)
 		case isUntagged(e.Target.Tag):
 			why = ignored("missing-tag", "the pushed manifest has no tag (an untagged or per-platform manifest)")
@@ -429,12 +415,12 @@ func giteaPushes(body []byte, h http.Header) ([]delivery, error) {
 	var ev struct {
 		Action  string `json:"action"`
 		Package *struct {
-			Type      string  `json:"type"`
-			Name      string  `json:"name"`
-			Version   string  `json:"version"`
-			HTMLURL   string  `json:"html_url"`
-			CreatedAt string  `json:"created_at"`
-			Owner     *ghUser `json:"owner"`
+			Type      string `json:"type"`
+			Name      string `json:"name"`
+			Version   string `json:"version"`
+			HTMLURL   string `json:"html_url"`
+			CreatedAt string `json:"created_at"`
+			Owner     ghUser `json:"owner"`
 		} `json:"package"`
 	}
 	err := decodeJSON(body, &ev)
@@ -452,7 +438,7 @@ func giteaPushes(body []byte, h http.Header) ([]delivery, error) {
 		return nil, ignored("not-container", "package type %q is not a container image", p.Type)
 	case isUntagged(p.Version):
 		return nil, ignored("missing-tag", "the pushed manifest has no tag (an untagged or per-platform manifest)")
-	case p.Owner == nil || p.Owner.Login == "" || p.Name == "":
+	case p.Owner.Login == "" || p.Name == "":
 		return nil, ignored("missing-name", "the payload names no package owner or name")
 	}
 	host, _ := splitImageURL(p.HTMLURL)
@@ -647,6 +633,13 @@ func (t *task) step(name string, status int, res *cmdResult, extra map[string]an
 	t.events.taskStep(ctx, taskUnitName(t.delivery), name, errText, ev) // a failure is already on stderr
 }
 
+// fail logs a failed step as an error, records its row and returns 1, the failed task's status.
+func (t *task) fail(name string, status int, res *cmdResult, meta map[string]any, format string, a ...any) int {
+	t.log.errorf(format, a...)
+	t.step(name, status, res, meta)
+	return 1
+}
+
 // lock takes the image's lock, then the unit's (in that order, so no two tasks deadlock): two tags
 // pushed for one unit must not restart it at once. The caller releases held, even when !ok.
 func (t *task) lock(ctx context.Context) (held []*fileLock, ok bool) {
@@ -654,8 +647,8 @@ func (t *task) lock(ctx context.Context) (held []*fileLock, ok bool) {
 	for _, path := range []string{imageLockPath(t.cfg.stateDir, t.image), unitLockPath(t.cfg.stateDir, t.unit)} {
 		lock, err := lockFile(ctx, path, time.Until(deadline))
 		if err != nil {
-			t.log.errorf("redeploy of %s to %s: %v", t.unit, t.image, err)
-			t.step("lock-failed", http.StatusServiceUnavailable, nil, map[string]any{"error": err.Error(), "lock": filepath.Base(path)})
+			t.fail("lock-failed", http.StatusServiceUnavailable, nil, map[string]any{"error": err.Error(), "lock": filepath.Base(path)},
+				"redeploy of %s to %s: %v", t.unit, t.image, err)
 			return held, false
 		}
 		held = append(held, lock)
@@ -686,9 +679,8 @@ func (t *task) run(ctx context.Context) int {
 	}
 	lim, err := imageLimiter(t.cfg, t.image).take(ctx)
 	if err != nil {
-		t.log.errorf("redeploy of %s to %s: per-image limit: %v", t.unit, t.image, err)
-		t.step("limit-failed", http.StatusInternalServerError, nil, map[string]any{"error": err.Error()})
-		return 1
+		return t.fail("limit-failed", http.StatusInternalServerError, nil, map[string]any{"error": err.Error()},
+			"redeploy of %s to %s: per-image limit: %v", t.unit, t.image, err)
 	}
 	if !lim.allowed {
 		t.log.warnf("redeploy of %s to %s refused: more than %d redeploys of this image within %s",
@@ -707,9 +699,8 @@ func (t *task) run(ctx context.Context) int {
 	res, attempts := pullImage(ctx, t.cfg, t.log, t.ref)
 	pullMS := t.now().Sub(pullStart).Milliseconds()
 	if res.err != nil {
-		t.log.errorf("redeploy of %s: pull of %s failed after %d attempts: %v", t.unit, t.image, attempts, res.err)
-		t.step("pull-failed", http.StatusBadGateway, &res, map[string]any{"attempts": attempts})
-		return 1
+		return t.fail("pull-failed", http.StatusBadGateway, &res, map[string]any{"attempts": attempts},
+			"redeploy of %s: pull of %s failed after %d attempts: %v", t.unit, t.image, attempts, res.err)
 	}
 	after := strings.TrimSpace(res.stdout) // podman pull --quiet prints the pulled image's ID
 	if validDigest("sha256:"+after) == "" {
@@ -768,8 +759,7 @@ func (t *task) restartAndGate(ctx context.Context, prefix string, pre unitSample
 	res := restartUnit(bg, t.cfg, t.unit)
 	restartMS := t.now().Sub(restartStart).Milliseconds()
 	if res.err != nil {
-		t.log.errorf("redeploy of %s: %srestart failed: %v", t.unit, prefix, res.err)
-		t.step(prefix+"restart-failed", http.StatusInternalServerError, &res, nil)
+		t.fail(prefix+"restart-failed", http.StatusInternalServerError, &res, nil, "redeploy of %s: %srestart failed: %v", t.unit, prefix, res.err)
 		return gateResult{verdict: "restart failed: " + res.err.Error()}
 	}
 	t.step(prefix+"restarted", http.StatusOK, &res, map[string]any{"restart_ms": restartMS})
@@ -802,8 +792,7 @@ func (t *task) restartAndGate(ctx context.Context, prefix string, pre unitSample
 		g.failure = t.explainFailure(bg, g.ctr.id)
 		meta := map[string]any{"error": g.verdict, "settle_cut_short": g.cut}
 		maps.Copy(meta, g.failure)
-		t.log.errorf("redeploy of %s: %shealth gate failed: %s", t.unit, prefix, g.verdict)
-		t.step(prefix+"health-failed", http.StatusInternalServerError, nil, meta)
+		t.fail(prefix+"health-failed", http.StatusInternalServerError, nil, meta, "redeploy of %s: %shealth gate failed: %s", t.unit, prefix, g.verdict)
 	}
 	return g
 }
@@ -875,10 +864,8 @@ func (t *task) rollback(ctx context.Context, before, source, after string, faile
 	maps.Copy(meta, failed.failure)
 	exists := before != "" && runCommand(bg, t.cfg.commandTimeout, "podman", "image", "exists", "--", before).err == nil
 	if plan := rollbackPlan(before, after, exists); plan != "" {
-		t.log.errorf("redeploy of %s failed and cannot be rolled back: %s; the unit is left as it is", t.unit, plan)
 		meta["rollback_error"] = plan
-		t.step("rollback-impossible", http.StatusInternalServerError, nil, meta)
-		return 1
+		return t.fail("rollback-impossible", http.StatusInternalServerError, nil, meta, "redeploy of %s failed and cannot be rolled back: %s; the unit is left as it is", t.unit, plan)
 	}
 	pulled, _ := failed.digests["pulled_digest"].(string)
 	meta["rejected_digest"] = cmp.Or(t.digest, pulled, after)
@@ -887,16 +874,12 @@ func (t *task) rollback(ctx context.Context, before, source, after string, faile
 	start := t.now()
 	res := runCommand(bg, t.cfg.commandTimeout, "podman", "tag", "--", before, t.ref.String())
 	if res.err != nil {
-		t.log.errorf("redeploy of %s: rollback failed: %v", t.unit, res.err)
 		meta["rollback_error"] = res.err.Error()
-		t.step("rollback-failed", http.StatusInternalServerError, &res, meta)
-		return 1
+		return t.fail("rollback-failed", http.StatusInternalServerError, &res, meta, "redeploy of %s: rollback failed: %v", t.unit, res.err)
 	}
 	if g := t.restartAndGate(bg, "rollback-", failed.last.unit, failed.ctr.id, before); g.verdict != "" {
-		t.log.errorf("redeploy of %s: rollback to %s failed too: %s", t.unit, before, g.verdict)
 		meta["rollback_error"], meta["previous_image_id"] = g.verdict, before
-		t.step("rollback-failed", http.StatusInternalServerError, nil, meta)
-		return 1
+		return t.fail("rollback-failed", http.StatusInternalServerError, nil, meta, "redeploy of %s: rollback to %s failed too: %s", t.unit, before, g.verdict)
 	}
 	t.log.warnf("redeploy of %s to %s failed (%s): rolled back to image %s, %s", t.unit, t.image, failed.verdict, before, rollbackSources[source])
 	meta["image_id"], meta["previous_image_id"], meta["rollback_ms"] = before, before, t.now().Sub(start).Milliseconds()
@@ -1036,12 +1019,8 @@ func findUnitContainer(ctx context.Context, cfg *config, unit, not string) unitC
 		slices.SortStableFunc(list, func(a, b psEntry) int { return cmp.Compare(b.Created, a.Created) })
 		for _, c := range list {
 			if c.ID != not && (not != "" || c.State == "running") {
-				health := ""
-				if m := reHealth.FindStringSubmatch(c.Status); m != nil {
-					health = m[1]
-				}
 				return unitContainer{id: c.ID, imageID: strings.TrimPrefix(c.ImageID, "sha256:"), image: c.Image,
-					state: c.State, health: health, exitCode: c.ExitCode}
+					state: c.State, health: strings.Trim(reHealth.FindString(c.Status), "()"), exitCode: c.ExitCode}
 			}
 		}
 		if len(list) > 0 {

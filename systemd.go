@@ -44,15 +44,12 @@ func activationListeners(getenv func(string) string) ([]net.Listener, error) {
 	if err != nil || n < 0 {
 		return nil, fmt.Errorf("invalid LISTEN_FDS=%q from systemd", fdsText)
 	}
-	names := strings.Split(namesText, ":")
+	names := append(strings.Split(namesText, ":"), make([]string, n)...)
 	var ls []net.Listener
-	for i := 0; i < n; i++ {
+	for i := range n {
 		fd := firstListenFD + i
 		syscall.CloseOnExec(fd)
-		name := "LISTEN_FD_" + strconv.Itoa(fd)
-		if i < len(names) {
-			name = cmp.Or(names[i], name)
-		}
+		name := cmp.Or(names[i], "LISTEN_FD_"+strconv.Itoa(fd))
 		f := os.NewFile(uintptr(fd), name)
 		l, err := net.FileListener(f) // duplicates the fd
 		f.Close()
@@ -482,31 +479,23 @@ type gateSample struct {
 	checkFailed bool
 }
 
-// gateProblem is why a sample fails the gate at once, "" when it does not.
-func gateProblem(baseline unitSample, s gateSample) string {
+// gateVerdict judges the newest sample of a settle that began at start: a restart by systemd, a
+// stopped unit or container, an unhealthy one fail at once; once the settle's full length has
+// passed, the unit must be active and its healthcheck passing.
+func gateVerdict(baseline unitSample, start time.Time, settle time.Duration, s gateSample) (verdict string, done bool) {
 	switch u := s.unit; {
 	case u.nRestarts > baseline.nRestarts:
-		return fmt.Sprintf("systemd restarted the unit on its own (NRestarts %d → %d): %s", baseline.nRestarts, u.nRestarts, u.exited())
+		return fmt.Sprintf("systemd restarted the unit on its own (NRestarts %d → %d): %s", baseline.nRestarts, u.nRestarts, u.exited()), true
 	case u.activeState == "failed" || u.activeState == "inactive" || u.activeState == "deactivating":
-		return fmt.Sprintf("the unit became %s/%s: %s", u.activeState, u.subState, u.exited())
+		return fmt.Sprintf("the unit became %s/%s: %s", u.activeState, u.subState, u.exited()), true
 	case slices.Contains([]string{"exited", "stopped", "dead"}, s.ctr.state):
-		return fmt.Sprintf("the container %s exited with code %d", s.ctr.id[:min(len(s.ctr.id), 12)], s.ctr.exitCode)
+		return fmt.Sprintf("the container %s exited with code %d", s.ctr.id[:min(len(s.ctr.id), 12)], s.ctr.exitCode), true
 	case s.ctr.health == "unhealthy":
-		return "podman healthcheck: the container is unhealthy"
-	}
-	return ""
-}
-
-// gateVerdict judges the newest sample of a settle that began at start: a problem fails at once;
-// once the settle's full length has passed, the unit must be active and its healthcheck passing.
-func gateVerdict(baseline unitSample, start time.Time, settle time.Duration, s gateSample) (verdict string, done bool) {
-	switch {
-	case gateProblem(baseline, s) != "":
-		return gateProblem(baseline, s), true
+		return "podman healthcheck: the container is unhealthy", true
 	case s.at.Sub(start) < settle:
 		return "", false
-	case s.unit.activeState != "active":
-		return fmt.Sprintf("the unit is %s/%s, not active, at the end of the settle window", s.unit.activeState, s.unit.subState), true
+	case u.activeState != "active":
+		return fmt.Sprintf("the unit is %s/%s, not active, at the end of the settle window", u.activeState, u.subState), true
 	case s.checkFailed:
 		return "podman healthcheck: unhealthy at the end of the settle window", true
 	}
