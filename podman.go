@@ -66,8 +66,7 @@ var (
 	reDigest           = regexp.MustCompile(`^sha256:[a-f0-9]{64}$`)
 )
 
-// parseImageRef parses "host/path[:tag][@digest]". The host (with "." or ":", or "localhost")
-// and a tag or digest are required, so a pull never guesses.
+// parseImageRef parses "host/path[:tag][@digest]", host and tag or digest required: a pull never guesses.
 func parseImageRef(s string) (imageRef, error) {
 	var r imageRef
 	if s == "" || len(s) > 512 || strings.HasPrefix(s, "-") || strings.ContainsAny(s, " \t\r\n\x00\\") {
@@ -228,8 +227,7 @@ func deliveryFromPayload(body []byte) (delivery, error) {
 	return d, err
 }
 
-// registryHost is the lowercased registry.host, else registry.url's host, else ghcr.io. GitHub's
-// registry names itself https://CONTAINER.pkg.github.com/OWNER; its images live on ghcr.io.
+// registryHost is registry.host, else registry.url's host, else ghcr.io, also for *.pkg.github.com.
 func registryHost(pkg *packageBody) (string, error) {
 	host := "ghcr.io"
 	if r := pkg.Registry; r != nil {
@@ -282,9 +280,8 @@ func pushedTags(pkg *packageBody) (tags []string, digest string) {
 	return tags, cmp.Or(digest, validDigest(v.Version))
 }
 
-// pushID is "<prefix>-<id>" when that is a valid delivery id, else a hash of it. Registry parsers
-// claim a push under its source's event id, else hashID of what identifies it (so a retry is a
-// duplicate); the prefix names the source, so ids of different sources never meet.
+// pushID is "<prefix>-<id>" when that is a valid delivery id, else a hash of it; the prefix names the
+// source, so ids of different sources never meet. hashID of a push's facts makes a retry a duplicate.
 func pushID(prefix, id string) string {
 	if reDeliveryID.MatchString(prefix+"-"+id) && id != "" {
 		return prefix + "-" + id
@@ -640,8 +637,7 @@ func (t *task) fail(name string, status int, res *cmdResult, meta map[string]any
 	return 1
 }
 
-// lock takes the image's lock, then the unit's (in that order, so no two tasks deadlock): two tags
-// pushed for one unit must not restart it at once. The caller releases held, even when !ok.
+// lock takes the image's lock, then the unit's (in this order: no deadlock); the caller releases held.
 func (t *task) lock(ctx context.Context) (held []*fileLock, ok bool) {
 	deadline := time.Now().Add(t.cfg.taskLockWait)
 	for _, path := range []string{imageLockPath(t.cfg.stateDir, t.image), unitLockPath(t.cfg.stateDir, t.unit)} {
@@ -658,8 +654,7 @@ func (t *task) lock(ctx context.Context) (held []*fileLock, ok bool) {
 	return held, true
 }
 
-// run performs the redeploy and returns the exit status: 0 done, up to date, or refused by the
-// per-image limit (which is not a failure); 1 a step failed, whether or not it was rolled back.
+// run performs the redeploy: exit 0 done, up to date or refused, 1 a step failed (rolled back or not).
 func (t *task) run(ctx context.Context) int {
 	t.started = t.now()
 	t.step("started", http.StatusAccepted, nil, map[string]any{"force": t.force, "digest": t.digest,
@@ -739,20 +734,18 @@ func (t *task) run(ctx context.Context) int {
 	return 0
 }
 
-// gateResult is what restartAndGate saw: the verdict ("" healthy), the last sample, the newest
-// container, when it first served (unix ms), its image's digests, whether ctx cut the settle.
+// gateResult is what restartAndGate saw.
 type gateResult struct {
-	verdict   string
+	verdict   string // "" healthy
 	last      gateSample
-	ctr       unitContainer
-	servingMS int64
-	digests   map[string]any
-	cut       bool
+	ctr       unitContainer  // the newest container
+	servingMS int64          // when it first served (unix ms)
+	digests   map[string]any // its image's
+	cut       bool           // ctx cut the settle short
 	failure   map[string]any // the failed container's exit code, log tail and healthcheck output
 }
 
-// restartAndGate restarts the unit and watches the settle (watchGate); rows are prefix+"restarted"
-// and so on, so a rollback's are told apart. old is the container the restart replaces.
+// restartAndGate restarts the unit and watches the settle; rows are prefix+"restarted" and so on.
 func (t *task) restartAndGate(ctx context.Context, prefix string, pre unitSample, old, image string) gateResult {
 	bg := context.WithoutCancel(ctx)
 	restartStart := t.now()
@@ -768,8 +761,7 @@ func (t *task) restartAndGate(ctx context.Context, prefix string, pre unitSample
 	sample := func(last bool) (gateSample, error) {
 		u, err := sampleUnit(bg, t.cfg, t.unit)
 		s := gateSample{at: t.now(), unit: u}
-		// The first look, while podman starts the container, and the settle's last one, unless a
-		// healthcheck must pass, ask systemd alone: a podman ps would compete with the start.
+		// The first look and, without a healthcheck, the last ask systemd alone: no podman ps in the start.
 		if looks++; err != nil || looks == 1 || last && !checked {
 			return s, err
 		}
@@ -797,8 +789,7 @@ func (t *task) restartAndGate(ctx context.Context, prefix string, pre unitSample
 	return g
 }
 
-// explainFailure reads what a failed container left: its exit code, the last lines of its log and
-// its healthcheck's last output, bounded and with secret-looking values redacted.
+// explainFailure reads a failed container's exit code, log tail and healthcheck output, redacted.
 func (t *task) explainFailure(ctx context.Context, id string) map[string]any {
 	meta := map[string]any{}
 	if id == "" {
@@ -842,8 +833,7 @@ func (t *task) digests(ctx context.Context, container, image string) map[string]
 	return meta // no warning on two digests: one image pushed twice has two (see the image ID check)
 }
 
-// rollbackTarget is what a failed redeploy goes back to: the image the unit's container ran
-// before the pull, whatever the local tag named since, else (no container) what the tag named.
+// rollbackTarget is the image the unit's container ran before the pull, else what the local tag named.
 func rollbackTarget(running, before string) (target, source string) {
 	if running != "" {
 		return running, "container"
@@ -856,8 +846,7 @@ var rollbackSources = map[string]string{
 	"local-tag": "what the local tag named before the pull; no container was running",
 }
 
-// rollback tags before back as the reference, restarts and gates; the failed image is kept to
-// inspect. Its row says that the registry's tag still names the rejected digest.
+// rollback tags before back as the reference, restarts and gates, keeping the failed image to inspect.
 func (t *task) rollback(ctx context.Context, before, source, after string, failed gateResult) int {
 	bg := context.WithoutCancel(ctx)
 	meta := map[string]any{"error": failed.verdict, "failed_image_id": after, "rollback_source": source}
@@ -907,8 +896,7 @@ func (t *task) rejectedBefore(ctx context.Context) bool {
 	return true
 }
 
-// checkImage reads the unit's state and Image= (one systemctl show) and reports whether the
-// pushed image is the one it runs, else records the refusal.
+// checkImage reads the unit's state and Image=, and whether it runs the pushed image, else refuses.
 func (t *task) checkImage(ctx context.Context, ctr unitContainer) (unitSample, bool) {
 	pre, uf, err := inspectUnit(ctx, t.cfg, t.getenv, t.unit)
 	configured, source := uf.image, uf.source
@@ -930,7 +918,7 @@ func (t *task) checkImage(ctx context.Context, ctr unitContainer) (unitSample, b
 }
 
 // imageCheck says whether ref may go to a unit with Image= configured, else whose container runs
-// running: "" when it may, else the step and why. A unit with neither takes none unless allowAny.
+// running, else (neither) only with allowAny: "" when it may, else the step and why.
 func imageCheck(ref imageRef, configured, running string, allowAny bool) (step, why string) {
 	want, what := configured, "the unit's Image="
 	switch {
@@ -959,8 +947,7 @@ type restartFacts struct {
 	active, force bool   // the unit is active; the redeploy is forced
 }
 
-// decideRestart says whether a redeploy must restart the unit, and why. An unchanged image on an
-// active unit is a no-op; this also collapses the burst of per-manifest deliveries of one push.
+// decideRestart says whether a redeploy must restart the unit, and why: an unchanged active one is left.
 func decideRestart(f restartFacts) (bool, string) {
 	switch {
 	case f.force:
@@ -990,8 +977,7 @@ func rollbackPlan(before, after string, beforeExists bool) string {
 	return ""
 }
 
-// unitContainer is one of a unit's containers as podman ps lists it; health is podman's
-// healthcheck status (healthy, unhealthy, starting), "" without a healthcheck.
+// unitContainer is one of a unit's containers; health is healthy, unhealthy, starting or "" (none).
 type unitContainer struct {
 	id, imageID, image, state, health string
 	exitCode                          int
@@ -1006,9 +992,8 @@ type psEntry struct {
 
 var reHealth = regexp.MustCompile(`\((healthy|unhealthy|starting)\)`)
 
-// findUnitContainer finds a unit's container by podman's PODMAN_SYSTEMD_UNIT label, else by
-// Quadlet's default name systemd-<name>: the newest that runs, or with not set, the newest other
-// than not, running or not. Not found is the zero value: the gate trusts systemd.
+// findUnitContainer finds by PODMAN_SYSTEMD_UNIT label, else name systemd-<name>, the newest running
+// container, or with not set the newest other than not; not found is the zero value.
 func findUnitContainer(ctx context.Context, cfg *config, unit, not string) unitContainer {
 	for _, filter := range []string{"label=PODMAN_SYSTEMD_UNIT=" + unit, "name=^systemd-" + strings.TrimSuffix(unit, ".service") + "$"} {
 		res := runCommand(ctx, cfg.commandTimeout, "podman", "ps", "--all", "--no-trunc", "--filter", filter, "--format", "json")

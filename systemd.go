@@ -129,8 +129,7 @@ const maxUnitNameLen = 255
 
 var reUnitName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9:_.@-]*\.service$`)
 
-// validUnitName accepts the service names this program may pass to systemctl: systemd.unit(5)'s
-// characters without "\" escapes or globs, no leading "-" (a flag), a template only with instance.
+// validUnitName accepts systemd.unit(5) service names without escapes, globs, "-" first, empty instances.
 func validUnitName(name string) error {
 	switch {
 	case name == "":
@@ -145,8 +144,7 @@ func validUnitName(name string) error {
 	return nil
 }
 
-// resolveUnit validates a unit as operators and the original tool spell it: "foo", "foo.service",
-// and the webhook's "foo/redeploy" and "github-package-update/foo" all mean "foo.service".
+// resolveUnit reads "foo", "foo/redeploy" and "github-package-update/foo" as "foo.service".
 func resolveUnit(id string) (string, error) {
 	u := strings.TrimPrefix(strings.TrimPrefix(strings.TrimSpace(id), "/"), "github-package-update/")
 	u = strings.TrimSuffix(u, "/redeploy")
@@ -171,8 +169,7 @@ func startUnit(ctx context.Context, cfg *config, unit string) cmdResult {
 	return stillRunning(ctx, cfg, unit, systemctl(ctx, cfg, "start", "--", unit))
 }
 
-// stillRunning turns a systemctl killed at its time limit while the unit's job goes on (a long
-// podman auto-update, say) into a success with a note: reporting it as failed would be untrue.
+// stillRunning counts a systemctl killed at its time limit while the unit's job goes on as a success.
 func stillRunning(ctx context.Context, cfg *config, unit string, res cmdResult) cmdResult {
 	if !res.timedOut {
 		return res
@@ -249,15 +246,14 @@ func (c *unitLookups) configuredImage(ctx context.Context, cfg *config, getenv f
 
 var errUnitNotFound = errors.New("unit not found")
 
-// unitFile is what a unit's Quadlet file and its drop-ins say: the image, the file that named it,
-// and the Label= pairs (webhook-auto-update.* among them are the unit's policies).
+// unitFile is what a unit's Quadlet file and drop-ins say: Image=, the file naming it, Label= pairs.
 type unitFile struct {
 	image, source string
 	labels        map[string]string
 }
 
-// inspectUnit reads in one systemctl show a unit's state and its Quadlet file: the one that made
-// it, else <name>.container in the Quadlet directories; errUnitNotFound when systemd does not know it.
+// inspectUnit reads a unit's state (one systemctl show) and its Quadlet file: its SourcePath, else
+// <name>.container in the Quadlet directories; errUnitNotFound when systemd does not know it.
 func inspectUnit(ctx context.Context, cfg *config, getenv func(string) string, unit string) (u unitSample, _ unitFile, err error) {
 	props, err := showUnit(ctx, cfg, unit, append([]string{"LoadState", "SourcePath"}, unitStateProps...)...)
 	if err != nil {
@@ -301,33 +297,23 @@ func inspectUnit(ctx context.Context, cfg *config, getenv func(string) string, u
 	return u, unitFile{}, nil
 }
 
-// readQuadlet applies a Quadlet file's [Container] section to uf, as systemd.unit(5) parsing does
-// (continuations joined, comments skipped): the last Image=, with quotes and docker:// removed,
-// reports true; each Label= is a list of key=value words split as Quadlet splits it (systemd's
-// quoting and C escapes; a word without "=" or a line with an unterminated quote is skipped), a
-// later key overriding, and an empty Label= clears the labels set before it.
+// readQuadlet applies a [Container] section to uf as systemd.unit(5) parses it; it reports an
+// Image= (unquoted, without docker://). Label= words without "=" or unterminated quotes are
+// skipped, a later key overrides, and an empty Label= clears the labels before it.
 func (uf *unitFile) readQuadlet(data []byte) (named bool) {
 	var section, pending string
 	for _, line := range strings.Split(string(data), "\n") {
 		if line = strings.TrimSpace(line); pending != "" {
 			line, pending = strings.TrimSpace(pending+" "+line), ""
 		}
-		if strings.HasPrefix(line, "#") || strings.HasPrefix(line, ";") {
-			continue
-		}
-		if strings.HasSuffix(line, "\\") {
-			pending = strings.TrimSuffix(line, "\\")
-			continue
-		}
-		if strings.HasPrefix(line, "[") && strings.HasSuffix(line, "]") {
-			section = line[1 : len(line)-1]
-			continue
-		}
 		k, v, ok := strings.Cut(line, "=")
-		if !ok || section != "Container" {
-			continue
-		}
 		switch k, v = strings.TrimSpace(k), strings.TrimSpace(v); {
+		case strings.HasPrefix(line, "#") || strings.HasPrefix(line, ";"): // a comment
+		case strings.HasSuffix(line, "\\"):
+			pending = strings.TrimSuffix(line, "\\")
+		case strings.HasPrefix(line, "[") && strings.HasSuffix(line, "]"):
+			section = line[1 : len(line)-1]
+		case !ok || section != "Container":
 		case k == "Image":
 			if len(v) >= 2 && (v[0] == '"' && v[len(v)-1] == '"' || v[0] == '\'' && v[len(v)-1] == '\'') {
 				v = v[1 : len(v)-1]
@@ -347,9 +333,7 @@ func (uf *unitFile) readQuadlet(data []byte) (named bool) {
 	return named
 }
 
-// splitWords splits s at unquoted whitespace, removing quotes and resolving backslash escapes as
-// systemd's extract_first_word does with EXTRACT_UNQUOTE|EXTRACT_CUNESCAPE|EXTRACT_RELAX; ok is
-// false when a quote is not closed.
+// splitWords splits s as systemd's extract_first_word (UNQUOTE|CUNESCAPE|RELAX); !ok: a quote is open.
 func splitWords(s string) (words []string, ok bool) {
 	var w strings.Builder
 	var quote byte
@@ -402,9 +386,7 @@ func taskUnitName(deliveryID string) string {
 var taskEnvNames = []string{"PATH", "HOME", "XDG_RUNTIME_DIR", "XDG_CONFIG_HOME",
 	"CONTAINERS_CONF", "CONTAINERS_REGISTRIES_CONF", "CONTAINERS_STORAGE_CONF", "REGISTRY_AUTH_FILE"}
 
-// isSecretEnv reports whether a variable holds a secret: the GitHub secret and any WEBHOOK_
-// setting whose name says token, secret, password or key, including ones added later, and the
-// notification URLs, which hold their targets' tokens.
+// isSecretEnv reports the GitHub secret, notification URLs, any WEBHOOK_ token, secret, password or key.
 func isSecretEnv(name string) bool {
 	return name == "GITHUB_WEBHOOK_SECRET" || name == "WEBHOOK_NOTIFY_URLS" || strings.HasPrefix(name, "WEBHOOK_") &&
 		slices.ContainsFunc([]string{"TOKEN", "SECRET", "PASSWORD", "KEY"}, func(w string) bool { return strings.Contains(name, w) })
@@ -418,8 +400,8 @@ func childEnv() []string {
 	})
 }
 
-// dispatchArgv runs one redeploy as a transient user unit, so it outlives a restart of the
-// server. "-E NAME" copies a variable's value from this process, so no value appears in argv.
+// dispatchArgv runs one redeploy as a transient user unit, which outlives a server restart; "-E
+// NAME" copies a variable's value from this process, so no value appears in argv.
 func dispatchArgv(exe string, cfg *config, environ []string, t taskSpec) []string {
 	argv := []string{"systemd-run", "--user", "--collect", "--quiet", "--unit=" + taskUnitName(t.delivery)}
 	for _, kv := range environ {
@@ -470,8 +452,7 @@ func (s unitSample) exited() string {
 	return fmt.Sprintf("its main process %s %d (result %s)", how, s.exitCode, s.result)
 }
 
-// gateSample is one look during the settle: the unit, its newest container, and whether the
-// healthcheck run in this look failed.
+// gateSample is one look during the settle: the unit, its newest container, a failed healthcheck run.
 type gateSample struct {
 	at          time.Time
 	unit        unitSample
@@ -502,9 +483,8 @@ func gateVerdict(baseline unitSample, start time.Time, settle time.Duration, s g
 	return "", true
 }
 
-// watchGate takes a sample every poll until one fails the gate or the settle has passed; the
-// baseline's NRestarts drops to the first sample's, as systemd resets it on an explicit restart.
-// When ctx ends (the task is being stopped) one last sample decides, and cut is set.
+// watchGate samples every poll until the gate fails or the settle passed; NRestarts counts from
+// the first sample's (a restart resets it). When ctx ends one last sample decides, and cut is set.
 func watchGate(ctx context.Context, now func() time.Time, after func(time.Duration) <-chan time.Time, poll, settle time.Duration,
 	baseline unitSample, sample func(last bool) (gateSample, error)) (verdict string, last gateSample, cut bool) {
 	start, seen := now(), false
@@ -577,8 +557,7 @@ func tail(s string, n int) string {
 	return "…" + s[len(s)-n:]
 }
 
-// The dispatcher takes the queue's claims in arrival order and starts one task per unit and image
-// (see queuedTask), one unit at a time: while a unit's task runs, its later claims wait.
+// The dispatcher starts one task per unit and image in arrival order; a unit's later claims wait.
 const (
 	dispatchTimeout  = 30 * time.Second      // bounds one systemd-run, which returns once the unit started
 	dispatchAttempts = 5                     // systemd-runs tried for one task before its claims fail
@@ -634,8 +613,7 @@ func (s *server) dispatchNext(ctx context.Context) time.Duration {
 	return max(wake.Sub(s.now()), 0)
 }
 
-// policy is when a unit's redeploys may run, from its webhook-auto-update.* labels over the
-// environment's defaults: once its tag was quiet for cooldown, a person approved, and while the
+// policy is when a unit's redeploys may run: its tag quiet for cooldown, approved, and while the
 // window (a systemd.time calendar event, open for length from each elapse) is open; and how its
 // image is checked: every check (0: WEBHOOK_CHECK_INTERVAL_SECS, < 0: never), deploying an update.
 type policy struct {
@@ -648,8 +626,7 @@ type policy struct {
 var policyKeys = map[string]string{"cooldown": "WEBHOOK_DEFAULT_COOLDOWN", "window": "WEBHOOK_DEFAULT_WINDOW",
 	"window-length": "WEBHOOK_DEFAULT_WINDOW_LENGTH", "approve": "WEBHOOK_DEFAULT_APPROVE"}
 
-// parsePolicy reads a policy; a malformed value is an error naming its label. The calendar
-// expression is systemd-analyze's to judge (windowOpens).
+// parsePolicy reads labels over defaults; a malformed value is an error naming its label.
 func parsePolicy(labels, defaults map[string]string) (policy, error) {
 	var p policy
 	for _, k := range []string{"cooldown", "window-length", "approve", "window", "check", "on-update"} {
@@ -689,9 +666,8 @@ func parsePolicy(labels, defaults map[string]string) (policy, error) {
 	return p, nil
 }
 
-// windowOpens is when p's window is open next, now itself while it is open (always without a
-// window): the first elapse after now-length, by systemd-analyze, which prints it in UTC on the
-// "(in UTC)" line, or on the "Next elapse" line when the local zone is UTC.
+// windowOpens is when p's window is open next (now while it is open): systemd-analyze's first
+// elapse after now-length, its "(in UTC)" line, else "Next elapse" when the local zone is UTC.
 func (p policy) windowOpens(ctx context.Context, now time.Time) (time.Time, error) {
 	if p.window == "" {
 		return now, nil
@@ -717,9 +693,8 @@ func (p policy) windowOpens(ctx context.Context, now time.Time) (time.Time, erro
 	return t, nil
 }
 
-// policyHold is the dispatcher's one policy check, for every claim whatever queued it: the unit's
-// policy may hold qt's claims, in the order cooldown, approval, window, so a person approves a tag
-// that went quiet, and a window waits for both. A policy it cannot read fails the claims.
+// policyHold is the dispatcher's one policy check, for every claim: cooldown, then approval, then
+// the window, which waits for both; a policy it cannot read fails the claims.
 func (s *server) policyHold(ctx context.Context, qt queuedTask) hold {
 	now := s.now()
 	p, err := s.unitPolicy(ctx, qt.unit)
@@ -750,8 +725,7 @@ func (s *server) unitPolicy(ctx context.Context, unit string) (policy, error) {
 	return parsePolicy(uf.labels, s.cfg.policyDefaults)
 }
 
-// startTask runs systemd-run for qt and settles its claims: dispatched, pending for a retry, or
-// failed once the attempts or the claim's age are used up. It finishes also at shutdown.
+// startTask runs systemd-run for qt and settles its claims dispatched, pending a retry, or failed.
 func (s *server) startTask(ctx context.Context, qt queuedTask) {
 	bg := context.WithoutCancel(ctx)
 	taskUnit := taskUnitName(qt.delivery)
@@ -811,8 +785,7 @@ func dispatchRows(qt queuedTask, reason string, code int, now time.Time, res cmd
 	return evs
 }
 
-// runTask starts run-task for spec. A systemd-run that failed although the task started counts as
-// done: a second task would redeploy twice.
+// runTask starts run-task for spec; a failed systemd-run whose task started counts as done.
 func (s *server) runTask(ctx context.Context, spec taskSpec) cmdResult {
 	res := s.exec(ctx, dispatchTimeout, dispatchArgv(s.exe, s.cfg, s.environ(), spec)...)
 	if res.err != nil {
@@ -856,8 +829,7 @@ func (s *server) taskState(ctx context.Context, delivery string, since time.Time
 	return taskNotStarted
 }
 
-// reconcile settles claims left in status since before: a dispatching one is dispatched if its
-// task started, else queued again (a rerun is harmless); one whose task died becomes done.
+// reconcile settles claims in status since before: dispatching ones as their task went, dead ones done.
 func (s *server) reconcile(ctx context.Context, status claimStatus, before time.Time) {
 	tasks, err := s.events.tasksIn(ctx, status, before)
 	if err != nil {
