@@ -163,7 +163,7 @@ type packagePayload struct {
 	Package         *packageBody `json:"package"`
 	RegistryPackage *packageBody `json:"registry_package"`
 	Repository      struct {
-		Owner ghUser `json:"owner"`
+		Owner *ghUser `json:"owner"` // a pointer, as Go's error text for a mistyped repository names it
 	} `json:"repository"`
 }
 
@@ -176,7 +176,7 @@ type packageBody struct {
 	Namespace      string `json:"namespace"`
 	PackageType    string `json:"package_type"`
 	Owner          ghUser `json:"owner"`
-	PackageVersion *struct {
+	PackageVersion struct {
 		Version           string `json:"version"`
 		ContainerMetadata *struct {
 			Tag *struct {
@@ -187,7 +187,7 @@ type packageBody struct {
 		// GitHub documents an array (and sends []); older deliveries carried {"container":{"tags":[…]}}.
 		Metadata json.RawMessage `json:"metadata"`
 	} `json:"package_version"`
-	Registry *struct {
+	Registry struct {
 		Host string `json:"host"`
 		URL  string `json:"url"`
 	} `json:"registry"`
@@ -213,7 +213,7 @@ func deliveryFromPayload(body []byte) (delivery, error) {
 		return delivery{}, err
 	}
 	ns, _, _ := strings.Cut(pkg.Namespace, "/")
-	owner := strings.ToLower(strings.TrimSpace(cmp.Or(pkg.Owner.Login, p.Repository.Owner.Login, ns)))
+	owner := strings.ToLower(strings.TrimSpace(cmp.Or(pkg.Owner.Login, cmp.Or(p.Repository.Owner, &ghUser{}).Login, ns)))
 	name := strings.ToLower(strings.TrimSpace(pkg.Name))
 	if owner == "" || name == "" {
 		return delivery{}, ignored("missing-name", "the payload names no package owner or name")
@@ -229,20 +229,16 @@ func deliveryFromPayload(body []byte) (delivery, error) {
 
 // registryHost is registry.host, else registry.url's host, else ghcr.io, also for *.pkg.github.com.
 func registryHost(pkg *packageBody) (string, error) {
-	host := "ghcr.io"
-	if r := pkg.Registry; r != nil {
-		if h := strings.TrimSpace(r.Host); h != "" {
-			host = h
-		} else if u := strings.TrimSpace(r.URL); u != "" {
-			if !strings.Contains(u, "://") {
-				u = "https://" + u
-			}
-			if pu, err := url.Parse(u); err == nil && pu.Host != "" {
-				host = pu.Host
-			}
+	host := strings.TrimSpace(pkg.Registry.Host)
+	if u := strings.TrimSpace(pkg.Registry.URL); host == "" && u != "" {
+		if !strings.Contains(u, "://") {
+			u = "https://" + u
+		}
+		if pu, err := url.Parse(u); err == nil {
+			host = pu.Host
 		}
 	}
-	host = strings.ToLower(host)
+	host = strings.ToLower(cmp.Or(host, "ghcr.io"))
 	if !reDomain.MatchString(host) {
 		return "", fmt.Errorf("payload names an invalid registry host %q", host)
 	}
@@ -255,9 +251,6 @@ func registryHost(pkg *packageBody) (string, error) {
 // pushedTags lists the pushed tags once each, container_metadata.tag first, and a valid digest.
 func pushedTags(pkg *packageBody) (tags []string, digest string) {
 	v := pkg.PackageVersion
-	if v == nil {
-		return nil, ""
-	}
 	add := func(t string) {
 		if t = strings.TrimSpace(t); t != "" && !slices.Contains(tags, t) {
 			tags = append(tags, t)
@@ -267,12 +260,8 @@ func pushedTags(pkg *packageBody) (tags []string, digest string) {
 		add(cm.Tag.Name)
 		digest = validDigest(cm.Tag.Digest)
 	}
-	var md struct {
-		Container *struct {
-			Tags []string `json:"tags"`
-		} `json:"container"`
-	}
-	if bytes.HasPrefix(bytes.TrimSpace(v.Metadata), []byte("{")) && json.Unmarshal(v.Metadata, &md) == nil && md.Container != nil {
+	var md struct{ Container struct{ Tags []string } }
+	if bytes.HasPrefix(bytes.TrimSpace(v.Metadata), []byte("{")) && json.Unmarshal(v.Metadata, &md) == nil {
 		for _, t := range md.Container.Tags {
 			add(t)
 		}
@@ -412,12 +401,12 @@ func giteaPushes(body []byte, h http.Header) ([]delivery, error) {
 	var ev struct {
 		Action  string `json:"action"`
 		Package *struct {
-			Type      string `json:"type"`
-			Name      string `json:"name"`
-			Version   string `json:"version"`
-			HTMLURL   string `json:"html_url"`
-			CreatedAt string `json:"created_at"`
-			Owner     ghUser `json:"owner"`
+			Type      string  `json:"type"`
+			Name      string  `json:"name"`
+			Version   string  `json:"version"`
+			HTMLURL   string  `json:"html_url"`
+			CreatedAt string  `json:"created_at"`
+			Owner     *ghUser `json:"owner"`
 		} `json:"package"`
 	}
 	err := decodeJSON(body, &ev)
@@ -435,7 +424,7 @@ func giteaPushes(body []byte, h http.Header) ([]delivery, error) {
 		return nil, ignored("not-container", "package type %q is not a container image", p.Type)
 	case isUntagged(p.Version):
 		return nil, ignored("missing-tag", "the pushed manifest has no tag (an untagged or per-platform manifest)")
-	case p.Owner.Login == "" || p.Name == "":
+	case p.Owner == nil || p.Owner.Login == "" || p.Name == "":
 		return nil, ignored("missing-name", "the payload names no package owner or name")
 	}
 	host, _ := splitImageURL(p.HTMLURL)
