@@ -7,7 +7,6 @@
 package main
 
 import (
-	"bytes"
 	"cmp"
 	"context"
 	"crypto/sha256"
@@ -184,8 +183,7 @@ type packageBody struct {
 				Digest string `json:"digest"`
 			} `json:"tag"`
 		} `json:"container_metadata"`
-		// GitHub documents an array (and sends []); older deliveries carried {"container":{"tags":[…]}}.
-		Metadata json.RawMessage `json:"metadata"`
+		Metadata json.RawMessage `json:"metadata"` // GitHub sends []; older deliveries carried {"container":{"tags":[…]}}
 	} `json:"package_version"`
 	Registry struct {
 		Host string `json:"host"`
@@ -261,7 +259,7 @@ func pushedTags(pkg *packageBody) (tags []string, digest string) {
 		digest = validDigest(cm.Tag.Digest)
 	}
 	var md struct{ Container struct{ Tags []string } }
-	if bytes.HasPrefix(bytes.TrimSpace(v.Metadata), []byte("{")) && json.Unmarshal(v.Metadata, &md) == nil {
+	if strings.HasPrefix(strings.TrimSpace(string(v.Metadata)), "{") && json.Unmarshal(v.Metadata, &md) == nil {
 		for _, t := range md.Container.Tags {
 			add(t)
 		}
@@ -269,8 +267,7 @@ func pushedTags(pkg *packageBody) (tags []string, digest string) {
 	return tags, cmp.Or(digest, validDigest(v.Version))
 }
 
-// pushID is "<prefix>-<id>" when that is a valid delivery id, else a hash of it; the prefix names the
-// source, so ids of different sources never meet. hashID of a push's facts makes a retry a duplicate.
+// pushID is "<prefix>-<id>" if a valid delivery id, else hashID of it: ids of two sources never meet.
 func pushID(prefix, id string) string {
 	if reDeliveryID.MatchString(prefix+"-"+id) && id != "" {
 		return prefix + "-" + id
@@ -473,7 +470,7 @@ func quayPushes(body []byte, _ http.Header) ([]delivery, error) {
 		return nil, err
 	}
 	var tags []string
-	if bytes.HasPrefix(bytes.TrimSpace(ev.UpdatedTags), []byte("{")) {
+	if strings.HasPrefix(strings.TrimSpace(string(ev.UpdatedTags)), "{") {
 		var byTag map[string]any
 		if json.Unmarshal(ev.UpdatedTags, &byTag) == nil {
 			tags = slices.Sorted(maps.Keys(byTag))
@@ -501,10 +498,8 @@ func pullImage(ctx context.Context, cfg *config, lg *logger, ref imageRef) (cmdR
 			return res, attempt
 		}
 		lg.warnf("pull %s, attempt %d of %d: %v; retrying in %s", ref, attempt, cfg.pullAttempts, res.err, cfg.pullRetryDelay)
-		select {
-		case <-ctx.Done():
+		if sleepContext(ctx, cfg.pullRetryDelay) != nil {
 			return res, attempt
-		case <-time.After(cfg.pullRetryDelay):
 		}
 	}
 }
@@ -578,8 +573,7 @@ func cmdRunTask(c *cli, args []string) int {
 	return t.run(ctx)
 }
 
-// processStart is when this process began, so a task's first row says how long its start took.
-var processStart = time.Now()
+var processStart = time.Now() // so a task's first row says how long its start took
 
 type task struct {
 	taskSpec
@@ -655,8 +649,7 @@ func (t *task) run(ctx context.Context) int {
 	if !ok {
 		return 1
 	}
-	// Read under the unit's lock, before the pull: what the pushed image must be, and the rollback.
-	ctr := findUnitContainer(ctx, t.cfg, t.unit, "")
+	ctr := findUnitContainer(ctx, t.cfg, t.unit, "") // under the unit's lock, before the pull: the check's and rollback's
 	pre, ok := t.checkImage(ctx, ctr)
 	if !ok || t.rejectedBefore(ctx) {
 		return 0
@@ -739,12 +732,11 @@ func (t *task) restartAndGate(ctx context.Context, prefix string, pre unitSample
 	bg := context.WithoutCancel(ctx)
 	restartStart := t.now()
 	res := restartUnit(bg, t.cfg, t.unit)
-	restartMS := t.now().Sub(restartStart).Milliseconds()
 	if res.err != nil {
 		t.fail(prefix+"restart-failed", http.StatusInternalServerError, &res, nil, "redeploy of %s: %srestart failed: %v", t.unit, prefix, res.err)
 		return gateResult{verdict: "restart failed: " + res.err.Error()}
 	}
-	t.step(prefix+"restarted", http.StatusOK, &res, map[string]any{"restart_ms": restartMS})
+	t.step(prefix+"restarted", http.StatusOK, &res, map[string]any{"restart_ms": t.now().Sub(restartStart).Milliseconds()})
 	g := gateResult{digests: map[string]any{}}
 	looks, checked := 0, false // checked: the container has a healthcheck, run in the last look
 	sample := func(last bool) (gateSample, error) {
@@ -843,7 +835,8 @@ func (t *task) rollback(ctx context.Context, before, source, after string, faile
 	exists := before != "" && runCommand(bg, t.cfg.commandTimeout, "podman", "image", "exists", "--", before).err == nil
 	if plan := rollbackPlan(before, after, exists); plan != "" {
 		meta["rollback_error"] = plan
-		return t.fail("rollback-impossible", http.StatusInternalServerError, nil, meta, "redeploy of %s failed and cannot be rolled back: %s; the unit is left as it is", t.unit, plan)
+		return t.fail("rollback-impossible", http.StatusInternalServerError, nil, meta,
+			"redeploy of %s failed and cannot be rolled back: %s; the unit is left as it is", t.unit, plan)
 	}
 	pulled, _ := failed.digests["pulled_digest"].(string)
 	meta["rejected_digest"] = cmp.Or(t.digest, pulled, after)
@@ -888,26 +881,24 @@ func (t *task) rejectedBefore(ctx context.Context) bool {
 // checkImage reads the unit's state and Image=, and whether it runs the pushed image, else refuses.
 func (t *task) checkImage(ctx context.Context, ctr unitContainer) (unitSample, bool) {
 	pre, uf, err := inspectUnit(ctx, t.cfg, t.getenv, t.unit)
-	configured, source := uf.image, uf.source
 	if err != nil {
 		t.log.warnf("redeploy of %s: cannot read the unit's Image= (%v): checking its container's image instead", t.unit, err)
-		configured, source = "", ""
+		uf = unitFile{}
 	}
-	step, why := imageCheck(t.ref, configured, ctr.image, t.cfg.allowAnyImage)
+	step, why := imageCheck(t.ref, uf.image, ctr.image, t.cfg.allowAnyImage)
 	if step == "" {
 		return pre, true
 	}
 	t.log.warnf("redeploy of %s to %s refused, nothing pulled or restarted: %s", t.unit, t.image, why)
 	meta := map[string]any{"reason": why, "running_image": ctr.image}
-	if source != "" {
-		meta["unit_image"], meta["unit_image_source"] = configured, source
+	if uf.source != "" {
+		meta["unit_image"], meta["unit_image_source"] = uf.image, uf.source
 	}
 	t.step(step, http.StatusConflict, nil, meta)
 	return pre, false
 }
 
-// imageCheck says whether ref may go to a unit with Image= configured, else whose container runs
-// running, else (neither) only with allowAny: "" when it may, else the step and why.
+// imageCheck is "" when ref matches the unit's Image=, else (allowAny aside) its container's, else the step and why.
 func imageCheck(ref imageRef, configured, running string, allowAny bool) (step, why string) {
 	want, what := configured, "the unit's Image="
 	switch {
@@ -972,18 +963,16 @@ type unitContainer struct {
 	exitCode                          int
 }
 
-// psEntry is a container in podman ps --format json; Status ends "(healthy)" and so on.
-type psEntry struct {
-	ID, ImageID, Image, State, Status string
-	ExitCode                          int
-	Created                           int64
-}
-
 var reHealth = regexp.MustCompile(`\((healthy|unhealthy|starting)\)`)
 
-// findUnitContainer finds by PODMAN_SYSTEMD_UNIT label, else name systemd-<name>, the newest running
-// container, or with not set the newest other than not; not found is the zero value.
+// findUnitContainer finds by label, else name systemd-<name>, the newest running container, else (not
+// set) the newest other than not; not found is the zero value.
 func findUnitContainer(ctx context.Context, cfg *config, unit, not string) unitContainer {
+	type psEntry struct { // a container in podman ps --format json; Status ends "(healthy)" and so on
+		ID, ImageID, Image, State, Status string
+		ExitCode                          int
+		Created                           int64
+	}
 	for _, filter := range []string{"label=PODMAN_SYSTEMD_UNIT=" + unit, "name=^systemd-" + strings.TrimSuffix(unit, ".service") + "$"} {
 		res := runCommand(ctx, cfg.commandTimeout, "podman", "ps", "--all", "--no-trunc", "--filter", filter, "--format", "json")
 		var list []psEntry

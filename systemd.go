@@ -19,7 +19,6 @@ import (
 	"path/filepath"
 	"regexp"
 	"slices"
-	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -28,8 +27,7 @@ import (
 	"unicode"
 )
 
-// firstListenFD is SD_LISTEN_FDS_START, a variable so that a test can hand in a listener's fd.
-var firstListenFD = 3
+var firstListenFD = 3 // SD_LISTEN_FDS_START, a variable so that a test can hand in a listener's fd
 
 // activationListeners returns the sockets systemd passed to this process, as sd_listen_fds(3).
 func activationListeners(getenv func(string) string) ([]net.Listener, error) {
@@ -84,10 +82,9 @@ func newNotifier(getenv func(string) string) (*notifier, error) {
 		return n, fmt.Errorf("cannot connect to NOTIFY_SOCKET %s: %w", path, err)
 	}
 	n.conn = conn
-	if us, err := strconv.ParseInt(usec, 10, 64); err == nil && us > 0 {
-		if pid, err := strconv.Atoi(wpid); wpid == "" || (err == nil && pid == os.Getpid()) {
-			n.watchdog = time.Duration(us) * time.Microsecond
-		}
+	us, err := strconv.ParseInt(usec, 10, 64)
+	if pid, perr := strconv.Atoi(wpid); err == nil && us > 0 && (wpid == "" || perr == nil && pid == os.Getpid()) {
+		n.watchdog = time.Duration(us) * time.Microsecond
 	}
 	return n, nil
 }
@@ -124,8 +121,7 @@ func (n *notifier) Close() {
 	}
 }
 
-// maxUnitNameLen is UNIT_NAME_MAX from systemd's unit-name.h.
-const maxUnitNameLen = 255
+const maxUnitNameLen = 255 // UNIT_NAME_MAX from systemd's unit-name.h
 
 var reUnitName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9:_.@-]*\.service$`)
 
@@ -201,8 +197,7 @@ func showUnit(ctx context.Context, cfg *config, unit string, props ...string) (m
 }
 
 const (
-	// unitLookupTTL lets a burst of deliveries share a lookup; a changed unit is seen in seconds.
-	unitLookupTTL     = 2 * time.Second
+	unitLookupTTL     = 2 * time.Second // a burst of deliveries shares a lookup; a change is seen in seconds
 	unitLookupTimeout = 5 * time.Second
 	maxUnitLookups    = 1024 // past it, the cache is emptied rather than kept forever
 )
@@ -235,8 +230,7 @@ func (c *unitLookups) configuredImage(ctx context.Context, cfg *config, getenv f
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if time.Since(e.at) >= c.ttl {
-		// Shared, so not cut short by the asking client; bounded, as GitHub waits 10 s at most.
-		lctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), unitLookupTimeout)
+		lctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), unitLookupTimeout) // shared: not the asker's to cut short
 		_, e.uf, e.err = inspectUnit(lctx, cfg, getenv, unit)
 		cancel()
 		e.at = time.Now()
@@ -252,8 +246,7 @@ type unitFile struct {
 	labels        map[string]string
 }
 
-// inspectUnit reads a unit's state (one systemctl show) and its Quadlet file: its SourcePath, else
-// <name>.container in the Quadlet directories; errUnitNotFound when systemd does not know it.
+// inspectUnit reads a unit's state and Quadlet file (SourcePath, else <name>.container); errUnitNotFound if unknown.
 func inspectUnit(ctx context.Context, cfg *config, getenv func(string) string, unit string) (u unitSample, _ unitFile, err error) {
 	props, err := showUnit(ctx, cfg, unit, append([]string{"LoadState", "SourcePath"}, unitStateProps...)...)
 	if err != nil {
@@ -283,9 +276,8 @@ func inspectUnit(ctx context.Context, cfg *config, getenv func(string) string, u
 		}
 		uf := unitFile{source: c, labels: map[string]string{}}
 		uf.readQuadlet(data)
-		// Drop-ins (NAME.container.d/*.conf, in lexical order) override the file, as in systemd.
-		dropins, _ := filepath.Glob(c + ".d/*.conf")
-		sort.Strings(dropins)
+		dropins, _ := filepath.Glob(c + ".d/*.conf") // they override the file in lexical order, as in systemd
+		slices.Sort(dropins)
 		for _, d := range dropins {
 			data, _ := os.ReadFile(d) // an unreadable drop-in is skipped
 			if uf.readQuadlet(data) {
@@ -297,9 +289,8 @@ func inspectUnit(ctx context.Context, cfg *config, getenv func(string) string, u
 	return u, unitFile{}, nil
 }
 
-// readQuadlet applies a [Container] section to uf as systemd.unit(5) parses it; it reports an
-// Image= (unquoted, without docker://). Label= words without "=" or unterminated quotes are
-// skipped, a later key overrides, and an empty Label= clears the labels before it.
+// readQuadlet applies a [Container] section to uf as systemd.unit(5) parses it, true on an Image=; bad
+// Label= words are skipped, a later key overrides, and an empty Label= clears the labels before it.
 func (uf *unitFile) readQuadlet(data []byte) (named bool) {
 	var section, pending string
 	for _, line := range strings.Split(string(data), "\n") {
@@ -342,13 +333,8 @@ func splitWords(s string) (words []string, ok bool) {
 		c := s[i]
 		switch {
 		case c == '\\' && i+1 < len(s):
-			i++
-			in = true
-			if r, found := map[byte]byte{'n': '\n', 't': '\t', 'r': '\r', 's': ' '}[s[i]]; found {
-				w.WriteByte(r)
-			} else {
-				w.WriteByte(s[i])
-			}
+			i, in = i+1, true
+			w.WriteByte(cmp.Or(map[byte]byte{'n': '\n', 't': '\t', 'r': '\r', 's': ' '}[s[i]], s[i]))
 		case quote != 0 && c == quote:
 			quote = 0
 		case quote != 0:
@@ -400,8 +386,7 @@ func childEnv() []string {
 	})
 }
 
-// dispatchArgv runs one redeploy as a transient user unit, which outlives a server restart; "-E
-// NAME" copies a variable's value from this process, so no value appears in argv.
+// dispatchArgv runs a redeploy as a transient unit, outliving a server restart; -E keeps values out of argv.
 func dispatchArgv(exe string, cfg *config, environ []string, t taskSpec) []string {
 	argv := []string{"systemd-run", "--user", "--collect", "--quiet", "--unit=" + taskUnitName(t.delivery)}
 	for _, kv := range environ {
@@ -460,9 +445,8 @@ type gateSample struct {
 	checkFailed bool
 }
 
-// gateVerdict judges the newest sample of a settle that began at start: a restart by systemd, a
-// stopped unit or container, an unhealthy one fail at once; once the settle's full length has
-// passed, the unit must be active and its healthcheck passing.
+// gateVerdict judges a settle's newest sample: a restart by systemd, a stopped or unhealthy unit or
+// container fail at once; once the settle passed, the unit must be active and its healthcheck pass.
 func gateVerdict(baseline unitSample, start time.Time, settle time.Duration, s gateSample) (verdict string, done bool) {
 	switch u := s.unit; {
 	case u.nRestarts > baseline.nRestarts:
@@ -526,13 +510,12 @@ func runCommand(ctx context.Context, timeout time.Duration, argv ...string) cmdR
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
-	cmd.WaitDelay = 5 * time.Second
-	cmd.Env = childEnv()
+	cmd.WaitDelay, cmd.Env = 5*time.Second, childEnv()
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	err := cmd.Run()
-	res := cmdResult{argv: argv, stdout: stdout.String(), stderr: tail(stderr.String(), 2048)}
-	res.exitCode = cmd.ProcessState.ExitCode() // -1 also when it did not start (nil ProcessState)
+	res := cmdResult{argv: argv, stdout: stdout.String(), stderr: tail(stderr.String(), 2048),
+		exitCode: cmd.ProcessState.ExitCode()} // -1 also when it did not start (nil ProcessState)
 	output := ""
 	if s := strings.TrimSpace(res.stderr); s != "" {
 		output = ": " + s
@@ -613,9 +596,8 @@ func (s *server) dispatchNext(ctx context.Context) time.Duration {
 	return max(wake.Sub(s.now()), 0)
 }
 
-// policy is when a unit's redeploys may run: its tag quiet for cooldown, approved, and while the
-// window (a systemd.time calendar event, open for length from each elapse) is open; and how its
-// image is checked: every check (0: WEBHOOK_CHECK_INTERVAL_SECS, < 0: never), deploying an update.
+// policy is when a unit may redeploy (its tag quiet for cooldown, approved, its window open) and
+// how its image is checked: every check (0: WEBHOOK_CHECK_INTERVAL_SECS, < 0: never), deploying an update.
 type policy struct {
 	cooldown, length, check time.Duration
 	window                  string
@@ -666,8 +648,7 @@ func parsePolicy(labels, defaults map[string]string) (policy, error) {
 	return p, nil
 }
 
-// windowOpens is when p's window is open next (now while it is open): systemd-analyze's first
-// elapse after now-length, its "(in UTC)" line, else "Next elapse" when the local zone is UTC.
+// windowOpens is when p's window opens next (now while open): systemd-analyze's first elapse after now-length.
 func (p policy) windowOpens(ctx context.Context, now time.Time) (time.Time, error) {
 	if p.window == "" {
 		return now, nil
@@ -693,8 +674,7 @@ func (p policy) windowOpens(ctx context.Context, now time.Time) (time.Time, erro
 	return t, nil
 }
 
-// policyHold is the dispatcher's one policy check, for every claim: cooldown, then approval, then
-// the window, which waits for both; a policy it cannot read fails the claims.
+// policyHold holds every claim for cooldown, then approval, then the window; an unreadable policy fails it.
 func (s *server) policyHold(ctx context.Context, qt queuedTask) hold {
 	now := s.now()
 	p, err := s.unitPolicy(ctx, qt.unit)
@@ -736,13 +716,11 @@ func (s *server) startTask(ctx context.Context, qt queuedTask) {
 	case res.err == nil:
 		s.log.infof("dispatched %s for %s (%s), covering %d deliveries", taskUnit, qt.unit, qt.image, len(qt.covered))
 	case qt.attempts+1 < dispatchAttempts && now.Sub(qt.claimed) < dispatchMaxAge:
-		errText = res.err.Error()
-		status, reason, code, retryAt = claimPending, "dispatch-retry", http.StatusServiceUnavailable, now.Add(retryDelay(qt.attempts))
+		status, reason, code, retryAt, errText = claimPending, "dispatch-retry", http.StatusServiceUnavailable, now.Add(retryDelay(qt.attempts)), res.err.Error()
 		s.log.warnf("cannot dispatch the redeploy of %s (attempt %d of %d), retrying in %s: %v",
 			qt.unit, qt.attempts+1, dispatchAttempts, retryDelay(qt.attempts), res.err)
 	default:
-		errText = res.err.Error()
-		status, reason, code = claimFailed, "dispatch-failed", http.StatusInternalServerError
+		status, reason, code, errText = claimFailed, "dispatch-failed", http.StatusInternalServerError, res.err.Error()
 		s.log.errorf("cannot dispatch the redeploy of %s after %d attempts, giving up on delivery %s and %d it covers: %v",
 			qt.unit, qt.attempts+1, qt.delivery, len(qt.covered)-1, res.err)
 	}
@@ -810,15 +788,12 @@ const (
 func (s *server) taskState(ctx context.Context, delivery string, since time.Time) taskState {
 	ctx, cancel := context.WithTimeout(ctx, unitLookupTimeout)
 	defer cancel()
-	p, err := showUnit(ctx, s.cfg, taskUnitName(delivery)+".service", "LoadState", "ActiveState")
-	if err != nil {
+	switch p, err := showUnit(ctx, s.cfg, taskUnitName(delivery)+".service", "LoadState", "ActiveState"); {
+	case err != nil:
 		return taskUnknown
-	}
-	if p["LoadState"] == "loaded" {
-		switch p["ActiveState"] {
-		case "active", "activating", "deactivating", "reloading":
-			return taskRunning
-		}
+	case p["LoadState"] == "loaded" && slices.Contains([]string{"active", "activating", "deactivating", "reloading"}, p["ActiveState"]):
+		return taskRunning
+	case p["LoadState"] == "loaded":
 		return taskEnded
 	}
 	if ran, err := s.events.taskRan(ctx, delivery, since); err != nil {
