@@ -557,8 +557,7 @@ func cmdRunTask(c *cli, args []string) int {
 			}
 		}()
 	}
-	err = validUnitName(t.unit)
-	if err == nil {
+	if err = validUnitName(t.unit); err == nil {
 		t.ref, err = parseImageRef(t.image)
 	}
 	if err == nil && t.digest != "" && !reDigest.MatchString(t.digest) {
@@ -850,7 +849,8 @@ func (t *task) rollback(ctx context.Context, before, source, after string, faile
 	}
 	if g := t.restartAndGate(bg, "rollback-", failed.last.unit, failed.ctr.id, before); g.verdict != "" {
 		meta["rollback_error"], meta["previous_image_id"] = g.verdict, before
-		return t.fail("rollback-failed", http.StatusInternalServerError, nil, meta, "redeploy of %s: rollback to %s failed too: %s", t.unit, before, g.verdict)
+		return t.fail("rollback-failed", http.StatusInternalServerError, nil, meta,
+			"redeploy of %s: rollback to %s failed too: %s", t.unit, before, g.verdict)
 	}
 	t.log.warnf("redeploy of %s to %s failed (%s): rolled back to image %s, %s", t.unit, t.image, failed.verdict, before, rollbackSources[source])
 	meta["image_id"], meta["previous_image_id"], meta["rollback_ms"] = before, before, t.now().Sub(start).Milliseconds()

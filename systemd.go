@@ -142,8 +142,7 @@ func validUnitName(name string) error {
 
 // resolveUnit reads "foo", "foo/redeploy" and "github-package-update/foo" as "foo.service".
 func resolveUnit(id string) (string, error) {
-	u := strings.TrimPrefix(strings.TrimPrefix(strings.TrimSpace(id), "/"), "github-package-update/")
-	u = strings.TrimSuffix(u, "/redeploy")
+	u := strings.TrimSuffix(strings.TrimPrefix(strings.TrimPrefix(strings.TrimSpace(id), "/"), "github-package-update/"), "/redeploy")
 	if u != "" && !strings.HasSuffix(u, ".service") {
 		u += ".service"
 	}
@@ -716,7 +715,8 @@ func (s *server) startTask(ctx context.Context, qt queuedTask) {
 	case res.err == nil:
 		s.log.infof("dispatched %s for %s (%s), covering %d deliveries", taskUnit, qt.unit, qt.image, len(qt.covered))
 	case qt.attempts+1 < dispatchAttempts && now.Sub(qt.claimed) < dispatchMaxAge:
-		status, reason, code, retryAt, errText = claimPending, "dispatch-retry", http.StatusServiceUnavailable, now.Add(retryDelay(qt.attempts)), res.err.Error()
+		status, reason, code, retryAt, errText = claimPending, "dispatch-retry", http.StatusServiceUnavailable,
+			now.Add(retryDelay(qt.attempts)), res.err.Error()
 		s.log.warnf("cannot dispatch the redeploy of %s (attempt %d of %d), retrying in %s: %v",
 			qt.unit, qt.attempts+1, dispatchAttempts, retryDelay(qt.attempts), res.err)
 	default:
