@@ -741,7 +741,7 @@ func (t *task) restartAndGate(ctx context.Context, prefix string, pre unitSample
 	sample := func(last bool) (gateSample, error) {
 		u, err := sampleUnit(bg, t.cfg, t.unit)
 		s := gateSample{at: t.now(), unit: u}
-		// The first look and, without a healthcheck, the last ask systemd alone: no podman ps in the start.
+		// The first look and (no healthcheck to pass) the last ask systemd alone: a podman ps would slow the start.
 		if looks++; err != nil || looks == 1 || last && !checked {
 			return s, err
 		}

@@ -125,7 +125,7 @@ const maxUnitNameLen = 255 // UNIT_NAME_MAX from systemd's unit-name.h
 
 var reUnitName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9:_.@-]*\.service$`)
 
-// validUnitName accepts systemd.unit(5) service names without escapes, globs, "-" first, empty instances.
+// validUnitName accepts systemd.unit(5) service names: no escapes, globs, leading "-" or bare template.
 func validUnitName(name string) error {
 	switch {
 	case name == "":
