@@ -1152,18 +1152,15 @@ func stepNotice(step string) string {
 // outcomeNotice queues the one message of a task's outcome (kind "" none), from its claims and meta.
 func outcomeNotice(ctx context.Context, tx *sql.Tx, taskUnit, kind string, at time.Time, meta map[string]any) error {
 	var leader, unit, image, digest sql.NullString
-	var first sql.NullInt64
-	if err := tx.QueryRowContext(ctx, `SELECT coalesce(covered_by, delivery_id), unit, image, max(nullif(digest, '')),
-		min(claimed_at) FROM github_deliveries WHERE task_unit = ?`, taskUnit).Scan(&leader, &unit, &image, &digest, &first); err != nil || kind == "" {
+	var sincePush int64
+	if err := tx.QueryRowContext(ctx, `SELECT coalesce(covered_by, delivery_id), unit, image, max(nullif(digest, '')), coalesce(? - min(claimed_at), 0)
+		FROM github_deliveries WHERE task_unit = ?`, at.UnixMilli(), taskUnit).Scan(&leader, &unit, &image, &digest, &sincePush); err != nil || kind == "" {
 		return err
 	}
 	m := func(k string) string { return metaString(meta, k) }
 	n := notice{Kind: kind, Time: at, Delivery: cmp.Or(leader.String, m("delivery")), Unit: cmp.Or(unit.String, m("unit")),
 		Image: cmp.Or(image.String, m("image")), Before: m("previous_image_id"), After: m("image_id"), Failed: m("failed_image_id"),
-		Digest: cmp.Or(digest.String, m("pulled_digest")), Reason: cmp.Or(m("error"), m("reason"))}
-	if first.Valid {
-		n.SincePushMS = at.UnixMilli() - first.Int64
-	}
+		Digest: cmp.Or(digest.String, m("pulled_digest")), Reason: cmp.Or(m("error"), m("reason")), SincePushMS: sincePush}
 	return notifyTx(ctx, tx, n)
 }
 
@@ -1173,10 +1170,7 @@ func (n *notice) render(publicURL string) {
 		n.Link = strings.TrimRight(publicURL, "/") + "/status/deliveries/" + url.PathEscape(n.Delivery)
 	}
 	n.Title = cmp.Or(n.Unit, "webhook-auto-update") + ": " + noticeKinds[n.Kind]
-	var since, lines string
-	if n.SincePushMS > 0 {
-		since = (time.Duration(n.SincePushMS) * time.Millisecond).Round(time.Second).String()
-	}
+	lines, since := "", map[bool]string{true: (time.Duration(n.SincePushMS) * time.Millisecond).Round(time.Second).String()}[n.SincePushMS > 0]
 	for _, kv := range [][2]string{{"outcome", noticeKinds[n.Kind]}, {"reason", n.Reason}, {"unit", n.Unit}, {"image", n.Image},
 		{"before", n.Before}, {"after", n.After}, {"rejected", n.Failed}, {"digest", n.Digest}, {"push to outcome", since},
 		{"delivery", n.Delivery}, {"story", n.Link}} {
@@ -1195,13 +1189,13 @@ type notifySettings struct {
 	timeout, backoff, maxBackoff, horizon, poll time.Duration
 }
 
-// notifyTarget is one entry of WEBHOOK_NOTIFY_URLS, name its URL without secrets: an HTTP request
+// notifyTarget is one entry of WEBHOOK_NOTIFY_URLS, name its URL without secrets: an HTTP POST
 // (body writes the request's body and the headers that depend on the message) or a mail.
 type notifyTarget struct {
-	scheme, name, method, endpoint string
-	header                         http.Header
-	body                           func(n notice, h http.Header) string
-	mail                           *mailTarget
+	scheme, name, endpoint string
+	header                 http.Header
+	body                   func(n notice, h http.Header) string
+	mail                   *mailTarget
 }
 
 type mailTarget struct {
@@ -1213,24 +1207,22 @@ var (
 	reNotifyScheme = regexp.MustCompile(`^[A-Za-z][A-Za-z0-9+.-]*://`)
 	reSlackToken   = regexp.MustCompile(`^(?:(xox.|hook)[-:]|:?)([A-Z0-9]{9,})([-/,])([A-Z0-9]{9,})([-/,])([A-Za-z0-9]{24,})$`)
 	reGotifyToken  = regexp.MustCompile(`^A[A-Za-z0-9._-]{14}$`)
-	ntfyPriority   = map[string]string{"1": "1", "2": "2", "3": "3", "4": "4", "5": "5",
-		"min": "1", "low": "2", "default": "3", "high": "4", "max": "5", "urgent": "5"}
+	ntfyPriority   = map[string]string{"1": "1", "2": "2", "3": "3", "4": "4", "5": "5", "min": "1", "low": "2", "default": "3", "high": "4", "max": "5", "urgent": "5"}
+	shoutrrrBool   = map[string]string{"yes": "yes", "true": "yes", "1": "yes", "no": "no", "false": "no", "0": "no"} // its yes/no options' values
 	// notifyOptions are the query options of each scheme, shoutrrr's alias after a |.
-	notifyOptions = map[string][]string{"ntfy": {"title", "priority", "tags", "click", "icon", "scheme"},
-		"gotify": {"title", "priority", "disabletls"}, "slack": {"title", "color", "botname|username"}, "discord": {"title", "username", "color"},
-		"smtp":    {"subject|title", "from|fromaddress", "to|toaddresses", "encryption", "usestarttls", "auth"},
-		"generic": genericOptions, "generic+https": genericOptions, "generic+http": genericOptions}
-	genericOptions = []string{"title", "method", "disabletls"}
+	notifyOptions = map[string][]string{"ntfy": {"title", "priority", "tags", "scheme"}, "gotify": {"title", "priority", "disabletls"},
+		"slack": {"title"}, "discord": {"title"}, "smtp": {"subject|title", "from|fromaddress", "to|toaddresses", "usestarttls"},
+		"generic": {"title", "disabletls"}, "generic+https": {"title", "disabletls"}, "generic+http": {"title", "disabletls"}}
 )
 
 // parseNotifyURL reads one URL in shoutrrr's format; errors never hold a secret. An unknown option is an
-// error, except a generic target's own query (not template, contenttype, titlekey, messagekey, $key) and @Header=value.
+// error, except a generic target's own query (not template, contenttype, titlekey, messagekey, method, $key, @header).
 func parseNotifyURL(raw string) (notifyTarget, error) {
 	scheme, _, _ := strings.Cut(raw, "://")
 	if !reNotifyScheme.MatchString(raw) {
 		scheme = "?" // no scheme: what stands before a "://" may be a secret
 	}
-	t := notifyTarget{scheme: strings.ToLower(scheme), method: "POST", header: http.Header{"Content-Type": {"application/json"}}}
+	t := notifyTarget{scheme: strings.ToLower(scheme), header: http.Header{"Content-Type": {"application/json"}}}
 	t.name = oneLine(t.scheme) + "://…"
 	u, err := url.Parse(raw)
 	options, known := notifyOptions[t.scheme]
@@ -1240,47 +1232,38 @@ func parseNotifyURL(raw string) (notifyTarget, error) {
 	} else if !known {
 		return wrong("unknown scheme (want ntfy, gotify, slack, discord, smtp or generic)")
 	}
-	opt, pass, unknown, generic := map[string]string{}, url.Values{}, []string{}, strings.HasPrefix(t.scheme, "generic")
-	for k, vs := range u.Query() {
+	opt, pass, q := map[string]string{}, url.Values{}, u.Query()
+	for _, k := range slices.Sorted(maps.Keys(q)) {
 		lk := strings.ToLower(k)
 		i := slices.IndexFunc(options, func(o string) bool { name, alias, _ := strings.Cut(o, "|"); return lk == name || lk == alias })
 		switch {
+		case i >= 0 && strings.HasSuffix(lk, "tls") && shoutrrrBool[strings.ToLower(q[k][0])] == "":
+			return wrong(lk + " must be yes or no") // disabletls, usestarttls
 		case i >= 0:
-			opt[strings.Split(options[i], "|")[0]] = vs[0]
-		case generic && strings.HasPrefix(k, "@"):
-			t.header.Set(k[1:], vs[0])
-		case generic && !strings.HasPrefix(k, "$") && !slices.Contains([]string{"template", "contenttype", "titlekey", "messagekey"}, lk):
-			pass[k] = vs
+			opt[strings.Split(options[i], "|")[0]] = q[k][0]
+		case strings.HasPrefix(t.scheme, "generic") && strings.IndexAny(k, "$@") != 0 &&
+			!slices.Contains([]string{"template", "contenttype", "titlekey", "messagekey", "method"}, lk):
+			pass[k] = q[k]
 		default:
-			unknown = append(unknown, lk)
+			return wrong("unsupported option " + lk)
 		}
 	}
-	bad, title := "", opt["title"]
-	password, _ := u.User.Password()
-	if slices.Sort(unknown); len(unknown) > 0 {
-		bad = "unsupported option " + strings.Join(unknown, ", ")
-	}
-	yes := func(key string, def bool) bool { // shoutrrr's yes/no options
-		v := strings.ToLower(cmp.Or(opt[key], strconv.FormatBool(def)))
-		if !slices.Contains([]string{"yes", "true", "1", "no", "false", "0"}, v) {
-			bad = key + " must be yes or no"
-		}
-		return v == "yes" || v == "true" || v == "1"
-	}
-	plain := func(key string, def bool) string { return map[bool]string{true: "http", false: "https"}[yes(key, def)] }
+	title := opt["title"]
+	yes := func(key, def string) bool { return shoutrrrBool[strings.ToLower(cmp.Or(opt[key], def))] == "yes" }
+	plain := func(key, def string) string { return map[bool]string{true: "http", false: "https"}[yes(key, def)] }
 	switch t.scheme {
 	case "ntfy":
 		topic, sch, prio := strings.Trim(u.Path, "/"), cmp.Or(opt["scheme"], "https"), ntfyPriority[strings.ToLower(opt["priority"])]
 		if u.Host == "" || topic == "" || sch != "https" && sch != "http" {
 			return wrong("want ntfy://[user:pass@]host[:port]/topic[?scheme=http]")
-		} else if prio == "" && opt["priority"] != "" {
-			bad = "priority must be 1 to 5 or min, low, default, high, max, urgent"
+		}
+		if t.name = "ntfy://" + u.Host + "/" + topic; prio == "" && opt["priority"] != "" {
+			return wrong("priority must be 1 to 5 or min, low, default, high, max, urgent")
 		}
 		dest := url.URL{Scheme: sch, User: u.User, Host: u.Host, Path: "/" + topic} // net/http sends the user as Basic auth
-		t.name, t.endpoint, t.header = "ntfy://"+u.Host+"/"+topic, dest.String(), http.Header{}
+		t.endpoint, t.header = dest.String(), http.Header{}
 		t.body = func(n notice, h http.Header) string {
-			for k, v := range map[string]string{"Title": cmp.Or(title, n.Title), "Priority": prio, "Tags": opt["tags"],
-				"Click": cmp.Or(opt["click"], n.Link), "X-Icon": opt["icon"]} {
+			for k, v := range map[string]string{"Title": cmp.Or(title, n.Title), "Priority": prio, "Tags": opt["tags"], "Click": n.Link} {
 				if v != "" {
 					h.Set(k, v)
 				}
@@ -1288,86 +1271,63 @@ func parseNotifyURL(raw string) (notifyTarget, error) {
 			return n.Message
 		}
 	case "gotify":
-		path := strings.TrimSuffix(u.Path, "/")
-		sub, token := path[:strings.LastIndex(path, "/")+1], path[strings.LastIndex(path, "/")+1:]
+		token := strings.Trim(u.Path, "/")
 		prio, err := strconv.Atoi(cmp.Or(opt["priority"], "0"))
 		if u.Host == "" || !reGotifyToken.MatchString(token) {
-			return wrong("want gotify://host[:port][/path]/TOKEN with an application token (15 characters, starting with A)")
-		} else if err != nil {
-			bad = "priority must be a number"
+			return wrong("want gotify://host[:port]/TOKEN with an application token (15 characters, starting with A)")
 		}
-		t.name, t.endpoint = "gotify://"+u.Host+sub+"…", plain("disabletls", false)+"://"+u.Host+sub+"message"
+		if t.name = "gotify://" + u.Host + "/…"; err != nil {
+			return wrong("priority must be a number")
+		}
+		t.endpoint = plain("disabletls", "no") + "://" + u.Host + "/message"
 		t.header.Set("X-Gotify-Key", token)
 		t.body = func(n notice, _ http.Header) string {
 			return marshalJSON(map[string]any{"title": cmp.Or(title, n.Title), "message": n.Message, "priority": prio})
 		}
-	case "slack":
-		token, bot := u.User.Username()+":"+password, opt["botname"]
-		if len(u.Path) > 1 {
-			token, bot = u.Host+u.Path, cmp.Or(bot, u.User.Username())
-		}
-		m := reSlackToken.FindStringSubmatch(token)
+	case "slack": // the token as hook:TOKEN@webhook, or as the host and path (a user there, shoutrrr's botname, is refused)
+		m := reSlackToken.FindStringSubmatch(cmp.Or(u.User.String(), u.Host+u.Path))
 		if m == nil || m[1] != "" && m[1] != "hook" || m[3] != m[5] {
-			return wrong("want an incoming webhook, slack://hook:TOKEN@webhook or slack://[botname@]T…/B…/X… (bot tokens are not supported)")
+			return wrong("want an incoming webhook, slack://hook:TOKEN@webhook or slack://T…/B…/X… (bot tokens and botname are not supported)")
 		}
 		t.name, t.endpoint = "slack://"+m[2]+"/…", "https://hooks.slack.com/services/"+m[2]+"/"+m[4]+"/"+m[6]
 		t.body = func(n notice, _ http.Header) string {
-			return marshalJSON(map[string]any{"text": cmp.Or(title, n.Title), "username": bot,
-				"attachments": []map[string]string{{"text": n.Message, "color": opt["color"]}}})
+			return marshalJSON(map[string]any{"text": cmp.Or(title, n.Title), "attachments": []map[string]string{{"text": n.Message}}})
 		}
 	case "discord":
-		id, token := u.Host, u.User.Username()
-		color, err := strconv.ParseUint(strings.TrimPrefix(strings.ToLower(cmp.Or(opt["color"], "0")), "0x"), 16, 24)
-		if id == "" || token == "" || strings.Trim(u.Path, "/") != "" {
+		if u.Host == "" || u.User.Username() == "" || strings.Trim(u.Path, "/") != "" {
 			return wrong("want discord://TOKEN@WEBHOOKID")
-		} else if err != nil {
-			bad = "color must be a hex number such as 0x50D9ff"
 		}
-		t.name, t.endpoint = "discord://…@"+id, "https://discord.com/api/webhooks/"+id+"/"+token
+		t.name, t.endpoint = "discord://…@"+u.Host, "https://discord.com/api/webhooks/"+u.Host+"/"+u.User.Username()
 		t.body = func(n notice, _ http.Header) string {
-			c := cmp.Or(color, map[bool]uint64{true: 0x50d9ff, false: 0xd60510}[n.Kind == "healthy" || n.Kind == "test"])
-			return marshalJSON(map[string]any{"username": opt["username"], "embeds": []any{map[string]any{"title": cmp.Or(title, n.Title),
-				"description": n.Message, "url": n.Link, "color": c, "timestamp": n.Time.UTC().Format(time.RFC3339)}}})
+			return marshalJSON(map[string]any{"embeds": []any{map[string]any{"title": cmp.Or(title, n.Title), "description": n.Message,
+				"url": n.Link, "timestamp": n.Time.UTC().Format(time.RFC3339)}}})
 		}
-	case "smtp":
-		m := &mailTarget{addr: net.JoinHostPort(u.Hostname(), cmp.Or(u.Port(), "25")), host: u.Hostname(), user: u.User.Username(),
-			pass: password, subject: opt["subject"], tls: "starttls"}
-		enc, starttls, auth := strings.ToLower(cmp.Or(opt["encryption"], "auto")), yes("usestarttls", true), strings.ToLower(opt["auth"])
+	case "smtp": // STARTTLS unless usestarttls=no; implicit TLS on port 465
 		from, err := mail.ParseAddress(opt["from"])
 		to, errTo := mail.ParseAddressList(opt["to"])
-		switch {
-		case m.host == "" || err != nil || errTo != nil:
+		if u.Hostname() == "" || err != nil || errTo != nil {
 			return wrong("want smtp://[user:pass@]host:port/?from=ADDRESS&to=ADDRESS[,ADDRESS]")
-		case !slices.Contains([]string{"none", "explicittls", "implicittls", "auto"}, enc) || !slices.Contains([]string{"", "none", "plain", "unknown"}, auth):
-			bad = "encryption must be None, ExplicitTLS, ImplicitTLS or Auto and auth None or Plain"
-		case enc == "implicittls" || enc == "auto" && u.Port() == "465":
-			m.tls = "implicit"
-		case enc == "none" || !starttls:
-			m.tls = "none"
 		}
-		if m.from = from.Address; auth == "none" {
-			m.user = ""
-		}
+		pass, _ := u.User.Password()
+		m := &mailTarget{addr: net.JoinHostPort(u.Hostname(), cmp.Or(u.Port(), "25")), host: u.Hostname(), user: u.User.Username(), pass: pass,
+			from: from.Address, subject: opt["subject"], tls: cmp.Or(map[bool]string{true: "implicit"}[u.Port() == "465"],
+				map[bool]string{true: "starttls", false: "none"}[yes("usestarttls", "yes")])}
 		for _, a := range to {
 			m.to = append(m.to, a.Address)
 		}
 		t.name, t.mail = "smtp://"+m.addr+"/?to="+strings.Join(m.to, ","), m
 	default: // generic, generic+https, generic+http
-		method := strings.ToUpper(cmp.Or(opt["method"], "POST"))
-		if u.Host == "" || !slices.Contains([]string{"POST", "PUT", "PATCH"}, method) {
-			return wrong("want generic+https://host[:port]/path (method POST, PUT or PATCH)")
+		if u.Host == "" {
+			return wrong("want generic+https://host[:port]/path")
 		}
-		dest := url.URL{Scheme: plain("disabletls", t.scheme == "generic+http"), User: u.User, Host: u.Host, Path: u.Path, RawQuery: pass.Encode()}
-		t.name, t.endpoint, t.method = "generic+"+dest.Scheme+"://"+u.Host+"/…", dest.String(), method
+		dest := url.URL{Scheme: plain("disabletls", strconv.FormatBool(t.scheme == "generic+http")), User: u.User, Host: u.Host, Path: u.Path, RawQuery: pass.Encode()}
+		t.name, t.endpoint = "generic+"+dest.Scheme+"://"+u.Host+"/…", dest.String()
 		t.body = func(n notice, h http.Header) string {
 			n.Title = cmp.Or(title, n.Title)
 			h.Set("X-Webhook-Id", n.ID)
 			h.Set("X-Webhook-Timestamp", strconv.FormatInt(n.Time.Unix(), 10))
 			return marshalJSON(n)
 		}
-	}
-	if bad != "" {
-		return wrong(bad)
 	}
 	return t, nil
 }
@@ -1379,7 +1339,7 @@ func (t notifyTarget) request(n notice, secret string) (*http.Request, error) {
 	if strings.HasPrefix(t.scheme, "generic") {
 		h.Set("X-Signature-256", "sha256="+hex.EncodeToString(hmacSHA256(secret, []byte(body))))
 	}
-	req, err := http.NewRequest(t.method, t.endpoint, strings.NewReader(body))
+	req, err := http.NewRequest("POST", t.endpoint, strings.NewReader(body))
 	if err == nil {
 		req.Header = h
 	}
@@ -1438,9 +1398,7 @@ func (m *mailTarget) send(ctx context.Context, n notice) error {
 		if m.tls == "implicit" {
 			conn = tls.Client(conn, &tls.Config{ServerName: m.host})
 		}
-		if c, err = smtp.NewClient(conn, m.host); err == nil {
-			err = c.Hello("localhost")
-		}
+		c, err = smtp.NewClient(conn, m.host) // says EHLO localhost at its first command
 	}
 	if err == nil && m.tls == "starttls" {
 		if ok, _ := c.Extension("STARTTLS"); !ok {
@@ -1452,12 +1410,11 @@ func (m *mailTarget) send(ctx context.Context, n notice) error {
 	if err == nil && m.user != "" {
 		err = c.Auth(smtp.PlainAuth("", m.user, m.pass, m.host))
 	}
-	for _, to := range append([]string{""}, m.to...) { // MAIL FROM, then each RCPT TO
-		if err == nil && to == "" {
-			err = c.Mail(m.from)
-		} else if err == nil {
-			err = c.Rcpt(to)
-		}
+	if err == nil {
+		err = c.Mail(m.from)
+	}
+	for i := 0; err == nil && i < len(m.to); i++ {
+		err = c.Rcpt(m.to[i])
 	}
 	var w io.WriteCloser
 	if err == nil {
@@ -1570,22 +1527,18 @@ func notifyCounts(ctx context.Context, db *sql.DB) (map[[2]string]int64, error) 
 
 // noticeView is a story's message on the status page: its kind, state and each target's.
 type noticeView struct {
-	When, Kind, State string
-	Targets           map[string]targetState
+	When, Kind, State, targets string
+	created                    int64
+	Targets                    map[string]targetState
 }
 
 func storyNotices(ctx context.Context, db *sql.DB, delivery string, loc *time.Location) ([]noticeView, error) {
-	var out []noticeView
-	err := scan(ctx, db, `SELECT created_at, kind, state, targets FROM notify_outbox WHERE delivery_id = ? ORDER BY id`,
-		[]any{delivery}, func(rows *sql.Rows) error {
-			var v noticeView
-			var created int64
-			var targets string
-			err := rows.Scan(&created, &v.Kind, &v.State, &targets)
-			v.When = statusTime(created/1000, loc)
-			out = append(out, v)
-			return cmp.Or(err, json.Unmarshal([]byte(targets), &out[len(out)-1].Targets))
-		})
+	out, err := collect(ctx, db, `SELECT created_at, kind, state, targets FROM notify_outbox WHERE delivery_id = ? ORDER BY id`,
+		[]any{delivery}, func(v *noticeView) []any { return []any{&v.created, &v.Kind, &v.State, &v.targets} })
+	for i, v := range out {
+		out[i].When = statusTime(v.created/1000, loc)
+		err = cmp.Or(err, json.Unmarshal([]byte(v.targets), &out[i].Targets))
+	}
 	return out, err
 }
 

@@ -702,8 +702,7 @@ const (
 
 const usageCheck = `usage: webhook-auto-update check [--state-dir DIR] [--db URL] [UNIT...]
 
-Checks now the image of each unit (default: each unit of a Quadlet .container file), stores the
-result and prints "unit -> state"; with on-update=deploy an update is queued for the server.
+Checks and prints "unit -> state" for each unit (default: every Quadlet unit); on-update=deploy queues an update.
 Exit status: 0 every check succeeded, 1 a check failed, 2 usage error or skopeo missing.
 `
 
@@ -717,8 +716,8 @@ func cmdCheck(c *cli, args []string) int {
 		return 2
 	}
 	for i, id := range units {
-		var err error
-		if units[i], err = resolveUnit(id); err != nil {
+		u, err := resolveUnit(id)
+		if units[i] = u; err != nil {
 			return c.usageError("check", usageCheck, "%v", err)
 		}
 	}
@@ -736,12 +735,9 @@ func cmdCheck(c *cli, args []string) int {
 	s.getenv = c.getenv
 	for _, u := range units {
 		r, ok := s.checkRegistry(ctx, u, true)
-		line := r.State().Label + ": " + r.Image + ", running " + r.Running + ", registry " + r.Remote
-		switch {
-		case !ok:
-			line = "not checked (no Image=, or check=off)"
-		case r.Error != "":
-			exit, line = 1, "check failed: "+r.Error
+		line := map[bool]string{true: r.State().Label, false: "not checked (no Image=, or check=off)"}[ok]
+		if r.Error != "" {
+			exit, line = 1, line+": "+r.Error
 		}
 		fmt.Fprintf(c.stdout, "%s -> %s\n", u, line)
 	}

@@ -266,11 +266,14 @@ func TestCheckCommand(t *testing.T) {
 	if code := run([]string{"check"}, env, &out, &errOut); code != 0 {
 		t.Fatalf("check: exit %d, want 0; stdout:\n%s\nstderr:\n%s", code, out.String(), errOut.String())
 	}
-	want := "app.service -> up to date: registry.example/acme/app:1, running " + runningDigest + ", registry " + runningDigest + "\n" +
-		"db.service -> up to date: docker.io/library/postgres:16, running " + runningDigest + ", registry " + runningDigest + "\n" +
-		"local.service -> not checked (no Image=, or check=off)\n"
+	want := "app.service -> up to date\ndb.service -> up to date\nlocal.service -> not checked (no Image=, or check=off)\n"
 	if out.String() != want {
 		t.Errorf("check printed:\n%s\nwant:\n%s", out.String(), want)
+	}
+	h.set("skopeo-inspect.stdout", newerDigest+"\n")
+	out.Reset()
+	if code := run([]string{"check", "db"}, env, &out, &errOut); code != 0 || !strings.HasPrefix(out.String(), "db.service -> update available since ") {
+		t.Errorf("check db with a newer digest: exit %d, stdout %q; want 0 and the update", code, out.String())
 	}
 	h.set("skopeo-inspect.fails", "1")
 	out.Reset()
