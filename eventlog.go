@@ -1208,7 +1208,7 @@ var (
 	reSlackToken   = regexp.MustCompile(`^(?:(xox.|hook)[-:]|:?)([A-Z0-9]{9,})([-/,])([A-Z0-9]{9,})([-/,])([A-Za-z0-9]{24,})$`)
 	reGotifyToken  = regexp.MustCompile(`^A[A-Za-z0-9._-]{14}$`)
 	ntfyPriority   = map[string]string{"1": "1", "2": "2", "3": "3", "4": "4", "5": "5", "min": "1", "low": "2", "default": "3", "high": "4", "max": "5", "urgent": "5"}
-	shoutrrrBool   = map[string]string{"yes": "yes", "true": "yes", "1": "yes", "no": "no", "false": "no", "0": "no"} // its yes/no options' values
+	shoutrrrBool   = map[string]string{"yes": "yes", "true": "yes", "1": "yes", "no": "no", "false": "no", "0": "no"} // shoutrrr's yes/no values
 	// notifyOptions are the query options of each scheme, shoutrrr's alias after a |.
 	notifyOptions = map[string][]string{"ntfy": {"title", "priority", "tags", "scheme"}, "gotify": {"title", "priority", "disabletls"},
 		"slack": {"title"}, "discord": {"title"}, "smtp": {"subject|title", "from|fromaddress", "to|toaddresses", "usestarttls"},
