@@ -213,13 +213,6 @@ one "unit -> status" line per unit, as trigger-units does.
 Exit status: 0 every unit triggered, 1 a unit failed, 2 usage error or nothing valid to trigger.
 `
 
-func cmdTriggerUnits(c *cli, args []string) int {
-	return cmdTrigger(c, args, "trigger-units", usageTriggerUnits)
-}
-func cmdTriggerAll(c *cli, args []string) int {
-	return cmdTrigger(c, args, "trigger-all", usageTriggerAll)
-}
-
 // cmdTrigger runs trigger-units or trigger-all, prints the results and writes the cli-trigger row.
 func cmdTrigger(c *cli, args []string, command, usage string) int {
 	var dryRun, all bool
@@ -281,9 +274,6 @@ Approves (or rejects) a delivery awaiting approval, with the deliveries of its u
 waiting with it, and stores who and why in the event log. A running server's dispatcher sees an
 approval within 30 s. Exit status: 0 done, 1 not awaiting approval or failed, 2 usage error.
 `
-
-func cmdApprove(c *cli, args []string) int { return cmdDecide(c, args, "approve") }
-func cmdReject(c *cli, args []string) int  { return cmdDecide(c, args, "reject") }
 
 func cmdDecide(c *cli, args []string, decision string) int {
 	var caller, reason string

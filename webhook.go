@@ -1207,19 +1207,14 @@ func (c *cached[T]) get(now func() time.Time, compute func(ctx context.Context) 
 
 // checkHealth: the database is the file opened, its newest write did not fail, the state dir takes a file.
 func (s *server) checkHealth(ctx context.Context) healthReport {
-	var failing, dbErrs []string
+	var failing []string
 	db := map[string]any{"path": s.cfg.dbPath, "pending_writes": s.events.pending.Load(),
 		"write_failures": s.events.failures.Load(), "writable": true}
 	if v, err := schemaVersion(ctx, s.events.reader); err == nil {
 		db["schema_version"] = v
 	}
-	for _, err := range []error{s.events.usable(), s.events.lastWriteFailed()} {
-		if err != nil {
-			dbErrs = append(dbErrs, err.Error())
-		}
-	}
-	if len(dbErrs) > 0 {
-		db["writable"], db["error"] = false, strings.Join(dbErrs, "; ")
+	if err := errors.Join(s.events.usable(), s.events.lastWriteFailed()); err != nil { // joined by "; "
+		db["writable"], db["error"] = false, strings.ReplaceAll(err.Error(), "\n", "; ")
 		failing = append(failing, "database")
 	}
 	if free := s.diskFree(); free < s.cfg.diskReserve {
@@ -1320,7 +1315,8 @@ func (s *server) writeDBMetrics(ctx context.Context) *promWriter {
 	outcomes, err2 := outcomeCounts(ctx, db)
 	steps, err3 := countsBy(ctx, db, stepCountsSQL)
 	sends, err4 := notifyCounts(ctx, db)
-	if p.err = cmp.Or(err, err1, err2, err3, err4); p.err != nil {
+	checks, err5 := readRegistryChecks(ctx, db, "")
+	if p.err = cmp.Or(err, err1, err2, err3, err4, err5); p.err != nil {
 		return p
 	}
 	p.gauge("webhook_delivery_queue_pending", "gauge", "Deliveries recorded and waiting for their redeploy task to be started.", float64(pending))
@@ -1332,10 +1328,6 @@ func (s *server) writeDBMetrics(ctx context.Context) *promWriter {
 	p.family("webhook_delivery_queue_waiting", "gauge", "Pending deliveries waiting for their unit's policy, by reason.")
 	for _, r := range []string{waitCooldown, waitWindow, waitApproval} {
 		p.sample("webhook_delivery_queue_waiting", []string{"reason", r}, float64(waiting[r]))
-	}
-	checks, err5 := readRegistryChecks(ctx, db, "")
-	if p.err = err5; p.err != nil {
-		return p
 	}
 	p.family("webhook_image_update_available", "gauge", "1 while the newest digest the registry check found for a unit's image is not the one its container runs.")
 	for _, c := range checks {
