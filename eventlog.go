@@ -1254,7 +1254,7 @@ func parseNotifyURL(raw string) (notifyTarget, error) {
 	switch t.scheme {
 	case "ntfy":
 		topic, sch, prio := strings.Trim(u.Path, "/"), cmp.Or(opt["scheme"], "https"), ntfyPriority[strings.ToLower(opt["priority"])]
-		if u.Host == "" || topic == "" || sch != "https" && sch != "http" {
+		if u.Hostname() == "" || topic == "" || sch != "https" && sch != "http" {
 			return wrong("want ntfy://[user:pass@]host[:port]/topic[?scheme=http]")
 		}
 		if t.name = "ntfy://" + u.Host + "/" + topic; prio == "" && opt["priority"] != "" {
@@ -1273,7 +1273,7 @@ func parseNotifyURL(raw string) (notifyTarget, error) {
 	case "gotify":
 		token := strings.Trim(u.Path, "/")
 		prio, err := strconv.Atoi(cmp.Or(opt["priority"], "0"))
-		if u.Host == "" || !reGotifyToken.MatchString(token) {
+		if u.Hostname() == "" || !reGotifyToken.MatchString(token) {
 			return wrong("want gotify://host[:port]/TOKEN with an application token (15 characters, starting with A)")
 		}
 		if t.name = "gotify://" + u.Host + "/…"; err != nil {
@@ -1294,7 +1294,7 @@ func parseNotifyURL(raw string) (notifyTarget, error) {
 			return marshalJSON(map[string]any{"text": cmp.Or(title, n.Title), "attachments": []map[string]string{{"text": n.Message}}})
 		}
 	case "discord":
-		if u.Host == "" || u.User.Username() == "" || strings.Trim(u.Path, "/") != "" {
+		if u.Hostname() == "" || u.User.Username() == "" || strings.Trim(u.Path, "/") != "" {
 			return wrong("want discord://TOKEN@WEBHOOKID")
 		}
 		t.name, t.endpoint = "discord://…@"+u.Host, "https://discord.com/api/webhooks/"+u.Host+"/"+u.User.Username()
@@ -1317,7 +1317,7 @@ func parseNotifyURL(raw string) (notifyTarget, error) {
 		}
 		t.name, t.mail = "smtp://"+m.addr+"/?to="+strings.Join(m.to, ","), m
 	default: // generic, generic+https, generic+http
-		if u.Host == "" {
+		if u.Hostname() == "" {
 			return wrong("want generic+https://host[:port]/path")
 		}
 		dest := url.URL{Scheme: plain("disabletls", strconv.FormatBool(t.scheme == "generic+http")), User: u.User, Host: u.Host, Path: u.Path, RawQuery: pass.Encode()}
