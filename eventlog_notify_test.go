@@ -6,6 +6,7 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"database/sql"
 	"encoding/json"
@@ -128,6 +129,9 @@ func TestParseNotifyURL(t *testing.T) {
 		{raw: "generic://h.example/x?disabletls=yes", name: "generic+http://h.example/…"},
 		{raw: "smtp://m.example:465/?from=a@b.c&to=d@e.f", name: "smtp://m.example:465/?to=d@e.f"},
 		{raw: "ntfy://ntfy.sh/", err: "ntfy://…: want ntfy://"},
+		{raw: "ntfy://:8080/topic", err: "ntfy://…: want ntfy://"}, // a port but no host
+		{raw: "generic+https://:443/hook", err: "want generic+https://host"},
+		{raw: "gotify://:80/Aaaaaaaaaaaaaaa", err: "want gotify://"},
 		{raw: "ntfy://u:SECRET@ntfy.sh/t?priority=9", err: "ntfy://ntfy.sh/t: priority"},
 		{raw: "ntfy://ntfy.sh/t?colour=red", err: "unsupported option colour"},
 		{raw: "gotify://g.example/SECRETtooshort", err: "application token"},
@@ -196,10 +200,15 @@ func FuzzParseNotifyURL(f *testing.F) {
 	}
 	f.Fuzz(func(t *testing.T, raw string) {
 		target, err := parseNotifyURL(raw)
+		// The password is in the authority, which ends at the first "/", "?" or "#" (as url.Parse
+		// reads it); an "@" after that is part of the path, and what precedes it no password.
 		pass := ""
-		if i, j := strings.Index(raw, "://"), strings.LastIndex(raw, "@"); i >= 0 && j > i {
-			if _, p, ok := strings.Cut(raw[i+3:j], ":"); ok && len(p) >= 6 {
-				pass = p
+		if _, rest, ok := strings.Cut(raw, "://"); ok {
+			auth := rest[:cmp.Or(strings.IndexAny(rest, "/?#")+1, len(rest)+1)-1]
+			if j := strings.LastIndex(auth, "@"); j >= 0 {
+				if _, p, ok := strings.Cut(auth[:j], ":"); ok && len(p) >= 6 {
+					pass = p
+				}
 			}
 		}
 		if pass == "" {
