@@ -737,14 +737,15 @@ func (t *task) restartAndGate(ctx context.Context, prefix string, pre unitSample
 	}
 	t.step(prefix+"restarted", http.StatusOK, &res, map[string]any{"restart_ms": t.now().Sub(restartStart).Milliseconds()})
 	g := gateResult{digests: map[string]any{}}
-	looks, checked := 0, false // checked: the container has a healthcheck, run in the last look
+	looks, asked, checked := 0, false, false // asked: a look asked podman; checked: it found a healthcheck, run in the last look
 	sample := func(last bool) (gateSample, error) {
 		u, err := sampleUnit(bg, t.cfg, t.unit)
 		s := gateSample{at: t.now(), unit: u}
-		// The first look and (no healthcheck to pass) the last ask systemd alone: a podman ps would slow the start.
-		if looks++; err != nil || looks == 1 || last && !checked {
+		// The first look asks systemd alone (podman ps slows the start); the last too once a look found no healthcheck.
+		if looks++; err != nil || looks == 1 && !last || last && asked && !checked {
 			return s, err
 		}
+		asked = true
 		s.ctr = findUnitContainer(bg, t.cfg, t.unit, old)
 		g.ctr = cmp.Or(s.ctr, g.ctr)
 		if checked = s.ctr.health != "" && s.ctr.state == "running"; checked {

@@ -482,7 +482,7 @@ func watchGate(ctx context.Context, now func() time.Time, after func(time.Durati
 			if cut {
 				settle = 0 // being stopped: this sample decides
 			}
-			if v, done := gateVerdict(baseline, start, settle, s); done {
+			if v, done := gateVerdict(baseline, start, settle, s); done && (v != "" || final) { // only a last look passes
 				return v, s, cut
 			}
 		} else if final {

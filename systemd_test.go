@@ -1029,6 +1029,26 @@ func TestE2ESocketActivation(t *testing.T) {
 // TestWatchGate runs the gate on a fake clock: a sample every poll of 500 ms over a 3 s settle.
 // A problem fails the gate at the sample that shows it, not at the settle's end; passing takes
 // the settle's full length.
+// TestWatchGateSlowLook: a look that took past the settle (a loaded host) does not pass the gate
+// by itself: a last look follows, and its failing healthcheck is the verdict.
+func TestWatchGateSlowLook(t *testing.T) {
+	var clock time.Duration
+	base := time.Unix(1700000000, 0)
+	now := func() time.Time { return base.Add(clock) }
+	after := func(d time.Duration) <-chan time.Time { clock += d; c := make(chan time.Time, 1); c <- now(); return c }
+	active := unitSample{activeState: "active", subState: "running", result: "success"}
+	var lasts []bool
+	sample := func(last bool) (gateSample, error) {
+		lasts = append(lasts, last)
+		clock += 4 * time.Second // slower than the whole settle
+		return gateSample{at: now(), unit: active, checkFailed: last}, nil
+	}
+	verdict, _, _ := watchGate(context.Background(), now, after, 500*time.Millisecond, 3*time.Second, active, sample)
+	if !strings.Contains(verdict, "unhealthy at the end") || !slices.Equal(lasts, []bool{false, true}) {
+		t.Errorf("verdict %q after looks (last?) %v, want a last look whose failing healthcheck fails the gate", verdict, lasts)
+	}
+}
+
 func TestWatchGate(t *testing.T) {
 	const poll, settle = 500 * time.Millisecond, 3 * time.Second
 	u := func(active, sub string, n int) unitSample {
