@@ -433,6 +433,23 @@ func watchTimestampFiles(state string, stop <-chan struct{}) <-chan []string {
 	return out
 }
 
+// e2eIdleAppServer pushes e2e/repo:latest, starts repo.service (an app that runs no container,
+// so it names no image: WEBHOOK_ALLOW_ANY_IMAGE lets its tasks redeploy it) and installs the
+// socket-activated server signing with secret, with extra unit lines; the socket is not started.
+func e2eIdleAppServer(t *testing.T, r *rig, bin, state, logPath string, port int, repo, secret string, extra ...string) (ref, service, socket string) {
+	t.Helper()
+	ref, _ = r.PushImage(t, "e2e/"+repo, "latest", "v1")
+	app := repo + ".service"
+	r.InstallUnit(t, app, "[Service]\nExecStart=/bin/sleep 1000\n")
+	if _, err := r.Systemctl(t, "start", app); err != nil {
+		t.Fatal(err)
+	}
+	service, socket = r.installSocketServer(t, bin, state, logPath, port, append([]string{"Environment=GITHUB_WEBHOOK_SECRET=" + secret,
+		"Environment=WEBHOOK_HEALTH_SETTLE_SECS=1", "Environment=WEBHOOK_REGISTRY_HOSTS=" + r.Registry(),
+		"Environment=WEBHOOK_ALLOW_ANY_IMAGE=true"}, extra...)...)
+	return ref, service, socket
+}
+
 // TestE2EKillServerMidBurst runs the built server under a real socket unit (Restart=on-failure,
 // as deployed) and kills it with SIGKILL while a burst of deliveries is in flight. The socket
 // keeps accepting; systemd starts the server again. Every delivery answered 202 must be in
@@ -444,17 +461,7 @@ func TestE2EKillServerMidBurst(t *testing.T) {
 	r, bin, state, logPath, port := e2eSocketRig(t)
 	secret := "kill-e2e-" + randomName(t)
 	repo := rigUniqueName(t, "kill")
-	ref, _ := r.PushImage(t, "e2e/"+repo, "latest", "v1")
-	app := repo + ".service"
-	r.InstallUnit(t, app, "[Service]\nExecStart=/bin/sleep 1000\n")
-	if _, err := r.Systemctl(t, "start", app); err != nil {
-		t.Fatal(err)
-	}
-	// The app runs no container, so it names no image: WEBHOOK_ALLOW_ANY_IMAGE lets its tasks
-	// redeploy it, which is what this test counts.
-	service, socket := r.installSocketServer(t, bin, state, logPath, port, "Environment=GITHUB_WEBHOOK_SECRET="+secret,
-		"Environment=WEBHOOK_HEALTH_SETTLE_SECS=1", "Environment=WEBHOOK_REGISTRY_HOSTS="+r.Registry(),
-		"Environment=WEBHOOK_ALLOW_ANY_IMAGE=true", "Restart=on-failure", "RestartSec=1")
+	ref, service, socket := e2eIdleAppServer(t, r, bin, state, logPath, port, repo, secret, "Restart=on-failure", "RestartSec=1")
 	if _, err := r.Systemctl(t, "start", socket); err != nil {
 		t.Fatal(err)
 	}
@@ -884,15 +891,7 @@ func TestE2ERestartLosesNothing(t *testing.T) {
 	r, bin, state, logPath, port := e2eSocketRig(t)
 	secret := "restart-e2e-" + randomName(t)
 	repo := rigUniqueName(t, "rst")
-	r.PushImage(t, "e2e/"+repo, "latest", "v1")
-	app := repo + ".service"
-	r.InstallUnit(t, app, "[Service]\nExecStart=/bin/sleep 1000\n")
-	if _, err := r.Systemctl(t, "start", app); err != nil {
-		t.Fatal(err)
-	}
-	service, socket := r.installSocketServer(t, bin, state, logPath, port, "Environment=GITHUB_WEBHOOK_SECRET="+secret,
-		"Environment=WEBHOOK_HEALTH_SETTLE_SECS=1", "Environment=WEBHOOK_REGISTRY_HOSTS="+r.Registry(),
-		"Environment=WEBHOOK_ALLOW_ANY_IMAGE=true", "Environment=WEBHOOK_IMAGE_LIMIT_COUNT=10000",
+	_, service, socket := e2eIdleAppServer(t, r, bin, state, logPath, port, repo, secret, "Environment=WEBHOOK_IMAGE_LIMIT_COUNT=10000",
 		"StartLimitInterval=0") // six restarts in a few seconds are this test's point, not a crash loop
 	if _, err := r.Systemctl(t, "start", socket); err != nil {
 		t.Fatal(err)
